@@ -1,0 +1,55 @@
+# One command per job; `run` and `test` create the virtualenv when it is missing, so a newcomer
+# needs nothing but `make run` / `make test` on a machine with Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Re-install when pyproject.toml changes, not on every run.
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev,playground
+
+.PHONY: setup run test bench lint format migrate train-model eval-model serve bot clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to the CPU build in pyproject.toml; see README for a CUDA install.
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m bot.launcher
+
+serve: setup
+	$(PY) -m inference_server
+
+bot: setup
+	$(PY) -m bot
+
+migrate: setup
+	$(PY) -m bot.migrate
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m tests.bench.server_bench
+	$(PY) -m tests.bench.core_bench
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+train-model: setup
+	$(PY) -m inference_server.embedded.train $(ARGS)
+
+eval-model: setup
+	$(PY) -m inference_server.embedded.evaluate $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
