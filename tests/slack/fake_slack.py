@@ -1,0 +1,348 @@
+"""A fake of the Slack platform for tests: its Web API, file hosting and response URLs over loopback.
+
+The real `slack_sdk.AsyncWebClient` (inside the real Bolt `AsyncApp`) talks to this server through
+`base_url=f"{fake.base_url}/api/"`. It answers the methods the adapter uses the way Slack does,
+including the parts that bite real bots:
+
+- slack_sdk puts parameters in the query string (files.getUploadURLExternal/completeUploadExternal),
+  a JSON body (chat.postMessage) or a form body (the rest): every call merges all three;
+- files upload v2 is three steps (get an upload URL, POST the bytes there, complete), and the
+  completion answer does not say in which message the file was shared: that shows up in files.info
+  (`shares`), as on real Slack where sharing happens asynchronously;
+- `url_private` downloads need the bot token as a Bearer header;
+- a 429 with `Retry-After` can be injected per method; the default client does not retry it.
+
+Every call is recorded (`calls`) so tests assert on what the bot really sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT_TOKEN = "xoxb-test-bot-token"
+BOT_USER_ID = "UBOT0001"
+BOT_ID = "BBOT0001"
+TEAM_ID = "T0TEST01"
+APP_ID = "A0TEST01"
+
+
+@dataclass
+class ApiCall:
+    method: str
+    params: dict[str, Any]
+    token: str | None
+    status: int = 200
+
+
+@dataclass
+class FakeFile:
+    id: str
+    filename: str
+    length: int
+    data: bytes | None = None
+    title: str | None = None
+    mimetype: str = "application/octet-stream"
+    shares: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    hosted: bool = False  # a file "posted by a user" that the fake serves at url_private
+
+
+@dataclass
+class FakeMessage:
+    channel: str
+    ts: str
+    text: str
+    user: str
+    blocks: list[Any] | None = None
+    files: list[str] = field(default_factory=list)
+    thread_ts: str | None = None
+    updates: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeSlack:
+    """Loopback fake of slack.com/api. Use `async with FakeSlack() as fake:`."""
+
+    def __init__(self, *, token: str = BOT_TOKEN) -> None:
+        self.token = token
+        self.calls: list[ApiCall] = []
+        self.messages: dict[tuple[str, str], FakeMessage] = {}
+        self.ephemerals: list[dict[str, Any]] = []
+        self.responses: list[dict[str, Any]] = []  # bodies POSTed to response_url
+        self.files: dict[str, FakeFile] = {}
+        self.views: list[dict[str, Any]] = []
+        self.reactions: list[dict[str, Any]] = []
+        # users.info answers; tests add admins here
+        self.users: dict[str, dict[str, Any]] = {}
+        self.base_url = ""
+        self._rate_limits: dict[str, list[int]] = {}
+        self._ts = itertools.count(100)
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeSlack:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_post("/upload/{file_id}", self._upload)
+        app.router.add_get("/files-pri/{file_id}/{name}", self._download)
+        app.router.add_post("/response/{key}", self._response_url)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        # The trailing slash matters: slack_sdk joins base_url + method name.
+        return f"{self.base_url}/api/"
+
+    # -- test controls -----------------------------------------------------------------------------
+
+    def rate_limit(self, method: str, times: int = 1, retry_after: int = 0) -> None:
+        """The next `times` calls of `method` get HTTP 429 with `Retry-After: retry_after`."""
+        self._rate_limits.setdefault(method, []).extend([retry_after] * times)
+
+    def add_user(self, user_id: str, *, is_admin: bool = False, is_owner: bool = False, name: str = "") -> None:
+        self.users[user_id] = {
+            "id": user_id,
+            "team_id": TEAM_ID,
+            "name": name or user_id.lower(),
+            "real_name": name or user_id,
+            "is_admin": is_admin,
+            "is_owner": is_owner,
+            "is_bot": False,
+            "profile": {"display_name": name or user_id.lower()},
+        }
+
+    def host_file(self, filename: str, data: bytes, mimetype: str = "image/png") -> dict[str, Any]:
+        """Register a file "uploaded by a user"; returns the file object Slack puts in message events."""
+        file_id = f"FUSR{next(self._ids):05d}"
+        self.files[file_id] = FakeFile(
+            id=file_id, filename=filename, length=len(data), data=data, mimetype=mimetype, hosted=True
+        )
+        return self._file_object(self.files[file_id])
+
+    def calls_to(self, method: str) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method and c.status == 200]
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+        """Wait until `predicate()` is truthy (re-checked on every request the fake serves)."""
+
+        async def loop() -> Any:
+            async with self._changed:
+                while True:
+                    value = predicate()
+                    if value:
+                        return value
+                    await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(loop(), timeout)
+        except TimeoutError:
+            methods = [c.method for c in self.calls]
+            raise AssertionError(f"condition not met within {timeout}s; calls so far: {methods}") from None
+
+    def uploaded_files(self) -> list[FakeFile]:
+        return [f for f in self.files.values() if not f.hosted and f.data is not None and f.shares]
+
+    # -- HTTP handlers -----------------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            ctype = request.content_type
+            if ctype == "application/json":
+                params.update(await request.json())
+            elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+                params.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else params.get("token")
+        pending = self._rate_limits.get(method)
+        if pending:
+            retry_after = pending.pop(0)
+            self.calls.append(ApiCall(method, params, token, status=429))
+            await self._notify()
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)}
+            )
+        self.calls.append(ApiCall(method, params, token))
+        try:
+            if token != self.token:
+                return web.json_response({"ok": False, "error": "invalid_auth"})
+            handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+            if handler is None:
+                return web.json_response({"ok": False, "error": "unknown_method"})
+            return web.json_response(handler(params))
+        finally:
+            await self._notify()
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["file_id"])
+        if f is None:
+            return web.Response(status=404, text="unknown upload url")
+        f.data = await request.read()
+        await self._notify()
+        return web.Response(text=f"OK - {len(f.data)}")
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            # Real Slack answers an HTML login page with 200; a 403 keeps test failures readable.
+            return web.Response(status=403, text="missing or wrong bot token")
+        f = self.files.get(request.match_info["file_id"])
+        if f is None or f.data is None:
+            return web.Response(status=404)
+        return web.Response(body=f.data, content_type=f.mimetype)
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.responses.append({"key": request.match_info["key"], **body})
+        await self._notify()
+        return web.Response(text="ok")
+
+    # -- Web API methods ---------------------------------------------------------------------------
+
+    def _new_ts(self) -> str:
+        return f"1700000000.{next(self._ts):06d}"
+
+    @staticmethod
+    def _json_param(value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    def _m_auth_test(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "url": "https://test.slack.com/",
+            "team": "Test Team",
+            "user": "imagine",
+            "team_id": TEAM_ID,
+            "user_id": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
+
+    def _m_chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
+        channel = p.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not p.get("text") and not p.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        ts = self._new_ts()
+        msg = FakeMessage(
+            channel, ts, p.get("text", ""), BOT_USER_ID, self._json_param(p.get("blocks")), thread_ts=p.get("thread_ts")
+        )
+        self.messages[(channel, ts)] = msg
+        return {"ok": True, "channel": channel, "ts": ts, "message": {"text": msg.text, "ts": ts, "user": BOT_USER_ID}}
+
+    def _m_chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
+        msg = self.messages.get((p.get("channel"), p.get("ts")))
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        if "text" in p:
+            msg.text = p["text"]
+        if "blocks" in p:
+            msg.blocks = self._json_param(p["blocks"])
+        msg.updates.append(dict(p))
+        return {"ok": True, "channel": msg.channel, "ts": msg.ts, "text": msg.text}
+
+    def _m_chat_postEphemeral(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("channel") or not p.get("user"):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.ephemerals.append(dict(p))
+        return {"ok": True, "message_ts": self._new_ts()}
+
+    def _m_reactions_add(self, p: dict[str, Any]) -> dict[str, Any]:
+        if (p.get("channel"), p.get("timestamp")) not in self.messages:
+            return {"ok": False, "error": "message_not_found"}
+        self.reactions.append(dict(p))
+        return {"ok": True}
+
+    def _m_files_getUploadURLExternal(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("filename") or not str(p.get("length", "")).isdigit():
+            return {"ok": False, "error": "invalid_arguments"}
+        file_id = f"FBOT{next(self._ids):05d}"
+        self.files[file_id] = FakeFile(id=file_id, filename=p["filename"], length=int(p["length"]))
+        return {"ok": True, "upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
+
+    def _m_files_completeUploadExternal(self, p: dict[str, Any]) -> dict[str, Any]:
+        entries = self._json_param(p.get("files") or "[]")
+        found = []
+        for entry in entries:
+            f = self.files.get(entry.get("id"))
+            if f is None or f.data is None:
+                return {"ok": False, "error": "file_not_found"}
+            if len(f.data) != f.length:
+                return {"ok": False, "error": "file_upload_size_mismatch"}
+            f.title = entry.get("title")
+            f.mimetype = "image/png" if f.filename.endswith(".png") else f.mimetype
+            found.append(f)
+        channel = p.get("channel_id")
+        if channel:
+            ts = self._new_ts()
+            self.messages[(channel, ts)] = FakeMessage(
+                channel,
+                ts,
+                p.get("initial_comment") or "",
+                BOT_USER_ID,
+                files=[f.id for f in found],
+                thread_ts=p.get("thread_ts"),
+            )
+            kind = "public" if channel.startswith("C") else "private"
+            for f in found:
+                f.shares = {kind: {channel: [{"ts": ts, "channel_name": channel}]}}
+        # Like Slack: the answer lists the files but not (yet) where they were shared.
+        return {"ok": True, "files": [{"id": f.id, "title": f.title} for f in found]}
+
+    def _m_files_info(self, p: dict[str, Any]) -> dict[str, Any]:
+        f = self.files.get(p.get("file"))
+        if f is None:
+            return {"ok": False, "error": "file_not_found"}
+        return {"ok": True, "file": self._file_object(f)}
+
+    def _m_views_open(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("trigger_id"):
+            return {"ok": False, "error": "invalid_trigger_id"}
+        view = self._json_param(p.get("view"))
+        self.views.append({"trigger_id": p["trigger_id"], "view": view})
+        return {"ok": True, "view": {"id": f"V{next(self._ids):05d}", **view}}
+
+    def _m_users_info(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = self.users.get(p.get("user"))
+        if user is None:
+            return {"ok": False, "error": "user_not_found"}
+        return {"ok": True, "user": user}
+
+    def _file_object(self, f: FakeFile) -> dict[str, Any]:
+        filetype = f.filename.rsplit(".", 1)[-1].lower() if "." in f.filename else ""
+        obj: dict[str, Any] = {
+            "id": f.id,
+            "name": f.filename,
+            "title": f.title or f.filename,
+            "mimetype": f.mimetype,
+            "filetype": filetype,
+            "size": f.length,
+            "url_private": f"{self.base_url}/files-pri/{f.id}/{f.filename}",
+            "url_private_download": f"{self.base_url}/files-pri/{f.id}/{f.filename}",
+        }
+        if f.shares:
+            obj["shares"] = f.shares
+        return obj
