@@ -1,0 +1,561 @@
+"""The public face of the bot core: what the chat adapters (Discord, Slack, the web playground) use.
+
+Adapters translate, the core decides. An adapter turns a platform event into the plain values below,
+calls an `ImageService` method, and turns the returned value or the raised `CoreError` into a message.
+Nothing here imports discord, slack_bolt, gradio or aiohttp.web, and nothing here holds platform
+objects: everything an adapter needs to deliver a result after a restart travels in the job's
+`delivery` mapping (JSON), which the adapter chooses and the core stores on the job row.
+
+Life of a job, as an adapter sees it:
+
+1. At start-up: `service.register_delivery("discord", my_delivery)`. The dispatcher only claims jobs
+   of platforms with a registered delivery in this process, so a Slack-only process never picks up a
+   Discord job it could not deliver.
+2. On a command: `job = await service.imagine(actor, place, text, options, idempotency_key=...,
+   delivery={...})`. It returns at once (the job is a `queued` row, quota is reserved) or raises a
+   `CoreError`. Reply (or defer) with `job`. Submitting the same idempotency key again returns the
+   same job with `job.created == False` (a Slack retry or a double click is not a second job).
+3. Later the core calls the delivery: `on_queued(job, position)` when the queue position changes,
+   `on_progress(job, step, total)` (at most once per `[bot] progress_interval_s` per job, plus
+   `step == 0` when the job starts), then exactly one of `on_succeeded(job, images)` or
+   `on_failed(job, message)`. Quota is refunded by the core before `on_failed` is called.
+4. After posting the result: `await service.attach_result_message(job.id, message_id)`, so that
+   reactions and buttons on that message resolve to the job row (they survive restarts).
+5. Reactions / buttons: `await service.react(actor, place, message_id, emoji, idempotency_key=...)`,
+   or `reroll(...)` / `variation(...)` directly from a button whose custom_id holds the job id.
+
+Errors: every refusal is a `CoreError` subclass with a short user-facing `.message` (no traceback,
+safe to show). Map them in one place per adapter; anything else is a bug, log it.
+
+Delivery callbacks are awaited by the dispatcher; an exception raised from one is logged and does not
+change the job's state. Keep them short (post / edit a message) and never block the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Actor",
+    "Place",
+    "JobKind",
+    "JobState",
+    "JobParams",
+    "ImageInfo",
+    "ResultImage",
+    "JobView",
+    "QuotaView",
+    "StatsView",
+    "UserStat",
+    "AuditEntry",
+    "Delivery",
+    "ImageService",
+    "CoreError",
+    "BadParameters",
+    "QuotaExceeded",
+    "Moderated",
+    "Banned",
+    "NotAdmin",
+    "Overloaded",
+    "NotFound",
+    "BackendUnavailable",
+    "REACTION_ACTIONS",
+]
+
+JobKind = Literal["imagine", "inpaint", "variation", "reroll"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks. `platform` is "discord", "slack", "playground", ...; `user_id` is the platform's id.
+
+    `is_admin` is decided by the adapter (Discord: Manage Server or a configured role; Slack:
+    configured user ids or workspace admins) and enforced by the core for admin operations.
+    """
+
+    platform: str
+    user_id: str
+    display_name: str = ""
+    is_admin: bool = False
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where. `guild_id` is the Discord guild / Slack workspace (team id); None for DMs and the
+    playground. Guild-level quota defaults apply through it. `channel_id` may be None."""
+
+    platform: str
+    guild_id: str | None = None
+    channel_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """The resolved generation parameters of a job (after flags, options and config defaults).
+
+    `seeds[i]` is the seed of image i (`seed + i`). `width`/`height` are multiples of 8.
+    `strength` applies to variations and inpainting only.
+    """
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    n: int
+    seed: int
+    seeds: tuple[int, ...]
+    strength: float | None = None
+    aspect_ratio: str | None = None  # as given with --ar, e.g. "3:2"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One stored result image. `storage_key` is its sha256 hex (content-addressed storage); read the
+    bytes with `ImageService.image_bytes(storage_key)`."""
+
+    index: int
+    seed: int
+    storage_key: str
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ResultImage:
+    """What `Delivery.on_succeeded` receives: the stored image and its PNG bytes."""
+
+    info: ImageInfo
+    png: bytes
+
+    @property
+    def index(self) -> int:
+        return self.info.index
+
+    @property
+    def seed(self) -> int:
+        return self.info.seed
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A snapshot of a job row. Immutable; re-read it with `ImageService.get_job` for fresh state.
+
+    `created` is False when the call returned an already existing job for the same idempotency key.
+    `position` is the 1-based place in the queue (1 = starts next) when known, else None.
+    `delivery` is the adapter's own mapping given at submit time (interaction token, channel id...).
+    `result_message_id` is the platform message showing the result (see `attach_result_message`).
+    """
+
+    id: int
+    kind: JobKind
+    state: JobState
+    platform: str
+    user_id: str  # the platform user id of the requester
+    display_name: str
+    guild_id: str | None
+    channel_id: str | None
+    prompt: str
+    negative_prompt: str
+    params: JobParams
+    parent_id: int | None
+    parent_image_index: int | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result_message_id: str | None
+    delivery: Mapping[str, Any]
+    images: tuple[ImageInfo, ...] = ()
+    attempts: int = 0
+    created: bool = True
+    position: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    """A user's quota right now. `limit_source` says where `daily_limit` comes from: "user" (a per-
+    user override), "guild" (the guild/workspace default) or "global" (`[quotas] daily_limit`).
+    `remaining` = what can still be generated now = remaining_today + bonus_credits."""
+
+    platform: str
+    user_id: str
+    daily_limit: int
+    limit_source: Literal["user", "guild", "global"]
+    used_today: int
+    remaining_today: int
+    bonus_credits: int
+    remaining: int
+    reset_at: datetime
+    banned: bool = False
+
+
+@dataclass(frozen=True)
+class UserStat:
+    platform: str
+    user_id: str
+    display_name: str
+    images: int
+
+
+@dataclass(frozen=True)
+class StatsView:
+    """`ImageService.stats`: jobs per state (all time), images generated today (UTC period), the top
+    users by images today, and the current queue depth. Scoped to the actor's platform and, when the
+    place has one, to its guild/workspace."""
+
+    jobs_by_state: Mapping[str, int]
+    images_today: int
+    top_users: tuple[UserStat, ...]
+    queue_depth: int
+    period_start: datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    created_at: datetime
+    actor_platform: str
+    actor_user_id: str
+    action: str
+    target: str
+    details: Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors (the user-facing `.message` is short and safe to show)
+# --------------------------------------------------------------------------------------------------
+
+
+class CoreError(Exception):
+    """Base of every refusal the core returns to an adapter. `.code` is stable (for logs, metrics and
+    HTTP mapping); `.message` is a short sentence for the user."""
+
+    code = "error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadParameters(CoreError):
+    """A flag, option or upload is invalid; `.field` names it ("steps", "ar", "image", ...) and
+    `.value` is the offending value as given (may be None)."""
+
+    code = "bad_parameters"
+
+    def __init__(self, field: str, message: str, value: Any = None):
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class QuotaExceeded(CoreError):
+    """Not enough daily quota nor bonus credits. `.reset_at` (UTC, aware) is when the period resets;
+    `.requested`/`.remaining` are image counts."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, reset_at: datetime, requested: int, remaining: int, daily_limit: int):
+        when = reset_at.strftime("%Y-%m-%d %H:%M UTC")
+        super().__init__(
+            f"Daily limit reached: you asked for {requested} image(s) and have {remaining} left "
+            f"(limit {daily_limit} per day). It resets at {when}."
+        )
+        self.reset_at = reset_at
+        self.requested = requested
+        self.remaining = remaining
+        self.daily_limit = daily_limit
+
+
+class Moderated(CoreError):
+    """The prompt matched a moderation rule; `.rule` names it (e.g. "banned term 'gore'")."""
+
+    code = "moderated"
+
+    def __init__(self, rule: str):
+        super().__init__(f"This prompt was refused by the moderation rule: {rule}.")
+        self.rule = rule
+
+
+class Banned(CoreError):
+    code = "banned"
+
+    def __init__(self, reason: str = ""):
+        msg = "You are banned from generating images here."
+        if reason:
+            msg += f" Reason: {reason}"
+        super().__init__(msg)
+        self.reason = reason
+
+
+class NotAdmin(CoreError):
+    code = "not_admin"
+
+    def __init__(self, operation: str):
+        super().__init__(f"Only admins can use {operation}.")
+        self.operation = operation
+
+
+class Overloaded(CoreError):
+    """Too many queued jobs; try again later. `.retry_after_s` is a hint."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str = "The queue is full right now, please try again in a minute.",
+                 retry_after_s: float = 60.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotFound(CoreError):
+    """No such job / message / image (e.g. re-roll on a message that is not a result)."""
+
+    code = "not_found"
+
+
+class BackendUnavailable(CoreError):
+    """The image backend cannot be reached. The dispatcher retries queued jobs itself; this is raised
+    only by calls that need the backend synchronously."""
+
+    code = "backend_unavailable"
+
+
+# --------------------------------------------------------------------------------------------------
+# Delivery (implemented by each adapter, registered per platform)
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """How the core reports a job's progress and result to the adapter of the job's platform.
+
+    Called by the dispatcher task of the process that claimed the job (maybe a different process,
+    or the same process after a restart, than the one that accepted the command: use `job.delivery`,
+    never in-memory state, to find where to post). Exceptions are logged and ignored.
+    """
+
+    async def on_queued(self, job: JobView, position: int) -> None:
+        """The job waits; `position` is 1-based (1 = starts next). Called when it changes."""
+        ...
+
+    async def on_progress(self, job: JobView, step: int, total: int) -> None:
+        """The job runs: step 0 when it starts, then throttled to `[bot] progress_interval_s`."""
+        ...
+
+    async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
+        """Post the images, then call `ImageService.attach_result_message(job.id, message_id)`."""
+        ...
+
+    async def on_failed(self, job: JobView, message: str) -> None:
+        """The job failed for good (quota already refunded); `message` is short and user-safe."""
+        ...
+
+
+# Emoji (and Slack reaction names) understood by `ImageService.react`.
+# Value: ("reroll", None) or ("variation", image index 0-3).
+REACTION_ACTIONS: Mapping[str, tuple[str, int | None]] = {
+    "\U0001f501": ("reroll", None),  # 🔁
+    "repeat": ("reroll", None),
+    "1\ufe0f\u20e3": ("variation", 0),
+    "one": ("variation", 0),
+    "2\ufe0f\u20e3": ("variation", 1),
+    "two": ("variation", 1),
+    "3\ufe0f\u20e3": ("variation", 2),
+    "three": ("variation", 2),
+    "4\ufe0f\u20e3": ("variation", 3),
+    "four": ("variation", 3),
+    "\U0001f3a8": ("variation", 0),  # 🎨: a variation of the first image
+    "art": ("variation", 0),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The facade
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ImageService(Protocol):
+    """What adapters call. The implementation is `bot.core.service.CoreService`, built and started by
+    `bot.bootstrap.build_core`. All methods are coroutines and safe to call concurrently.
+
+    Common rules:
+    - `idempotency_key` is the platform's interaction / event id (unique per platform); the core
+      namespaces it by platform. Same key again -> the existing job, `created=False`, no new charge.
+    - `delivery` is a JSON-serialisable mapping the adapter will need in its `Delivery` callbacks.
+    - Submissions raise (checked in this order): BadParameters, Banned, Moderated, Overloaded,
+      QuotaExceeded. The quota is reserved in the same transaction that creates the job row.
+    - Admin operations raise NotAdmin unless `actor.is_admin`; each one (and each refusal) is
+      written to the audit log. Targets are user ids on the actor's platform.
+    """
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def register_delivery(self, platform: str, delivery: Delivery) -> None:
+        """Register the adapter's delivery for `platform`; from now on this process dispatches that
+        platform's jobs (including ones left queued/running by a previous run)."""
+        ...
+
+    def unregister_delivery(self, platform: str) -> None: ...
+
+    # -- submitting -----------------------------------------------------------------------------
+    async def imagine(
+        self,
+        actor: Actor,
+        place: Place,
+        text: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Text to image. `text` is the prompt and may carry flags (`--seed N --steps N --n N
+        --ar W:H --guidance G --no NEGATIVE`, see `bot.core.params`). `options` (slash-command
+        options: seed, steps, n, ar, guidance, negative) override flags; None values are ignored."""
+        ...
+
+    async def inpaint(
+        self,
+        actor: Actor,
+        place: Place,
+        prompt_text: str,
+        image: bytes,
+        mask: bytes | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Repaint part of `image` (PNG/JPEG/WebP bytes). `mask`: white = repaint, black = keep, same
+        size as the image. Without a mask, the image's transparent pixels are the area to repaint
+        (BadParameters(field="mask") if it has none). Size follows the image's aspect ratio."""
+        ...
+
+    async def react(
+        self,
+        actor: Actor,
+        place: Place,
+        message_id: str,
+        emoji: str,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView | None:
+        """A reaction on a message. Returns None (ignore silently) when `emoji` is not one of
+        `REACTION_ACTIONS` or `message_id` is not a result message on this platform; otherwise
+        submits a re-roll or variation (which may raise like any submission)."""
+        ...
+
+    async def reroll(
+        self,
+        actor: Actor,
+        place: Place,
+        *,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Same prompt and parameters as the parent job (given by id or result message id), new seed.
+        NotFound if the parent does not exist; BadParameters if it has not succeeded."""
+        ...
+
+    async def variation(
+        self,
+        actor: Actor,
+        place: Place,
+        index: int,
+        *,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Image-to-image from image `index` (0-based) of the parent job, same prompt, new seed."""
+        ...
+
+    async def cancel(self, actor: Actor, job_id: int) -> JobView:
+        """Cancel a queued job (own job, or any job for admins); quota is refunded. A running or
+        finished job is returned unchanged."""
+        ...
+
+    # -- reading --------------------------------------------------------------------------------
+    async def attach_result_message(
+        self, job_id: int, message_id: str, channel_id: str | None = None
+    ) -> None:
+        """Record the platform message that shows the job's result (reactions/buttons resolve
+        through it). Idempotent."""
+        ...
+
+    async def get_job(self, job_id: int) -> JobView:
+        """NotFound if missing."""
+        ...
+
+    async def job_for_message(self, platform: str, message_id: str) -> JobView | None: ...
+
+    async def wait_for_job(self, job_id: int, timeout_s: float | None = None) -> JobView:
+        """Wait until the job is done (succeeded/failed/cancelled) and return it; TimeoutError after
+        `timeout_s`. For the playground and tests; chat adapters use `Delivery` instead."""
+        ...
+
+    async def image_bytes(self, storage_key: str) -> bytes:
+        """The PNG bytes of a stored image; NotFound if missing."""
+        ...
+
+    async def history(self, actor: Actor, limit: int = 10) -> list[JobView]:
+        """The actor's most recent jobs, newest first (limit capped at 100)."""
+        ...
+
+    async def quota(self, actor: Actor, place: Place) -> QuotaView:
+        """The actor's own usage and limits in `place`."""
+        ...
+
+    # -- admin (refused with NotAdmin unless actor.is_admin) --------------------------------------
+    async def usage(self, actor: Actor, place: Place, target_user_id: str) -> QuotaView:
+        """Usage and limits of another user on the actor's platform, in `place`."""
+        ...
+
+    async def set_user_limit(self, actor: Actor, target_user_id: str, daily_limit: int | None) -> QuotaView:
+        """Per-user daily limit override (0 blocks; None removes the override)."""
+        ...
+
+    async def set_guild_limit(self, actor: Actor, guild_id: str, daily_limit: int | None) -> None:
+        """Default daily limit for users of a guild/workspace (None removes it)."""
+        ...
+
+    async def grant_credits(self, actor: Actor, target_user_id: str, amount: int) -> QuotaView:
+        """Add bonus credits (images usable after the daily limit). `amount` from 1 to 10000."""
+        ...
+
+    async def reset_usage(self, actor: Actor, target_user_id: str) -> QuotaView:
+        """Set the user's images used in the current period to 0."""
+        ...
+
+    async def ban(self, actor: Actor, target_user_id: str, reason: str = "") -> None: ...
+
+    async def unban(self, actor: Actor, target_user_id: str) -> None: ...
+
+    async def stats(self, actor: Actor, place: Place, top: int = 5) -> StatsView: ...
+
+    async def audit_log(self, actor: Actor, limit: int = 20) -> list[AuditEntry]:
+        """The latest audit entries on the actor's platform, newest first."""
+        ...
