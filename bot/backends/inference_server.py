@@ -1,0 +1,397 @@
+"""Client of the project's inference server (HTTP API v1, see CONTRACTS.md / openapi.yaml).
+
+One `aiohttp.ClientSession` per backend, made on first use and closed by `close()`. Several servers
+can be configured: each job starts at the next server (round-robin) and fails over to the others
+when one is unreachable or overloaded. A server that refused a connection is tried last for a
+cool-off period. Rounds over all servers are separated by exponential backoff with jitter, or by the
+server's `Retry-After` when it gave one (capped). With streaming on, the server's NDJSON events
+become `BackendEvent`s. Every failure surfaces as a `BackendError` with a message fit for a user or
+a log line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp.http_exceptions import LineTooLong
+
+from .base import (
+    BackendError,
+    BackendEvent,
+    BackendRejected,
+    BackendUnavailable,
+    EventCallback,
+    GeneratedImage,
+    GenerationParams,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_ROUTES = {"txt2img": "/v1/txt2img", "img2img": "/v1/img2img", "inpaint": "/v1/inpaint"}
+
+# The final NDJSON "result" line carries every image in base64 (4 images of 2048x2048 PNG fit);
+# a longer line means we are not talking to our server, and reading on would only eat memory.
+MAX_EVENT_LINE_BYTES = 64 * 1024 * 1024
+MAX_ERROR_MESSAGE_CHARS = 300  # messages reach chat users: keep them to a line or two
+
+
+class _RetryableFailure(Exception):
+    """A server could not take the job now; another server, or a later round, may."""
+
+    def __init__(self, reason: str, *, server_down: bool = False, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.server_down = server_down
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Server:
+    url: str
+    down_until: float = 0.0
+
+
+class InferenceServerBackend:
+    """`InferenceBackend` over HTTP to one or more inference servers."""
+
+    name = "inference_server"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        token: str | None = None,
+        connect_timeout_s: float = 5.0,
+        request_timeout_s: float = 600.0,
+        max_retries: int = 4,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 15.0,
+        retry_after_max_s: float = 30.0,
+        server_cooloff_s: float = 30.0,
+        stream: bool = True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one inference server URL is required")
+        self._servers = [_Server(u.rstrip("/")) for u in urls]
+        self._token = token or None
+        self._connect_timeout_s = connect_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._max_retries = max_retries
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._retry_after_max_s = retry_after_max_s
+        self._server_cooloff_s = server_cooloff_s
+        self._stream = stream
+        # Injected so tests can check the delays chosen without waiting for them.
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._next_server = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    # --- introspection, for logs and tests ---------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    def servers_down(self) -> list[str]:
+        now = self._clock()
+        return [s.url for s in self._servers if s.down_until > now]
+
+    # --- protocol ----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def generate(
+        self, params: GenerationParams, on_event: EventCallback | None = None
+    ) -> list[GeneratedImage]:
+        if self._closed:
+            raise BackendUnavailable("the inference server backend is closed")
+        route = TASK_ROUTES.get(params.task)
+        if route is None:
+            raise BackendRejected(f"unknown task {params.task!r}", "task")
+        body = _request_body(params, stream=self._stream and on_event is not None)
+        failures: dict[str, str] = {}
+        rounds = self._max_retries + 1
+        for round_no in range(rounds):
+            retry_after: float | None = None
+            for server in self._server_order():
+                try:
+                    return await self._attempt(server, route, body, params, on_event)
+                except _RetryableFailure as f:
+                    failures[server.url] = f.reason
+                    log.warning(
+                        "inference server %s: %s (round %d/%d)", server.url, f.reason, round_no + 1, rounds
+                    )
+                    if f.server_down:
+                        server.down_until = self._clock() + self._server_cooloff_s
+                    if f.retry_after is not None:
+                        retry_after = max(retry_after or 0.0, f.retry_after)
+            if round_no + 1 < rounds:
+                await self._sleep(self._delay_before_round(round_no, retry_after))
+        tried = ", ".join(f"{url} ({reason})" for url, reason in failures.items())
+        raise BackendUnavailable(
+            f"no inference server could take the job after {rounds} attempt(s); tried {tried}"
+        )
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _server_order(self) -> list[_Server]:
+        """Round-robin start; servers cooling off after a connection failure go last, not away."""
+        n = len(self._servers)
+        start = self._next_server % n
+        self._next_server = (start + 1) % n
+        rotated = self._servers[start:] + self._servers[:start]
+        now = self._clock()
+        return [s for s in rotated if s.down_until <= now] + [s for s in rotated if s.down_until > now]
+
+    def _delay_before_round(self, round_no: int, retry_after: float | None) -> float:
+        ceiling = min(self._backoff_max_s, self._backoff_base_s * (2**round_no))
+        # "Equal jitter": at least half the backoff, so retries stay spaced, plus a random half.
+        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self._retry_after_max_s))
+        return delay
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": "imagine-bot"}
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
+            self._session = aiohttp.ClientSession(headers=headers)
+        return self._session
+
+    async def _attempt(
+        self,
+        server: _Server,
+        route: str,
+        body: dict[str, Any],
+        params: GenerationParams,
+        on_event: EventCallback | None,
+    ) -> list[GeneratedImage]:
+        total = params.timeout_s if params.timeout_s is not None else self._request_timeout_s
+        timeout = aiohttp.ClientTimeout(total=total, connect=self._connect_timeout_s)
+        headers = {"Accept": "application/x-ndjson"} if body.get("stream") else {"Accept": "application/json"}
+        session = self._get_session()
+        try:
+            async with session.post(server.url + route, json=body, headers=headers, timeout=timeout) as resp:
+                if resp.status != 200:
+                    await self._raise_for_status(resp)
+                if resp.content_type == "application/x-ndjson":
+                    result = await self._read_stream(resp, on_event)
+                else:
+                    result = await _read_json(resp)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise _RetryableFailure(_connect_reason(e), server_down=True) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError):
+            # The job may or may not have run; generation is deterministic per seed, so re-running
+            # it elsewhere is safe.
+            raise _RetryableFailure("connection lost during the request", server_down=True) from None
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"the inference server at {server.url} did not finish the job within {total:g} s"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise BackendUnavailable(f"request to {server.url} failed: {type(e).__name__}") from None
+        return _images_from_result(result, params, server.url)
+
+    async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
+        code, message, fld = await _read_error(resp)
+        if resp.status == 502:
+            # A reverse proxy in front of a server that is down: treat it like a refused connection.
+            raise _RetryableFailure("bad gateway (HTTP 502)", server_down=True)
+        if resp.status in (503, 429):
+            raise _RetryableFailure(
+                f"overloaded: {message}" if message else "overloaded",
+                retry_after=_parse_retry_after(resp.headers.get("Retry-After")),
+            )
+        _raise_error_body(resp.status, code, message, fld, str(resp.url.origin()))
+
+    async def _read_stream(
+        self, resp: aiohttp.ClientResponse, on_event: EventCallback | None
+    ) -> dict[str, Any]:
+        while True:
+            try:
+                line = await resp.content.readuntil(b"\n", max_size=MAX_EVENT_LINE_BYTES)
+            except (LineTooLong, ValueError):
+                raise BackendError("the inference server sent an oversized event line") from None
+            if not line:
+                # The stream ended without a result: the server went away mid-job.
+                raise aiohttp.ServerDisconnectedError()
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                kind = event["event"]
+            except (ValueError, KeyError, TypeError):
+                raise BackendError("the inference server sent an unreadable progress event") from None
+            if kind == "result":
+                return event
+            if kind == "error":
+                err = event.get("error") or {}
+                code = str(err.get("code") or "internal")
+                message = str(err.get("message") or "")[:MAX_ERROR_MESSAGE_CHARS]
+                if code == "overloaded":
+                    raise _RetryableFailure(f"overloaded: {message}" if message else "overloaded")
+                _raise_error_body(
+                    _STATUS_FOR_CODE.get(code, 500), code, message, err.get("field"), str(resp.url.origin())
+                )
+            backend_event = _to_backend_event(event)
+            if backend_event is not None and on_event is not None:
+                try:
+                    await on_event(backend_event)
+                except Exception:
+                    # A failing progress display must not cost the user their image.
+                    log.exception("progress callback failed for event %s", kind)
+
+
+_STATUS_FOR_CODE = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "overloaded": 503,
+    "deadline_exceeded": 504,
+    "internal": 500,
+}
+
+
+def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": params.prompt,
+        "n": params.n,
+        "seeds": list(params.seeds),
+        "width": params.width,
+        "height": params.height,
+        "steps": params.steps,
+        "guidance": params.guidance,
+        "stream": stream,
+    }
+    if params.negative_prompt:
+        body["negative_prompt"] = params.negative_prompt
+    if params.timeout_s is not None:
+        body["timeout_s"] = params.timeout_s
+    if params.task in ("img2img", "inpaint"):
+        if not params.image:
+            raise BackendRejected(f"{params.task} needs an input image", "image")
+        body["image"] = base64.b64encode(params.image).decode("ascii")
+        body["strength"] = params.strength
+    if params.task == "inpaint":
+        if not params.mask:
+            raise BackendRejected("inpainting needs a mask", "mask")
+        body["mask"] = base64.b64encode(params.mask).decode("ascii")
+    return body
+
+
+def _to_backend_event(event: dict[str, Any]) -> BackendEvent | None:
+    kind = event.get("event")
+    try:
+        if kind == "queued":
+            return BackendEvent("queued", position=int(event.get("position", 0)))
+        if kind == "started":
+            extra = {"batch_size": int(event["batch_size"])} if "batch_size" in event else {}
+            return BackendEvent("started", extra=extra)
+        if kind == "progress":
+            return BackendEvent("progress", step=int(event["step"]), total=int(event["total"]))
+    except (KeyError, TypeError, ValueError):
+        log.warning("ignoring malformed %s event from the inference server", kind)
+        return None
+    return None  # events added to the API later are not errors for an older client
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        data = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        raise BackendError("the inference server sent a response that is not JSON") from None
+    if not isinstance(data, dict):
+        raise BackendError("the inference server sent an unexpected response")
+    return data
+
+
+async def _read_error(resp: aiohttp.ClientResponse) -> tuple[str, str, str | None]:
+    """(code, message, field) from an error body; tolerant of proxies that answer in HTML."""
+    try:
+        data = await resp.json(content_type=None)
+        err = data["error"]
+        return (
+            str(err.get("code") or ""),
+            str(err.get("message") or "")[:MAX_ERROR_MESSAGE_CHARS],
+            err.get("field") if isinstance(err.get("field"), str) else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, aiohttp.ClientError):
+        return "", resp.reason or "", None
+
+
+def _raise_error_body(status: int, code: str, message: str, fld: Any, origin: str) -> None:
+    fld = fld if isinstance(fld, str) else None
+    if status == 401:
+        raise BackendRejected(
+            f"the inference server at {origin} refused the API token (check INFERENCE_API_TOKEN)"
+        )
+    if 400 <= status < 500:
+        raise BackendRejected(message or f"the inference server rejected the request (HTTP {status})", fld)
+    if status == 504:
+        raise BackendUnavailable(message or "the job missed its deadline on the inference server")
+    raise BackendError(f"the inference server failed (HTTP {status}): {message or 'no details'}")
+
+
+def _images_from_result(
+    result: dict[str, Any], params: GenerationParams, origin: str
+) -> list[GeneratedImage]:
+    try:
+        items = result["images"]
+        images = [
+            GeneratedImage(png=base64.b64decode(item["png_base64"], validate=True), seed=int(item["seed"]))
+            for item in items
+        ]
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise BackendError(f"the inference server at {origin} sent a malformed result") from None
+    if len(images) != params.n:
+        raise BackendError(
+            f"the inference server at {origin} sent {len(images)} image(s), expected {params.n}"
+        )
+    return images
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    # Only the delta-seconds form: our server sends it, and HTTP dates need a synchronised clock.
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _connect_reason(e: Exception) -> str:
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return "connection timed out"
+    os_error = getattr(e, "os_error", None)
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, aiohttp.ClientConnectorDNSError):
+        return "host name not found"
+    return "cannot connect"
