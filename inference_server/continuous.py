@@ -1,0 +1,691 @@
+"""Continuous (iteration-level) batching for Stable Diffusion UNet pipelines.
+
+With request-level batching a request that arrives while a batch runs waits for every step of that
+batch. Here the unit of scheduling is one denoising step: every iteration makes one batched UNet call
+for all running samples (classifier-free guidance rows included) with a per-row timestep; each sample
+then steps its own scheduler on its own slice. Finished samples leave and are decoded, cancelled or
+expired ones leave at the next step, and waiting requests join at the next iteration, so samples with
+different step counts, schedulers, guidance scales, strengths and tasks share iterations. Only the
+image size must match for two samples to share a UNet call (different sizes run as separate calls in
+the same iteration).
+
+Each image of a request is one *sample* with its own `torch.Generator(seed)` and its own scheduler
+instance (schedulers are stateful and `set_timesteps` resets them), so every sample follows exactly the
+computation and random stream of a diffusers pipeline call for a batch of one with that seed, whatever
+else shares its iterations. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
+keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
+
+All tensor work runs on one dedicated worker thread (schedulers and tokenizers are not thread-safe);
+the asyncio side only submits requests and receives events and results. This module never imports
+aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Task = Literal["txt2img", "img2img", "inpaint"]
+EventSink = Callable[[dict[str, Any]], None]
+SchedulerFactory = Callable[[str | None], Any]
+
+
+class ContinuousError(Exception):
+    """Base of the errors a continuous request can end with; `code` matches the HTTP API's codes."""
+
+    code = "internal"
+
+
+class RequestCancelled(ContinuousError):
+    code = "cancelled"
+
+
+class DeadlineExceeded(ContinuousError):
+    code = "deadline_exceeded"
+
+
+class EngineOverloaded(ContinuousError):
+    code = "overloaded"
+
+
+class EngineClosed(ContinuousError):
+    code = "overloaded"
+
+
+class UnsupportedRequest(ContinuousError):
+    """The continuous engine can't run this request; the caller should use the request-level engine."""
+
+    code = "invalid_request"
+
+
+@dataclass(frozen=True)
+class ContinuousRequest:
+    """One generation request: `len(seeds)` images of one prompt; image i uses `seeds[i]`."""
+
+    task: Task
+    prompt: str
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    negative_prompt: str | None = None
+    scheduler: str | None = None  # name for the scheduler factory; None = the pipeline's own
+    strength: float = 1.0  # img2img / inpaint: how far back into the noise schedule to start
+    image: Any = None  # PIL image for img2img / inpaint, already width x height
+    mask: Any = None  # PIL mask for inpaint: white = repaint, black = keep
+    # Lower joins first (ties: arrival order). The bot passes its fairness order here.
+    priority: float = 0.0
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+
+
+@dataclass
+class ContinuousResult:
+    images: list[Any]  # PIL images, one per seed, in seed order
+    arrays: list[Any]  # the same as float numpy arrays HxWx3 in [0, 1] (diffusers' output_type="np")
+    seeds: tuple[int, ...]
+    queue_s: float
+    run_s: float
+    total_s: float
+    batch_size: int  # largest number of samples that shared an iteration with this request
+    iterations: int  # iterations this request took part in
+
+
+@dataclass
+class _Ticket:
+    request: ContinuousRequest
+    seq: int
+    future: concurrent.futures.Future
+    on_event: EventSink | None
+    total_steps: int
+    submitted: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    next_sample: int = 0  # index of the next seed to admit
+    samples: list[_Sample] = field(default_factory=list)
+    started: float | None = None
+    finished_arrays: dict[int, Any] = field(default_factory=dict)
+    reported_step: int = 0
+    max_batch: int = 0
+    iterations: int = 0
+    embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond), once per ticket
+
+    @property
+    def sort_key(self) -> tuple[float, int]:
+        return (self.request.priority, self.seq)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # a broken listener must not stop the engine
+            log.exception("continuous: event listener failed")
+
+
+@dataclass
+class _Sample:
+    ticket: _Ticket
+    index: int
+    scheduler: Any
+    generator: torch.Generator
+    timesteps: torch.Tensor
+    num_steps: int  # pipeline steps (progress units); len(timesteps) = evaluations
+    warmup: int
+    latents: torch.Tensor
+    cfg: bool
+    guidance: float
+    step_kwargs: dict[str, Any]
+    timestep_cond: torch.Tensor | None = None
+    # Inpainting with a 4-channel UNet: blend towards the noised original outside the mask.
+    image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    i: int = 0  # next entry of `timesteps`
+    steps_done: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.ticket.request.height, self.ticket.request.width)
+
+
+def default_scheduler_factory(pipe: Any) -> SchedulerFactory:
+    """Fresh instances of the pipeline's own scheduler class; names are not understood."""
+
+    def make(name: str | None) -> Any:
+        if name is not None:
+            raise UnsupportedRequest(f"unknown scheduler {name!r}")
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+    return make
+
+
+def effective_steps(steps: int, strength: float, task: Task) -> int:
+    """Steps the pipeline really runs: img2img and inpaint skip the first (1 - strength) of them."""
+    if task == "txt2img":
+        return steps
+    init_timestep = min(int(steps * strength), steps)
+    return steps - max(steps - init_timestep, 0)
+
+
+class ContinuousEngine:
+    """Iteration-level scheduler for a StableDiffusionPipeline-like object (UNet2DConditionModel).
+
+    `pipe` needs `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`, `image_processor`,
+    `mask_processor` (inpainting) and `encode_prompt` (a StableDiffusionPipeline, or the img2img /
+    inpaint pipelines made from it with `from_pipe`: they share modules).
+    """
+
+    name = "continuous"
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        scheduler_factory: SchedulerFactory | None = None,
+        on_iteration: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+            # 9-channel inpainting checkpoints take mask and masked image as extra input channels;
+            # they stay on the request-level engine.
+            raise UnsupportedRequest(
+                f"UNet with {pipe.unet.config.in_channels} input channels: the continuous engine runs"
+                f" UNets whose input is the {pipe.vae.config.latent_channels}-channel latent"
+            )
+        self.pipe = pipe
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._make_scheduler = scheduler_factory or default_scheduler_factory(pipe)
+        self._on_iteration = on_iteration
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[tuple[float, int], _Ticket]] = []  # heap by (priority, arrival)
+        self._running: list[_Sample] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._step_kwarg_names: dict[type, set[str]] = {}
+        # Counters for /metrics and the bench; written by the worker, read anywhere.
+        self.iterations = 0
+        self.samples_done = 0
+        self.requests_done = 0
+        self.busy_s = 0.0
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._worker, name="continuous-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker; requests still waiting or running fail with EngineClosed."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def running_samples(self) -> int:
+        return len(self._running)
+
+    # ----- submission (any thread) -------------------------------------------------------------
+
+    def validate(self, request: ContinuousRequest) -> None:
+        """Raise UnsupportedRequest naming the field when the engine can't run `request`."""
+        if request.task not in ("txt2img", "img2img", "inpaint"):
+            raise UnsupportedRequest(f"unknown task {request.task!r}")
+        if not request.seeds:
+            raise UnsupportedRequest("seeds: at least one seed is needed")
+        if len(request.seeds) > self.max_batch_size:
+            raise UnsupportedRequest(f"seeds: {len(request.seeds)} images exceed max_batch_size {self.max_batch_size}")
+        if request.steps < 1:
+            raise UnsupportedRequest("steps must be >= 1")
+        f = self.pipe.vae_scale_factor
+        if request.width % f or request.height % f:
+            raise UnsupportedRequest(f"width and height must be multiples of {f}")
+        if request.task != "txt2img":
+            if request.image is None:
+                raise UnsupportedRequest("image is required for img2img and inpaint")
+            if not 0.0 < request.strength <= 1.0:
+                raise UnsupportedRequest("strength must be in (0, 1]")
+            if effective_steps(request.steps, request.strength, request.task) < 1:
+                raise UnsupportedRequest(
+                    f"strength {request.strength} x steps {request.steps} leaves no denoising step"
+                )
+        if request.task == "inpaint" and request.mask is None:
+            raise UnsupportedRequest("mask is required for inpaint")
+
+    def submit(self, request: ContinuousRequest, on_event: EventSink | None = None) -> _Ticket:
+        """Queue `request`; returns a ticket whose `future` resolves to a ContinuousResult.
+
+        `on_event` is called from the worker thread with {"event": "queued"|"started"|"progress", ...}.
+        """
+        self.validate(request)
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise EngineClosed("engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineOverloaded(f"queue full ({self.max_queue} requests waiting)")
+            ticket = _Ticket(
+                request=request,
+                seq=next(self._seq),
+                future=concurrent.futures.Future(),
+                on_event=on_event,
+                total_steps=effective_steps(request.steps, request.strength, request.task),
+                submitted=time.monotonic(),
+            )
+            position = sum(1 for key, _ in self._waiting if key < ticket.sort_key)
+            heapq.heappush(self._waiting, (ticket.sort_key, ticket))
+            self._cond.notify_all()
+        ticket.emit({"event": "queued", "position": position})
+        return ticket
+
+    def cancel(self, ticket: _Ticket) -> None:
+        """The request leaves at the next iteration (or before joining) and frees its slots."""
+        ticket.cancelled.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    async def generate(self, request: ContinuousRequest, on_event: EventSink | None = None) -> ContinuousResult:
+        """Submit and await the result; events are delivered on the caller's event loop.
+
+        Cancelling the awaiting task (e.g. the client disconnected) cancels the request in the engine.
+        """
+        loop = asyncio.get_running_loop()
+        sink = None
+        if on_event is not None:
+            sink = lambda ev: loop.call_soon_threadsafe(on_event, ev)  # noqa: E731
+        ticket = self.submit(request, sink)
+        try:
+            return await asyncio.wrap_future(ticket.future)
+        except asyncio.CancelledError:
+            self.cancel(ticket)
+            raise
+
+    # ----- worker thread -----------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not self._stopping and not self._waiting and not self._running:
+                            self._cond.wait()
+                        if self._stopping:
+                            break
+                        joiners = self._pick_joiners()
+                    t0 = time.perf_counter()
+                    for ticket, count in joiners:
+                        self._admit(ticket, count)
+                    self._drop_cancelled()
+                    if self._running:
+                        self._iteration()
+                    self.busy_s += time.perf_counter() - t0
+        except BaseException as e:  # a device failure: fail everybody rather than hang them
+            log.exception("continuous engine worker died")
+            self._fail_all(ContinuousError(f"engine failure: {type(e).__name__}: {e}"))
+            return
+        self._fail_all(EngineClosed("server is shutting down"))
+
+    def _fail_all(self, error: ContinuousError) -> None:
+        with self._cond:
+            tickets = {id(s.ticket): s.ticket for s in self._running}
+            tickets.update({id(t): t for _, t in self._waiting})
+            self._waiting.clear()
+            self._running.clear()
+        for t in tickets.values():
+            _set_exception(t.future, error)
+
+    def _pick_joiners(self) -> list[tuple[_Ticket, int]]:
+        """Pop waiting requests (lowest priority value first) into the free slots; holds the lock.
+
+        A request with several images may join partly; its other images join as slots free up, ahead
+        of later requests of the same priority.
+        """
+        free = self.max_batch_size - len(self._running)
+        now = time.monotonic()
+        joiners: list[tuple[_Ticket, int]] = []
+        while self._waiting and free > 0:
+            _, ticket = self._waiting[0]
+            if ticket.cancelled.is_set():
+                heapq.heappop(self._waiting)
+                if ticket.next_sample == 0 or not ticket.samples:
+                    _set_exception(ticket.future, RequestCancelled("request cancelled"))
+                continue
+            if ticket.request.deadline is not None and now > ticket.request.deadline:
+                heapq.heappop(self._waiting)
+                ticket.cancelled.set()
+                _set_exception(ticket.future, DeadlineExceeded("deadline passed before the request could run"))
+                continue
+            remaining = len(ticket.request.seeds) - ticket.next_sample
+            take = min(remaining, free)
+            joiners.append((ticket, take))
+            free -= take
+            if take == remaining:
+                heapq.heappop(self._waiting)
+            else:
+                break  # still at the head, joins with the next free slot
+        return joiners
+
+    def _admit(self, ticket: _Ticket, count: int) -> None:
+        try:
+            if ticket.started is None:
+                ticket.started = time.monotonic()
+                ticket.embeds = self._encode_prompt(ticket.request)
+            for _ in range(count):
+                index = ticket.next_sample
+                ticket.next_sample += 1
+                sample = self._prepare_sample(ticket, index)
+                ticket.samples.append(sample)
+                self._running.append(sample)
+            if ticket.next_sample == count:
+                ticket.emit({"event": "started", "batch_size": len(self._running)})
+        except Exception as e:
+            log.exception("continuous: preparing a request failed")
+            self._remove_ticket(ticket)
+            _set_exception(ticket.future, ContinuousError(f"{type(e).__name__}: {e}"))
+
+    def _remove_ticket(self, ticket: _Ticket) -> None:
+        ticket.cancelled.set()
+        self._running = [s for s in self._running if s.ticket is not ticket]
+        with self._cond:
+            self._waiting = [(k, t) for k, t in self._waiting if t is not ticket]
+            heapq.heapify(self._waiting)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for ticket in {id(s.ticket): s.ticket for s in self._running}.values():
+            if ticket.future.done() and not ticket.cancelled.is_set():
+                ticket.cancelled.set()  # the awaiting side gave up
+            deadline = ticket.request.deadline
+            if deadline is not None and now > deadline and not ticket.cancelled.is_set():
+                ticket.cancelled.set()
+                _set_exception(ticket.future, DeadlineExceeded("deadline passed while generating"))
+            if ticket.cancelled.is_set():
+                self._remove_ticket(ticket)
+                _set_exception(ticket.future, RequestCancelled("request cancelled"))
+
+    def _encode_prompt(self, request: ContinuousRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pipe = self.pipe
+        cfg = request.guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        cond, uncond = pipe.encode_prompt(
+            request.prompt, pipe._execution_device, 1, cfg, request.negative_prompt
+        )
+        return cond, uncond if cfg else None
+
+    def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+        # As the pipelines' prepare_extra_step_kwargs: eta=0.0 and the generator when accepted.
+        names = self._step_kwarg_names.get(type(scheduler))
+        if names is None:
+            names = set(inspect.signature(scheduler.step).parameters)
+            self._step_kwarg_names[type(scheduler)] = names
+        kwargs: dict[str, Any] = {}
+        if "eta" in names:
+            kwargs["eta"] = 0.0
+        if "generator" in names:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _prepare_sample(self, ticket: _Ticket, index: int) -> _Sample:
+        """Follow the diffusers pipeline's set-up for a batch of one, in the same random order."""
+        pipe, req = self.pipe, ticket.request
+        device = pipe._execution_device
+        cond, uncond = ticket.embeds
+        dtype = cond.dtype
+        generator = torch.Generator(device=device).manual_seed(int(req.seeds[index]))
+        scheduler = self._make_scheduler(req.scheduler)
+        scheduler.set_timesteps(req.steps, device=device)
+        timesteps = scheduler.timesteps
+        num_steps = req.steps
+        if req.task != "txt2img":
+            # StableDiffusionImg2ImgPipeline.get_timesteps
+            init_timestep = min(int(req.steps * req.strength), req.steps)
+            t_start = max(req.steps - init_timestep, 0)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            num_steps = req.steps - t_start
+        f = pipe.vae_scale_factor
+        image_latents = noise = mask = None
+        if req.task == "txt2img":
+            shape = (1, pipe.unet.config.in_channels, req.height // f, req.width // f)
+            latents = _randn(shape, generator, device, dtype) * scheduler.init_noise_sigma
+        elif req.task == "img2img":
+            # StableDiffusionImg2ImgPipeline.prepare_latents: VAE sample, then noise, same generator.
+            image = pipe.image_processor.preprocess(req.image, height=req.height, width=req.width)
+            image = image.to(device=device, dtype=dtype)
+            init = pipe.vae.encode(image).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+            noise = _randn(init.shape, generator, device, dtype)
+            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(1))
+            noise = None
+        else:
+            # StableDiffusionInpaintPipeline (4-channel UNet): image latents, noise, masked-image latents.
+            init_image = pipe.image_processor.preprocess(
+                req.image, height=req.height, width=req.width, crops_coords=None, resize_mode="default"
+            ).to(dtype=torch.float32)
+            image_latents = (
+                pipe.vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist.sample(generator)
+                * pipe.vae.config.scaling_factor
+            )
+            shape = (1, pipe.vae.config.latent_channels, req.height // f, req.width // f)
+            noise = _randn(shape, generator, device, dtype)
+            if req.strength == 1.0:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(1))
+            mask_condition = pipe.mask_processor.preprocess(
+                req.mask, height=req.height, width=req.width, resize_mode="default", crops_coords=None
+            )
+            # The pipeline also VAE-encodes the masked image with the same generator; a 4-channel
+            # UNet never uses the result, but the draw advances the generator that stochastic
+            # samplers use later, so take the same draw without paying for the encoder.
+            _randn(image_latents.shape, generator, device, image_latents.dtype)
+            mask = torch.nn.functional.interpolate(mask_condition, size=(req.height // f, req.width // f))
+            mask = mask.to(device=device, dtype=dtype)
+        cfg = uncond is not None
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            g = torch.tensor(req.guidance - 1).repeat(1)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                g, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=dtype)
+        return _Sample(
+            ticket=ticket,
+            index=index,
+            scheduler=scheduler,
+            generator=generator,
+            timesteps=timesteps,
+            num_steps=num_steps,
+            warmup=len(timesteps) - num_steps * scheduler.order,
+            latents=latents,
+            cfg=cfg,
+            guidance=req.guidance,
+            step_kwargs=self._step_kwargs(scheduler, generator),
+            timestep_cond=timestep_cond,
+            image_latents=image_latents,
+            noise=noise,
+            mask=mask,
+        )
+
+    def _iteration(self) -> None:
+        """One UNet call per image size over every running sample, then each sample steps itself."""
+        t0 = time.perf_counter()
+        groups: dict[tuple[int, int], list[_Sample]] = {}
+        for s in self._running:
+            groups.setdefault(s.size, []).append(s)
+        batch = len(self._running)
+        for samples in groups.values():
+            self._denoise(samples)
+        self.iterations += 1
+        finished = [s for s in self._running if s.i >= len(s.timesteps)]
+        touched: dict[int, _Ticket] = {}
+        for s in self._running:
+            t = s.ticket
+            if id(t) not in touched:
+                touched[id(t)] = t
+                t.iterations += 1
+                t.max_batch = max(t.max_batch, batch)
+        if finished:
+            self._running = [s for s in self._running if s.i < len(s.timesteps)]
+            self._decode(finished)
+        for t in touched.values():
+            self._report_progress(t)
+        if self._on_iteration is not None:
+            self._on_iteration(batch, time.perf_counter() - t0)
+
+    def _denoise(self, samples: list[_Sample]) -> None:
+        pipe = self.pipe
+        inputs, embeds, times, conds = [], [], [], []
+        for s in samples:
+            t = s.timesteps[s.i]
+            x = torch.cat([s.latents] * 2) if s.cfg else s.latents
+            x = s.scheduler.scale_model_input(x, t)
+            cond, uncond = s.ticket.embeds
+            inputs.append(x)
+            embeds.append(torch.cat([uncond, cond]) if s.cfg else cond)
+            rows = 2 if s.cfg else 1
+            # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()),
+            # so one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
+            times.append(torch.full((rows,), float(t), dtype=torch.float32))
+            if s.timestep_cond is not None:
+                conds.append(s.timestep_cond.repeat(rows, 1))
+        noise_pred = pipe.unet(
+            torch.cat(inputs),
+            torch.cat(times).to(inputs[0].device),
+            encoder_hidden_states=torch.cat(embeds),
+            timestep_cond=torch.cat(conds) if conds else None,
+            return_dict=False,
+        )[0]
+        row = 0
+        for s in samples:
+            t = s.timesteps[s.i]
+            if s.cfg:
+                uncond_pred, text_pred = noise_pred[row : row + 2].chunk(2)
+                pred = uncond_pred + s.guidance * (text_pred - uncond_pred)
+                row += 2
+            else:
+                pred = noise_pred[row : row + 1]
+                row += 1
+            s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+            if s.mask is not None:
+                proper = s.image_latents
+                if s.i < len(s.timesteps) - 1:
+                    proper = s.scheduler.add_noise(proper, s.noise, torch.tensor([s.timesteps[s.i + 1]]))
+                s.latents = (1 - s.mask) * proper + s.mask * s.latents
+            # The pipelines' progress rule: a step is done every `order` evaluations and at the end.
+            i = s.i
+            if i == len(s.timesteps) - 1 or ((i + 1) > s.warmup and (i + 1) % s.scheduler.order == 0):
+                s.steps_done += 1
+            s.i += 1
+
+    def _decode(self, finished: list[_Sample]) -> None:
+        pipe = self.pipe
+        by_size: dict[tuple[int, int], list[_Sample]] = {}
+        for s in finished:
+            by_size.setdefault(s.size, []).append(s)
+        for samples in by_size.values():
+            try:
+                latents = torch.cat([s.latents for s in samples])
+                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                arrays = pipe.image_processor.postprocess(
+                    image, output_type="np", do_denormalize=[True] * image.shape[0]
+                )
+            except Exception as e:
+                log.exception("continuous: decoding failed")
+                for s in samples:
+                    self._remove_ticket(s.ticket)
+                    _set_exception(s.ticket.future, ContinuousError(f"{type(e).__name__}: {e}"))
+                continue
+            for s, array in zip(samples, arrays, strict=True):
+                s.ticket.finished_arrays[s.index] = array
+                self.samples_done += 1
+        for ticket in {id(s.ticket): s.ticket for s in finished}.values():
+            if len(ticket.finished_arrays) == len(ticket.request.seeds) and not ticket.future.done():
+                self._complete(ticket)
+
+    def _report_progress(self, ticket: _Ticket) -> None:
+        if ticket.future.done():
+            return
+        n = len(ticket.request.seeds)
+        done = [s.steps_done for s in ticket.samples] + [0] * (n - len(ticket.samples))
+        step = min(done)
+        if step > ticket.reported_step:
+            ticket.reported_step = step
+            ticket.emit({"event": "progress", "step": step, "total": ticket.total_steps})
+
+    def _complete(self, ticket: _Ticket) -> None:
+        now = time.monotonic()
+        arrays = [ticket.finished_arrays[i] for i in range(len(ticket.request.seeds))]
+        images = self.pipe.image_processor.numpy_to_pil(_stack(arrays))
+        started = ticket.started if ticket.started is not None else now
+        result = ContinuousResult(
+            images=images,
+            arrays=arrays,
+            seeds=tuple(ticket.request.seeds),
+            queue_s=started - ticket.submitted,
+            run_s=now - started,
+            total_s=now - ticket.submitted,
+            batch_size=ticket.max_batch,
+            iterations=ticket.iterations,
+        )
+        self.requests_done += 1
+        if ticket.reported_step < ticket.total_steps:
+            ticket.reported_step = ticket.total_steps
+            ticket.emit({"event": "progress", "step": ticket.total_steps, "total": ticket.total_steps})
+        _set_result(ticket.future, result)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+
+
+def _stack(arrays: list[Any]) -> Any:
+    import numpy as np
+
+    return np.stack(arrays)
+
+
+def _set_result(future: concurrent.futures.Future, value: Any) -> None:
+    if not future.done():
+        try:
+            future.set_result(value)
+        except concurrent.futures.InvalidStateError:  # cancelled by the caller meanwhile
+            pass
+
+
+def _set_exception(future: concurrent.futures.Future, error: BaseException) -> None:
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass
