@@ -17,7 +17,7 @@ class BackendsConfig:
     # in-process fake (demos and benches of the bot without any model).
     kind: BackendKind = "inference_server"
     # Inference servers, tried in turn (round-robin start, fail-over when one is down).
-    urls: tuple[str, ...] = ("http://127.0.0.1:8000",)
+    urls: tuple[str, ...] = ("http://127.0.0.1:8080",)
     # A server on the same network accepts a connection in milliseconds; 5 s without one means it
     # is down, and failing over beats waiting.
     connect_timeout_s: float = 5.0
@@ -77,4 +77,4 @@ class BackendsConfig:
 def _check_url(url: str, where: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{where}: expected an http(s) URL like http://127.0.0.1:8000, got {url!r}")
+        raise ConfigError(f"{where}: expected an http(s) URL like http://127.0.0.1:8080, got {url!r}")

@@ -30,11 +30,12 @@ from .base import (
     UnsupportedTask,
 )
 
-# Same bounds as the inference server's API contract, so a job the fake accepts is one the real
-# server would accept too (tests of the core must not pass only because the fake is lax).
+# Same bounds as the inference server's defaults ([inference_server] in config.toml), so a job the
+# fake accepts is one the real server would accept too (core tests must not pass on a lax fake).
 MAX_N = 4
-MAX_SIDE = 2048
+MAX_SIDE = 1024
 MAX_STEPS = 150
+MAX_PROMPT_CHARS = 1000
 MAX_SEED = 2**32 - 1
 
 
@@ -196,6 +197,10 @@ class FakeBackend:
             raise UnsupportedTask(f"{params.task} is not supported by the {self.name} backend", "task")
         if not params.prompt.strip():
             raise BackendRejected("prompt must not be empty", "prompt")
+        if len(params.prompt) > MAX_PROMPT_CHARS:
+            raise BackendRejected(
+                f"prompt is {len(params.prompt)} characters, the limit is {MAX_PROMPT_CHARS}", "prompt"
+            )
         if not 1 <= params.n <= MAX_N:
             raise BackendRejected(f"n must be between 1 and {MAX_N}, got {params.n}", "n")
         for seed in params.seeds:

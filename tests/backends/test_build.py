@@ -15,7 +15,7 @@ from inference_server.config_loader import ConfigError, read_toml
 def test_the_shipped_config_toml_section_loads_with_documented_defaults():
     cfg = load_backends_config(read_toml("config.toml"), {})
     assert cfg == BackendsConfig()  # the file documents the defaults, it does not change them
-    assert cfg.kind == "inference_server" and cfg.urls == ("http://127.0.0.1:8000",)
+    assert cfg.kind == "inference_server" and cfg.urls == ("http://127.0.0.1:8080",)
 
 
 async def test_builds_each_kind(tmp_path):

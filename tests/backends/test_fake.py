@@ -102,6 +102,8 @@ async def test_validates_like_the_server():
     cases = [
         (GenerationParams("txt2img", "   "), "prompt"),
         (GenerationParams("txt2img", "x", width=65), "width"),
+        (GenerationParams("txt2img", "x" * 1001), "prompt"),
+        (GenerationParams("txt2img", "x", height=2048), "height"),
         (GenerationParams("txt2img", "x", seeds=(1, 2, 3, 4, 5)), "n"),
         (GenerationParams("txt2img", "x", steps=0), "steps"),
         (GenerationParams("img2img", "x"), "image"),
