@@ -458,15 +458,15 @@ class FakeDiscord:
             "message_author_id": str(msg["author"]["id"]) if msg else None,
         })
 
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> Any:
         """Poll `predicate` until it returns something truthy (the fake's state changes on its thread)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             value = predicate()
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                raise AssertionError(f"timed out after {within}s waiting for {what}")
             await asyncio.sleep(0.02)
 
     def channel_messages(self, channel_id: int | None = None) -> list[dict]:

@@ -12,7 +12,7 @@ from tests.discord.fake_discord import FakeDiscord
 
 
 @contextlib.asynccontextmanager
-async def running(bot: discord.Client, fake: FakeDiscord, timeout: float = 15.0) -> AsyncIterator[discord.Client]:
+async def running(bot: discord.Client, fake: FakeDiscord, within: float = 15.0) -> AsyncIterator[discord.Client]:
     """Run `bot.start()` against the fake until the block exits; fail loudly if the bot task dies.
 
     A malformed gateway payload ends `bot.start()` without any other sign, so the harness waits for
@@ -20,7 +20,7 @@ async def running(bot: discord.Client, fake: FakeDiscord, timeout: float = 15.0)
     """
     task = asyncio.create_task(bot.start(fake.token), name="discord-bot")
     ready = asyncio.create_task(bot.wait_until_ready())
-    done, _ = await asyncio.wait({task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({task, ready}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         ready.cancel()
         task.result()  # re-raises the error that stopped the bot
@@ -28,7 +28,7 @@ async def running(bot: discord.Client, fake: FakeDiscord, timeout: float = 15.0)
     if ready not in done:
         ready.cancel()
         task.cancel()
-        raise AssertionError(f"bot not ready after {timeout}s")
+        raise AssertionError(f"bot not ready after {within}s")
     try:
         yield bot
     finally:

@@ -6,8 +6,8 @@ import discord
 import yarl
 from discord.ext import commands
 
-from tests.discord.harness import running
 from tests.discord.fake_discord import FakeDiscord
+from tests.discord.harness import running
 
 
 def test_library_internals_canary():

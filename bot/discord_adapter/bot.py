@@ -1,0 +1,114 @@
+"""The discord.py `commands.Bot`: one cog per feature, one error handler, the core's delivery."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.core.api import Actor, ImageService, Place
+from bot.discord_adapter import errors
+from bot.discord_adapter.config import DiscordConfig
+from bot.discord_adapter.delivery import DiscordDelivery
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+
+
+def intents() -> discord.Intents:
+    """Only what is used: guilds (channels, roles for the admin check), reactions on results.
+    No message content, no members list, no presences (privileged intents are not needed)."""
+    return discord.Intents(guilds=True, guild_reactions=True)
+
+
+def is_admin(member: discord.abc.User | None, permissions: discord.Permissions | None,
+             admin_roles: Sequence[str]) -> bool:
+    if permissions is not None and (permissions.manage_guild or permissions.administrator):
+        return True
+    wanted = {r.strip().lower() for r in admin_roles}
+    for role in getattr(member, "roles", ()):
+        if str(role.id) in wanted or role.name.lower() in wanted:
+            return True
+    return False
+
+
+class ImagineTree(app_commands.CommandTree):
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await errors.report(interaction, error)
+
+
+class ImagineBot(commands.Bot):
+    """Translates Discord events into core requests and core results into messages; decides nothing."""
+
+    def __init__(self, service: ImageService, config: DiscordConfig):
+        super().__init__(
+            command_prefix=commands.when_mentioned,  # no prefix commands; slash commands only
+            intents=intents(),
+            tree_cls=ImagineTree,
+            activity=discord.Game(config.activity) if config.activity else None,
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            help_command=None,
+        )
+        self.service = service
+        self.config = config
+        self.delivery = DiscordDelivery(self, config)
+
+    async def setup_hook(self) -> None:
+        from bot.discord_adapter.cogs import account, admin, imagine, inpaint, reactions
+
+        for module in (imagine, inpaint, reactions, account, admin):
+            await module.setup(self)
+        self.service.register_delivery(PLATFORM, self.delivery)
+        if self.config.sync_commands:
+            await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        if self.config.guild_ids:
+            for gid in self.config.guild_ids:
+                guild = discord.Object(gid)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d commands to guild %s", len(synced), gid)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d global commands (Discord may take a while to show changes)", len(synced))
+
+    async def close(self) -> None:
+        self.service.unregister_delivery(PLATFORM)
+        await super().close()
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds))
+
+    # -- translation helpers used by the cogs -----------------------------------------------------
+
+    def actor(self, interaction: discord.Interaction) -> Actor:
+        user = interaction.user
+        admin = is_admin(user, interaction.permissions if interaction.guild_id else None, self.config.admin_roles)
+        return Actor(PLATFORM, str(user.id), user.display_name, admin)
+
+    @staticmethod
+    def place(interaction: discord.Interaction) -> Place:
+        return Place(PLATFORM, str(interaction.guild_id) if interaction.guild_id else None,
+                     str(interaction.channel_id) if interaction.channel_id else None)
+
+    @staticmethod
+    def interaction_delivery(interaction: discord.Interaction) -> dict:
+        """What the delivery needs to answer this interaction later, even after a restart."""
+        return {
+            "mode": "interaction",
+            "application_id": str(interaction.application_id),
+            "interaction_id": str(interaction.id),
+            "token": interaction.token,
+            "channel_id": str(interaction.channel_id),
+            "guild_id": str(interaction.guild_id) if interaction.guild_id else None,
+            "size_limit": interaction.filesize_limit,
+        }
+
+    @staticmethod
+    def key(interaction: discord.Interaction) -> str:
+        return f"interaction:{interaction.id}"

@@ -1,0 +1,1 @@
+"""One cog per feature; each module's `setup(bot)` adds its cog."""

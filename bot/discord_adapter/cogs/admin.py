@@ -1,0 +1,101 @@
+"""/admin: limits, credits, usage reset, bans and stats, for Manage Server or a configured role.
+
+The adapter decides who is an admin (`Actor.is_admin`); the core enforces it and audits every call.
+The check below only saves a round trip and gives the same refusal earlier.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.core.api import NotAdmin
+from bot.discord_adapter import messages
+from bot.discord_adapter.errors import defer
+
+if TYPE_CHECKING:
+    from bot.discord_adapter.bot import ImagineBot
+
+# Largest daily limit an admin can set: far above any real use, low enough to catch a typo.
+MAX_DAILY_LIMIT = 100_000
+
+
+@app_commands.guild_only()
+@app_commands.default_permissions(manage_guild=True)
+class Admin(commands.GroupCog, group_name="admin", group_description="Image bot administration."):
+    def __init__(self, bot: ImagineBot):
+        self.bot = bot
+        super().__init__()
+
+    async def _start(self, interaction: discord.Interaction, operation: str):
+        await defer(interaction, ephemeral=True)
+        actor = self.bot.actor(interaction)
+        if not actor.is_admin:
+            raise NotAdmin(f"/admin {operation}")
+        return actor
+
+    async def _done(self, interaction: discord.Interaction, text: str) -> None:
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    @app_commands.command(name="user-limit", description="Set a user's daily image limit (leave empty to remove it).")
+    async def user_limit(self, interaction: discord.Interaction, user: discord.User,
+                         limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None) -> None:
+        actor = await self._start(interaction, "user-limit")
+        q = await self.bot.service.set_user_limit(actor, str(user.id), limit)
+        what = f"{limit} images per day" if limit is not None else "the default limit"
+        await self._done(interaction, f"✅ {user.mention} now has {what} ({q.remaining} left today).")
+
+    @app_commands.command(name="server-limit", description="Set this server's default daily limit (empty to remove).")
+    async def server_limit(self, interaction: discord.Interaction,
+                           limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None) -> None:
+        actor = await self._start(interaction, "server-limit")
+        await self.bot.service.set_guild_limit(actor, str(interaction.guild_id), limit)
+        what = f"{limit} images per user per day" if limit is not None else "the global default"
+        await self._done(interaction, f"✅ This server's limit is now {what}.")
+
+    @app_commands.command(name="credits", description="Grant a user bonus images beyond the daily limit.")
+    async def credits(self, interaction: discord.Interaction, user: discord.User,
+                      amount: app_commands.Range[int, 1, 10_000]) -> None:
+        actor = await self._start(interaction, "credits")
+        q = await self.bot.service.grant_credits(actor, str(user.id), amount)
+        await self._done(interaction, f"✅ Granted {amount} credits to {user.mention} ({q.bonus_credits} in total).")
+
+    @app_commands.command(name="reset", description="Reset a user's usage for today.")
+    async def reset(self, interaction: discord.Interaction, user: discord.User) -> None:
+        actor = await self._start(interaction, "reset")
+        q = await self.bot.service.reset_usage(actor, str(user.id))
+        await self._done(interaction, f"✅ Usage of {user.mention} reset ({q.remaining} left today).")
+
+    @app_commands.command(name="usage", description="Show a user's usage and limits.")
+    async def usage(self, interaction: discord.Interaction, user: discord.User) -> None:
+        actor = await self._start(interaction, "usage")
+        q = await self.bot.service.usage(actor, self.bot.place(interaction), str(user.id))
+        await self._done(interaction, f"{user.mention}:\n" + messages.quota(q).replace("You have", "Has"))
+
+    @app_commands.command(name="ban", description="Stop a user from generating images.")
+    async def ban(self, interaction: discord.Interaction, user: discord.User, reason: str = "") -> None:
+        actor = await self._start(interaction, "ban")
+        await self.bot.service.ban(actor, str(user.id), reason)
+        await self._done(interaction, f"✅ {user.mention} is banned from generating images.")
+
+    @app_commands.command(name="unban", description="Allow a banned user to generate images again.")
+    async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
+        actor = await self._start(interaction, "unban")
+        await self.bot.service.unban(actor, str(user.id))
+        await self._done(interaction, f"✅ {user.mention} may generate images again.")
+
+    @app_commands.command(name="stats", description="Jobs, images today, top users and queue depth.")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        actor = await self._start(interaction, "stats")
+        s = await self.bot.service.stats(actor, self.bot.place(interaction))
+        await self._done(interaction, messages.stats(s))
+
+
+async def setup(bot: ImagineBot) -> None:
+    cog = Admin(bot)
+    if not bot.config.hide_admin_commands:
+        cog.__cog_app_commands_group__.default_permissions = None  # type: ignore[union-attr]
+    await bot.add_cog(cog)

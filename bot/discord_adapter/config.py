@@ -1,0 +1,52 @@
+"""The `[discord]` section of config.toml as a typed, validated value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inference_server.config_loader import ConfigError
+
+# Discord's own limit: an interaction token (followups, edits of the response) is valid 15 minutes.
+INTERACTION_TOKEN_TTL_S = 15 * 60
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    # Guilds to sync the slash commands to (instant; for development and private bots). Empty: sync
+    # globally (every server the bot is in; Discord may take a while to show changes).
+    guild_ids: list[int] = field(default_factory=list)
+    # Sync the command tree at start-up. Off when several processes run the same bot.
+    sync_commands: bool = True
+    # Besides members with the Manage Server permission, members with one of these roles (names,
+    # case-insensitive, or role ids) may use the /admin commands.
+    admin_roles: list[str] = field(default_factory=list)
+    # Hide /admin from members without Manage Server (Discord-side default permissions). Members of
+    # `admin_roles` then need the command enabled for their role in Server Settings > Integrations.
+    hide_admin_commands: bool = True
+    # Minimum seconds between two progress edits of one message: Discord rate-limits edits of a
+    # message, and a user does not need more than one update every 2 s.
+    progress_edit_interval_s: float = 2.0
+    # A result is posted as a channel message with the bot token (not through the interaction) when
+    # less than this many seconds remain of the 15-minute interaction token: a slow upload must not
+    # outlive the token.
+    token_margin_s: float = 120.0
+    # Largest /inpaint attachment accepted, bytes. 8 MiB keeps a base64 upload to the inference
+    # server under its payload limit and a decoded image well inside memory.
+    max_attachment_bytes: int = 8 * 1024 * 1024
+    # Number of jobs /history shows (a Discord message holds 2000 characters).
+    history_limit: int = 10
+    # "Playing ..." status shown under the bot's name; empty for none.
+    activity: str = "/imagine"
+
+    def __post_init__(self) -> None:
+        if any(g <= 0 for g in self.guild_ids):
+            raise ConfigError("[discord] guild_ids: guild ids are positive integers (snowflakes)")
+        if self.progress_edit_interval_s < 0:
+            raise ConfigError("[discord] progress_edit_interval_s: must be >= 0")
+        if not 0 <= self.token_margin_s < INTERACTION_TOKEN_TTL_S:
+            raise ConfigError(f"[discord] token_margin_s: must be in [0, {INTERACTION_TOKEN_TTL_S})")
+        if self.max_attachment_bytes < 1024:
+            raise ConfigError("[discord] max_attachment_bytes: must be at least 1024")
+        if not 1 <= self.history_limit <= 25:
+            # 25 lines of ~80 characters stay inside one 2000-character message.
+            raise ConfigError("[discord] history_limit: must be between 1 and 25")

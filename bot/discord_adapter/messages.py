@@ -1,0 +1,112 @@
+"""The texts users see. Plain functions of core values, so they are the same live and after a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bot.core.api import JobView, QuotaView, StatsView
+
+CONTENT_LIMIT = 2000  # Discord's maximum message length
+PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
+
+
+def ts(dt) -> str:
+    """A Discord timestamp: every user sees it in their own time zone."""
+    return f"<t:{int(dt.timestamp())}:f>"
+
+
+def short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe(job: JobView) -> str:
+    p = job.params
+    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[job.kind]
+    parts = [f"seed {p.seed}", f"{p.width}x{p.height}", f"{p.steps} steps", f"guidance {p.guidance:g}"]
+    if p.aspect_ratio:
+        parts.append(f"ar {p.aspect_ratio}")
+    if p.n > 1:
+        parts.append(f"{p.n} images")
+    if p.strength is not None and job.kind != "imagine":
+        parts.append(f"strength {p.strength:g}")
+    return what + " · ".join(parts)
+
+
+def caption(job: JobView) -> str:
+    """Result message: prompt, parameters, who asked, and what the reactions do."""
+    lines = [f"**{short(job.prompt, PROMPT_SHOWN)}**"]
+    if job.negative_prompt:
+        lines.append(f"not: {short(job.negative_prompt, 200)}")
+    lines.append(f"{describe(job)} · job #{job.id}")
+    lines.append(f"requested by <@{job.user_id}>")
+    if job.params.n > 1:
+        lines.append("React 🔁 to re-roll, 1️⃣-4️⃣ for a variation of that image.")
+    else:
+        lines.append("React 🔁 to re-roll, 🎨 for a variation.")
+    return short("\n".join(lines), CONTENT_LIMIT)
+
+
+def queued(job: JobView, position: int) -> str:
+    ahead = "starts next" if position <= 1 else f"position {position} in the queue"
+    return f"⏳ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — queued, {ahead}."
+
+
+def progress(job: JobView, step: int, total: int) -> str:
+    if total <= 0 or step <= 0:
+        return f"🎨 <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — generating…"
+    filled = round(10 * step / total)
+    bar = "▰" * filled + "▱" * (10 - filled)
+    return f"🎨 <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — {bar} step {step}/{total}"
+
+
+def failed(job: JobView, message: str) -> str:
+    return f"❌ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — {message}"
+
+
+def quota(q: QuotaView) -> str:
+    source = {"user": "your own limit", "guild": "this server's limit", "global": "the default limit"}[q.limit_source]
+    lines = [
+        f"You have used **{q.used_today}** of **{q.daily_limit}** images today ({source}).",
+        f"Left now: **{q.remaining}**" + (f" (including {q.bonus_credits} bonus credits)." if q.bonus_credits else "."),
+        f"Resets {ts(q.reset_at)}.",
+    ]
+    if q.banned:
+        lines.insert(0, "You are banned from generating images here.")
+    return "\n".join(lines)
+
+
+def jump_url(job: JobView) -> str | None:
+    if not job.result_message_id or not job.channel_id:
+        return None
+    return f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.result_message_id}"
+
+
+def history(jobs: Sequence[JobView]) -> str:
+    if not jobs:
+        return "You have no images yet. Try `/imagine`."
+    lines = ["Your latest jobs:"]
+    for job in jobs:
+        url = jump_url(job)
+        state = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}[job.state]
+        line = f"{state} #{job.id} {ts(job.created_at)} **{short(job.prompt, 80)}** (seed {job.params.seed})"
+        lines.append(line + (f" — {url}" if url else ""))
+    return short("\n".join(lines), CONTENT_LIMIT)
+
+
+def stats(s: StatsView) -> str:
+    states = ", ".join(f"{k}: {v}" for k, v in sorted(s.jobs_by_state.items())) or "none"
+    lines = [f"Images today: **{s.images_today}** · queue depth: **{s.queue_depth}**", f"Jobs: {states}"]
+    if s.top_users:
+        lines.append("Top today: " + ", ".join(f"<@{u.user_id}> {u.images}" for u in s.top_users))
+    return "\n".join(lines)
+
+
+HELP = """\
+**/imagine** `prompt` — generate images. Options: `negative`, `count` (1-4), `seed`, `steps`, `aspect`, `guidance`.
+The same flags also work inside the prompt: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry`.
+**/inpaint** `image` `prompt` [`mask`] — repaint part of an image: white in the mask is repainted. \
+Without a mask, the image's transparent pixels are repainted.
+**/history** — your latest results with links. **/quota** — your usage today and when it resets.
+On a result: react 🔁 to re-roll (new seed), 1️⃣-4️⃣ (or 🎨 for a single image) for a variation. \
+It counts against the quota of whoever reacts.
+**/admin** (Manage Server or an admin role) — limits, credits, usage reset, ban/unban, stats."""
