@@ -36,6 +36,14 @@ from typing import Any, Literal
 
 import torch
 
+from inference_server.engine import (
+    DeadlineExceeded,
+    EngineError,
+    GenerationFailed,
+    Overloaded,
+    ShuttingDown,
+)
+
 log = logging.getLogger(__name__)
 
 Task = Literal["txt2img", "img2img", "inpaint"]
@@ -43,32 +51,16 @@ EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
 
 
-class ContinuousError(Exception):
-    """Base of the errors a continuous request can end with; `code` matches the HTTP API's codes."""
+class RequestCancelled(EngineError):
+    """The submitter gave up (client gone); nobody reads this error, it only ends the future."""
 
-    code = "internal"
-
-
-class RequestCancelled(ContinuousError):
-    code = "cancelled"
+    kind = "cancelled"
 
 
-class DeadlineExceeded(ContinuousError):
-    code = "deadline_exceeded"
+class UnsupportedRequest(EngineError):
+    """The continuous engine can't run this request or model; the message names what."""
 
-
-class EngineOverloaded(ContinuousError):
-    code = "overloaded"
-
-
-class EngineClosed(ContinuousError):
-    code = "overloaded"
-
-
-class UnsupportedRequest(ContinuousError):
-    """The continuous engine can't run this request; the caller should use the request-level engine."""
-
-    code = "invalid_request"
+    kind = "invalid_request"
 
 
 @dataclass(frozen=True)
@@ -83,7 +75,7 @@ class ContinuousRequest:
     steps: int
     guidance: float
     negative_prompt: str | None = None
-    scheduler: str | None = None  # name for the scheduler factory; None = the pipeline's own
+    scheduler: str | None = None  # name for the scheduler factory; None/"default" = the pipeline's own
     strength: float = 1.0  # img2img / inpaint: how far back into the noise schedule to start
     image: Any = None  # PIL image for img2img / inpaint, already width x height
     mask: Any = None  # PIL mask for inpaint: white = repaint, black = keep
@@ -165,7 +157,7 @@ def default_scheduler_factory(pipe: Any) -> SchedulerFactory:
     """Fresh instances of the pipeline's own scheduler class; names are not understood."""
 
     def make(name: str | None) -> Any:
-        if name is not None:
+        if name not in (None, "default"):
             raise UnsupportedRequest(f"unknown scheduler {name!r}")
         return type(pipe.scheduler).from_config(pipe.scheduler.config)
 
@@ -209,6 +201,15 @@ class ContinuousEngine:
                 f" UNets whose input is the {pipe.vae.config.latent_channels}-channel latent"
             )
         self.pipe = pipe
+        if getattr(pipe, "mask_processor", None) is None:
+            # A text-to-image pipeline has no mask processor; make the inpainting pipeline's one.
+            from diffusers.image_processor import VaeImageProcessor
+
+            self.mask_processor = VaeImageProcessor(
+                vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+            )
+        else:
+            self.mask_processor = pipe.mask_processor
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._make_scheduler = scheduler_factory or default_scheduler_factory(pipe)
@@ -236,7 +237,7 @@ class ContinuousEngine:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker; requests still waiting or running fail with EngineClosed."""
+        """Stop the worker; requests still waiting or running fail with ShuttingDown."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -264,8 +265,6 @@ class ContinuousEngine:
             raise UnsupportedRequest(f"unknown task {request.task!r}")
         if not request.seeds:
             raise UnsupportedRequest("seeds: at least one seed is needed")
-        if len(request.seeds) > self.max_batch_size:
-            raise UnsupportedRequest(f"seeds: {len(request.seeds)} images exceed max_batch_size {self.max_batch_size}")
         if request.steps < 1:
             raise UnsupportedRequest("steps must be >= 1")
         f = self.pipe.vae_scale_factor
@@ -291,9 +290,9 @@ class ContinuousEngine:
         self.validate(request)
         with self._cond:
             if self._stopping or self._thread is None:
-                raise EngineClosed("engine is not running")
+                raise ShuttingDown("the continuous engine is not running")
             if len(self._waiting) >= self.max_queue:
-                raise EngineOverloaded(f"queue full ({self.max_queue} requests waiting)")
+                raise Overloaded(f"the queue is full ({self.max_queue} requests waiting)")
             ticket = _Ticket(
                 request=request,
                 seq=next(self._seq),
@@ -351,11 +350,11 @@ class ContinuousEngine:
                     self.busy_s += time.perf_counter() - t0
         except BaseException as e:  # a device failure: fail everybody rather than hang them
             log.exception("continuous engine worker died")
-            self._fail_all(ContinuousError(f"engine failure: {type(e).__name__}: {e}"))
+            self._fail_all(GenerationFailed(f"the model failed: {type(e).__name__}"))
             return
-        self._fail_all(EngineClosed("server is shutting down"))
+        self._fail_all(ShuttingDown("the server shut down before this request finished"))
 
-    def _fail_all(self, error: ContinuousError) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         with self._cond:
             tickets = {id(s.ticket): s.ticket for s in self._running}
             tickets.update({id(t): t for _, t in self._waiting})
@@ -411,7 +410,7 @@ class ContinuousEngine:
         except Exception as e:
             log.exception("continuous: preparing a request failed")
             self._remove_ticket(ticket)
-            _set_exception(ticket.future, ContinuousError(f"{type(e).__name__}: {e}"))
+            _set_exception(ticket.future, GenerationFailed(f"the model failed: {type(e).__name__}"))
 
     def _remove_ticket(self, ticket: _Ticket) -> None:
         ticket.cancelled.set()
@@ -501,7 +500,7 @@ class ContinuousEngine:
                 latents = noise * scheduler.init_noise_sigma
             else:
                 latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(1))
-            mask_condition = pipe.mask_processor.preprocess(
+            mask_condition = self.mask_processor.preprocess(
                 req.mask, height=req.height, width=req.width, resize_mode="default", crops_coords=None
             )
             # The pipeline also VAE-encodes the masked image with the same generator; a 4-channel
@@ -622,7 +621,7 @@ class ContinuousEngine:
                 log.exception("continuous: decoding failed")
                 for s in samples:
                     self._remove_ticket(s.ticket)
-                    _set_exception(s.ticket.future, ContinuousError(f"{type(e).__name__}: {e}"))
+                    _set_exception(s.ticket.future, GenerationFailed(f"the model failed: {type(e).__name__}"))
                 continue
             for s, array in zip(samples, arrays, strict=True):
                 s.ticket.finished_arrays[s.index] = array
@@ -645,6 +644,16 @@ class ContinuousEngine:
         now = time.monotonic()
         arrays = [ticket.finished_arrays[i] for i in range(len(ticket.request.seeds))]
         images = self.pipe.image_processor.numpy_to_pil(_stack(arrays))
+        req = ticket.request
+        if req.task == "inpaint":
+            # As the request-level runner does: a 4-channel UNet inpaints by latent blending, which
+            # also alters pixels outside the mask (the VAE round trip), so paste the original back
+            # where the mask is black ("keep").
+            from PIL import Image as PILImage
+
+            images = [
+                PILImage.composite(img, req.image.convert(img.mode), req.mask.convert("L")) for img in images
+            ]
         started = ticket.started if ticket.started is not None else now
         result = ContinuousResult(
             images=images,

@@ -1,0 +1,331 @@
+"""`ContinuousBatchingEngine`: the server's `Engine` interface over the iteration-level scheduler.
+
+Chosen with `[batching] engine = "continuous"`. Loading and warm-up go through the same
+`PipelineRunner` as the request-level engine; then the scheduler in `core.py` owns the pipeline on its
+own worker thread (the runner's thread stays idle, so one thread still drives the device). Events and
+results come back to the event loop with `call_soon_threadsafe`; metrics are only touched there.
+
+Models the continuous engine can't run (a UNet whose input isn't the plain latent, e.g. 9-channel
+inpainting checkpoints) fall back to the request-level `DynamicBatchingEngine`, with a log line saying
+so; `name` (and so `/health` and `/metrics`) then says "dynamic".
+
+torch is imported only when the engine starts: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from inference_server.batcher import DynamicBatchingEngine
+from inference_server.config import BatchingConfig
+from inference_server.engine import (
+    EngineError,
+    EngineInfo,
+    EventCallback,
+    GenerationRequest,
+    GenerationResult,
+    Job,
+    NotReady,
+    Overloaded,
+    Progress,
+    Queued,
+    ShuttingDown,
+    Started,
+)
+from inference_server.metrics import Metrics
+from inference_server.pipelines import SCHEDULERS, PipelineRunner
+
+if TYPE_CHECKING:
+    from inference_server.continuous.core import ContinuousEngine
+
+log = logging.getLogger(__name__)
+
+
+class ContinuousBatchingEngine:
+    """Iteration-level batching: requests join and leave the running batch at every denoising step."""
+
+    def __init__(self, runner: PipelineRunner, config: BatchingConfig, metrics: Metrics) -> None:
+        self.runner = runner
+        self.config = config
+        self.metrics = metrics
+        self._core: ContinuousEngine | None = None
+        self._fallback: DynamicBatchingEngine | None = None
+        self._state: Literal["loading", "ok", "failed", "stopping"] = "loading"
+        self._load_error: BaseException | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: set[Job] = set()
+        self._idle: asyncio.Event | None = None
+        metrics.gauge(
+            "inference_continuous_running_samples",
+            "Images in the continuous engine's running batch (0 with the dynamic engine).",
+            lambda: self._core.running_samples if self._core is not None else 0,
+        )
+        metrics.gauge(
+            "inference_engine_continuous",
+            "1 when the continuous (iteration-level) engine serves, 0 when requests go to the dynamic one.",
+            lambda: 1 if self.name == "continuous" else 0,
+        )
+
+    # -- Engine interface ----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return "dynamic" if self._fallback is not None else "continuous"
+
+    @property
+    def state(self) -> Literal["loading", "ok", "failed", "stopping"]:
+        if self._fallback is not None:
+            return self._fallback.state
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ok"
+
+    @property
+    def queue_depth(self) -> int:
+        if self._fallback is not None:
+            return self._fallback.queue_depth
+        return self._core.queue_depth if self._core is not None else 0
+
+    @property
+    def running(self) -> int:
+        return self._core.running_samples if self._core is not None else 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.config.max_batch_size
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.runner.info
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._load_task = asyncio.create_task(self._load(), name="continuous-load")
+
+    async def wait_ready(self) -> None:
+        assert self._load_task is not None, "start() first"
+        await asyncio.shield(self._load_task)
+        if self._fallback is not None:
+            await self._fallback.wait_ready()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+        if self._fallback is not None:
+            return self._fallback.submit(request, timeout_s=timeout_s, on_event=on_event)
+        if self._state == "stopping":
+            raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
+        if self._state != "ok" or self._core is None:
+            raise NotReady(f"the model is {self._state}", retry_after_s=self.config.retry_after_s)
+        from inference_server.continuous.core import ContinuousRequest
+
+        job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
+        creq = ContinuousRequest(
+            task=request.task,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seeds=request.seeds,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance=request.guidance,
+            scheduler=request.scheduler,
+            strength=request.strength if request.strength is not None else 1.0,
+            image=request.image,
+            mask=request.mask,
+            # Set by the API when the client passes one (the bot's fairness order); lower goes first.
+            priority=float(getattr(request, "priority", 0) or 0),
+            deadline=job.deadline,
+        )
+        loop = self._loop
+        assert loop is not None
+
+        def from_worker(event: dict[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._on_core_event, job, event)
+
+        try:
+            ticket = self._core.submit(creq, from_worker)
+        except Overloaded as e:
+            raise Overloaded(e.message, retry_after_s=self.config.retry_after_s) from None
+        except ShuttingDown as e:
+            raise ShuttingDown(e.message, retry_after_s=self.config.retry_after_s) from None
+        core = self._core
+        self._jobs.add(job)
+        self._idle.clear()
+        # The submitter gives up by cancelling job.future (client gone, deadline in Job.wait()):
+        # the request then leaves the running batch at the next step.
+        job.future.add_done_callback(lambda f: core.cancel(ticket) if f.cancelled() else None)
+
+        def done_on_worker(f: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._on_core_done, job, f)
+
+        ticket.future.add_done_callback(done_on_worker)
+        return job
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work; let queued and running jobs finish for up to `grace_s`; fail the rest."""
+        if self._fallback is not None:
+            await self._fallback.stop(grace_s)
+            return
+        if self._state != "failed":
+            self._state = "stopping"
+        if self._idle is not None and self._jobs:
+            log.info("draining %d continuous requests (grace %.0f s)", len(self._jobs), grace_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._load_task
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop)
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the server shut down before this request finished"))
+                self.metrics.dropped.inc("shutdown")
+        self._jobs.clear()
+        self.runner.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        try:
+            await self.runner.load()
+            pipe = self.runner.pipeline("inpaint")  # has every processor the three tasks need
+            reason = unsupported_reason(pipe)
+            if reason is not None:
+                log.warning("continuous engine can't run this model (%s); using request-level batching", reason)
+                # The request-level engine loads through the runner again (a rare path: only
+                # models this engine can't run get here), then serves every request.
+                self._fallback = DynamicBatchingEngine(self.runner, self.config, self.metrics)
+                await self._fallback.start()
+                return
+            from inference_server.continuous.core import ContinuousEngine
+
+            self._core = ContinuousEngine(
+                pipe,
+                max_batch_size=self.config.max_batch_size,
+                max_queue=self.config.max_queue,
+                scheduler_factory=scheduler_factory(pipe),
+                on_iteration=self._from_worker_iteration,
+            )
+            self._core.start()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self._load_error = e
+            self._state = "failed"
+            log.error("model loading failed: %s", e)
+            return
+        if self._state == "loading":
+            self._state = "ok"
+            log.info(
+                "ready (continuous batching, up to %d images per step): %s on %s (%s)",
+                self.config.max_batch_size,
+                self.runner.model_name,
+                self.runner.device,
+                self.runner.dtype,
+            )
+
+    def _from_worker_iteration(self, batch: int, seconds: float) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._count_iteration, batch)
+
+    def _count_iteration(self, batch: int) -> None:
+        # For this engine a "pipeline call" is one denoising iteration over the running batch.
+        self.metrics.pipeline_calls.inc()
+        self.metrics.batch_size.observe(batch)
+
+    def _on_core_event(self, job: Job, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "queued":
+            job.last_position = event["position"]
+            job.emit(Queued(event["position"]))
+        elif kind == "started":
+            job.started_at = time.monotonic()
+            self.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
+            job.emit(Started(event["batch_size"]))
+        elif kind == "progress":
+            job.emit(Progress(event["step"], event["total"]))
+
+    def _on_core_done(self, job: Job, future: Any) -> None:
+        self._jobs.discard(job)
+        if not self._jobs and self._idle is not None:
+            self._idle.set()
+        if job.future.done():
+            if job.future.cancelled():
+                self.metrics.dropped.inc("cancelled")
+            return
+        if future.cancelled():
+            job.future.set_exception(EngineError("internal error: the request was cancelled in the engine"))
+            return
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, EngineError):
+                error = EngineError(f"internal error: {type(error).__name__}")
+            if error.kind == "deadline_exceeded":
+                self.metrics.dropped.inc("deadline")
+            job.future.set_exception(error)
+            return
+        result = future.result()
+        req = job.request
+        self.metrics.run_latency.observe(result.run_s)
+        self.metrics.images.inc(amount=len(result.images))
+        job.future.set_result(
+            GenerationResult(
+                images=result.images,
+                seeds=req.seeds,
+                width=req.width,
+                height=req.height,
+                steps=req.steps,
+                model=self.runner.model_name,
+                batch_size=result.batch_size,
+                queue_s=result.queue_s,
+                run_s=result.run_s,
+                total_s=result.total_s,
+            )
+        )
+
+
+def unsupported_reason(pipe: Any) -> str | None:
+    """Why the continuous engine can't run `pipe`, or None when it can."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or type(unet).__name__ != "UNet2DConditionModel":
+        return f"{type(unet).__name__ if unet is not None else 'no'} UNet; needs UNet2DConditionModel"
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "SDXL-style UNet (needs added time ids)"
+    if unet.config.in_channels != pipe.vae.config.latent_channels:
+        return f"UNet takes {unet.config.in_channels} input channels (inpainting checkpoint)"
+    return None
+
+
+def scheduler_factory(pipe: Any) -> Any:
+    """Fresh scheduler instances by the API's names (the same table the request-level runner uses)."""
+    import diffusers
+
+    base_class = type(pipe.scheduler)
+    base_config = pipe.scheduler.config
+
+    def make(name: str | None) -> Any:
+        class_name, extra = SCHEDULERS[name or "default"]
+        cls = getattr(diffusers, class_name) if class_name else base_class
+        return cls.from_config(base_config, **extra)
+
+    return make
