@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from inference_server.config_loader import ConfigError
 
@@ -14,12 +14,12 @@ INTERACTION_TOKEN_TTL_S = 15 * 60
 class DiscordConfig:
     # Guilds to sync the slash commands to (instant; for development and private bots). Empty: sync
     # globally (every server the bot is in; Discord may take a while to show changes).
-    guild_ids: list[int] = field(default_factory=list)
+    guild_ids: tuple[int, ...] = ()
     # Sync the command tree at start-up. Off when several processes run the same bot.
     sync_commands: bool = True
     # Besides members with the Manage Server permission, members with one of these roles (names,
     # case-insensitive, or role ids) may use the /admin commands.
-    admin_roles: list[str] = field(default_factory=list)
+    admin_roles: tuple[str, ...] = ()
     # Hide /admin from members without Manage Server (Discord-side default permissions). Members of
     # `admin_roles` then need the command enabled for their role in Server Settings > Integrations.
     hide_admin_commands: bool = True
