@@ -206,7 +206,10 @@ class ContinuousEngine:
             from diffusers.image_processor import VaeImageProcessor
 
             self.mask_processor = VaeImageProcessor(
-                vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+                vae_scale_factor=pipe.vae_scale_factor,
+                do_normalize=False,
+                do_binarize=True,
+                do_convert_grayscale=True,
             )
         else:
             self.mask_processor = pipe.mask_processor
@@ -313,7 +316,9 @@ class ContinuousEngine:
         with self._cond:
             self._cond.notify_all()
 
-    async def generate(self, request: ContinuousRequest, on_event: EventSink | None = None) -> ContinuousResult:
+    async def generate(
+        self, request: ContinuousRequest, on_event: EventSink | None = None
+    ) -> ContinuousResult:
         """Submit and await the result; events are delivered on the caller's event loop.
 
         Cancelling the awaiting task (e.g. the client disconnected) cancels the request in the engine.
@@ -382,7 +387,9 @@ class ContinuousEngine:
             if ticket.request.deadline is not None and now > ticket.request.deadline:
                 heapq.heappop(self._waiting)
                 ticket.cancelled.set()
-                _set_exception(ticket.future, DeadlineExceeded("deadline passed before the request could run"))
+                _set_exception(
+                    ticket.future, DeadlineExceeded("deadline passed before the request could run")
+                )
                 continue
             remaining = len(ticket.request.seeds) - ticket.next_sample
             take = min(remaining, free)
@@ -672,7 +679,9 @@ class ContinuousEngine:
         _set_result(ticket.future, result)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, device: Any, dtype: torch.dtype) -> torch.Tensor:
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator, device: Any, dtype: torch.dtype
+) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)

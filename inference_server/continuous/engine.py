@@ -123,7 +123,9 @@ class ContinuousBatchingEngine:
         if self._load_error is not None:
             raise self._load_error
 
-    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
+    ) -> Job:
         if self._fallback is not None:
             return self._fallback.submit(request, timeout_s=timeout_s, on_event=on_event)
         if self._state == "stopping":
@@ -209,7 +211,9 @@ class ContinuousBatchingEngine:
             pipe = self.runner.pipeline("inpaint")  # has every processor the three tasks need
             reason = unsupported_reason(pipe)
             if reason is not None:
-                log.warning("continuous engine can't run this model (%s); using request-level batching", reason)
+                log.warning(
+                    "continuous engine can't run this model (%s); using request-level batching", reason
+                )
                 # The request-level engine loads through the runner again (a rare path: only
                 # models this engine can't run get here), then serves every request.
                 self._fallback = DynamicBatchingEngine(self.runner, self.config, self.metrics)

@@ -14,7 +14,18 @@ import torch
 
 from inference_server.continuous.core import ContinuousEngine, ContinuousRequest
 
-SCHEDULER_NAMES = ("default", "ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "dpm++2m", "dpm++2m_karras", "unipc")
+SCHEDULER_NAMES = (
+    "default",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm++2m",
+    "dpm++2m_karras",
+    "unipc",
+)
 STOCHASTIC = ("ddpm", "euler_a")  # they draw noise from the request's generator at every step
 
 
@@ -56,7 +67,9 @@ def parity_requests(size: int) -> list[ContinuousRequest]:
                 steps=8, guidance=5.0, scheduler=name, strength=strength, image=image,
             )
         )  # fmt: skip
-    for k, (name, strength) in enumerate((("default", 1.0), ("euler_a", 1.0), ("euler", 0.7), ("unipc", 0.8))):
+    for k, (name, strength) in enumerate(
+        (("default", 1.0), ("euler_a", 1.0), ("euler", 0.7), ("unipc", 0.8))
+    ):
         reqs.append(
             ContinuousRequest(
                 task="inpaint", prompt="a green circle", seeds=(4000 + k,), width=size, height=size,
