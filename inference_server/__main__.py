@@ -1,0 +1,79 @@
+"""`python -m inference_server`: load config and .env, build the app, serve until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+from aiohttp.web_runner import GracefulExit
+
+from inference_server import keys
+from inference_server.app import create_app
+from inference_server.config import load_config
+from inference_server.config_loader import ConfigError, config_path
+from inference_server.pipelines import ModelLoadError, check_model_source
+
+log = logging.getLogger("inference_server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference_server", description="Batched diffusion inference server (HTTP API v1)."
+    )
+    parser.add_argument("--config", help="config file (default: $IMAGINE_CONFIG or ./config.toml)")
+    parser.add_argument("--host", help="override [inference_server] host")
+    parser.add_argument("--port", type=int, help="override [inference_server] port")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dotenv import load_dotenv
+
+    load_dotenv()  # secrets such as INFERENCE_API_TOKEN may live in .env
+    args = parse_args(argv)
+    try:
+        config = load_config(config_path(args.config))
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if overrides:
+            config = config.replace(server=overrides)
+        logging.basicConfig(
+            level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        check_model_source(config.model)
+        app = create_app(config)
+    except (ConfigError, ModelLoadError) as e:
+        print(f"inference_server: {e}", file=sys.stderr)
+        return 2
+
+    failed: list[BaseException] = []
+
+    def on_fatal(error: BaseException) -> None:
+        # Loading failed after start-up: stop the server (GracefulExit unwinds run_app) and exit 1.
+        failed.append(error)
+        log.critical("cannot serve: %s", error)
+
+        def stop() -> None:
+            raise GracefulExit()
+
+        asyncio.get_running_loop().call_soon(stop)
+
+    app[keys.ON_FATAL] = on_fatal
+    web.run_app(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        # In-flight requests get the grace period to finish after SIGTERM; the engine drains its queue.
+        shutdown_timeout=config.server.shutdown_grace_s,
+        # Cancel a handler when its client disconnects, so its queued job is dropped before compute.
+        handler_cancellation=True,
+        access_log=logging.getLogger("aiohttp.access"),
+        print=lambda msg: log.info("%s", msg),
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""The aiohttp application: routes, auth, error mapping, streaming. Wired in `create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from inference_server import keys
+from inference_server.batcher import DynamicBatchingEngine
+from inference_server.config import Config
+from inference_server.config_loader import ConfigError
+from inference_server.engine import (
+    DeadlineExceeded,
+    Engine,
+    EngineError,
+    GenerationResult,
+    Job,
+    NotReady,
+    Overloaded,
+    Progress,
+    ShuttingDown,
+    Task,
+)
+from inference_server.errors import RequestError
+from inference_server.images import png_base64
+from inference_server.metrics import Metrics
+from inference_server.pipelines import PipelineRunner
+from inference_server.validation import TASKS, ParsedRequest, parse_generation
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "INFERENCE_API_TOKEN"
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"
+NDJSON = "application/x-ndjson"
+# How often a waiting non-streaming handler checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+# HTTP status for each engine error kind (see CONTRACTS.md).
+_ENGINE_STATUS = {
+    "overloaded": 503,
+    "not_ready": 503,
+    "shutting_down": 503,
+    "deadline_exceeded": 504,
+    "out_of_memory": 500,
+    "generation_failed": 500,
+    "internal": 500,
+}
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, "field": field}}, status=status, headers=headers
+    )
+
+
+def engine_error_response(e: EngineError) -> web.Response:
+    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+    return error_response(_ENGINE_STATUS.get(e.kind, 500), e.kind, e.message, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON body; tracebacks go to the log only."""
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return error_response(e.status, e.code, e.message, e.field)
+    except EngineError as e:
+        return engine_error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+        message = e.reason if e.status != 413 else f"the request body is larger than {request.app[keys.CONFIG].server.max_body_bytes} bytes"
+        return error_response(e.status, _HTTP_CODES.get(e.status, "error"), message, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal server error (see the server log)")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[keys.API_TOKEN]
+    if token and request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return error_response(
+                401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+    return await handler(request)
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes], bool]:
+    """(fields, files, from_form) from a JSON or multipart body; 413/415/400 on bad bodies."""
+    limit = request.app[keys.CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(413, "payload_too_large", None, f"the request body is larger than {limit} bytes")
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        return (*await _read_multipart(request, limit), True)
+    if ctype not in ("application/json", "application/octet-stream", ""):
+        raise RequestError(415, "unsupported_media_type", None, f"send application/json or multipart/form-data, not {ctype}")
+    raw = await request.read()  # aiohttp enforces client_max_size (413) here
+    if not raw.strip():
+        raise RequestError(400, "invalid_request", None, "the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, "invalid_request", None, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "invalid_request", None, "the body must be a JSON object")
+    return body, {}, False
+
+
+async def _read_multipart(request: web.Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    total = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise RequestError(400, "invalid_request", None, "nested multipart bodies are not supported")
+            name = part.name
+            if not name:
+                raise RequestError(400, "invalid_request", None, "a multipart part has no name")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                total += len(chunk)
+                if total > limit:
+                    raise RequestError(413, "payload_too_large", name, f"the request body is larger than {limit} bytes")
+                data.extend(chunk)
+            if part.filename or (name in ("image", "mask") and _looks_binary(data)):
+                files[name] = bytes(data)
+            else:
+                try:
+                    fields[name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RequestError(400, "invalid_request", name, f"{name} is not UTF-8 text") from None
+    except RequestError:
+        raise
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise RequestError(400, "invalid_request", None, f"malformed multipart body: {e}") from None
+    return fields, files
+
+
+def _looks_binary(data: bytes | bytearray) -> bool:
+    return b"\0" in data[:512] or data[:4] in (b"\x89PNG", b"RIFF") or data[:2] == b"\xff\xd8"
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+def result_json(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "images": [{"png_base64": png_base64(img), "seed": seed} for img, seed in zip(result.images, result.seeds, strict=True)],
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "model": result.model,
+        "timings": {"queue_s": round(result.queue_s, 4), "run_s": round(result.run_s, 4), "total_s": round(result.total_s, 4)},
+        "batch_size": result.batch_size,
+    }
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
+    config = request.app[keys.CONFIG]
+    body, files, from_form = await read_body(request)
+
+    def parse() -> ParsedRequest:
+        return parse_generation(task, body, server=config.server, model=config.model, files=files, from_form=from_form)
+
+    # Image decoding and resizing are CPU work: keep them off the event loop.
+    return await asyncio.to_thread(parse) if task != "txt2img" else parse()
+
+
+def make_generate_handler(task: Task) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        metrics = request.app[keys.METRICS]
+        status = 500
+        try:
+            response = await _generate(request, task)
+            status = response.status
+            return response
+        except RequestError as e:
+            status = e.status
+            metrics.errors.inc(e.code)
+            raise
+        except EngineError as e:
+            status = _ENGINE_STATUS.get(e.kind, 500)
+            metrics.errors.inc(e.kind)
+            raise
+        except asyncio.CancelledError:
+            status = 499  # nginx's "client closed request"
+            metrics.errors.inc("client_gone")
+            raise
+        finally:
+            metrics.requests.inc(task, str(status))
+
+    handler.__name__ = f"generate_{task}"
+    return handler
+
+
+async def _generate(request: web.Request, task: Task) -> web.StreamResponse:
+    app = request.app
+    if app[keys.STATE].draining:
+        raise ShuttingDown("the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s)
+    parsed = await parse_request(request, task)
+    stream = parsed.stream or NDJSON in request.headers.get("Accept", "")
+    engine = app[keys.ENGINE]
+    if stream:
+        return await _stream(request, engine, parsed)
+    job = engine.submit(parsed.request, timeout_s=parsed.timeout_s)
+    waiter = asyncio.ensure_future(job.wait())
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if not waiter.done() and _client_gone(request):
+                log.info("client went away; dropping its %s request", task)
+                job.cancel()
+                raise asyncio.CancelledError
+        result = waiter.result()
+    finally:
+        if not waiter.done():
+            waiter.cancel()  # handler cancelled: job.wait() cancels the job
+    payload = await asyncio.to_thread(result_json, result)
+    return web.json_response(payload)
+
+
+async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -> web.StreamResponse:
+    interval = request.app[keys.CONFIG].server.progress_interval_s
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    done = object()
+    job: Job = engine.submit(parsed.request, timeout_s=parsed.timeout_s, on_event=events.put_nowait)
+    # Admission succeeded: from here on errors travel as an "error" event inside a 200 stream.
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    waiter = asyncio.ensure_future(job.wait())
+    waiter.add_done_callback(lambda _: events.put_nowait(done))
+    last_progress = 0.0
+    try:
+        await response.prepare(request)
+        while True:
+            event = await events.get()
+            if event is done:
+                break
+            if isinstance(event, Progress):
+                now = time.monotonic()
+                if event.step < event.total and now - last_progress < interval:
+                    continue  # throttled: a chat message can't be edited many times a second
+                last_progress = now
+            await response.write((json.dumps(event.to_json()) + "\n").encode())
+        if waiter.cancelled():
+            raise asyncio.CancelledError
+        error = waiter.exception()
+        if error is None:
+            payload = await asyncio.to_thread(result_json, waiter.result())
+            line = {"event": "result", **payload}
+        elif isinstance(error, EngineError):
+            request.app[keys.METRICS].errors.inc(error.kind)
+            line = {"event": "error", "error": {"code": error.kind, "message": error.message, "field": None}}
+        else:
+            log.error("streamed request failed", exc_info=error)
+            line = {"event": "error", "error": {"code": "internal", "message": "internal error", "field": None}}
+        await response.write((json.dumps(line) + "\n").encode())
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        log.info("streaming client went away; dropping its request")
+        job.cancel()
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return response
+
+
+# -- open endpoints --------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    info = engine.info
+    body = {
+        "status": engine.state,
+        "device": info.device,
+        "dtype": info.dtype,
+        "model": info.model,
+        "attention": info.attention,
+        "queue_depth": engine.queue_depth,
+        "engine": engine.name,
+        "max_batch_size": engine.max_batch_size,
+    }
+    return web.json_response(body)
+
+
+async def ready(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    if engine.ready and not request.app[keys.STATE].draining:
+        return web.json_response({"ready": True})
+    return web.json_response({"ready": False, "status": engine.state}, status=503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[keys.METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=await asyncio.to_thread(OPENAPI_PATH.read_text, "utf-8"), content_type="application/yaml")
+
+
+# -- wiring ----------------------------------------------------------------------------------------
+
+
+def build_engine(config: Config, metrics: Metrics) -> Engine:
+    runner = PipelineRunner(config.model)
+    if config.batching.engine == "continuous":
+        try:
+            continuous = importlib.import_module("inference_server.continuous")
+        except ModuleNotFoundError as e:
+            raise ConfigError("[batching] engine = \"continuous\" but inference_server/continuous.py is missing") from e
+        return continuous.build_engine(config, runner, metrics)
+    return DynamicBatchingEngine(runner, config.batching, metrics)
+
+
+def _api_token(config: Config, explicit: str | None) -> str:
+    token = explicit if explicit is not None else os.environ.get(TOKEN_ENV, "")
+    if token:
+        return token
+    if config.server.allow_no_auth:
+        log.warning("%s is not set and allow_no_auth = true: /v1 is open to anyone who can connect", TOKEN_ENV)
+        return ""
+    raise ConfigError(
+        f"set {TOKEN_ENV} (in the environment or .env) to the bearer token clients must send; "
+        "for local development only, [inference_server] allow_no_auth = true disables auth"
+    )
+
+
+def create_app(config: Config, *, engine: Engine | None = None, api_token: str | None = None) -> web.Application:
+    """The server app. The engine starts in `cleanup_ctx`; model loading continues in the background
+    and `/ready` answers 200 once the pipelines are loaded and warmed."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+    )
+    metrics = Metrics()
+    app[keys.CONFIG] = config
+    app[keys.METRICS] = metrics
+    app[keys.STATE] = keys.ServerState()
+    app[keys.API_TOKEN] = _api_token(config, api_token)
+    app[keys.ENGINE] = engine or build_engine(config, metrics)
+    metrics.gauge("inference_queue_depth", "Requests waiting for a batch.", lambda: app[keys.ENGINE].queue_depth)
+    metrics.gauge("inference_ready", "1 once the model is loaded and warmed.", lambda: float(app[keys.ENGINE].ready))
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.yaml", openapi)
+    for task in TASKS:
+        app.router.add_post(f"/v1/{task}", make_generate_handler(task))
+    _add_extensions(app)
+    app.cleanup_ctx.append(_engine_lifecycle)
+    app.on_shutdown.append(_start_draining)
+    return app
+
+
+def _add_extensions(app: web.Application) -> None:
+    """Optional route modules of this package (the OpenAI-compatible API) add themselves here."""
+    try:
+        module = importlib.import_module("inference_server.openai_api")
+    except ModuleNotFoundError as e:
+        if e.name != "inference_server.openai_api":
+            raise
+        return
+    module.setup(app)
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[keys.STATE].draining = True
+    engine = app[keys.ENGINE]
+    log.info("shutting down: refusing new requests; %d queued", engine.queue_depth)
+
+
+async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    engine = app[keys.ENGINE]
+    await engine.start()
+
+    async def watch_load() -> None:
+        try:
+            await engine.wait_ready()
+        except Exception as e:
+            on_fatal = app.get(keys.ON_FATAL)
+            if on_fatal is not None:
+                on_fatal(e)
+
+    watcher = asyncio.create_task(watch_load(), name="watch-model-load")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await engine.stop(app[keys.CONFIG].server.shutdown_grace_s)
+
+
+__all__ = ["create_app", "build_engine", "DeadlineExceeded", "NotReady", "Overloaded"]

@@ -1,0 +1,277 @@
+"""Dynamic batching: one asyncio task owns the queue and feeds the pipeline runner.
+
+Requests that share a batch key (task, size, steps, guidance, strength, scheduler) are grouped into
+one pipeline call, oldest first, up to `max_batch_size` images and `max_batch_pixels` pixels. The
+oldest request waits at most `max_wait_ms` for company while the device is idle; while a batch
+runs, new requests simply queue, so under load batches fill without waiting at all. Requests whose
+submitter gave up (deadline, client gone) are dropped before they cost compute. Only this task
+talks to the runner, so the device sees one call at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Literal
+
+from inference_server.config import BatchingConfig
+from inference_server.engine import (
+    DeadlineExceeded,
+    EngineError,
+    EngineInfo,
+    EventCallback,
+    GenerationRequest,
+    GenerationResult,
+    Job,
+    NotReady,
+    Overloaded,
+    Progress,
+    Queued,
+    ShuttingDown,
+    Started,
+)
+from inference_server.metrics import Metrics
+from inference_server.pipelines import PipelineRunner
+
+log = logging.getLogger(__name__)
+
+
+class DynamicBatchingEngine:
+    """The default `Engine`: dynamic request-level batching over a `PipelineRunner`."""
+
+    name = "dynamic"
+
+    def __init__(self, runner: PipelineRunner, config: BatchingConfig, metrics: Metrics) -> None:
+        self.runner = runner
+        self.config = config
+        self.metrics = metrics
+        self._queue: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._state: Literal["loading", "ok", "failed", "stopping"] = "loading"
+        self._load_error: BaseException | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- Engine interface ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> Literal["loading", "ok", "failed", "stopping"]:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "ok"
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.config.max_batch_size
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.runner.info
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._load_task = asyncio.create_task(self._load(), name="pipeline-load")
+        self._task = asyncio.create_task(self._serve(), name="batcher")
+
+    async def wait_ready(self) -> None:
+        assert self._load_task is not None, "start() first"
+        await asyncio.shield(self._load_task)
+        if self._load_error is not None:
+            raise self._load_error
+
+    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+        if self._state == "stopping":
+            raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
+        if self._state != "ok":
+            raise NotReady(f"the model is {self._state}", retry_after_s=self.config.retry_after_s)
+        if len(self._queue) >= self.config.max_queue:
+            raise Overloaded(
+                f"the queue is full ({self.config.max_queue} requests waiting)",
+                retry_after_s=self.config.retry_after_s,
+            )
+        job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
+        self._queue.append(job)
+        job.last_position = len(self._queue) - 1
+        job.emit(Queued(job.last_position))
+        assert self._wakeup is not None and self._idle is not None
+        self._idle.clear()
+        self._wakeup.set()
+        return job
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work; let queued and running jobs finish for up to `grace_s`; fail the rest."""
+        if self._state != "failed":
+            self._state = "stopping"
+        if self._idle is not None and (self._queue or self._running):
+            log.info("draining: %d queued, %d running (grace %.0f s)", len(self._queue), len(self._running), grace_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        for task in (self._task, self._load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for job in list(self._queue) + self._running:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
+                self.metrics.dropped.inc("shutdown")
+        self._queue.clear()
+        self.runner.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        try:
+            await self.runner.load()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self._load_error = e
+            self._state = "failed"
+            log.error("model loading failed: %s", e)
+            return
+        if self._state == "loading":
+            self._state = "ok"
+            log.info("ready: %s on %s (%s)", self.runner.model_name, self.runner.device, self.runner.dtype)
+
+    async def _serve(self) -> None:
+        assert self._wakeup is not None and self._idle is not None
+        max_wait = self.config.max_wait_ms / 1000
+        while True:
+            self._drop_unwanted()
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, full = self._select()
+            wait_left = self._queue[0].enqueued_at + max_wait - time.monotonic()
+            if not full and wait_left > 0 and self._state != "stopping":
+                # Idle device, partial batch: give concurrent requests a moment to join.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait_left)
+                continue
+            for job in batch:
+                self._queue.remove(job)
+            await self._run(batch)
+
+    def _drop_unwanted(self) -> None:
+        now = time.monotonic()
+        kept: deque[Job] = deque()
+        for job in self._queue:
+            if job.future.done():
+                self.metrics.dropped.inc("cancelled")
+                log.info("dropped a queued request whose client went away")
+            elif now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                self.metrics.dropped.inc("deadline")
+            else:
+                kept.append(job)
+        self._queue = kept
+
+    def _select(self) -> tuple[list[Job], bool]:
+        """The oldest job plus compatible ones (FIFO) within the limits; and whether it is full."""
+        head = self._queue[0]
+        key = head.request.batch_key()
+        batch = [head]
+        images, pixels = head.request.n, head.request.pixels
+        per_image = head.request.width * head.request.height
+        for job in list(self._queue)[1:]:
+            req = job.request
+            if req.batch_key() != key:
+                continue
+            if images + req.n > self.config.max_batch_size or pixels + req.pixels > self.config.max_batch_pixels:
+                continue
+            batch.append(job)
+            images += req.n
+            pixels += req.pixels
+        full = images >= self.config.max_batch_size or pixels + per_image > self.config.max_batch_pixels
+        return batch, full
+
+    async def _run(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        size = sum(job.request.n for job in batch)
+        self._running = batch
+        for job in batch:
+            job.started_at = started
+            self.metrics.queue_wait.observe(started - job.enqueued_at)
+            job.emit(Started(size))
+        self._announce_positions()
+
+        def on_progress(step: int, total: int) -> None:
+            for job in batch:
+                job.emit(Progress(step, total))
+
+        def should_stop() -> bool:
+            # Read on the worker thread: plain attribute reads, and a stale answer costs one step.
+            return all(job.future.done() for job in batch)
+
+        try:
+            report = await self.runner.run([job.request for job in batch], on_progress, should_stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the runner reports per-request failures itself; this is a bug
+            log.exception("batch failed")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(EngineError(f"internal error: {type(e).__name__}"))
+            self._running = []
+            return
+        finally:
+            self._running = []
+        finished = time.monotonic()
+        for call_size in report.call_sizes:
+            self.metrics.pipeline_calls.inc()
+            self.metrics.batch_size.observe(call_size)
+        for job, outcome in zip(batch, report.outcomes, strict=True):
+            self.metrics.run_latency.observe(report.run_s)
+            if job.future.done():
+                continue  # the submitter gave up while the batch ran
+            if outcome.error is not None:
+                job.future.set_exception(outcome.error)
+                continue
+            assert outcome.images is not None
+            self.metrics.images.inc(amount=len(outcome.images))
+            req = job.request
+            job.future.set_result(
+                GenerationResult(
+                    images=outcome.images,
+                    seeds=req.seeds,
+                    width=req.width,
+                    height=req.height,
+                    steps=req.steps,
+                    model=self.runner.model_name,
+                    batch_size=outcome.batch_images,
+                    queue_s=started - job.enqueued_at,
+                    run_s=finished - started,
+                    total_s=finished - job.enqueued_at,
+                )
+            )
+
+    def _announce_positions(self) -> None:
+        for position, job in enumerate(self._queue):
+            if job.last_position != position:
+                job.last_position = position
+                job.emit(Queued(position))

@@ -1,0 +1,154 @@
+"""Typed configuration of the inference server: `[inference_server]`, `[model]` and `[batching]`.
+
+Each section is a frozen dataclass filled by `config_loader.load_section`, so unknown keys, wrong
+types and `IMAGINE_<SECTION>_<KEY>` overrides behave as everywhere else in the project. The
+`__post_init__` checks catch values that are well-typed but meaningless, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from inference_server.config_loader import ConfigError, config_path, load_section, read_toml
+
+# Where `[model] path = "embedded"` points: the project's own tiny model, shipped in the package.
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
+
+
+def _require(ok: bool, section: str, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"[{section}] {key}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`[inference_server]`: the HTTP side."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    allow_no_auth: bool = False
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 1000
+    min_side: int = 8
+    max_side: int = 1024
+    max_steps: int = 150
+    max_images_per_request: int = 4
+    default_timeout_s: float = 300.0
+    max_timeout_s: float = 3600.0
+    shutdown_grace_s: float = 30.0
+    progress_interval_s: float = 0.2
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        s = "inference_server"
+        _require(0 < self.port < 65536 or self.port == 0, s, "port", f"must be 0-65535, got {self.port}")
+        _require(self.max_body_bytes >= 1024, s, "max_body_bytes", "must be at least 1024")
+        _require(self.max_image_pixels >= 64 * 64, s, "max_image_pixels", "must be at least 4096")
+        _require(self.max_prompt_chars >= 1, s, "max_prompt_chars", "must be at least 1")
+        _require(
+            8 <= self.min_side <= self.max_side and self.min_side % 8 == 0 and self.max_side % 8 == 0,
+            s,
+            "min_side/max_side",
+            "must be multiples of 8 with 8 <= min_side <= max_side",
+        )
+        _require(1 <= self.max_steps <= 1000, s, "max_steps", "must be 1-1000")
+        _require(1 <= self.max_images_per_request <= 16, s, "max_images_per_request", "must be 1-16")
+        _require(self.default_timeout_s > 0, s, "default_timeout_s", "must be > 0")
+        _require(self.max_timeout_s >= self.default_timeout_s, s, "max_timeout_s", "must be >= default_timeout_s")
+        _require(self.shutdown_grace_s >= 0, s, "shutdown_grace_s", "must be >= 0")
+        _require(self.progress_interval_s >= 0, s, "progress_interval_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: which weights, on which device, with which defaults."""
+
+    path: str = "embedded"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    attention: Literal["auto", "xformers", "sdpa"] = "auto"
+    scheduler: str = "default"
+    width: int = 64
+    height: int = 64
+    steps: int = 20
+    guidance: float = 7.5
+    strength: float = 0.6
+    warmup: bool = True
+    cpu_threads: int = 0
+    vae_slicing: bool = True
+
+    def __post_init__(self) -> None:
+        s = "model"
+        _require(bool(self.path.strip()), s, "path", "must not be empty")
+        for key in ("width", "height"):
+            v = getattr(self, key)
+            _require(v >= 8 and v % 8 == 0, s, key, f"must be a multiple of 8, got {v}")
+        _require(self.steps >= 1, s, "steps", "must be >= 1")
+        _require(0 <= self.guidance <= 30, s, "guidance", "must be 0-30")
+        _require(0 < self.strength <= 1, s, "strength", "must be in (0, 1]")
+        _require(self.cpu_threads >= 0, s, "cpu_threads", "must be >= 0")
+
+    def resolved_path(self) -> str:
+        """A folder path for "embedded" and local folders; otherwise the Hugging Face model id."""
+        if self.path == "embedded":
+            return str(EMBEDDED_WEIGHTS)
+        p = Path(self.path).expanduser()
+        return str(p) if p.exists() else self.path
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """`[batching]`: how requests are grouped into pipeline calls."""
+
+    engine: Literal["dynamic", "continuous"] = "dynamic"
+    max_batch_size: int = 8
+    max_wait_ms: float = 25.0
+    max_batch_pixels: int = 8 * 512 * 512
+    max_queue: int = 64
+    retry_after_s: int = 5
+
+    def __post_init__(self) -> None:
+        s = "batching"
+        _require(1 <= self.max_batch_size <= 256, s, "max_batch_size", "must be 1-256")
+        _require(self.max_wait_ms >= 0, s, "max_wait_ms", "must be >= 0")
+        _require(self.max_batch_pixels >= 64 * 64, s, "max_batch_pixels", "must be >= 4096")
+        _require(self.max_queue >= 1, s, "max_queue", "must be >= 1")
+        _require(self.retry_after_s >= 1, s, "retry_after_s", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server reads, loaded once in `main()` and passed to `create_app`."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with some fields of some sections changed: `cfg.replace(model={"path": p})`."""
+        updated = {
+            name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **updated)
+
+
+def load_config(
+    source: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the three server sections from a TOML file (default: `config_path()`) or a mapping."""
+    if source is None:
+        source = config_path()
+    data = source if isinstance(source, Mapping) else read_toml(source)
+    return Config(
+        server=load_section(data, "inference_server", ServerConfig, environ=environ),
+        model=load_section(data, "model", ModelConfig, environ=environ),
+        batching=load_section(data, "batching", BatchingConfig, environ=environ),
+    )

@@ -1,0 +1,367 @@
+"""Model loading and the pipeline worker thread. Never imports aiohttp.
+
+One `PipelineRunner` per device owns the diffusers pipelines (text-to-image, and image-to-image and
+inpainting built with `from_pipe`, so all three share one set of weights) and a single-thread
+executor. Every pipeline call runs on that thread: diffusers schedulers and the CLIP tokenizer are
+not thread-safe, and one thread per device also keeps the event loop free. Each call gets a fresh
+scheduler built from the model's scheduler config, so no scheduler state leaks between calls.
+
+torch and diffusers are imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inference_server.config import EMBEDDED_WEIGHTS, ModelConfig
+from inference_server.config_loader import ConfigError
+from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Request-selectable schedulers: public name -> (diffusers class name, extra config).
+# "default" keeps the class the model was saved with.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message says why and what to do."""
+
+
+def check_model_source(config: ModelConfig) -> None:
+    """Fail fast (before the server starts) when the configured model plainly isn't there."""
+    if config.path == "embedded" and not (EMBEDDED_WEIGHTS / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"[model] path = \"embedded\" but {EMBEDDED_WEIGHTS} holds no trained pipeline "
+            "(model_index.json missing). Train it with `make train-model`, or set [model] path "
+            "(or $IMAGINE_MODEL_PATH) to a diffusers folder or a cached Hugging Face model id."
+        )
+    p = Path(config.path).expanduser()
+    looks_like_path = config.path.startswith((".", "/", "~")) or p.exists()
+    if config.path != "embedded" and looks_like_path and not (p / "model_index.json").is_file():
+        raise ModelLoadError(f"[model] path: {p} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def choose_device(preference: str) -> str:
+    import torch
+
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("[model] device: \"cuda\" requested but torch sees no CUDA device")
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("[model] device: \"mps\" requested but MPS is not available")
+    return preference
+
+
+def choose_dtype(preference: str, device: str) -> str:
+    if preference != "auto":
+        if preference == "float16" and device == "cpu":
+            # Many CPU kernels lack fp16; a config asking for it is most likely a copy-paste from a GPU box.
+            raise ConfigError("[model] dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+        return preference
+    # fp16 halves memory and doubles tensor-core throughput on CUDA; elsewhere fp32 is the safe choice.
+    return "float16" if device == "cuda" else "float32"
+
+
+@dataclass
+class Outcome:
+    """What happened to one request of a batch."""
+
+    images: list[Image.Image] | None = None
+    error: Exception | None = None
+    batch_images: int = 0  # images in the pipeline call that produced (or failed) this request
+
+
+@dataclass
+class BatchReport:
+    outcomes: list[Outcome]
+    call_sizes: list[int] = field(default_factory=list)  # images per pipeline call actually made
+    run_s: float = 0.0
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class PipelineRunner:
+    """Loads the model and runs batches on its own thread. Construct cheaply; `load()` does the work."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.device = choose_device(config.device)
+        self.dtype = choose_dtype(config.dtype, self.device)
+        self.attention = "sdpa"
+        self.model_name = config.path
+        self.loaded = False
+        # One worker thread per device: see the module docstring.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
+        self._pipes: dict[str, Any] = {}
+        self._scheduler_config: Any = None
+        self._scheduler_class: Any = None
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(device=self.device, dtype=self.dtype, model=self.model_name, attention=self.attention)
+
+    def pipeline(self, task: str) -> Any:
+        """The loaded diffusers pipeline for a task (tests use it to inject faults)."""
+        return self._pipes[task]
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load the weights and warm up, on the worker thread."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_sync)
+        if self.config.warmup:
+            await loop.run_in_executor(self._executor, self._warmup_sync)
+        self.loaded = True
+
+    def _load_sync(self) -> None:
+        import torch
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        if self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        check_model_source(self.config)
+        source = self.config.resolved_path()
+        started = time.monotonic()
+        try:
+            base = AutoPipelineForText2Image.from_pretrained(
+                source, dtype=getattr(torch, self.dtype), local_files_only=True
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"cannot load model {self.config.path!r} ({source}): {e}. A Hugging Face id must already be "
+                "in the local cache (e.g. `huggingface-cli download <id>`); the server never downloads."
+            ) from e
+        base.to(self.device)
+        base.set_progress_bar_config(disable=True)
+        if self.config.vae_slicing and hasattr(base, "enable_vae_slicing"):
+            # Decoding a whole batch at once is the memory peak of a call; slicing flattens it.
+            base.vae.enable_slicing()
+        self.attention = self._configure_attention(base)
+        img2img = AutoPipelineForImage2Image.from_pipe(base)
+        inpaint = AutoPipelineForInpainting.from_pipe(base)
+        for p in (img2img, inpaint):
+            p.set_progress_bar_config(disable=True)
+        self._pipes = {"txt2img": base, "img2img": img2img, "inpaint": inpaint}
+        self._scheduler_config = base.scheduler.config
+        self._scheduler_class = type(base.scheduler)
+        log.info(
+            "loaded %s (%s) on %s as %s with %s attention in %.1f s",
+            self.config.path,
+            type(base).__name__,
+            self.device,
+            self.dtype,
+            self.attention,
+            time.monotonic() - started,
+        )
+
+    def _configure_attention(self, pipe: Any) -> str:
+        wanted = self.config.attention
+        if wanted == "sdpa":
+            return "sdpa"
+        if self.device == "cuda":
+            try:
+                import xformers  # noqa: F401
+
+                pipe.enable_xformers_memory_efficient_attention()
+                return "xformers"
+            except Exception as e:  # ImportError, or ValueError/RuntimeError when its kernels don't load
+                if wanted == "xformers":
+                    raise ConfigError(f"[model] attention: xformers requested but unusable: {e}") from e
+                log.info("xformers not usable (%s); using PyTorch SDPA", e)
+                return "sdpa"
+        if wanted == "xformers":
+            raise ConfigError("[model] attention: xformers needs a CUDA device")
+        return "sdpa"
+
+    def _warmup_sync(self) -> None:
+        started = time.monotonic()
+        req = GenerationRequest(
+            task="txt2img",
+            prompt="warm-up",
+            negative_prompt="",
+            seeds=(0,),
+            width=self.config.width,
+            height=self.config.height,
+            steps=2,  # enough to touch every module once; the aim is lazy init, not a picture
+            guidance=self.config.guidance,
+        )
+        self._call(self._pipes["txt2img"], [req], lambda step, total: None, lambda: False)
+        log.info("warm-up generation took %.2f s", time.monotonic() - started)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        batch: Sequence[GenerationRequest],
+        on_progress: ProgressCallback,
+        should_stop: Callable[[], bool],
+    ) -> BatchReport:
+        """Run requests sharing a batch key as one pipeline call (split on OOM), off the event loop.
+
+        `on_progress(step, total)` is called on the event loop; `should_stop()` is polled on the
+        worker thread after each step and, when true, interrupts the call (nobody wants it any more).
+        """
+        loop = asyncio.get_running_loop()
+
+        def post_progress(step: int, total: int) -> None:
+            try:
+                loop.call_soon_threadsafe(on_progress, step, total)
+            except RuntimeError:  # the loop closed while the call was finishing
+                pass
+
+        return await loop.run_in_executor(self._executor, self._run_sync, list(batch), post_progress, should_stop)
+
+    def _run_sync(
+        self, batch: list[GenerationRequest], on_progress: ProgressCallback, should_stop: Callable[[], bool]
+    ) -> BatchReport:
+        started = time.monotonic()
+        report = BatchReport(outcomes=[Outcome() for _ in batch])
+        self._run_split(batch, list(range(len(batch))), report, on_progress, should_stop)
+        report.run_s = time.monotonic() - started
+        return report
+
+    def _run_split(
+        self,
+        batch: list[GenerationRequest],
+        index: list[int],
+        report: BatchReport,
+        on_progress: ProgressCallback,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        size = sum(r.n for r in batch)
+        report.call_sizes.append(size)
+        try:
+            images = self._call(self._pipes[batch[0].task], batch, on_progress, should_stop)
+        except Exception as e:
+            if not _is_oom(e):
+                log.exception("pipeline call failed (batch of %d images)", size)
+                for i in index:
+                    report.outcomes[i] = Outcome(
+                        error=GenerationFailed(f"the model failed: {type(e).__name__}"), batch_images=size
+                    )
+                return
+            self._empty_cache()
+            if len(batch) == 1:
+                log.warning("out of memory on a single request of %d images; failing it alone", size)
+                report.outcomes[index[0]] = Outcome(
+                    error=OutOfMemory(f"out of device memory generating {size} image(s) at this size"),
+                    batch_images=size,
+                )
+                return
+            half = len(batch) // 2
+            log.warning("out of memory on a batch of %d images; retrying as two smaller batches", size)
+            self._run_split(batch[:half], index[:half], report, on_progress, should_stop)
+            self._run_split(batch[half:], index[half:], report, on_progress, should_stop)
+            return
+        pos = 0
+        for req, i in zip(batch, index, strict=True):
+            report.outcomes[i] = Outcome(images=images[pos : pos + req.n], batch_images=size)
+            pos += req.n
+
+    def _make_scheduler(self, name: str) -> Any:
+        import diffusers
+
+        class_name, extra = SCHEDULERS[name]
+        cls = getattr(diffusers, class_name) if class_name else self._scheduler_class
+        return cls.from_config(self._scheduler_config, **extra)
+
+    def _call(
+        self,
+        pipe: Any,
+        batch: list[GenerationRequest],
+        on_progress: ProgressCallback,
+        should_stop: Callable[[], bool],
+    ) -> list[Image.Image]:
+        import torch
+        from PIL import Image as PILImage
+
+        first = batch[0]
+        # Only this thread touches the pipelines, so swapping the scheduler here is safe.
+        pipe.scheduler = self._make_scheduler(first.scheduler)
+
+        def on_step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_progress(step + 1, int(getattr(p, "num_timesteps", first.steps) or first.steps))
+            if should_stop():
+                p._interrupt = True  # diffusers' own flag: skip the remaining steps
+            return callback_kwargs
+
+        # One CPU generator per image, seeded from the request: the noise of image i depends only on
+        # its own seed, so an image is the same alone or in any batch (and across devices).
+        generators = [torch.Generator("cpu").manual_seed(seed) for r in batch for seed in r.seeds]
+        kwargs: dict[str, Any] = {
+            "prompt": [r.prompt for r in batch for _ in r.seeds],
+            "negative_prompt": [r.negative_prompt for r in batch for _ in r.seeds],
+            "generator": generators,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "output_type": "pil",
+            "callback_on_step_end": on_step_end,
+        }
+        if first.task in ("txt2img", "inpaint"):
+            kwargs["width"] = first.width
+            kwargs["height"] = first.height
+        if first.task in ("img2img", "inpaint"):
+            kwargs["image"] = [r.image for r in batch for _ in r.seeds]
+            kwargs["strength"] = first.strength
+        if first.task == "inpaint":
+            kwargs["mask_image"] = [r.mask for r in batch for _ in r.seeds]
+        with torch.inference_mode():
+            images: list[PILImage.Image] = pipe(**kwargs).images
+        if first.task == "inpaint":
+            # A 4-channel UNet inpaints by latent blending, which also alters pixels outside the mask
+            # (the VAE round trip): paste the original back where the mask is black ("keep").
+            originals = [(r.image, r.mask) for r in batch for _ in r.seeds]
+            images = [
+                PILImage.composite(img, orig.convert(img.mode), mask.convert("L"))
+                for img, (orig, mask) in zip(images, originals, strict=True)
+            ]
+        return images
+
+    def _empty_cache(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device == "mps":
+            torch.mps.empty_cache()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    # MPS and some CUDA paths raise a plain RuntimeError.
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()

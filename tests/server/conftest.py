@@ -1,0 +1,136 @@
+"""Fixtures: a tiny random pipeline saved to disk once, and the real server on an ephemeral port."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from inference_server.app import create_app
+from inference_server.config import BatchingConfig, Config, ModelConfig, ServerConfig
+from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe", TinyPipelineSpec())
+
+
+def make_config(model_path: Path, **sections: dict[str, Any]) -> Config:
+    base = Config(
+        server=ServerConfig(port=0, progress_interval_s=0.0, shutdown_grace_s=20.0),
+        # One thread: the 2 shared cores also run other jobs, and oversubscription is far slower.
+        model=ModelConfig(path=str(model_path), width=32, height=32, steps=2, guidance=7.5, cpu_threads=1),
+        batching=BatchingConfig(max_batch_size=8, max_wait_ms=50.0, max_queue=32),
+    )
+    return base.replace(**sections) if sections else base
+
+
+class Server:
+    """The real app on 127.0.0.1:<ephemeral port>, with a real client session."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str, session: aiohttp.ClientSession):
+        self.app = app
+        self.runner = runner
+        self.url = url
+        self.session = session
+
+    async def post(self, task: str, body: dict[str, Any] | None = None, **kwargs: Any) -> aiohttp.ClientResponse:
+        headers = {**AUTH, **kwargs.pop("headers", {})}
+        if body is not None:
+            kwargs["json"] = body
+        return await self.session.post(f"{self.url}/v1/{task}", headers=headers, **kwargs)
+
+    async def generate(self, task: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with await self.post(task, body) as resp:
+            payload = await resp.json()
+            assert resp.status == 200, payload
+            return payload
+
+    async def metrics(self) -> dict[str, float]:
+        async with self.session.get(f"{self.url}/metrics") as resp:
+            assert resp.status == 200
+            return parse_metrics(await resp.text())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@asynccontextmanager
+async def running_server(config: Config, *, token: str = TOKEN) -> AsyncIterator[Server]:
+    app = create_app(config, api_token=token)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.server.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}"
+    session = aiohttp.ClientSession()
+    try:
+        for _ in range(600):
+            async with session.get(f"{url}/ready") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("server never became ready")
+        yield Server(app, runner, url, session)
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+def server_factory(tiny_model: Path) -> Callable[..., Any]:
+    """`async with server_factory(batching={...}) as server:` for tests that need their own config."""
+
+    def factory(**sections: dict[str, Any]) -> Any:
+        return running_server(make_config(tiny_model, **sections))
+
+    return factory
+
+
+@pytest.fixture
+async def server(tiny_model: Path) -> AsyncIterator[Server]:
+    async with running_server(make_config(tiny_model)) as s:
+        yield s
+
+
+def png_b64(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_png(b64: str) -> Image.Image:
+    data = base64.b64decode(b64)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def metric(values: dict[str, float], name: str) -> float:
+    return values.get(name, 0.0)
+
+
+__all__ = ["AUTH", "TOKEN", "Server", "decode_png", "make_config", "metric", "png_b64", "running_server", "re"]
