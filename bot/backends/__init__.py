@@ -6,6 +6,7 @@ Implementations are imported lazily so that choosing one never imports the other
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from .base import (
     UnsupportedTask,
 )
 from .config import BackendsConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BackendError",
@@ -69,9 +72,14 @@ def build_backend(
     if cfg.kind == "inference_server":
         from .inference_server import InferenceServerBackend
 
+        token = _secret("INFERENCE_API_TOKEN", env, dotenv_path)
+        if token is None:
+            # Not fatal: a server started with allow_no_auth needs none; one that does will answer
+            # 401 and the job fails with a message naming INFERENCE_API_TOKEN.
+            log.warning("INFERENCE_API_TOKEN is not set: requests to %s carry no token", ", ".join(cfg.urls))
         return InferenceServerBackend(
             cfg.urls,
-            token=_secret("INFERENCE_API_TOKEN", env, dotenv_path),
+            token=token,
             connect_timeout_s=cfg.connect_timeout_s,
             request_timeout_s=cfg.request_timeout_s,
             max_retries=cfg.max_retries,
