@@ -321,8 +321,11 @@ class Overloaded(CoreError):
 
     code = "overloaded"
 
-    def __init__(self, message: str = "The queue is full right now, please try again in a minute.",
-                 retry_after_s: float = 60.0):
+    def __init__(
+        self,
+        message: str = "The queue is full right now, please try again in a minute.",
+        retry_after_s: float = 60.0,
+    ):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

@@ -1,0 +1,125 @@
+"""`python -m bot`: start the core and every chat adapter whose credentials are present.
+
+Each adapter package (`bot.discord_adapter`, `bot.slack_adapter`, `bot.playground`) exposes
+`adapter_status(env) -> (on, why)` and `async run(service, config, env, ready)`; this module logs
+which adapters are on or off and why, runs the enabled ones next to the dispatcher, and shuts
+everything down cleanly on SIGINT/SIGTERM (jobs in flight go back to the queue, nothing is lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+ADAPTERS = ("bot.discord_adapter", "bot.slack_adapter", "bot.playground")
+
+log = logging.getLogger("bot")
+
+
+def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Any, bool, str]]:
+    """(name, module or None, on, why) for each known adapter."""
+    plan = []
+    for name in ADAPTERS:
+        short = name.rsplit(".", 1)[1]
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            plan.append((short, None, False, f"off: not available ({e})"))
+            continue
+        status = getattr(module, "adapter_status", None)
+        if status is None or not hasattr(module, "run"):
+            plan.append((short, None, False, "off: package has no adapter_status()/run()"))
+            continue
+        on, why = status(env)
+        plan.append((short, module, bool(on), why))
+    return plan
+
+
+async def amain(config_file: str, env: Mapping[str, str]) -> int:
+    from bot.bootstrap import build_core
+    from bot.migrate import SchemaOutOfDate
+    from inference_server.config_loader import ConfigError, read_toml
+
+    try:
+        raw = read_toml(config_file)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    plan = adapter_plan(env)
+    for name, _module, on, why in plan:
+        log.info(
+            "adapter %s: %s",
+            name,
+            why if why.startswith(("on", "off")) else ("on" if on else "off") + f": {why}",
+        )
+    enabled = [(name, module) for name, module, on, _ in plan if on]
+    if not enabled:
+        log.error("no adapter is enabled: set DISCORD_TOKEN, or SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET "
+                  "(see README), or enable the playground")  # fmt: skip
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with build_core(raw, env) as core:
+            tasks = {
+                asyncio.create_task(module.run(core.service, raw, env, None), name=f"adapter {name}"): name
+                for name, module in enabled
+            }
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            code = 0
+            for task in done:
+                if task is stopper:
+                    log.info("shutting down")
+                    continue
+                exc = task.exception()
+                if exc is not None:
+                    log.error("adapter %s crashed: %r", tasks[task], exc, exc_info=exc)
+                    code = 1
+                else:
+                    log.warning("adapter %s stopped", tasks[task])
+            for task in [*tasks, stopper]:
+                task.cancel()
+            for task in [*tasks, stopper]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            return code
+    except SchemaOutOfDate as e:
+        log.error("%s", e)
+        return 2
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dotenv import load_dotenv
+
+    from inference_server.config_loader import config_path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description="Run the image bot (core + chat adapters)."
+    )
+    parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    load_dotenv()
+    return asyncio.run(amain(str(config_path(args.config)), os.environ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

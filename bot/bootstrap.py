@@ -1,0 +1,98 @@
+"""The one place that wires the core together.
+
+    async with build_core(config, env) as core:
+        core.service.register_delivery("discord", ...)
+        ...
+
+builds the database engine (refusing to start on a schema that is behind the code, or migrating when
+`[database] auto_migrate = true`), the image storage, the inference backend
+(`bot.backends.build_backend`) and the `CoreService`, starts the dispatcher, and on exit stops the
+dispatcher (handing jobs in flight back to the queue), closes the backend and disposes the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.backends.base import InferenceBackend
+from bot.config import CoreConfig, load_core_config
+from bot.core.db import Database, make_engine
+from bot.core.dispatcher import Dispatcher
+from bot.core.service import CoreService
+from bot.core.storage import ImageStorage, LocalImageStorage
+from bot.migrate import ensure_schema
+from inference_server.config_loader import read_toml
+
+log = logging.getLogger("bot")
+
+
+@dataclass
+class Core:
+    config: CoreConfig
+    raw_config: Mapping[str, Any]
+    db: Database
+    storage: ImageStorage
+    backend: InferenceBackend
+    service: CoreService
+    dispatcher: Dispatcher
+
+
+@asynccontextmanager
+async def build_core(
+    config: Mapping[str, Any] | str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    backend: InferenceBackend | None = None,
+    start_dispatcher: bool = True,
+    dispatcher_owner: str | None = None,
+) -> AsyncIterator[Core]:
+    """`config`: a parsed TOML mapping, a path, or None (defaults). `backend` overrides the one
+    `[backends]` describes (tests pass a FakeBackend); the core closes whichever it uses."""
+    env = os.environ if env is None else env
+    if config is None:
+        raw: Mapping[str, Any] = {}
+    elif isinstance(config, Mapping):
+        raw = config
+    else:
+        raw = read_toml(Path(config))
+    cfg = load_core_config(raw, env)
+    engine = make_engine(
+        cfg.database_url,
+        pool_size=cfg.database.pool_size,
+        echo=cfg.database.echo,
+        sqlite_busy_timeout_s=cfg.database.sqlite_busy_timeout_s,
+    )
+    db = Database(engine)
+    own_backend = backend
+    try:
+        revision = await ensure_schema(engine, auto_migrate=cfg.database.auto_migrate)
+        log.info(
+            "database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision
+        )
+        storage = LocalImageStorage(cfg.storage.dir)
+        if own_backend is None:
+            from bot.backends import build_backend
+
+            own_backend = build_backend(raw, env)
+        service = CoreService(db, storage, cfg)
+        dispatcher = Dispatcher(service, own_backend, owner=dispatcher_owner)
+        if start_dispatcher:
+            dispatcher.start()
+        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher)
+        try:
+            yield core
+        finally:
+            await dispatcher.stop()
+    finally:
+        if own_backend is not None:
+            try:
+                await own_backend.close()
+            except Exception:
+                log.exception("closing the backend failed")
+        await db.close()

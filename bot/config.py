@@ -1,0 +1,186 @@
+"""The bot's typed configuration: [bot], [database], [storage], [quotas], [moderation].
+
+Loaded with `inference_server.config_loader.load_section`, so every key can be overridden by
+`IMAGINE_<SECTION>_<KEY>`; values are validated here at start-up and errors name the key.
+Secrets are not here: `DATABASE_URL` (environment or .env) overrides `[database] url`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from inference_server.config_loader import ConfigError, load_section, read_toml
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    # The embedded model's native resolution; --ar keeps roughly base_size**2 pixels.
+    base_size: int = 64
+    default_steps: int = 20
+    # 150 is the inference server's own bound; lower it to keep CPU deployments responsive.
+    max_steps: int = 150
+    default_guidance: float = 7.5
+    default_n: int = 1
+    # Prompts longer than this are refused: CLIP reads 77 tokens anyway, and rows stay small.
+    max_prompt_chars: int = 1000
+    # Jobs sent to the backend at once by one process; the backend batches them.
+    dispatch_concurrency: int = 4
+    # How often an idle dispatcher looks for work submitted by other processes (it is woken at once
+    # for work submitted in its own process).
+    poll_interval_s: float = 0.5
+    # A claimed job whose holder stops renewing its lease for this long is taken over.
+    lease_s: float = 60.0
+    # Backend attempts per job before it fails (only retryable backend errors are retried).
+    max_attempts: int = 3
+    retry_backoff_s: float = 5.0
+    job_timeout_s: float = 600.0
+    progress_interval_s: float = 2.0
+    # Global admission limit: beyond this many queued jobs submissions get "overloaded".
+    max_queued_jobs: int = 1000
+    variation_strength: float = 0.6
+    inpaint_strength: float = 1.0
+    # 10 MiB: Discord's default attachment limit; larger uploads are refused before decoding.
+    max_upload_bytes: int = 10 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check(
+            self.base_size >= 8 and self.base_size % 8 == 0,
+            "[bot] base_size",
+            "must be a positive multiple of 8",
+        )
+        _check(1 <= self.max_steps <= 150, "[bot] max_steps", "must be from 1 to 150")
+        _check(
+            1 <= self.default_steps <= self.max_steps, "[bot] default_steps", "must be from 1 to max_steps"
+        )
+        _check(0 <= self.default_guidance <= 30, "[bot] default_guidance", "must be from 0 to 30")
+        _check(1 <= self.default_n <= 4, "[bot] default_n", "must be from 1 to 4")
+        _check(self.max_prompt_chars >= 1, "[bot] max_prompt_chars", "must be >= 1")
+        _check(1 <= self.dispatch_concurrency <= 256, "[bot] dispatch_concurrency", "must be from 1 to 256")
+        _check(self.poll_interval_s > 0, "[bot] poll_interval_s", "must be > 0")
+        _check(self.lease_s >= 1, "[bot] lease_s", "must be >= 1 second")
+        _check(self.max_attempts >= 1, "[bot] max_attempts", "must be >= 1")
+        _check(self.retry_backoff_s >= 0, "[bot] retry_backoff_s", "must be >= 0")
+        _check(self.job_timeout_s > 0, "[bot] job_timeout_s", "must be > 0")
+        _check(self.progress_interval_s >= 0, "[bot] progress_interval_s", "must be >= 0")
+        _check(self.max_queued_jobs >= 1, "[bot] max_queued_jobs", "must be >= 1")
+        _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")
+        _check(0 < self.inpaint_strength <= 1, "[bot] inpaint_strength", "must be in (0, 1]")
+        _check(self.max_upload_bytes >= 1024, "[bot] max_upload_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # SQLAlchemy async URL; empty = SQLite file `data/imagine.db`. $DATABASE_URL overrides it.
+    url: str = ""
+    # Upgrade the schema at start-up instead of refusing to start on an old database.
+    auto_migrate: bool = False
+    # Connections per process (PostgreSQL); each dispatcher slot and each concurrent command uses one.
+    pool_size: int = 10
+    echo: bool = False
+    # SQLite waits this long for the write lock before failing with "database is locked".
+    sqlite_busy_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.pool_size <= 200, "[database] pool_size", "must be from 1 to 200")
+        _check(self.sqlite_busy_timeout_s > 0, "[database] sqlite_busy_timeout_s", "must be > 0")
+        if self.url:
+            _check(
+                self.url.startswith(
+                    (
+                        "sqlite+aiosqlite://",
+                        "postgresql+asyncpg://",
+                        "postgresql://",
+                        "postgres://",
+                        "sqlite://",
+                    )
+                ),
+                "[database] url",
+                f"must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL, got {self.url.split(':', 1)[0]!r}",
+            )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: Literal["local"] = "local"
+    dir: str = "data/images"
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    # Images per user per period when neither the user nor the guild has its own limit.
+    daily_limit: int = 25
+    period: Literal["daily"] = "daily"
+    # The hour (UTC) at which the daily period starts.
+    reset_hour_utc: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.daily_limit >= 0, "[quotas] daily_limit", "must be >= 0")
+        _check(0 <= self.reset_hour_utc <= 23, "[quotas] reset_hour_utc", "must be from 0 to 23")
+
+
+@dataclass(frozen=True)
+class ModerationConfig:
+    enabled: bool = True
+    # Words or phrases refused in prompts (not in --no negative prompts), case- and accent-insensitive.
+    banned_terms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, term in enumerate(self.banned_terms):
+            _check(bool(term.strip()), f"[moderation] banned_terms[{i}]", "must not be empty")
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    bot: BotConfig
+    database: DatabaseConfig
+    storage: StorageConfig
+    quotas: QuotaConfig
+    moderation: ModerationConfig
+    database_url: str  # resolved: $DATABASE_URL > [database] url > SQLite under data/
+
+
+DEFAULT_SQLITE_PATH = Path("data") / "imagine.db"
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the common spellings and return an async SQLAlchemy URL."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+asyncpg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite://"):
+        url = "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    return url
+
+
+def load_core_config(
+    source: Mapping[str, Any] | str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> CoreConfig:
+    env = os.environ if env is None else env
+    if source is not None and not isinstance(source, Mapping):
+        source = read_toml(source)  # read the file once for all five sections
+    database = load_section(source, "database", DatabaseConfig, environ=env)
+    url = env.get("DATABASE_URL") or database.url
+    if url:
+        url = normalize_database_url(url)
+        if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ConfigError(f"DATABASE_URL / [database] url: unsupported database {url.split(':', 1)[0]!r}")
+    else:
+        url = f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"
+    return CoreConfig(
+        bot=load_section(source, "bot", BotConfig, environ=env),
+        database=database,
+        storage=load_section(source, "storage", StorageConfig, environ=env),
+        quotas=load_section(source, "quotas", QuotaConfig, environ=env),
+        moderation=load_section(source, "moderation", ModerationConfig, environ=env),
+        database_url=url,
+    )

@@ -1,0 +1,498 @@
+"""The dispatcher: claims queued jobs from the database and runs them on the inference backend.
+
+- Claims are atomic. PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` on the chosen row, then a
+  conditional `UPDATE ... WHERE state = 'queued'`; SQLite: the claim transaction is `BEGIN IMMEDIATE`.
+  Several processes (Discord, Slack, playground, replicas) can share one database.
+- A claim is a lease (`lease_owner`, `lease_until`), renewed while the job runs. A job whose holder
+  died (lease expired) is taken over by any dispatcher; a finished job whose result was not delivered
+  yet is delivered by whoever takes it over. `delivered_at` is set once: a job is delivered once.
+- Fair order: a queued job's rank is (jobs of its user now running) + (its place among its user's
+  queued jobs); lowest rank first, then oldest. One user's burst of 20 therefore interleaves with
+  everybody else's jobs instead of starving them.
+- Only jobs of platforms with a delivery registered in this process are claimed.
+- A failed job is refunded (the service's `refund`) before the adapter hears about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.backends.base import (
+    BackendError,
+    BackendEvent,
+    BackendRejected,
+    GeneratedImage,
+    GenerationParams,
+    InferenceBackend,
+)
+from bot.core.api import ImageInfo, JobView, ResultImage
+from bot.core.models import ImageRow, Job, User
+from bot.core.service import CoreService
+from bot.core.storage import content_key
+
+log = logging.getLogger("bot.core.dispatcher")
+
+# Queue positions are reported to adapters for the first jobs only: past this, "you are far back"
+# is all a user can use, and each report is a database write and a chat message edit.
+MAX_REPORTED_POSITION = 50
+# Candidates read per claim attempt; others may be taking the first ones at the same moment.
+CLAIM_CANDIDATES = 16
+
+
+class Dispatcher:
+    def __init__(self, service: CoreService, backend: InferenceBackend, *, owner: str | None = None):
+        self.service = service
+        self.backend = backend
+        self.config = service.config.bot
+        self.db = service.db
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._main: asyncio.Task[None] | None = None
+        self._last_heartbeat = 0.0
+        self._last_positions = 0.0
+        service.add_waker(self._wake.set)
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._main is None:
+            self._main = asyncio.create_task(self._run(), name=f"dispatcher {self.owner}")
+
+    async def stop(self) -> None:
+        """Stop claiming, cancel jobs in flight and hand them back to the queue at once (so another
+        process or the next start picks them up without waiting for the lease to expire)."""
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+            self._main = None
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        try:
+            async with self.db.session() as s:
+                await s.execute(
+                    update(Job)
+                    .where(Job.lease_owner == self.owner, Job.state == "running")
+                    .values(state="queued", lease_owner=None, lease_until=None, attempts=Job.attempts - 1)
+                )
+                await s.execute(
+                    update(Job)
+                    .where(Job.lease_owner == self.owner, Job.delivered_at.is_(None))
+                    .values(lease_until=self.service.clock())  # undelivered results: take over now
+                )
+        except Exception:
+            log.exception("could not release claims of %s; they expire after the lease", self.owner)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    # ------------------------------------------------------------------------------------------
+    # main loop
+    # ------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        log.info("dispatcher %s started (concurrency %d)", self.owner, self.config.dispatch_concurrency)
+        while True:
+            self._wake.clear()
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The database may be briefly unreachable; keep going, the jobs are safe in it.
+                log.exception("dispatcher tick failed; retrying")
+                await asyncio.sleep(self.config.poll_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+
+    async def _tick(self) -> None:
+        platforms = sorted(self.service.deliveries)
+        now_mono = time.monotonic()
+        if self._tasks and now_mono - self._last_heartbeat >= self.config.lease_s / 3:
+            await self._heartbeat()
+            self._last_heartbeat = now_mono
+        if not platforms:
+            return
+        # Taken-over work first: it has waited longest.
+        while self._free() and (job_id := await self._claim_stale(platforms)) is not None:
+            self._spawn(job_id)
+        while self._free() and (job_id := await self._claim_queued(platforms)) is not None:
+            self._spawn(job_id)
+        if now_mono - self._last_positions >= min(1.0, self.config.poll_interval_s):
+            self._last_positions = now_mono
+            await self._report_positions(platforms)
+
+    def _free(self) -> bool:
+        return len(self._tasks) < self.config.dispatch_concurrency
+
+    def _spawn(self, job_id: int) -> None:
+        task = asyncio.create_task(self._execute(job_id), name=f"job {job_id}")
+        self._tasks[job_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.pop(job_id, None)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    # ------------------------------------------------------------------------------------------
+    # claiming
+    # ------------------------------------------------------------------------------------------
+
+    def _lease_until(self) -> dt.datetime:
+        return self.service.clock() + dt.timedelta(seconds=self.config.lease_s)
+
+    async def fair_order(self, s: AsyncSession, platforms: Sequence[str] | None, limit: int) -> list[int]:
+        """Ids of queued jobs in dispatch order (see module docstring), at most `limit`."""
+        now = self.service.clock()
+        running = (
+            select(Job.user_id.label("user_id"), func.count().label("n"))
+            .where(Job.state == "running")
+            .group_by(Job.user_id)
+            .subquery()
+        )
+        conds = [Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)]
+        if platforms is not None:
+            conds.append(Job.platform.in_(platforms))
+        queued = (
+            select(
+                Job.id.label("id"),
+                Job.user_id.label("user_id"),
+                func.row_number().over(partition_by=Job.user_id, order_by=Job.id).label("rn"),
+            )
+            .where(*conds)
+            .subquery()
+        )
+        rank = queued.c.rn + func.coalesce(running.c.n, 0)
+        q = (
+            select(queued.c.id)
+            .select_from(queued.outerjoin(running, running.c.user_id == queued.c.user_id))
+            .order_by(rank, queued.c.id)
+            .limit(limit)
+        )
+        return list((await s.execute(q)).scalars().all())
+
+    async def _claim_queued(self, platforms: Sequence[str]) -> int | None:
+        async with self.db.session() as s:
+            candidates = await self.fair_order(s, platforms, CLAIM_CANDIDATES)
+            for job_id in candidates:
+                if self.db.is_postgres:
+                    locked = (
+                        await s.execute(
+                            select(Job.id)
+                            .where(Job.id == job_id, Job.state == "queued")
+                            .with_for_update(skip_locked=True)
+                        )
+                    ).scalar_one_or_none()
+                    if locked is None:
+                        continue  # another dispatcher is taking it right now
+                now = self.service.clock()
+                result = await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "queued")
+                    .values(
+                        state="running",
+                        lease_owner=self.owner,
+                        lease_until=self._lease_until(),
+                        started_at=func.coalesce(Job.started_at, now),
+                        attempts=Job.attempts + 1,
+                        notified_position=None,
+                    )
+                )
+                if result.rowcount == 1:
+                    return job_id
+        return None
+
+    async def _claim_stale(self, platforms: Sequence[str]) -> int | None:
+        """Take over a running job, or an undelivered finished one, whose lease has expired."""
+        now = self.service.clock()
+        stale = and_(
+            Job.platform.in_(platforms),
+            Job.lease_until < now,
+            or_(
+                Job.state == "running",
+                and_(Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None)),
+            ),
+        )
+        async with self.db.session() as s:
+            q = select(Job.id, Job.lease_owner).where(stale).order_by(Job.id).limit(1)
+            if self.db.is_postgres:
+                q = q.with_for_update(skip_locked=True)
+            row = (await s.execute(q)).first()
+            if row is None:
+                return None
+            job_id, previous = row
+            result = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, stale)
+                .values(
+                    lease_owner=self.owner,
+                    lease_until=self._lease_until(),
+                    attempts=Job.attempts + case((Job.state == "running", 1), else_=0),
+                )
+            )
+            if result.rowcount != 1:
+                return None
+        log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
+        return job_id
+
+    async def _heartbeat(self) -> None:
+        ids = list(self._tasks)
+        if not ids:
+            return
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.lease_owner == self.owner)
+                .values(lease_until=self._lease_until())
+            )
+            still = set(
+                (
+                    await s.execute(select(Job.id).where(Job.id.in_(ids), Job.lease_owner == self.owner))
+                ).scalars()
+            )
+        for job_id in ids:
+            if job_id not in still and job_id in self._tasks:
+                # Our lease lapsed (a long stall) and another dispatcher took the job: stop ours.
+                log.warning("job %s: lease lost to another dispatcher; abandoning our run", job_id)
+                self._tasks[job_id].cancel()
+
+    async def _report_positions(self, platforms: Sequence[str]) -> None:
+        async with self.db.session() as s:
+            order = await self.fair_order(s, None, MAX_REPORTED_POSITION)
+            if not order:
+                return
+            changed: list[tuple[int, int]] = []
+            for position, job_id in enumerate(order, start=1):
+                result = await s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.state == "queued",
+                        Job.platform.in_(platforms),
+                        or_(Job.notified_position.is_(None), Job.notified_position != position),
+                    )
+                    .values(notified_position=position)
+                )
+                if result.rowcount == 1:
+                    changed.append((job_id, position))
+        for job_id, position in changed:
+            view = await self.service.job_view(job_id)
+            if view.state == "queued":
+                await self._call(view, "on_queued", view, position)
+
+    # ------------------------------------------------------------------------------------------
+    # running one job
+    # ------------------------------------------------------------------------------------------
+
+    async def _call(self, view: JobView, method: str, *args: object) -> bool:
+        delivery = self.service.deliveries.get(view.platform)
+        if delivery is None:
+            log.warning("job %s: no delivery for %s; %s not sent", view.id, view.platform, method)
+            return False
+        try:
+            await getattr(delivery, method)(*args)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: delivery %s.%s failed", view.id, view.platform, method)
+            return False
+
+    async def _execute(self, job_id: int) -> None:
+        try:
+            view = await self.service.job_view(job_id)
+            if view.state in ("succeeded", "failed"):
+                await self._deliver(view)  # taken over after the result was stored
+                return
+            await self._run_job(view)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: dispatcher error; it will be retried after its lease expires", job_id)
+
+    async def _run_job(self, view: JobView) -> None:
+        if view.attempts > self.config.max_attempts:
+            await self._fail(view, "This job failed repeatedly and was stopped; your quota was refunded.")
+            return
+        async with self.db.read() as s:
+            job = await s.get(Job, view.id)
+            assert job is not None
+            task = job.params.get("task", "txt2img")
+            strength = job.params.get("strength")
+            image_key, mask_key = job.input_image_key, job.mask_key
+        image = await self.service.storage.get(image_key) if image_key else None
+        mask = await self.service.storage.get(mask_key) if mask_key else None
+        p = view.params
+        params = GenerationParams(
+            task=task,
+            prompt=view.prompt,
+            negative_prompt=view.negative_prompt,
+            seeds=p.seeds,
+            width=p.width,
+            height=p.height,
+            steps=p.steps,
+            guidance=p.guidance,
+            strength=strength if strength is not None else 0.6,
+            image=image,
+            mask=mask,
+            timeout_s=self.config.job_timeout_s,
+        )
+        await self._call(view, "on_progress", view, 0, p.steps)
+        last_progress = time.monotonic()
+
+        async def on_event(event: BackendEvent) -> None:
+            nonlocal last_progress
+            if event.kind != "progress" or event.step is None or event.total is None:
+                return
+            now = time.monotonic()
+            final = event.step >= event.total
+            # Throttled: chat platforms rate-limit message edits; the final step always goes out.
+            if final or now - last_progress >= self.config.progress_interval_s:
+                last_progress = now
+                await self._call(view, "on_progress", view, event.step, event.total)
+
+        log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
+        try:
+            images = await asyncio.wait_for(
+                self.backend.generate(params, on_event), self.config.job_timeout_s
+            )
+        except BackendError as e:
+            if e.retryable and view.attempts < self.config.max_attempts:
+                await self._requeue(view, e)
+                return
+            if isinstance(e, BackendRejected):
+                message = f"The image backend refused this job: {e.message}. Your quota was refunded."
+            else:
+                message = "The image server is unavailable right now; your quota was refunded. Please try again later."
+            log.warning("job %s failed: %s: %s", view.id, type(e).__name__, e.message)
+            await self._fail(view, message)
+            return
+        except TimeoutError:
+            log.warning("job %s timed out after %.0f s", view.id, self.config.job_timeout_s)
+            await self._fail(view, "This job took too long and was stopped; your quota was refunded.")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: backend %s raised unexpectedly", view.id, self.backend.name)
+            await self._fail(view, "Something went wrong while generating; your quota was refunded.")
+            return
+        await self._succeed(view, images)
+
+    async def _requeue(self, view: JobView, error: BackendError) -> None:
+        delay = self.config.retry_backoff_s * view.attempts
+        log.warning("job %s: %s; retrying in %.0f s (attempt %d of %d)", view.id, error.message, delay,
+                    view.attempts, self.config.max_attempts)  # fmt: skip
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
+                .values(
+                    state="queued",
+                    lease_owner=None,
+                    lease_until=None,
+                    not_before=self.service.clock() + dt.timedelta(seconds=delay),
+                )
+            )
+
+    async def _succeed(self, view: JobView, images: list[GeneratedImage]) -> None:
+        if len(images) != view.params.n:
+            log.error("job %s: backend returned %d images for n=%d", view.id, len(images), view.params.n)
+            await self._fail(view, "The image server returned an incomplete result; your quota was refunded.")
+            return
+        stored: list[ResultImage] = []
+        for index, image in enumerate(images):
+            key = await self.service.storage.put(image.png)
+            width, height = view.params.width, view.params.height
+            info = ImageInfo(
+                index, int(image.seed), key, content_key(image.png), len(image.png), width, height
+            )
+            stored.append(ResultImage(info, image.png))
+        async with self.db.session() as s:
+            now = self.service.clock()
+            result = await s.execute(
+                update(Job)
+                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
+                .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
+            )
+            if result.rowcount != 1:
+                log.warning("job %s: finished but no longer ours; discarding this result", view.id)
+                return
+            for r in stored:
+                i = r.info
+                s.add(
+                    ImageRow(
+                        job_id=view.id,
+                        index=i.index,
+                        seed=i.seed,
+                        storage_key=i.storage_key,
+                        sha256=i.sha256,
+                        size_bytes=i.size_bytes,
+                        width=i.width,
+                        height=i.height,
+                        created_at=now,
+                    )
+                )
+        log.info("job %s succeeded: %d image(s)", view.id, len(stored))
+        await self._deliver(await self.service.job_view(view.id), stored)
+
+    async def _fail(self, view: JobView, message: str) -> None:
+        async with self.db.session() as s:
+            job = (
+                await s.execute(
+                    select(Job).where(Job.id == view.id).execution_options(populate_existing=True)
+                )
+            ).scalar_one()
+            if job.lease_owner != self.owner or job.state not in ("running", "queued"):
+                return
+            owner = await s.get(User, job.user_id)
+            assert owner is not None
+            owner = await self.service._lock_user(s, owner.platform, owner.platform_user_id, None)
+            job.state = "failed"
+            job.error = message
+            job.finished_at = self.service.clock()
+            job.lease_until = self._lease_until()
+            await self.service.refund(s, job, owner)
+        await self._deliver(await self.service.job_view(view.id))
+
+    async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
+        """Call on_succeeded / on_failed, then mark the job delivered (only if we still hold it)."""
+        if view.state == "succeeded":
+            if images is None:
+                images = [ResultImage(i, await self.service.storage.get(i.storage_key)) for i in view.images]
+            ok = await self._call(view, "on_succeeded", view, images)
+        else:
+            ok = await self._call(view, "on_failed", view, view.error or "The job failed.")
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.delivered_at.is_(None))
+                .values(
+                    delivered_at=self.service.clock(),
+                    delivery_error=None if ok else "delivery callback failed (see log)",
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+        self.service.job_changed(view.id)

@@ -1,0 +1,74 @@
+"""Content-addressed image storage: the key of an image is the sha256 hex of its bytes, so the same
+image stored twice takes the space once and a key can never point at different bytes. Behind a small
+interface so that an object store (S3 and the like) can be added without touching the core."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@runtime_checkable
+class ImageStorage(Protocol):
+    async def put(self, data: bytes) -> str:
+        """Store `data`; return its key (sha256 hex). Idempotent."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The bytes for `key`; KeyError if absent."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+
+def content_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LocalImageStorage:
+    """Files under `root/ab/abcdef...png` (two-level fan-out keeps directories small)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def path_for(self, key: str) -> Path:
+        if not _KEY_RE.fullmatch(key):
+            raise KeyError(f"not a storage key: {key!r}")
+        return self.root / key[:2] / f"{key}.png"
+
+    async def put(self, data: bytes) -> str:
+        key = content_key(data)
+        await asyncio.to_thread(self._write, key, data)
+        return key
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self.path_for(key)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a crash never leaves a truncated file under a valid key.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def get(self, key: str) -> bytes:
+        path = self.path_for(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path_for(key).exists)
