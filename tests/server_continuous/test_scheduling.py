@@ -1,0 +1,218 @@
+"""Iteration-level scheduling: joining mid-run, priority, cancellation, deadlines, progress, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from inference_server.continuous.core import ContinuousRequest, RequestCancelled
+from inference_server.engine import DeadlineExceeded, Overloaded
+from tests.server_continuous.conftest import SIZE
+
+
+def request(steps: int = 4, seeds: tuple[int, ...] = (1,), **kw: Any) -> ContinuousRequest:
+    kw.setdefault("guidance", 5.0)
+    return ContinuousRequest(
+        task="txt2img", prompt=kw.pop("prompt", "x"), seeds=seeds, width=SIZE, height=SIZE, steps=steps, **kw
+    )
+
+
+class Recorder:
+    """Collects a request's events (called on the worker thread) and can act at a given step."""
+
+    def __init__(self, at_step: int | None = None, action: Any = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.at_step, self.action = at_step, action
+        self.fired = threading.Event()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if event["event"] == "progress" and event["step"] == self.at_step and not self.fired.is_set():
+            self.fired.set()
+            self.action()
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+    def steps(self) -> list[int]:
+        return [e["step"] for e in self.events if e["event"] == "progress"]
+
+
+def test_a_request_arriving_mid_run_joins_the_running_batch_and_leaves_first(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=4)
+    late: dict[str, Any] = {}
+    finished: list[str] = []
+    # Submitted from the long request's step-3 callback: it certainly arrives mid-run.
+    long_events = Recorder(
+        at_step=3, action=lambda: late.setdefault("ticket", engine.submit(request(3), late_events))
+    )
+    late_events = Recorder()
+    long = engine.submit(request(30), long_events)
+    long.future.add_done_callback(lambda f: finished.append("long"))
+    assert long_events.fired.wait(60)
+    late["ticket"].future.add_done_callback(lambda f: finished.append("late"))
+    long_result = long.future.result(60)
+    late_result = late["ticket"].future.result(60)
+    assert finished == ["late", "long"]  # it did not wait for the 30-step request to finish
+    assert late_events.kinds()[:2] == ["queued", "started"]
+    assert late_events.events[1]["batch_size"] == 2  # joined the running batch
+    assert late_result.iterations == 3 and long_result.iterations == 30
+    assert long_result.batch_size == 2
+    # The long request kept stepping while the other joined and left: one iteration per step.
+    assert engine.iterations == 30
+    assert long_events.steps() == list(range(1, 31))
+
+
+def test_waiting_requests_join_by_priority_then_arrival(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    order: list[str] = []
+    tickets: dict[str, Any] = {}
+
+    def queue_others() -> None:
+        for name, priority in (("b", 5.0), ("c", 0.0), ("d", 5.0), ("e", -1.0)):
+            tickets[name] = engine.submit(request(2, priority=priority))
+            tickets[name].future.add_done_callback(lambda f, n=name: order.append(n))
+
+    first = engine.submit(request(4), Recorder(at_step=1, action=queue_others))
+    first.future.result(60)
+    for t in tickets.values():
+        t.future.result(60)
+    assert order == ["e", "c", "b", "d"]
+
+
+def test_queued_event_reports_position_by_priority(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    positions: dict[str, int] = {}
+    gate = threading.Event()
+
+    def hold() -> None:
+        # Submissions happen while the worker sits in this callback, so nobody can join meanwhile.
+        for name, priority in (("low", 9.0), ("high", 1.0), ("mid", 5.0)):
+            rec = Recorder()
+            engine.submit(request(1, priority=priority), rec)
+            positions[name] = rec.events[0]["position"]
+        gate.set()
+
+    engine.submit(request(3), Recorder(at_step=1, action=hold)).future.result(60)
+    assert gate.is_set()
+    assert positions == {"low": 0, "high": 0, "mid": 1}
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_slot(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    holder: dict[str, Any] = {}
+    events = Recorder(at_step=2, action=lambda: engine.cancel(holder["doomed"]))
+    holder["doomed"] = engine.submit(request(50), events)
+    waiting = engine.submit(request(3))
+    with pytest.raises(RequestCancelled):
+        holder["doomed"].future.result(60)
+    assert waiting.future.result(60).iterations == 3
+    assert events.steps() == [1, 2]  # it stopped right after the cancelling step
+    assert engine.iterations == 2 + 3  # the other 48 steps were never computed
+
+
+def test_a_queued_request_can_be_cancelled_before_it_joins(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    holder: dict[str, Any] = {}
+    first = engine.submit(
+        request(3),
+        Recorder(at_step=1, action=lambda: engine.cancel(holder.setdefault("q", engine.submit(request(5))))),
+    )
+    first.future.result(60)
+    with pytest.raises(RequestCancelled):
+        holder["q"].future.result(60)
+    assert engine.iterations == 3
+
+
+def test_a_request_past_its_deadline_is_dropped_before_compute(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=2)
+    ticket = engine.submit(request(5, deadline=time.monotonic() - 1))
+    with pytest.raises(DeadlineExceeded):
+        ticket.future.result(60)
+    assert engine.submit(request(2)).future.result(60).iterations == 2
+    assert engine.iterations == 2
+
+
+def test_images_of_one_request_join_as_slots_free_and_progress_counts_the_slowest(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=2)
+    events = Recorder()
+    result = engine.submit(request(4, seeds=(1, 2, 3)), events).future.result(60)
+    assert len(result.images) == 3 and result.images[0].size == (SIZE, SIZE)
+    assert result.iterations == 8  # two images, then the third alone
+    assert events.steps() == [1, 2, 3, 4]
+    assert events.kinds()[:2] == ["queued", "started"]
+
+
+def test_heun_progress_counts_steps_not_model_evaluations(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=2)
+    events = Recorder()
+    result = engine.submit(request(5, scheduler="heun"), events).future.result(60)
+    assert events.steps() == [1, 2, 3, 4, 5]
+    assert result.iterations == 9  # Heun evaluates the model twice per step except the first
+
+
+def test_a_full_queue_refuses_at_once(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1, max_queue=1)
+    gate = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def flood() -> None:
+        engine.submit(request(1))
+        try:
+            engine.submit(request(1))
+        except Overloaded as e:
+            outcome["error"] = e
+        gate.set()
+
+    engine.submit(request(3), Recorder(at_step=1, action=flood)).future.result(60)
+    assert gate.wait(5)
+    assert "queue is full" in outcome["error"].message
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"width": SIZE + 3}, "width"),
+        ({"task": "img2img"}, "image"),
+        ({"seeds": ()}, "seeds"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_named(
+    make_engine: Any, change: dict[str, Any], field: str
+) -> None:
+    from dataclasses import replace
+
+    from inference_server.continuous.core import UnsupportedRequest
+
+    engine = make_engine(max_batch_size=1)
+    with pytest.raises(UnsupportedRequest, match=field):
+        engine.submit(replace(request(2), **change))
+
+
+async def test_generate_delivers_events_on_the_loop_and_cancels_when_the_caller_gives_up(
+    make_engine: Any,
+) -> None:
+    import asyncio
+
+    engine = make_engine(max_batch_size=2)
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, bool]] = []
+    result = await engine.generate(
+        request(3), lambda ev: seen.append((ev["event"], threading.get_ident() == loop_thread))
+    )
+    assert len(result.images) == 1
+    assert [k for k, _ in seen] == ["queued", "started", "progress", "progress", "progress"]
+    assert all(on_loop for _, on_loop in seen)
+    started = asyncio.Event()
+    task = asyncio.create_task(engine.generate(request(200), lambda ev: started.set()))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The abandoned 200-step request leaves the batch; the next one runs right after it.
+    await asyncio.wait_for(engine.generate(request(1)), 60)
+    assert engine.iterations < 3 + 100 + 1
