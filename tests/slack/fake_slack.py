@@ -63,6 +63,10 @@ class FakeMessage:
     files: list[str] = field(default_factory=list)
     thread_ts: str | None = None
     updates: list[dict[str, Any]] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # every text it showed, first to last
+
+    def __post_init__(self) -> None:
+        self.history.append(self.text)
 
 
 class FakeSlack:
@@ -117,7 +121,9 @@ class FakeSlack:
         """The next `times` calls of `method` get HTTP 429 with `Retry-After: retry_after`."""
         self._rate_limits.setdefault(method, []).extend([retry_after] * times)
 
-    def add_user(self, user_id: str, *, is_admin: bool = False, is_owner: bool = False, name: str = "") -> None:
+    def add_user(
+        self, user_id: str, *, is_admin: bool = False, is_owner: bool = False, name: str = ""
+    ) -> None:
         self.users[user_id] = {
             "id": user_id,
             "team_id": TEAM_ID,
@@ -140,7 +146,7 @@ class FakeSlack:
     def calls_to(self, method: str) -> list[ApiCall]:
         return [c for c in self.calls if c.method == method and c.status == 200]
 
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 15.0) -> Any:
         """Wait until `predicate()` is truthy (re-checked on every request the fake serves)."""
 
         async def loop() -> Any:
@@ -152,10 +158,10 @@ class FakeSlack:
                     await self._changed.wait()
 
         try:
-            return await asyncio.wait_for(loop(), timeout)
+            return await asyncio.wait_for(loop(), limit_s)
         except TimeoutError:
             methods = [c.method for c in self.calls]
-            raise AssertionError(f"condition not met within {timeout}s; calls so far: {methods}") from None
+            raise AssertionError(f"condition not met within {limit_s}s; calls so far: {methods}") from None
 
     def uploaded_files(self) -> list[FakeFile]:
         return [f for f in self.files.values() if not f.hosted and f.data is not None and f.shares]
@@ -248,10 +254,20 @@ class FakeSlack:
             return {"ok": False, "error": "no_text"}
         ts = self._new_ts()
         msg = FakeMessage(
-            channel, ts, p.get("text", ""), BOT_USER_ID, self._json_param(p.get("blocks")), thread_ts=p.get("thread_ts")
+            channel,
+            ts,
+            p.get("text", ""),
+            BOT_USER_ID,
+            self._json_param(p.get("blocks")),
+            thread_ts=p.get("thread_ts"),
         )
         self.messages[(channel, ts)] = msg
-        return {"ok": True, "channel": channel, "ts": ts, "message": {"text": msg.text, "ts": ts, "user": BOT_USER_ID}}
+        return {
+            "ok": True,
+            "channel": channel,
+            "ts": ts,
+            "message": {"text": msg.text, "ts": ts, "user": BOT_USER_ID},
+        }
 
     def _m_chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
         msg = self.messages.get((p.get("channel"), p.get("ts")))
@@ -259,6 +275,7 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_found"}
         if "text" in p:
             msg.text = p["text"]
+            msg.history.append(msg.text)
         if "blocks" in p:
             msg.blocks = self._json_param(p["blocks"])
         msg.updates.append(dict(p))

@@ -35,7 +35,9 @@ class Reply:
 class SlackSender:
     """Posts signed requests to a Bolt endpoint; `fake_base` hosts response_urls."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, fake_base: str, secret: str = SIGNING_SECRET):
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, fake_base: str, secret: str = SIGNING_SECRET
+    ):
         self.session = session
         self.url = url
         self.fake_base = fake_base
@@ -97,7 +99,12 @@ class SlackSender:
         return await self.post(urlencode(form), "application/x-www-form-urlencoded", **kwargs), trigger_id
 
     async def event(
-        self, event: dict[str, Any], *, event_id: str | None = None, retry_num: int | None = None, **kwargs: Any
+        self,
+        event: dict[str, Any],
+        *,
+        event_id: str | None = None,
+        retry_num: int | None = None,
+        **kwargs: Any,
     ) -> tuple[Reply, str]:
         """Sends an Events API envelope; `retry_num` adds Slack's retry headers."""
         event_id = event_id or self.next_id("Ev")

@@ -1,6 +1,5 @@
 """The fake Slack itself behaves like Slack for the real slack_sdk client (so adapter tests mean something)."""
 
-
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient

@@ -1,0 +1,45 @@
+"""Slack adapter: slack-bolt `AsyncApp` over HTTP (Bolt's aiohttp adapter) or Socket Mode.
+
+`adapter_status(env)` and `run(service, config, env, ready)` are the entry points `python -m bot`
+uses (see CONTRACTS.md). Importing this package is cheap: slack_bolt loads only when `run` starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["adapter_status", "run"]
+
+
+def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
+    """(on?, why) from the environment alone; no network."""
+    token = env.get("SLACK_BOT_TOKEN", "")
+    if not token:
+        return False, "off: SLACK_BOT_TOKEN not set"
+    if not token.startswith("xoxb-"):
+        return False, "off: SLACK_BOT_TOKEN is not a bot token (it should start with xoxb-)"
+    app_token = env.get("SLACK_APP_TOKEN", "")
+    if app_token:
+        if not app_token.startswith("xapp-"):
+            return False, "off: SLACK_APP_TOKEN is not an app-level token (it should start with xapp-)"
+        return True, "on: Socket Mode (SLACK_APP_TOKEN set)"
+    if not env.get("SLACK_SIGNING_SECRET"):
+        return (
+            False,
+            "off: SLACK_SIGNING_SECRET not set (needed for HTTP mode; or set SLACK_APP_TOKEN for Socket Mode)",
+        )
+    return True, "on: HTTP mode (SLACK_APP_TOKEN not set)"
+
+
+async def run(
+    service: Any,
+    config: Mapping[str, Any],
+    env: Mapping[str, str],
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve Slack until cancelled; `ready` is set once requests are accepted."""
+    from bot.slack_adapter.runner import run_slack
+
+    await run_slack(service, config, env, ready)

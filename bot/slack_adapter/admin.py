@@ -1,0 +1,78 @@
+"""`/imagine-admin` argument parsing: text in, a plain command out, or AdminUsage saying what's wrong."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Slack escapes mentions in slash commands (should_escape: true) as <@U123|name>; people also paste
+# bare ids.
+_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
+
+# Bonus credits per grant, as the core's documented bound.
+MAX_CREDITS = 10_000
+
+
+class AdminUsage(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdminCommand:
+    action: str  # usage | limit_user | limit_workspace | credits | reset | ban | unban | stats | help
+    user_id: str | None = None
+    number: int | None = None
+    reason: str = ""
+
+
+def _user(token: str | None, what: str) -> str:
+    if token is None:
+        raise AdminUsage(f"`{what}` needs a user: mention them, e.g. `{what} @alice`.")
+    m = _MENTION.match(token)
+    if not m:
+        raise AdminUsage(f"`{token}` is not a user mention (write @name so Slack turns it into a mention).")
+    return m.group(1) or m.group(2)
+
+
+def _limit(token: str | None, what: str) -> int | None:
+    if token is None:
+        raise AdminUsage(f"`{what}` needs a daily limit: a number, or `none` to remove it.")
+    if token.lower() in ("none", "default", "off"):
+        return None
+    if not token.isdigit():
+        raise AdminUsage(f"daily limit must be a whole number >= 0 or `none`, got `{token}`.")
+    return int(token)
+
+
+def parse(text: str) -> AdminCommand:
+    words = text.split()
+    if not words or words[0].lower() in ("help", "-h", "--help"):
+        return AdminCommand("help")
+    verb, args = words[0].lower(), words[1:]
+    arg = args[0] if args else None
+    if verb == "stats":
+        return AdminCommand("stats")
+    if verb in ("usage", "reset", "unban"):
+        return AdminCommand(verb, user_id=_user(arg, verb))
+    if verb == "ban":
+        return AdminCommand("ban", user_id=_user(arg, verb), reason=" ".join(args[1:]))
+    if verb == "credits":
+        uid = _user(arg, verb)
+        amount = args[1] if len(args) > 1 else ""
+        if not amount.isdigit() or not 1 <= int(amount) <= MAX_CREDITS:
+            raise AdminUsage(
+                f"credits amount must be a number from 1 to {MAX_CREDITS}, got `{amount or 'nothing'}`."
+            )
+        return AdminCommand("credits", user_id=uid, number=int(amount))
+    if verb in ("limits", "limit"):
+        if arg is not None and arg.lower() in ("workspace", "team", "guild"):
+            return AdminCommand(
+                "limit_workspace", number=_limit(args[1] if len(args) > 1 else None, "limits workspace")
+            )
+        uid = _user(arg, "limits")
+        return AdminCommand(
+            "limit_user", user_id=uid, number=_limit(args[1] if len(args) > 1 else None, "limits @user")
+        )
+    raise AdminUsage(f"unknown subcommand `{verb}`.")

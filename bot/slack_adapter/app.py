@@ -1,0 +1,517 @@
+"""The Slack adapter: a Bolt `AsyncApp` whose listeners translate Slack requests into core calls,
+and a `Delivery` that turns the core's job reports into Slack messages and file uploads.
+
+Rules kept here (see shared notes): `ack()` comes first and the work runs after it (Bolt `lazy=`
+listeners for commands, shortcuts and views; events are acknowledged by Bolt before the listener
+runs); every job carries an idempotency key from Slack (`trigger_id`, `event_id`, view id) so a
+retried delivery never starts a second job; reactions resolve to job rows through the core, never
+through memory; users see short messages, tracebacks stay in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.core.api import REACTION_ACTIONS, Actor, ImageService, JobView, Place, ResultImage
+from bot.slack_adapter import admin, messages
+from bot.slack_adapter.attachments import AttachmentError, SlackFile, download, pick_image_and_mask
+from bot.slack_adapter.config import SlackConfig
+from bot.slack_adapter.status import DONE, QUEUED, RUNNING, StatusBoard, job_channel
+
+log = logging.getLogger("bot.slack")
+
+PLATFORM = "slack"
+INPAINT_VIEW_CALLBACK = "imagine_inpaint_modal"
+PROMPT_BLOCK = "prompt"
+# A Slack plain_text_input holds at most 3000 characters; prompts beyond 1000 are never useful to a
+# CLIP text encoder (77 tokens) and the core rejects them anyway.
+MAX_PROMPT_CHARS = 1000
+# files.info is polled for the message that shows an uploaded file: Slack shares files
+# asynchronously, usually within a second. Total wait ~7.5 s before giving up on reactions.
+SHARE_POLL_DELAYS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+_MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+
+Tell = Callable[[str], Awaitable[None]]
+
+
+def message_id(channel: str, ts: str) -> str:
+    """A Slack message is unique by channel and ts; the core stores this string per result."""
+    return f"{channel}:{ts}"
+
+
+class SlackAdapter:
+    def __init__(
+        self,
+        service: ImageService,
+        cfg: SlackConfig,
+        client: AsyncWebClient,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.client = client
+        self.http = http
+        self.status = StatusBoard(client, cfg.progress_interval_s)
+        self.delivery = SlackDelivery(self)
+        self._admin_cache: dict[str, tuple[float, bool]] = {}
+
+    # -- the Bolt app --------------------------------------------------------------------------------
+
+    def build_app(self, signing_secret: str, *, socket_mode: bool = False) -> AsyncApp:
+        app = AsyncApp(
+            client=self.client,
+            signing_secret=signing_secret,
+            name="imagine-bot",
+            logger=logging.getLogger("bot.slack.bolt"),
+            # Socket Mode requests are not signed; the websocket itself is authenticated.
+            request_verification_enabled=not socket_mode,
+        )
+        cfg = self.cfg
+        app.command(cfg.imagine_command)(ack=self._ack, lazy=[self.imagine_command])
+        app.command(cfg.admin_command)(ack=self._ack, lazy=[self.admin_command])
+        app.shortcut(cfg.inpaint_shortcut_callback_id)(ack=self._ack, lazy=[self.open_inpaint_modal])
+        app.view(INPAINT_VIEW_CALLBACK)(ack=self.ack_inpaint_view, lazy=[self.inpaint_view])
+        app.event("app_mention")(self.on_mention)
+        app.event("reaction_added")(self.on_reaction)
+        app.error(self._on_error)
+        return app
+
+    @staticmethod
+    async def _ack(ack: Any) -> None:
+        await ack()
+
+    @staticmethod
+    async def _on_error(error: Exception, body: Mapping[str, Any]) -> None:
+        log.error("slack: unhandled error for %s", body.get("type") or body.get("command"), exc_info=error)
+
+    # -- who and where -------------------------------------------------------------------------------
+
+    async def actor(self, user_id: str, display_name: str = "") -> Actor:
+        return Actor(PLATFORM, user_id, display_name or user_id, await self.is_admin(user_id))
+
+    async def is_admin(self, user_id: str) -> bool:
+        if user_id in self.cfg.admin_user_ids:
+            return True
+        if not self.cfg.workspace_admins_are_admins:
+            return False
+        cached = self._admin_cache.get(user_id)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            resp = await self.client.users_info(user=user_id)
+            user = resp["user"]
+            value = bool(user.get("is_admin") or user.get("is_owner") or user.get("is_primary_owner"))
+        except SlackApiError as e:
+            # Without users:read (or for an unknown user) nobody is a workspace admin: fail closed.
+            log.warning(
+                "slack: users.info %s failed (%s); treating as not admin", user_id, e.response.get("error")
+            )
+            value = False
+        self._admin_cache[user_id] = (now + self.cfg.admin_cache_s, value)
+        return value
+
+    def ephemeral(self, channel: str, user: str, thread_ts: str | None = None) -> Tell:
+        async def tell(text: str) -> None:
+            try:
+                await self.client.chat_postEphemeral(
+                    channel=channel, user=user, text=text, thread_ts=thread_ts
+                )
+            except SlackApiError as e:
+                log.warning("slack: could not tell %s in %s: %s", user, channel, e.response.get("error"))
+
+        return tell
+
+    @staticmethod
+    def via_respond(respond: Any) -> Tell:
+        async def tell(text: str) -> None:
+            try:
+                await respond(text=text, response_type="ephemeral", replace_original=False)
+            except Exception:  # a dead response_url must not hide the original problem
+                log.warning("slack: response_url reply failed", exc_info=True)
+
+        return tell
+
+    async def announce(self, job: JobView) -> None:
+        """After a successful submission: show the status message, once per job."""
+        if job.created and not job.done:
+            await self.status.show(job, QUEUED, messages.queued_text(job, job.position))
+
+    # -- /imagine ------------------------------------------------------------------------------------
+
+    async def imagine_command(self, command: Mapping[str, Any], respond: Any) -> None:
+        text = (command.get("text") or "").strip()
+        user, channel = command["user_id"], command["channel_id"]
+        tell = self.via_respond(respond)
+        place = Place(PLATFORM, command.get("team_id"), channel)
+        try:
+            word = text.lower()
+            if word in ("", "help", "--help"):
+                await tell(messages.imagine_help(self.cfg.imagine_command))
+                return
+            actor = await self.actor(user, command.get("user_name", ""))
+            if word == "quota":
+                await tell(messages.quota_text(await self.service.quota(actor, place)))
+                return
+            if word == "history":
+                await tell(messages.history_text(await self.service.history(actor, limit=10)))
+                return
+            job = await self.service.imagine(
+                actor,
+                place,
+                text,
+                None,
+                idempotency_key=f"cmd:{command['trigger_id']}",
+                delivery={"channel": channel, "user": user, "response_url": command.get("response_url")},
+            )
+        except Exception as e:
+            await tell(messages.error_text(e))
+            return
+        await self.announce(job)
+
+    # -- mentions: "@imagine inpaint <prompt>" with an image, "@imagine <prompt>" --------------------
+
+    async def on_mention(self, event: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        user, channel = event.get("user"), event.get("channel")
+        if not user or not channel:
+            return
+        thread_ts = event.get("thread_ts")
+        tell = self.ephemeral(channel, user, thread_ts)
+        text = _MENTION.sub("", event.get("text") or "").strip()
+        verb, _, rest = text.partition(" ")
+        key = f"event:{body.get('event_id')}"
+        place = Place(PLATFORM, body.get("team_id"), channel)
+        delivery = {"channel": channel, "user": user, "thread_ts": thread_ts}
+        try:
+            actor = await self.actor(user)
+            if verb.lower() == "inpaint":
+                image, mask = pick_image_and_mask(event.get("files") or [], self.cfg.max_attachment_bytes)
+                job = await self.submit_inpaint(actor, place, rest.strip(), image, mask, key, delivery)
+            elif verb.lower() in ("imagine", "draw"):
+                job = await self.service.imagine(
+                    actor, place, rest, None, idempotency_key=key, delivery=delivery
+                )
+            elif event.get("files"):
+                # An image with a bare prompt: the user obviously means inpainting.
+                image, mask = pick_image_and_mask(event["files"], self.cfg.max_attachment_bytes)
+                job = await self.submit_inpaint(actor, place, text, image, mask, key, delivery)
+            else:
+                await tell(messages.imagine_help(self.cfg.imagine_command))
+                return
+        except AttachmentError as e:
+            await tell(f":frame_with_picture: {e.message}")
+            return
+        except Exception as e:
+            await tell(messages.error_text(e))
+            return
+        await self.announce(job)
+
+    async def submit_inpaint(
+        self,
+        actor: Actor,
+        place: Place,
+        prompt: str,
+        image: SlackFile,
+        mask: SlackFile | None,
+        key: str,
+        delivery: Mapping[str, Any],
+    ) -> JobView:
+        if not prompt:
+            raise AttachmentError("Say what to paint: `@imagine inpaint a red hat`.")
+        token = self.client.token or ""
+        image_bytes = await download(self.http, token, image, self.cfg.max_attachment_bytes)
+        mask_bytes = await download(self.http, token, mask, self.cfg.max_attachment_bytes) if mask else None
+        return await self.service.inpaint(
+            actor, place, prompt, image_bytes, mask_bytes, None, idempotency_key=key, delivery=delivery
+        )
+
+    # -- the "Inpaint…" message shortcut and its modal ------------------------------------------------
+
+    async def open_inpaint_modal(self, shortcut: Mapping[str, Any], respond: Any) -> None:
+        tell = self.via_respond(respond)
+        message = shortcut.get("message") or {}
+        channel = (shortcut.get("channel") or {}).get("id")
+        try:
+            image, mask = pick_image_and_mask(message.get("files") or [], self.cfg.max_attachment_bytes)
+        except AttachmentError as e:
+            await tell(f":frame_with_picture: {e.message}")
+            return
+        meta = {
+            "channel": channel,
+            "thread_ts": message.get("thread_ts"),
+            "image": image.to_json(),
+            "mask": mask.to_json() if mask else None,
+        }
+        try:
+            await self.client.views_open(trigger_id=shortcut["trigger_id"], view=inpaint_modal(meta))
+        except SlackApiError as e:
+            log.warning("slack: views.open failed: %s", e.response.get("error"))
+            await tell(":warning: I could not open the inpaint dialog; please try again.")
+
+    async def ack_inpaint_view(self, ack: Any, view: Mapping[str, Any]) -> None:
+        prompt = _view_prompt(view)
+        if not prompt:
+            await ack(
+                response_action="errors", errors={PROMPT_BLOCK: "Describe what to paint in the masked area."}
+            )
+            return
+        await ack()
+
+    async def inpaint_view(self, view: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        meta = json.loads(view.get("private_metadata") or "{}")
+        user = body["user"]["id"]
+        channel = meta.get("channel")
+        tell = self.ephemeral(channel, user, meta.get("thread_ts"))
+        image = SlackFile(**meta["image"])
+        mask = SlackFile(**meta["mask"]) if meta.get("mask") else None
+        place = Place(PLATFORM, (body.get("team") or {}).get("id"), channel)
+        delivery = {"channel": channel, "user": user, "thread_ts": meta.get("thread_ts")}
+        try:
+            actor = await self.actor(user, body["user"].get("name", ""))
+            job = await self.submit_inpaint(
+                actor, place, _view_prompt(view), image, mask, f"view:{view['id']}", delivery
+            )
+        except AttachmentError as e:
+            await tell(f":frame_with_picture: {e.message}")
+            return
+        except Exception as e:
+            await tell(messages.error_text(e))
+            return
+        await self.announce(job)
+
+    # -- reactions on results -------------------------------------------------------------------------
+
+    async def on_reaction(self, event: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        item = event.get("item") or {}
+        # "+1::skin-tone-2" style names carry a modifier; ours have none.
+        name = (event.get("reaction") or "").split("::")[0]
+        if item.get("type") != "message" or name not in REACTION_ACTIONS:
+            return
+        user, channel, ts = event.get("user"), item.get("channel"), item.get("ts")
+        if not user or not channel or not ts:
+            return
+        place = Place(PLATFORM, body.get("team_id"), channel)
+        try:
+            actor = await self.actor(user)
+            job = await self.service.react(
+                actor,
+                place,
+                message_id(channel, ts),
+                name,
+                idempotency_key=f"event:{body.get('event_id')}",
+                delivery={"channel": channel, "user": user},
+            )
+        except Exception as e:
+            await self.ephemeral(channel, user)(messages.error_text(e))
+            return
+        if job is not None:
+            await self.announce(job)
+
+    # -- /imagine-admin ------------------------------------------------------------------------------
+
+    async def admin_command(self, command: Mapping[str, Any], respond: Any) -> None:
+        tell = self.via_respond(respond)
+        name = self.cfg.admin_command
+        try:
+            cmd = admin.parse(command.get("text") or "")
+        except admin.AdminUsage as e:
+            await tell(f":warning: {e.message}\n{messages.admin_help(name)}")
+            return
+        if cmd.action == "help":
+            await tell(messages.admin_help(name))
+            return
+        team = command.get("team_id")
+        place = Place(PLATFORM, team, command.get("channel_id"))
+        try:
+            actor = await self.actor(command["user_id"], command.get("user_name", ""))
+            await tell(await self._run_admin(cmd, actor, place, team))
+        except Exception as e:
+            await tell(messages.error_text(e))
+
+    async def _run_admin(self, cmd: admin.AdminCommand, actor: Actor, place: Place, team: str | None) -> str:
+        s, uid = self.service, cmd.user_id or ""
+        who = f"<@{uid}>"
+        if cmd.action == "stats":
+            return messages.stats_text(await s.stats(actor, place))
+        if cmd.action == "usage":
+            return messages.quota_text(await s.usage(actor, place, uid), who)
+        if cmd.action == "limit_user":
+            q = await s.set_user_limit(actor, uid, cmd.number)
+            return f"Daily limit for {who} {_limit_words(cmd.number)}. " + messages.quota_text(q, who)
+        if cmd.action == "limit_workspace":
+            if team is None:
+                return ":warning: This command did not come from a workspace."
+            await s.set_guild_limit(actor, team, cmd.number)
+            return f"Default daily limit for this workspace {_limit_words(cmd.number)}."
+        if cmd.action == "credits":
+            q = await s.grant_credits(actor, uid, cmd.number or 0)
+            return f"Granted {cmd.number} bonus image(s) to {who}. " + messages.quota_text(q, who)
+        if cmd.action == "reset":
+            return f"Usage of {who} reset. " + messages.quota_text(await s.reset_usage(actor, uid), who)
+        if cmd.action == "ban":
+            await s.ban(actor, uid, cmd.reason)
+            return f"{who} is banned" + (f" ({messages.escape(cmd.reason)})." if cmd.reason else ".")
+        if cmd.action == "unban":
+            await s.unban(actor, uid)
+            return f"{who} is no longer banned."
+        raise AssertionError(f"unhandled admin action {cmd.action}")
+
+
+def _limit_words(number: int | None) -> str:
+    return "removed (the default applies)" if number is None else f"set to {number}"
+
+
+def _view_prompt(view: Mapping[str, Any]) -> str:
+    values = ((view.get("state") or {}).get("values") or {}).get(PROMPT_BLOCK) or {}
+    return ((values.get(PROMPT_BLOCK) or {}).get("value") or "").strip()
+
+
+def inpaint_modal(meta: Mapping[str, Any]) -> dict[str, Any]:
+    image = meta["image"]["name"]
+    mask = meta.get("mask")
+    source = f"Image: `{image}`" + (
+        f", mask: `{mask['name']}`" if mask else " (its transparent areas get repainted)"
+    )
+    return {
+        "type": "modal",
+        "callback_id": INPAINT_VIEW_CALLBACK,
+        "title": {"type": "plain_text", "text": "Inpaint"},
+        "submit": {"type": "plain_text", "text": "Inpaint"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": json.dumps(meta),
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": source}},
+            {
+                "type": "input",
+                "block_id": PROMPT_BLOCK,
+                "label": {"type": "plain_text", "text": "What should be painted there?"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": PROMPT_BLOCK,
+                    "max_length": MAX_PROMPT_CHARS,
+                    "placeholder": {"type": "plain_text", "text": "a red knitted hat --seed 7"},
+                },
+            },
+        ],
+    }
+
+
+class SlackDelivery:
+    """The core's `Delivery` for Slack. Everything it needs comes from `job.delivery` (channel, user,
+    thread) and the core, so jobs left over by a previous run are delivered after a restart."""
+
+    def __init__(self, adapter: SlackAdapter) -> None:
+        self._adapter = adapter
+
+    async def on_queued(self, job: JobView, position: int) -> None:
+        await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position))
+
+    async def on_progress(self, job: JobView, step: int, total: int) -> None:
+        text = messages.progress_text(job, step, total)
+        await self._adapter.status.show(job, RUNNING, text, throttle=step > 0)
+
+    async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
+        a = self._adapter
+        channel = job_channel(job)
+        if channel is None:
+            log.error("slack: job %s has no channel to deliver to", job.id)
+            return
+        uploads = [
+            {
+                "content": img.png,
+                "filename": f"imagine-{job.id}-{img.index + 1}-seed{img.seed}.png",
+                "title": f"{job.prompt[:80]} (seed {img.seed})",
+                "alt_txt": job.prompt[:1000],
+            }
+            for img in images
+        ]
+        try:
+            resp = await a.client.files_upload_v2(
+                file_uploads=uploads,
+                channel=channel,
+                initial_comment=messages.result_comment(job),
+                thread_ts=job.delivery.get("thread_ts"),
+            )
+        except SlackApiError as e:
+            await self._cannot_post(job, channel, e)
+            raise
+        await a.status.show(job, DONE, messages.done_text(job), post=False)
+        file_ids = [f["id"] for f in resp.get("files") or []]
+        ts = await self._share_ts(file_ids, channel, resp.get("files") or [])
+        if ts is None:
+            log.warning(
+                "slack: job %s: no message found for files %s; reactions won't work on it", job.id, file_ids
+            )
+            return
+        await a.service.attach_result_message(job.id, message_id(channel, ts), channel_id=channel)
+        if a.cfg.add_reaction_hints:
+            await self._add_hints(job, channel, ts)
+
+    async def on_failed(self, job: JobView, message: str) -> None:
+        a = self._adapter
+        text = messages.failed_text(job, message)
+        if a.status.has_message(job.id):
+            await a.status.show(job, DONE, text)
+            return
+        channel, user = job_channel(job), job.delivery.get("user") or job.user_id
+        if channel:
+            await a.ephemeral(channel, user, job.delivery.get("thread_ts"))(text)
+
+    async def _share_ts(
+        self, file_ids: list[str], channel: str, files: list[Mapping[str, Any]]
+    ) -> str | None:
+        """The ts of the message that shows the uploaded files (Slack shares them asynchronously)."""
+        if not file_ids:
+            return None
+        first: Mapping[str, Any] = files[0] if files else {}
+        for delay in SHARE_POLL_DELAYS_S:
+            ts = _ts_in_shares(first.get("shares") or {}, channel)
+            if ts:
+                return ts
+            await asyncio.sleep(delay)
+            try:
+                first = (await self._adapter.client.files_info(file=file_ids[0]))["file"]
+            except SlackApiError as e:
+                log.warning("slack: files.info %s failed: %s", file_ids[0], e.response.get("error"))
+                return None
+        return _ts_in_shares(first.get("shares") or {}, channel)
+
+    async def _add_hints(self, job: JobView, channel: str, ts: str) -> None:
+        names = ["repeat"] + (
+            ["one", "two", "three", "four"][: job.params.n] if job.params.n > 1 else ["art"]
+        )
+        for name in names:
+            try:
+                await self._adapter.client.reactions_add(channel=channel, timestamp=ts, name=name)
+            except SlackApiError as e:
+                log.info("slack: reaction hint %s on %s failed: %s", name, ts, e.response.get("error"))
+                return
+
+    async def _cannot_post(self, job: JobView, channel: str, e: SlackApiError) -> None:
+        error = e.response.get("error")
+        log.error("slack: job %s: upload to %s failed: %s", job.id, channel, error)
+        if error in ("not_in_channel", "channel_not_found"):
+            await self._adapter.status.show(
+                job,
+                DONE,
+                f":warning: <@{job.user_id}> I can't post images here: invite me with `/invite @imagine`.",
+            )
+
+
+def _ts_in_shares(shares: Mapping[str, Any], channel: str) -> str | None:
+    for scope in ("public", "private"):
+        entries = (shares.get(scope) or {}).get(channel) or []
+        if entries:
+            return entries[0].get("ts")
+    return None

@@ -1,0 +1,134 @@
+"""Every text the Slack adapter shows, and the ONE place where core errors become user messages."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from bot.core.api import BadParameters, CoreError, JobView, QuotaExceeded, QuotaView, StatsView
+
+log = logging.getLogger("bot.slack")
+
+
+def escape(text: str) -> str:
+    """Slack mrkdwn control characters; user text must not turn into mentions or links."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def error_text(exc: BaseException) -> str:
+    """A short message for the user. Core errors carry their own; anything else is a bug: the
+    traceback goes to the log with a reference the user can quote."""
+    if isinstance(exc, BadParameters):
+        return f":warning: {exc.message}"
+    if isinstance(exc, QuotaExceeded):
+        return f":hourglass: {exc.message}"
+    if isinstance(exc, CoreError):
+        return f":no_entry: {exc.message}"
+    ref = uuid.uuid4().hex[:8]
+    log.error("slack: unexpected error (ref %s)", ref, exc_info=exc)
+    return f":boom: Something went wrong on our side (ref `{ref}`). The admins can find it in the log."
+
+
+def describe_params(job: JobView) -> str:
+    p = job.params
+    parts = [f"seed {p.seed}" if p.n == 1 else f"seeds {p.seeds[0]}–{p.seeds[-1]}", f"{p.width}×{p.height}"]
+    parts += [f"{p.steps} steps", f"guidance {p.guidance:g}"]
+    if p.n > 1:
+        parts.append(f"{p.n} images")
+    if p.strength is not None:
+        parts.append(f"strength {p.strength:g}")
+    if job.negative_prompt:
+        parts.append(f"no: {escape(job.negative_prompt)}")
+    return " · ".join(parts)
+
+
+_KIND_LABEL = {"imagine": "", "inpaint": "inpaint ", "variation": "variation ", "reroll": "re-roll "}
+
+
+def headline(job: JobView) -> str:
+    return f"<@{job.user_id}> {_KIND_LABEL.get(job.kind, '')}*{escape(job.prompt)}*"
+
+
+def queued_text(job: JobView, position: int | None) -> str:
+    where = f"queued, position {position}" if position else "queued"
+    return f":hourglass_flowing_sand: {headline(job)} — {where}"
+
+
+def progress_text(job: JobView, step: int, total: int) -> str:
+    if step <= 0 or total <= 0:
+        return f":art: {headline(job)} — started"
+    filled = round(10 * step / total)
+    bar = "▰" * filled + "▱" * (10 - filled)
+    return f":art: {headline(job)} — {bar} step {step}/{total}"
+
+
+def done_text(job: JobView) -> str:
+    return f":white_check_mark: {headline(job)} — done, the image is below."
+
+
+def failed_text(job: JobView, message: str) -> str:
+    return f":x: {headline(job)} — failed: {escape(message)}"
+
+
+def result_comment(job: JobView) -> str:
+    controls = "React :repeat: to re-roll"
+    if job.params.n > 1:
+        controls += (
+            ", :one:–" + [":one:", ":two:", ":three:", ":four:"][job.params.n - 1] + " for a variation"
+        )
+    else:
+        controls += ", :art: for a variation"
+    return f"{headline(job)}\n{describe_params(job)}\n_{controls}._"
+
+
+def quota_text(q: QuotaView, who: str = "You") -> str:
+    lines = [
+        f"{who}: {q.remaining} image(s) left ({q.used_today}/{q.daily_limit} used today, "
+        f"limit from {q.limit_source}; {q.bonus_credits} bonus credit(s)).",
+        f"Resets at {q.reset_at.strftime('%Y-%m-%d %H:%M UTC')}.",
+    ]
+    if q.banned:
+        lines.append("Banned.")
+    return " ".join(lines)
+
+
+def stats_text(s: StatsView) -> str:
+    states = ", ".join(f"{k}: {v}" for k, v in sorted(s.jobs_by_state.items())) or "no jobs yet"
+    top = ", ".join(f"<@{u.user_id}> {u.images}" for u in s.top_users) or "nobody yet"
+    return (
+        f"*Stats* — images today: {s.images_today}, queue depth: {s.queue_depth}\n"
+        f"Jobs by state: {states}\nTop users today: {top}"
+    )
+
+
+def imagine_help(command: str) -> str:
+    return (
+        f"*{command} <prompt> [flags]* — generate an image.\n"
+        "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G`\n"
+        f"Example: `{command} a lighthouse at dusk, oil painting --ar 3:2 --n 2`\n"
+        f"`{command} quota` shows what you have left today, `{command} history` your last jobs.\n"
+        "Inpaint: post an image (transparent areas get repainted, or add a second image named "
+        "`mask`: white = repaint) and mention me with `inpaint <prompt>`, or use the "
+        "*Inpaint…* shortcut on a message with an image.\n"
+        "On a result: :repeat: re-roll, :one:–:four: or :art: a variation."
+    )
+
+
+def admin_help(command: str) -> str:
+    return (
+        f"*{command}* subcommands (admins only):\n"
+        f"• `{command} usage @user` — a user's usage and limits\n"
+        f"• `{command} limits @user <n|none>` — per-user daily limit (`none` removes it)\n"
+        f"• `{command} limits workspace <n|none>` — default daily limit for this workspace\n"
+        f"• `{command} credits @user <amount>` — grant bonus images\n"
+        f"• `{command} reset @user` — reset today's usage\n"
+        f"• `{command} ban @user [reason]` / `{command} unban @user`\n"
+        f"• `{command} stats` — jobs, images today, top users, queue depth"
+    )
+
+
+def history_text(jobs: list[JobView]) -> str:
+    if not jobs:
+        return "You have no jobs yet."
+    lines = [f"• #{j.id} {j.kind} *{escape(j.prompt)}* — {j.state}" for j in jobs]
+    return "Your latest jobs:\n" + "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Start-up and shutdown of the Slack adapter in HTTP mode or Socket Mode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.core.api import ImageService
+from bot.slack_adapter import adapter_status
+from bot.slack_adapter.app import PLATFORM, SlackAdapter
+from bot.slack_adapter.config import SlackConfig
+from inference_server.config_loader import ConfigError, load_section
+
+log = logging.getLogger("bot.slack")
+
+# Web API calls (uploads included) that take longer than this are abandoned; Slack answers in well
+# under a second normally, and a hung call must not hold a delivery forever.
+WEB_API_TIMEOUT_S = 30
+
+
+def make_client(token: str, cfg: SlackConfig) -> AsyncWebClient:
+    client = AsyncWebClient(token=token, base_url=cfg.api_base_url, timeout=WEB_API_TIMEOUT_S)
+    # The default client does not retry HTTP 429: without this handler a busy channel loses updates.
+    client.retry_handlers = [
+        AsyncConnectionErrorRetryHandler(max_retry_count=1),
+        AsyncRateLimitErrorRetryHandler(max_retry_count=cfg.rate_limit_retries),
+    ]
+    return client
+
+
+async def run_slack(
+    service: ImageService,
+    config: Mapping[str, Any],
+    env: Mapping[str, str],
+    ready: asyncio.Event | None = None,
+) -> None:
+    on, why = adapter_status(env)
+    if not on:
+        raise ConfigError(f"slack adapter cannot start: {why}")
+    cfg = load_section(config, "slack", SlackConfig, environ=env)
+    app_token = env.get("SLACK_APP_TOKEN") or ""
+    socket_mode = bool(app_token)
+    async with aiohttp.ClientSession() as http:
+        client = make_client(env["SLACK_BOT_TOKEN"], cfg)
+        adapter = SlackAdapter(service, cfg, client, http)
+        app = adapter.build_app(env.get("SLACK_SIGNING_SECRET", ""), socket_mode=socket_mode)
+        service.register_delivery(PLATFORM, adapter.delivery)
+        try:
+            if socket_mode:
+                await _serve_socket_mode(app, app_token, client, ready)
+            else:
+                await _serve_http(app, cfg, ready)
+        finally:
+            service.unregister_delivery(PLATFORM)
+
+
+async def _serve_http(app: Any, cfg: SlackConfig, ready: asyncio.Event | None) -> None:
+    web_app = app.web_app(path=cfg.http_path, port=cfg.http_port)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "adapter": "slack", "mode": "http"})
+
+    web_app.router.add_get("/healthz", health)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.http_host, cfg.http_port)
+        await site.start()
+        log.info("slack: HTTP mode, listening on http://%s:%s%s", cfg.http_host, cfg.http_port, cfg.http_path)
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _serve_socket_mode(
+    app: Any, app_token: str, client: AsyncWebClient, ready: asyncio.Event | None
+) -> None:
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    handler = AsyncSocketModeHandler(app, app_token, web_client=client)
+    await handler.connect_async()
+    log.info("slack: Socket Mode connected")
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await handler.close_async()

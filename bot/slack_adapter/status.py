@@ -1,0 +1,92 @@
+"""The per-job status message ("queued, position 2" -> "step 5/20" -> "done"), edited in place.
+
+Its `ts` is known only once the first edit is posted, after the job row (and its `delivery`) was
+written, so it is kept here in memory. Losing it is harmless: after a restart the next update posts
+a fresh status message, and the result itself is always found through `job.delivery` and the core.
+
+Updates race: the command handler announces "queued" while the dispatcher may already report
+progress or the result. A per-job lock orders the posts and a phase number makes sure a late
+"queued" never overwrites "running" or "done".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.core.api import JobView
+
+log = logging.getLogger("bot.slack")
+
+QUEUED, RUNNING, DONE = 1, 2, 3
+
+# Jobs remembered at once; old finished entries are dropped first. A few thousand in-flight jobs is
+# far more than one bot serves, and an entry is ~200 bytes.
+MAX_TRACKED_JOBS = 4096
+
+
+@dataclass
+class _Entry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ts: str | None = None
+    channel: str | None = None
+    phase: int = 0
+    last_edit: float = 0.0
+
+
+def job_channel(job: JobView) -> str | None:
+    return job.delivery.get("channel") or job.channel_id
+
+
+class StatusBoard:
+    def __init__(self, client: AsyncWebClient, min_interval_s: float) -> None:
+        self._client = client
+        self._min_interval_s = min_interval_s
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+
+    def _entry(self, job_id: int) -> _Entry:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            entry = self._entries[job_id] = _Entry()
+            while len(self._entries) > MAX_TRACKED_JOBS:
+                self._entries.popitem(last=False)
+        return entry
+
+    async def show(
+        self, job: JobView, phase: int, text: str, *, throttle: bool = False, post: bool = True
+    ) -> None:
+        """Show `text` for `job` unless a later phase is already shown (or, with `throttle`, the last
+        edit was too recent). `post=False` edits an existing message but never posts a new one."""
+        channel = job_channel(job)
+        if channel is None:
+            return
+        entry = self._entry(job.id)
+        async with entry.lock:
+            if phase < entry.phase:
+                return
+            now = time.monotonic()
+            if throttle and entry.phase == phase and now - entry.last_edit < self._min_interval_s:
+                return
+            entry.phase = phase
+            try:
+                if entry.ts is not None:
+                    await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
+                elif post:
+                    resp = await self._client.chat_postMessage(
+                        channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
+                    )
+                    entry.ts, entry.channel = resp["ts"], resp["channel"]
+                entry.last_edit = now
+            except SlackApiError as e:
+                # A status line is not worth failing a job for; the result is delivered separately.
+                log.warning("slack: status update for job %s failed: %s", job.id, e.response.get("error"))
+
+    def has_message(self, job_id: int) -> bool:
+        entry = self._entries.get(job_id)
+        return entry is not None and entry.ts is not None

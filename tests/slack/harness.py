@@ -1,0 +1,94 @@
+"""Run the real Slack adapter (`bot.slack_adapter.run`) on the real core against the fake Slack.
+
+Only Slack is faked: the core is built by `bot.bootstrap.build_core` on a SQLite file in a tmp dir
+with the in-process FakeBackend, the adapter is the production entry point with its Web API client
+pointed at `FakeSlack` by `[slack] api_base_url`, and requests reach Bolt's aiohttp app as real
+signed HTTP POSTs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bot import slack_adapter
+from bot.bootstrap import build_core
+from tests.slack.fake_slack import BOT_TOKEN, FakeSlack
+from tests.slack.signed import SIGNING_SECRET, SlackSender
+
+ADMIN_ID = "UADMIN01"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(tmp: Path, fake: FakeSlack, port: int, **slack: Any) -> dict[str, Any]:
+    return {
+        "database": {"url": f"sqlite+aiosqlite:///{tmp / 'bot.db'}", "auto_migrate": True},
+        "storage": {"dir": str(tmp / "images")},
+        "backends": {"kind": "fake"},
+        "bot": {"poll_interval_s": 0.1, "progress_interval_s": 0.0, "retry_backoff_s": 0.1},
+        "slack": {
+            "api_base_url": fake.api_url,
+            "http_host": "127.0.0.1",
+            "http_port": port,
+            "admin_user_ids": [ADMIN_ID],
+            **slack,
+        },
+    }
+
+
+ENV = {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET}
+
+
+@dataclass
+class Running:
+    fake: FakeSlack
+    sender: SlackSender
+    core: Any
+    config: dict[str, Any]
+
+    @property
+    def service(self) -> Any:
+        return self.core.service
+
+    @property
+    def backend(self) -> Any:
+        return self.core.backend
+
+
+@contextlib.asynccontextmanager
+async def running_adapter(
+    fake: FakeSlack, tmp: Path, http: aiohttp.ClientSession, env: dict[str, str] | None = None, **slack: Any
+) -> AsyncIterator[Running]:
+    port = free_port()
+    config = make_config(tmp, fake, port, **slack)
+    async with build_core(config, dict(env or ENV)) as core:
+        ready = asyncio.Event()
+        task = asyncio.create_task(slack_adapter.run(core.service, config, dict(env or ENV), ready))
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            waiter.cancel()
+            task.result()
+            raise AssertionError("slack_adapter.run returned before it was ready")
+        if waiter not in done:
+            task.cancel()
+            raise AssertionError("slack adapter not ready after 15 s")
+        sender = SlackSender(http, f"http://127.0.0.1:{port}/slack/events", fake.base_url)
+        try:
+            yield Running(fake, sender, core, config)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,317 @@
+"""End-to-end: real signed requests -> real Bolt AsyncApp -> real core + FakeBackend -> fake Slack Web API."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+from PIL import Image
+
+from bot.core.api import Actor, Place
+from tests.slack.fake_slack import BOT_USER_ID, FakeSlack
+from tests.slack.harness import ADMIN_ID, Running, running_adapter
+from tests.slack.images import mask_png, opaque_png, transparent_hole_png
+from tests.slack.signed import SIGNING_SECRET
+
+# Slack's protocol deadline is 3 s; the generous margin is for a loaded shared CI machine.
+ACK_DEADLINE_S = 3.0
+
+
+def result_messages(fake: FakeSlack, channel: str = "CGENERAL1"):
+    return [m for (c, _), m in fake.messages.items() if c == channel and m.files]
+
+
+async def imagine_and_wait(slack: Running, text: str, count: int = 1, user: str = "UALICE01"):
+    """Run /imagine and wait for the `count`-th result message in the channel."""
+    reply, trigger = await slack.sender.slash_command("/imagine", text, user_id=user)
+    assert reply.status == 200, reply.body
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= count)
+    return reply, trigger, result_messages(slack.fake)[count - 1]
+
+
+async def attached_job(slack: Running, msg) -> object:
+    """The job the core resolves a result message to (what reactions go through)."""
+
+    job = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        job = await slack.service.job_for_message("slack", f"{msg.channel}:{msg.ts}")
+        if job is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert job is not None, "result message was never attached to its job"
+    return job
+
+
+async def test_bad_or_stale_signature_gets_401_and_starts_nothing(slack: Running):
+    reply, _ = await slack.sender.slash_command("/imagine", "a cat", secret="not-the-secret")
+    assert reply.status == 401
+    reply, _ = await slack.sender.slash_command("/imagine", "a cat", timestamp=int(time.time()) - 6 * 60)
+    assert reply.status == 401
+    reply, _ = await slack.sender.event(
+        {
+            "type": "app_mention",
+            "user": "UALICE01",
+            "channel": "CGENERAL1",
+            "text": "<@UBOT0001> imagine a cat",
+            "ts": "1.1",
+        },
+        secret="wrong" + SIGNING_SECRET,
+    )
+    assert reply.status == 401
+    assert slack.backend.calls == []
+    assert not slack.fake.calls_to("chat.postMessage")
+
+
+async def test_imagine_acks_fast_then_uploads_result_with_prompt_seed_and_params(slack: Running):
+    reply, trigger, msg = await imagine_and_wait(slack, "a red fox in snow --seed 42 --n 2 --steps 12")
+    assert reply.elapsed_s < ACK_DEADLINE_S
+    assert reply.body == ""  # empty ack: nothing is shown until the status message appears
+    # the result: files upload v2 into the channel, with prompt, seed and parameters
+    assert "a red fox in snow" in msg.text and "seeds 42–43" in msg.text and "12 steps" in msg.text
+    assert len(msg.files) == 2
+    for file_id in msg.files:
+        img = Image.open(io.BytesIO(slack.fake.files[file_id].data))
+        assert img.format == "PNG" and img.size == (64, 64)
+    # the status message showed the queue/progress and ends as "done"
+    await slack.fake.wait_for(lambda: any("done" in m.text for m in slack.fake.messages.values()))
+    status = [m for m in slack.fake.messages.values() if not m.files and "a red fox" in m.text]
+    assert len(status) == 1 and "done" in status[0].text
+    assert any("queued" in t or "started" in t or "step" in t for t in status[0].history[:-1]), status[
+        0
+    ].history
+    # the job row knows its result message, so reactions resolve to it (even after a restart)
+    job = await attached_job(slack, msg)
+    assert job.state == "succeeded" and job.params.seeds == (42, 43) and job.params.steps == 12
+    # the controls are offered as reactions on the result
+    await slack.fake.wait_for(lambda: len(slack.fake.reactions) >= 3)
+    assert [r["name"] for r in slack.fake.reactions] == ["repeat", "one", "two"]
+    assert {r["timestamp"] for r in slack.fake.reactions} == {msg.ts}
+    # the backend saw what the user asked for
+    params = slack.backend.calls[0].params
+    assert params.task == "txt2img" and params.prompt == "a red fox in snow" and params.seeds == (42, 43)
+
+
+async def test_imagine_bad_flag_gets_ephemeral_error_naming_it(slack: Running):
+    reply, trigger = await slack.sender.slash_command("/imagine", "a cat --steps 9999")
+    assert reply.status == 200
+    await slack.fake.wait_for(lambda: slack.fake.responses)
+    text = slack.fake.responses[0]["text"]
+    assert "steps" in text and "Traceback" not in text
+    assert slack.fake.responses[0]["response_type"] == "ephemeral"
+    assert slack.backend.calls == [] and not slack.fake.calls_to("chat.postMessage")
+
+
+async def test_imagine_help_when_empty(slack: Running):
+    await slack.sender.slash_command("/imagine", "  ")
+    await slack.fake.wait_for(lambda: slack.fake.responses)
+    assert "--seed" in slack.fake.responses[0]["text"] and "inpaint" in slack.fake.responses[0]["text"]
+
+
+def mention(text: str, files: list | None = None, user: str = "UALICE01", channel: str = "CGENERAL1") -> dict:
+    event = {
+        "type": "app_mention",
+        "user": user,
+        "text": f"<@{BOT_USER_ID}> {text}",
+        "ts": f"{time.time():.6f}",
+        "channel": channel,
+        "event_ts": f"{time.time():.6f}",
+    }
+    if files is not None:
+        event["files"] = files
+    return event
+
+
+async def test_inpaint_mention_with_transparent_png(slack: Running):
+    f = slack.fake.host_file("photo.png", transparent_hole_png())
+    reply, _ = await slack.sender.event(mention("inpaint a red knitted hat --seed 7", [f]))
+    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    await slack.fake.wait_for(lambda: result_messages(slack.fake))
+    msg = result_messages(slack.fake)[0]
+    assert "inpaint" in msg.text and "a red knitted hat" in msg.text and "seed 7" in msg.text
+    params = slack.backend.calls[0].params
+    assert params.task == "inpaint" and params.image is not None and params.mask is not None
+    # the adapter downloaded the file with the bot token (the fake refuses otherwise)
+    assert params.prompt == "a red knitted hat"
+
+
+async def test_inpaint_mention_with_image_and_mask(slack: Running):
+    # order does not matter: the file named "mask" is the mask
+    files = [slack.fake.host_file("my-mask.png", mask_png()), slack.fake.host_file("photo.png", opaque_png())]
+    await slack.sender.event(mention("inpaint a stone wall", files))
+    await slack.fake.wait_for(lambda: result_messages(slack.fake))
+    params = slack.backend.calls[0].params
+    assert params.task == "inpaint"
+    mask = Image.open(io.BytesIO(params.mask)).convert("L")
+    assert mask.getpixel((0, 0)) == 255 and mask.getpixel((63, 0)) == 0  # our mask, not the photo
+
+
+async def test_inpaint_bad_attachments_get_clear_replies(slack: Running):
+    fake = slack.fake
+    cases = [
+        (None, "Attach an image"),
+        ([fake.host_file("notes.pdf", b"%PDF-1.4 ...", "application/pdf")], "`notes.pdf` is not an image"),
+        ([fake.host_file("flat.png", opaque_png())], "mask"),  # no transparency, no mask: the core refuses
+        ([fake.host_file(f"{i}.png", opaque_png()) for i in range(3)], "this message has 3 files"),
+    ]
+    for i, (files, expected) in enumerate(cases):
+        await slack.sender.event(mention("inpaint a hat", files))
+        await fake.wait_for(lambda i=i: len(fake.ephemerals) > i)
+        text = fake.ephemerals[i]["text"]
+        assert expected in text, text
+        assert fake.ephemerals[i]["user"] == "UALICE01" and "Traceback" not in text
+    assert slack.backend.calls == [] and not result_messages(fake)
+
+
+async def test_inpaint_shortcut_opens_modal_then_runs(slack: Running):
+    fake = slack.fake
+    f = fake.host_file("cat.png", transparent_hole_png())
+    message = {
+        "type": "message",
+        "user": "UBOB0001",
+        "ts": "1699999999.000100",
+        "text": "my cat",
+        "files": [f],
+    }
+    reply, trigger = await slack.sender.message_shortcut("imagine_inpaint", message)
+    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    await fake.wait_for(lambda: fake.views)
+    view = fake.views[0]["view"]
+    assert fake.views[0]["trigger_id"] == trigger and view["callback_id"] == "imagine_inpaint_modal"
+    # an empty prompt is refused inside the modal
+    reply = await slack.sender.view_submission(
+        view, {"prompt": {"prompt": {"type": "plain_text_input", "value": " "}}}
+    )
+    assert reply.status == 200 and reply.json()["response_action"] == "errors"
+    assert "prompt" in reply.json()["errors"]
+    reply = await slack.sender.view_submission(
+        view, {"prompt": {"prompt": {"type": "plain_text_input", "value": "a wizard hat"}}}
+    )
+    assert reply.status == 200 and reply.body == ""
+    await fake.wait_for(lambda: result_messages(fake))
+    assert "a wizard hat" in result_messages(fake)[0].text
+    assert slack.backend.calls[0].params.task == "inpaint"
+
+
+async def test_inpaint_shortcut_on_message_without_image(slack: Running):
+    message = {"type": "message", "user": "UBOB0001", "ts": "1699999999.000200", "text": "no picture here"}
+    await slack.sender.message_shortcut("imagine_inpaint", message)
+    await slack.fake.wait_for(lambda: slack.fake.responses)
+    assert "Attach an image" in slack.fake.responses[0]["text"]
+    assert not slack.fake.views
+
+
+def reaction(name: str, msg, user: str = "UBOB0001") -> dict:
+    return {
+        "type": "reaction_added",
+        "user": user,
+        "reaction": name,
+        "item_user": BOT_USER_ID,
+        "item": {"type": "message", "channel": msg.channel, "ts": msg.ts},
+        "event_ts": f"{time.time():.6f}",
+    }
+
+
+async def test_reactions_start_a_variation_and_a_reroll(slack: Running):
+    _, _, first = await imagine_and_wait(slack, "a lighthouse --seed 100 --n 2")
+    parent = await attached_job(slack, first)
+    reply, _ = await slack.sender.event(reaction("two", first))
+    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 2)
+    variation = await attached_job(slack, result_messages(slack.fake)[1])
+    assert (
+        variation.kind == "variation"
+        and variation.parent_id == parent.id
+        and variation.parent_image_index == 1
+    )
+    assert slack.backend.calls[1].params.task == "img2img"
+    assert variation.user_id == "UBOB0001"
+
+    await slack.sender.event(reaction("repeat", first))
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 3)
+    reroll = await attached_job(slack, result_messages(slack.fake)[2])
+    assert reroll.kind == "reroll" and reroll.prompt == "a lighthouse" and reroll.params.seed != 100
+    assert slack.backend.calls[2].params.task == "txt2img"
+
+    # a reaction that is not a control, or on a message that is not a result, is ignored
+    await slack.sender.event(reaction("thumbsup", first))
+    await slack.sender.event(reaction("repeat", type("M", (), {"channel": "CGENERAL1", "ts": "1.000001"})()))
+    await slack.sender.slash_command(
+        "/imagine", "sync point"
+    )  # a later request, to know the above were handled
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 4)
+    assert len(slack.backend.calls) == 4 and not slack.fake.ephemerals
+
+
+async def test_retried_event_never_starts_a_second_job(slack: Running):
+    _, _, first = await imagine_and_wait(slack, "a boat --seed 5")
+    await attached_job(slack, first)
+    event = reaction("repeat", first)
+    _, event_id = await slack.sender.event(event)
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 2)
+    for retry in (1, 2, 3):  # Slack retries up to three times with the same event_id
+        reply, _ = await slack.sender.event(event, event_id=event_id, retry_num=retry)
+        assert reply.status == 200
+    # a fresh event after the retries: once its result is there, the retries were long handled
+    await slack.sender.event(reaction("art", first))
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 3)
+    assert [c.params.task for c in slack.backend.calls] == ["txt2img", "txt2img", "img2img"]
+    assert len(result_messages(slack.fake)) == 3
+
+
+async def test_reactions_work_after_a_restart(fake_slack: FakeSlack, tmp_path, http):
+    async with running_adapter(fake_slack, tmp_path, http) as first_run:
+        _, _, msg = await imagine_and_wait(first_run, "a castle --seed 9")
+        await attached_job(first_run, msg)
+    # a new process: new core on the same database, new adapter, nothing in memory
+    async with running_adapter(fake_slack, tmp_path, http) as second_run:
+        await second_run.sender.event(reaction("art", msg))
+        await fake_slack.wait_for(lambda: len(result_messages(fake_slack)) >= 2)
+        job = await attached_job(second_run, result_messages(fake_slack)[1])
+        assert job.kind == "variation" and job.prompt == "a castle"
+
+
+async def test_admin_commands_allowed_for_configured_and_workspace_admins(slack: Running):
+    fake = slack.fake
+    await slack.sender.slash_command("/imagine-admin", "credits <@UBOB0001|bob> 5", user_id=ADMIN_ID)
+    await fake.wait_for(lambda: fake.responses)
+    assert "Granted 5" in fake.responses[-1]["text"], fake.responses[-1]
+    await slack.sender.slash_command("/imagine-admin", "usage <@UBOB0001|bob>", user_id="UWSADMIN")
+    await fake.wait_for(lambda: len(fake.responses) >= 2)
+    assert "5 bonus credit" in fake.responses[-1]["text"], fake.responses[-1]
+    assert any(c.params.get("user") == "UWSADMIN" for c in fake.calls_to("users.info"))
+    await slack.sender.slash_command("/imagine-admin", "ban <@UBOB0001|bob> spamming", user_id=ADMIN_ID)
+    await fake.wait_for(lambda: len(fake.responses) >= 3)
+    assert "banned" in fake.responses[-1]["text"]
+    # the ban is real: bob's /imagine is refused with a message saying so
+    await slack.sender.slash_command("/imagine", "a cat", user_id="UBOB0001")
+    await fake.wait_for(lambda: len(fake.responses) >= 4)
+    assert "banned" in fake.responses[-1]["text"].lower()
+    await slack.sender.slash_command("/imagine-admin", "stats", user_id=ADMIN_ID)
+    await fake.wait_for(lambda: len(fake.responses) >= 5)
+    assert "Stats" in fake.responses[-1]["text"]
+
+
+async def test_admin_commands_refused_for_others(slack: Running):
+    fake = slack.fake
+    await slack.sender.slash_command("/imagine-admin", "credits <@UALICE01|alice> 100", user_id="UALICE01")
+    await fake.wait_for(lambda: fake.responses)
+    assert "Only admins" in fake.responses[0]["text"], fake.responses[0]
+    quota = await slack.service.quota(Actor("slack", "UALICE01"), Place("slack", "T0TEST01", "CGENERAL1"))
+    assert quota.bonus_credits == 0
+    # usage errors are explained, with the help text
+    await slack.sender.slash_command("/imagine-admin", "credits bob lots", user_id=ADMIN_ID)
+    await fake.wait_for(lambda: len(fake.responses) >= 2)
+    assert "not a user mention" in fake.responses[1]["text"]
+
+
+async def test_rate_limited_web_api_calls_are_retried(slack: Running):
+    fake = slack.fake
+    fake.rate_limit("chat.postMessage", times=1, retry_after=1)
+    fake.rate_limit("files.completeUploadExternal", times=1, retry_after=0)
+    _, _, msg = await imagine_and_wait(slack, "a rainy street --seed 3")
+    statuses = [c.status for c in fake.calls if c.method == "chat.postMessage"]
+    assert statuses[:2] == [429, 200]
+    assert [c.status for c in fake.calls if c.method == "files.completeUploadExternal"] == [429, 200]
+    assert "a rainy street" in msg.text
