@@ -52,6 +52,7 @@ class ImagineBot(commands.Bot):
             activity=discord.Game(config.activity) if config.activity else None,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
             help_command=None,
+            guild_ready_timeout=config.guild_ready_timeout_s,
         )
         self.service = service
         self.config = config

@@ -37,10 +37,15 @@ class DiscordConfig:
     history_limit: int = 10
     # "Playing ..." status shown under the bot's name; empty for none.
     activity: str = "/imagine"
+    # Seconds without a new guild after connecting before the bot counts as ready (discord.py's
+    # guild_ready_timeout); raise it for a bot in thousands of guilds.
+    guild_ready_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if any(g <= 0 for g in self.guild_ids):
             raise ConfigError("[discord] guild_ids: guild ids are positive integers (snowflakes)")
+        if self.guild_ready_timeout_s <= 0:
+            raise ConfigError("[discord] guild_ready_timeout_s: must be > 0")
         if self.progress_edit_interval_s < 0:
             raise ConfigError("[discord] progress_edit_interval_s: must be >= 0")
         if not 0 <= self.token_margin_s < INTERACTION_TOKEN_TTL_S:

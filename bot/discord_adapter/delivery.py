@@ -33,6 +33,10 @@ REROLL_EMOJI = "\U0001f501"
 VARIATION_EMOJI = "\U0001f3a8"
 
 
+# Status phases only move forward: a late "queued" report never hides "generating".
+QUEUED, RUNNING = 0, 1
+
+
 def result_reactions(n: int) -> list[str]:
     return [REROLL_EMOJI, *(NUMBER_EMOJI[:n] if n > 1 else [VARIATION_EMOJI])]
 
@@ -43,6 +47,7 @@ class DiscordDelivery:
         self.config = config
         self._last_edit: dict[int, float] = {}
         self._status: dict[int, int] = {}  # job id -> channel status message id (channel mode)
+        self._phase: dict[int, int] = {}  # job id -> QUEUED / RUNNING as last shown
         self._locks: dict[int, asyncio.Lock] = {}
         # Jobs already answered, so a late progress callback never overwrites a result. Bounded:
         # a progress callback arrives seconds after the result at most, never thousands of jobs later.
@@ -51,10 +56,10 @@ class DiscordDelivery:
     # -- Delivery protocol ------------------------------------------------------------------------
 
     async def on_queued(self, job: JobView, position: int) -> None:
-        await self._status_update(job, messages.queued(job, position))
+        await self._status_update(job, messages.queued(job, position), QUEUED)
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
-        await self._status_update(job, messages.progress(job, step, total))
+        await self._status_update(job, messages.progress(job, step, total), RUNNING)
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         async with self._lock(job.id):
@@ -95,6 +100,7 @@ class DiscordDelivery:
             self._finished.popitem(last=False)
         self._last_edit.pop(job_id, None)
         self._status.pop(job_id, None)
+        self._phase.pop(job_id, None)
         self._locks.pop(job_id, None)
 
     def _token_usable(self, job: JobView) -> bool:
@@ -119,16 +125,19 @@ class DiscordDelivery:
         guild = self.bot.get_guild(int(job.guild_id)) if job.guild_id else None
         return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
-    async def _status_update(self, job: JobView, text: str) -> None:
+    async def _status_update(self, job: JobView, text: str, phase: int) -> None:
         """A throttled edit of the job's status message (queue position, progress)."""
+        if job.id in self._finished or self._phase.get(job.id, QUEUED) > phase:
+            return
         now = time.monotonic()
         last = self._last_edit.get(job.id)
         if last is not None and now - last < self.config.progress_edit_interval_s:
             return
         self._last_edit[job.id] = now
         async with self._lock(job.id):
-            if job.id in self._finished:
+            if job.id in self._finished or self._phase.get(job.id, QUEUED) > phase:
                 return
+            self._phase[job.id] = phase
             if self._token_usable(job):
                 await self._webhook(job).edit_message("@original", content=text)  # type: ignore[arg-type]
             elif job.delivery.get("mode") == "channel":

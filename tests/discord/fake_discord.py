@@ -163,6 +163,7 @@ class FakeDiscord:
         self.heartbeats: list[float] = []  # monotonic time of each heartbeat answered
         self.identifies: list[dict] = []
         self.attachments: dict[str, tuple[str, bytes]] = {}  # "id/filename" -> (content type, bytes)
+        self.downloads: list[str] = []  # attachment keys fetched by the bot
         self._failures: list[dict] = []
         self._sockets: list[web.WebSocketResponse] = []
         self._gateway_seq = itertools.count(1)
@@ -680,7 +681,7 @@ class FakeDiscord:
         assert rec is not None
         if err := self._too_large(files, rec.payload["attachment_size_limit"]):
             return err
-        if rec.original is not None and rec.original["flags"] & 128 and not rec.followups:
+        if rec.original is not None and rec.original["flags"] & 128 and not rec.followups and not rec.deleted_original:
             # Real Discord: the first followup after a defer replaces the loading message.
             msg = self._message(rec.channel_id, body, files, interaction=rec, message_id=int(rec.original["id"]))
             msg["flags"] = (rec.original["flags"] & 64) | (body.get("flags", 0) or 0)
@@ -793,6 +794,7 @@ class FakeDiscord:
 
     async def _attachment(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
+        self.downloads.append(key)
         if key not in self.attachments:
             return web.Response(status=404)
         content_type, data = self.attachments[key]

@@ -45,12 +45,15 @@ class Imagine(commands.Cog):
     ) -> None:
         await defer(interaction, ephemeral=False)
         options = {"negative": negative, "n": count, "seed": seed, "steps": steps, "ar": aspect, "guidance": guidance}
-        await self.bot.service.imagine(
+        job = await self.bot.service.imagine(
             self.bot.actor(interaction), self.bot.place(interaction), prompt,
             {k: v for k, v in options.items() if v is not None},
             idempotency_key=self.bot.key(interaction), delivery=self.bot.interaction_delivery(interaction),
         )
-        # The core reports the queue position, progress and result through the delivery.
+        # Show the queue position at once; the core reports later positions, progress and the
+        # result through the delivery (which ignores this if the job already started).
+        if job.created and job.position is not None:
+            await self.bot.delivery.on_queued(job, job.position)
 
 
 async def setup(bot: ImagineBot) -> None:

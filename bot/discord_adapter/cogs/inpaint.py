@@ -59,12 +59,15 @@ class Inpaint(commands.Cog):
         await defer(interaction, ephemeral=False)
         image_bytes = await self._read("image", image)
         mask_bytes = await self._read("mask", mask) if mask is not None else None
-        await self.bot.service.inpaint(
+        job = await self.bot.service.inpaint(
             self.bot.actor(interaction), self.bot.place(interaction), prompt, image_bytes, mask_bytes,
             {"seed": seed} if seed is not None else None,
             idempotency_key=self.bot.key(interaction), delivery=self.bot.interaction_delivery(interaction),
         )
-        # The core reports the queue position, progress and result through the delivery.
+        # Show the queue position at once; the core reports later positions, progress and the
+        # result through the delivery (which ignores this if the job already started).
+        if job.created and job.position is not None:
+            await self.bot.delivery.on_queued(job, job.position)
 
 
 async def setup(bot: ImagineBot) -> None:

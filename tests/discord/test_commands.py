@@ -1,0 +1,153 @@
+"""Slash commands end to end: the real discord.py bot and core, Discord faked on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.backends.fake import FakeBackend
+from tests.discord.fake_discord import FakeDiscord
+from tests.discord.harness import App, app_config, image_size, wait_ephemeral, wait_result
+
+
+async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
+    async with App(fake_discord, app_config(tmp_path, fake_discord)):
+        sync = fake_discord.command_syncs[-1]
+    assert sync["guild_id"] == fake_discord.guild_id  # guild sync: instant in development
+    commands = {c["name"]: c for c in sync["payload"]}
+    assert set(commands) == {"imagine", "inpaint", "history", "quota", "help", "admin"}
+    opts = {o["name"]: o for o in commands["imagine"]["options"]}
+    assert opts["prompt"]["type"] == 3 and opts["prompt"]["required"] is True
+    assert opts["count"]["type"] == 4 and (opts["count"]["min_value"], opts["count"]["max_value"]) == (1, 4)
+    assert opts["steps"]["max_value"] == 150 and opts["seed"]["max_value"] == 2**32 - 1
+    assert opts["guidance"]["type"] == 10
+    assert {c["value"] for c in opts["aspect"]["choices"]} >= {"1:1", "3:2", "16:9"}
+    inpaint = {o["name"]: o for o in commands["inpaint"]["options"]}
+    assert inpaint["image"]["type"] == 11 and inpaint["image"]["required"] is True
+    assert inpaint["mask"]["type"] == 11 and not inpaint["mask"].get("required", False)
+    admin = commands["admin"]
+    assert int(admin["default_member_permissions"]) == 1 << 5  # Manage Server: hidden from others
+    assert {o["name"] for o in admin["options"]} == {
+        "user-limit", "server-limit", "credits", "reset", "usage", "ban", "unban", "stats"}
+    assert all(o["type"] == 1 for o in admin["options"])  # subcommands
+    assert commands["imagine"]["description"]  # Discord shows it to users
+
+
+async def test_global_sync_when_no_guilds(fake_discord: FakeDiscord, tmp_path):
+    config = app_config(tmp_path, fake_discord, discord={"guild_ids": [], "hide_admin_commands": False})
+    async with App(fake_discord, config):
+        pass
+    assert [s["guild_id"] for s in fake_discord.command_syncs] == [None]
+    admin = next(c for c in fake_discord.command_syncs[0]["payload"] if c["name"] == "admin")
+    assert admin.get("default_member_permissions") is None
+
+
+async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: FakeDiscord, tmp_path):
+    alice, zoe = fake_discord.user("alice"), fake_discord.user("zoe")
+    backend = FakeBackend()
+    config = app_config(tmp_path, fake_discord, bot={"dispatch_concurrency": 1})
+    async with App(fake_discord, config, backend=backend) as app:
+        backend.hold()  # zoe's job occupies the only slot, so alice's job has to wait in the queue
+        blocker = await fake_discord.slash("imagine", zoe, {"prompt": "a slow start"})
+        await fake_discord.wait_for(lambda: backend.in_flight == 1, what="the first job to start")
+        rec = await fake_discord.slash("imagine", alice, {"prompt": "a red fox in the snow", "count": 4,
+                                                           "seed": 1234, "steps": 5})
+        await fake_discord.wait_for(lambda: any("queue" in t or "next" in t for t in rec.texts()), what="queued")
+        backend.release()
+        result = await wait_result(fake_discord, rec)
+        await wait_result(fake_discord, blocker)
+        job = await app.service.job_for_message("discord", result["id"])
+        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 5, what="reactions")
+    # Deferred publicly ("thinking…") first: the core was only called after that.
+    assert rec.callbacks[0]["status"] == 200 and rec.callbacks[0]["body"]["type"] == 5
+    assert not rec.ephemeral
+    texts = rec.texts()
+    queued_at = next(i for i, t in enumerate(texts) if "queued" in t)
+    progress_at = next(i for i, t in enumerate(texts) if "step " in t)
+    assert queued_at < progress_at < len(texts) - 1, texts  # queue position, then progress, then result
+    assert "starts next" in texts[queued_at] or "position 1" in texts[queued_at]
+    # The result: one 2x2 grid PNG, prompt, seed, parameters and who asked.
+    assert len(result["_files"]) == 1 and result["attachments"][0]["filename"].endswith(".png")
+    assert result["_files"][0].startswith(b"\x89PNG")
+    assert image_size(result["_files"][0]) == (128, 128)  # four 64x64 images
+    content = result["content"]
+    assert "a red fox in the snow" in content and "seed 1234" in content and "5 steps" in content
+    assert f"<@{alice.id}>" in content and "4 images" in content
+    assert fake_discord.reactions_on(int(result["id"])) == ["🔁", "1️⃣", "2️⃣", "3️⃣", "4️⃣"]
+    assert job is not None and job.state == "succeeded" and job.params.seeds == (1234, 1235, 1236, 1237)
+
+
+async def test_flags_inside_the_prompt(fake_discord: FakeDiscord, tmp_path):
+    bob = fake_discord.user("bob")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+        rec = await fake_discord.slash("imagine", bob, {"prompt": "a lighthouse --seed 42 --n 2 --ar 2:1 --no fog"})
+        result = await wait_result(fake_discord, rec)
+        job = await app.service.job_for_message("discord", result["id"])
+        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 3, what="reactions")
+    assert "seed 42" in result["content"] and "ar 2:1" in result["content"] and "fog" in result["content"]
+    assert job.prompt == "a lighthouse" and job.negative_prompt == "fog" and job.params.n == 2
+    assert job.params.width > job.params.height  # 2:1
+    assert image_size(result["_files"][0]) == (2 * job.params.width, job.params.height)  # side by side
+    assert fake_discord.reactions_on(int(result["id"])) == ["🔁", "1️⃣", "2️⃣"]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"prompt": "a cat --steps 999"}, "steps"),
+        ({"prompt": "a cat --wings 2"}, "Unknown flag --wings"),
+        ({"prompt": "a cat --ar 9:1"}, "ar"),
+    ],
+)
+async def test_bad_parameters_get_a_short_private_error(fake_discord: FakeDiscord, tmp_path, options, expected):
+    carol = fake_discord.user("carol")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+        rec = await fake_discord.slash("imagine", carol, options)
+        text = await wait_ephemeral(fake_discord, rec)
+        history = await app.service.history(_actor(carol), 10)
+    assert expected in text and "Traceback" not in text and len(text) < 300
+    assert rec.deferred and rec.deleted_original  # the public "thinking…" message is removed
+    assert history == []  # no job was created
+
+
+def _actor(user):
+    from bot.core.api import Actor
+
+    return Actor("discord", str(user.id), user.username)
+
+
+async def test_quota_exceeded_history_and_quota(fake_discord: FakeDiscord, tmp_path):
+    dave = fake_discord.user("dave")
+    config = app_config(tmp_path, fake_discord, quotas={"daily_limit": 2})
+    async with App(fake_discord, config):
+        first = await fake_discord.slash("imagine", dave, {"prompt": "two boats", "count": 2})
+        result = await wait_result(fake_discord, first)
+        over = await fake_discord.slash("imagine", dave, {"prompt": "one more boat"})
+        refusal = await wait_ephemeral(fake_discord, over)
+        quota = await fake_discord.slash("quota", dave)
+        quota_text = await wait_ephemeral(fake_discord, quota)
+        history = await fake_discord.slash("history", dave)
+        history_text = await wait_ephemeral(fake_discord, history)
+    assert "Daily limit reached" in refusal and "resets" in refusal.lower() and "<t:" in refusal
+    assert "**2** of **2**" in quota_text and "Resets <t:" in quota_text
+    assert quota.ephemeral and history.ephemeral
+    link = f"https://discord.com/channels/{fake_discord.guild_id}/{fake_discord.channel_id}/{result['id']}"
+    assert "two boats" in history_text and link in history_text
+    assert "one more boat" not in history_text  # refused before a job existed
+
+
+async def test_moderation_refusal_names_the_rule(fake_discord: FakeDiscord, tmp_path):
+    erin = fake_discord.user("erin")
+    config = app_config(tmp_path, fake_discord, moderation={"banned_terms": ["gore"]})
+    async with App(fake_discord, config):
+        rec = await fake_discord.slash("imagine", erin, {"prompt": "lots of GORE everywhere"})
+        text = await wait_ephemeral(fake_discord, rec)
+    assert "moderation" in text and "gore" in text
+
+
+async def test_help_is_private_and_lists_commands(fake_discord: FakeDiscord, tmp_path):
+    frank = fake_discord.user("frank")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)):
+        rec = await fake_discord.slash("help", frank)
+        text = await wait_ephemeral(fake_discord, rec)
+    for word in ("/imagine", "/inpaint", "/history", "/quota", "--seed", "🔁"):
+        assert word in text
