@@ -29,7 +29,7 @@ SCHEDULER_NAMES = (
 STOCHASTIC = ("ddpm", "euler_a")  # they draw noise from the request's generator at every step
 
 
-def test_image(size: int, mask: bool = False) -> Any:
+def sample_picture(size: int, mask: bool = False) -> Any:
     """A deterministic picture (gradient and a square) or inpainting mask (white square = repaint)."""
     from PIL import Image
 
@@ -44,7 +44,7 @@ def test_image(size: int, mask: bool = False) -> Any:
 
 def parity_requests(size: int) -> list[ContinuousRequest]:
     """One txt2img request per sampler, plus img2img and inpaint ones (mixed steps and guidance)."""
-    image, mask = test_image(size), test_image(size, mask=True)
+    image, mask = sample_picture(size), sample_picture(size, mask=True)
     reqs = []
     for k, name in enumerate(SCHEDULER_NAMES):
         reqs.append(

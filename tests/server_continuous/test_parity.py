@@ -34,9 +34,9 @@ def test_inpaint_keeps_the_original_outside_the_mask(pipes: dict[str, Any], make
     import numpy as np
 
     from inference_server.continuous.core import ContinuousRequest
-    from tests.server_continuous.parity import test_image
+    from tests.server_continuous.parity import sample_picture
 
-    image, mask = test_image(SIZE), test_image(SIZE, mask=True)
+    image, mask = sample_picture(SIZE), sample_picture(SIZE, mask=True)
     engine = make_engine(max_batch_size=2)
     result = engine.submit(
         ContinuousRequest(

@@ -1,0 +1,130 @@
+"""The real server with `[batching] engine = "continuous"`, over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
+from tests.server.conftest import decode_png, make_config, metric, png_b64, running_server
+from tests.server_continuous.parity import sample_picture
+
+CONTINUOUS = {"engine": "continuous", "max_batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-continuous") / "pipe", TinyPipelineSpec())
+
+
+def pixels(payload: dict[str, Any], i: int = 0) -> np.ndarray:
+    return np.asarray(decode_png(payload["images"][i]["png_base64"])).astype(int)
+
+
+async def test_health_and_metrics_name_the_engine(tiny_model: Path) -> None:
+    async with running_server(make_config(tiny_model, batching=CONTINUOUS)) as server:
+        async with server.session.get(f"{server.url}/health") as resp:
+            health = await resp.json()
+        values = await server.metrics()
+    assert health["engine"] == "continuous" and health["max_batch_size"] == 4 and health["status"] == "ok"
+    assert metric(values, "inference_engine_continuous") == 1
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img", "inpaint"])
+async def test_images_equal_the_request_level_engines(tiny_model: Path, task: str) -> None:
+    body: dict[str, Any] = {"prompt": "a red square", "seed": 321, "n": 2, "steps": 4, "guidance": 6.0}
+    if task != "txt2img":
+        body.update(image=png_b64(sample_picture(32)), strength=0.75, scheduler="euler_a")
+    if task == "inpaint":
+        body["mask"] = png_b64(sample_picture(32, mask=True))
+    out = {}
+    for engine in ("dynamic", "continuous"):
+        async with running_server(make_config(tiny_model, batching={"engine": engine})) as server:
+            out[engine] = await server.generate(task, body)
+    for i in range(2):
+        a, b = pixels(out["dynamic"], i), pixels(out["continuous"], i)
+        # PNG is 8-bit: float differences of ~1e-6 may flip a rounding, never more than one level.
+        assert np.abs(a - b).max() <= 1
+    assert [im["seed"] for im in out["continuous"]["images"]] == [321, 322]
+
+
+async def test_concurrent_requests_with_different_steps_share_iterations(tiny_model: Path) -> None:
+    async with running_server(make_config(tiny_model, batching=CONTINUOUS)) as server:
+        bodies = [
+            {"prompt": f"shape {i}", "seed": i, "steps": steps, "guidance": g, "scheduler": sched}
+            for i, (steps, g, sched) in enumerate(((12, 7.5, "ddim"), (6, 3.0, "euler"), (9, 1.0, "heun")))
+        ]
+        results = await asyncio.gather(*(server.generate("txt2img", b) for b in bodies))
+        values = await server.metrics()
+    # The dynamic engine would need three calls (12 + 6 + 17 model evaluations); sharing iterations
+    # needs at most as many as the longest request plus the stragglers that arrived late.
+    iterations = metric(values, "inference_pipeline_calls_total")
+    assert iterations < 12 + 6 + 17
+    assert max(r["batch_size"] for r in results) >= 2
+    assert metric(values, "inference_images_total") == 3
+
+
+async def test_streaming_reports_queue_start_progress_and_result(tiny_model: Path) -> None:
+    async with running_server(make_config(tiny_model, batching=CONTINUOUS)) as server:
+        body = {"prompt": "x", "seed": 5, "steps": 5, "stream": True}
+        async with await server.post("txt2img", body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+            events = [json.loads(line) for line in (await resp.text()).splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "result"
+    steps = [e["step"] for e in events if e["event"] == "progress"]
+    assert steps == sorted(steps) and steps[-1] == 5
+    assert all(e["total"] == 5 for e in events if e["event"] == "progress")
+    assert len(events[-1]["images"]) == 1
+
+
+async def test_a_client_that_disconnects_frees_its_slot(tiny_model: Path) -> None:
+    async with running_server(
+        make_config(tiny_model, batching={"engine": "continuous", "max_batch_size": 1})
+    ) as server:
+        body = {"prompt": "long", "seed": 1, "steps": 150, "stream": True}
+        resp = await server.post("txt2img", body)
+        async for line in resp.content:
+            if json.loads(line)["event"] == "progress":
+                break
+        resp.close()  # the client goes away mid-generation
+        quick = await asyncio.wait_for(
+            server.generate("txt2img", {"prompt": "next", "seed": 2, "steps": 2}), 60
+        )
+        values = await server.metrics()
+    assert len(quick["images"]) == 1
+    # Well short of 150: the abandoned request left the batch at the next step.
+    assert metric(values, "inference_pipeline_calls_total") < 100
+
+
+async def test_a_model_the_engine_cannot_run_falls_back_to_request_level(tmp_path: Path) -> None:
+    """A 9-channel inpainting UNet takes the mask as input: the continuous engine hands over."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from inference_server.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(TinyPipelineSpec())
+    config = dict(pipe.unet.config)
+    config["in_channels"] = 9
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel.from_config(config)
+    pipe.save_pretrained(tmp_path / "inpaint9")
+    cfg = make_config(tmp_path / "inpaint9", batching=CONTINUOUS)
+    cfg = cfg.replace(model={"warmup": False})  # a text-to-image warm-up can't run a 9-channel UNet
+    async with running_server(cfg) as server:
+        async with server.session.get(f"{server.url}/health") as resp:
+            health = await resp.json()
+        body = {"prompt": "x", "seed": 1, "steps": 2, "image": png_b64(sample_picture(32)),
+                "mask": png_b64(sample_picture(32, mask=True)), "strength": 1.0}  # fmt: skip
+        result = await server.generate("inpaint", body)
+        values = await server.metrics()
+    assert health["engine"] == "dynamic"
+    assert metric(values, "inference_engine_continuous") == 0
+    assert pixels(result).shape == (32, 32, 3)
