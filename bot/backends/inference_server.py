@@ -43,6 +43,8 @@ TASK_ROUTES = {"txt2img": "/v1/txt2img", "img2img": "/v1/img2img", "inpaint": "/
 # a longer line means we are not talking to our server, and reading on would only eat memory.
 MAX_EVENT_LINE_BYTES = 64 * 1024 * 1024
 MAX_ERROR_MESSAGE_CHARS = 300  # messages reach chat users: keep them to a line or two
+# Extra seconds the client waits past a job's deadline for the server's own 504, which says why.
+DEADLINE_GRACE_S = 2.0
 
 
 class _RetryableFailure(Exception):
@@ -130,13 +132,18 @@ class InferenceServerBackend:
         if route is None:
             raise BackendRejected(f"unknown task {params.task!r}", "task")
         body = _request_body(params, stream=self._stream and on_event is not None)
+        # The job's deadline covers every attempt and every wait between them, not each one anew.
+        deadline = None if params.timeout_s is None else self._clock() + params.timeout_s
         failures: dict[str, str] = {}
         rounds = self._max_retries + 1
         for round_no in range(rounds):
             retry_after: float | None = None
             for server in self._server_order():
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    break
                 try:
-                    return await self._attempt(server, route, body, params, on_event)
+                    return await self._attempt(server, route, body, params, remaining, on_event)
                 except _RetryableFailure as f:
                     failures[server.url] = f.reason
                     log.warning(
@@ -146,11 +153,16 @@ class InferenceServerBackend:
                         server.down_until = self._clock() + self._server_cooloff_s
                     if f.retry_after is not None:
                         retry_after = max(retry_after or 0.0, f.retry_after)
-            if round_no + 1 < rounds:
-                await self._sleep(self._delay_before_round(round_no, retry_after))
-        tried = ", ".join(f"{url} ({reason})" for url, reason in failures.items())
+            if round_no + 1 == rounds:
+                break
+            delay = self._delay_before_round(round_no, retry_after)
+            if deadline is not None and self._clock() + delay >= deadline:
+                raise BackendUnavailable(
+                    f"no inference server could take the job before its deadline; tried {_tried(failures)}"
+                )
+            await self._sleep(delay)
         raise BackendUnavailable(
-            f"no inference server could take the job after {rounds} attempt(s); tried {tried}"
+            f"no inference server could take the job after {rounds} attempt(s); tried {_tried(failures)}"
         )
 
     # --- internals ---------------------------------------------------------------------------------
@@ -186,9 +198,16 @@ class InferenceServerBackend:
         route: str,
         body: dict[str, Any],
         params: GenerationParams,
+        remaining_s: float | None,
         on_event: EventCallback | None,
     ) -> list[GeneratedImage]:
-        total = params.timeout_s if params.timeout_s is not None else self._request_timeout_s
+        if remaining_s is None:
+            total = self._request_timeout_s
+        else:
+            # The server gets the time left and answers 504 when it runs out; the client waits a
+            # little longer so that answer (which says why) arrives instead of a bare timeout.
+            body = {**body, "timeout_s": round(remaining_s, 3)}
+            total = remaining_s + DEADLINE_GRACE_S
         timeout = aiohttp.ClientTimeout(total=total, connect=self._connect_timeout_s)
         headers = {"Accept": "application/x-ndjson"} if body.get("stream") else {"Accept": "application/json"}
         session = self._get_session()
@@ -290,8 +309,6 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
     }
     if params.negative_prompt:
         body["negative_prompt"] = params.negative_prompt
-    if params.timeout_s is not None:
-        body["timeout_s"] = params.timeout_s
     if params.task in ("img2img", "inpaint"):
         if not params.image:
             raise BackendRejected(f"{params.task} needs an input image", "image")
@@ -373,6 +390,10 @@ def _images_from_result(
             f"the inference server at {origin} sent {len(images)} image(s), expected {params.n}"
         )
     return images
+
+
+def _tried(failures: dict[str, str]) -> str:
+    return ", ".join(f"{url} ({reason})" for url, reason in failures.items()) or "none"
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -63,6 +64,8 @@ async def test_txt2img_sends_the_contract_body_and_returns_images(inference_serv
     images = await backend.generate(params)
     assert [(i.seed, i.png) for i in images] == [(11, seed_png(11, 64, 48)), (12, seed_png(12, 64, 48))]
     [req] = inference_server.seen
+    # The server gets the time left of the job's deadline (a hair under 30 s by now).
+    assert 25.0 < req.body.pop("timeout_s") <= 30.0
     assert req.path == "/v1/txt2img"
     assert req.headers["Authorization"] == f"Bearer {TOKEN}"
     assert req.body == {
@@ -75,7 +78,6 @@ async def test_txt2img_sends_the_contract_body_and_returns_images(inference_serv
         "steps": 5,
         "guidance": 6.0,
         "stream": False,
-        "timeout_s": 30.0,
     }
 
 
@@ -327,3 +329,55 @@ async def test_close_closes_the_shared_session(inference_server, make_backend):
     assert session.closed
     with pytest.raises(BackendUnavailable):
         await backend.generate(GenerationParams("txt2img", "x"))
+
+
+async def test_no_retry_wait_past_the_jobs_deadline(inference_server, make_backend, sleeps):
+    async def overloaded(request, body):
+        return error(503, "overloaded", "queue full", headers={"Retry-After": "60"})
+
+    inference_server.script = [overloaded]
+    backend = make_backend([inference_server.url], retry_after_max_s=120.0)
+    with pytest.raises(BackendUnavailable) as info:
+        await backend.generate(GenerationParams("txt2img", "x", timeout_s=20.0))
+    assert "before its deadline" in info.value.message and "overloaded: queue full" in info.value.message
+    assert sleeps.delays == []  # waiting 60 s for a job due in 20 s would only waste the slot
+
+
+async def test_a_server_that_never_answers_times_out(inference_server, make_backend):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    inference_server.script = [hang]
+    backend = make_backend([inference_server.url], request_timeout_s=0.3)
+    with pytest.raises(BackendUnavailable) as info:
+        await backend.generate(GenerationParams("txt2img", "x"))
+    assert "did not finish the job within 0.3 s" in info.value.message
+
+
+async def test_cancelling_a_job_closes_its_request(inference_server, make_backend):
+    client_gone = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request, body):
+        arrived.set()
+        try:
+            for _ in range(500):  # poll for a vanished client, as the real server does
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                return error(500, "internal", "the client never went away")
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # aiohttp cancels a handler whose client disconnected
+        client_gone.set()
+        raise asyncio.CancelledError
+
+    inference_server.script = [slow]
+    backend = make_backend([inference_server.url])
+    job = asyncio.create_task(backend.generate(GenerationParams("txt2img", "x")))
+    await asyncio.wait_for(arrived.wait(), 5)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    await asyncio.wait_for(client_gone.wait(), 5)
+    assert client_gone.is_set()
