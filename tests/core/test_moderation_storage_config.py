@@ -1,0 +1,67 @@
+"""Moderation rules, content-addressed storage, and the typed config."""
+
+import hashlib
+
+import pytest
+
+from bot.config import load_core_config
+from bot.core.moderation import Moderator
+from bot.core.storage import LocalImageStorage
+from inference_server.config_loader import ConfigError
+
+
+def test_moderation_is_case_and_accent_insensitive_on_whole_words():
+    m = Moderator(["gore", "blood bath", "Crème"])
+    assert m.check("A GÔRE scene").term == "gore"
+    assert m.check("gore, lots").term == "gore"
+    assert m.check("a Blood   Bath").term == "blood bath"
+    assert m.check("creme brulee").term == "Crème"
+    assert m.check("gorey details") is None  # whole words only
+    assert m.check("a nice cat") is None
+    assert m.check("gore").description == "banned term 'gore'"
+    assert Moderator(["gore"], enabled=False).check("gore") is None
+
+
+async def test_storage_is_content_addressed_and_idempotent(tmp_path):
+    store = LocalImageStorage(tmp_path / "img")
+    data = b"\x89PNG fake bytes"
+    key = await store.put(data)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert await store.put(data) == key
+    assert await store.get(key) == data
+    assert store.path_for(key) == tmp_path / "img" / key[:2] / f"{key}.png"
+    assert [p.name for p in store.path_for(key).parent.iterdir()] == [f"{key}.png"]  # no temp files left
+    with pytest.raises(KeyError):
+        await store.get("0" * 64)
+    with pytest.raises(KeyError):
+        store.path_for("../../etc/passwd")
+
+
+def test_repository_config_loads_and_database_url_precedence():
+    cfg = load_core_config("config.toml", {})
+    assert cfg.database_url == "sqlite+aiosqlite:///data/imagine.db"
+    assert cfg.bot.base_size == 64 and cfg.quotas.daily_limit >= 1
+    cfg = load_core_config({"database": {"url": "postgres://u@h/db"}}, {})
+    assert cfg.database_url == "postgresql+asyncpg://u@h/db"
+    cfg = load_core_config({"database": {"url": "postgres://u@h/db"}}, {"DATABASE_URL": "sqlite:///x.db"})
+    assert cfg.database_url == "sqlite+aiosqlite:///x.db"
+    cfg = load_core_config({}, {"IMAGINE_QUOTAS_DAILY_LIMIT": "7", "IMAGINE_MODERATION_BANNED_TERMS": "a,b"})
+    assert cfg.quotas.daily_limit == 7 and cfg.moderation.banned_terms == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"bot": {"base_size": 60}}, "[bot] base_size"),
+        ({"bot": {"dispatch_concurrency": 0}}, "[bot] dispatch_concurrency"),
+        ({"bot": {"nope": 1}}, "nope"),
+        ({"quotas": {"daily_limit": "many"}}, "[quotas] daily_limit"),
+        ({"quotas": {"reset_hour_utc": 24}}, "[quotas] reset_hour_utc"),
+        ({"database": {"url": "mysql://x"}}, "[database] url"),
+        ({"moderation": {"banned_terms": ["ok", " "]}}, "banned_terms[1]"),
+    ],
+)
+def test_config_errors_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as err:
+        load_core_config(raw, {})
+    assert needle in str(err.value)
