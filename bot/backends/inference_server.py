@@ -240,8 +240,7 @@ class InferenceServerBackend:
             raise _RetryableFailure("bad gateway (HTTP 502)", server_down=True)
         if resp.status in (503, 429):
             raise _RetryableFailure(
-                f"overloaded: {message}" if message else "overloaded",
-                retry_after=_parse_retry_after(resp.headers.get("Retry-After")),
+                _busy_reason(code, message), retry_after=_parse_retry_after(resp.headers.get("Retry-After"))
             )
         _raise_error_body(resp.status, code, message, fld, str(resp.url.origin()))
 
@@ -270,8 +269,8 @@ class InferenceServerBackend:
                 err = event.get("error") or {}
                 code = str(err.get("code") or "internal")
                 message = str(err.get("message") or "")[:MAX_ERROR_MESSAGE_CHARS]
-                if code == "overloaded":
-                    raise _RetryableFailure(f"overloaded: {message}" if message else "overloaded")
+                if code in _BUSY_REASONS:
+                    raise _RetryableFailure(_busy_reason(code, message))
                 _raise_error_body(
                     _STATUS_FOR_CODE.get(code, 500), code, message, err.get("field"), str(resp.url.origin())
                 )
@@ -282,6 +281,15 @@ class InferenceServerBackend:
                 except Exception:
                     # A failing progress display must not cost the user their image.
                     log.exception("progress callback failed for event %s", kind)
+
+
+# Server error codes that mean "not now": another server or a later round may take the job.
+_BUSY_REASONS = {"overloaded": "overloaded", "not_ready": "still loading", "shutting_down": "shutting down"}
+
+
+def _busy_reason(code: str, message: str) -> str:
+    reason = _BUSY_REASONS.get(code, "overloaded")
+    return f"{reason}: {message}" if message else reason
 
 
 _STATUS_FOR_CODE = {

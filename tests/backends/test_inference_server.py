@@ -277,16 +277,19 @@ async def test_stream_error_events_are_mapped(inference_server, make_backend, sl
             request, [{"event": "error", "error": {"code": "overloaded", "message": "shutting down"}}]
         )
 
-    inference_server.script = [rejected, overloaded_mid_stream]
+    async def draining(request, body):
+        return error(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "1"})
+
+    inference_server.script = [rejected, overloaded_mid_stream, draining]
     backend = make_backend([inference_server.url])
     events, on_event = recorder()
     with pytest.raises(BackendRejected) as info:
         await backend.generate(GenerationParams("txt2img", "x"), on_event)
     assert info.value.field == "prompt" and info.value.message == "prompt too long"
     assert [e.kind for e in events] == ["queued"]
-    # An overloaded error inside the stream is retried like a 503.
+    # An overloaded error inside the stream, then a draining server, are retried like a 503.
     assert len(await backend.generate(GenerationParams("txt2img", "x"), on_event)) == 1
-    assert len(sleeps.delays) == 1
+    assert len(sleeps.delays) == 2 and len(inference_server.seen) == 4
 
 
 async def test_a_stream_cut_mid_job_is_retried(inference_server, make_backend, sleeps):
