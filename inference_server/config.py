@@ -117,7 +117,7 @@ class BatchingConfig:
         s = "batching"
         _require(1 <= self.max_batch_size <= 256, s, "max_batch_size", "must be 1-256")
         _require(self.max_wait_ms >= 0, s, "max_wait_ms", "must be >= 0")
-        _require(self.max_batch_pixels >= 64 * 64, s, "max_batch_pixels", "must be >= 4096")
+        _require(self.max_batch_pixels >= 64, s, "max_batch_pixels", "must be >= 64 (one 8x8 image)")
         _require(self.max_queue >= 1, s, "max_queue", "must be >= 1")
         _require(self.retry_after_s >= 1, s, "retry_after_s", "must be >= 1")
 

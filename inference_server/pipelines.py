@@ -287,6 +287,16 @@ class PipelineRunner:
             report.outcomes[i] = Outcome(images=images[pos : pos + req.n], batch_images=size)
             pos += req.n
 
+    def generate_arrays(self, batch: Sequence[GenerationRequest]) -> Any:
+        """One pipeline call's raw float output (N, H, W, 3) in [0, 1], before the inpaint paste-back.
+
+        For determinism checks and benchmarks; runs on the worker thread like every other call.
+        """
+        future = self._executor.submit(
+            self._call, self._pipes[batch[0].task], list(batch), lambda s, t: None, lambda: False, "np"
+        )
+        return future.result()
+
     def _make_scheduler(self, name: str) -> Any:
         import diffusers
 
@@ -300,7 +310,8 @@ class PipelineRunner:
         batch: list[GenerationRequest],
         on_progress: ProgressCallback,
         should_stop: Callable[[], bool],
-    ) -> list[Image.Image]:
+        output_type: str = "pil",
+    ) -> Any:
         import torch
         from PIL import Image as PILImage
 
@@ -323,7 +334,7 @@ class PipelineRunner:
             "generator": generators,
             "num_inference_steps": first.steps,
             "guidance_scale": first.guidance,
-            "output_type": "pil",
+            "output_type": output_type,
             "callback_on_step_end": on_step_end,
         }
         if first.task in ("txt2img", "inpaint"):
@@ -335,8 +346,8 @@ class PipelineRunner:
         if first.task == "inpaint":
             kwargs["mask_image"] = [r.mask for r in batch for _ in r.seeds]
         with torch.inference_mode():
-            images: list[PILImage.Image] = pipe(**kwargs).images
-        if first.task == "inpaint":
+            images = pipe(**kwargs).images
+        if first.task == "inpaint" and output_type == "pil":
             # A 4-channel UNet inpaints by latent blending, which also alters pixels outside the mask
             # (the VAE round trip): paste the original back where the mask is black ("keep").
             originals = [(r.image, r.mask) for r in batch for _ in r.seeds]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from inference_server import keys
 from inference_server.app import create_app
 from inference_server.config import BatchingConfig, Config, ModelConfig, ServerConfig
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
@@ -96,7 +96,8 @@ async def running_server(config: Config, *, token: str = TOKEN) -> AsyncIterator
         yield Server(app, runner, url, session)
     finally:
         await session.close()
-        await runner.cleanup()
+        if runner.server is not None:  # a shutdown test may have cleaned up already
+            await runner.cleanup()
 
 
 @pytest.fixture
@@ -133,4 +134,40 @@ def metric(values: dict[str, float], name: str) -> float:
     return values.get(name, 0.0)
 
 
-__all__ = ["AUTH", "TOKEN", "Server", "decode_png", "make_config", "metric", "png_b64", "running_server", "re"]
+
+
+class DeviceGate:
+    """Holds the pipeline inside its UNet until released: a fault-injection hook on the real model
+    (a forward pre-hook), so tests can keep the device busy for as long as they need."""
+
+    def __init__(self, server: Server) -> None:
+        import threading
+
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        unet = server.app[keys.ENGINE].runner.pipeline("txt2img").unet  # shared by all three pipelines
+
+        def hook(module: Any, args: Any) -> None:
+            self.entered.set()
+            # Bounded, so a failing test can't hang the suite.
+            self.release.wait(timeout=30)
+
+        self.handle = unet.register_forward_pre_hook(hook)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "the pipeline never started"
+
+    def open(self) -> None:
+        self.release.set()
+        self.handle.remove()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")

@@ -1,0 +1,73 @@
+"""Bearer-token auth, start-up refusals, and the typed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference_server.__main__ import main
+from inference_server.app import create_app
+from inference_server.config import load_config
+from inference_server.config_loader import ConfigError
+from tests.server.conftest import Server, make_config, running_server
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_v1_needs_the_bearer_token(server: Server) -> None:
+    url = f"{server.url}/v1/txt2img"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="}):
+        async with server.session.post(url, json={"prompt": "x"}, headers=headers) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "unauthorized"
+    for path in ("/health", "/ready", "/metrics"):
+        async with server.session.get(f"{server.url}{path}") as resp:
+            assert resp.status == 200
+    assert (await server.generate("txt2img", {"prompt": "x"}))["images"]
+
+
+def test_refuses_to_start_without_a_token(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFERENCE_API_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="INFERENCE_API_TOKEN"):
+        create_app(make_config(tiny_model))
+
+
+async def test_allow_no_auth_opens_v1(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFERENCE_API_TOKEN", raising=False)
+    config = make_config(tiny_model, server={"allow_no_auth": True})
+    async with running_server(config, token="") as server:
+        async with server.session.post(f"{server.url}/v1/txt2img", json={"prompt": "open"}) as resp:
+            assert resp.status == 200
+
+
+def test_repo_config_loads_with_documented_defaults() -> None:
+    config = load_config(REPO / "config.toml", environ={})
+    assert config.server.host == "127.0.0.1"
+    assert config.model.path == "embedded" and (config.model.width, config.model.height) == (64, 64)
+    assert config.batching.engine == "dynamic"
+
+
+def test_env_overrides_and_bad_values_name_the_key() -> None:
+    config = load_config({}, environ={"IMAGINE_BATCHING_MAX_BATCH_SIZE": "4"})
+    assert config.batching.max_batch_size == 4
+    with pytest.raises(ConfigError, match=r"\[model\] width"):
+        load_config({"model": {"width": 65}}, environ={})
+    with pytest.raises(ConfigError, match=r"\[batching\] max_wait_ms"):
+        load_config({"batching": {"max_wait_ms": "soon"}}, environ={})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config({"inference_server": {"prot": 1}}, environ={})
+
+
+def test_main_exits_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[model]\npath = "{missing}"\n')
+    monkeypatch.setenv("INFERENCE_API_TOKEN", "t")
+    assert main(["--config", str(cfg)]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    cfg.write_text("[model]\nwidth = 12\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "[model] width" in capsys.readouterr().err
