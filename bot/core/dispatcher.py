@@ -48,6 +48,7 @@ log = logging.getLogger("bot.core.dispatcher")
 MAX_REPORTED_POSITION = 50
 # Candidates read per claim attempt; others may be taking the first ones at the same moment.
 CLAIM_CANDIDATES = 16
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class Dispatcher:
@@ -184,10 +185,16 @@ class Dispatcher:
             .subquery()
         )
         rank = queued.c.rn + func.coalesce(running.c.n, 0)
+        # Among equal ranks, the user served least recently goes first (never served: first of all).
+        served = func.coalesce(User.last_dispatched_at, EPOCH)
         q = (
             select(queued.c.id)
-            .select_from(queued.outerjoin(running, running.c.user_id == queued.c.user_id))
-            .order_by(rank, queued.c.id)
+            .select_from(
+                queued.outerjoin(running, running.c.user_id == queued.c.user_id).join(
+                    User, User.id == queued.c.user_id
+                )
+            )
+            .order_by(rank, served, queued.c.id)
             .limit(limit)
         )
         return list((await s.execute(q)).scalars().all())
@@ -220,6 +227,11 @@ class Dispatcher:
                     )
                 )
                 if result.rowcount == 1:
+                    await s.execute(
+                        update(User)
+                        .where(User.id == select(Job.user_id).where(Job.id == job_id).scalar_subquery())
+                        .values(last_dispatched_at=now)
+                    )
                     return job_id
         return None
 

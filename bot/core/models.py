@@ -83,6 +83,9 @@ class User(Base):
     ban_reason: Mapped[str] = mapped_column(String(500), default="")
     # Images usable after the daily limit is spent; never expire.
     bonus_credits: Mapped[int] = mapped_column(Integer, default=0)
+    # When the dispatcher last started one of this user's jobs: fair order serves the user who
+    # waited longest first among equals.
+    last_dispatched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -60,6 +60,7 @@ def upgrade() -> None:
         sa.Column("banned", sa.Boolean(), nullable=False),
         sa.Column("ban_reason", sa.String(length=500), nullable=False),
         sa.Column("bonus_credits", sa.Integer(), nullable=False),
+        sa.Column("last_dispatched_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),

@@ -1,0 +1,221 @@
+"""The dispatcher on a real database: fairness, queue positions, progress throttling, platform
+filtering, several dispatchers sharing one database, and recovery after a crash or a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+
+from bot.backends.fake import FakeBackend
+from bot.core.api import Actor, Place
+from bot.core.models import ImageRow, Job
+from tests.core.helpers import ALICE, BOB, GUILD, running_core
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_one_users_burst_does_not_starve_another(db_url, tmp_path):
+    backend = FakeBackend()
+    async with running_core(
+        db_url, tmp_path, backend=backend, deliver=(), bot={"dispatch_concurrency": 1}
+    ) as (
+        core,
+        delivery,
+    ):
+        burst = [
+            await core.service.imagine(ALICE, GUILD, f"alice {i}", idempotency_key=f"a{i}") for i in range(20)
+        ]
+        single = await core.service.imagine(BOB, GUILD, "bob's only job", idempotency_key="b0")
+        carol = Actor("discord", "carol", "Carol")
+        other = await core.service.imagine(carol, GUILD, "carol's job", idempotency_key="c0")
+        core.service.register_delivery("discord", delivery)  # now the dispatcher may claim
+        for job in (single, other, burst[-1]):
+            assert (await core.service.wait_for_job(job.id, 60)).state == "succeeded"
+        order = [c.params.prompt for c in backend.calls]
+        assert len(order) == 22
+        # Round-robin: each user's first job before anybody's second.
+        assert set(order[:3]) == {"alice 0", "bob's only job", "carol's job"}
+        assert [p for p in order if p.startswith("alice")] == [f"alice {i}" for i in range(20)]
+
+
+async def test_queue_positions_are_reported_when_they_change(db_url, tmp_path):
+    backend = FakeBackend()
+    backend.hold()
+    async with running_core(db_url, tmp_path, backend=backend, bot={"dispatch_concurrency": 1}) as (
+        core,
+        delivery,
+    ):
+        jobs = [await core.service.imagine(ALICE, GUILD, f"p{i}", idempotency_key=f"q{i}") for i in range(3)]
+        await delivery.wait_for(
+            lambda: {("queued", jobs[2].id, 2), ("queued", jobs[1].id, 1)} <= set(delivery.events)
+        )
+        backend.release()
+        for job in jobs:
+            assert (await core.service.wait_for_job(job.id, 30)).state == "succeeded"
+        positions = [e[2] for e in delivery.events if e[0] == "queued" and e[1] == jobs[2].id]
+        assert positions[0] == 2 and positions == sorted(positions, reverse=True)
+        assert len(positions) == len(set(positions))  # never the same position twice
+        assert not [e for e in delivery.events if e[0] == "queued" and e[1] == jobs[0].id]  # started at once
+
+
+async def test_progress_is_throttled(sqlite_url, tmp_path):
+    backend = FakeBackend(delay_s=0.3)  # 30 steps, one every 10 ms
+    async with running_core(sqlite_url, tmp_path, backend=backend, bot={"progress_interval_s": 60.0}) as (
+        core,
+        delivery,
+    ):
+        job = await core.service.imagine(ALICE, GUILD, "x --steps 30", idempotency_key="t")
+        await core.service.wait_for_job(job.id, 30)
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        steps = [e[2] for e in delivery.events if e[0] == "progress"]
+        assert steps == [0, 30]  # start and the final step; the 29 in between were throttled
+
+
+async def test_only_platforms_with_a_delivery_are_claimed(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, deliver=("slack",)) as (core, delivery):
+        discord_job = await core.service.imagine(ALICE, GUILD, "d", idempotency_key="d")
+        slack = Actor("slack", "U1", "u")
+        slack_job = await core.service.imagine(slack, Place("slack", "T1", "C1"), "s", idempotency_key="s")
+        assert (await core.service.wait_for_job(slack_job.id, 30)).state == "succeeded"
+        await asyncio.sleep(0.3)
+        assert (await core.service.get_job(discord_job.id)).state == "queued"
+        assert list(delivery.succeeded) == [slack_job.id]
+
+
+async def test_two_dispatchers_share_the_database_each_job_runs_once(db_url, tmp_path):
+    b1, b2 = FakeBackend(delay_s=0.01), FakeBackend(delay_s=0.01)
+    async with (
+        running_core(db_url, tmp_path, backend=b1, owner="one") as (core1, d1),
+        running_core(db_url, tmp_path, backend=b2, owner="two") as (core2, d2),
+    ):
+        users = [Actor("discord", f"u{i}", "") for i in range(6)]
+        jobs = await asyncio.gather(
+            *[
+                (core1 if i % 2 else core2).service.imagine(
+                    users[i % 6], GUILD, f"p{i}", idempotency_key=f"k{i}"
+                )
+                for i in range(30)
+            ]
+        )
+        for job in jobs:
+            assert (await core1.service.wait_for_job(job.id, 60)).state == "succeeded"
+        await d1.wait_for(lambda: len(d1.succeeded) + len(d2.succeeded) == 30)
+        ran = [c.params.prompt for c in b1.calls + b2.calls]
+        assert sorted(ran) == sorted(f"p{i}" for i in range(30))  # each exactly once
+        assert not set(d1.succeeded) & set(d2.succeeded)  # each delivered by one process
+        assert all(len(v) == 1 for d in (d1, d2) for v in d.succeeded.values())
+        assert b1.calls and b2.calls  # both did work
+
+
+async def test_crashed_dispatcher_job_is_taken_over_after_the_lease(db_url, tmp_path):
+    """Simulate a process that died holding a claim: its lease expires and another one finishes."""
+    async with running_core(db_url, tmp_path, bot={"lease_s": 1.0}, start=False) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "x --n 2", idempotency_key="crash")
+        async with core.db.session() as s:  # the dead process's claim
+            await s.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(state="running", lease_owner="dead:1", lease_until=core.service.clock(), attempts=1)
+            )
+        core.dispatcher.start()
+        done = await core.service.wait_for_job(job.id, 30)
+        assert done.state == "succeeded" and done.attempts == 2
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        assert len(delivery.succeeded[job.id]) == 1 and len(core.backend.calls) == 1
+
+
+async def test_result_stored_but_not_delivered_is_delivered_once(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, bot={"lease_s": 1.0}) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="undelivered")
+        await core.service.wait_for_job(job.id, 30)
+        async with core.db.session() as s:  # as if the process died between storing and delivering
+            await s.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(delivered_at=None, lease_owner="dead:2", lease_until=core.service.clock())
+            )
+        delivery.succeeded.clear()
+        core.service.wake()
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        await asyncio.sleep(0.3)
+        assert len(delivery.succeeded[job.id]) == 1
+        assert len(core.backend.calls) == 1  # not generated again
+        assert (await core.service.get_job(job.id)).state == "succeeded"
+
+
+async def test_graceful_stop_hands_running_jobs_back(db_url, tmp_path):
+    backend = FakeBackend()
+    backend.hold()
+    async with running_core(db_url, tmp_path, backend=backend) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="stop")
+        await delivery.wait_for(lambda: ("progress", job.id, 0, 20) in delivery.events)
+        await core.dispatcher.stop()
+        view = await core.service.get_job(job.id)
+        assert (view.state, view.attempts) == ("queued", 0)
+    async with running_core(db_url, tmp_path) as (core, delivery):  # the next start finishes it
+        assert (await core.service.wait_for_job(job.id, 30)).state == "succeeded"
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from bot.backends.fake import FakeBackend
+    from tests.core.helpers import ALICE, GUILD, running_core
+
+    async def main(url, tmp):
+        backend = FakeBackend()
+        backend.hold()  # never finishes: we are killed mid-job
+        async with running_core(url, __import__("pathlib").Path(tmp), backend=backend,
+                                bot={"lease_s": 1.0}) as (core, delivery):
+            job = await core.service.imagine(ALICE, GUILD, "killed mid-job --n 2", idempotency_key="kill")
+            await delivery.wait_for(lambda: any(e[0] == "progress" for e in delivery.events))
+            print("RUNNING", job.id, flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+async def test_killed_process_job_finishes_exactly_once_after_restart(db_url, tmp_path):
+    """A real bot process is SIGKILLed while its job runs; a new process finishes it exactly once."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WORKER,
+        db_url,
+        str(tmp_path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if not line.startswith("RUNNING"):
+            proc.kill()
+            err = (await proc.stderr.read()).decode()
+            raise AssertionError(f"worker did not start its job: {line!r}\n{err[-3000:]}")
+        job_id = int(line.split()[1])
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)  # no clean-up: the claim stays behind as after a crash
+        await proc.wait()
+    async with running_core(db_url, tmp_path) as (core, delivery):
+        before = await core.service.get_job(job_id)
+        assert before.state == "running"  # the dead process's claim is still there
+        done = await core.service.wait_for_job(job_id, 30)
+        assert done.state == "succeeded" and len(done.images) == 2
+        await delivery.wait_for(lambda: job_id in delivery.succeeded)
+        await asyncio.sleep(0.5)
+        assert len(delivery.succeeded[job_id]) == 1 and len(core.backend.calls) == 1
+        async with core.db.read() as s:
+            assert (await s.execute(select(func.count()).select_from(ImageRow))).scalar_one() == 2
+        assert (await core.service.quota(ALICE, GUILD)).used_today == 2  # charged once
