@@ -368,15 +368,21 @@ class FakeDiscord:
             obj["width"], obj["height"] = width, height
         return obj
 
-    async def slash(self, name: str, user: FakeUser, options: dict[str, Any] | None = None, *,
+    async def slash(self, name: str, user: FakeUser, options: dict[str, Any] | None = None, **kwargs: Any) -> Interaction:
+        """Dispatch an application command interaction and return its record (see `build_slash`)."""
+        record = self.build_slash(name, user, options, **kwargs)
+        await self.send_interactions([record])
+        return record
+
+    def build_slash(self, name: str, user: FakeUser, options: dict[str, Any] | None = None, *,
                     subcommand: list[str] | None = None, attachments: dict[str, dict] | None = None,
                     command_options: dict[str, int] | None = None, created_at: float | None = None,
                     size_limit: int | None = None) -> Interaction:
-        """Dispatch an application command interaction and return its record.
+        """An application command interaction, not sent yet.
 
-        `options` are plain values (types guessed: str 3, int 4, bool 5, float 10; a value that is a
-        key of `attachments` must be passed through `attachments` instead); `subcommand` nests
-        them, e.g. ["quota", "set-user"]. `created_at` backdates the interaction id (token age).
+        `options` are plain values (types guessed: str 3, int 4, bool 5, float 10, FakeUser 6);
+        attachments go through `attachments` (from `add_attachment`); `subcommand` nests the options,
+        e.g. ["credits"]. `created_at` backdates the interaction id, hence its token's age.
         """
         options = dict(options or {})
         opts: list[dict] = []
@@ -407,17 +413,12 @@ class FakeDiscord:
         data: dict[str, Any] = {"id": str(self.new_id()), "name": name, "type": 1, "options": opts}
         if resolved:
             data["resolved"] = resolved
-        return await self._interaction(name, user, data, created_at=created_at, size_limit=size_limit)
-
-    async def _interaction(self, name: str, user: FakeUser, data: dict, *, created_at: float | None,
-                           size_limit: int | None) -> Interaction:
         iid = self.new_id(created_at)
-        token = f"itoken-{iid}"
         payload = {
             "id": str(iid),
             "application_id": str(self.app_id),
             "type": 2,
-            "token": token,
+            "token": f"itoken-{iid}",
             "version": 1,
             "data": data,
             "guild_id": str(self.guild_id),
@@ -434,15 +435,19 @@ class FakeDiscord:
             "context": 0,
             "attachment_size_limit": size_limit or self.upload_limit,
         }
-        record = Interaction(iid, token, name, user, self.channel_id, payload)
-        self.interactions[iid] = record
+        return Interaction(iid, payload["token"], name, user, self.channel_id, payload)
+
+    async def send_interactions(self, records: list[Interaction]) -> None:
+        """Send INTERACTION_CREATEs back to back from the fake's loop (a burst when there are many)."""
+        for record in records:
+            self.interactions[record.id] = record
 
         async def send() -> None:
-            record.dispatched_at = time.monotonic()
-            for ws in list(self._sockets):
-                await self._send(ws, "INTERACTION_CREATE", payload)
+            for record in records:
+                record.dispatched_at = time.monotonic()
+                for ws in list(self._sockets):
+                    await self._send(ws, "INTERACTION_CREATE", record.payload)
         await self._on_fake_loop(send())
-        return record
 
     async def react(self, message_id: int, emoji: str, user: FakeUser) -> None:
         """A user adds a reaction to a message (MESSAGE_REACTION_ADD)."""

@@ -142,3 +142,15 @@ async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 10.0) -> s
                 return m["content"]
         return None
     return await fake.wait_for(find, within=within, what=f"an ephemeral answer to /{rec.name}")
+
+
+async def result_job(app: App, message: dict, within: float = 10.0) -> Any:
+    """The job row a result message resolves to (recorded just after the message is posted)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        job = await app.service.job_for_message("discord", str(message["id"]))
+        if job is not None:
+            return job
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"message {message['id']} never resolved to a job")
+        await asyncio.sleep(0.02)

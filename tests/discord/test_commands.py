@@ -6,7 +6,7 @@ import pytest
 
 from bot.backends.fake import FakeBackend
 from tests.discord.fake_discord import FakeDiscord
-from tests.discord.harness import App, app_config, image_size, wait_ephemeral, wait_result
+from tests.discord.harness import App, app_config, image_size, result_job, wait_ephemeral, wait_result
 
 
 async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
@@ -55,7 +55,7 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
         backend.release()
         result = await wait_result(fake_discord, rec)
         await wait_result(fake_discord, blocker)
-        job = await app.service.job_for_message("discord", result["id"])
+        job = await result_job(app, result)
         await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 5, what="reactions")
     # Deferred publicly ("thinking…") first: the core was only called after that.
     assert rec.callbacks[0]["status"] == 200 and rec.callbacks[0]["body"]["type"] == 5
@@ -81,7 +81,7 @@ async def test_flags_inside_the_prompt(fake_discord: FakeDiscord, tmp_path):
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
         rec = await fake_discord.slash("imagine", bob, {"prompt": "a lighthouse --seed 42 --n 2 --ar 2:1 --no fog"})
         result = await wait_result(fake_discord, rec)
-        job = await app.service.job_for_message("discord", result["id"])
+        job = await result_job(app, result)
         await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 3, what="reactions")
     assert "seed 42" in result["content"] and "ar 2:1" in result["content"] and "fog" in result["content"]
     assert job.prompt == "a lighthouse" and job.negative_prompt == "fog" and job.params.n == 2

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.discord.fake_discord import FakeDiscord
-from tests.discord.harness import App, app_config, image_size, wait_ephemeral, wait_result
+from tests.discord.harness import App, app_config, image_size, result_job, wait_ephemeral, wait_result
 
 
 def png(size=(64, 64), mode="RGB", colour=(200, 30, 30), transparent_box=None) -> bytes:
@@ -36,7 +36,7 @@ async def test_inpaint_with_mask(fake_discord: FakeDiscord, tmp_path):
         rec = await fake_discord.slash("inpaint", user, {"prompt": "a blue window"},
                                        attachments={"image": image, "mask": mask})
         result = await wait_result(fake_discord, rec)
-        job = await app.service.job_for_message("discord", result["id"])
+        job = await result_job(app, result)
         await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 2, what="reactions")
     assert rec.callbacks[0]["body"]["type"] == 5  # deferred before downloading anything
     assert sorted(k.split("/")[-1] for k in fake_discord.downloads) == ["mask.png", "photo.png"]
@@ -55,7 +55,7 @@ async def test_inpaint_transparent_image_needs_no_mask(fake_discord: FakeDiscord
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
         rec = await fake_discord.slash("inpaint", user, {"prompt": "a garden"}, attachments={"image": image})
         result = await wait_result(fake_discord, rec)
-        job = await app.service.job_for_message("discord", result["id"])
+        job = await result_job(app, result)
     assert job.kind == "inpaint" and job.state == "succeeded"
     mask = Image.open(io.BytesIO(app.backend.succeeded[-1].mask)).convert("L")
     assert mask.getpixel((4, 32)) == 255 and mask.getpixel((60, 32)) == 0  # transparent half repainted

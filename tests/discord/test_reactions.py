@@ -6,7 +6,7 @@ import asyncio
 
 from bot.core.api import Actor
 from tests.discord.fake_discord import FakeDiscord
-from tests.discord.harness import App, app_config, image_size, wait_result
+from tests.discord.harness import App, app_config, image_size, result_job, wait_result
 
 
 def actor(user) -> Actor:
@@ -28,7 +28,7 @@ async def test_reactions_start_a_variation_and_a_reroll(fake_discord: FakeDiscor
         both = await fake_discord.wait_for(
             lambda: (lambda ms: ms if len(ms) == 2 else None)(
                 [m for m in fake_discord.channel_messages() if m["attachments"]]), what="re-roll result")
-        jobs = {m["id"]: await app.service.job_for_message("discord", m["id"]) for m in both}
+        jobs = {m["id"]: await result_job(app, m) for m in both}
         bob_quota = await app.service.quota(actor(bob), _place(fake_discord))
         alice_quota = await app.service.quota(actor(alice), _place(fake_discord))
         await fake_discord.wait_for(lambda: all(len(fake_discord.reactions_on(int(m["id"]))) >= 2 for m in both),
