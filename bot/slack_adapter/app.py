@@ -146,7 +146,7 @@ class SlackAdapter:
     async def announce(self, job: JobView) -> None:
         """After a successful submission: show the status message, once per job."""
         if job.created and not job.done:
-            await self.status.show(job, QUEUED, messages.queued_text(job, job.position))
+            await self.status.show(job, QUEUED, messages.queued_text(job, job.position), edit=False)
 
     # -- /imagine ------------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from slack_bolt.middleware.authorization.async_single_team_authorization import AsyncSingleTeamAuthorization
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -54,6 +56,7 @@ async def run_slack(
         client = make_client(env["SLACK_BOT_TOKEN"], cfg)
         adapter = SlackAdapter(service, cfg, client, http)
         app = adapter.build_app(env.get("SLACK_SIGNING_SECRET", ""), socket_mode=socket_mode)
+        await _check_token(app, client)
         service.register_delivery(PLATFORM, adapter.delivery)
         try:
             if socket_mode:
@@ -62,6 +65,30 @@ async def run_slack(
                 await _serve_http(app, cfg, ready)
         finally:
             service.unregister_delivery(PLATFORM)
+
+
+async def _check_token(app: Any, client: AsyncWebClient) -> None:
+    """auth.test once at start-up: a wrong token stops the adapter with a clear message instead of
+    every request failing later, and the answer primes Bolt's authorization middleware so that the
+    first command's ack does not wait for this call (the 3 s deadline)."""
+    try:
+        result = await client.auth_test()
+    except SlackApiError as e:
+        raise ConfigError(
+            f"SLACK_BOT_TOKEN was refused by Slack ({e.response.get('error')}): copy the Bot User OAuth Token "
+            "(xoxb-...) from the app's OAuth & Permissions page"
+        ) from None
+    log.info(
+        "slack: connected as %s (user %s) in team %s",
+        result.get("user"),
+        result.get("user_id"),
+        result.get("team"),
+    )
+    # Bolt's AsyncSingleTeamAuthorization caches this answer in `auth_test_result`; reaching it goes
+    # through a private list, so a Bolt upgrade that renames it only costs one extra auth.test call.
+    for middleware in getattr(app, "_async_middleware_list", []):
+        if isinstance(middleware, AsyncSingleTeamAuthorization) and middleware.auth_test_result is None:
+            middleware.auth_test_result = result
 
 
 async def _serve_http(app: Any, cfg: SlackConfig, ready: asyncio.Event | None) -> None:

@@ -59,16 +59,24 @@ class StatusBoard:
         return entry
 
     async def show(
-        self, job: JobView, phase: int, text: str, *, throttle: bool = False, post: bool = True
+        self,
+        job: JobView,
+        phase: int,
+        text: str,
+        *,
+        throttle: bool = False,
+        post: bool = True,
+        edit: bool = True,
     ) -> None:
         """Show `text` for `job` unless a later phase is already shown (or, with `throttle`, the last
-        edit was too recent). `post=False` edits an existing message but never posts a new one."""
+        edit was too recent). `post=False` only edits an existing message; `edit=False` only posts
+        one if there is none yet (the submit-time announcement must not overwrite fresher news)."""
         channel = job_channel(job)
         if channel is None:
             return
         entry = self._entry(job.id)
         async with entry.lock:
-            if phase < entry.phase:
+            if phase < entry.phase or (not edit and entry.ts is not None):
                 return
             now = time.monotonic()
             if throttle and entry.phase == phase and now - entry.last_edit < self._min_interval_s:

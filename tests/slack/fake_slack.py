@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 BOT_TOKEN = "xoxb-test-bot-token"
+APP_TOKEN = "xapp-1-test-app-token"
 BOT_USER_ID = "UBOT0001"
 BOT_ID = "BBOT0001"
 TEAM_ID = "T0TEST01"
@@ -89,6 +90,9 @@ class FakeSlack:
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+        # Socket Mode: the app's websocket, and the envelope ids it acknowledged (with their payloads)
+        self._socket: web.WebSocketResponse | None = None
+        self.socket_acks: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -98,6 +102,7 @@ class FakeSlack:
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_get("/files-pri/{file_id}/{name}", self._download)
         app.router.add_post("/response/{key}", self._response_url)
+        app.router.add_get("/socket", self._socket_mode)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -107,6 +112,8 @@ class FakeSlack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._socket is not None:
+            await self._socket.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -193,6 +200,11 @@ class FakeSlack:
             )
         self.calls.append(ApiCall(method, params, token))
         try:
+            if method == "apps.connections.open":
+                # Socket Mode: the only method called with the app-level token
+                if token != APP_TOKEN:
+                    return web.json_response({"ok": False, "error": "invalid_auth"})
+                return web.json_response({"ok": True, "url": f"ws://{request.host}/socket"})
             if token != self.token:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
             handler = getattr(self, "_m_" + method.replace(".", "_"), None)
@@ -218,6 +230,33 @@ class FakeSlack:
         if f is None or f.data is None:
             return web.Response(status=404)
         return web.Response(body=f.data, content_type=f.mimetype)
+
+    async def _socket_mode(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self._socket = ws
+        await ws.send_json({"type": "hello", "num_connections": 1, "connection_info": {"app_id": APP_ID}})
+        await self._notify()
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                self.socket_acks[data.get("envelope_id")] = data.get("payload")
+                await self._notify()
+        self._socket = None
+        return ws
+
+    @property
+    def socket_connected(self) -> bool:
+        return self._socket is not None and not self._socket.closed
+
+    async def socket_send(self, kind: str, payload: dict[str, Any]) -> str:
+        """Push one Socket Mode envelope (kind: slash_commands, events_api, interactive)."""
+        assert self._socket is not None, "no Socket Mode connection"
+        envelope_id = f"env-{next(self._ids):05d}"
+        await self._socket.send_json(
+            {"envelope_id": envelope_id, "type": kind, "payload": payload, "accepts_response_payload": True}
+        )
+        return envelope_id
 
     async def _response_url(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -32,11 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_config(tmp: Path, fake: FakeSlack, port: int, **slack: Any) -> dict[str, Any]:
-    return {
+def make_config(
+    tmp: Path, fake: FakeSlack, port: int, sections: dict[str, dict[str, Any]] | None = None, **slack: Any
+) -> dict[str, Any]:
+    config: dict[str, dict[str, Any]] = {
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'bot.db'}", "auto_migrate": True},
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake"},
+        # fast polling and no core-side progress throttle: the adapter's own throttle is under test
         "bot": {"poll_interval_s": 0.1, "progress_interval_s": 0.0, "retry_backoff_s": 0.1},
         "slack": {
             "api_base_url": fake.api_url,
@@ -46,6 +49,9 @@ def make_config(tmp: Path, fake: FakeSlack, port: int, **slack: Any) -> dict[str
             **slack,
         },
     }
+    for name, values in (sections or {}).items():
+        config.setdefault(name, {}).update(values)
+    return config
 
 
 ENV = {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET}
@@ -69,10 +75,15 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_adapter(
-    fake: FakeSlack, tmp: Path, http: aiohttp.ClientSession, env: dict[str, str] | None = None, **slack: Any
+    fake: FakeSlack,
+    tmp: Path,
+    http: aiohttp.ClientSession,
+    env: dict[str, str] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+    **slack: Any,
 ) -> AsyncIterator[Running]:
     port = free_port()
-    config = make_config(tmp, fake, port, **slack)
+    config = make_config(tmp, fake, port, sections, **slack)
     async with build_core(config, dict(env or ENV)) as core:
         ready = asyncio.Event()
         task = asyncio.create_task(slack_adapter.run(core.service, config, dict(env or ENV), ready))
