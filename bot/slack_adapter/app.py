@@ -40,6 +40,9 @@ MAX_PROMPT_CHARS = 1000
 # files.info is polled for the message that shows an uploaded file: Slack shares files
 # asynchronously, usually within a second. Total wait ~7.5 s before giving up on reactions.
 SHARE_POLL_DELAYS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# Web API errors meaning "the bot cannot post in this conversation" (private channel it is not in,
+# a DM between other people).
+CANNOT_POST = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
 _MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
 
 Tell = Callable[[str], Awaitable[None]]
@@ -143,10 +146,20 @@ class SlackAdapter:
 
         return tell
 
-    async def announce(self, job: JobView) -> None:
-        """After a successful submission: show the status message, once per job."""
-        if job.created and not job.done:
-            await self.status.show(job, QUEUED, messages.queued_text(job, job.position), edit=False)
+    async def announce(self, job: JobView, actor: Actor, tell: Tell) -> None:
+        """After a successful submission: show the status message, once per job. If the bot may not
+        post in this channel, the result could not be posted either: cancel (the core refunds)."""
+        if not job.created or job.done:
+            return
+        error = await self.status.show(job, QUEUED, messages.queued_text(job, job.position), edit=False)
+        if error not in CANNOT_POST:
+            return
+        try:
+            cancelled = (await self.service.cancel(actor, job.id)).state == "cancelled"
+        except Exception:
+            log.exception("slack: cancelling job %s failed", job.id)
+            cancelled = False
+        await tell(messages.cannot_post_text(cancelled))
 
     # -- /imagine ------------------------------------------------------------------------------------
 
@@ -178,7 +191,7 @@ class SlackAdapter:
         except Exception as e:
             await tell(messages.error_text(e))
             return
-        await self.announce(job)
+        await self.announce(job, actor, tell)
 
     # -- mentions: "@imagine inpaint <prompt>" with an image, "@imagine <prompt>" --------------------
 
@@ -215,7 +228,7 @@ class SlackAdapter:
         except Exception as e:
             await tell(messages.error_text(e))
             return
-        await self.announce(job)
+        await self.announce(job, actor, tell)
 
     async def submit_inpaint(
         self,
@@ -288,7 +301,7 @@ class SlackAdapter:
         except Exception as e:
             await tell(messages.error_text(e))
             return
-        await self.announce(job)
+        await self.announce(job, actor, tell)
 
     # -- reactions on results -------------------------------------------------------------------------
 
@@ -302,6 +315,7 @@ class SlackAdapter:
         if not user or not channel or not ts:
             return
         place = Place(PLATFORM, body.get("team_id"), channel)
+        tell = self.ephemeral(channel, user)
         try:
             actor = await self.actor(user)
             job = await self.service.react(
@@ -313,10 +327,10 @@ class SlackAdapter:
                 delivery={"channel": channel, "user": user},
             )
         except Exception as e:
-            await self.ephemeral(channel, user)(messages.error_text(e))
+            await tell(messages.error_text(e))
             return
         if job is not None:
-            await self.announce(job)
+            await self.announce(job, actor, tell)
 
     # -- /imagine-admin ------------------------------------------------------------------------------
 

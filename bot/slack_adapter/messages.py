@@ -132,3 +132,11 @@ def history_text(jobs: list[JobView]) -> str:
         return "You have no jobs yet."
     lines = [f"• #{j.id} {j.kind} *{escape(j.prompt)}* — {j.state}" for j in jobs]
     return "Your latest jobs:\n" + "\n".join(lines)
+
+
+def cannot_post_text(cancelled: bool) -> str:
+    outcome = "so I cancelled the job (nothing was charged)" if cancelled else "so I can't show the result"
+    return (
+        f":lock: I'm not allowed to post in this conversation, {outcome}. "
+        "Invite me with `/invite @imagine`, or use me in a public channel."
+    )

@@ -67,20 +67,21 @@ class StatusBoard:
         throttle: bool = False,
         post: bool = True,
         edit: bool = True,
-    ) -> None:
+    ) -> str | None:
         """Show `text` for `job` unless a later phase is already shown (or, with `throttle`, the last
         edit was too recent). `post=False` only edits an existing message; `edit=False` only posts
-        one if there is none yet (the submit-time announcement must not overwrite fresher news)."""
+        one if there is none yet (the submit-time announcement must not overwrite fresher news).
+        Returns Slack's error code when the post failed (e.g. "not_in_channel"), else None."""
         channel = job_channel(job)
         if channel is None:
-            return
+            return None
         entry = self._entry(job.id)
         async with entry.lock:
             if phase < entry.phase or (not edit and entry.ts is not None):
-                return
+                return None
             now = time.monotonic()
             if throttle and entry.phase == phase and now - entry.last_edit < self._min_interval_s:
-                return
+                return None
             entry.phase = phase
             try:
                 if entry.ts is not None:
@@ -94,6 +95,8 @@ class StatusBoard:
             except SlackApiError as e:
                 # A status line is not worth failing a job for; the result is delivered separately.
                 log.warning("slack: status update for job %s failed: %s", job.id, e.response.get("error"))
+                return str(e.response.get("error"))
+        return None
 
     def has_message(self, job_id: int) -> bool:
         entry = self._entries.get(job_id)

@@ -18,6 +18,7 @@ Every call is recorded (`calls`) so tests assert on what the bot really sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import Callable
@@ -82,6 +83,8 @@ class FakeSlack:
         self.files: dict[str, FakeFile] = {}
         self.views: list[dict[str, Any]] = []
         self.reactions: list[dict[str, Any]] = []
+        # Conversations the bot is not a member of (a private channel, a DM between others)
+        self.not_member: set[str] = set()
         # users.info answers; tests add admins here
         self.users: dict[str, dict[str, Any]] = {}
         self.base_url = ""
@@ -162,7 +165,9 @@ class FakeSlack:
                     value = predicate()
                     if value:
                         return value
-                    await self._changed.wait()
+                    # woken by each request; the short poll covers predicates on other state (the core)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), 0.05)
 
         try:
             return await asyncio.wait_for(loop(), limit_s)
@@ -289,6 +294,8 @@ class FakeSlack:
         channel = p.get("channel")
         if not channel:
             return {"ok": False, "error": "channel_not_found"}
+        if channel in self.not_member:
+            return {"ok": False, "error": "not_in_channel"}
         if not p.get("text") and not p.get("blocks"):
             return {"ok": False, "error": "no_text"}
         ts = self._new_ts()
@@ -323,6 +330,8 @@ class FakeSlack:
     def _m_chat_postEphemeral(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("channel") or not p.get("user"):
             return {"ok": False, "error": "invalid_arguments"}
+        if p["channel"] in self.not_member:
+            return {"ok": False, "error": "not_in_channel"}
         self.ephemerals.append(dict(p))
         return {"ok": True, "message_ts": self._new_ts()}
 
@@ -352,6 +361,8 @@ class FakeSlack:
             f.mimetype = "image/png" if f.filename.endswith(".png") else f.mimetype
             found.append(f)
         channel = p.get("channel_id")
+        if channel in self.not_member:
+            return {"ok": False, "error": "not_in_channel"}
         if channel:
             ts = self._new_ts()
             self.messages[(channel, ts)] = FakeMessage(

@@ -315,3 +315,50 @@ async def test_rate_limited_web_api_calls_are_retried(slack: Running):
     assert statuses[:2] == [429, 200]
     assert [c.status for c in fake.calls if c.method == "files.completeUploadExternal"] == [429, 200]
     assert "a rainy street" in msg.text
+
+
+async def test_channel_the_bot_cannot_post_in_cancels_and_explains(fake_slack: FakeSlack, tmp_path, http):
+    fake = fake_slack
+    fake.not_member.add("CPRIVATE1")
+    async with running_adapter(fake, tmp_path, http, sections={"bot": {"dispatch_concurrency": 1}}) as slack:
+        slack.backend.hold()  # a first job occupies the only slot, so the second one stays queued
+        await slack.sender.slash_command("/imagine", "a public square")
+        await fake.wait_for(lambda: slack.backend.in_flight == 1)
+        reply, _ = await slack.sender.slash_command("/imagine", "a secret garden", channel_id="CPRIVATE1")
+        assert reply.status == 200
+        await fake.wait_for(lambda: fake.responses)
+        assert (
+            "cancelled the job" in fake.responses[0]["text"]
+            and "/invite @imagine" in fake.responses[0]["text"]
+        )
+        slack.backend.release()
+        await fake.wait_for(lambda: result_messages(fake))
+        alice = Actor("slack", "UALICE01")
+        jobs = {j.prompt: j for j in await slack.service.history(alice, limit=5)}
+        assert jobs["a secret garden"].state == "cancelled"
+        quota = await slack.service.quota(alice, Place("slack", "T0TEST01", "CGENERAL1"))
+        assert quota.used_today == 1  # refunded: nothing is charged for a result nobody could see
+        assert [c.params.prompt for c in slack.backend.calls] == ["a public square"]
+
+
+async def test_quota_and_history_subcommands(slack: Running):
+    await imagine_and_wait(slack, "a tiny robot --seed 1")
+    await slack.sender.slash_command("/imagine", "quota")
+    await slack.fake.wait_for(lambda: slack.fake.responses)
+    assert "1/25 used today" in slack.fake.responses[0]["text"], slack.fake.responses[0]
+    await slack.sender.slash_command("/imagine", "history")
+    await slack.fake.wait_for(lambda: len(slack.fake.responses) >= 2)
+    assert (
+        "a tiny robot" in slack.fake.responses[1]["text"] and "succeeded" in slack.fake.responses[1]["text"]
+    )
+
+
+async def test_url_verification_and_health(slack: Running, http):
+    import json
+
+    body = json.dumps({"token": "x", "challenge": "c-123", "type": "url_verification"})
+    reply = await slack.sender.post(body, "application/json")
+    assert reply.status == 200 and reply.json() == {"challenge": "c-123"}
+    base = slack.sender.url.rsplit("/slack/events", 1)[0]
+    async with http.get(f"{base}/healthz") as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "ok"
