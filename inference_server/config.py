@@ -44,6 +44,10 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     progress_interval_s: float = 0.2
     log_level: str = "INFO"
+    # OpenAI-compatible API (inference_server/openai_api.py): lifetime of `url` images, and the base
+    # URL put in front of them ("" = from the request's Host header).
+    openai_url_ttl_s: float = 3600.0
+    openai_public_url: str = ""
 
     def __post_init__(self) -> None:
         s = "inference_server"
@@ -63,6 +67,13 @@ class ServerConfig:
         _require(self.max_timeout_s >= self.default_timeout_s, s, "max_timeout_s", "must be >= default_timeout_s")
         _require(self.shutdown_grace_s >= 0, s, "shutdown_grace_s", "must be >= 0")
         _require(self.progress_interval_s >= 0, s, "progress_interval_s", "must be >= 0")
+        _require(self.openai_url_ttl_s > 0, s, "openai_url_ttl_s", "must be > 0")
+        _require(
+            self.openai_public_url == "" or self.openai_public_url.startswith(("http://", "https://")),
+            s,
+            "openai_public_url",
+            f"must be empty or start with http:// or https://, got {self.openai_public_url!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ class BatchingConfig:
 
     engine: Literal["dynamic", "continuous"] = "dynamic"
     max_batch_size: int = 8
-    max_wait_ms: float = 25.0
+    max_wait_ms: float = 50.0
     max_batch_pixels: int = 8 * 512 * 512
     max_queue: int = 64
     retry_after_s: int = 5

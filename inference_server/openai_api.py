@@ -1,0 +1,546 @@
+"""OpenAI Images API on the same engine as `/v1/txt2img` & co, so OpenAI-speaking tools use our server.
+
+Routes (added by `setup(app)`, which `app.create_app` calls when this module exists):
+
+- `POST /v1/images/generations` (JSON) -> txt2img
+- `POST /v1/images/edits` (multipart) -> inpaint (transparent pixels of `mask`, or of `image` when
+  there is no mask, are repainted), or img2img of the whole image when nothing is transparent
+- `POST /v1/images/variations` (multipart) -> img2img with an empty prompt
+- `GET /v1/models`, `GET /v1/models/{id}` -> the loaded model
+- `GET /images/files/{name}` -> images returned as `response_format: "url"`
+
+This module only translates: OpenAI fields become the native fields that `validation.parse_generation`
+already checks (so limits and messages are the same as on the native API), jobs go to the app's
+engine with `submit()`, so OpenAI and native requests share one queue and batch together, and errors
+leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so the official client
+raises the matching exception (`BadRequestError` with `.param`, `AuthenticationError`,
+`RateLimitError` with `Retry-After`, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from inference_server import keys
+from inference_server.app import DISCONNECT_POLL_S, read_body
+from inference_server.config import ModelConfig, ServerConfig
+from inference_server.engine import EngineError, GenerationResult, ShuttingDown
+from inference_server.errors import RequestError
+from inference_server.images import decode_base64, decode_image, encode_png
+from inference_server.validation import ParsedRequest, parse_generation
+
+log = logging.getLogger(__name__)
+
+# Open (no bearer token) on purpose: tools hand the URL to a browser or download it with a plain
+# GET, as they do with OpenAI's own pre-signed URLs. The name carries 192 random bits, so the URL
+# itself is the credential; it lives only for `[inference_server] openai_url_ttl_s`. Outside `/v1`
+# because the contract requires the token on every `/v1` route.
+FILES_ROUTE = "/images/files/{name}"
+FILES_PREFIX = "/images/files/"
+# Requests whose errors leave in OpenAI's shape (the native API keeps its own).
+OPENAI_PREFIXES = ("/v1/images/", "/v1/models")
+
+# `url` images are kept in memory: the server has no storage of its own, and a URL is a convenience
+# that lasts an hour at most. Bounded so that a burst of url requests cannot exhaust memory:
+# 256 MiB holds ~170 1024x1024 PNGs or ~60,000 of the embedded model's 64x64 ones; the count bound
+# keeps the bookkeeping small when images are tiny. Past either bound the oldest image goes first.
+MAX_STORED_BYTES = 256 * 1024 * 1024
+MAX_STORED_IMAGES = 4096
+
+# output_format -> (PIL format, Content-Type, file extension)
+OUTPUT_FORMATS = {
+    "png": ("PNG", "image/png", "png"),
+    "jpeg": ("JPEG", "image/jpeg", "jpg"),
+    "jpg": ("JPEG", "image/jpeg", "jpg"),
+    "webp": ("WEBP", "image/webp", "webp"),
+}
+# Legacy models whose default response_format was "url"; every other model defaults to b64_json
+# (GPT image models only return base64, and b64 works even when clients cannot reach the server).
+URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
+
+# Fields of OpenAI's API that are accepted and ignored (documented in the README). `quality`,
+# `style` and `moderation` have no meaning for a diffusion checkpoint; `user` and
+# `safety_identifier` only go to the log; `partial_images` matters only with `stream`.
+_IGNORED_COMMON = {"model", "user", "safety_identifier", "quality", "partial_images", "complexity",
+                   "output_compression", "background", "stream"}  # fmt: skip
+# Native fields accepted as extensions (e.g. `extra_body={"seed": 1}` with the official client).
+_NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s"}
+
+_ALLOWED: dict[str, set[str]] = {
+    "generations": {"prompt", "n", "size", "response_format", "output_format", "style", "moderation",
+                    "frame_count", "frame_duration_ms", "svg"} | _IGNORED_COMMON | _NATIVE_EXTRAS,  # fmt: skip
+    "edits": {"image", "image[]", "mask", "prompt", "n", "size", "response_format", "output_format",
+              "input_fidelity", "strength"} | _IGNORED_COMMON | _NATIVE_EXTRAS,  # fmt: skip
+    "variations": {"image", "n", "size", "response_format", "output_format", "prompt", "strength"}
+    | _IGNORED_COMMON
+    | _NATIVE_EXTRAS,
+}
+# HTTP status of each engine error kind as this API reports it (see `translate_error`).
+_ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+_TYPES = {401: "invalid_request_error", 429: "requests"}
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An error in OpenAI's JSON shape; the client picks its exception class from the status."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _openai_param(field: str | None) -> str | None:
+    # Native checks name width/height; OpenAI clients sent `size`.
+    return "size" if field in ("width", "height") else field
+
+
+def translate_error(response: web.Response) -> web.Response:
+    """Rewrite a native `{"error": {"code", "message", "field"}}` response into OpenAI's shape.
+
+    The native error middleware (inside this one) has already turned exceptions, auth failures and
+    router errors into native responses, so this is the single place where OpenAI's statuses and
+    error types are decided.
+    """
+    try:
+        native = json.loads(response.body)["error"]  # type: ignore[arg-type]
+        code, message, field = native["code"], native["message"], native.get("field")
+    except (TypeError, ValueError, KeyError):
+        return response
+    status = response.status
+    headers = {k: v for k, v in response.headers.items() if k in ("Retry-After", "WWW-Authenticate", "Allow")}
+    if status == 401:
+        code = "invalid_api_key"  # what OpenAI sends for a missing or wrong key
+    elif code == "overloaded":
+        # Queue full: 429 is what OpenAI clients and tools back off on (RateLimitError), honouring
+        # Retry-After. "not_ready" / "shutting_down" stay 503 (InternalServerError, also retried).
+        status, code = 429, "rate_limit_exceeded"
+    return openai_error(status, message, param=_openai_param(field), code=code, headers=headers)
+
+
+@web.middleware
+async def openai_error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    response = await handler(request)
+    if (
+        response.status >= 400
+        and request.path.startswith(OPENAI_PREFIXES)
+        and isinstance(response, web.Response)
+        and response.content_type == "application/json"
+    ):
+        return translate_error(response)
+    return response
+
+
+def _bad(param: str, message: str) -> RequestError:
+    return RequestError(400, "invalid_request", param, message)
+
+
+# -- in-memory store for `url` responses ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    content_type: str
+    expires_at: float
+
+
+class ImageStore:
+    """Encoded images by unguessable name, each for `ttl_s`, bounded in count and bytes.
+
+    Touched only from the event loop, so no lock. Entries are kept in insertion order, which is
+    also expiry order since every entry lives `ttl_s`.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_images: int = MAX_STORED_IMAGES,
+        max_bytes: int = MAX_STORED_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_images = max_images
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.bytes = 0
+        self._items: OrderedDict[str, StoredImage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, data: bytes, content_type: str, extension: str) -> str:
+        self._purge()
+        while self._items and (len(self._items) >= self.max_images or self.bytes + len(data) > self.max_bytes):
+            name, old = self._items.popitem(last=False)
+            self.bytes -= len(old.data)
+            log.warning("image URL store full: %s evicted before it expired (raise no bound; use b64_json)", name)
+        name = f"{secrets.token_urlsafe(24)}.{extension}"  # 192 random bits: the URL is the credential
+        self._items[name] = StoredImage(data, content_type, self.clock() + self.ttl_s)
+        self.bytes += len(data)
+        return name
+
+    def get(self, name: str) -> StoredImage | None:
+        self._purge()
+        return self._items.get(name)
+
+    def _purge(self) -> None:
+        now = self.clock()
+        while self._items:
+            name, item = next(iter(self._items.items()))
+            if item.expires_at > now:
+                break
+            del self._items[name]
+            self.bytes -= len(item.data)
+
+
+IMAGE_STORE = web.AppKey("openai_image_store", ImageStore)
+STARTED_AT = web.AppKey("openai_started_at", int)  # `created` of the model in /v1/models
+
+
+# -- request parsing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    response_format: str  # "url" | "b64_json"
+    pil_format: str
+    content_type: str
+    extension: str
+    quality: int  # encoder quality for JPEG / WebP (100 = best)
+    name: str  # output_format as echoed in the response
+
+
+class _Fields:
+    """OpenAI fields from JSON (typed) or multipart (strings); null counts as absent."""
+
+    def __init__(self, body: Mapping[str, Any], from_form: bool) -> None:
+        self.body = body
+        self.from_form = from_form
+
+    def has(self, name: str) -> bool:
+        return self.body.get(name) is not None
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        value = self.body[name]
+        if not isinstance(value, str) or value.strip().lower() not in allowed:
+            raise _bad(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value.strip().lower()
+
+    def flag(self, name: str) -> bool:
+        value = self.body[name]
+        if isinstance(value, bool):
+            return value
+        if self.from_form and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise _bad(name, f"{name} must be true or false, got {value!r}")
+
+    def integer(self, name: str, lo: int, hi: int) -> int:
+        value = self.body[name]
+        if self.from_form and isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _bad(name, f"{name} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _bad(name, f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+        return value
+
+
+def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
+    """`"WxH"` -> (W, H); `"auto"` -> None (the model's default, or the uploaded image's size)."""
+    if not isinstance(value, str):
+        raise _bad("size", f"size must be a string like '512x512' or 'auto', got {value!r}")
+    if value.strip().lower() == "auto":
+        return None
+    match = _SIZE.match(value)
+    if match is None:
+        raise _bad("size", f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {value!r}")
+    width, height = int(match[1]), int(match[2])
+    lo, hi = server.min_side, server.max_side
+    if not (lo <= width <= hi and lo <= height <= hi and width % 8 == 0 and height % 8 == 0):
+        raise _bad(
+            "size", f"size {width}x{height} is not supported: width and height must be multiples of 8 from {lo} to {hi}"
+        )
+    return width, height
+
+
+def _output_options(f: _Fields, server: ServerConfig) -> OutputOptions:
+    model = f.body.get("model")
+    default = "url" if isinstance(model, str) and model.strip().lower() in URL_DEFAULT_MODELS else "b64_json"
+    response_format = f.choice("response_format", ("url", "b64_json")) if f.has("response_format") else default
+    name = f.choice("output_format", tuple(OUTPUT_FORMATS)) if f.has("output_format") else "png"
+    pil_format, content_type, extension = OUTPUT_FORMATS[name]
+    quality = f.integer("output_compression", 0, 100) if f.has("output_compression") else 100
+    if f.has("background") and f.choice("background", ("auto", "opaque", "transparent")) == "transparent":
+        raise _bad("background", "transparent backgrounds are not supported by this server (use auto or opaque)")
+    if f.has("stream") and f.flag("stream"):
+        raise _bad("stream", "streaming is not supported by this server; leave stream unset or false")
+    return OutputOptions(response_format, pil_format, content_type, extension, quality, "jpeg" if name == "jpg" else name)
+
+
+def _native_body(f: _Fields, server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
+    """The native fields parse_generation validates, from the OpenAI ones and the extensions."""
+    body: dict[str, Any] = {name: f.body[name] for name in _NATIVE_EXTRAS if f.has(name)}
+    if prompt and f.has("prompt"):
+        body["prompt"] = f.body["prompt"]
+    if f.has("n"):
+        body["n"] = f.body["n"]
+    if f.has("strength"):
+        body["strength"] = f.body["strength"]
+    if f.has("size"):
+        size = parse_size(f.body["size"], server)
+        if size is not None:
+            body["width"], body["height"] = size
+    return body
+
+
+def _check_fields(endpoint: str, body: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+    allowed = _ALLOWED[endpoint]
+    for name in list(body) + list(files):
+        if name not in allowed:
+            # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
+            raise _bad(name, f"unrecognized request argument supplied: {name}")
+    if "markup" in files:
+        raise _bad("markup", "markup images are not supported by this server")
+
+
+def _upload(f: _Fields, files: Mapping[str, bytes], names: tuple[str, ...], param: str) -> bytes | None:
+    found = [files[n] for n in names if n in files]
+    found += [decode_base64(f.body[n], param) for n in names if n not in files and isinstance(f.body.get(n), str)]
+    if len(found) > 1:
+        raise _bad(param, f"send one {param}; this server edits one image per request")
+    return found[0] if found else None
+
+
+def parse_openai(
+    endpoint: str,
+    body: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    *,
+    from_form: bool,
+    server: ServerConfig,
+    model: ModelConfig,
+) -> tuple[ParsedRequest, OutputOptions]:
+    """Validate an OpenAI request and turn it into the native `ParsedRequest` (pure; no aiohttp)."""
+    _check_fields(endpoint, body, files)
+    f = _Fields(body, from_form)
+    options = _output_options(f, server)
+    if f.has("user") or f.has("safety_identifier"):
+        log.debug("OpenAI request for end user %r", body.get("safety_identifier") or body.get("user"))
+
+    if endpoint == "generations":
+        return parse_generation("txt2img", _native_body(f, server, prompt=True), server=server, model=model, from_form=from_form), options
+
+    image = _upload(f, files, ("image", "image[]"), "image")
+    if image is None:
+        raise _bad("image", "image is required")
+
+    if endpoint == "variations":
+        native = _native_body(f, server, prompt=False)
+        native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
+        parsed = parse_generation("img2img", native, server=server, model=model, files={"image": image}, from_form=from_form)
+        prompt = str(f.body["prompt"]).strip() if f.has("prompt") else ""
+        if len(prompt) > server.max_prompt_chars:
+            raise _bad("prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}")
+        # No prompt: the model varies the picture unconditioned, which is what a variation is.
+        return dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, prompt=prompt)), options
+
+    # Edits: OpenAI marks the area to repaint with fully transparent pixels, of the mask or else of
+    # the image itself; the native API wants white = repaint. A mask without any alpha is refused
+    # rather than guessed at (is white "edit" or "keep"?).
+    native = _native_body(f, server, prompt=True)
+    mask_upload = _upload(f, files, ("mask",), "mask")
+    source = mask_upload if mask_upload is not None else image
+    param = "mask" if mask_upload is not None else "image"
+    repaint = transparent_area(decode_image(source, param, max_pixels=server.max_image_pixels), param)
+    if repaint is None:
+        if mask_upload is not None:
+            raise _bad("mask", "mask has no alpha channel: its fully transparent pixels must mark where to edit")
+        # No mask and an opaque image: edit the whole picture (image-to-image), as GPT image models do.
+        return parse_generation("img2img", native, server=server, model=model, files={"image": image}, from_form=from_form), options
+    if repaint.getbbox() is None:
+        raise _bad(param, f"{param} has no fully transparent pixels, so there is nothing to edit")
+    native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
+    mask_png = encode_png(repaint)
+    parsed = parse_generation(
+        "inpaint", native, server=server, model=model, files={"image": image, "mask": mask_png}, from_form=from_form
+    )
+    return parsed, options
+
+
+def transparent_area(img: Image.Image, param: str) -> Image.Image | None:
+    """An L mask, 255 where `img` is fully transparent; None when `img` has no alpha at all."""
+    if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in img.info:
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+async def run_job(request: web.Request, parsed: ParsedRequest) -> GenerationResult:
+    """Submit to the app's engine (shared with the native routes) and wait, dropping the job if the
+    client goes away. Same flow as the native non-streaming handler in app.py."""
+    app = request.app
+    if app[keys.STATE].draining:
+        raise ShuttingDown("the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s)
+    job = app[keys.ENGINE].submit(parsed.request, timeout_s=parsed.timeout_s)
+    waiter = asyncio.ensure_future(job.wait())
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            transport = request.transport
+            if not waiter.done() and (transport is None or transport.is_closing()):
+                log.info("client went away; dropping its OpenAI %s request", parsed.request.task)
+                job.cancel()
+                raise asyncio.CancelledError
+        return waiter.result()
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+
+
+def encode_image(img: Image.Image, options: OutputOptions) -> bytes:
+    if options.pil_format == "PNG":
+        return encode_png(img)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format=options.pil_format, quality=options.quality)
+    return buf.getvalue()
+
+
+def public_base(request: web.Request) -> str:
+    configured = request.app[keys.CONFIG].server.openai_public_url
+    return configured.rstrip("/") if configured else f"{request.scheme}://{request.host}"
+
+
+async def _respond(request: web.Request, result: GenerationResult, options: OutputOptions) -> web.Response:
+    encoded = await asyncio.to_thread(lambda: [encode_image(img, options) for img in result.images])
+    data: list[dict[str, Any]] = []
+    if options.response_format == "url":
+        store = request.app[IMAGE_STORE]
+        base = public_base(request)
+        for blob in encoded:
+            name = store.put(blob, options.content_type, options.extension)
+            data.append({"url": f"{base}{FILES_PREFIX}{name}"})
+    else:
+        data = [{"b64_json": base64.b64encode(blob).decode("ascii")} for blob in encoded]
+    body = {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": options.name,
+        "size": f"{result.width}x{result.height}",
+    }
+    return web.json_response(body)
+
+
+def make_handler(endpoint: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        config = request.app[keys.CONFIG]
+        metrics = request.app[keys.METRICS]
+        label = f"openai_{endpoint}"
+        status = 500
+        try:
+            body, files, from_form = await read_body(request)
+
+            def parse() -> tuple[ParsedRequest, OutputOptions]:
+                return parse_openai(endpoint, body, files, from_form=from_form, server=config.server, model=config.model)
+
+            # Decoding uploads is CPU work: keep it off the event loop.
+            parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
+            result = await run_job(request, parsed)
+            response = await _respond(request, result, options)
+            status = response.status
+            return response
+        except RequestError as e:
+            status = e.status
+            metrics.errors.inc(e.code)
+            raise
+        except EngineError as e:
+            status = _ENGINE_STATUS.get(e.kind, 500)
+            metrics.errors.inc(e.kind)
+            raise
+        except asyncio.CancelledError:
+            status = 499  # nginx's "client closed request"
+            metrics.errors.inc("client_gone")
+            raise
+        finally:
+            metrics.requests.inc(label, str(status))
+
+    handler.__name__ = f"openai_{endpoint}"
+    return handler
+
+
+# -- models and files ------------------------------------------------------------------------------
+
+
+def model_id(app: web.Application) -> str:
+    """The loaded model's name: the folder name for local paths (no file-system paths leak)."""
+    name = app[keys.ENGINE].info.model
+    return Path(name).name if ("/" in name and Path(name).exists()) or "\\" in name else name
+
+
+def _model_json(app: web.Application) -> dict[str, Any]:
+    return {"id": model_id(app), "object": "model", "created": app[STARTED_AT], "owned_by": "imagine-bot"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_json(request.app)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    wanted = request.match_info["model"]
+    if wanted != model_id(request.app):
+        raise RequestError(404, "model_not_found", "model", f"the model {wanted!r} does not exist; this server serves {model_id(request.app)!r}")
+    return web.json_response(_model_json(request.app))
+
+
+async def get_file(request: web.Request) -> web.Response:
+    item = request.app[IMAGE_STORE].get(request.match_info["name"])
+    if item is None:
+        raise web.HTTPNotFound(reason="no such image (the URL is wrong or has expired)")
+    remaining = max(int(item.expires_at - request.app[IMAGE_STORE].clock()), 0)
+    return web.Response(
+        body=item.data,
+        content_type=item.content_type,
+        headers={"Cache-Control": f"private, max-age={remaining}", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def setup(app: web.Application) -> None:
+    """Register the OpenAI-compatible routes and the error translation on an app from `create_app`."""
+    app[IMAGE_STORE] = ImageStore(app[keys.CONFIG].server.openai_url_ttl_s)
+    app[STARTED_AT] = int(time.time())
+    # Outermost, so it sees the native error responses of the error and auth middlewares.
+    app.middlewares.insert(0, openai_error_middleware)
+    app.router.add_post("/v1/images/generations", make_handler("generations"))
+    app.router.add_post("/v1/images/edits", make_handler("edits"))
+    app.router.add_post("/v1/images/variations", make_handler("variations"))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get(FILES_ROUTE, get_file)
+
+
+__all__ = ["setup", "parse_openai", "parse_size", "ImageStore", "translate_error", "transparent_area"]
