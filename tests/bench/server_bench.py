@@ -1,0 +1,216 @@
+"""Server throughput benchmark: `python -m tests.bench.server_bench` (part of `make bench`).
+
+Measured side by side in one run, on the same tiny pipeline, the same requests and the same thread
+count:
+
+- direct, sequential: the requests as one diffusers call each, one after another (no server);
+- direct, batched: the same images in diffusers calls of `max_batch_size` images (no server): the
+  ceiling request batching can reach;
+- the real server (`python -m inference_server` in a subprocess, over loopback HTTP with auth, PNG
+  encoding and JSON) at concurrency 1, 4, 8 and 16.
+
+Ratios are against the server at concurrency 1 (the same requests sent one at a time) and against
+the direct batched call. Not a test: timings on shared machines are noisy, so nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
+
+TOKEN = "bench-token"
+# 64x64 images, VAE 64 -> 16x16 latents (the embedded model's geometry), a tiny UNet: per-call
+# overhead dominates, which is the regime where request batching pays on a CPU.
+SPEC = TinyPipelineSpec(sample_size=64, vae_channels=(8, 8, 16), unet_channels=(8, 16))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=32, help="requests per measurement (default 32)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, server and direct (default 1)")
+    p.add_argument("--batch", type=int, default=8, help="server max_batch_size and direct batch (default 8)")
+    p.add_argument("--levels", default="1,4,8,16", help="client concurrency levels (default 1,4,8,16)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each mode is kept")
+    p.add_argument("--device", default="cpu", help="device for both server and direct calls (default cpu)")
+    return p.parse_args()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def requests_for(n: int, steps: int) -> list[dict[str, Any]]:
+    return [{"prompt": f"a shape number {i}", "seed": 1000 + i, "steps": steps, "guidance": 7.5} for i in range(n)]
+
+
+def direct_runner(folder: Path, batch: int, threads: int, device: str) -> Any:
+    """A function measuring the direct pipeline on a list of requests, sequentially and batched."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(threads)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(chunk: list[dict[str, Any]]) -> None:
+        with torch.inference_mode():
+            pipe(
+                prompt=[r["prompt"] for r in chunk],
+                negative_prompt=[""] * len(chunk),
+                generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in chunk],
+                num_inference_steps=chunk[0]["steps"],
+                guidance_scale=chunk[0]["guidance"],
+                width=SPEC.sample_size,
+                height=SPEC.sample_size,
+                output_type="pil",
+            )
+
+    def measure(reqs: list[dict[str, Any]], size: int) -> dict[str, float]:
+        latencies = []
+        started = time.perf_counter()
+        for i in range(0, len(reqs), size):
+            t = time.perf_counter()
+            call(reqs[i : i + size])
+            latencies.append(time.perf_counter() - t)
+        wall = time.perf_counter() - started
+        return {"ips": len(reqs) / wall, "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)}
+
+    def run(reqs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        call(reqs[:1])
+        call(reqs[:batch])  # warm both shapes
+        return {
+            "direct sequential (batch 1)": measure(reqs, 1),
+            f"direct batched (batch {batch})": measure(reqs, batch),
+        }
+
+    return run
+
+
+async def load_server(url: str, reqs: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    pending = list(reqs)
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            while pending:
+                body = pending.pop(0)
+                t = time.perf_counter()
+                async with session.post(f"{url}/v1/txt2img", json=body, headers=headers) as resp:
+                    payload = await resp.json()
+                    if resp.status != 200:
+                        raise RuntimeError(f"server answered {resp.status}: {payload}")
+                latencies.append(time.perf_counter() - t)
+                batch_sizes.append(payload["batch_size"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {
+        "ips": len(reqs) / wall,
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "mean_batch": statistics.mean(batch_sizes),
+    }
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(1200):
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            try:
+                async with session.get(f"{url}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the server did not become ready")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    args = parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    reqs = requests_for(args.requests, args.steps)
+    with tempfile.TemporaryDirectory(prefix="server-bench-") as tmp:
+        folder = save_tiny_pipeline(Path(tmp) / "tiny", SPEC)
+        port = free_port()
+        config = Path(tmp) / "config.toml"
+        config.write_text(
+            f'[inference_server]\nhost = "127.0.0.1"\nport = {port}\nlog_level = "WARNING"\n'
+            f'[model]\npath = "{folder}"\nwidth = {SPEC.sample_size}\nheight = {SPEC.sample_size}\n'
+            f'cpu_threads = {args.threads}\ndevice = "{args.device}"\n'
+            f"[batching]\nmax_batch_size = {args.batch}\nmax_wait_ms = 50.0\nmax_queue = 256\n"
+        )
+        print(f"tiny pipeline: {SPEC.describe()}; {args.steps} steps, guidance 7.5, {SPEC.sample_size}x{SPEC.sample_size}")
+        print(f"{args.requests} requests of 1 image per measurement; torch threads {args.threads}; device {args.device}; "
+              f"cores {os.cpu_count()}; best of {args.rounds} interleaved rounds; load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
+        run_direct = direct_runner(folder, args.batch, args.threads, args.device)
+        rows: dict[str, dict[str, float]] = {}
+
+        def keep_best(name: str, row: dict[str, float]) -> None:
+            # Best of the rounds for every mode alike: other jobs on a shared machine only slow runs down.
+            if name not in rows or row["ips"] > rows[name]["ips"]:
+                rows[name] = row
+
+        env = {**os.environ, "INFERENCE_API_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "inference_server", "--config", str(config)], env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(wait_ready(url, proc))
+            asyncio.run(load_server(url, reqs[: args.batch], args.batch))  # warm the server's shapes
+            # Rounds interleave every mode, so a burst of load from elsewhere hits them all alike.
+            for _ in range(args.rounds):
+                for name, row in run_direct(reqs).items():
+                    keep_best(name, row)
+                for c in levels:
+                    keep_best(f"server, concurrency {c}", asyncio.run(load_server(url, reqs, c)))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    print_table(rows, args.batch)
+
+
+def print_table(rows: dict[str, dict[str, float]], batch: int) -> None:
+    seq = rows.get("server, concurrency 1", {}).get("ips")
+    best = rows[f"direct batched (batch {batch})"]["ips"]
+    print()
+    print("| mode | images/s | p50 latency (s) | p95 latency (s) | mean batch | x server sequential | % of direct batched |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        mean_batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else ("1" if "sequential" in name else str(batch))
+        ratio = f"{r['ips'] / seq:.2f}x" if seq else "-"
+        print(f"| {name} | {r['ips']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {mean_batch} | {ratio} | {100 * r['ips'] / best:.0f}% |")
+    print()
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
