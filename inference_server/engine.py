@@ -38,6 +38,9 @@ class GenerationRequest:
     strength: float | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     mask: Image.Image | None = field(default=None, compare=False, repr=False)
+    # Lower joins first (ties: arrival order); the bot passes its fairness order. Only the
+    # continuous engine reorders by it; the dynamic engine is FIFO.
+    priority: int = 0
 
     @property
     def n(self) -> int:

@@ -25,7 +25,9 @@ SEED_LIMIT = 2**32  # seeds are uint32 so that every client (JS numbers included
 MAX_GUIDANCE = 30.0  # beyond this classifier-free guidance only burns the image
 
 _COMMON = {"prompt", "negative_prompt", "n", "width", "height", "steps", "guidance", "seed", "seeds",
-           "scheduler", "stream", "timeout_s"}  # fmt: skip
+           "scheduler", "stream", "timeout_s", "priority"}  # fmt: skip
+# Priorities are small ranks (the bot's fairness order); the bound only keeps them sane integers.
+PRIORITY_LIMIT = 1_000_000
 _FIELDS: dict[str, set[str]] = {
     "txt2img": _COMMON,
     "img2img": _COMMON | {"image", "strength"},
@@ -175,6 +177,7 @@ def parse_generation(
     if scheduler not in SCHEDULERS:
         raise _bad("scheduler", f"unknown scheduler {scheduler!r} (known: {', '.join(SCHEDULERS)})")
     stream = f.bool_("stream") if f.has("stream") else False
+    priority = f.int_("priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) if f.has("priority") else 0
     timeout_s = f.float_("timeout_s") if f.has("timeout_s") else server.default_timeout_s
     if not 0 < timeout_s <= server.max_timeout_s:
         raise _bad("timeout_s", f"timeout_s must be > 0 and <= {server.max_timeout_s:g}")
@@ -224,6 +227,7 @@ def parse_generation(
         strength=strength,
         image=image,
         mask=mask,
+        priority=priority,
     )
     return ParsedRequest(request=request, stream=stream, timeout_s=timeout_s)
 

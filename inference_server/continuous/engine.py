@@ -148,8 +148,7 @@ class ContinuousBatchingEngine:
             strength=request.strength if request.strength is not None else 1.0,
             image=request.image,
             mask=request.mask,
-            # Set by the API when the client passes one (the bot's fairness order); lower goes first.
-            priority=float(getattr(request, "priority", 0) or 0),
+            priority=request.priority,  # the client's (the bot's fairness order); lower joins first
             deadline=job.deadline,
         )
         loop = self._loop

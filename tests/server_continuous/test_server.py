@@ -128,3 +128,31 @@ async def test_a_model_the_engine_cannot_run_falls_back_to_request_level(tmp_pat
     assert health["engine"] == "dynamic"
     assert metric(values, "inference_engine_continuous") == 0
     assert pixels(result).shape == (32, 32, 3)
+
+
+async def test_client_priority_orders_who_joins_next(tiny_model: Path) -> None:
+    async with running_server(
+        make_config(tiny_model, batching={"engine": "continuous", "max_batch_size": 1})
+    ) as server:
+        resp = await server.post("txt2img", {"prompt": "long", "seed": 1, "steps": 150, "stream": True})
+        async for line in resp.content:
+            if json.loads(line)["event"] == "started":
+                break
+        order: list[int] = []
+
+        async def send(priority: int) -> None:
+            await server.generate("txt2img", {"prompt": "p", "seed": 2, "steps": 2, "priority": priority})
+            order.append(priority)
+
+        # Sent in this order while the one slot is busy; they run by priority, lowest first.
+        tasks = []
+        for priority in (7, 3, 5, -2):
+            tasks.append(asyncio.create_task(send(priority)))
+            await asyncio.sleep(0.02)
+        await resp.read()
+        resp.close()
+        await asyncio.gather(*tasks)
+        async with await server.post("txt2img", {"prompt": "p", "priority": "high"}) as bad:
+            error = (await bad.json())["error"]
+    assert order == [-2, 3, 5, 7]
+    assert bad.status == 400 and error["field"] == "priority"

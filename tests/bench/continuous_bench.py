@@ -1,0 +1,298 @@
+"""Open-loop load test: sequential vs request-level (dynamic) vs continuous (iteration-level) batching.
+
+    python -m tests.bench.continuous_bench            # the full run (~25 min on 2 shared cores)
+    python -m tests.bench.continuous_bench --quick    # a smoke run (~3 min)
+
+1. Loads the embedded model (or, until its weights exist, the embedded model's architecture with
+   random weights: the cost per step is what matters here) three times, one engine each:
+   sequential (dynamic engine with max_batch_size 1), request-level (dynamic, max batch 8, max wait
+   50 ms) and continuous (max batch 8). Every engine runs with one torch thread (see README).
+2. Checks parity: images from the continuous engine against diffusers' own pipeline calls, every task
+   and sampler, all submitted at once so that they share iterations; prints the largest difference.
+3. Measures sequential capacity per workload on the warm sequential engine (>= 30 requests back to
+   back): all-20-step, and mixed 10/20-step requests (half each, random order).
+4. For each repetition, load (30/60/90/120 % of that capacity) and workload, runs the same Poisson
+   arrival schedule (same prompts, seeds and arrival times) on the three engines, interleaved, the
+   engine order rotating between repetitions. Latency is from a request's scheduled arrival to its
+   result; throughput is completed requests over first arrival to last completion.
+5. Prints one table (pooled over the repetitions) with p50/p95/p99 latency, throughput, and the
+   continuous/request-level ratios.
+
+Engines are driven through the server's `Engine` interface (what the HTTP handlers call), in one
+process, so HTTP encoding does not compete with the model for the two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference_server.config import EMBEDDED_WEIGHTS, BatchingConfig, ModelConfig
+from inference_server.engine import GenerationRequest
+from inference_server.metrics import Metrics
+from inference_server.pipelines import PipelineRunner
+
+SIZE = 64  # the embedded model's native resolution: 64x64 pixels, 16x16x4 latents
+GUIDANCE = 7.5
+MAX_BATCH = 8  # as the issue's prototype: request-level max batch 8, max wait 50 ms
+MAX_WAIT_MS = 50.0
+PROMPTS = [
+    f"a {c} {s} on a {b} background"
+    for c in ("red", "green", "blue", "yellow", "purple", "orange")
+    for s in ("circle", "square", "triangle", "star")
+    for b in ("white", "black")
+]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float  # seconds after the start of the point
+    request: GenerationRequest
+
+
+@dataclass
+class PointResult:
+    latencies: list[float]
+    throughput: float
+
+
+def bench_model(folder: Path) -> tuple[Path, str]:
+    """The shipped embedded model if it exists; else its architecture with random weights."""
+    if (EMBEDDED_WEIGHTS / "model_index.json").is_file():
+        return EMBEDDED_WEIGHTS, f"embedded model ({EMBEDDED_WEIGHTS})"
+    import torch
+
+    from inference_server.embedded import model as arch
+    from inference_server.embedded.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder / "tokenizer-build")
+    unet = arch.make_unet()
+    pipe = arch.assemble(
+        arch.make_vae(), arch.make_text_encoder(tokenizer), tokenizer, unet, arch.make_sample_scheduler()
+    )
+    pipe.save_pretrained(folder / "pipe")
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    return (
+        folder / "pipe",
+        f"embedded architecture, random weights (no trained weights yet); UNet {params:.1f}M params",
+    )
+
+
+def make_engine(kind: str, model_path: Path) -> Any:
+    from inference_server.batcher import DynamicBatchingEngine
+    from inference_server.continuous import ContinuousBatchingEngine
+
+    model = ModelConfig(path=str(model_path), width=SIZE, height=SIZE, guidance=GUIDANCE, cpu_threads=1)
+    runner = PipelineRunner(model)
+    if kind == "sequential":
+        return DynamicBatchingEngine(
+            runner, BatchingConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=10_000), Metrics()
+        )
+    batching = BatchingConfig(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=10_000)
+    if kind == "request-level":
+        return DynamicBatchingEngine(runner, batching, Metrics())
+    return ContinuousBatchingEngine(runner, batching, Metrics())
+
+
+def workload_steps(workload: str, rng: random.Random) -> int:
+    return 20 if workload == "20" else rng.choice((10, 20))
+
+
+def make_request(rng: random.Random, steps: int) -> GenerationRequest:
+    return GenerationRequest(
+        task="txt2img",
+        prompt=rng.choice(PROMPTS),
+        negative_prompt="",
+        seeds=(rng.randrange(2**32),),
+        width=SIZE,
+        height=SIZE,
+        steps=steps,
+        guidance=GUIDANCE,
+    )
+
+
+def schedule(workload: str, rate: float, n: int, seed: int) -> list[Arrival]:
+    """Poisson arrivals at `rate` requests/s; the same seed gives the same schedule."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(Arrival(t, make_request(rng, workload_steps(workload, rng))))
+        t += rng.expovariate(rate)
+    return out
+
+
+async def run_point(engine: Any, arrivals: list[Arrival]) -> PointResult:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+
+    async def one(a: Arrival) -> float:
+        await asyncio.sleep(max(0.0, t0 + a.at - loop.time()))
+        job = engine.submit(a.request, timeout_s=3600)
+        await job.wait()
+        return loop.time() - (t0 + a.at)
+
+    latencies = await asyncio.gather(*(one(a) for a in arrivals))
+    makespan = max(a.at + lat for a, lat in zip(arrivals, latencies, strict=True))
+    return PointResult(list(latencies), len(arrivals) / makespan)
+
+
+async def capacity(engine: Any, workload: str, n: int) -> float:
+    """Sequential requests/s, closed loop, one request at a time on the warm engine."""
+    rng = random.Random(12345)
+    started = time.perf_counter()
+    for _ in range(n):
+        await engine.submit(make_request(rng, workload_steps(workload, rng)), timeout_s=3600).wait()
+    return n / (time.perf_counter() - started)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def parity_report(model_path: Path) -> list[str]:
+    """Largest |continuous - diffusers| per task and sampler on the bench model (images in [0, 1])."""
+    import torch
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    from inference_server.continuous.core import ContinuousEngine
+    from inference_server.continuous.engine import scheduler_factory
+    from tests.server_continuous.parity import max_differences
+
+    torch.set_num_threads(1)
+    base = StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True)
+    pipes = {
+        "txt2img": base,
+        "img2img": StableDiffusionImg2ImgPipeline.from_pipe(base),
+        "inpaint": StableDiffusionInpaintPipeline.from_pipe(base),
+    }
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    factory = scheduler_factory(pipes["inpaint"])
+    engine = ContinuousEngine(pipes["inpaint"], max_batch_size=MAX_BATCH, scheduler_factory=factory)
+    engine.start()
+    try:
+        rows = max_differences(engine, pipes, factory, SIZE, timeout=600)
+    finally:
+        engine.stop()
+    worst: dict[str, float] = {}
+    for req, diff, _ in rows:
+        key = f"{req.task} / {req.scheduler}"
+        worst[key] = max(worst.get(key, 0.0), diff)
+    lines = ["| task / sampler | max abs difference (pixels in [0, 1]) |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.2e} |" for k, v in worst.items()]
+    lines.append(f"| **all** | **{max(worst.values()):.2e}** |")
+    return lines
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="continuous-bench-"))
+    model_path, description = bench_model(workdir)
+    print(f"model: {description}; {SIZE}x{SIZE}, guidance {GUIDANCE} (CFG rows), 1 torch thread", flush=True)
+    if not args.skip_parity:
+        print("\nparity with diffusers (every task and sampler, sharing iterations):", flush=True)
+        print("\n".join(parity_report(model_path)), flush=True)
+
+    kinds = ("sequential", "request-level", "continuous")
+    engines = {k: make_engine(k, model_path) for k in kinds}
+    for engine in engines.values():
+        await engine.start()
+        await engine.wait_ready()
+    caps = {}
+    for workload in args.workloads:
+        caps[workload] = await capacity(engines["sequential"], workload, args.capacity_requests)
+        print(f"sequential capacity, workload {label(workload)}: {caps[workload]:.3f} req/s", flush=True)
+
+    results: dict[tuple[str, float, str], list[PointResult]] = {}
+    for rep in range(args.reps):
+        for load in args.loads:
+            for workload in args.workloads:
+                n = max(args.min_requests, round(args.point_seconds * load * caps[workload]))
+                arrivals = schedule(
+                    workload,
+                    load * caps[workload],
+                    n,
+                    seed=rep * 10_000 + round(load * 100) * 10 + (workload == "mixed"),
+                )
+                order = kinds[rep % 3 :] + kinds[: rep % 3]  # rotate who goes first
+                for kind in order:
+                    r = await run_point(engines[kind], arrivals)
+                    results.setdefault((workload, load, kind), []).append(r)
+                    print(
+                        f"rep {rep + 1} load {load:.0%} {label(workload)} {kind}: n={n} "
+                        f"p95 {pct(r.latencies, 95):.2f} s, {r.throughput:.3f} req/s",
+                        flush=True,
+                    )
+    for engine in engines.values():
+        await engine.stop(5.0)
+    print("\n" + "\n".join(table(results, args, caps)), flush=True)
+
+
+def label(workload: str) -> str:
+    return "all 20 steps" if workload == "20" else "mixed 10/20 steps"
+
+
+def table(
+    results: dict[tuple[str, float, str], list[PointResult]], args: argparse.Namespace, caps: dict[str, float]
+) -> list[str]:
+    lines = [
+        "| workload | load | engine | requests | throughput (req/s) | p50 (s) | p95 (s) | p99 (s) | p95 vs request-level | throughput vs request-level |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for workload in args.workloads:
+        for load in args.loads:
+            ref = results[(workload, load, "request-level")]
+            ref_p95 = pct([x for r in ref for x in r.latencies], 95)
+            ref_tp = statistics.mean(r.throughput for r in ref)
+            for kind in ("sequential", "request-level", "continuous"):
+                rs = results[(workload, load, kind)]
+                lat = [x for r in rs for x in r.latencies]
+                tp = statistics.mean(r.throughput for r in rs)
+                p95 = pct(lat, 95)
+                lines.append(
+                    f"| {label(workload)} | {load:.0%} ({load * caps[workload]:.2f} req/s) | {kind} | {len(lat)} | "
+                    f"{tp:.3f} | {pct(lat, 50):.2f} | {p95:.2f} | {pct(lat, 99):.2f} | "
+                    f"{p95 / ref_p95:.2f}x | {tp / ref_tp:.3f}x |"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one repetition, fewer requests (a smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.3, 0.6, 0.9, 1.2])
+    parser.add_argument("--workloads", nargs="+", choices=["20", "mixed"], default=["20", "mixed"])
+    parser.add_argument(
+        "--capacity-requests", type=int, default=30, help="sequential requests to measure capacity"
+    )
+    parser.add_argument(
+        "--point-seconds", type=float, default=16.0, help="target length of the arrival window"
+    )
+    parser.add_argument("--min-requests", type=int, default=12, help="fewest requests per point")
+    parser.add_argument("--skip-parity", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.point_seconds, args.min_requests, args.capacity_requests = 1, 6.0, 6, 10
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
