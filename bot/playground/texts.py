@@ -1,0 +1,139 @@
+"""What playground users read. Plain functions of core values; the one place core errors become text."""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Sequence
+
+from bot.core.api import BadParameters, CoreError, JobView, QuotaView, StatsView
+
+log = logging.getLogger("bot.playground")
+
+PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
+
+HELP = """\
+**/imagine** `prompt` — generate images (typing just the prompt works too). The same flags as in \
+Discord and Slack: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry`.
+**/quota** — your usage today · **/history** — your latest jobs · **/help** — this text.
+Under a result: **🔁 Re-roll** (same prompt, new seed) and **V1-V4** (a variation of that image), \
+like the reactions in chat. The **Inpaint** tab repaints what you paint over with the brush."""
+
+
+def short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_text(error: BaseException) -> str:
+    """Every refusal the user sees goes through here; anything that is not a CoreError is a bug."""
+    if isinstance(error, BadParameters):
+        return f"⚠️ {error.message}"
+    if isinstance(error, CoreError):
+        return f"⚠️ {error.message}"
+    log.error("playground handler failed", exc_info=error)
+    return "⚠️ Something went wrong on our side; it has been logged. Please try again."
+
+
+def describe(job: JobView) -> str:
+    p = job.params
+    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[
+        job.kind
+    ]
+    parts = [f"seed {p.seed}", f"{p.width}x{p.height}", f"{p.steps} steps", f"guidance {p.guidance:g}"]
+    if p.aspect_ratio:
+        parts.append(f"ar {p.aspect_ratio}")
+    if p.n > 1:
+        parts.append(f"{p.n} images")
+    if p.strength is not None and job.kind != "imagine":
+        parts.append(f"strength {p.strength:g}")
+    return what + " · ".join(parts)
+
+
+def caption(job: JobView) -> str:
+    lines = [f"**{short(job.prompt, PROMPT_SHOWN)}**"]
+    if job.negative_prompt:
+        lines.append(f"not: {short(job.negative_prompt, 200)}")
+    lines.append(f"{describe(job)} · job #{job.id}")
+    if job.params.n > 1:
+        lines.append("🔁 Re-roll, or V1-V4 for a variation of that image.")
+    else:
+        lines.append("🔁 Re-roll, or V1 for a variation.")
+    return "\n".join(lines)
+
+
+def queued(job: JobView, position: int | None) -> str:
+    if position is None:
+        ahead = "waiting for its turn"
+    else:
+        ahead = "starts next" if position <= 1 else f"position {position} in the queue"
+    return f"⏳ **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} queued, {ahead}."
+
+
+def bar(step: int, total: int) -> str:
+    filled = round(10 * step / total) if total > 0 else 0
+    return "▰" * filled + "▱" * (10 - filled)
+
+
+def progress(job: JobView, step: int, total: int) -> str:
+    if total <= 0 or step <= 0:
+        return f"🎨 **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} generating…"
+    return f"🎨 **{short(job.prompt, PROMPT_SHOWN)}** — {bar(step, total)} step {step}/{total}"
+
+
+def failed(job: JobView, message: str) -> str:
+    return f"❌ **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} failed: {message}"
+
+
+def status_html(state: str, text: str, job_id: int | None = None, step: int = 0, total: int = 0) -> str:
+    """The status panel: a real <progress> bar while a job runs (data-state is for the tests)."""
+    meter = ""
+    if state == "running":
+        if total > 0:
+            meter = f'<progress value="{step}" max="{total}" style="width:100%"></progress>'
+        else:
+            meter = '<progress style="width:100%"></progress>'
+    job_attr = f' data-job="{job_id}"' if job_id is not None else ""
+    return (
+        f'<div class="job-status" data-state="{html.escape(state)}"{job_attr}>'
+        f"<p>{html.escape(text)}</p>{meter}</div>"
+    )
+
+
+def quota(q: QuotaView) -> str:
+    source = {"user": "your own limit", "guild": "the workspace limit", "global": "the default limit"}[
+        q.limit_source
+    ]
+    line = (
+        f"**{q.remaining}** image(s) left · used **{q.used_today}** of **{q.daily_limit}** today "
+        f"({source}) · resets {q.reset_at:%Y-%m-%d %H:%M} UTC"
+    )
+    if q.bonus_credits:
+        line += f" · {q.bonus_credits} bonus credits"
+    if q.banned:
+        line = "🚫 You are banned from generating images here. " + line
+    return line
+
+
+def quota_of(q: QuotaView) -> str:
+    return f"`{q.user_id}`: " + quota(q).replace("your own limit", "own limit")
+
+
+def history(jobs: Sequence[JobView]) -> str:
+    if not jobs:
+        return "You have no images yet. Try `/imagine a lighthouse at dusk`."
+    icons = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}
+    lines = ["Your latest jobs:"]
+    for job in jobs:
+        lines.append(
+            f"- {icons[job.state]} #{job.id} {job.created_at:%m-%d %H:%M} **{short(job.prompt, 80)}** "
+            f"(seed {job.params.seed})"
+        )
+    return "\n".join(lines)
+
+
+def stats(s: StatsView) -> str:
+    states = ", ".join(f"{k}: {v}" for k, v in sorted(s.jobs_by_state.items())) or "none"
+    lines = [f"Images today: **{s.images_today}** · queue depth: **{s.queue_depth}**", f"Jobs: {states}"]
+    if s.top_users:
+        lines.append("Top today: " + ", ".join(f"`{u.user_id}` {u.images}" for u in s.top_users))
+    return "\n\n".join(lines)

@@ -1,0 +1,577 @@
+"""The Gradio Blocks of the playground: chat, inpaint, history and admin tabs.
+
+Handlers are async and run on the event loop that serves Gradio, which is the loop of the core
+(`server.py` mounts this app on a uvicorn server started inside the bot's loop), so they call the
+`ImageService` directly. They only translate: a browser event becomes a core request, and core
+results and errors become chat messages (all texts in `texts.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from bot.core.api import Actor, CoreError, JobView, Place
+from bot.playground import texts
+from bot.playground.config import PLATFORM, PlaygroundConfig
+from bot.playground.delivery import JobEvent, WebDelivery
+
+log = logging.getLogger("bot.playground")
+
+# Login names become user ids in the database and appear in admin commands: keep them plain.
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+PLACE = Place(PLATFORM)
+MAX_VARIATIONS = 4  # one button per image of a job; a job has at most 4 images (--n 4)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the browser is. Without a password: the one local user, an admin (only this machine can
+    reach a loopback playground). With PLAYGROUND_PASSWORD: the login name; admins are the
+    `[playground] admin_users`, who sign in with PLAYGROUND_ADMIN_PASSWORD."""
+
+    config: PlaygroundConfig
+    password: str = ""
+    admin_password: str = ""
+
+    @classmethod
+    def from_env(cls, config: PlaygroundConfig, env: Mapping[str, str]) -> Identity:
+        return cls(config, env.get("PLAYGROUND_PASSWORD", ""), env.get("PLAYGROUND_ADMIN_PASSWORD", ""))
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.password)
+
+    def check_login(self, username: str, password: str) -> bool:
+        if not USERNAME_RE.match(username or ""):
+            return False
+        if username in self.config.admin_users:
+            return bool(self.admin_password) and hmac.compare_digest(password, self.admin_password)
+        return hmac.compare_digest(password, self.password)
+
+    def actor(self, request: gr.Request | None) -> Actor:
+        if not self.auth_required:
+            name = self.config.local_user
+            return Actor(PLATFORM, name, name, is_admin=True)
+        username = getattr(request, "username", None) if request is not None else None
+        if not username:
+            raise PermissionError("not signed in")
+        return Actor(PLATFORM, username, username, is_admin=username in self.config.admin_users)
+
+
+def parse_command(text: str) -> tuple[str, str]:
+    """("imagine" | "help" | "quota" | "history" | other, rest). A bare prompt means /imagine."""
+    t = text.strip()
+    if not t.startswith("/"):
+        return "imagine", t
+    head, _, rest = t.partition(" ")
+    return head[1:].lower(), rest.strip()
+
+
+def mask_from_editor(value: Mapping[str, Any] | None) -> tuple[bytes, bytes | None]:
+    """(image PNG, mask PNG or None) from an ImageEditor value: the background is the image, and
+    every pixel painted on any layer is white (repaint) in the mask."""
+    if not value or value.get("background") is None:
+        raise CoreErrorForUser("Upload an image first (drop it on the editor).")
+    background: Image.Image = value["background"]
+    image = background.convert("RGBA")
+    if image.getextrema()[3][0] < 255:
+        # Transparent parts of an upload would look black to the model: put them on white.
+        flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        flat.alpha_composite(image)
+        image = flat
+    mask = Image.new("L", image.size, 0)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != image.size:
+            alpha = alpha.resize(image.size, Image.Resampling.NEAREST)
+        mask.paste(255, mask=alpha.point(lambda a: 255 if a > 0 else 0))
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="PNG")
+    if mask.getextrema()[1] == 0:
+        return out.getvalue(), None
+    mask_out = io.BytesIO()
+    mask.save(mask_out, format="PNG")
+    return out.getvalue(), mask_out.getvalue()
+
+
+class CoreErrorForUser(CoreError):
+    """A refusal decided by the playground itself (before the core is asked)."""
+
+    code = "playground"
+
+
+def _key() -> str:
+    return uuid.uuid4().hex
+
+
+class PlaygroundUI:
+    def __init__(
+        self,
+        service: Any,
+        config: PlaygroundConfig,
+        identity: Identity,
+        delivery: WebDelivery,
+        media_dir: Path,
+    ):
+        self.service = service
+        self.config = config
+        self.identity = identity
+        self.delivery = delivery
+        self.media_dir = media_dir
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    async def image_path(self, storage_key: str, png: bytes | None = None) -> str:
+        """A file Gradio can serve for a stored image (content-addressed, so written once)."""
+        path = self.media_dir / f"{storage_key}.png"
+        if not path.exists():
+            data = png if png is not None else await self.service.image_bytes(storage_key)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return str(path)
+
+    async def job_images(self, job: JobView, event: JobEvent | None = None) -> list[str]:
+        if event is not None and event.images:
+            return [await self.image_path(r.info.storage_key, r.png) for r in event.images]
+        return [await self.image_path(info.storage_key) for info in job.images]
+
+    async def quota_text(self, actor: Actor) -> str:
+        try:
+            return texts.quota(await self.service.quota(actor, PLACE))
+        except Exception as e:  # noqa: BLE001 - shown to the user, logged by error_text
+            return texts.error_text(e)
+
+    async def follow(self, job: JobView) -> AsyncIterator[JobEvent]:
+        """The job's events until it is done: pushed by the delivery, or read from its row when
+        nothing came for `poll_interval_s` (a missed event, or another process delivering)."""
+        queue = self.delivery.subscribe(job.id)
+        try:
+            if job.done:
+                yield self._final_from_row(job)
+                return
+            yield JobEvent("queued", job, position=job.position)
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=self.config.poll_interval_s)
+                except TimeoutError:
+                    fresh = await self.service.get_job(job.id)
+                    if not fresh.done:
+                        continue
+                    event = self._final_from_row(fresh)
+                yield event
+                if event.final:
+                    return
+        finally:
+            self.delivery.unsubscribe(job.id, queue)
+
+    @staticmethod
+    def _final_from_row(job: JobView) -> JobEvent:
+        if job.state == "succeeded":
+            return JobEvent("succeeded", job)
+        return JobEvent("failed", job, message=job.error or f"the job was {job.state}")
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    def _buttons(self, job: JobView | None) -> list[Any]:
+        ok = job is not None and job.state == "succeeded"
+        n = job.params.n if ok and job is not None else 0
+        return [gr.update(interactive=ok)] + [gr.update(interactive=i < n) for i in range(MAX_VARIATIONS)]
+
+    async def _run_job(
+        self,
+        actor: Actor,
+        chat: list[dict[str, Any]],
+        user_text: str,
+        submit: Callable[[], Awaitable[JobView]],
+        last_job: int | None,
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Submit, then stream the chat, status panel and buttons until the job is done.
+        Yields (chat, status, last_job, reroll, v1..v4, quota)."""
+        chat = [*chat, {"role": "user", "content": user_text}]
+        idle = self._buttons(None)
+        try:
+            job = await submit()
+        except Exception as e:  # noqa: BLE001 - CoreError for the user; others logged in error_text
+            chat.append({"role": "assistant", "content": texts.error_text(e)})
+            yield (list(chat), texts.status_html("error", texts.error_text(e)), last_job, *self._keep(),
+                   await self.quota_text(actor))  # fmt: skip
+            return
+        quota = await self.quota_text(actor)
+        reply_at = len(chat)
+        chat.append({"role": "assistant", "content": texts.queued(job, job.position)})
+        async for event in self.follow(job):
+            if event.kind == "queued":
+                text = texts.queued(job, event.position)
+                chat[reply_at] = {"role": "assistant", "content": text}
+                yield list(chat), texts.status_html("queued", text, job.id), last_job, *idle, quota
+            elif event.kind == "progress":
+                text = texts.progress(job, event.step, event.total)
+                chat[reply_at] = {"role": "assistant", "content": text}
+                status = texts.status_html("running", text, job.id, event.step, event.total)
+                yield list(chat), status, last_job, *idle, quota
+            elif event.kind == "succeeded":
+                done = await self.service.get_job(job.id)
+                paths = await self.job_images(done, event)
+                chat[reply_at] = {"role": "assistant", "content": texts.caption(done)}
+                for path in paths:
+                    chat.append({"role": "assistant", "content": {"path": path}})
+                status = texts.status_html("succeeded", f"Job #{done.id} done.", done.id)
+                yield list(chat), status, done.id, *self._buttons(done), await self.quota_text(actor)
+            else:
+                text = texts.failed(job, event.message)
+                chat[reply_at] = {"role": "assistant", "content": text}
+                yield (list(chat), texts.status_html("failed", text, job.id), last_job, *self._keep(),
+                       await self.quota_text(actor))  # fmt: skip
+
+    @staticmethod
+    def _keep() -> list[Any]:
+        """Leave the re-roll / variation buttons as they were (still about the last result)."""
+        return [gr.update() for _ in range(1 + MAX_VARIATIONS)]
+
+    async def on_message(
+        self, text: str, chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        actor = self.identity.actor(request)
+        text = (text or "").strip()
+        if not text:
+            yield ("", chat, chat, gr.update(), last_job, *self._keep(), gr.update())
+            return
+        command, rest = parse_command(text)
+        if command != "imagine":
+            if command == "quota":
+                reply = await self.quota_text(actor)
+            elif command == "history":
+                try:
+                    reply = texts.history(await self.service.history(actor, limit=10))
+                except Exception as e:  # noqa: BLE001
+                    reply = texts.error_text(e)
+            elif command == "help":
+                reply = texts.HELP
+            else:
+                reply = f"Unknown command `/{command}`.\n\n{texts.HELP}"
+            chat = [*chat, {"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            yield ("", chat, chat, gr.update(), last_job, *self._keep(), await self.quota_text(actor))
+            return
+
+        async def submit() -> JobView:
+            return await self.service.imagine(
+                actor, PLACE, rest, None, idempotency_key=_key(), delivery={"via": "playground"}
+            )
+
+        async for update in self._run_job(actor, chat, text, submit, last_job):
+            yield ("", update[0], *update)
+
+    async def on_reroll(
+        self, chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        actor = self.identity.actor(request)
+        if last_job is None:
+            return
+
+        async def submit() -> JobView:
+            return await self.service.reroll(
+                actor, PLACE, job_id=last_job, idempotency_key=_key(), delivery={"via": "playground"}
+            )
+
+        async for update in self._run_job(actor, chat, f"🔁 re-roll of job #{last_job}", submit, last_job):
+            yield (update[0], *update)
+
+    def variation_handler(self, index: int) -> Callable[..., AsyncIterator[tuple[Any, ...]]]:
+        async def on_variation(
+            chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
+        ) -> AsyncIterator[tuple[Any, ...]]:
+            actor = self.identity.actor(request)
+            if last_job is None:
+                return
+
+            async def submit() -> JobView:
+                return await self.service.variation(
+                    actor,
+                    PLACE,
+                    index,
+                    job_id=last_job,
+                    idempotency_key=_key(),
+                    delivery={"via": "playground"},
+                )
+
+            label = f"V{index + 1}: variation of image {index + 1} of job #{last_job}"
+            async for update in self._run_job(actor, chat, label, submit, last_job):
+                yield (update[0], *update)
+
+        on_variation.__name__ = f"variation_{index + 1}"
+        return on_variation
+
+    # -- inpaint ---------------------------------------------------------------------------------
+
+    async def on_inpaint(
+        self, editor: dict[str, Any] | None, prompt: str, request: gr.Request
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Yields (status, gallery, quota)."""
+        actor = self.identity.actor(request)
+        try:
+            image, mask = mask_from_editor(editor)
+            if mask is None:
+                raise CoreErrorForUser("Paint over the part to repaint with the brush first.")
+            job = await self.service.inpaint(
+                actor, PLACE, prompt or "", image, mask, None,
+                idempotency_key=_key(), delivery={"via": "playground"},
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            yield texts.status_html("error", texts.error_text(e)), gr.update(), await self.quota_text(actor)
+            return
+        quota = await self.quota_text(actor)
+        async for event in self.follow(job):
+            if event.kind == "queued":
+                yield (
+                    texts.status_html("queued", texts.queued(job, event.position), job.id),
+                    gr.update(),
+                    quota,
+                )
+            elif event.kind == "progress":
+                text = texts.progress(job, event.step, event.total)
+                yield texts.status_html("running", text, job.id, event.step, event.total), gr.update(), quota
+            elif event.kind == "succeeded":
+                done = await self.service.get_job(job.id)
+                paths = await self.job_images(done, event)
+                status = texts.status_html(
+                    "succeeded", f"Job #{done.id} done: {texts.describe(done)}", done.id
+                )
+                yield status, [(p, f"#{done.id}") for p in paths], await self.quota_text(actor)
+            else:
+                text = texts.failed(job, event.message)
+                yield texts.status_html("failed", text, job.id), gr.update(), await self.quota_text(actor)
+
+    # -- history ---------------------------------------------------------------------------------
+
+    async def on_history(self, request: gr.Request) -> tuple[Any, str]:
+        actor = self.identity.actor(request)
+        try:
+            jobs = await self.service.history(actor, limit=self.config.history_limit)
+        except Exception as e:  # noqa: BLE001
+            return [], texts.error_text(e)
+        items: list[tuple[str, str]] = []
+        for job in jobs:
+            if job.state != "succeeded":
+                continue
+            for info in job.images:
+                path = await self.image_path(info.storage_key)
+                items.append((path, f"#{job.id} · {texts.short(job.prompt, 60)} · seed {info.seed}"))
+        return items, texts.history(jobs)
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    async def on_load(self, request: gr.Request) -> tuple[Any, ...]:
+        """Page load: who am I, my quota, and whether the admin panel is shown."""
+        actor = self.identity.actor(request)
+        who = f"Signed in as **{actor.user_id}**" + (" (admin)" if actor.is_admin else "")
+        return (
+            who,
+            await self.quota_text(actor),
+            gr.update(visible=actor.is_admin),
+            gr.update(visible=not actor.is_admin),
+        )
+
+    def admin_handler(
+        self, operation: Callable[[Actor, str, Any, Any], Awaitable[str]]
+    ) -> Callable[..., Awaitable[tuple[str, str]]]:
+        async def handler(target: str, number: Any, reason: str, request: gr.Request) -> tuple[str, str]:
+            actor = self.identity.actor(request)
+            target = (target or "").strip() or actor.user_id
+            if target.startswith(f"{PLATFORM}:"):
+                target = target.split(":", 1)[1]
+            try:
+                result = await operation(actor, target, number, reason)
+            except Exception as e:  # noqa: BLE001
+                result = texts.error_text(e)
+            return result, await self.quota_text(actor)
+
+        handler.__name__ = operation.__name__
+        return handler
+
+    async def admin_usage(self, actor: Actor, target: str, _n: Any, _r: Any) -> str:
+        return texts.quota_of(await self.service.usage(actor, PLACE, target))
+
+    async def admin_set_limit(self, actor: Actor, target: str, number: Any, _r: Any) -> str:
+        limit = None if number is None or number == "" else int(number)
+        q = await self.service.set_user_limit(actor, target, limit)
+        what = "removed (back to the default)" if limit is None else f"set to {limit} per day"
+        return f"Daily limit of `{target}` {what}.\n\n" + texts.quota_of(q)
+
+    async def admin_grant(self, actor: Actor, target: str, number: Any, _r: Any) -> str:
+        if number is None or number == "":
+            raise CoreErrorForUser("Enter the number of credits to grant.")
+        q = await self.service.grant_credits(actor, target, int(number))
+        return f"Granted {int(number)} credits to `{target}`.\n\n" + texts.quota_of(q)
+
+    async def admin_reset(self, actor: Actor, target: str, _n: Any, _r: Any) -> str:
+        q = await self.service.reset_usage(actor, target)
+        return f"Usage of `{target}` reset.\n\n" + texts.quota_of(q)
+
+    async def admin_ban(self, actor: Actor, target: str, _n: Any, reason: Any) -> str:
+        await self.service.ban(actor, target, str(reason or ""))
+        return f"`{target}` is banned."
+
+    async def admin_unban(self, actor: Actor, target: str, _n: Any, _r: Any) -> str:
+        await self.service.unban(actor, target)
+        return f"`{target}` is no longer banned."
+
+    async def admin_stats(self, actor: Actor, _t: str, _n: Any, _r: Any) -> str:
+        s = texts.stats(await self.service.stats(actor, PLACE))
+        entries = await self.service.audit_log(actor, limit=10)
+        if entries:
+            s += "\n\nLatest admin actions:\n" + "\n".join(
+                f"- {e.created_at:%m-%d %H:%M} `{e.actor_user_id}` {e.action} {e.target}" for e in entries
+            )
+        return s
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        cfg = self.config
+        with gr.Blocks(title=cfg.title, analytics_enabled=False) as blocks:
+            with gr.Row():
+                gr.Markdown(f"## {cfg.title}")
+                who = gr.Markdown(elem_id="whoami")
+            quota = gr.Markdown(elem_id="quota")
+            with gr.Tabs():
+                with gr.Tab("Imagine", id="imagine"):
+                    chatbot = gr.Chatbot(
+                        value=[{"role": "assistant", "content": texts.HELP}],
+                        height=460,
+                        elem_id="chat",
+                        show_label=False,
+                    )
+                    chat_state = gr.State([{"role": "assistant", "content": texts.HELP}])
+                    last_job = gr.State(None)
+                    with gr.Row():
+                        prompt = gr.Textbox(
+                            placeholder="/imagine a lighthouse at dusk --n 4 --seed 7",
+                            show_label=False,
+                            scale=6,
+                            elem_id="prompt",
+                            autofocus=True,
+                        )
+                        send = gr.Button("Generate", variant="primary", scale=1, elem_id="send")
+                    with gr.Row():
+                        reroll = gr.Button("🔁 Re-roll", interactive=False, elem_id="reroll")
+                        variations = [
+                            gr.Button(f"V{i + 1}", interactive=False, elem_id=f"v{i + 1}")
+                            for i in range(MAX_VARIATIONS)
+                        ]
+                    status = gr.HTML(texts.status_html("idle", "No job yet."), elem_id="status")
+                with gr.Tab("Inpaint", id="inpaint"):
+                    gr.Markdown(
+                        "Upload an image, paint over the part to repaint with the brush, describe what "
+                        "should be there, and press **Inpaint**. Painted = repainted, the rest is kept."
+                    )
+                    with gr.Row():
+                        editor = gr.ImageEditor(
+                            type="pil",
+                            image_mode="RGBA",
+                            sources=("upload", "clipboard"),
+                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                            layers=gr.LayerOptions(allow_additional_layers=False),
+                            transforms=(),
+                            label="Image and mask",
+                            elem_id="editor",
+                            height=420,
+                        )
+                        inpaint_gallery = gr.Gallery(label="Result", elem_id="inpaint-result", height=420)
+                    with gr.Row():
+                        inpaint_prompt = gr.Textbox(
+                            placeholder="what to paint there",
+                            show_label=False,
+                            scale=6,
+                            elem_id="inpaint-prompt",
+                        )
+                        inpaint_btn = gr.Button("Inpaint", variant="primary", scale=1, elem_id="inpaint-send")
+                    inpaint_status = gr.HTML(
+                        texts.status_html("idle", "No job yet."), elem_id="inpaint-status"
+                    )
+                with gr.Tab("History", id="history") as history_tab:
+                    history_refresh = gr.Button("Refresh", elem_id="history-refresh")
+                    gallery = gr.Gallery(columns=6, height=480, elem_id="history-gallery", show_label=False)
+                    history_md = gr.Markdown(elem_id="history-list")
+                with gr.Tab("Admin", id="admin"):
+                    not_admin = gr.Markdown("Only admins can use this tab.", visible=False)
+                    with gr.Column(visible=False) as admin_panel:
+                        gr.Markdown(
+                            "Quotas, bans and stats of playground users (platform `web`); the same "
+                            "operations as `/admin` in Discord and `/imagine-admin` in Slack. "
+                            "An empty user means yourself."
+                        )
+                        with gr.Row():
+                            target = gr.Textbox(label="User", placeholder="user id", elem_id="admin-user")
+                            number = gr.Number(
+                                label="Daily limit / credits", precision=0, value=None, elem_id="admin-number"
+                            )
+                            reason = gr.Textbox(label="Ban reason", elem_id="admin-reason")
+                        with gr.Row():
+                            b_usage = gr.Button("Show usage", elem_id="admin-usage")
+                            b_limit = gr.Button("Set daily limit", elem_id="admin-set-limit")
+                            b_grant = gr.Button("Grant credits", elem_id="admin-grant")
+                            b_reset = gr.Button("Reset usage", elem_id="admin-reset")
+                            b_ban = gr.Button("Ban", variant="stop", elem_id="admin-ban")
+                            b_unban = gr.Button("Unban", elem_id="admin-unban")
+                            b_stats = gr.Button("Stats", elem_id="admin-stats")
+                        admin_out = gr.Markdown(elem_id="admin-result")
+
+            # The chat is kept in a State (the messages as this module wrote them) and shown in the
+            # Chatbot: every streamed update goes to both.
+            chat_outputs = [chatbot, chat_state, status, last_job, reroll, *variations, quota]
+            limit = cfg.concurrency_limit
+            for trigger in (send.click, prompt.submit):
+                trigger(
+                    self.on_message,
+                    inputs=[prompt, chat_state, last_job],
+                    outputs=[prompt, *chat_outputs],
+                    api_name="imagine" if trigger == send.click else False,
+                    concurrency_limit=limit,
+                )
+            reroll.click(
+                self.on_reroll, inputs=[chat_state, last_job], outputs=chat_outputs,
+                api_name="reroll", concurrency_limit=limit,
+            )  # fmt: skip
+            for i, button in enumerate(variations):
+                button.click(
+                    self.variation_handler(i), inputs=[chat_state, last_job], outputs=chat_outputs,
+                    api_name=f"variation_{i + 1}", concurrency_limit=limit,
+                )  # fmt: skip
+            inpaint_btn.click(
+                self.on_inpaint, inputs=[editor, inpaint_prompt],
+                outputs=[inpaint_status, inpaint_gallery, quota], api_name="inpaint", concurrency_limit=limit,
+            )  # fmt: skip
+            for event in (history_refresh.click, history_tab.select):
+                event(self.on_history, outputs=[gallery, history_md], api_name=False)
+            admin_ops = [
+                (b_usage, self.admin_usage),
+                (b_limit, self.admin_set_limit),
+                (b_grant, self.admin_grant),
+                (b_reset, self.admin_reset),
+                (b_ban, self.admin_ban),
+                (b_unban, self.admin_unban),
+                (b_stats, self.admin_stats),
+            ]
+            for button, op in admin_ops:
+                button.click(
+                    self.admin_handler(op), inputs=[target, number, reason], outputs=[admin_out, quota],
+                    api_name=op.__name__,
+                )  # fmt: skip
+            blocks.load(self.on_load, outputs=[who, quota, admin_panel, not_admin], api_name=False)
+        blocks.queue(default_concurrency_limit=limit)
+        return blocks
