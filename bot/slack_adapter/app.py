@@ -429,11 +429,11 @@ class SlackDelivery:
         self._adapter = adapter
 
     async def on_queued(self, job: JobView, position: int) -> None:
-        await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position))
+        await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position), throttle=True)
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         text = messages.progress_text(job, step, total)
-        await self._adapter.status.show(job, RUNNING, text, throttle=step > 0)
+        await self._adapter.status.show(job, RUNNING, text, throttle=True)
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         a = self._adapter

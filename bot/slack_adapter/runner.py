@@ -65,6 +65,7 @@ async def run_slack(
                 await _serve_http(app, cfg, ready)
         finally:
             service.unregister_delivery(PLATFORM)
+            await adapter.status.close()
 
 
 async def _check_token(app: Any, client: AsyncWebClient) -> None:

@@ -7,6 +7,10 @@ a fresh status message, and the result itself is always found through `job.deliv
 Updates race: the command handler announces "queued" while the dispatcher may already report
 progress or the result. A per-job lock orders the posts and a phase number makes sure a late
 "queued" never overwrites "running" or "done".
+
+Throttling: queue and progress edits of one message are at least `min_interval_s` apart. An update
+that comes too early is not dropped but parked; the latest parked text is shown once the interval
+has passed (unless the job finished meanwhile), so the message never lags behind for long.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class _Entry:
     channel: str | None = None
     phase: int = 0
     last_edit: float = 0.0
+    parked: tuple[int, str] | None = None  # (phase, text) waiting for the interval to pass
+    flusher: asyncio.Task[None] | None = None
 
 
 def job_channel(job: JobView) -> str | None:
@@ -55,7 +61,9 @@ class StatusBoard:
         if entry is None:
             entry = self._entries[job_id] = _Entry()
             while len(self._entries) > MAX_TRACKED_JOBS:
-                self._entries.popitem(last=False)
+                _, old = self._entries.popitem(last=False)
+                if old.flusher is not None:
+                    old.flusher.cancel()
         return entry
 
     async def show(
@@ -68,10 +76,11 @@ class StatusBoard:
         post: bool = True,
         edit: bool = True,
     ) -> str | None:
-        """Show `text` for `job` unless a later phase is already shown (or, with `throttle`, the last
-        edit was too recent). `post=False` only edits an existing message; `edit=False` only posts
-        one if there is none yet (the submit-time announcement must not overwrite fresher news).
-        Returns Slack's error code when the post failed (e.g. "not_in_channel"), else None."""
+        """Show `text` for `job` unless a later phase is already shown. With `throttle`, an edit
+        within `min_interval_s` of the previous one is parked and shown when the interval is over.
+        `post=False` only edits an existing message; `edit=False` only posts one if there is none
+        yet (the submit-time announcement must not overwrite fresher news).
+        Returns Slack's error code when the call failed (e.g. "not_in_channel"), else None."""
         channel = job_channel(job)
         if channel is None:
             return None
@@ -79,25 +88,61 @@ class StatusBoard:
         async with entry.lock:
             if phase < entry.phase or (not edit and entry.ts is not None):
                 return None
-            now = time.monotonic()
-            if throttle and entry.phase == phase and now - entry.last_edit < self._min_interval_s:
-                return None
-            entry.phase = phase
-            try:
-                if entry.ts is not None:
-                    await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
-                elif post:
-                    resp = await self._client.chat_postMessage(
-                        channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
-                    )
-                    entry.ts, entry.channel = resp["ts"], resp["channel"]
-                entry.last_edit = now
-            except SlackApiError as e:
-                # A status line is not worth failing a job for; the result is delivered separately.
-                log.warning("slack: status update for job %s failed: %s", job.id, e.response.get("error"))
-                return str(e.response.get("error"))
+            if phase == DONE:
+                entry.parked = None
+            elif throttle and entry.ts is not None:
+                wait = entry.last_edit + self._min_interval_s - time.monotonic()
+                if wait > 0:
+                    entry.parked = (phase, text)
+                    if entry.flusher is None:
+                        entry.flusher = asyncio.create_task(self._flush_later(job.id, entry, wait))
+                    return None
+            return await self._write(job, entry, channel, phase, text, post)
+
+    async def _write(
+        self, job: JobView, entry: _Entry, channel: str, phase: int, text: str, post: bool
+    ) -> str | None:
+        entry.phase = phase
+        entry.parked = None
+        try:
+            if entry.ts is not None:
+                await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
+            elif post:
+                resp = await self._client.chat_postMessage(
+                    channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
+                )
+                entry.ts, entry.channel = resp["ts"], resp["channel"]
+            entry.last_edit = time.monotonic()
+        except SlackApiError as e:
+            # A status line is not worth failing a job for; the result is delivered separately.
+            log.warning("slack: status update for job %s failed: %s", job.id, e.response.get("error"))
+            return str(e.response.get("error"))
         return None
+
+    async def _flush_later(self, job_id: int, entry: _Entry, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)
+            async with entry.lock:
+                parked, entry.parked = entry.parked, None
+                if parked is None or entry.ts is None or parked[0] < entry.phase or entry.phase == DONE:
+                    return
+                phase, text = parked
+                entry.phase = phase
+                try:
+                    await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
+                    entry.last_edit = time.monotonic()
+                except SlackApiError as e:
+                    log.warning("slack: status update for job %s failed: %s", job_id, e.response.get("error"))
+        finally:
+            entry.flusher = None
 
     def has_message(self, job_id: int) -> bool:
         entry = self._entries.get(job_id)
         return entry is not None and entry.ts is not None
+
+    async def close(self) -> None:
+        """Cancel parked updates (at shutdown)."""
+        tasks = [e.flusher for e in self._entries.values() if e.flusher is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

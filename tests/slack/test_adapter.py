@@ -362,3 +362,18 @@ async def test_url_verification_and_health(slack: Running, http):
     base = slack.sender.url.rsplit("/slack/events", 1)[0]
     async with http.get(f"{base}/healthz") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: FakeSlack, tmp_path, http):
+    async with running_adapter(fake_slack, tmp_path, http) as first_run:
+        first_run.backend.hold()  # the process stops while the job runs
+        await first_run.sender.slash_command("/imagine", "a phoenix --seed 77")
+        await fake_slack.wait_for(lambda: first_run.backend.in_flight == 1)
+    assert not result_messages(fake_slack)
+    # a new process delivers it from what the job row holds (channel, user), not from memory
+    async with running_adapter(fake_slack, tmp_path, http) as second_run:
+        await fake_slack.wait_for(lambda: result_messages(fake_slack))
+        msg = result_messages(fake_slack)[0]
+        assert "a phoenix" in msg.text and "seed 77" in msg.text and "<@UALICE01>" in msg.text
+        job = await attached_job(second_run, msg)
+        assert job.state == "succeeded" and job.attempts >= 1
