@@ -139,9 +139,12 @@ class Dispatcher:
             self._spawn(job_id)
         while self._free() and (job_id := await self._claim_queued(platforms)) is not None:
             self._spawn(job_id)
-        if now_mono - self._last_positions >= min(1.0, self.config.poll_interval_s):
+        # Positions of newly queued jobs go out at once; changes of known ones at most every
+        # progress_interval_s (each one is a chat message edit, and the queue moves constantly).
+        full = now_mono - self._last_positions >= self.config.progress_interval_s
+        if full:
             self._last_positions = now_mono
-            await self._report_positions(platforms)
+        await self._report_positions(platforms, only_new=not full)
 
     def _free(self) -> bool:
         return len(self._tasks) < self.config.dispatch_concurrency
@@ -289,13 +292,37 @@ class Dispatcher:
                 log.warning("job %s: lease lost to another dispatcher; abandoning our run", job_id)
                 self._tasks[job_id].cancel()
 
-    async def _report_positions(self, platforms: Sequence[str]) -> None:
+    async def _report_positions(self, platforms: Sequence[str], *, only_new: bool) -> None:
+        if only_new:
+            async with self.db.read() as s:
+                fresh = (
+                    await s.execute(
+                        select(Job.id)
+                        .where(
+                            Job.state == "queued",
+                            Job.notified_position.is_(None),
+                            Job.platform.in_(platforms),
+                        )
+                        .limit(1)
+                    )
+                ).first()
+            if fresh is None:
+                return
         async with self.db.session() as s:
             order = await self.fair_order(s, None, MAX_REPORTED_POSITION)
             if not order:
                 return
+            current = dict(
+                (await s.execute(select(Job.id, Job.notified_position).where(Job.id.in_(order))))
+                .tuples()
+                .all()
+            )
             changed: list[tuple[int, int]] = []
             for position, job_id in enumerate(order, start=1):
+                known = current.get(job_id)
+                if known == position or (only_new and known is not None):
+                    continue
+                # Conditional: of several processes reporting, one wins each change.
                 result = await s.execute(
                     update(Job)
                     .where(
@@ -308,9 +335,12 @@ class Dispatcher:
                 )
                 if result.rowcount == 1:
                     changed.append((job_id, position))
+        if not changed:
+            return
+        views = await self.service.job_views([job_id for job_id, _ in changed])
         for job_id, position in changed:
-            view = await self.service.job_view(job_id)
-            if view.state == "queued":
+            view = views.get(job_id)
+            if view is not None and view.state == "queued":
                 await self._call(view, "on_queued", view, position)
 
     # ------------------------------------------------------------------------------------------

@@ -678,6 +678,16 @@ class CoreService:
 
     get_job = job_view
 
+    async def job_views(self, job_ids: list[int]) -> dict[int, JobView]:
+        """Views of several jobs in one query (without images: for queued jobs)."""
+        async with self.db.read() as s:
+            rows = (
+                await s.execute(
+                    select(Job, User).join(User, Job.user_id == User.id).where(Job.id.in_(job_ids))
+                )
+            ).all()
+            return {job.id: await self._view(s, job, user, images=()) for job, user in rows}
+
     async def job_for_message(self, platform: str, message_id: str) -> JobView | None:
         async with self.db.read() as s:
             job = (

@@ -61,7 +61,8 @@ async def test_queue_positions_are_reported_when_they_change(db_url, tmp_path):
         positions = [e[2] for e in delivery.events if e[0] == "queued" and e[1] == jobs[2].id]
         assert positions[0] == 2 and positions == sorted(positions, reverse=True)
         assert len(positions) == len(set(positions))  # never the same position twice
-        assert not [e for e in delivery.events if e[0] == "queued" and e[1] == jobs[0].id]  # started at once
+        # The first job starts at once (at most a glimpse of position 1 before its claim).
+        assert {e[2] for e in delivery.events if e[0] == "queued" and e[1] == jobs[0].id} <= {1}
 
 
 async def test_progress_is_throttled(sqlite_url, tmp_path):
