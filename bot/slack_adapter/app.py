@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -72,11 +73,14 @@ class SlackAdapter:
     # -- the Bolt app --------------------------------------------------------------------------------
 
     def build_app(self, signing_secret: str, *, socket_mode: bool = False) -> AsyncApp:
+        bolt_log = logging.getLogger("bot.slack.bolt")
+        if not any(isinstance(f, _ClientGivenFilter) for f in bolt_log.filters):
+            bolt_log.addFilter(_ClientGivenFilter())
         app = AsyncApp(
             client=self.client,
             signing_secret=signing_secret,
             name="imagine-bot",
-            logger=logging.getLogger("bot.slack.bolt"),
+            logger=bolt_log,
             # Socket Mode requests are not signed; the websocket itself is authenticated.
             request_verification_enabled=not socket_mode,
         )
@@ -380,6 +384,14 @@ class SlackAdapter:
             await s.unban(actor, uid)
             return f"{who} is no longer banned."
         raise AssertionError(f"unhandled admin action {cmd.action}")
+
+
+class _ClientGivenFilter(logging.Filter):
+    """AsyncApp reads SLACK_BOT_TOKEN from the environment by itself and then warns that the token
+    is unused because a client was given; that client carries the same token, so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
 
 
 def _limit_words(number: int | None) -> str:
