@@ -125,11 +125,13 @@ def mention(text: str, files: list | None = None, user: str = "UALICE01", channe
 
 async def test_inpaint_mention_with_transparent_png(slack: Running):
     f = slack.fake.host_file("photo.png", transparent_hole_png())
-    reply, _ = await slack.sender.event(mention("inpaint a red knitted hat --seed 7", [f]))
+    event = {**mention("inpaint a red knitted hat --seed 7", [f]), "thread_ts": "1699999999.000001"}
+    reply, _ = await slack.sender.event(event)
     assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
     await slack.fake.wait_for(lambda: result_messages(slack.fake))
     msg = result_messages(slack.fake)[0]
     assert "inpaint" in msg.text and "a red knitted hat" in msg.text and "seed 7" in msg.text
+    assert msg.thread_ts == "1699999999.000001"  # asked in a thread, answered in that thread
     params = slack.backend.calls[0].params
     assert params.task == "inpaint" and params.image is not None and params.mask is not None
     # the adapter downloaded the file with the bot token (the fake refuses otherwise)
@@ -154,9 +156,12 @@ async def test_inpaint_bad_attachments_get_clear_replies(slack: Running):
         ([fake.host_file("notes.pdf", b"%PDF-1.4 ...", "application/pdf")], "`notes.pdf` is not an image"),
         ([fake.host_file("flat.png", opaque_png())], "mask"),  # no transparency, no mask: the core refuses
         ([fake.host_file(f"{i}.png", opaque_png()) for i in range(3)], "this message has 3 files"),
+        ([{**fake.host_file("huge.png", opaque_png()), "size": 50_000_000}], "`huge.png` is 50.0 MB"),
+        ([fake.host_file("photo.png", transparent_hole_png())], "Say what to paint"),  # no prompt
     ]
     for i, (files, expected) in enumerate(cases):
-        await slack.sender.event(mention("inpaint a hat", files))
+        prompt = "" if expected == "Say what to paint" else " a hat"
+        await slack.sender.event(mention("inpaint" + prompt, files))
         await fake.wait_for(lambda i=i: len(fake.ephemerals) > i)
         text = fake.ephemerals[i]["text"]
         assert expected in text, text
@@ -291,6 +296,11 @@ async def test_admin_commands_allowed_for_configured_and_workspace_admins(slack:
     await slack.sender.slash_command("/imagine-admin", "stats", user_id=ADMIN_ID)
     await fake.wait_for(lambda: len(fake.responses) >= 5)
     assert "Stats" in fake.responses[-1]["text"]
+    await slack.sender.slash_command("/imagine-admin", "limits workspace 3", user_id=ADMIN_ID)
+    await fake.wait_for(lambda: len(fake.responses) >= 6)
+    assert "set to 3" in fake.responses[-1]["text"]
+    quota = await slack.service.quota(Actor("slack", "UALICE01"), Place("slack", "T0TEST01", "CGENERAL1"))
+    assert quota.daily_limit == 3 and quota.limit_source == "guild"
 
 
 async def test_admin_commands_refused_for_others(slack: Running):
@@ -377,3 +387,12 @@ async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: F
         assert "a phoenix" in msg.text and "seed 77" in msg.text and "<@UALICE01>" in msg.text
         job = await attached_job(second_run, msg)
         assert job.state == "succeeded" and job.attempts >= 1
+
+
+async def test_mention_imagine_and_help(slack: Running):
+    await slack.sender.event(mention("imagine a small red kite --seed 21"))
+    await slack.fake.wait_for(lambda: result_messages(slack.fake))
+    assert "a small red kite" in result_messages(slack.fake)[0].text
+    await slack.sender.event(mention("hello there"))
+    await slack.fake.wait_for(lambda: slack.fake.ephemerals)
+    assert "/imagine" in slack.fake.ephemerals[0]["text"] and len(slack.backend.calls) == 1
