@@ -1,0 +1,216 @@
+"""`python -m bot.launcher` (= `make run`): everything a newcomer needs, in one terminal.
+
+1. Loads `.env`; makes sure there is an `INFERENCE_API_TOKEN` (generated once into
+   `data/.inference_token` when none is set) shared by the bot and the inference server.
+2. Migrates the database (`python -m bot.migrate`).
+3. Prints which adapters are on or off and why (the web playground is always on).
+4. Runs the processes of the `Procfile` with honcho (a Procfile runner): the inference server on the
+   configured model (the embedded one by default) and the bot with its adapters. Every line is
+   labelled with its process; when the playground answers, prints its URL.
+5. Ctrl-C (SIGINT) or SIGTERM: honcho sends SIGTERM to every process; the bot hands the jobs in
+   flight back to the queue in the database, and the next start finishes them.
+
+The inference server is skipped when `[backends] kind` is not "inference_server" (e.g. "fake").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROCFILE = REPO / "Procfile"
+TOKEN_FILE = Path("data") / ".inference_token"
+LABEL = "launcher"
+# How long to wait for the playground (and the model) before saying something is slow; the
+# embedded model loads in seconds, a real checkpoint on CPU can take minutes.
+READY_PATIENCE_S = 180.0
+
+
+def ensure_token(env: MutableMapping[str, str], token_file: Path = TOKEN_FILE) -> str:
+    """INFERENCE_API_TOKEN from the environment, else from `token_file`, else a new one saved there
+    (mode 0600) so the next run and a separately started server agree on it."""
+    token = env.get("INFERENCE_API_TOKEN", "").strip()
+    if token:
+        return "environment"
+    if token_file.is_file():
+        token = token_file.read_text().strip()
+    if token:
+        env["INFERENCE_API_TOKEN"] = token
+        return str(token_file)
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    env["INFERENCE_API_TOKEN"] = token
+    return f"{token_file} (new)"
+
+
+def read_procfile(path: Path = PROCFILE) -> dict[str, str]:
+    from honcho.environ import parse_procfile
+
+    return dict(parse_procfile(path.read_text()).processes)
+
+
+class Plan:
+    """What the launcher will run, worked out from the config and environment before starting."""
+
+    def __init__(self, config_file: Path, env: MutableMapping[str, str]):
+        from bot.__main__ import adapter_plan
+        from bot.backends import load_backends_config
+        from bot.playground.config import load_playground_config
+        from inference_server.config import load_config
+        from inference_server.config_loader import read_toml
+
+        raw = read_toml(config_file)
+        self.server_config = load_config(raw, environ=env)
+        self.backends = load_backends_config(raw, env)
+        self.playground = load_playground_config(raw, env)
+        self.run_server = self.backends.kind == "inference_server"
+        self.adapters = adapter_plan(env)
+
+    @property
+    def server_url(self) -> str:
+        s = self.server_config.server
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+        return f"http://{host}:{s.port}"
+
+    @property
+    def playground_url(self) -> str | None:
+        from bot.playground.server import url_for
+
+        return url_for(self.playground, self.playground.port) if self.playground.port else None
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, ValueError):
+        return 0
+
+
+def watch_ready(plan: Plan, say: Callable[[str], None], stop: threading.Event) -> None:
+    """Print the playground URL once it (and the inference server) answer."""
+    start = time.monotonic()
+    warned = False
+    server_ready = not plan.run_server
+    while not stop.is_set():
+        if not server_ready and _get(plan.server_url + "/ready") == 200:
+            server_ready = True
+            say(f"inference server ready at {plan.server_url}")
+        url = plan.playground_url
+        ui_ready = url is not None and _get(url + "healthz") == 200
+        if server_ready and ui_ready:
+            say("")
+            say(f"  ready: open {url} in your browser  (Ctrl-C stops everything)")
+            say("")
+            return
+        if not warned and time.monotonic() - start > READY_PATIENCE_S:
+            warned = True
+            say("still starting after 3 minutes: see the server and bot lines above")
+        # Every 2 s: the server logs each probe, and a person does not notice 2 s.
+        stop.wait(2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dotenv import dotenv_values
+    from honcho.manager import Manager
+    from honcho.printer import Message, Printer
+
+    from inference_server.config_loader import ConfigError, config_path
+
+    parser = argparse.ArgumentParser(prog="python -m bot.launcher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")
+    args = parser.parse_args(argv)
+
+    printer = Printer(sys.stdout)
+    printer.width = len(LABEL)
+
+    def say(text: str) -> None:
+        printer.write(Message(type="line", data=text + "\n" if text else " \n", time=dt.datetime.now(),
+                              name=LABEL, colour=None))  # fmt: skip
+
+    env: dict[str, str] = {k: v for k, v in dotenv_values(".env").items() if v is not None}
+    env.update(os.environ)  # the real environment wins over .env, as in python-dotenv's load_dotenv
+    config_file = config_path(args.config or env.get("IMAGINE_CONFIG")).resolve()
+    env["IMAGINE_CONFIG"] = str(config_file)
+    try:
+        plan = Plan(config_file, env)
+    except ConfigError as e:
+        say(f"config error: {e}")
+        return 2
+
+    if plan.run_server:
+        from inference_server.pipelines import ModelLoadError, check_model_source
+
+        try:
+            check_model_source(plan.server_config.model)
+        except ModelLoadError as e:
+            say(f"cannot start the inference server: {e}")
+            return 2
+        source = ensure_token(env)
+        say(f"INFERENCE_API_TOKEN from {source}")
+        # The bot talks to the server started here, unless the URLs were set explicitly.
+        env.setdefault("IMAGINE_BACKENDS_URLS", json.dumps([plan.server_url]))
+
+    # Child processes are Python: unbuffered, so their lines show up as they are written.
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+
+    say("migrating the database")
+    migrated = subprocess.run(
+        [sys.executable, "-m", "bot.migrate", "--config", str(config_file)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if migrated.returncode != 0:
+        for line in (migrated.stdout + migrated.stderr).splitlines():
+            say(f"migrate: {line}")
+        say("migration failed; not starting")
+        return migrated.returncode
+    for line in migrated.stdout.splitlines():
+        say(f"migrate: {line}")
+
+    say(
+        f"inference server: {'on, model ' + plan.server_config.model.path if plan.run_server else 'off: [backends] kind = ' + plan.backends.kind}"
+    )  # noqa: E501
+    for name, _module, on, why in plan.adapters:
+        say(
+            f"adapter {name}: {why if why.startswith(('on', 'off')) else ('on' if on else 'off') + ': ' + why}"
+        )
+
+    processes = read_procfile()
+    if not plan.run_server:
+        processes.pop("server", None)
+    manager = Manager(printer=printer)
+    for name, cmd in processes.items():
+        manager.add_process(name, cmd, env=env, cwd=os.getcwd())
+    printer.width = max(printer.width, len(LABEL))
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_ready, args=(plan, say, stop), daemon=True)
+    watcher.start()
+    try:
+        manager.loop()
+    finally:
+        stop.set()
+    say("all processes stopped; jobs in flight stay queued in the database for the next start")
+    return manager.returncode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
