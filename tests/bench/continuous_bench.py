@@ -1,7 +1,7 @@
 """Open-loop load test: sequential vs request-level (dynamic) vs continuous (iteration-level) batching.
 
-    python -m tests.bench.continuous_bench            # the full run (~25 min on 2 shared cores)
-    python -m tests.bench.continuous_bench --quick    # a smoke run (~3 min)
+    python -m tests.bench.continuous_bench            # the full run (~40 min on 2 shared cores)
+    python -m tests.bench.continuous_bench --quick    # a smoke run (~5 min)
 
 1. Loads the embedded model (or, until its weights exist, the embedded model's architecture with
    random weights: the cost per step is what matters here) three times, one engine each:
@@ -63,6 +63,7 @@ class Arrival:
 class PointResult:
     latencies: list[float]
     throughput: float
+    cpu_per_request: float  # this process's CPU seconds per request: robust to other jobs' load
 
 
 def bench_model(folder: Path) -> tuple[Path, str]:
@@ -133,6 +134,7 @@ def schedule(workload: str, rate: float, n: int, seed: int) -> list[Arrival]:
 
 async def run_point(engine: Any, arrivals: list[Arrival]) -> PointResult:
     loop = asyncio.get_running_loop()
+    cpu0 = time.process_time()
     t0 = loop.time() + 0.05
 
     async def one(a: Arrival) -> float:
@@ -143,7 +145,8 @@ async def run_point(engine: Any, arrivals: list[Arrival]) -> PointResult:
 
     latencies = await asyncio.gather(*(one(a) for a in arrivals))
     makespan = max(a.at + lat for a, lat in zip(arrivals, latencies, strict=True))
-    return PointResult(list(latencies), len(arrivals) / makespan)
+    cpu = (time.process_time() - cpu0) / len(arrivals)
+    return PointResult(list(latencies), len(arrivals) / makespan, cpu)
 
 
 async def capacity(engine: Any, workload: str, n: int) -> float:
@@ -217,11 +220,16 @@ async def main_async(args: argparse.Namespace) -> None:
         caps[workload] = await capacity(engines["sequential"], workload, args.capacity_requests)
         print(f"sequential capacity, workload {label(workload)}: {caps[workload]:.3f} req/s", flush=True)
 
+    # Requests per point: as many as fit the time budget (arrival windows of every point, with a
+    # quarter kept for draining), at least --min-requests, at most --max-requests.
+    window_per_request = sum(1 / (load * caps[w]) for w in args.workloads for load in args.loads)
+    n = int(0.75 * args.budget_minutes * 60 / (window_per_request * len(kinds) * args.reps))
+    n = max(args.min_requests, min(args.max_requests, n))
+    print(f"requests per point: {n} (budget {args.budget_minutes:g} min)", flush=True)
     results: dict[tuple[str, float, str], list[PointResult]] = {}
     for rep in range(args.reps):
         for load in args.loads:
             for workload in args.workloads:
-                n = max(args.min_requests, round(args.point_seconds * load * caps[workload]))
                 arrivals = schedule(
                     workload,
                     load * caps[workload],
@@ -234,7 +242,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     results.setdefault((workload, load, kind), []).append(r)
                     print(
                         f"rep {rep + 1} load {load:.0%} {label(workload)} {kind}: n={n} "
-                        f"p95 {pct(r.latencies, 95):.2f} s, {r.throughput:.3f} req/s",
+                        f"p95 {pct(r.latencies, 95):.2f} s, {r.throughput:.3f} req/s, "
+                        f"{r.cpu_per_request:.2f} CPU s/request",
                         flush=True,
                     )
     for engine in engines.values():
@@ -250,8 +259,9 @@ def table(
     results: dict[tuple[str, float, str], list[PointResult]], args: argparse.Namespace, caps: dict[str, float]
 ) -> list[str]:
     lines = [
-        "| workload | load | engine | requests | throughput (req/s) | p50 (s) | p95 (s) | p99 (s) | p95 vs request-level | throughput vs request-level |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | load | engine | requests | throughput (req/s) | p50 (s) | p95 (s) | p99 (s) "
+        "| p95 vs request-level | throughput vs request-level | CPU s/request |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for workload in args.workloads:
         for load in args.loads:
@@ -266,7 +276,8 @@ def table(
                 lines.append(
                     f"| {label(workload)} | {load:.0%} ({load * caps[workload]:.2f} req/s) | {kind} | {len(lat)} | "
                     f"{tp:.3f} | {pct(lat, 50):.2f} | {p95:.2f} | {pct(lat, 99):.2f} | "
-                    f"{p95 / ref_p95:.2f}x | {tp / ref_tp:.3f}x |"
+                    f"{p95 / ref_p95:.2f}x | {tp / ref_tp:.3f}x | "
+                    f"{statistics.mean(r.cpu_per_request for r in rs):.2f} |"
                 )
     return lines
 
@@ -282,14 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--capacity-requests", type=int, default=30, help="sequential requests to measure capacity"
     )
-    parser.add_argument(
-        "--point-seconds", type=float, default=16.0, help="target length of the arrival window"
-    )
-    parser.add_argument("--min-requests", type=int, default=12, help="fewest requests per point")
+    parser.add_argument("--budget-minutes", type=float, default=35.0, help="time for the load points")
+    parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point")
+    parser.add_argument("--max-requests", type=int, default=40, help="most requests per point")
     parser.add_argument("--skip-parity", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.point_seconds, args.min_requests, args.capacity_requests = 1, 6.0, 6, 10
+        args.reps, args.budget_minutes, args.min_requests, args.capacity_requests = 1, 3.0, 4, 10
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(main_async(args))
 
