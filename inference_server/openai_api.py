@@ -83,10 +83,34 @@ _IGNORED_COMMON = {"model", "user", "safety_identifier", "quality", "partial_ima
 _NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s"}
 
 _ALLOWED: dict[str, set[str]] = {
-    "generations": {"prompt", "n", "size", "response_format", "output_format", "style", "moderation",
-                    "frame_count", "frame_duration_ms", "svg"} | _IGNORED_COMMON | _NATIVE_EXTRAS,  # fmt: skip
-    "edits": {"image", "image[]", "mask", "prompt", "n", "size", "response_format", "output_format",
-              "input_fidelity", "strength"} | _IGNORED_COMMON | _NATIVE_EXTRAS,  # fmt: skip
+    "generations": {
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "style",
+        "moderation",
+        "frame_count",
+        "frame_duration_ms",
+        "svg",
+    }
+    | _IGNORED_COMMON
+    | _NATIVE_EXTRAS,  # fmt: skip
+    "edits": {
+        "image",
+        "image[]",
+        "mask",
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "input_fidelity",
+        "strength",
+    }
+    | _IGNORED_COMMON
+    | _NATIVE_EXTRAS,  # fmt: skip
     "variations": {"image", "n", "size", "response_format", "output_format", "prompt", "strength"}
     | _IGNORED_COMMON
     | _NATIVE_EXTRAS,
@@ -102,7 +126,12 @@ _TYPES = {401: "invalid_request_error", 429: "requests"}
 
 
 def openai_error(
-    status: int, message: str, *, param: str | None = None, code: str | None = None, headers: Mapping[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """An error in OpenAI's JSON shape; the client picks its exception class from the status."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -192,10 +221,14 @@ class ImageStore:
 
     def put(self, data: bytes, content_type: str, extension: str) -> str:
         self._purge()
-        while self._items and (len(self._items) >= self.max_images or self.bytes + len(data) > self.max_bytes):
+        while self._items and (
+            len(self._items) >= self.max_images or self.bytes + len(data) > self.max_bytes
+        ):
             name, old = self._items.popitem(last=False)
             self.bytes -= len(old.data)
-            log.warning("image URL store full: %s evicted before it expired (raise no bound; use b64_json)", name)
+            log.warning(
+                "image URL store full: %s evicted before it expired (raise no bound; use b64_json)", name
+            )
         name = f"{secrets.token_urlsafe(24)}.{extension}"  # 192 random bits: the URL is the credential
         self._items[name] = StoredImage(data, content_type, self.clock() + self.ttl_s)
         self.bytes += len(data)
@@ -281,7 +314,8 @@ def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
     lo, hi = server.min_side, server.max_side
     if not (lo <= width <= hi and lo <= height <= hi and width % 8 == 0 and height % 8 == 0):
         raise _bad(
-            "size", f"size {width}x{height} is not supported: width and height must be multiples of 8 from {lo} to {hi}"
+            "size",
+            f"size {width}x{height} is not supported: width and height must be multiples of 8 from {lo} to {hi}",
         )
     return width, height
 
@@ -289,15 +323,21 @@ def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
 def _output_options(f: _Fields, server: ServerConfig) -> OutputOptions:
     model = f.body.get("model")
     default = "url" if isinstance(model, str) and model.strip().lower() in URL_DEFAULT_MODELS else "b64_json"
-    response_format = f.choice("response_format", ("url", "b64_json")) if f.has("response_format") else default
+    response_format = (
+        f.choice("response_format", ("url", "b64_json")) if f.has("response_format") else default
+    )
     name = f.choice("output_format", tuple(OUTPUT_FORMATS)) if f.has("output_format") else "png"
     pil_format, content_type, extension = OUTPUT_FORMATS[name]
     quality = f.integer("output_compression", 0, 100) if f.has("output_compression") else 100
     if f.has("background") and f.choice("background", ("auto", "opaque", "transparent")) == "transparent":
-        raise _bad("background", "transparent backgrounds are not supported by this server (use auto or opaque)")
+        raise _bad(
+            "background", "transparent backgrounds are not supported by this server (use auto or opaque)"
+        )
     if f.has("stream") and f.flag("stream"):
         raise _bad("stream", "streaming is not supported by this server; leave stream unset or false")
-    return OutputOptions(response_format, pil_format, content_type, extension, quality, "jpeg" if name == "jpg" else name)
+    return OutputOptions(
+        response_format, pil_format, content_type, extension, quality, "jpeg" if name == "jpg" else name
+    )
 
 
 def _native_body(f: _Fields, server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
@@ -328,7 +368,9 @@ def _check_fields(endpoint: str, body: Mapping[str, Any], files: Mapping[str, by
 
 def _upload(f: _Fields, files: Mapping[str, bytes], names: tuple[str, ...], param: str) -> bytes | None:
     found = [files[n] for n in names if n in files]
-    found += [decode_base64(f.body[n], param) for n in names if n not in files and isinstance(f.body.get(n), str)]
+    found += [
+        decode_base64(f.body[n], param) for n in names if n not in files and isinstance(f.body.get(n), str)
+    ]
     if len(found) > 1:
         raise _bad(param, f"send one {param}; this server edits one image per request")
     return found[0] if found else None
@@ -351,7 +393,9 @@ def parse_openai(
         log.debug("OpenAI request for end user %r", body.get("safety_identifier") or body.get("user"))
 
     if endpoint == "generations":
-        return parse_generation("txt2img", _native_body(f, server, prompt=True), server=server, model=model, from_form=from_form), options
+        return parse_generation(
+            "txt2img", _native_body(f, server, prompt=True), server=server, model=model, from_form=from_form
+        ), options
 
     image = _upload(f, files, ("image", "image[]"), "image")
     if image is None:
@@ -360,12 +404,18 @@ def parse_openai(
     if endpoint == "variations":
         native = _native_body(f, server, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
-        parsed = parse_generation("img2img", native, server=server, model=model, files={"image": image}, from_form=from_form)
+        parsed = parse_generation(
+            "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
+        )
         prompt = str(f.body["prompt"]).strip() if f.has("prompt") else ""
         if len(prompt) > server.max_prompt_chars:
-            raise _bad("prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}")
+            raise _bad(
+                "prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}"
+            )
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
-        return dataclasses.replace(parsed, request=dataclasses.replace(parsed.request, prompt=prompt)), options
+        return dataclasses.replace(
+            parsed, request=dataclasses.replace(parsed.request, prompt=prompt)
+        ), options
 
     # Edits: OpenAI marks the area to repaint with fully transparent pixels, of the mask or else of
     # the image itself; the native API wants white = repaint. A mask without any alpha is refused
@@ -374,23 +424,32 @@ def parse_openai(
     mask_upload = _upload(f, files, ("mask",), "mask")
     source = mask_upload if mask_upload is not None else image
     param = "mask" if mask_upload is not None else "image"
-    repaint = transparent_area(decode_image(source, param, max_pixels=server.max_image_pixels), param)
+    repaint = transparent_area(decode_image(source, param, max_pixels=server.max_image_pixels))
     if repaint is None:
         if mask_upload is not None:
-            raise _bad("mask", "mask has no alpha channel: its fully transparent pixels must mark where to edit")
+            raise _bad(
+                "mask", "mask has no alpha channel: its fully transparent pixels must mark where to edit"
+            )
         # No mask and an opaque image: edit the whole picture (image-to-image), as GPT image models do.
-        return parse_generation("img2img", native, server=server, model=model, files={"image": image}, from_form=from_form), options
+        return parse_generation(
+            "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
+        ), options
     if repaint.getbbox() is None:
         raise _bad(param, f"{param} has no fully transparent pixels, so there is nothing to edit")
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
     mask_png = encode_png(repaint)
     parsed = parse_generation(
-        "inpaint", native, server=server, model=model, files={"image": image, "mask": mask_png}, from_form=from_form
+        "inpaint",
+        native,
+        server=server,
+        model=model,
+        files={"image": image, "mask": mask_png},
+        from_form=from_form,
     )
     return parsed, options
 
 
-def transparent_area(img: Image.Image, param: str) -> Image.Image | None:
+def transparent_area(img: Image.Image) -> Image.Image | None:
     """An L mask, 255 where `img` is fully transparent; None when `img` has no alpha at all."""
     if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in img.info:
         return None
@@ -406,7 +465,9 @@ async def run_job(request: web.Request, parsed: ParsedRequest) -> GenerationResu
     client goes away. Same flow as the native non-streaming handler in app.py."""
     app = request.app
     if app[keys.STATE].draining:
-        raise ShuttingDown("the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s)
+        raise ShuttingDown(
+            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
+        )
     job = app[keys.ENGINE].submit(parsed.request, timeout_s=parsed.timeout_s)
     waiter = asyncio.ensure_future(job.wait())
     try:
@@ -466,10 +527,14 @@ def make_handler(endpoint: str) -> Any:
             body, files, from_form = await read_body(request)
 
             def parse() -> tuple[ParsedRequest, OutputOptions]:
-                return parse_openai(endpoint, body, files, from_form=from_form, server=config.server, model=config.model)
+                return parse_openai(
+                    endpoint, body, files, from_form=from_form, server=config.server, model=config.model
+                )
 
             # Decoding uploads is CPU work: keep it off the event loop.
-            parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
+            parsed, options = (
+                await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
+            )
             result = await run_job(request, parsed)
             response = await _respond(request, result, options)
             status = response.status
@@ -513,7 +578,12 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     wanted = request.match_info["model"]
     if wanted != model_id(request.app):
-        raise RequestError(404, "model_not_found", "model", f"the model {wanted!r} does not exist; this server serves {model_id(request.app)!r}")
+        raise RequestError(
+            404,
+            "model_not_found",
+            "model",
+            f"the model {wanted!r} does not exist; this server serves {model_id(request.app)!r}",
+        )
     return web.json_response(_model_json(request.app))
 
 

@@ -69,10 +69,14 @@ async def test_legacy_dalle2_defaults_to_url(client: openai.AsyncOpenAI) -> None
 
 
 async def test_output_formats(client: openai.AsyncOpenAI) -> None:
-    jpeg = await client.images.generate(prompt="a cat", size="32x32", output_format="jpeg", output_compression=80)
+    jpeg = await client.images.generate(
+        prompt="a cat", size="32x32", output_format="jpeg", output_compression=80
+    )
     assert jpeg.output_format == "jpeg"
     assert decode(jpeg.data[0].b64_json).format == "JPEG"
-    webp = await client.images.generate(prompt="a cat", size="32x32", output_format="webp", response_format="url")
+    webp = await client.images.generate(
+        prompt="a cat", size="32x32", output_format="webp", response_format="url"
+    )
     assert webp.data[0].url.endswith(".webp")
     async with aiohttp.ClientSession() as plain, plain.get(webp.data[0].url) as resp:
         assert resp.content_type == "image/webp"
@@ -125,7 +129,10 @@ async def test_edit_transparent_image_without_mask(client: openai.AsyncOpenAI) -
     source = Image.new("RGBA", (32, 32), (*BLUE, 255))
     source.paste((0, 0, 0, 0), (0, 0, 16, 32))  # the left half is transparent: repaint it
     result = await client.images.edit(
-        image=("source.png", png_bytes(source), "image/png"), prompt="a tree", size="32x32", extra_body={"seed": 2}
+        image=("source.png", png_bytes(source), "image/png"),
+        prompt="a tree",
+        size="32x32",
+        extra_body={"seed": 2},
     )
     out = np.asarray(decode(result.data[0].b64_json).convert("RGB")).astype(int)
     assert (out[:, 16:] == np.array(BLUE)).all()
