@@ -396,3 +396,19 @@ async def test_mention_imagine_and_help(slack: Running):
     await slack.sender.event(mention("hello there"))
     await slack.fake.wait_for(lambda: slack.fake.ephemerals)
     assert "/imagine" in slack.fake.ephemerals[0]["text"] and len(slack.backend.calls) == 1
+
+
+async def test_retry_racing_the_original_delivery_is_still_one_job(slack: Running):
+    _, _, first = await imagine_and_wait(slack, "a kite --seed 8")
+    await attached_job(slack, first)
+    event = reaction("repeat", first)
+    # the original and three retries arrive at once (e.g. two processes behind a load balancer)
+    replies = await asyncio.gather(
+        *[slack.sender.event(event, event_id="EvRACE01", retry_num=i or None) for i in range(4)]
+    )
+    assert all(reply.status == 200 for reply, _ in replies)
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 2)
+    await slack.sender.event(reaction("art", first))  # a later event: once done, the others were too
+    await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 3)
+    assert [c.params.task for c in slack.backend.calls] == ["txt2img", "txt2img", "img2img"]
+    assert not slack.fake.ephemerals
