@@ -48,3 +48,50 @@ def test_inpaint_keeps_the_original_outside_the_mask(pipes: dict[str, Any], make
     keep = np.asarray(mask) == 0
     assert np.array_equal(out[keep], np.asarray(image)[keep])
     assert not np.array_equal(out[~keep], np.asarray(image)[~keep])  # the masked square was repainted
+
+
+def test_v_prediction_zero_snr_trailing_schedules_match_too(torch_one_thread: None) -> None:
+    """SD 2.x-style v-prediction, and the zero-terminal-SNR "trailing" set-up of the embedded model."""
+    from dataclasses import replace
+
+    import numpy as np
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+    )
+
+    from inference_server.continuous.core import ContinuousEngine
+    from inference_server.testing import TinyPipelineSpec, build_tiny_pipeline
+    from tests.server_continuous.parity import parity_requests, reference
+
+    base = build_tiny_pipeline(TinyPipelineSpec(sample_size=SIZE, seed=3))
+    base.scheduler = DPMSolverMultistepScheduler.from_config(
+        base.scheduler.config,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    pipes = {
+        "txt2img": base,
+        "img2img": StableDiffusionImg2ImgPipeline.from_pipe(base),
+        "inpaint": StableDiffusionInpaintPipeline.from_pipe(base),
+    }
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    factory = scheduler_factory(pipes["inpaint"])
+    # Every task, a stochastic and a two-evaluation sampler; "default" is the DPM++ above.
+    wanted = {"default", "euler_a", "heun", "ddim"}
+    reqs = [replace(r, steps=5) for r in parity_requests(SIZE) if r.scheduler in wanted and r.width == SIZE]
+    engine = ContinuousEngine(pipes["inpaint"], max_batch_size=4, scheduler_factory=factory)
+    engine.start()
+    try:
+        results = [t.future.result(120) for t in [engine.submit(r) for r in reqs]]
+    finally:
+        engine.stop()
+    worst = 0.0
+    for req, res in zip(reqs, results, strict=True):
+        for seed, arr in zip(req.seeds, res.arrays, strict=True):
+            worst = max(worst, float(np.abs(reference(pipes, factory, req, seed) - arr).max()))
+    assert {r.task for r in reqs} == {"txt2img", "img2img", "inpaint"}
+    assert worst < TOLERANCE
