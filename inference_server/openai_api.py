@@ -74,47 +74,22 @@ OUTPUT_FORMATS = {
 # (GPT image models only return base64, and b64 works even when clients cannot reach the server).
 URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
 
-# Fields of OpenAI's API that are accepted and ignored (documented in the README). `quality`,
-# `style` and `moderation` have no meaning for a diffusion checkpoint; `user` and
-# `safety_identifier` only go to the log; `partial_images` matters only with `stream`.
-_IGNORED_COMMON = {"model", "user", "safety_identifier", "quality", "partial_images", "complexity",
-                   "output_compression", "background", "stream"}  # fmt: skip
+# OpenAI fields every endpoint takes. Honoured: n, size, response_format, output_format,
+# output_compression (JPEG/WebP quality), background (auto/opaque; transparent is refused), stream
+# (false only). Accepted and ignored (documented in the README): `model` (one model is loaded),
+# `quality`, `complexity`, `style`, `moderation`, `input_fidelity` and the GIF/SVG options have no
+# meaning for a diffusion checkpoint; `user` and `safety_identifier` only go to the debug log;
+# `partial_images` matters only with `stream`.
+_OPENAI_COMMON = {"model", "n", "size", "response_format", "output_format", "output_compression", "background",
+                  "stream", "partial_images", "quality", "complexity", "user", "safety_identifier"}  # fmt: skip
 # Native fields accepted as extensions (e.g. `extra_body={"seed": 1}` with the official client).
 _NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s"}
-
 _ALLOWED: dict[str, set[str]] = {
-    "generations": {
-        "prompt",
-        "n",
-        "size",
-        "response_format",
-        "output_format",
-        "style",
-        "moderation",
-        "frame_count",
-        "frame_duration_ms",
-        "svg",
-    }
-    | _IGNORED_COMMON
-    | _NATIVE_EXTRAS,  # fmt: skip
-    "edits": {
-        "image",
-        "image[]",
-        "mask",
-        "prompt",
-        "n",
-        "size",
-        "response_format",
-        "output_format",
-        "input_fidelity",
-        "strength",
-    }
-    | _IGNORED_COMMON
-    | _NATIVE_EXTRAS,  # fmt: skip
-    "variations": {"image", "n", "size", "response_format", "output_format", "prompt", "strength"}
-    | _IGNORED_COMMON
-    | _NATIVE_EXTRAS,
-}
+    "generations": _OPENAI_COMMON | _NATIVE_EXTRAS | {"prompt", "style", "moderation", "frame_count", "frame_duration_ms", "svg"},
+    "edits": _OPENAI_COMMON | _NATIVE_EXTRAS | {"image", "image[]", "mask", "prompt", "input_fidelity", "strength"},
+    # `prompt` and `strength` are extensions here: OpenAI's variations take neither.
+    "variations": _OPENAI_COMMON | _NATIVE_EXTRAS | {"image", "prompt", "strength"},
+}  # fmt: skip
 # HTTP status of each engine error kind as this API reports it (see `translate_error`).
 _ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
@@ -357,13 +332,13 @@ def _native_body(f: _Fields, server: ServerConfig, *, prompt: bool) -> dict[str,
 
 
 def _check_fields(endpoint: str, body: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+    if "markup" in body or "markup" in files:
+        raise _bad("markup", "markup images are not supported by this server; use mask")
     allowed = _ALLOWED[endpoint]
     for name in list(body) + list(files):
         if name not in allowed:
             # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
             raise _bad(name, f"unrecognized request argument supplied: {name}")
-    if "markup" in files:
-        raise _bad("markup", "markup images are not supported by this server")
 
 
 def _upload(f: _Fields, files: Mapping[str, bytes], names: tuple[str, ...], param: str) -> bytes | None:
@@ -407,7 +382,10 @@ def parse_openai(
         parsed = parse_generation(
             "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
         )
-        prompt = str(f.body["prompt"]).strip() if f.has("prompt") else ""
+        prompt = f.body["prompt"] if f.has("prompt") else ""
+        if not isinstance(prompt, str):
+            raise _bad("prompt", "prompt must be a string")
+        prompt = prompt.strip()
         if len(prompt) > server.max_prompt_chars:
             raise _bad(
                 "prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}"

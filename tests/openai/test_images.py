@@ -156,3 +156,25 @@ async def test_variation(client: openai.AsyncOpenAI) -> None:
     images = [decode(item.b64_json) for item in result.data]
     assert [img.size for img in images] == [(32, 32), (32, 32)]
     assert not (np.asarray(images[0]) == np.asarray(images[1])).all()  # different seeds, different images
+
+
+async def test_openapi_documents_every_openai_route(server: Server) -> None:
+    import yaml
+
+    async with server.session.get(f"{server.url}/openapi.yaml") as resp:
+        documented = yaml.safe_load(await resp.text())["paths"]
+    routes = {
+        r.resource.canonical
+        for r in server.app.router.routes()
+        if r.resource is not None
+        and r.resource.canonical.startswith(("/v1/images", "/v1/models", "/images/"))
+    }
+    assert routes == {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/images/files/{name}",
+    }
+    assert routes <= set(documented)
