@@ -44,7 +44,8 @@ SHARE_POLL_DELAYS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # Web API errors meaning "the bot cannot post in this conversation" (private channel it is not in,
 # a DM between other people).
 CANNOT_POST = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
-_MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+# The bot's own mention that starts an app_mention's text.
+_LEADING_MENTION = re.compile(r"^\s*<@[UW][A-Z0-9]+(?:\|[^>]*)?>[\s,:]*")
 
 Tell = Callable[[str], Awaitable[None]]
 
@@ -168,7 +169,7 @@ class SlackAdapter:
     # -- /imagine ------------------------------------------------------------------------------------
 
     async def imagine_command(self, command: Mapping[str, Any], respond: Any) -> None:
-        text = (command.get("text") or "").strip()
+        text = messages.plain_text(command.get("text") or "").strip()
         user, channel = command["user_id"], command["channel_id"]
         tell = self.via_respond(respond)
         place = Place(PLATFORM, command.get("team_id"), channel)
@@ -205,7 +206,7 @@ class SlackAdapter:
             return
         thread_ts = event.get("thread_ts")
         tell = self.ephemeral(channel, user, thread_ts)
-        text = _MENTION.sub("", event.get("text") or "").strip()
+        text = messages.plain_text(_LEADING_MENTION.sub("", event.get("text") or "")).strip()
         verb, _, rest = text.partition(" ")
         key = f"event:{body.get('event_id')}"
         place = Place(PLATFORM, body.get("team_id"), channel)

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from bot.core.api import BadParameters, CoreError, JobView, QuotaExceeded, QuotaView, StatsView
 
 log = logging.getLogger("bot.slack")
+
+
+# Slack markup in incoming text: <@U123|name>, <#C123|name>, <!here>, <https://x|label>, <https://x>.
+_MARKUP = re.compile(r"<([@#!]?)([^>|]+)(?:\|([^>]*))?>")
+
+
+def plain_text(text: str) -> str:
+    """What the user typed, from Slack's wire format: mentions and links as their visible text and
+    the HTML entities Slack always escapes (&, <, >) decoded, so prompts reach the model as typed."""
+
+    def visible(m: re.Match[str]) -> str:
+        sigil, target, label = m.groups()
+        if sigil in ("@", "#", "!"):
+            return ("#" if sigil == "#" else "@") + (label or target)
+        return label or target
+
+    text = _MARKUP.sub(visible, text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def escape(text: str) -> str:

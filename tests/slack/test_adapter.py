@@ -68,6 +68,8 @@ async def test_imagine_acks_fast_then_uploads_result_with_prompt_seed_and_params
     reply, trigger, msg = await imagine_and_wait(slack, "a red fox in snow --seed 42 --n 2 --steps 12")
     assert reply.elapsed_s < ACK_DEADLINE_S
     assert reply.body == ""  # empty ack: nothing is shown until the status message appears
+    # auth.test ran once, at start-up: the first request's ack did not wait for it
+    assert len(slack.fake.calls_to("auth.test")) == 1
     # the result: files upload v2 into the channel, with prompt, seed and parameters
     assert "a red fox in snow" in msg.text and "seeds 42–43" in msg.text and "12 steps" in msg.text
     assert len(msg.files) == 2
@@ -101,6 +103,12 @@ async def test_imagine_bad_flag_gets_ephemeral_error_naming_it(slack: Running):
     assert "steps" in text and "Traceback" not in text
     assert slack.fake.responses[0]["response_type"] == "ephemeral"
     assert slack.backend.calls == [] and not slack.fake.calls_to("chat.postMessage")
+
+
+async def test_prompt_text_is_unescaped_for_the_model_and_escaped_in_the_caption(slack: Running):
+    _, _, msg = await imagine_and_wait(slack, "a sign saying &lt;hi&gt; &amp; <@U0BOB|bob> --seed 2")
+    assert slack.backend.calls[0].params.prompt == "a sign saying <hi> & @bob"
+    assert "a sign saying &lt;hi&gt; &amp; @bob" in msg.text  # shown as text, never as markup
 
 
 async def test_imagine_help_when_empty(slack: Running):

@@ -11,7 +11,7 @@ import yaml
 from bot import slack_adapter
 from bot.backends.base import BackendRejected
 from bot.bootstrap import build_core
-from bot.slack_adapter import admin
+from bot.slack_adapter import admin, messages
 from bot.slack_adapter.config import SlackConfig
 from inference_server.config_loader import ConfigError, load_section
 from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID, FakeSlack
@@ -185,3 +185,16 @@ async def test_socket_mode_when_app_token_is_set(fake_slack: FakeSlack, tmp_path
         await fake_slack.wait_for(lambda: result_messages(fake_slack))
         assert "a paper boat" in result_messages(fake_slack)[0].text
         assert slack.backend.calls[0].params.seeds == (11,)
+
+
+@pytest.mark.parametrize(
+    ("wire", "typed"),
+    [
+        ("a sign saying &lt;hello&gt; &amp; bye", "a sign saying <hello> & bye"),
+        ("portrait of <@U0BOB|bob> in <#C0GEN|general>", "portrait of @bob in #general"),
+        ("style of <https://example.com/ref.png>", "style of https://example.com/ref.png"),
+        ("<https://example.com|my site> at noon", "my site at noon"),
+    ],
+)
+def test_prompts_reach_the_core_as_typed(wire, typed):
+    assert messages.plain_text(wire) == typed
