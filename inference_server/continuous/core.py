@@ -40,6 +40,7 @@ from inference_server.engine import (
     DeadlineExceeded,
     EngineError,
     GenerationFailed,
+    OutOfMemory,
     Overloaded,
     ShuttingDown,
 )
@@ -96,7 +97,7 @@ class ContinuousResult:
     iterations: int  # iterations this request took part in
 
 
-@dataclass
+@dataclass(eq=False)  # identity: tickets hold tensors and futures
 class _Ticket:
     request: ContinuousRequest
     seq: int
@@ -127,7 +128,7 @@ class _Ticket:
             log.exception("continuous: event listener failed")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sample:
     ticket: _Ticket
     index: int
@@ -187,6 +188,8 @@ class ContinuousEngine:
         pipe: Any,
         *,
         max_batch_size: int = 8,
+        # Waiting requests beyond this are refused at once (503 + Retry-After) rather than queued
+        # for minutes; the server passes `[batching] max_queue`.
         max_queue: int = 256,
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
@@ -219,7 +222,10 @@ class ContinuousEngine:
         self._on_iteration = on_iteration
         self._cond = threading.Condition()
         self._waiting: list[tuple[tuple[float, int], _Ticket]] = []  # heap by (priority, arrival)
-        self._running: list[_Sample] = []
+        self._running: list[_Sample] = []  # in join order; only the first `_limit` step
+        # Lowered after an out-of-memory error, raised again step by step (see _on_unet_failure).
+        self._limit = max_batch_size
+        self._ok_iterations = 0
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -374,7 +380,7 @@ class ContinuousEngine:
         A request with several images may join partly; its other images join as slots free up, ahead
         of later requests of the same priority.
         """
-        free = self.max_batch_size - len(self._running)
+        free = self._limit - len(self._running)
         now = time.monotonic()
         joiners: list[tuple[_Ticket, int]] = []
         while self._waiting and free > 0:
@@ -542,18 +548,35 @@ class ContinuousEngine:
         )
 
     def _iteration(self) -> None:
-        """One UNet call per image size over every running sample, then each sample steps itself."""
+        """One UNet call per image size over the running samples, then each sample steps itself."""
         t0 = time.perf_counter()
+        active = self._running[: self._limit]
         groups: dict[tuple[int, int], list[_Sample]] = {}
-        for s in self._running:
+        for s in active:
             groups.setdefault(s.size, []).append(s)
-        batch = len(self._running)
+        batch = len(active)
+        failed = False
         for samples in groups.values():
-            self._denoise(samples)
+            try:
+                noise_pred = self._predict(samples)
+            except Exception as e:
+                self._on_unet_failure(samples, e)
+                failed = True
+                continue
+            self._step(samples, noise_pred)
         self.iterations += 1
-        finished = [s for s in self._running if s.i >= len(s.timesteps)]
+        if not failed:
+            self._ok_iterations += 1
+            # Additive increase after an OOM halving: a transient shortage (another process's
+            # memory) recovers within a few requests' worth of steps; a persistent one re-halves.
+            if self._limit < self.max_batch_size and self._ok_iterations >= 50:
+                self._limit += 1
+                self._ok_iterations = 0
+        still = {id(s) for s in self._running}
+        active = [s for s in active if id(s) in still]  # requests that failed have left
+        finished = [s for s in active if s.i >= len(s.timesteps)]
         touched: dict[int, _Ticket] = {}
-        for s in self._running:
+        for s in active:
             t = s.ticket
             if id(t) not in touched:
                 touched[id(t)] = t
@@ -567,7 +590,29 @@ class ContinuousEngine:
         if self._on_iteration is not None:
             self._on_iteration(batch, time.perf_counter() - t0)
 
-    def _denoise(self, samples: list[_Sample]) -> None:
+    def _on_unet_failure(self, samples: list[_Sample], error: Exception) -> None:
+        """Out of memory: halve the running batch and retry; other errors fail these requests only.
+
+        A failed UNet call stepped nobody, so the samples' states are intact and simply retry.
+        """
+        tickets = list({id(s.ticket): s.ticket for s in samples}.values())
+        if _is_oom(error):
+            _empty_cache(self.pipe)
+            if len(self._running) > 1 and self._limit > 1:
+                self._limit = max(1, min(self._limit, len(self._running)) // 2)
+                self._ok_iterations = 0
+                log.warning("continuous: out of memory; running at most %d images per step", self._limit)
+                return
+            log.warning("continuous: out of memory on a single image; failing that request")
+            failure: EngineError = OutOfMemory("out of device memory generating this image at this size")
+        else:
+            log.exception("continuous: UNet call failed", exc_info=error)
+            failure = GenerationFailed(f"the model failed: {type(error).__name__}")
+        for ticket in tickets:
+            self._remove_ticket(ticket)
+            _set_exception(ticket.future, failure)
+
+    def _predict(self, samples: list[_Sample]) -> torch.Tensor:
         pipe = self.pipe
         inputs, embeds, times, conds = [], [], [], []
         for s in samples:
@@ -583,34 +628,46 @@ class ContinuousEngine:
             times.append(torch.full((rows,), float(t), dtype=torch.float32))
             if s.timestep_cond is not None:
                 conds.append(s.timestep_cond.repeat(rows, 1))
-        noise_pred = pipe.unet(
+        return pipe.unet(
             torch.cat(inputs),
             torch.cat(times).to(inputs[0].device),
             encoder_hidden_states=torch.cat(embeds),
             timestep_cond=torch.cat(conds) if conds else None,
             return_dict=False,
         )[0]
+
+    def _step(self, samples: list[_Sample], noise_pred: torch.Tensor) -> None:
         row = 0
         for s in samples:
-            t = s.timesteps[s.i]
-            if s.cfg:
-                uncond_pred, text_pred = noise_pred[row : row + 2].chunk(2)
-                pred = uncond_pred + s.guidance * (text_pred - uncond_pred)
-                row += 2
-            else:
-                pred = noise_pred[row : row + 1]
-                row += 1
-            s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
-            if s.mask is not None:
-                proper = s.image_latents
-                if s.i < len(s.timesteps) - 1:
-                    proper = s.scheduler.add_noise(proper, s.noise, torch.tensor([s.timesteps[s.i + 1]]))
-                s.latents = (1 - s.mask) * proper + s.mask * s.latents
-            # The pipelines' progress rule: a step is done every `order` evaluations and at the end.
-            i = s.i
-            if i == len(s.timesteps) - 1 or ((i + 1) > s.warmup and (i + 1) % s.scheduler.order == 0):
-                s.steps_done += 1
-            s.i += 1
+            rows = 2 if s.cfg else 1
+            try:
+                self._step_one(s, noise_pred[row : row + rows])
+            except Exception as e:  # e.g. a scheduler rejecting its state: fail that request only
+                log.exception("continuous: scheduler step failed")
+                self._remove_ticket(s.ticket)
+                _set_exception(s.ticket.future, GenerationFailed(f"the sampler failed: {type(e).__name__}"))
+            row += rows
+
+    def _step_one(self, s: _Sample, noise_pred: torch.Tensor) -> None:
+        t = s.timesteps[s.i]
+        if s.cfg:
+            uncond_pred, text_pred = noise_pred.chunk(2)
+            pred = uncond_pred + s.guidance * (text_pred - uncond_pred)
+        else:
+            pred = noise_pred
+        s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+        if s.mask is not None:
+            # StableDiffusionInpaintPipeline with a 4-channel UNet: outside the mask, the original
+            # noised to the next timestep replaces the prediction.
+            proper = s.image_latents
+            if s.i < len(s.timesteps) - 1:
+                proper = s.scheduler.add_noise(proper, s.noise, torch.tensor([s.timesteps[s.i + 1]]))
+            s.latents = (1 - s.mask) * proper + s.mask * s.latents
+        # The pipelines' progress rule: a step is done every `order` evaluations and at the end.
+        i = s.i
+        if i == len(s.timesteps) - 1 or ((i + 1) > s.warmup and (i + 1) % s.scheduler.order == 0):
+            s.steps_done += 1
+        s.i += 1
 
     def _decode(self, finished: list[_Sample]) -> None:
         pipe = self.pipe
@@ -707,3 +764,18 @@ def _set_exception(future: concurrent.futures.Future, error: BaseException) -> N
             future.set_exception(error)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    # MPS and some CUDA paths raise a plain RuntimeError.
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _empty_cache(pipe: Any) -> None:
+    device = getattr(pipe, "_execution_device", torch.device("cpu"))
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.empty_cache()
+    elif getattr(device, "type", "cpu") == "mps":
+        torch.mps.empty_cache()

@@ -216,3 +216,58 @@ async def test_generate_delivers_events_on_the_loop_and_cancels_when_the_caller_
     # The abandoned 200-step request leaves the batch; the next one runs right after it.
     await asyncio.wait_for(engine.generate(request(1)), 60)
     assert engine.iterations < 3 + 100 + 1
+
+
+def test_out_of_memory_halves_the_running_batch_and_every_image_stays_exact(
+    pipes: dict[str, Any], make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import torch
+
+    from inference_server.continuous.engine import scheduler_factory
+    from tests.server_continuous.parity import reference
+
+    unet = pipes["inpaint"].unet
+    real_forward = unet.forward
+    calls: list[int] = []
+
+    def forward_with_little_memory(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(sample.shape[0])
+        if sample.shape[0] > 4:  # room for two CFG images at most
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward_with_little_memory)
+    engine = make_engine(max_batch_size=4)
+    reqs = [request(3, seeds=(10 + i,), prompt=f"p{i}", scheduler="euler_a") for i in range(4)]
+    tickets = [engine.submit(r) for r in reqs]
+    results = [t.future.result(60) for t in tickets]
+    monkeypatch.undo()
+    assert engine._limit == 2
+    assert max(calls) > 4 and calls[-1] <= 4  # it tried, failed, and carried on with fewer rows
+    factory = scheduler_factory(pipes["inpaint"])
+    for r, res in zip(reqs, results, strict=True):
+        assert float(np.abs(reference(pipes, factory, r, r.seeds[0]) - res.arrays[0]).max()) < 1e-4
+
+
+def test_a_model_error_fails_the_requests_in_that_call_and_the_engine_keeps_serving(
+    pipes: dict[str, Any], make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference_server.engine import GenerationFailed
+
+    unet = pipes["inpaint"].unet
+    real_forward = unet.forward
+    broken = threading.Event()
+    broken.set()
+
+    def flaky_forward(*args: Any, **kwargs: Any) -> Any:
+        if broken.is_set():
+            raise RuntimeError("device lost (simulated)")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", flaky_forward)
+    engine = make_engine(max_batch_size=2)
+    with pytest.raises(GenerationFailed, match="RuntimeError"):
+        engine.submit(request(3)).future.result(60)
+    broken.clear()
+    assert len(engine.submit(request(2)).future.result(60).images) == 1
