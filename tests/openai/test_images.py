@@ -159,10 +159,8 @@ async def test_variation(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_openapi_documents_every_openai_route(server: Server) -> None:
-    import yaml
-
     async with server.session.get(f"{server.url}/openapi.yaml") as resp:
-        documented = yaml.safe_load(await resp.text())["paths"]
+        text = await resp.text()
     routes = {
         r.resource.canonical
         for r in server.app.router.routes()
@@ -177,4 +175,5 @@ async def test_openapi_documents_every_openai_route(server: Server) -> None:
         "/v1/models/{model}",
         "/images/files/{name}",
     }
-    assert routes <= set(documented)
+    # Path keys of the `paths:` mapping (no YAML parser needed: they are two-space-indented keys).
+    assert all(f"\n  {route}:\n" in text for route in routes)
