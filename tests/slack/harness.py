@@ -20,10 +20,15 @@ import aiohttp
 
 from bot import slack_adapter
 from bot.bootstrap import build_core
-from tests.slack.fake_slack import BOT_TOKEN, FakeSlack
+from tests.slack.fake_slack import BOT_TOKEN, FakeMessage, FakeSlack
 from tests.slack.signed import SIGNING_SECRET, SlackSender
 
 ADMIN_ID = "UADMIN01"
+
+
+def result_messages(fake: FakeSlack, channel: str = "CGENERAL1") -> list[FakeMessage]:
+    """Messages in `channel` that show uploaded files (the bot's results), oldest first."""
+    return [m for (c, _), m in fake.messages.items() if c == channel and m.files]
 
 
 def free_port() -> int:

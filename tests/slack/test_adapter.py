@@ -10,16 +10,12 @@ from PIL import Image
 
 from bot.core.api import Actor, Place
 from tests.slack.fake_slack import BOT_USER_ID, FakeSlack
-from tests.slack.harness import ADMIN_ID, Running, running_adapter
+from tests.slack.harness import ADMIN_ID, Running, result_messages, running_adapter
 from tests.slack.images import mask_png, opaque_png, transparent_hole_png
 from tests.slack.signed import SIGNING_SECRET
 
 # Slack's protocol deadline is 3 s; the generous margin is for a loaded shared CI machine.
 ACK_DEADLINE_S = 3.0
-
-
-def result_messages(fake: FakeSlack, channel: str = "CGENERAL1"):
-    return [m for (c, _), m in fake.messages.items() if c == channel and m.files]
 
 
 async def imagine_and_wait(slack: Running, text: str, count: int = 1, user: str = "UALICE01"):

@@ -15,8 +15,7 @@ from bot.slack_adapter import admin, messages
 from bot.slack_adapter.config import SlackConfig
 from inference_server.config_loader import ConfigError, load_section
 from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID, FakeSlack
-from tests.slack.harness import Running, make_config, running_adapter
-from tests.slack.test_adapter import result_messages
+from tests.slack.harness import Running, make_config, result_messages, running_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
