@@ -46,6 +46,13 @@ NDJSON = "application/x-ndjson"
 # How often a waiting non-streaming handler checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.25
 
+CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and the access log
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited."""
+
+
 # HTTP status for each engine error kind (see CONTRACTS.md).
 _ENGINE_STATUS = {
     "overloaded": 503,
@@ -92,7 +99,11 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if e.status < 400:
             raise
         headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-        message = e.reason if e.status != 413 else f"the request body is larger than {request.app[keys.CONFIG].server.max_body_bytes} bytes"
+        message = (
+            e.reason
+            if e.status != 413
+            else f"the request body is larger than {request.app[keys.CONFIG].server.max_body_bytes} bytes"
+        )
         return error_response(e.status, _HTTP_CODES.get(e.status, "error"), message, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -126,7 +137,9 @@ async def read_body(request: web.Request) -> tuple[dict[str, Any], dict[str, byt
     if ctype == "multipart/form-data":
         return (*await _read_multipart(request, limit), True)
     if ctype not in ("application/json", "application/octet-stream", ""):
-        raise RequestError(415, "unsupported_media_type", None, f"send application/json or multipart/form-data, not {ctype}")
+        raise RequestError(
+            415, "unsupported_media_type", None, f"send application/json or multipart/form-data, not {ctype}"
+        )
     raw = await request.read()  # aiohttp enforces client_max_size (413) here
     if not raw.strip():
         raise RequestError(400, "invalid_request", None, "the request body is empty; send a JSON object")
@@ -155,7 +168,9 @@ async def _read_multipart(request: web.Request, limit: int) -> tuple[dict[str, A
             while chunk := await part.read_chunk():
                 total += len(chunk)
                 if total > limit:
-                    raise RequestError(413, "payload_too_large", name, f"the request body is larger than {limit} bytes")
+                    raise RequestError(
+                        413, "payload_too_large", name, f"the request body is larger than {limit} bytes"
+                    )
                 data.extend(chunk)
             if part.filename or (name in ("image", "mask") and _looks_binary(data)):
                 files[name] = bytes(data)
@@ -180,12 +195,19 @@ def _looks_binary(data: bytes | bytearray) -> bool:
 
 def result_json(result: GenerationResult) -> dict[str, Any]:
     return {
-        "images": [{"png_base64": png_base64(img), "seed": seed} for img, seed in zip(result.images, result.seeds, strict=True)],
+        "images": [
+            {"png_base64": png_base64(img), "seed": seed}
+            for img, seed in zip(result.images, result.seeds, strict=True)
+        ],
         "width": result.width,
         "height": result.height,
         "steps": result.steps,
         "model": result.model,
-        "timings": {"queue_s": round(result.queue_s, 4), "run_s": round(result.run_s, 4), "total_s": round(result.total_s, 4)},
+        "timings": {
+            "queue_s": round(result.queue_s, 4),
+            "run_s": round(result.run_s, 4),
+            "total_s": round(result.total_s, 4),
+        },
         "batch_size": result.batch_size,
     }
 
@@ -200,7 +222,9 @@ async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     body, files, from_form = await read_body(request)
 
     def parse() -> ParsedRequest:
-        return parse_generation(task, body, server=config.server, model=config.model, files=files, from_form=from_form)
+        return parse_generation(
+            task, body, server=config.server, model=config.model, files=files, from_form=from_form
+        )
 
     # Image decoding and resizing are CPU work: keep them off the event loop.
     return await asyncio.to_thread(parse) if task != "txt2img" else parse()
@@ -222,8 +246,12 @@ def make_generate_handler(task: Task) -> Any:
             status = _ENGINE_STATUS.get(e.kind, 500)
             metrics.errors.inc(e.kind)
             raise
-        except asyncio.CancelledError:
-            status = 499  # nginx's "client closed request"
+        except ClientGone:
+            status = CLIENT_CLOSED
+            metrics.errors.inc("client_gone")
+            return web.Response(status=CLIENT_CLOSED)  # nobody reads it; keeps aiohttp's bookkeeping tidy
+        except asyncio.CancelledError:  # aiohttp cancelled the handler: the client went away
+            status = CLIENT_CLOSED
             metrics.errors.inc("client_gone")
             raise
         finally:
@@ -236,7 +264,9 @@ def make_generate_handler(task: Task) -> Any:
 async def _generate(request: web.Request, task: Task) -> web.StreamResponse:
     app = request.app
     if app[keys.STATE].draining:
-        raise ShuttingDown("the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s)
+        raise ShuttingDown(
+            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
+        )
     parsed = await parse_request(request, task)
     stream = parsed.stream or NDJSON in request.headers.get("Accept", "")
     engine = app[keys.ENGINE]
@@ -250,7 +280,7 @@ async def _generate(request: web.Request, task: Task) -> web.StreamResponse:
             if not waiter.done() and _client_gone(request):
                 log.info("client went away; dropping its %s request", task)
                 job.cancel()
-                raise asyncio.CancelledError
+                raise ClientGone()
         result = waiter.result()
     finally:
         if not waiter.done():
@@ -272,7 +302,12 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
     try:
         await response.prepare(request)
         while True:
-            event = await events.get()
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+            except TimeoutError:
+                if _client_gone(request):
+                    raise ConnectionResetError("client went away") from None
+                continue
             if event is done:
                 break
             if isinstance(event, Progress):
@@ -292,7 +327,10 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             line = {"event": "error", "error": {"code": error.kind, "message": error.message, "field": None}}
         else:
             log.error("streamed request failed", exc_info=error)
-            line = {"event": "error", "error": {"code": "internal", "message": "internal error", "field": None}}
+            line = {
+                "event": "error",
+                "error": {"code": "internal", "message": "internal error", "field": None},
+            }
         await response.write((json.dumps(line) + "\n").encode())
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
@@ -336,7 +374,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=await asyncio.to_thread(OPENAPI_PATH.read_text, "utf-8"), content_type="application/yaml")
+    return web.Response(
+        text=await asyncio.to_thread(OPENAPI_PATH.read_text, "utf-8"), content_type="application/yaml"
+    )
 
 
 # -- wiring ----------------------------------------------------------------------------------------
@@ -348,7 +388,9 @@ def build_engine(config: Config, metrics: Metrics) -> Engine:
         try:
             continuous = importlib.import_module("inference_server.continuous")
         except ModuleNotFoundError as e:
-            raise ConfigError("[batching] engine = \"continuous\" but inference_server/continuous.py is missing") from e
+            raise ConfigError(
+                '[batching] engine = "continuous" but inference_server/continuous.py is missing'
+            ) from e
         return continuous.build_engine(config, runner, metrics)
     return DynamicBatchingEngine(runner, config.batching, metrics)
 
@@ -358,7 +400,9 @@ def _api_token(config: Config, explicit: str | None) -> str:
     if token:
         return token
     if config.server.allow_no_auth:
-        log.warning("%s is not set and allow_no_auth = true: /v1 is open to anyone who can connect", TOKEN_ENV)
+        log.warning(
+            "%s is not set and allow_no_auth = true: /v1 is open to anyone who can connect", TOKEN_ENV
+        )
         return ""
     raise ConfigError(
         f"set {TOKEN_ENV} (in the environment or .env) to the bearer token clients must send; "
@@ -366,7 +410,9 @@ def _api_token(config: Config, explicit: str | None) -> str:
     )
 
 
-def create_app(config: Config, *, engine: Engine | None = None, api_token: str | None = None) -> web.Application:
+def create_app(
+    config: Config, *, engine: Engine | None = None, api_token: str | None = None
+) -> web.Application:
     """The server app. The engine starts in `cleanup_ctx`; model loading continues in the background
     and `/ready` answers 200 once the pipelines are loaded and warmed."""
     app = web.Application(
@@ -378,8 +424,12 @@ def create_app(config: Config, *, engine: Engine | None = None, api_token: str |
     app[keys.STATE] = keys.ServerState()
     app[keys.API_TOKEN] = _api_token(config, api_token)
     app[keys.ENGINE] = engine or build_engine(config, metrics)
-    metrics.gauge("inference_queue_depth", "Requests waiting for a batch.", lambda: app[keys.ENGINE].queue_depth)
-    metrics.gauge("inference_ready", "1 once the model is loaded and warmed.", lambda: float(app[keys.ENGINE].ready))
+    metrics.gauge(
+        "inference_queue_depth", "Requests waiting for a batch.", lambda: app[keys.ENGINE].queue_depth
+    )
+    metrics.gauge(
+        "inference_ready", "1 once the model is loaded and warmed.", lambda: float(app[keys.ENGINE].ready)
+    )
 
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -100,7 +100,9 @@ class DynamicBatchingEngine:
         if self._load_error is not None:
             raise self._load_error
 
-    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
+    ) -> Job:
         if self._state == "stopping":
             raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
         if self._state != "ok":
@@ -124,7 +126,12 @@ class DynamicBatchingEngine:
         if self._state != "failed":
             self._state = "stopping"
         if self._idle is not None and (self._queue or self._running):
-            log.info("draining: %d queued, %d running (grace %.0f s)", len(self._queue), len(self._running), grace_s)
+            log.info(
+                "draining: %d queued, %d running (grace %.0f s)",
+                len(self._queue),
+                len(self._running),
+                grace_s,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         for task in (self._task, self._load_task):
@@ -185,7 +192,9 @@ class DynamicBatchingEngine:
                 self.metrics.dropped.inc("cancelled")
                 log.info("dropped a queued request whose client went away")
             elif now >= job.deadline:
-                job.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                job.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it was queued")
+                )
                 self.metrics.dropped.inc("deadline")
             else:
                 kept.append(job)
@@ -202,7 +211,10 @@ class DynamicBatchingEngine:
             req = job.request
             if req.batch_key() != key:
                 continue
-            if images + req.n > self.config.max_batch_size or pixels + req.pixels > self.config.max_batch_pixels:
+            if (
+                images + req.n > self.config.max_batch_size
+                or pixels + req.pixels > self.config.max_batch_pixels
+            ):
                 continue
             batch.append(job)
             images += req.n

@@ -64,7 +64,9 @@ class ServerConfig:
         _require(1 <= self.max_steps <= 1000, s, "max_steps", "must be 1-1000")
         _require(1 <= self.max_images_per_request <= 16, s, "max_images_per_request", "must be 1-16")
         _require(self.default_timeout_s > 0, s, "default_timeout_s", "must be > 0")
-        _require(self.max_timeout_s >= self.default_timeout_s, s, "max_timeout_s", "must be >= default_timeout_s")
+        _require(
+            self.max_timeout_s >= self.default_timeout_s, s, "max_timeout_s", "must be >= default_timeout_s"
+        )
         _require(self.shutdown_grace_s >= 0, s, "shutdown_grace_s", "must be >= 0")
         _require(self.progress_interval_s >= 0, s, "progress_interval_s", "must be >= 0")
         _require(self.openai_url_ttl_s > 0, s, "openai_url_ttl_s", "must be > 0")
@@ -92,7 +94,7 @@ class ModelConfig:
     strength: float = 0.6
     warmup: bool = True
     cpu_threads: int = 0
-    vae_slicing: bool = True
+    vae_slicing: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         s = "model"

@@ -137,7 +137,9 @@ class GenerationFailed(EngineError):
 class Job:
     """A submitted request as its submitter sees it. Created by an engine, on the event loop."""
 
-    def __init__(self, request: GenerationRequest, *, deadline: float, on_event: EventCallback | None) -> None:
+    def __init__(
+        self, request: GenerationRequest, *, deadline: float, on_event: EventCallback | None
+    ) -> None:
         self.request = request
         self.deadline = deadline  # time.monotonic() after which nobody wants the result
         self.enqueued_at = time.monotonic()
@@ -210,7 +212,9 @@ class Engine(Protocol):
     async def wait_ready(self) -> None:
         """Return once loaded and warmed; raise if loading failed."""
 
-    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
+    ) -> Job:
         """Queue a request or raise `Overloaded` / `NotReady` / `ShuttingDown` at once."""
         ...
 

@@ -71,7 +71,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests = Counter(
-            "inference_requests_total", "Generation requests answered, by task and HTTP status.", ("task", "status")
+            "inference_requests_total",
+            "Generation requests answered, by task and HTTP status.",
+            ("task", "status"),
         )
         self.errors = Counter("inference_errors_total", "Failed requests by kind of error.", ("kind",))
         self.pipeline_calls = Counter("inference_pipeline_calls_total", "Pipeline calls made (batches run).")
@@ -81,7 +83,9 @@ class Metrics:
         )
         self.batch_size = Histogram("inference_batch_size", "Images per pipeline call.", BATCH_BUCKETS)
         self.queue_wait = Histogram(
-            "inference_queue_wait_seconds", "Time from admission to the start of the request's batch.", LATENCY_BUCKETS
+            "inference_queue_wait_seconds",
+            "Time from admission to the start of the request's batch.",
+            LATENCY_BUCKETS,
         )
         self.run_latency = Histogram(
             "inference_run_seconds", "Wall time of the pipeline call(s) that ran a request.", LATENCY_BUCKETS

@@ -53,7 +53,7 @@ def check_model_source(config: ModelConfig) -> None:
     """Fail fast (before the server starts) when the configured model plainly isn't there."""
     if config.path == "embedded" and not (EMBEDDED_WEIGHTS / "model_index.json").is_file():
         raise ModelLoadError(
-            f"[model] path = \"embedded\" but {EMBEDDED_WEIGHTS} holds no trained pipeline "
+            f'[model] path = "embedded" but {EMBEDDED_WEIGHTS} holds no trained pipeline '
             "(model_index.json missing). Train it with `make train-model`, or set [model] path "
             "(or $IMAGINE_MODEL_PATH) to a diffusers folder or a cached Hugging Face model id."
         )
@@ -73,9 +73,9 @@ def choose_device(preference: str) -> str:
             return "mps"
         return "cpu"
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[model] device: \"cuda\" requested but torch sees no CUDA device")
+        raise ConfigError('[model] device: "cuda" requested but torch sees no CUDA device')
     if preference == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("[model] device: \"mps\" requested but MPS is not available")
+        raise ConfigError('[model] device: "mps" requested but MPS is not available')
     return preference
 
 
@@ -126,7 +126,9 @@ class PipelineRunner:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(device=self.device, dtype=self.dtype, model=self.model_name, attention=self.attention)
+        return EngineInfo(
+            device=self.device, dtype=self.dtype, model=self.model_name, attention=self.attention
+        )
 
     def pipeline(self, task: str) -> Any:
         """The loaded diffusers pipeline for a task (tests use it to inject faults)."""
@@ -162,8 +164,12 @@ class PipelineRunner:
             ) from e
         base.to(self.device)
         base.set_progress_bar_config(disable=True)
-        if self.config.vae_slicing and hasattr(base, "enable_vae_slicing"):
-            # Decoding a whole batch at once is the memory peak of a call; slicing flattens it.
+        # Decoding a whole batch at once is the memory peak of a call on a GPU; slicing flattens it.
+        # On the CPU memory is plentiful and per-image decoding only costs throughput.
+        slicing = self.config.vae_slicing == "on" or (
+            self.config.vae_slicing == "auto" and self.device != "cpu"
+        )
+        if slicing and hasattr(base.vae, "enable_slicing"):
             base.vae.enable_slicing()
         self.attention = self._configure_attention(base)
         img2img = AutoPipelineForImage2Image.from_pipe(base)
@@ -238,7 +244,9 @@ class PipelineRunner:
             except RuntimeError:  # the loop closed while the call was finishing
                 pass
 
-        return await loop.run_in_executor(self._executor, self._run_sync, list(batch), post_progress, should_stop)
+        return await loop.run_in_executor(
+            self._executor, self._run_sync, list(batch), post_progress, should_stop
+        )
 
     def _run_sync(
         self, batch: list[GenerationRequest], on_progress: ProgressCallback, should_stop: Callable[[], bool]

@@ -31,7 +31,9 @@ class TinyPipelineSpec:
 def _byte_level_vocab() -> dict[str, int]:
     """CLIP's byte-level alphabet (each byte, then each byte + `</w>`) and the two special tokens."""
     printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0

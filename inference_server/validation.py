@@ -135,7 +135,9 @@ def parse_generation(
 ) -> ParsedRequest:
     """Validate a `/v1/<task>` body. Images come base64 in `body` (JSON) or raw in `files` (multipart)."""
     if not isinstance(body, Mapping):
-        raise RequestError(400, "invalid_request", None, f"the body must be a JSON object, got {_type_name(body)}")
+        raise RequestError(
+            400, "invalid_request", None, f"the body must be a JSON object, got {_type_name(body)}"
+        )
     files = files or {}
     allowed = _FIELDS[task]
     for name in list(body) + list(files):

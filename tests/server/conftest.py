@@ -48,7 +48,9 @@ class Server:
         self.url = url
         self.session = session
 
-    async def post(self, task: str, body: dict[str, Any] | None = None, **kwargs: Any) -> aiohttp.ClientResponse:
+    async def post(
+        self, task: str, body: dict[str, Any] | None = None, **kwargs: Any
+    ) -> aiohttp.ClientResponse:
         headers = {**AUTH, **kwargs.pop("headers", {})}
         if body is not None:
             kwargs["json"] = body
@@ -134,8 +136,6 @@ def metric(values: dict[str, float], name: str) -> float:
     return values.get(name, 0.0)
 
 
-
-
 class DeviceGate:
     """Holds the pipeline inside its UNet until released: a fault-injection hook on the real model
     (a forward pre-hook), so tests can keep the device busy for as long as they need."""
@@ -162,8 +162,8 @@ class DeviceGate:
         self.handle.remove()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
+async def wait_for(predicate: Callable[[], Any], limit_s: float = 10.0) -> None:
+    for _ in range(int(limit_s / 0.02)):
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value

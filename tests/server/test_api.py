@@ -57,7 +57,15 @@ async def test_img2img_json_and_multipart(server: Server) -> None:
 async def test_img2img_resizes_to_requested_size(server: Server) -> None:
     source = Image.new("RGB", (48, 40), (10, 120, 10))
     body = await server.generate(
-        "img2img", {"prompt": "grass", "image": png_b64(source, "JPEG"), "width": 32, "height": 32, "steps": 2, "strength": 1.0}
+        "img2img",
+        {
+            "prompt": "grass",
+            "image": png_b64(source, "JPEG"),
+            "width": 32,
+            "height": 32,
+            "steps": 2,
+            "strength": 1.0,
+        },
     )
     assert decode_png(body["images"][0]["png_base64"]).size == (32, 32)
 
@@ -67,7 +75,15 @@ async def test_inpaint_keeps_pixels_outside_the_mask(server: Server) -> None:
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (8, 8, 24, 24))  # repaint the centre only
     body = await server.generate(
-        "inpaint", {"prompt": "a yellow star", "image": png_b64(source), "mask": png_b64(mask), "seed": 1, "steps": 4, "strength": 1.0}
+        "inpaint",
+        {
+            "prompt": "a yellow star",
+            "image": png_b64(source),
+            "mask": png_b64(mask),
+            "seed": 1,
+            "steps": 4,
+            "strength": 1.0,
+        },
     )
     out = np.asarray(decode_png(body["images"][0]["png_base64"])).astype(int)
     keep = np.asarray(mask) == 0

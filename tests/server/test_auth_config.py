@@ -60,7 +60,9 @@ def test_env_overrides_and_bad_values_name_the_key() -> None:
         load_config({"inference_server": {"prot": 1}}, environ={})
 
 
-def test_main_exits_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_main_exits_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     missing = tmp_path / "no-such-model"
     missing.mkdir()
     cfg = tmp_path / "config.toml"

@@ -23,7 +23,12 @@ def png_claiming_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def b64(data: bytes) -> str:
@@ -71,16 +76,52 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
     ("img2img", {"prompt": "x"}, 400, "invalid_request", "image"),
     ("img2img", {"prompt": "x", "image": "%%% not base64 %%%"}, 400, "invalid_request", "image"),
     ("img2img", {"prompt": "x", "image": b64(b"definitely not an image")}, 400, "invalid_request", "image"),
-    ("img2img", {"prompt": "x", "image": b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)}, 400, "invalid_request", "image"),
+    (
+        "img2img",
+        {"prompt": "x", "image": b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)},
+        400,
+        "invalid_request",
+        "image",
+    ),
     ("img2img", {"prompt": "x", "image": gif_b64()}, 415, "unsupported_media_type", "image"),
-    ("img2img", {"prompt": "x", "image": b64(png_claiming_size(100_000, 100_000))}, 413, "payload_too_large", "image"),
-    ("img2img", {"prompt": "x", "image": b64(png_claiming_size(5000, 5000))}, 413, "payload_too_large", "image"),
-    ("img2img", {"prompt": "x", "image": png_b64(Image.new("RGB", (33, 32)))}, 400, "invalid_request", "image"),
+    (
+        "img2img",
+        {"prompt": "x", "image": b64(png_claiming_size(100_000, 100_000))},
+        413,
+        "payload_too_large",
+        "image",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "image": b64(png_claiming_size(5000, 5000))},
+        413,
+        "payload_too_large",
+        "image",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "image": png_b64(Image.new("RGB", (33, 32)))},
+        400,
+        "invalid_request",
+        "image",
+    ),
     ("img2img", {"prompt": "x", "image": png_b64(RED), "strength": 0}, 400, "invalid_request", "strength"),
     ("img2img", {"prompt": "x", "image": png_b64(RED), "strength": 1.5}, 400, "invalid_request", "strength"),
-    ("img2img", {"prompt": "x", "image": png_b64(RED), "steps": 2, "strength": 0.2}, 400, "invalid_request", "strength"),
+    (
+        "img2img",
+        {"prompt": "x", "image": png_b64(RED), "steps": 2, "strength": 0.2},
+        400,
+        "invalid_request",
+        "strength",
+    ),
     ("inpaint", {"prompt": "x", "image": png_b64(RED)}, 400, "invalid_request", "mask"),
-    ("inpaint", {"prompt": "x", "image": png_b64(RED), "mask": png_b64(Image.new("L", (16, 16)))}, 400, "invalid_request", "mask"),
+    (
+        "inpaint",
+        {"prompt": "x", "image": png_b64(RED), "mask": png_b64(Image.new("L", (16, 16)))},
+        400,
+        "invalid_request",
+        "mask",
+    ),
     ("inpaint", {"prompt": "x", "image": png_b64(RED), "mask": b64(b"junk")}, 400, "invalid_request", "mask"),
 ]
 
@@ -92,7 +133,9 @@ async def test_every_bad_input_is_a_4xx_naming_the_field(server: Server) -> None
             payload = await resp.json()
             got = (resp.status, payload.get("error", {}).get("code"), payload.get("error", {}).get("field"))
         if got != (status, code, field):
-            failures.append(f"{task} {str(body)[:80]}: expected {(status, code, field)}, got {got}: {payload}")
+            failures.append(
+                f"{task} {str(body)[:80]}: expected {(status, code, field)}, got {got}: {payload}"
+            )
     assert not failures, "\n".join(failures)
     values = await server.metrics()
     assert metric(values, "inference_pipeline_calls_total") == 0  # nothing bad reached the model

@@ -23,8 +23,15 @@ async def test_concurrent_requests_share_one_pipeline_call(server_factory: Any) 
         results = await asyncio.gather(*(server.generate("txt2img", b) for b in bodies))
         after = await server.metrics()
     assert [r["batch_size"] for r in results] == [4, 4, 4, 4]
-    assert metric(after, "inference_pipeline_calls_total") - metric(before, "inference_pipeline_calls_total") == 1
-    assert metric(after, 'inference_batch_size_bucket{le="4"}') - metric(before, 'inference_batch_size_bucket{le="4"}') == 1
+    assert (
+        metric(after, "inference_pipeline_calls_total") - metric(before, "inference_pipeline_calls_total")
+        == 1
+    )
+    assert (
+        metric(after, 'inference_batch_size_bucket{le="4"}')
+        - metric(before, 'inference_batch_size_bucket{le="4"}')
+        == 1
+    )
     assert metric(after, "inference_images_total") == 4
     assert [r["images"][0]["seed"] for r in results] == [0, 1, 2, 3]
 
@@ -53,16 +60,26 @@ async def test_max_batch_size_and_pixel_budget_split_batches(server_factory: Any
     assert [r["batch_size"] for r in results] == [2, 2, 2]
     assert calls == 3
     async with server_factory(batching={"max_wait_ms": 300.0, "max_batch_pixels": 2 * 32 * 32}) as server:
-        results = await asyncio.gather(*(server.generate("txt2img", {"prompt": "x", "seed": i}) for i in range(4)))
+        results = await asyncio.gather(
+            *(server.generate("txt2img", {"prompt": "x", "seed": i}) for i in range(4))
+        )
     assert sorted(r["batch_size"] for r in results) == [2, 2, 2, 2]
 
 
 async def test_image_is_the_same_alone_or_batched(server_factory: Any) -> None:
-    target = {"prompt": "a green triangle", "negative_prompt": "blurry", "seed": 1234, "steps": 3, "guidance": 6.0}
+    target = {
+        "prompt": "a green triangle",
+        "negative_prompt": "blurry",
+        "seed": 1234,
+        "steps": 3,
+        "guidance": 6.0,
+    }
     async with server_factory(batching={"max_wait_ms": 800.0}) as server:
         alone = await server.generate("txt2img", target)
         others = [{"prompt": f"other {i}", "seed": 99 + i, "steps": 3, "guidance": 6.0} for i in range(3)]
-        batched = await asyncio.gather(*(server.generate("txt2img", b) for b in [others[0], target, *others[1:]]))
+        batched = await asyncio.gather(
+            *(server.generate("txt2img", b) for b in [others[0], target, *others[1:]])
+        )
     assert alone["batch_size"] == 1 and batched[1]["batch_size"] == 4
     a = np.asarray(decode_png(alone["images"][0]["png_base64"])).astype(int)
     b = np.asarray(decode_png(batched[1]["images"][0]["png_base64"])).astype(int)
@@ -76,7 +93,9 @@ async def test_runner_batched_equals_solo_within_1e_5(tiny_model: Any, task: str
     """The float output of a request is the same alone or in a batch (to 1e-5 on the CPU)."""
     from PIL import Image
 
-    runner = PipelineRunner(ModelConfig(path=str(tiny_model), width=32, height=32, warmup=False, cpu_threads=1))
+    runner = PipelineRunner(
+        ModelConfig(path=str(tiny_model), width=32, height=32, warmup=False, cpu_threads=1)
+    )
     await runner.load()
     try:
         image = Image.new("RGB", (32, 32), (120, 40, 200))

@@ -19,7 +19,9 @@ async def read_ndjson(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
 
 
 async def test_streaming_sends_progress_then_result(server: Server) -> None:
-    async with await server.post("txt2img", {"prompt": "a star", "seed": 5, "steps": 3, "stream": True}) as resp:
+    async with await server.post(
+        "txt2img", {"prompt": "a star", "seed": 5, "steps": 3, "stream": True}
+    ) as resp:
         events = await read_ndjson(resp)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "queued" and events[0]["position"] == 0
@@ -52,7 +54,10 @@ async def test_full_queue_gets_503_with_retry_after(server_factory: Any) -> None
         gate = DeviceGate(server)
         running = asyncio.ensure_future(server.generate("txt2img", {"prompt": "a", "steps": 2}))
         await gate.wait_entered()
-        queued = [asyncio.ensure_future(server.generate("txt2img", {"prompt": f"q{i}", "steps": 2})) for i in range(2)]
+        queued = [
+            asyncio.ensure_future(server.generate("txt2img", {"prompt": f"q{i}", "steps": 2}))
+            for i in range(2)
+        ]
 
         async def queue_full() -> bool:
             return metric(await server.metrics(), "inference_queue_depth") == 2
