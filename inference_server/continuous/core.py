@@ -188,6 +188,9 @@ class ContinuousEngine:
         pipe: Any,
         *,
         max_batch_size: int = 8,
+        # Sum of width x height over the images stepping together: bounds device memory per UNet
+        # call when sizes differ (the server passes `[batching] max_batch_pixels`).
+        max_batch_pixels: int = 8 * 512 * 512,
         # Waiting requests beyond this are refused at once (503 + Retry-After) rather than queued
         # for minutes; the server passes `[batching] max_queue`.
         max_queue: int = 256,
@@ -217,6 +220,7 @@ class ContinuousEngine:
         else:
             self.mask_processor = pipe.mask_processor
         self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
         self._make_scheduler = scheduler_factory or default_scheduler_factory(pipe)
         self._on_iteration = on_iteration
@@ -381,6 +385,7 @@ class ContinuousEngine:
         of later requests of the same priority.
         """
         free = self._limit - len(self._running)
+        pixels_free = self.max_batch_pixels - sum(s.size[0] * s.size[1] for s in self._running)
         now = time.monotonic()
         joiners: list[tuple[_Ticket, int]] = []
         while self._waiting and free > 0:
@@ -398,9 +403,15 @@ class ContinuousEngine:
                 )
                 continue
             remaining = len(ticket.request.seeds) - ticket.next_sample
-            take = min(remaining, free)
+            per_image = ticket.request.width * ticket.request.height
+            take = min(remaining, free, pixels_free // per_image)
+            if take == 0 and not self._running and not joiners:
+                take = 1  # an image bigger than the budget still runs, alone
+            if take == 0:
+                break  # waits, at the head, for pixels to free up
             joiners.append((ticket, take))
             free -= take
+            pixels_free -= take * per_image
             if take == remaining:
                 heapq.heappop(self._waiting)
             else:

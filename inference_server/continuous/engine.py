@@ -223,6 +223,7 @@ class ContinuousBatchingEngine:
             self._core = ContinuousEngine(
                 pipe,
                 max_batch_size=self.config.max_batch_size,
+                max_batch_pixels=self.config.max_batch_pixels,
                 max_queue=self.config.max_queue,
                 scheduler_factory=scheduler_factory(pipe),
                 on_iteration=self._from_worker_iteration,

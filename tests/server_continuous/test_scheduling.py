@@ -271,3 +271,20 @@ def test_a_model_error_fails_the_requests_in_that_call_and_the_engine_keeps_serv
         engine.submit(request(3)).future.result(60)
     broken.clear()
     assert len(engine.submit(request(2)).future.result(60).images) == 1
+
+
+def test_the_pixel_budget_bounds_the_images_stepping_together(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=8, max_batch_pixels=2 * SIZE * SIZE)
+    events = [Recorder() for _ in range(3)]
+    tickets = [engine.submit(request(3, seeds=(i,)), ev) for i, ev in enumerate(events)]
+    results = [t.future.result(60) for t in tickets]
+    assert [r.batch_size for r in results] == [2, 2, 1]
+    # An image larger than the whole budget still runs, alone.
+    big = engine.submit(replace_size(request(2), 2 * SIZE)).future.result(60)
+    assert big.images[0].size == (2 * SIZE, 2 * SIZE) and big.batch_size == 1
+
+
+def replace_size(req: ContinuousRequest, side: int) -> ContinuousRequest:
+    from dataclasses import replace
+
+    return replace(req, width=side, height=side)
