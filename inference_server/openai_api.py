@@ -9,6 +9,9 @@ Routes (added by `setup(app)`, which `app.create_app` calls when this module exi
 - `GET /v1/models`, `GET /v1/models/{id}` -> the loaded model
 - `GET /images/files/{name}` -> images returned as `response_format: "url"`
 
+`stream: true` (generations, edits) answers with OpenAI's server-sent events: one `*.completed`
+event per image, no partial previews (see `stream_job`).
+
 This module only translates: OpenAI fields become the native fields that `validation.parse_generation`
 already checks (so limits and messages are the same as on the native API), jobs go to the app's
 engine with `submit()`, so OpenAI and native requests share one queue and batch together, and errors
@@ -40,7 +43,7 @@ from PIL import Image
 from inference_server import keys
 from inference_server.app import DISCONNECT_POLL_S, read_body
 from inference_server.config import ModelConfig, ServerConfig
-from inference_server.engine import EngineError, GenerationResult, ShuttingDown
+from inference_server.engine import EngineError, GenerationResult, Progress, Queued, ShuttingDown
 from inference_server.errors import RequestError
 from inference_server.images import decode_base64, decode_image, encode_png
 from inference_server.validation import ParsedRequest, parse_generation
@@ -76,10 +79,9 @@ URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
 
 # OpenAI fields every endpoint takes. Honoured: n, size, response_format, output_format,
 # output_compression (JPEG/WebP quality), background (auto/opaque; transparent is refused), stream
-# (false only). Accepted and ignored (documented in the README): `model` (one model is loaded),
+# (server-sent events; `partial_images` is checked but no previews are sent). Accepted and ignored (documented in the README): `model` (one model is loaded),
 # `quality`, `complexity`, `style`, `moderation`, `input_fidelity` and the GIF/SVG options have no
-# meaning for a diffusion checkpoint; `user` and `safety_identifier` only go to the debug log;
-# `partial_images` matters only with `stream`.
+# meaning for a diffusion checkpoint; `user` and `safety_identifier` only go to the debug log.
 _OPENAI_COMMON = {"model", "n", "size", "response_format", "output_format", "output_compression", "background",
                   "stream", "partial_images", "quality", "complexity", "user", "safety_identifier"}  # fmt: skip
 # Native fields accepted as extensions (e.g. `extra_body={"seed": 1}` with the official client).
@@ -238,6 +240,7 @@ class OutputOptions:
     extension: str
     quality: int  # encoder quality for JPEG / WebP (100 = best)
     name: str  # output_format as echoed in the response
+    stream: bool = False  # answer with server-sent events (see `stream_job`)
 
 
 class _Fields:
@@ -308,10 +311,17 @@ def _output_options(f: _Fields, server: ServerConfig) -> OutputOptions:
         raise _bad(
             "background", "transparent backgrounds are not supported by this server (use auto or opaque)"
         )
-    if f.has("stream") and f.flag("stream"):
-        raise _bad("stream", "streaming is not supported by this server; leave stream unset or false")
+    stream = f.flag("stream") if f.has("stream") else False
+    if f.has("partial_images"):
+        f.integer("partial_images", 0, 3)  # checked as OpenAI does; no previews are sent (see README)
     return OutputOptions(
-        response_format, pil_format, content_type, extension, quality, "jpeg" if name == "jpg" else name
+        response_format,
+        pil_format,
+        content_type,
+        extension,
+        quality,
+        "jpeg" if name == "jpg" else name,
+        stream,
     )
 
 
@@ -364,6 +374,8 @@ def parse_openai(
     _check_fields(endpoint, body, files)
     f = _Fields(body, from_form)
     options = _output_options(f, server)
+    if options.stream and endpoint == "variations":
+        raise _bad("stream", "variations cannot stream (OpenAI's variations endpoint has no stream field)")
     if f.has("user") or f.has("safety_identifier"):
         log.debug("OpenAI request for end user %r", body.get("safety_identifier") or body.get("user"))
 
@@ -495,8 +507,98 @@ async def _respond(request: web.Request, result: GenerationResult, options: Outp
     return web.json_response(body)
 
 
+def _sse(data: Mapping[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+async def stream_job(
+    request: web.Request, parsed: ParsedRequest, options: OutputOptions, endpoint: str
+) -> web.StreamResponse:
+    """`stream: true`: server-sent events as OpenAI sends them, one `*.completed` event per image.
+
+    No `*.partial_image` previews are sent (OpenAI allows fewer partials than asked for): they need
+    intermediate latents, which the engine's events do not carry. While the request waits and runs,
+    SSE comment lines (ignored by clients) report the queue position and the steps, which also
+    keeps proxies from closing an idle connection. Admission errors (full queue, bad fields) are
+    still plain JSON errors; after the 200, an error travels as an `error` event.
+    """
+    app = request.app
+    if app[keys.STATE].draining:
+        raise ShuttingDown(
+            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
+        )
+    interval = app[keys.CONFIG].server.progress_interval_s
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    done = object()
+    job = app[keys.ENGINE].submit(parsed.request, timeout_s=parsed.timeout_s, on_event=events.put_nowait)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    waiter = asyncio.ensure_future(job.wait())
+    waiter.add_done_callback(lambda _: events.put_nowait(done))
+    kind = "image_generation" if endpoint == "generations" else "image_edit"
+    last_progress = 0.0
+    try:
+        await response.prepare(request)
+        while (event := await events.get()) is not done:
+            if isinstance(event, Progress):
+                now = time.monotonic()
+                if event.step < event.total and now - last_progress < interval:
+                    continue
+                last_progress = now
+                await response.write(f": step {event.step}/{event.total}\n\n".encode())
+            elif isinstance(event, Queued):
+                await response.write(f": queued, position {event.position}\n\n".encode())
+        if waiter.cancelled():
+            raise asyncio.CancelledError
+        error = waiter.exception()
+        if error is None:
+            result = waiter.result()
+            encoded = await asyncio.to_thread(lambda: [encode_image(img, options) for img in result.images])
+            for blob in encoded:
+                completed = {
+                    "type": f"{kind}.completed",
+                    "b64_json": base64.b64encode(blob).decode("ascii"),
+                    "background": "opaque",
+                    "created_at": int(time.time()),
+                    "output_format": options.name,
+                    "quality": "auto",
+                    "size": f"{result.width}x{result.height}",
+                    "usage": _NO_USAGE,
+                }
+                await response.write(_sse(completed, f"{kind}.completed"))
+        else:
+            if isinstance(error, EngineError):
+                app[keys.METRICS].errors.inc(error.kind)
+                message, code = error.message, error.kind
+            else:
+                log.error("streamed OpenAI request failed", exc_info=error)
+                message, code = "internal server error (see the server log)", "internal"
+            body = {
+                "type": "error",
+                "error": {"message": message, "type": "server_error", "param": None, "code": code},
+            }
+            await response.write(_sse(body, "error"))
+        await response.write_eof()
+    except ConnectionError:
+        log.info("streaming client went away; dropping its OpenAI request")
+        job.cancel()
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return response
+
+
+# Token counts mean nothing for a diffusion model; the client's event type requires the object.
+_NO_USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+
+
 def make_handler(endpoint: str) -> Any:
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         config = request.app[keys.CONFIG]
         metrics = request.app[keys.METRICS]
         label = f"openai_{endpoint}"
@@ -513,6 +615,10 @@ def make_handler(endpoint: str) -> Any:
             parsed, options = (
                 await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
             )
+            if options.stream:
+                streamed = await stream_job(request, parsed, options, endpoint)
+                status = streamed.status
+                return streamed
             result = await run_job(request, parsed)
             response = await _respond(request, result, options)
             status = response.status

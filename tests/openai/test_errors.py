@@ -58,12 +58,20 @@ async def test_bad_generation_fields_name_the_param(
     assert words in raised.value.message
 
 
-async def test_empty_prompt_and_streaming_refused(client: openai.AsyncOpenAI) -> None:
+async def test_empty_prompt_bad_partial_images_and_streamed_variation_refused(
+    client: openai.AsyncOpenAI,
+) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         await client.images.generate(prompt="   ")
     assert raised.value.param == "prompt"
     with pytest.raises(openai.BadRequestError) as raised:
-        await client.images.generate(prompt="a cat", extra_body={"stream": True})
+        await client.images.generate(prompt="a cat", stream=True, partial_images=9)
+    assert raised.value.param == "partial_images"
+    source = png_bytes(Image.new("RGB", (32, 32)))
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.images.create_variation(
+            image=("s.png", source, "image/png"), extra_body={"stream": "true"}
+        )
     assert raised.value.param == "stream"
 
 

@@ -1,0 +1,69 @@
+"""`stream=True` with the official client: OpenAI's server-sent events from the same engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from inference_server import keys
+from tests.server.conftest import DeviceGate, Server, wait_for
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+async def test_streamed_generation_ends_with_completed_images(client: openai.AsyncOpenAI) -> None:
+    extras = {"seed": 99, "steps": 3}
+    stream = await client.images.generate(
+        prompt="a boat", n=2, stream=True, partial_images=2, extra_body=extras
+    )
+    events = [event async for event in stream]
+    # No previews (the engine does not hand out latents); one completed event per image.
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert all(e.size == "32x32" and e.output_format == "png" for e in events)
+    plain = await client.images.generate(prompt="a boat", n=2, extra_body=extras)
+    # The same seeds give the same pictures as the non-streamed call.
+    for event, item in zip(events, plain.data, strict=True):
+        assert (pixels(event.b64_json) == pixels(item.b64_json)).all()
+
+
+async def test_streamed_edit(client: openai.AsyncOpenAI) -> None:
+    source = Image.new("RGBA", (32, 32), (30, 60, 200, 255))
+    source.paste((0, 0, 0, 0), (0, 0, 32, 8))
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    stream = await client.images.edit(
+        image=("s.png", buf.getvalue(), "image/png"), prompt="sky", stream=True, output_format="webp"
+    )
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_edit.completed"]
+    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).format == "WEBP"
+
+
+async def test_error_after_admission_arrives_as_an_error_event(
+    server: Server, client: openai.AsyncOpenAI
+) -> None:
+    gate = DeviceGate(server)
+    blocker = asyncio.create_task(client.images.generate(prompt="blocker"))
+    await gate.wait_entered()
+    try:
+        # Another size, so it queues behind the blocker, and a deadline it cannot meet.
+        stream = await client.images.generate(
+            prompt="late", size="16x16", stream=True, extra_body={"timeout_s": 0.3}
+        )
+        with pytest.raises(openai.APIError) as raised:
+            async for _ in stream:
+                pass
+        assert raised.value.code == "deadline_exceeded"
+        assert "deadline" in raised.value.message
+    finally:
+        gate.open()
+    assert len((await blocker).data) == 1
+    await wait_for(lambda: server.app[keys.ENGINE].queue_depth == 0)
