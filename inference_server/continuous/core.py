@@ -111,6 +111,7 @@ class _Ticket:
     started: float | None = None
     finished_arrays: dict[int, Any] = field(default_factory=dict)
     reported_step: int = 0
+    last_position: int = -1
     max_batch: int = 0
     iterations: int = 0
     embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond), once per ticket
@@ -315,6 +316,7 @@ class ContinuousEngine:
                 submitted=time.monotonic(),
             )
             position = sum(1 for key, _ in self._waiting if key < ticket.sort_key)
+            ticket.last_position = position
             heapq.heappush(self._waiting, (ticket.sort_key, ticket))
             self._cond.notify_all()
         ticket.emit({"event": "queued", "position": position})
@@ -356,6 +358,9 @@ class ContinuousEngine:
                         if self._stopping:
                             break
                         joiners = self._pick_joiners()
+                        moved = self._positions_changed() if joiners else []
+                    for ticket, position in moved:
+                        ticket.emit({"event": "queued", "position": position})
                     t0 = time.perf_counter()
                     for ticket, count in joiners:
                         self._admit(ticket, count)
@@ -417,6 +422,15 @@ class ContinuousEngine:
             else:
                 break  # still at the head, joins with the next free slot
         return joiners
+
+    def _positions_changed(self) -> list[tuple[_Ticket, int]]:
+        """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""
+        moved = []
+        for position, (_, ticket) in enumerate(sorted(self._waiting, key=lambda kt: kt[0])):
+            if ticket.next_sample == 0 and ticket.last_position != position:
+                ticket.last_position = position
+                moved.append((ticket, position))
+        return moved
 
     def _admit(self, ticket: _Ticket, count: int) -> None:
         try:

@@ -288,3 +288,21 @@ def replace_size(req: ContinuousRequest, side: int) -> ContinuousRequest:
     from dataclasses import replace
 
     return replace(req, width=side, height=side)
+
+
+def test_waiting_requests_hear_their_new_position_when_others_join(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1)
+    recorders: list[Recorder] = []
+
+    def queue_three() -> None:
+        for _ in range(3):
+            recorders.append(Recorder())
+            engine.submit(request(1), recorders[-1])
+
+    engine.submit(request(2), Recorder(at_step=1, action=queue_three)).future.result(60)
+    deadline = time.monotonic() + 60
+    while engine.requests_done < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.requests_done == 4
+    last = [[e["position"] for e in r.events if e["event"] == "queued"] for r in recorders]
+    assert last == [[0], [1, 0], [2, 1, 0]]
