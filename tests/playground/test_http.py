@@ -1,0 +1,167 @@
+"""The playground over HTTP with Gradio's own client, on the real core (SQLite, fake image backend).
+
+Gradio's client is synchronous, so it runs in a thread while the playground and the core serve on
+this test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bot.core.api import Actor, Place
+from bot.playground.delivery import message_id_for
+from tests.playground.harness import app_config, running_playground
+
+
+def client(url: str, auth: tuple[str, str] | None = None) -> Any:
+    from gradio_client import Client
+
+    return Client(url, verbose=False, auth=auth)
+
+
+def field(outputs: tuple[Any, ...], marker: str) -> str:
+    """The output (HTML or Markdown text) that contains `marker`."""
+    found = [o for o in outputs if isinstance(o, str) and marker in o]
+    assert found, f"no output containing {marker!r} in {outputs!r}"
+    return found[-1]
+
+
+def chat_texts(outputs: tuple[Any, ...]) -> list[str]:
+    chat = next(o for o in outputs if isinstance(o, list))
+    return [c.get("text", "") for m in chat for c in m["content"] if c.get("type") == "text"]
+
+
+def chat_files(outputs: tuple[Any, ...]) -> list[str]:
+    chat = next(o for o in outputs if isinstance(o, list))
+    return [c["file"] for m in chat for c in m["content"] if c.get("type") == "file"]
+
+
+async def test_imagine_streams_queue_and_progress_then_images(tmp_path):
+    async with running_playground(app_config(tmp_path)) as app:
+
+        def go() -> list[tuple[Any, ...]]:
+            c = client(app.url)
+            try:
+                job = c.submit("/imagine a red fox --seed 42 --n 2 --steps 5", api_name="/imagine")
+                job.result(timeout=60)
+                return list(job.outputs())
+            finally:
+                c.close()
+
+        updates = await asyncio.to_thread(go)
+        states = [field(u, 'class="job-status"').split('data-state="')[1].split('"')[0] for u in updates]
+        assert states[0] == "queued" and states[-1] == "succeeded"
+        running = [field(u, 'class="job-status"') for u in updates if 'data-state="running"' in str(u)]
+        assert any('<progress value="5" max="5"' in r for r in running), running
+        final = updates[-1]
+        assert "a red fox" in chat_texts(final)[-1] and "seed 42" in chat_texts(final)[-1]
+        assert len(chat_files(final)) == 2
+        assert "**23** image(s) left" in field(final, "image(s) left")
+
+        job = await app.service.get_job(1)
+        assert (job.platform, job.user_id, job.state, job.params.seeds) == ("web", "local", "succeeded", (42, 43))
+        assert job.result_message_id == message_id_for(1)
+        # The result "message" resolves like a chat message: a 🔁 reaction re-rolls it.
+        actor = Actor("web", "local", is_admin=True)
+        again = await app.service.react(actor, Place("web"), message_id_for(1), "🔁", idempotency_key="r1")
+        assert again is not None and again.kind == "reroll" and again.parent_id == 1
+
+
+async def test_reroll_and_variation_buttons_make_child_jobs(tmp_path):
+    async with running_playground(app_config(tmp_path)) as app:
+
+        def go() -> tuple[Any, ...]:
+            c = client(app.url)
+            try:
+                # The buttons act on the session's last result, so they share one client session.
+                c.predict("/imagine a lighthouse --n 3 --seed 7", api_name="/imagine")
+                c.predict(api_name="/reroll")
+                return c.predict(api_name="/variation_3")
+            finally:
+                c.close()
+
+        last = await asyncio.to_thread(go)
+        reroll, variation = await app.service.get_job(2), await app.service.get_job(3)
+        assert (reroll.kind, reroll.parent_id, reroll.params.n) == ("reroll", 1, 3)
+        assert reroll.params.seed != 7
+        assert (variation.kind, variation.parent_id, variation.parent_image_index) == ("variation", 2, 2)
+        assert variation.state == "succeeded"
+        assert "variation" in chat_texts(last)[-1]
+
+
+async def test_refusals_are_short_messages_and_create_no_job(tmp_path):
+    config = app_config(tmp_path, moderation={"banned_terms": ["gore"]})
+    async with running_playground(config) as app:
+
+        def go() -> list[tuple[Any, ...]]:
+            c = client(app.url)
+            try:
+                return [
+                    c.predict("/imagine a cat --steps 9999", api_name="/imagine"),
+                    c.predict("/imagine gore everywhere", api_name="/imagine"),
+                    c.predict("/quota", api_name="/imagine"),
+                    c.predict("/nonsense", api_name="/imagine"),
+                ]
+            finally:
+                c.close()
+
+        bad_steps, moderated, quota, unknown = await asyncio.to_thread(go)
+        assert "⚠️" in chat_texts(bad_steps)[-1] and "steps" in chat_texts(bad_steps)[-1]
+        assert "moderation rule" in chat_texts(moderated)[-1] and "gore" in chat_texts(moderated)[-1]
+        assert "**25** image(s) left" in chat_texts(quota)[-1]
+        assert "Unknown command `/nonsense`" in chat_texts(unknown)[-1]
+        assert await app.service.history(Actor("web", "local"), limit=10) == []
+
+
+async def test_admin_limit_shows_in_the_quota_and_is_enforced(tmp_path):
+    async with running_playground(app_config(tmp_path)) as app:
+
+        def go() -> tuple[Any, ...]:
+            c = client(app.url)
+            try:
+                limited = c.predict("", 2, "", api_name="/admin_set_limit")
+                refused = c.predict("/imagine a cat --n 3", api_name="/imagine")
+                stats = c.predict("", None, "", api_name="/admin_stats")
+                return limited, refused, stats
+            finally:
+                c.close()
+
+        limited, refused, stats = await asyncio.to_thread(go)
+        assert "Daily limit of `local` set to 2 per day" in limited[0]
+        assert "used **0** of **2** today (your own limit)" in limited[1]
+        assert "Daily limit reached" in chat_texts(refused)[-1]
+        assert "Latest admin actions" in stats[0] and "set_user_limit" in stats[0]
+
+
+async def test_password_login_names_the_user_and_admins_need_their_password(tmp_path):
+    config = app_config(tmp_path, playground={"admin_users": ["boss"]})
+    env = {"PLAYGROUND_PASSWORD": "team-pw", "PLAYGROUND_ADMIN_PASSWORD": "boss-pw"}
+    async with running_playground(config, env) as app:
+
+        def go() -> tuple[Any, ...]:
+            with pytest.raises(ValueError):
+                client(app.url, auth=("alice", "wrong"))
+            c = client(app.url, auth=("alice", "team-pw"))
+            try:
+                made = c.predict("/imagine a kite --seed 1", api_name="/imagine")
+                denied = c.predict("bob", 5, "", api_name="/admin_grant")
+            finally:
+                c.close()
+            b = client(app.url, auth=("boss", "boss-pw"))
+            try:
+                granted = b.predict("alice", 5, "", api_name="/admin_grant")
+            finally:
+                b.close()
+            return made, denied, granted
+
+        made, denied, granted = await asyncio.to_thread(go)
+        job = await app.service.get_job(1)
+        assert (job.user_id, job.state) == ("alice", "succeeded")
+        assert len(chat_files(made)) == 1
+        assert "Only admins" in denied[0]
+        assert "Granted 5 credits to `alice`" in granted[0]
+        q = await app.service.quota(Actor("web", "alice"), Place("web"))
+        assert q.bonus_credits == 5

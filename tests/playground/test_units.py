@@ -1,0 +1,103 @@
+"""The playground's pure parts: config validation, who is admin, commands, and the brush mask."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from bot.playground import adapter_status
+from bot.playground.config import load_playground_config
+from bot.playground.ui import Identity, mask_from_editor, parse_command
+from inference_server.config_loader import ConfigError
+
+
+def test_loopback_by_default_and_exposing_needs_a_password():
+    cfg = load_playground_config({}, {})
+    assert (cfg.host, cfg.port, cfg.exposed) == ("127.0.0.1", 7860, False)
+    with pytest.raises(ConfigError, match=r"\[playground\] host = '0.0.0.0'.*PLAYGROUND_PASSWORD"):
+        load_playground_config({"playground": {"host": "0.0.0.0"}}, {})
+    exposed = load_playground_config({}, {"IMAGINE_PLAYGROUND_HOST": "0.0.0.0", "PLAYGROUND_PASSWORD": "s3cret"})
+    assert exposed.exposed
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"port": 70000}, r"\[playground\] port"),
+        ({"history_limit": 0}, r"\[playground\] history_limit"),
+        ({"local_user": "web:me"}, r"\[playground\] local_user"),
+        ({"colour": "red"}, r"\[playground\] unknown key\(s\): colour"),
+    ],
+)
+def test_bad_config_names_the_key(section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_playground_config({"playground": section}, {})
+
+
+def test_adapter_status_is_on_unless_turned_off():
+    on, why = adapter_status({})
+    assert on and why.startswith("on:") and "loopback" in why
+    on, why = adapter_status({"PLAYGROUND_PASSWORD": "x"})
+    assert on and "password" in why
+    assert adapter_status({"IMAGINE_PLAYGROUND_ENABLED": "false"}) == (
+        False,
+        "off: IMAGINE_PLAYGROUND_ENABLED is false",
+    )
+
+
+def test_local_user_is_admin_and_password_logins_are_checked():
+    cfg = load_playground_config({"playground": {"admin_users": ["boss"]}}, {})
+    local = Identity(cfg).actor(None)
+    assert (local.platform, local.user_id, local.is_admin) == ("web", "local", True)
+
+    ident = Identity(cfg, password="team-pw", admin_password="boss-pw")
+    assert ident.check_login("alice", "team-pw")
+    assert not ident.check_login("alice", "wrong")
+    assert not ident.check_login("boss", "team-pw"), "admins need the admin password"
+    assert ident.check_login("boss", "boss-pw")
+    assert not ident.check_login("bad name!", "team-pw")
+    assert not Identity(cfg, password="team-pw").check_login("boss", ""), "no admin password: no admin"
+
+    class Req:
+        username = "alice"
+
+    alice = ident.actor(Req())  # type: ignore[arg-type]
+    assert (alice.user_id, alice.is_admin) == ("alice", False)
+
+
+def test_commands():
+    assert parse_command("a red fox --seed 3") == ("imagine", "a red fox --seed 3")
+    assert parse_command("/imagine  a red fox") == ("imagine", "a red fox")
+    assert parse_command("/QUOTA") == ("quota", "")
+    assert parse_command("/help me") == ("help", "me")
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_mask_is_white_where_the_brush_painted():
+    background = Image.new("RGBA", (16, 8), (0, 0, 255, 255))
+    layer = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (2, 2, 6, 5))  # a painted 4x3 rectangle
+    image_png, mask_png = mask_from_editor({"background": background, "layers": [layer], "composite": None})
+    image = Image.open(io.BytesIO(image_png))
+    assert image.size == (16, 8) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (0, 0, 255), "the image is the background, not the painted composite"
+    assert mask_png is not None
+    mask = Image.open(io.BytesIO(mask_png))
+    assert mask.mode == "L" and mask.size == (16, 8)
+    assert mask.getpixel((3, 3)) == 255 and mask.getpixel((0, 0)) == 0 and mask.getpixel((6, 3)) == 0
+    assert sum(1 for x in range(16) for y in range(8) if mask.getpixel((x, y))) == 12
+
+
+def test_nothing_painted_means_no_mask_and_no_upload_is_refused():
+    background = Image.new("RGBA", (8, 8), (0, 0, 255, 255))
+    _, mask = mask_from_editor({"background": background, "layers": [Image.new("RGBA", (8, 8))]})
+    assert mask is None
+    with pytest.raises(Exception, match="Upload an image first"):
+        mask_from_editor({"background": None, "layers": []})
