@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -57,3 +58,30 @@ def _png(img: Image.Image) -> tuple[str, bytes, str]:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return ("source.png", buf.getvalue(), "image/png")
+
+
+async def test_continuous_engine_serves_the_openai_api(server_factory: Any) -> None:
+    """The routes only use the Engine interface, so the continuous engine serves them too."""
+    async with (
+        server_factory(batching={"engine": "continuous", "max_batch_size": 4}) as server,
+        client_for(server) as client,
+    ):
+        async with server.session.get(f"{server.url}/health") as resp:
+            assert (await resp.json())["engine"] == "continuous"
+        source = Image.new("RGBA", (32, 32), (30, 60, 200, 255))
+        source.paste((0, 0, 0, 0), (8, 8, 24, 24))
+        generated, edited, variation = await asyncio.gather(
+            client.images.generate(prompt="a red fox", n=2, extra_body={"seed": 3}),
+            client.images.edit(image=_png(source), prompt="a star", extra_body={"seed": 4}),
+            client.images.create_variation(image=_png(source.convert("RGB"))),
+        )
+        assert len(generated.data) == 2 and len(edited.data) == 1 and len(variation.data) == 1
+        out = np.asarray(
+            Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).convert("RGB")
+        ).astype(int)
+        keep = np.ones((32, 32), bool)
+        keep[8:24, 8:24] = False
+        assert (out[keep] == np.array([30, 60, 200])).all()  # opaque pixels kept exactly
+        stream = await client.images.generate(prompt="a red fox", stream=True, extra_body={"seed": 3})
+        events = [event async for event in stream]
+        assert [e.type for e in events] == ["image_generation.completed"]
