@@ -22,8 +22,9 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
     return True, "on: DISCORD_TOKEN set"
 
 
-async def run(service: Any, config: Mapping[str, Any], env: Mapping[str, str],
-              ready: asyncio.Event | None = None) -> None:
+async def run(
+    service: Any, config: Mapping[str, Any], env: Mapping[str, str], ready: asyncio.Event | None = None
+) -> None:
     """Run the bot until cancelled; close the gateway and unregister the delivery on the way out."""
     import discord
 
@@ -37,9 +38,11 @@ async def run(service: Any, config: Mapping[str, Any], env: Mapping[str, str],
         raise RuntimeError("DISCORD_TOKEN is not set: the Discord adapter cannot log in")
     bot = ImagineBot(service, cfg)
     if ready is not None:
+
         async def _ready() -> None:
             await bot.wait_until_ready()
             ready.set()
+
     task = asyncio.create_task(bot.start(token), name="discord-adapter")
     waiter = asyncio.create_task(_ready()) if ready is not None else None
     try:

@@ -25,8 +25,9 @@ def intents() -> discord.Intents:
     return discord.Intents(guilds=True, guild_reactions=True)
 
 
-def is_admin(member: discord.abc.User | None, permissions: discord.Permissions | None,
-             admin_roles: Sequence[str]) -> bool:
+def is_admin(
+    member: discord.abc.User | None, permissions: discord.Permissions | None, admin_roles: Sequence[str]
+) -> bool:
     if permissions is not None and (permissions.manage_guild or permissions.administrator):
         return True
     wanted = {r.strip().lower() for r in admin_roles}
@@ -83,19 +84,26 @@ class ImagineBot(commands.Bot):
         await super().close()
 
     async def on_ready(self) -> None:
-        log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds))
+        log.info(
+            "logged in as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds)
+        )
 
     # -- translation helpers used by the cogs -----------------------------------------------------
 
     def actor(self, interaction: discord.Interaction) -> Actor:
         user = interaction.user
-        admin = is_admin(user, interaction.permissions if interaction.guild_id else None, self.config.admin_roles)
+        admin = is_admin(
+            user, interaction.permissions if interaction.guild_id else None, self.config.admin_roles
+        )
         return Actor(PLATFORM, str(user.id), user.display_name, admin)
 
     @staticmethod
     def place(interaction: discord.Interaction) -> Place:
-        return Place(PLATFORM, str(interaction.guild_id) if interaction.guild_id else None,
-                     str(interaction.channel_id) if interaction.channel_id else None)
+        return Place(
+            PLATFORM,
+            str(interaction.guild_id) if interaction.guild_id else None,
+            str(interaction.channel_id) if interaction.channel_id else None,
+        )
 
     @staticmethod
     def interaction_delivery(interaction: discord.Interaction) -> dict:

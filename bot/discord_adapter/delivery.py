@@ -55,7 +55,7 @@ class DiscordDelivery:
 
     # -- Delivery protocol ------------------------------------------------------------------------
 
-    async def on_queued(self, job: JobView, position: int) -> None:
+    async def on_queued(self, job: JobView, position: int | None) -> None:
         await self._status_update(job, messages.queued(job, position), QUEUED)
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
@@ -70,10 +70,18 @@ class DiscordDelivery:
                 limit = self._upload_limit(job)
                 data, ext = fit_to_limit(sheet, limit)
                 if ext != "png" or data is not sheet:
-                    log.info("job %s: result re-encoded from %d to %d bytes (limit %d)", job.id, len(sheet),
-                             len(data), limit)
-                message = await self._post(job, messages.caption(job),
-                                           discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}"))
+                    log.info(
+                        "job %s: result re-encoded from %d to %d bytes (limit %d)",
+                        job.id,
+                        len(sheet),
+                        len(data),
+                        limit,
+                    )
+                message = await self._post(
+                    job,
+                    messages.caption(job),
+                    discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}"),
+                )
                 await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
                 for emoji in result_reactions(len(images)):
                     await message.add_reaction(emoji)
@@ -154,8 +162,9 @@ class DiscordDelivery:
         parent = job.delivery.get("reply_to")
         if not parent:
             return None
-        return discord.MessageReference(message_id=int(parent), channel_id=int(job.delivery["channel_id"]),
-                                        fail_if_not_exists=False)
+        return discord.MessageReference(
+            message_id=int(parent), channel_id=int(job.delivery["channel_id"]), fail_if_not_exists=False
+        )
 
     async def _post(self, job: JobView, text: str, file: discord.File | None) -> discord.Message:
         """Show the final text (and file) where the user is looking, falling back to the channel."""

@@ -48,8 +48,13 @@ async def report(interaction: discord.Interaction, error: BaseException) -> None
     if isinstance(error, app_commands.CommandInvokeError):
         error = error.original
     if isinstance(error, CoreError):
-        log.info("refused %s for user %s: %s: %s", interaction.command and interaction.command.qualified_name,
-                 interaction.user.id, error.code, error.message)
+        log.info(
+            "refused %s for user %s: %s: %s",
+            interaction.command and interaction.command.qualified_name,
+            interaction.user.id,
+            error.code,
+            error.message,
+        )
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(text, ephemeral=True)

@@ -21,7 +21,9 @@ def short(text: str, limit: int) -> str:
 
 def describe(job: JobView) -> str:
     p = job.params
-    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[job.kind]
+    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[
+        job.kind
+    ]
     parts = [f"seed {p.seed}", f"{p.width}x{p.height}", f"{p.steps} steps", f"guidance {p.guidance:g}"]
     if p.aspect_ratio:
         parts.append(f"ar {p.aspect_ratio}")
@@ -46,8 +48,13 @@ def caption(job: JobView) -> str:
     return short("\n".join(lines), CONTENT_LIMIT)
 
 
-def queued(job: JobView, position: int) -> str:
-    ahead = "starts next" if position <= 1 else f"position {position} in the queue"
+def queued(job: JobView, position: int | None) -> str:
+    if position is None:
+        return f"⏳ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — queued."
+    if position <= 1:
+        ahead = "starts next"
+    else:
+        ahead = f"position {position} in the queue"
     return f"⏳ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — queued, {ahead}."
 
 
@@ -64,10 +71,13 @@ def failed(job: JobView, message: str) -> str:
 
 
 def quota(q: QuotaView) -> str:
-    source = {"user": "your own limit", "guild": "this server's limit", "global": "the default limit"}[q.limit_source]
+    source = {"user": "your own limit", "guild": "this server's limit", "global": "the default limit"}[
+        q.limit_source
+    ]
     lines = [
         f"You have used **{q.used_today}** of **{q.daily_limit}** images today ({source}).",
-        f"Left now: **{q.remaining}**" + (f" (including {q.bonus_credits} bonus credits)." if q.bonus_credits else "."),
+        f"Left now: **{q.remaining}**"
+        + (f" (including {q.bonus_credits} bonus credits)." if q.bonus_credits else "."),
         f"Resets {ts(q.reset_at)}.",
     ]
     if q.banned:
@@ -87,7 +97,9 @@ def history(jobs: Sequence[JobView]) -> str:
     lines = ["Your latest jobs:"]
     for job in jobs:
         url = jump_url(job)
-        state = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}[job.state]
+        state = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}[
+            job.state
+        ]
         line = f"{state} #{job.id} {ts(job.created_at)} **{short(job.prompt, 80)}** (seed {job.params.seed})"
         lines.append(line + (f" — {url}" if url else ""))
     return short("\n".join(lines), CONTENT_LIMIT)

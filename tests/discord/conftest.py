@@ -8,6 +8,7 @@ renames them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import discord
@@ -26,3 +27,10 @@ async def fake_discord(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDis
         yield fake
     finally:
         await fake.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A wedged bot or core must fail its own test, not eat the whole suite's 300 s default.
+    for item in items:
+        if "tests/discord/" in str(item.fspath) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(float(os.environ.get("DISCORD_TEST_TIMEOUT_S", "120"))))

@@ -51,7 +51,8 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
         await fake_discord.wait_for(lambda: backend.in_flight == 1, what="the first job to start")
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a red fox in the snow", "count": 4,
                                                            "seed": 1234, "steps": 5})
-        await fake_discord.wait_for(lambda: any("queue" in t or "next" in t for t in rec.texts()), what="queued")
+        await fake_discord.wait_for(lambda: any("starts next" in t or "position" in t for t in rec.texts()),
+                                    what="the queue position")
         backend.release()
         result = await wait_result(fake_discord, rec)
         await wait_result(fake_discord, blocker)
@@ -61,7 +62,7 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
     assert rec.callbacks[0]["status"] == 200 and rec.callbacks[0]["body"]["type"] == 5
     assert not rec.ephemeral
     texts = rec.texts()
-    queued_at = next(i for i, t in enumerate(texts) if "queued" in t)
+    queued_at = next(i for i, t in enumerate(texts) if "starts next" in t or "position" in t)
     progress_at = next(i for i, t in enumerate(texts) if "step " in t)
     assert queued_at < progress_at < len(texts) - 1, texts  # queue position, then progress, then result
     assert "starts next" in texts[queued_at] or "position 1" in texts[queued_at]

@@ -40,28 +40,42 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Image bot 
     async def _done(self, interaction: discord.Interaction, text: str) -> None:
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
-    @app_commands.command(name="user-limit", description="Set a user's daily image limit (leave empty to remove it).")
-    async def user_limit(self, interaction: discord.Interaction, user: discord.User,
-                         limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None) -> None:
+    @app_commands.command(
+        name="user-limit", description="Set a user's daily image limit (leave empty to remove it)."
+    )
+    async def user_limit(
+        self,
+        interaction: discord.Interaction,
+        user: discord.User,
+        limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None,
+    ) -> None:
         actor = await self._start(interaction, "user-limit")
         q = await self.bot.service.set_user_limit(actor, str(user.id), limit)
         what = f"{limit} images per day" if limit is not None else "the default limit"
         await self._done(interaction, f"✅ {user.mention} now has {what} ({q.remaining} left today).")
 
-    @app_commands.command(name="server-limit", description="Set this server's default daily limit (empty to remove).")
-    async def server_limit(self, interaction: discord.Interaction,
-                           limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None) -> None:
+    @app_commands.command(
+        name="server-limit", description="Set this server's default daily limit (empty to remove)."
+    )
+    async def server_limit(
+        self,
+        interaction: discord.Interaction,
+        limit: app_commands.Range[int, 0, MAX_DAILY_LIMIT] | None = None,
+    ) -> None:
         actor = await self._start(interaction, "server-limit")
         await self.bot.service.set_guild_limit(actor, str(interaction.guild_id), limit)
         what = f"{limit} images per user per day" if limit is not None else "the global default"
         await self._done(interaction, f"✅ This server's limit is now {what}.")
 
     @app_commands.command(name="credits", description="Grant a user bonus images beyond the daily limit.")
-    async def credits(self, interaction: discord.Interaction, user: discord.User,
-                      amount: app_commands.Range[int, 1, 10_000]) -> None:
+    async def credits(
+        self, interaction: discord.Interaction, user: discord.User, amount: app_commands.Range[int, 1, 10_000]
+    ) -> None:
         actor = await self._start(interaction, "credits")
         q = await self.bot.service.grant_credits(actor, str(user.id), amount)
-        await self._done(interaction, f"✅ Granted {amount} credits to {user.mention} ({q.bonus_credits} in total).")
+        await self._done(
+            interaction, f"✅ Granted {amount} credits to {user.mention} ({q.bonus_credits} in total)."
+        )
 
     @app_commands.command(name="reset", description="Reset a user's usage for today.")
     async def reset(self, interaction: discord.Interaction, user: discord.User) -> None:

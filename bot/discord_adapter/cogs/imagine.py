@@ -44,15 +44,25 @@ class Imagine(commands.Cog):
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
     ) -> None:
         await defer(interaction, ephemeral=False)
-        options = {"negative": negative, "n": count, "seed": seed, "steps": steps, "ar": aspect, "guidance": guidance}
+        options = {
+            "negative": negative,
+            "n": count,
+            "seed": seed,
+            "steps": steps,
+            "ar": aspect,
+            "guidance": guidance,
+        }
         job = await self.bot.service.imagine(
-            self.bot.actor(interaction), self.bot.place(interaction), prompt,
+            self.bot.actor(interaction),
+            self.bot.place(interaction),
+            prompt,
             {k: v for k, v in options.items() if v is not None},
-            idempotency_key=self.bot.key(interaction), delivery=self.bot.interaction_delivery(interaction),
+            idempotency_key=self.bot.key(interaction),
+            delivery=self.bot.interaction_delivery(interaction),
         )
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which ignores this if the job already started).
-        if job.created and job.position is not None:
+        if job.created and job.state == "queued":
             await self.bot.delivery.on_queued(job, job.position)
 
 

@@ -24,23 +24,35 @@ class Inpaint(commands.Cog):
     async def _read(self, field: str, attachment: discord.Attachment) -> bytes:
         """The attachment's bytes, or a clear refusal naming the option and the file."""
         ctype = (attachment.content_type or "").split(";")[0].strip().lower()
-        if ctype not in IMAGE_TYPES and not (not ctype and attachment.filename.lower().endswith(IMAGE_SUFFIXES)):
-            raise AttachmentError(field, f"`{attachment.filename}` ({field}) is not a PNG, JPEG or WebP image.",
-                                  attachment.filename)
+        if ctype not in IMAGE_TYPES and not (
+            not ctype and attachment.filename.lower().endswith(IMAGE_SUFFIXES)
+        ):
+            raise AttachmentError(
+                field,
+                f"`{attachment.filename}` ({field}) is not a PNG, JPEG or WebP image.",
+                attachment.filename,
+            )
         limit = self.bot.config.max_attachment_bytes
         if attachment.size > limit:
-            raise AttachmentError(field, f"`{attachment.filename}` ({field}) is {attachment.size / 2**20:.1f} MiB; "
-                                  f"the limit is {limit / 2**20:.1f} MiB.", attachment.size)
+            raise AttachmentError(
+                field,
+                f"`{attachment.filename}` ({field}) is {attachment.size / 2**20:.1f} MiB; "
+                f"the limit is {limit / 2**20:.1f} MiB.",
+                attachment.size,
+            )
         try:
             data = await attachment.read()
         except discord.HTTPException as e:
             raise AttachmentError(field, f"Could not download `{attachment.filename}` ({field}).") from e
         if len(data) > limit:  # the declared size can lie
-            raise AttachmentError(field, f"`{attachment.filename}` ({field}) is larger than "
-                                  f"{limit / 2**20:.1f} MiB.", len(data))
+            raise AttachmentError(
+                field, f"`{attachment.filename}` ({field}) is larger than {limit / 2**20:.1f} MiB.", len(data)
+            )
         return data
 
-    @app_commands.command(name="inpaint", description="Repaint part of an image (white in the mask, or its transparent pixels).")
+    @app_commands.command(
+        name="inpaint", description="Repaint part of an image (white in the mask, or its transparent pixels)."
+    )
     @app_commands.describe(
         image="The image to change (PNG, JPEG or WebP)",
         prompt="What to paint in the masked area",
@@ -60,13 +72,18 @@ class Inpaint(commands.Cog):
         image_bytes = await self._read("image", image)
         mask_bytes = await self._read("mask", mask) if mask is not None else None
         job = await self.bot.service.inpaint(
-            self.bot.actor(interaction), self.bot.place(interaction), prompt, image_bytes, mask_bytes,
+            self.bot.actor(interaction),
+            self.bot.place(interaction),
+            prompt,
+            image_bytes,
+            mask_bytes,
             {"seed": seed} if seed is not None else None,
-            idempotency_key=self.bot.key(interaction), delivery=self.bot.interaction_delivery(interaction),
+            idempotency_key=self.bot.key(interaction),
+            delivery=self.bot.interaction_delivery(interaction),
         )
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which ignores this if the job already started).
-        if job.created and job.position is not None:
+        if job.created and job.state == "queued":
             await self.bot.delivery.on_queued(job, job.position)
 
 

@@ -40,27 +40,48 @@ class Reactions(commands.Cog):
         emoji = str(payload.emoji)
         if payload.emoji.id is not None or emoji not in REACTION_ACTIONS:
             return  # custom emoji or one that means nothing here: no database work
-        actor = Actor(PLATFORM, str(member.id), member.display_name,
-                      is_admin(member, member.guild_permissions, self.bot.config.admin_roles))
+        actor = Actor(
+            PLATFORM,
+            str(member.id),
+            member.display_name,
+            is_admin(member, member.guild_permissions, self.bot.config.admin_roles),
+        )
         place = Place(PLATFORM, str(payload.guild_id), str(payload.channel_id))
-        delivery = {"mode": "channel", "channel_id": str(payload.channel_id), "guild_id": str(payload.guild_id),
-                    "reply_to": str(payload.message_id)}
+        delivery = {
+            "mode": "channel",
+            "channel_id": str(payload.channel_id),
+            "guild_id": str(payload.guild_id),
+            "reply_to": str(payload.message_id),
+        }
         # The gateway may replay an event after a reconnect: one job per (message, user, emoji).
         key = f"reaction:{payload.message_id}:{member.id}:{emoji}"
         try:
-            job = await self.bot.service.react(actor, place, str(payload.message_id), emoji,
-                                               idempotency_key=key, delivery=delivery)
+            job = await self.bot.service.react(
+                actor, place, str(payload.message_id), emoji, idempotency_key=key, delivery=delivery
+            )
         except Exception as e:  # CoreError: a short refusal; anything else: logged with a ref
             await self._refuse(payload, member, user_message(e))
             return
         if job is not None:
-            log.info("reaction %s by %s on %s -> job %s (%s)", emoji, member.id, payload.message_id, job.id, job.kind)
+            log.info(
+                "reaction %s by %s on %s -> job %s (%s)",
+                emoji,
+                member.id,
+                payload.message_id,
+                job.id,
+                job.kind,
+            )
 
-    async def _refuse(self, payload: discord.RawReactionActionEvent, member: discord.Member, text: str) -> None:
+    async def _refuse(
+        self, payload: discord.RawReactionActionEvent, member: discord.Member, text: str
+    ) -> None:
         channel = self.bot.get_partial_messageable(payload.channel_id, guild_id=payload.guild_id)
         try:
-            await channel.send(f"{member.mention} {text}", delete_after=REFUSAL_TTL_S,
-                               allowed_mentions=discord.AllowedMentions(users=[member]))
+            await channel.send(
+                f"{member.mention} {text}",
+                delete_after=REFUSAL_TTL_S,
+                allowed_mentions=discord.AllowedMentions(users=[member]),
+            )
         except discord.HTTPException:
             log.exception("could not tell user %s about a refused reaction", member.id)
 

@@ -1,0 +1,30 @@
+"""A restart: the bot and core stop, start again on the same database, and old results still work."""
+
+from __future__ import annotations
+
+from bot.core.api import Actor
+from tests.discord.fake_discord import FakeDiscord
+from tests.discord.harness import App, app_config, result_job, wait_result
+
+
+async def test_reaction_on_a_result_from_before_a_restart(fake_discord: FakeDiscord, tmp_path):
+    alice, bob = fake_discord.user("alice"), fake_discord.user("bob")
+    config = app_config(tmp_path, fake_discord)
+    async with App(fake_discord, config) as first:
+        rec = await fake_discord.slash("imagine", alice, {"prompt": "a ship in a bottle", "count": 2})
+        old = await wait_result(fake_discord, rec)
+        old_job = await result_job(first, old)
+    assert not fake_discord.connected() or len(fake_discord.identifies) == 1
+
+    # A new process: new bot session, new core objects, same SQLite file and image storage.
+    async with App(fake_discord, config) as second:
+        assert len(fake_discord.identifies) == 2
+        await fake_discord.react(int(old["id"]), "2️⃣", bob)
+        new = await fake_discord.wait_for(
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="variation after restart")
+        new_job = await result_job(second, new[0])
+        bob_jobs = await second.service.history(Actor("discord", str(bob.id)), 5)
+    assert new_job.kind == "variation" and new_job.parent_id == old_job.id and new_job.parent_image_index == 1
+    assert [j.id for j in bob_jobs] == [new_job.id]
+    assert int(new[0]["_reference"]["message_id"]) == int(old["id"])
+    assert "a ship in a bottle" in new[0]["content"]
