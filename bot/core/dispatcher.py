@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -48,6 +49,9 @@ log = logging.getLogger("bot.core.dispatcher")
 MAX_REPORTED_POSITION = 50
 # Candidates read per claim attempt; others may be taking the first ones at the same moment.
 CLAIM_CANDIDATES = 16
+# New jobs learn their queue position within this delay; batching them keeps a burst of
+# submissions from costing one queue scan each.
+NEW_POSITION_INTERVAL_S = 0.25
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -63,6 +67,7 @@ class Dispatcher:
         self._main: asyncio.Task[None] | None = None
         self._last_heartbeat = 0.0
         self._last_positions = 0.0
+        self._last_new_positions = 0.0
         service.add_waker(self._wake.set)
 
     # ------------------------------------------------------------------------------------------
@@ -137,14 +142,20 @@ class Dispatcher:
         # Taken-over work first: it has waited longest.
         while self._free() and (job_id := await self._claim_stale(platforms)) is not None:
             self._spawn(job_id)
-        while self._free() and (job_id := await self._claim_queued(platforms)) is not None:
-            self._spawn(job_id)
+        while self._free():
+            claimed = await self._claim_queued(platforms, self.config.dispatch_concurrency - len(self._tasks))
+            for job_id in claimed:
+                self._spawn(job_id)
+            if not claimed:
+                break
         # Positions of newly queued jobs go out at once; changes of known ones at most every
         # progress_interval_s (each one is a chat message edit, and the queue moves constantly).
-        full = now_mono - self._last_positions >= self.config.progress_interval_s
-        if full:
-            self._last_positions = now_mono
-        await self._report_positions(platforms, only_new=not full)
+        if now_mono - self._last_positions >= self.config.progress_interval_s:
+            self._last_positions = self._last_new_positions = now_mono
+            await self._report_positions(platforms, only_new=False)
+        elif now_mono - self._last_new_positions >= NEW_POSITION_INTERVAL_S:
+            self._last_new_positions = now_mono
+            await self._report_positions(platforms, only_new=True)
 
     def _free(self) -> bool:
         return len(self._tasks) < self.config.dispatch_concurrency
@@ -202,10 +213,14 @@ class Dispatcher:
         )
         return list((await s.execute(q)).scalars().all())
 
-    async def _claim_queued(self, platforms: Sequence[str]) -> int | None:
+    async def _claim_queued(self, platforms: Sequence[str], want: int) -> list[int]:
+        """Claim up to `want` jobs in fair order, in one transaction."""
+        claimed: list[int] = []
         async with self.db.session() as s:
-            candidates = await self.fair_order(s, platforms, CLAIM_CANDIDATES)
+            candidates = await self.fair_order(s, platforms, max(CLAIM_CANDIDATES, want))
             for job_id in candidates:
+                if len(claimed) >= want:
+                    break
                 if self.db.is_postgres:
                     locked = (
                         await s.execute(
@@ -235,8 +250,8 @@ class Dispatcher:
                         .where(User.id == select(Job.user_id).where(Job.id == job_id).scalar_subquery())
                         .values(last_dispatched_at=now)
                     )
-                    return job_id
-        return None
+                    claimed.append(job_id)
+        return claimed
 
     async def _claim_stale(self, platforms: Sequence[str]) -> int | None:
         """Take over a running job, or an undelivered finished one, whose lease has expired."""
@@ -363,26 +378,31 @@ class Dispatcher:
 
     async def _execute(self, job_id: int) -> None:
         try:
-            view = await self.service.job_view(job_id)
+            async with self.db.read() as s:
+                job = await s.get(Job, job_id)
+                assert job is not None
+                view = await self.service._view(s, job)
+                inputs = (
+                    job.params.get("task", "txt2img"),
+                    job.params.get("strength"),
+                    job.input_image_key,
+                    job.mask_key,
+                )
             if view.state in ("succeeded", "failed"):
                 await self._deliver(view)  # taken over after the result was stored
                 return
-            await self._run_job(view)
+            await self._run_job(view, *inputs)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("job %s: dispatcher error; it will be retried after its lease expires", job_id)
 
-    async def _run_job(self, view: JobView) -> None:
+    async def _run_job(
+        self, view: JobView, task: str, strength: float | None, image_key: str | None, mask_key: str | None
+    ) -> None:
         if view.attempts > self.config.max_attempts:
             await self._fail(view, "This job failed repeatedly and was stopped; your quota was refunded.")
             return
-        async with self.db.read() as s:
-            job = await s.get(Job, view.id)
-            assert job is not None
-            task = job.params.get("task", "txt2img")
-            strength = job.params.get("strength")
-            image_key, mask_key = job.input_image_key, job.mask_key
         image = await self.service.storage.get(image_key) if image_key else None
         mask = await self.service.storage.get(mask_key) if mask_key else None
         p = view.params
@@ -497,7 +517,10 @@ class Dispatcher:
                     )
                 )
         log.info("job %s succeeded: %d image(s)", view.id, len(stored))
-        await self._deliver(await self.service.job_view(view.id), stored)
+        done = dataclasses.replace(
+            view, state="succeeded", finished_at=now, images=tuple(r.info for r in stored), error=None
+        )
+        await self._deliver(done, stored)
 
     async def _fail(self, view: JobView, message: str) -> None:
         async with self.db.session() as s:

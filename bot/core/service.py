@@ -132,9 +132,9 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
-        existing = await self._existing(actor, idempotency_key)
-        if existing is not None:
-            return existing
+        # The idempotency key is checked inside the submit transaction (a retried event has the same
+        # text, so parsing it again gives the same answer).
+        self._check_key(idempotency_key)
         parsed = parse_prompt(text, options, self.config.bot, rng=self.rng)
         return await self._submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
@@ -387,9 +387,13 @@ class CoreService:
             input_image_key=source.storage_key,
         )
 
-    async def _existing(self, actor: Actor, idempotency_key: str) -> JobView | None:
+    @staticmethod
+    def _check_key(idempotency_key: str) -> None:
         if not idempotency_key or len(idempotency_key) > 150:
             raise BadParameters("idempotency_key", "idempotency_key must be 1 to 150 characters.")
+
+    async def _existing(self, actor: Actor, idempotency_key: str) -> JobView | None:
+        self._check_key(idempotency_key)
         key = f"{actor.platform}:{idempotency_key}"
         async with self.db.read() as s:
             row = (
