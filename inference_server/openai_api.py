@@ -204,7 +204,11 @@ class ImageStore:
             name, old = self._items.popitem(last=False)
             self.bytes -= len(old.data)
             log.warning(
-                "image URL store full: %s evicted before it expired (raise no bound; use b64_json)", name
+                "image URL store full (%d images, %d bytes): %s evicted before it expired; "
+                "clients with many or large images should ask for b64_json",
+                len(self._items) + 1,
+                self.bytes + len(old.data),
+                name,
             )
         name = f"{secrets.token_urlsafe(24)}.{extension}"  # 192 random bits: the URL is the credential
         self._items[name] = StoredImage(data, content_type, self.clock() + self.ttl_s)
