@@ -152,3 +152,52 @@ async def test_help_is_private_and_lists_commands(fake_discord: FakeDiscord, tmp
         text = await wait_ephemeral(fake_discord, rec)
     for word in ("/imagine", "/inpaint", "/history", "/quota", "--seed", "🔁"):
         assert word in text
+
+
+async def test_server_busy_is_a_short_private_error(fake_discord: FakeDiscord, tmp_path):
+    users = [fake_discord.user(f"u{i}") for i in range(3)]
+    backend = FakeBackend()
+    config = app_config(tmp_path, fake_discord, bot={"dispatch_concurrency": 1, "max_queued_jobs": 1})
+    async with App(fake_discord, config, backend=backend):
+        backend.hold()
+        running = await fake_discord.slash("imagine", users[0], {"prompt": "running"})
+        await fake_discord.wait_for(lambda: backend.in_flight == 1, what="the first job to start")
+        queued = await fake_discord.slash("imagine", users[1], {"prompt": "waiting"})
+        await fake_discord.wait_for(lambda: queued.texts(), what="the second job to be queued")
+        busy = await fake_discord.slash("imagine", users[2], {"prompt": "one too many"})
+        text = await wait_ephemeral(fake_discord, busy)
+        backend.release()
+        await wait_result(fake_discord, running)
+        await wait_result(fake_discord, queued)
+    assert "queue is full" in text and "Traceback" not in text
+
+
+def test_adapter_status_and_config_errors():
+    from bot.discord_adapter import adapter_status
+    from bot.discord_adapter.config import DiscordConfig
+    from inference_server.config_loader import ConfigError, load_section
+
+    assert adapter_status({}) == (False, "off: DISCORD_TOKEN not set")
+    assert adapter_status({"DISCORD_TOKEN": "  "})[0] is False
+    assert adapter_status({"DISCORD_TOKEN": "abc"})[0] is True
+    with pytest.raises(ConfigError, match="progress_edit_interval_s"):
+        load_section({"discord": {"progress_edit_interval_s": -1}}, "discord", DiscordConfig)
+    with pytest.raises(ConfigError, match="guild_ids"):
+        load_section({"discord": {"guild_ids": ["general"]}}, "discord", DiscordConfig)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_section({"discord": {"guild": [1]}}, "discord", DiscordConfig)
+    cfg = load_section({}, "discord", DiscordConfig, environ={"IMAGINE_DISCORD_GUILD_IDS": "[1, 2]"})
+    assert cfg.guild_ids == (1, 2)
+
+
+async def test_run_refuses_a_bad_token(fake_discord: FakeDiscord, tmp_path):
+    from bot.bootstrap import build_core
+    from bot.discord_adapter import run
+
+    config = app_config(tmp_path, fake_discord)
+    async with build_core(config, {}) as core:
+        with pytest.raises(RuntimeError, match="DISCORD_TOKEN"):
+            await run(core.service, config, {"DISCORD_TOKEN": "wrong"})
+        with pytest.raises(RuntimeError, match="DISCORD_TOKEN is not set"):
+            await run(core.service, config, {})
+        assert "discord" not in core.service.deliveries  # unregistered on the way out
