@@ -41,6 +41,12 @@ def result_reactions(n: int) -> list[str]:
     return [REROLL_EMOJI, *(NUMBER_EMOJI[:n] if n > 1 else [VARIATION_EMOJI])]
 
 
+def _render(pngs: list[bytes], limit: int) -> tuple[bytes, bytes, str]:
+    sheet = grid(pngs)
+    data, ext = fit_to_limit(sheet, limit)
+    return sheet, data, ext
+
+
 class DiscordDelivery:
     def __init__(self, bot: ImagineBot, config: DiscordConfig):
         self.bot = bot
@@ -62,14 +68,16 @@ class DiscordDelivery:
         await self._status_update(job, messages.progress(job, step, total), RUNNING)
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
+        images = sorted(images, key=lambda i: i.index)
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
             try:
-                sheet = grid([img.png for img in sorted(images, key=lambda i: i.index)])
                 limit = self._upload_limit(job)
-                data, ext = fit_to_limit(sheet, limit)
-                if ext != "png" or data is not sheet:
+                # Image work in a thread: a 2x2 grid of 1024px images takes long enough to
+                # starve the gateway heartbeat if done on the event loop.
+                sheet, data, ext = await asyncio.to_thread(_render, [img.png for img in images], limit)
+                if data is not sheet:
                     log.info(
                         "job %s: result re-encoded from %d to %d bytes (limit %d)",
                         job.id,

@@ -72,3 +72,20 @@ async def test_upload_over_the_limit_is_reencoded(fake_discord: FakeDiscord, tmp
     assert result["attachments"][0]["filename"].endswith((".jpg", ".png"))
     w, h = image_size(data)
     assert w > 0 and w == h and w <= image_size(full)[0]
+
+
+async def test_failed_job_is_reported_without_traceback(fake_discord: FakeDiscord, tmp_path):
+    from bot.backends.base import BackendRejected
+    from bot.backends.fake import FakeBackend
+    from bot.core.api import Actor, Place
+
+    user = fake_discord.user("unlucky")
+    backend = FakeBackend()
+    async with App(fake_discord, app_config(tmp_path, fake_discord), backend=backend) as app:
+        backend.fail_next(1, BackendRejected("the model cannot draw this size", "width"))
+        rec = await fake_discord.slash("imagine", user, {"prompt": "an impossible shape"})
+        text = await fake_discord.wait_for(
+            lambda: next((t for t in rec.texts() if t.startswith("❌")), None), what="the failure message")
+        quota = await app.service.quota(Actor("discord", str(user.id)), Place("discord", str(fake_discord.guild_id)))
+    assert "an impossible shape" in text and "Traceback" not in text
+    assert quota.used_today == 0  # refunded by the core before the adapter heard of it
