@@ -117,7 +117,7 @@ def openai_error(
 
 
 def _openai_param(field: str | None) -> str | None:
-    # Native checks name width/height; OpenAI clients sent `size`.
+    # Native checks name width/height; OpenAI clients send `size`.
     return "size" if field in ("width", "height") else field
 
 
@@ -419,17 +419,16 @@ def parse_openai(
     source = mask_upload if mask_upload is not None else image
     param = "mask" if mask_upload is not None else "image"
     repaint = transparent_area(decode_image(source, param, max_pixels=server.max_image_pixels))
-    if repaint is None:
-        if mask_upload is not None:
-            raise _bad(
-                "mask", "mask has no alpha channel: its fully transparent pixels must mark where to edit"
-            )
-        # No mask and an opaque image: edit the whole picture (image-to-image), as GPT image models do.
+    if mask_upload is not None and repaint is None:
+        raise _bad("mask", "mask has no alpha channel: its fully transparent pixels must mark where to edit")
+    if mask_upload is not None and repaint is not None and repaint.getbbox() is None:
+        raise _bad("mask", "mask has no fully transparent pixels, so there is nothing to edit")
+    if repaint is None or repaint.getbbox() is None:
+        # No mask and no transparent pixel in the image (RGB, or RGBA fully opaque): edit the whole
+        # picture (image-to-image), as GPT image models do.
         return parse_generation(
             "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
         ), options
-    if repaint.getbbox() is None:
-        raise _bad(param, f"{param} has no fully transparent pixels, so there is nothing to edit")
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
     mask_png = encode_png(repaint)
     parsed = parse_generation(

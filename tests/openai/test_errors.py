@@ -84,6 +84,13 @@ async def test_bad_edit_uploads(client: openai.AsyncOpenAI) -> None:
             image=("s.png", source, "image/png"), mask=("m.png", opaque_mask, "image/png"), prompt="x"
         )
     assert raised.value.param == "mask" and "alpha" in raised.value.message
+    # A mask with alpha but no fully transparent pixel: nothing to edit.
+    solid = png_bytes(Image.new("RGBA", (32, 32), (0, 0, 0, 255)))
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.images.edit(
+            image=("s.png", source, "image/png"), mask=("m.png", solid, "image/png"), prompt="x"
+        )
+    assert raised.value.param == "mask" and "nothing to edit" in raised.value.message
     # A mask of another size.
     small = png_bytes(Image.new("RGBA", (16, 16), (0, 0, 0, 0)))
     with pytest.raises(openai.BadRequestError) as raised:

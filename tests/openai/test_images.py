@@ -8,6 +8,7 @@ import io
 import aiohttp
 import numpy as np
 import openai
+import pytest
 from PIL import Image
 
 from tests.server.conftest import Server, decode_png
@@ -139,8 +140,12 @@ async def test_edit_transparent_image_without_mask(client: openai.AsyncOpenAI) -
     assert np.abs(out[:, :16] - np.array(BLUE)).max() > 0
 
 
-async def test_edit_opaque_image_without_mask_edits_whole_image(client: openai.AsyncOpenAI) -> None:
-    source = Image.new("RGB", (32, 32), BLUE)
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+async def test_edit_opaque_image_without_mask_edits_whole_image(
+    client: openai.AsyncOpenAI, mode: str
+) -> None:
+    # RGBA screenshots are usually fully opaque: no transparent pixel means "edit the whole image".
+    source = Image.new(mode, (32, 32), BLUE if mode == "RGB" else (*BLUE, 255))
     result = await client.images.edit(image=("s.png", png_bytes(source), "image/png"), prompt="a tree")
     out = np.asarray(decode(result.data[0].b64_json).convert("RGB")).astype(int)
     assert out.shape == (32, 32, 3)
