@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -11,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.openai.conftest import client_for
 from tests.server.conftest import Server, decode_png
 
 BLUE = (30, 60, 200)
@@ -62,6 +64,19 @@ async def test_generate_url_is_served_without_token(client: openai.AsyncOpenAI, 
         # A guessed name finds nothing.
         async with plain.get(f"{server.url}/images/files/not-a-real-name.png") as missing:
             assert missing.status == 404
+
+
+async def test_public_url_prefixes_image_urls(server_factory: Any) -> None:
+    async with (
+        server_factory(server={"openai_public_url": "https://images.example.com/"}) as server,
+        client_for(server) as client,
+    ):
+        result = await client.images.generate(prompt="a cat", response_format="url")
+        url = result.data[0].url
+        assert url.startswith("https://images.example.com/images/files/")
+        # The same name is served here (a reverse proxy forwards /images/files/ to this server).
+        async with server.session.get(f"{server.url}/images/files/{url.rsplit('/', 1)[1]}") as resp:
+            assert resp.status == 200
 
 
 async def test_legacy_dalle2_defaults_to_url(client: openai.AsyncOpenAI) -> None:

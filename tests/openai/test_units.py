@@ -77,3 +77,20 @@ def test_transparent_area_follows_openais_convention() -> None:
     palette = Image.new("P", (8, 8), 0)
     palette.info["transparency"] = 0  # a palette PNG whose colour 0 is transparent
     assert transparent_area(palette).getpixel((0, 0)) == 255
+
+
+def test_config_keys_are_validated_by_name() -> None:
+    from inference_server.config import load_config
+    from inference_server.config_loader import ConfigError
+
+    config = load_config(
+        {"inference_server": {"openai_url_ttl_s": 60.0, "openai_public_url": "https://img.example"}}
+    )
+    assert config.server.openai_url_ttl_s == 60.0
+    with pytest.raises(ConfigError, match="openai_public_url"):
+        load_config({"inference_server": {"openai_public_url": "img.example"}})
+    with pytest.raises(ConfigError, match="openai_url_ttl_s"):
+        load_config({"inference_server": {"openai_url_ttl_s": 0.0}})
+    # Environment overrides work as for every key.
+    env = {"IMAGINE_INFERENCE_SERVER_OPENAI_URL_TTL_S": "5"}
+    assert load_config({}, environ=env).server.openai_url_ttl_s == 5.0
