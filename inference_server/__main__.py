@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from aiohttp import web
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from dotenv import load_dotenv
 
     load_dotenv()  # secrets such as INFERENCE_API_TOKEN may live in .env
+    # Loading bars are noise in a server log; the log line after loading says what was loaded.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     args = parse_args(argv)
     try:
         config = load_config(config_path(args.config))

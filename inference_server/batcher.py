@@ -38,6 +38,11 @@ from inference_server.pipelines import PipelineRunner
 
 log = logging.getLogger(__name__)
 
+# Arrival gaps remembered: enough to see a burst pattern of max_batch_size requests twice over.
+ARRIVAL_HISTORY = 16
+# Fewer gaps than this say nothing yet: wait for company, the safe default for throughput.
+MIN_ARRIVAL_HISTORY = 4
+
 
 class DynamicBatchingEngine:
     """The default `Engine`: dynamic request-level batching over a `PipelineRunner`."""
@@ -56,6 +61,10 @@ class DynamicBatchingEngine:
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self._abort = False  # set when the shutdown grace period runs out: interrupt the running call
+        # Recent gaps between arrivals, to tell whether waiting for company is likely to pay.
+        self._gaps: deque[float] = deque(maxlen=ARRIVAL_HISTORY)
+        self._last_arrival: float | None = None
 
     # -- Engine interface ----------------------------------------------------------------------
 
@@ -113,6 +122,7 @@ class DynamicBatchingEngine:
                 retry_after_s=self.config.retry_after_s,
             )
         job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
+        self.record_arrival(job.enqueued_at)
         self._queue.append(job)
         job.last_position = len(self._queue) - 1
         job.emit(Queued(job.last_position))
@@ -134,6 +144,7 @@ class DynamicBatchingEngine:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        self._abort = True
         for task in (self._task, self._load_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -145,6 +156,24 @@ class DynamicBatchingEngine:
                 self.metrics.dropped.inc("shutdown")
         self._queue.clear()
         self.runner.close()
+
+    def record_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            self._gaps.append(now - self._last_arrival)
+        self._last_arrival = now
+
+    def companions_likely(self) -> bool:
+        """Whether another request is likely to arrive within `max_wait_ms`.
+
+        With `adaptive_wait`, an idle device waits for company only when at least 40% of recent
+        arrival gaps were shorter than the wait (for Poisson arrivals: at least ~0.5 expected
+        companions). A lone client sending one request at a time then pays no wait at all, while
+        bursts (a chat channel, several clients) still fill batches. With little history, wait.
+        """
+        if not self.config.adaptive_wait or len(self._gaps) < MIN_ARRIVAL_HISTORY:
+            return True
+        gaps = sorted(self._gaps)
+        return gaps[int(0.4 * (len(gaps) - 1))] <= self.config.max_wait_ms / 1000
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -174,7 +203,7 @@ class DynamicBatchingEngine:
                 continue
             batch, full = self._select()
             wait_left = self._queue[0].enqueued_at + max_wait - time.monotonic()
-            if not full and wait_left > 0 and self._state != "stopping":
+            if not full and wait_left > 0 and self._state != "stopping" and self.companions_likely():
                 # Idle device, partial batch: give concurrent requests a moment to join.
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -238,7 +267,7 @@ class DynamicBatchingEngine:
 
         def should_stop() -> bool:
             # Read on the worker thread: plain attribute reads, and a stale answer costs one step.
-            return all(job.future.done() for job in batch)
+            return self._abort or all(job.future.done() for job in batch)
 
         try:
             report = await self.runner.run([job.request for job in batch], on_progress, should_stop)

@@ -122,6 +122,7 @@ class BatchingConfig:
     engine: Literal["dynamic", "continuous"] = "dynamic"
     max_batch_size: int = 8
     max_wait_ms: float = 50.0
+    adaptive_wait: bool = True
     max_batch_pixels: int = 8 * 512 * 512
     max_queue: int = 64
     retry_after_s: int = 5

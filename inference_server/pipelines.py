@@ -158,10 +158,13 @@ class PipelineRunner:
                 source, dtype=getattr(torch, self.dtype), local_files_only=True
             )
         except (OSError, ValueError) as e:
-            raise ModelLoadError(
-                f"cannot load model {self.config.path!r} ({source}): {e}. A Hugging Face id must already be "
-                "in the local cache (e.g. `huggingface-cli download <id>`); the server never downloads."
-            ) from e
+            hint = (
+                ""
+                if Path(source).exists()
+                else " A Hugging Face id must already be in the local cache (`huggingface-cli download "
+                "<id>`); the server never downloads."
+            )
+            raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}{hint}") from e
         base.to(self.device)
         base.set_progress_bar_config(disable=True)
         # Decoding a whole batch at once is the memory peak of a call on a GPU; slicing flattens it.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from inference_server.__main__ import main
@@ -73,3 +75,39 @@ def test_main_exits_with_a_clear_message(
     cfg.write_text("[model]\nwidth = 12\n")
     assert main(["--config", str(cfg)]) == 2
     assert "[model] width" in capsys.readouterr().err
+
+
+async def test_model_that_fails_to_load_is_reported_not_served(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from inference_server import keys
+    from tests.server.conftest import AUTH, TOKEN
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    app = create_app(make_config(broken), api_token=TOKEN)
+    fatal: list[BaseException] = []
+    app[keys.ON_FATAL] = fatal.append  # main() stops the process here and exits 1
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        for _ in range(200):
+            if fatal:
+                break
+            await asyncio.sleep(0.05)
+        assert fatal and "broken" in str(fatal[0])
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/ready") as resp:
+                assert resp.status == 503
+            async with session.get(f"{url}/health") as resp:
+                assert (await resp.json())["status"] == "failed"
+            async with session.post(f"{url}/v1/txt2img", json={"prompt": "x"}, headers=AUTH) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"]
+                assert (await resp.json())["error"]["code"] == "not_ready"
+    finally:
+        await runner.cleanup()

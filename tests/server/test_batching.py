@@ -118,3 +118,29 @@ async def test_runner_batched_equals_solo_within_1e_5(tiny_model: Any, task: str
         runner.close()
     assert solo.shape == (2, 32, 32, 3) and batch.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(batch[1:3], solo, atol=1e-5, rtol=0)
+
+
+def test_adaptive_wait_skips_waiting_only_for_lone_sequential_traffic(tiny_model: Any) -> None:
+    from inference_server.batcher import DynamicBatchingEngine
+    from inference_server.config import BatchingConfig
+    from inference_server.metrics import Metrics
+
+    runner = PipelineRunner(ModelConfig(path=str(tiny_model)))  # not loaded: only the policy is used
+    engine = DynamicBatchingEngine(runner, BatchingConfig(max_wait_ms=50.0), Metrics())
+    assert engine.companions_likely()  # no history: wait, the safe choice for throughput
+    t = 0.0
+    for _ in range(8):  # one client, one request every 0.4 s
+        t += 0.4
+        engine.record_arrival(t)
+    assert not engine.companions_likely()
+    for _ in range(3):  # bursts of 8 requests a few ms apart, 0.8 s between bursts
+        t += 0.8
+        for _ in range(8):
+            t += 0.003
+            engine.record_arrival(t)
+    assert engine.companions_likely()
+    fixed = DynamicBatchingEngine(runner, BatchingConfig(max_wait_ms=50.0, adaptive_wait=False), Metrics())
+    for i in range(8):
+        fixed.record_arrival(i * 0.4)
+    assert fixed.companions_likely()
+    runner.close()
