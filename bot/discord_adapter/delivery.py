@@ -72,38 +72,27 @@ class DiscordDelivery:
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
-            try:
-                limit = self._upload_limit(job)
-                # Image work in a thread: a 2x2 grid of 1024px images takes long enough to
-                # starve the gateway heartbeat if done on the event loop.
-                sheet, data, ext = await asyncio.to_thread(_render, [img.png for img in images], limit)
-                if data is not sheet:
-                    log.info(
-                        "job %s: result re-encoded from %d to %d bytes (limit %d)",
-                        job.id,
-                        len(sheet),
-                        len(data),
-                        limit,
-                    )
-                message = await self._post(
-                    job,
-                    messages.caption(job),
-                    discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}"),
-                )
-                await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
-                for emoji in result_reactions(len(images)):
-                    await message.add_reaction(emoji)
-            finally:
-                self._forget(job.id)
+            limit = self._upload_limit(job)
+            # Image work in a thread: a 2x2 grid of 1024px images takes long enough to starve the
+            # gateway heartbeat if done on the event loop.
+            sheet, data, ext = await asyncio.to_thread(_render, [img.png for img in images], limit)
+            if data is not sheet:
+                log.info("job %s: result re-encoded from %d to %d bytes (limit %d)", job.id, len(sheet),
+                         len(data), limit)
+            file = discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}")
+            message = await self._post(job, messages.caption(job), file)
+            # Shown: from here on a failure must not post the result a second time.
+            self._forget(job.id)
+            await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
+            for emoji in result_reactions(len(images)):
+                await message.add_reaction(emoji)
 
     async def on_failed(self, job: JobView, message: str) -> None:
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
-            try:
-                await self._post(job, messages.failed(job, message), None)
-            finally:
-                self._forget(job.id)
+            await self._post(job, messages.failed(job, message), None)
+            self._forget(job.id)
 
     # -- internals --------------------------------------------------------------------------------
 
