@@ -92,12 +92,11 @@ async def run_modes(url: str, args: argparse.Namespace) -> dict[str, list[dict[s
 
         await measure(native, 8, 8)  # warm both paths and the server's shapes
         await measure(openai_api, 8, 8)
-        for _ in range(args.rounds):
+        modes = [("native /v1/txt2img", native), ("OpenAI /v1/images/generations", openai_api)]
+        for round_ in range(args.rounds):
             for level in levels:
-                for name, send in (
-                    ("native /v1/txt2img", native),
-                    ("OpenAI /v1/images/generations", openai_api),
-                ):
+                # Alternate which mode goes first, so neither always runs right after the other.
+                for name, send in modes if round_ % 2 == 0 else modes[::-1]:
                     rounds.setdefault(f"{name}, concurrency {level}", []).append(
                         await measure(send, args.requests, level)
                     )
