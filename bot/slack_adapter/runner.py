@@ -28,6 +28,9 @@ log = logging.getLogger("bot.slack")
 # Web API calls (uploads included) that take longer than this are abandoned; Slack answers in well
 # under a second normally, and a hung call must not hold a delivery forever.
 WEB_API_TIMEOUT_S = 30
+# On shutdown, requests being answered get this long to finish; Bolt acks in milliseconds (the work
+# runs after the ack), so a few seconds is plenty and a stop never hangs for aiohttp's default 60 s.
+SHUTDOWN_GRACE_S = 5.0
 
 
 def make_client(token: str, cfg: SlackConfig) -> AsyncWebClient:
@@ -99,7 +102,7 @@ async def _serve_http(app: Any, cfg: SlackConfig, ready: asyncio.Event | None) -
         return web.json_response({"status": "ok", "adapter": "slack", "mode": "http"})
 
     web_app.router.add_get("/healthz", health)
-    runner = web.AppRunner(web_app, access_log=None)
+    runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, cfg.http_host, cfg.http_port)

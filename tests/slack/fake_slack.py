@@ -91,7 +91,7 @@ class FakeSlack:
         self._rate_limits: dict[str, list[int]] = {}
         self._ts = itertools.count(100)
         self._ids = itertools.count(1)
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         # Socket Mode: the app's websocket, and the envelope ids it acknowledged (with their payloads)
         self._socket: web.WebSocketResponse | None = None
@@ -157,23 +157,22 @@ class FakeSlack:
         return [c for c in self.calls if c.method == method and c.status == 200]
 
     async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 15.0) -> Any:
-        """Wait until `predicate()` is truthy (re-checked on every request the fake serves)."""
-
-        async def loop() -> Any:
-            async with self._changed:
-                while True:
-                    value = predicate()
-                    if value:
-                        return value
-                    # woken by each request; the short poll covers predicates on other state (the core)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), 0.05)
-
-        try:
-            return await asyncio.wait_for(loop(), limit_s)
-        except TimeoutError:
-            methods = [c.method for c in self.calls]
-            raise AssertionError(f"condition not met within {limit_s}s; calls so far: {methods}") from None
+        """Wait until `predicate()` is truthy; re-checked on every request the fake serves and every
+        50 ms (for predicates on other state, such as the core's)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                methods = [c.method for c in self.calls]
+                raise AssertionError(f"condition not met within {limit_s}s; calls so far: {methods}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.05, remaining)):
+                    await self._changed.wait()
 
     def uploaded_files(self) -> list[FakeFile]:
         return [f for f in self.files.values() if not f.hosted and f.data is not None and f.shares]
@@ -181,8 +180,7 @@ class FakeSlack:
     # -- HTTP handlers -----------------------------------------------------------------------------
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.set()
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]

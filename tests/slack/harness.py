@@ -107,4 +107,5 @@ async def running_adapter(
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                async with asyncio.timeout(30):  # a stop that hangs is a bug: fail, don't wait forever
+                    await task

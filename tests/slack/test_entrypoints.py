@@ -17,6 +17,9 @@ from inference_server.config_loader import ConfigError, load_section
 from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID, FakeSlack
 from tests.slack.harness import Running, make_config, result_messages, running_adapter
 
+# A hang shows up as a failure with stacks within a minute or two, not at the suite's 300 s limit.
+pytestmark = pytest.mark.timeout(120)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
