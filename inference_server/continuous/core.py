@@ -497,7 +497,9 @@ class ContinuousEngine:
         device = pipe._execution_device
         cond, uncond = ticket.embeds
         dtype = cond.dtype
-        generator = torch.Generator(device=device).manual_seed(int(req.seeds[index]))
+        # A CPU generator whatever the device, as the request-level runner: an image depends only on
+        # its seed, on any device (diffusers draws on the CPU and moves the noise).
+        generator = torch.Generator("cpu").manual_seed(int(req.seeds[index]))
         scheduler = self._make_scheduler(req.scheduler)
         scheduler.set_timesteps(req.steps, device=device)
         timesteps = scheduler.timesteps
