@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import discord
 
 from tests.discord.fake_discord import FakeDiscord
+
+log = logging.getLogger("tests.discord")
 
 
 @contextlib.asynccontextmanager
@@ -75,15 +78,19 @@ class App:
         from bot.bootstrap import build_core
         from bot.discord_adapter import run
 
+        log.info("app: building the core")
         self.core = await self._stack.enter_async_context(build_core(self.config, self.env, backend=self.backend))
+        log.info("app: core built; starting the adapter")
         self.service = self.core.service
         self.backend = self.core.backend
         ready = asyncio.Event()
         self._task = asyncio.create_task(run(self.service, self.config, self.env, ready), name="discord-adapter")
         waiter = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait({self._task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        log.info("app: adapter ready=%s run-ended=%s", waiter in done, self._task in done)
         if self._task in done:
             waiter.cancel()
+            await _stop_dispatcher_loop(self.core)
             await self._stack.aclose()
             self._task.result()
             raise AssertionError("the adapter's run() returned before the bot was ready")
@@ -98,11 +105,15 @@ class App:
             if self._task is not None:
                 if self._task.done() and not self._task.cancelled() and self._task.exception():
                     raise self._task.exception()  # type: ignore[misc]
+                log.info("app: stopping the adapter")
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(self._task, 10)
         finally:
+            log.info("app: stopping the core")
+            await _stop_dispatcher_loop(self.core)
             await self._stack.aclose()
+            log.info("app: stopped")
 
     def check_alive(self) -> None:
         """Re-raise what killed the adapter, if anything did."""
@@ -110,6 +121,17 @@ class App:
             exc = self._task.exception()
             if exc is not None:
                 raise exc
+
+
+async def _stop_dispatcher_loop(core: Any) -> None:
+    """Work around a CPython 3.11 `asyncio.wait_for` bug (gh-86296): a cancel that arrives just as the
+    dispatcher's wake-up wait completes is swallowed, and `Dispatcher.stop()` then awaits its loop
+    forever. Cancel the loop until it really ends; `build_core`'s own shutdown does the rest.
+    Remove once the dispatcher stops its loop this way itself."""
+    main = getattr(getattr(core, "dispatcher", None), "_main", None)
+    while main is not None and not main.done():
+        main.cancel()
+        await asyncio.wait({main}, timeout=0.5)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
