@@ -89,7 +89,9 @@ def parity_requests(size: int) -> list[ContinuousRequest]:
 def reference(pipes: dict[str, Any], factory: Any, req: ContinuousRequest, seed: int) -> np.ndarray:
     """diffusers' own pipeline call for a batch of one, as float HxWx3 in [0, 1]."""
     pipe = pipes[req.task]
-    pipe.scheduler = factory(req.scheduler)
+    # The pipelines share their other modules but not this attribute; put it back afterwards so
+    # that "default" keeps meaning the model's own scheduler for later engines.
+    original, pipe.scheduler = pipe.scheduler, factory(req.scheduler)
     kwargs: dict[str, Any] = dict(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -104,8 +106,11 @@ def reference(pipes: dict[str, Any], factory: Any, req: ContinuousRequest, seed:
         kwargs.update(image=req.image, strength=req.strength)
     if req.task == "inpaint":
         kwargs.update(mask_image=req.mask)
-    with torch.inference_mode():
-        return pipe(**kwargs).images[0]
+    try:
+        with torch.inference_mode():
+            return pipe(**kwargs).images[0]
+    finally:
+        pipe.scheduler = original
 
 
 def max_differences(

@@ -95,3 +95,34 @@ def test_v_prediction_zero_snr_trailing_schedules_match_too(torch_one_thread: No
             worst = max(worst, float(np.abs(reference(pipes, factory, req, seed) - arr).max()))
     assert {r.task for r in reqs} == {"txt2img", "img2img", "inpaint"}
     assert worst < TOLERANCE
+
+
+def test_sd_turbo_style_one_step_without_guidance_matches(pipes: dict[str, Any], make_engine: Any) -> None:
+    """SD-Turbo: Euler ancestral with "trailing" spacing, 1-4 steps, guidance 0 (no CFG rows)."""
+    import numpy as np
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from inference_server.continuous.core import ContinuousRequest
+    from tests.server_continuous.parity import reference
+
+    config = EulerAncestralDiscreteScheduler.from_config(
+        pipes["txt2img"].scheduler.config, timestep_spacing="trailing"
+    ).config
+
+    def factory(name: str | None) -> Any:
+        return EulerAncestralDiscreteScheduler.from_config(config)
+
+    engine = make_engine(max_batch_size=4, scheduler_factory=factory)
+    reqs = [
+        ContinuousRequest(task="txt2img", prompt=f"turbo {steps}", seeds=(steps, 50 + steps), width=SIZE,
+                          height=SIZE, steps=steps, guidance=0.0)
+        for steps in (1, 2, 4)
+    ]  # fmt: skip
+    results = [t.future.result(60) for t in [engine.submit(r) for r in reqs]]
+    worst = max(
+        float(np.abs(reference(pipes, factory, r, seed) - arr).max())
+        for r, res in zip(reqs, results, strict=True)
+        for seed, arr in zip(r.seeds, res.arrays, strict=True)
+    )
+    assert worst < TOLERANCE
+    assert [res.iterations for res in results] == [1, 2, 4]
