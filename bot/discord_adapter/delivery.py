@@ -77,8 +77,13 @@ class DiscordDelivery:
             # gateway heartbeat if done on the event loop.
             sheet, data, ext = await asyncio.to_thread(_render, [img.png for img in images], limit)
             if data is not sheet:
-                log.info("job %s: result re-encoded from %d to %d bytes (limit %d)", job.id, len(sheet),
-                         len(data), limit)
+                log.info(
+                    "job %s: result re-encoded from %d to %d bytes (limit %d)",
+                    job.id,
+                    len(sheet),
+                    len(data),
+                    limit,
+                )
             file = discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}")
             message = await self._post(job, messages.caption(job), file)
             # Shown: from here on a failure must not post the result a second time.

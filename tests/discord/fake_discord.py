@@ -44,7 +44,9 @@ JSON = "application/json"  # exactly this: discord.py ignores bodies with "; cha
 
 # Permission bits used by tests (Discord's documented values).
 PERM_MANAGE_GUILD = 1 << 5
-PERM_MEMBER_DEFAULT = (1 << 10) | (1 << 11) | (1 << 6) | (1 << 15) | (1 << 16)  # view, send, react, attach, history
+PERM_MEMBER_DEFAULT = (
+    (1 << 10) | (1 << 11) | (1 << 6) | (1 << 15) | (1 << 16)
+)  # view, send, react, attach, history
 
 
 def snowflake_at(ms_since_unix: int, counter: int) -> int:
@@ -180,7 +182,9 @@ class FakeDiscord:
         ms = int((time.time() if at is None else at) * 1000)
         return snowflake_at(ms, next(self._ids))
 
-    def user(self, name: str, *, admin: bool = False, roles: list[int] | None = None, bot: bool = False) -> FakeUser:
+    def user(
+        self, name: str, *, admin: bool = False, roles: list[int] | None = None, bot: bool = False
+    ) -> FakeUser:
         perms = PERM_MEMBER_DEFAULT | (PERM_MANAGE_GUILD if admin else 0)
         u = FakeUser(self.new_id(), name, bot=bot, roles=list(roles or []), permissions=perms)
         self.users[u.id] = u
@@ -253,11 +257,28 @@ class FakeDiscord:
 
     # ---- failure injection ------------------------------------------------------------------
 
-    def fail_next(self, method: str, path_regex: str, *, status: int = 429, retry_after: float = 0.1,
-                  code: int = 0, times: int = 1) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int = 429,
+        retry_after: float = 0.1,
+        code: int = 0,
+        times: int = 1,
+    ) -> None:
         """The next `times` requests matching answer `status` (429s the way Discord sends them)."""
-        self._failures.append({"method": method, "re": re.compile(path_regex), "status": status,
-                               "retry_after": retry_after, "code": code, "left": times, "hits": 0})
+        self._failures.append(
+            {
+                "method": method,
+                "re": re.compile(path_regex),
+                "status": status,
+                "retry_after": retry_after,
+                "code": code,
+                "left": times,
+                "hits": 0,
+            }
+        )
 
     def failures_hit(self) -> int:
         return sum(f["hits"] for f in self._failures)
@@ -291,16 +312,20 @@ class FakeDiscord:
         await ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._gateway_seq), "d": data}))
 
     async def _send_ready(self, ws: web.WebSocketResponse) -> None:
-        await self._send(ws, "READY", {
-            "v": 10,
-            "user": {**self.bot_user.user_payload(), "verified": True, "mfa_enabled": False, "flags": 0},
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
-            "session_id": f"session-{len(self.identifies)}",
-            "resume_gateway_url": str(self.gateway_url),
-            "application": {"id": str(self.app_id), "flags": 0},
-            "private_channels": [],
-            "relationships": [],
-        })
+        await self._send(
+            ws,
+            "READY",
+            {
+                "v": 10,
+                "user": {**self.bot_user.user_payload(), "verified": True, "mfa_enabled": False, "flags": 0},
+                "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+                "session_id": f"session-{len(self.identifies)}",
+                "resume_gateway_url": str(self.gateway_url),
+                "application": {"id": str(self.app_id), "flags": 0},
+                "private_channels": [],
+                "relationships": [],
+            },
+        )
         await self._send(ws, "GUILD_CREATE", self.guild_payload())
 
     def guild_payload(self) -> dict:
@@ -322,15 +347,43 @@ class FakeDiscord:
             "large": False,
             "member_count": 3,
             "roles": [
-                {"id": str(self.guild_id), "name": "@everyone", "permissions": str(PERM_MEMBER_DEFAULT),
-                 "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
-                {"id": str(self.admin_role_id), "name": "Imagine Admin", "permissions": str(PERM_MEMBER_DEFAULT),
-                 "position": 1, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
+                {
+                    "id": str(self.guild_id),
+                    "name": "@everyone",
+                    "permissions": str(PERM_MEMBER_DEFAULT),
+                    "position": 0,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                    "flags": 0,
+                },
+                {
+                    "id": str(self.admin_role_id),
+                    "name": "Imagine Admin",
+                    "permissions": str(PERM_MEMBER_DEFAULT),
+                    "position": 1,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                    "flags": 0,
+                },
             ],
             "channels": [
-                {"id": str(self.channel_id), "type": 0, "name": "general", "position": 0,
-                 "permission_overwrites": [], "nsfw": False, "topic": None, "last_message_id": None,
-                 "rate_limit_per_user": 0, "parent_id": None, "guild_id": str(self.guild_id)},
+                {
+                    "id": str(self.channel_id),
+                    "type": 0,
+                    "name": "general",
+                    "position": 0,
+                    "permission_overwrites": [],
+                    "nsfw": False,
+                    "topic": None,
+                    "last_message_id": None,
+                    "rate_limit_per_user": 0,
+                    "parent_id": None,
+                    "guild_id": str(self.guild_id),
+                },
             ],
             "members": [self.bot_user.member_payload(with_permissions=False)],
             "emojis": [],
@@ -345,9 +398,11 @@ class FakeDiscord:
 
     async def dispatch(self, event: str, data: dict) -> None:
         """Send a gateway event to every connected bot."""
+
         async def send() -> None:
             for ws in list(self._sockets):
                 await self._send(ws, event, data)
+
         await self._on_fake_loop(send())
 
     def connected(self) -> bool:
@@ -355,29 +410,52 @@ class FakeDiscord:
 
     # ---- test-side helpers ------------------------------------------------------------------
 
-    def add_attachment(self, filename: str, data: bytes, content_type: str, *, size: int | None = None,
-                       width: int | None = None, height: int | None = None) -> dict:
+    def add_attachment(
+        self,
+        filename: str,
+        data: bytes,
+        content_type: str,
+        *,
+        size: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> dict:
         """Serve `data` from the fake and return the attachment object an interaction carries."""
         att_id = self.new_id()
         key = f"{att_id}/{filename}"
         self.attachments[key] = (content_type, data)
-        obj = {"id": str(att_id), "filename": filename, "size": len(data) if size is None else size,
-               "url": f"{self.base_url}/attachments/{key}", "proxy_url": f"{self.base_url}/attachments/{key}",
-               "content_type": content_type}
+        obj = {
+            "id": str(att_id),
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": f"{self.base_url}/attachments/{key}",
+            "proxy_url": f"{self.base_url}/attachments/{key}",
+            "content_type": content_type,
+        }
         if width is not None:
             obj["width"], obj["height"] = width, height
         return obj
 
-    async def slash(self, name: str, user: FakeUser, options: dict[str, Any] | None = None, **kwargs: Any) -> Interaction:
+    async def slash(
+        self, name: str, user: FakeUser, options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Interaction:
         """Dispatch an application command interaction and return its record (see `build_slash`)."""
         record = self.build_slash(name, user, options, **kwargs)
         await self.send_interactions([record])
         return record
 
-    def build_slash(self, name: str, user: FakeUser, options: dict[str, Any] | None = None, *,
-                    subcommand: list[str] | None = None, attachments: dict[str, dict] | None = None,
-                    command_options: dict[str, int] | None = None, created_at: float | None = None,
-                    size_limit: int | None = None) -> Interaction:
+    def build_slash(
+        self,
+        name: str,
+        user: FakeUser,
+        options: dict[str, Any] | None = None,
+        *,
+        subcommand: list[str] | None = None,
+        attachments: dict[str, dict] | None = None,
+        command_options: dict[str, int] | None = None,
+        created_at: float | None = None,
+        size_limit: int | None = None,
+    ) -> Interaction:
         """An application command interaction, not sent yet.
 
         `options` are plain values (types guessed: str 3, int 4, bool 5, float 10, FakeUser 6);
@@ -398,7 +476,8 @@ class FakeDiscord:
                 typ = 6
                 resolved.setdefault("users", {})[str(value.id)] = value.user_payload()
                 resolved.setdefault("members", {})[str(value.id)] = {
-                    k: v for k, v in value.member_payload().items() if k != "user"}
+                    k: v for k, v in value.member_payload().items() if k != "user"
+                }
                 value = str(value.id)
             else:
                 typ = 3
@@ -424,8 +503,13 @@ class FakeDiscord:
             "guild_id": str(self.guild_id),
             "guild": {"id": str(self.guild_id), "locale": "en-US", "features": []},
             "channel_id": str(self.channel_id),
-            "channel": {"id": str(self.channel_id), "type": 0, "name": "general", "guild_id": str(self.guild_id),
-                        "permissions": str(PERM_MEMBER_DEFAULT)},
+            "channel": {
+                "id": str(self.channel_id),
+                "type": 0,
+                "name": "general",
+                "guild_id": str(self.guild_id),
+                "permissions": str(PERM_MEMBER_DEFAULT),
+            },
             "member": user.member_payload(),
             "app_permissions": str(PERM_MEMBER_DEFAULT),
             "locale": "en-US",
@@ -447,24 +531,30 @@ class FakeDiscord:
                 record.dispatched_at = time.monotonic()
                 for ws in list(self._sockets):
                     await self._send(ws, "INTERACTION_CREATE", record.payload)
+
         await self._on_fake_loop(send())
 
     async def react(self, message_id: int, emoji: str, user: FakeUser) -> None:
         """A user adds a reaction to a message (MESSAGE_REACTION_ADD)."""
         msg = self.messages.get(message_id)
-        await self.dispatch("MESSAGE_REACTION_ADD", {
-            "user_id": str(user.id),
-            "channel_id": str(msg["channel_id"] if msg else self.channel_id),
-            "message_id": str(message_id),
-            "guild_id": str(self.guild_id),
-            "member": user.member_payload(),
-            "emoji": {"id": None, "name": emoji},
-            "burst": False,
-            "type": 0,
-            "message_author_id": str(msg["author"]["id"]) if msg else None,
-        })
+        await self.dispatch(
+            "MESSAGE_REACTION_ADD",
+            {
+                "user_id": str(user.id),
+                "channel_id": str(msg["channel_id"] if msg else self.channel_id),
+                "message_id": str(message_id),
+                "guild_id": str(self.guild_id),
+                "member": user.member_payload(),
+                "emoji": {"id": None, "name": emoji},
+                "burst": False,
+                "type": 0,
+                "message_author_id": str(msg["author"]["id"]) if msg else None,
+            },
+        )
 
-    async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> Any:
+    async def wait_for(
+        self, predicate: Callable[[], Any], within: float = 10.0, what: str = "condition"
+    ) -> Any:
         """Poll `predicate` until it returns something truthy (the fake's state changes on its thread)."""
         deadline = time.monotonic() + within
         while True:
@@ -477,7 +567,11 @@ class FakeDiscord:
 
     def channel_messages(self, channel_id: int | None = None) -> list[dict]:
         cid = channel_id or self.channel_id
-        return [m for m in list(self.messages.values()) if m["channel_id"] == str(cid) and not m.get("_interaction")]
+        return [
+            m
+            for m in list(self.messages.values())
+            if m["channel_id"] == str(cid) and not m.get("_interaction")
+        ]
 
     def reactions_on(self, message_id: int) -> list[str]:
         return [e for (m, e, _u) in list(self.reactions) if m == message_id]
@@ -492,10 +586,19 @@ class FakeDiscord:
                 f["left"] -= 1
                 f["hits"] += 1
                 if f["status"] == 429:
-                    return self._json({"message": "You are being rate limited.", "retry_after": f["retry_after"],
-                                       "global": False}, status=429,
-                                      headers={"Via": "1.1 google", "Retry-After": str(f["retry_after"]),
-                                               "X-RateLimit-Scope": "user"})
+                    return self._json(
+                        {
+                            "message": "You are being rate limited.",
+                            "retry_after": f["retry_after"],
+                            "global": False,
+                        },
+                        status=429,
+                        headers={
+                            "Via": "1.1 google",
+                            "Retry-After": str(f["retry_after"]),
+                            "X-RateLimit-Scope": "user",
+                        },
+                    )
                 return self._error(f["status"], f["code"], "injected failure")
         if request.headers.get("Authorization") not in (None, f"Bot {self.token}"):
             return self._error(401, 0, "401: Unauthorized")
@@ -530,30 +633,62 @@ class FakeDiscord:
 
     @staticmethod
     def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-        return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": JSON, **(headers or {})})
+        return web.Response(
+            body=json.dumps(data).encode(), status=status, headers={"Content-Type": JSON, **(headers or {})}
+        )
 
     def _error(self, status: int, code: int, message: str) -> web.Response:
         return self._json({"code": code, "message": message}, status=status)
 
     async def _me(self, request: web.Request) -> web.Response:
-        return self._json({**self.bot_user.user_payload(), "verified": True, "mfa_enabled": False, "flags": 0})
+        return self._json(
+            {**self.bot_user.user_payload(), "verified": True, "mfa_enabled": False, "flags": 0}
+        )
 
     async def _application(self, request: web.Request) -> web.Response:
-        return self._json({"id": str(self.app_id), "name": "imagine-bot", "icon": None, "description": "",
-                           "bot_public": True, "bot_require_code_grant": False, "verify_key": "00",
-                           "flags": 0, "owner": self.bot_user.user_payload(), "team": None,
-                           "summary": "", "rpc_origins": []})
+        return self._json(
+            {
+                "id": str(self.app_id),
+                "name": "imagine-bot",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "00",
+                "flags": 0,
+                "owner": self.bot_user.user_payload(),
+                "team": None,
+                "summary": "",
+                "rpc_origins": [],
+            }
+        )
 
     async def _gateway_info(self, request: web.Request) -> web.Response:
-        return self._json({"url": str(self.gateway_url), "shards": 1,
-                           "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0,
-                                                   "max_concurrency": 1}})
+        return self._json(
+            {
+                "url": str(self.gateway_url),
+                "shards": 1,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 1000,
+                    "reset_after": 0,
+                    "max_concurrency": 1,
+                },
+            }
+        )
 
     def _commands_with_ids(self, payload: list[dict], guild_id: str | None) -> list[dict]:
         out = []
         for cmd in payload:
-            c = {"id": str(self.new_id()), "application_id": str(self.app_id), "version": "1",
-                 "type": 1, "description": "", "options": [], **cmd}
+            c = {
+                "id": str(self.new_id()),
+                "application_id": str(self.app_id),
+                "version": "1",
+                "type": 1,
+                "description": "",
+                "options": [],
+                **cmd,
+            }
             if guild_id:
                 c["guild_id"] = guild_id
             out.append(c)
@@ -592,16 +727,30 @@ class FakeDiscord:
         text = await request.text()
         return (json.loads(text) if text else {}), []
 
-    def _message(self, channel_id: int, payload: dict, files: list[tuple[str, str, bytes]], *,
-                 interaction: Interaction | None = None, message_id: int | None = None) -> dict:
+    def _message(
+        self,
+        channel_id: int,
+        payload: dict,
+        files: list[tuple[str, str, bytes]],
+        *,
+        interaction: Interaction | None = None,
+        message_id: int | None = None,
+    ) -> dict:
         mid = message_id or self.new_id()
         atts = []
         for i, (_field, filename, data) in enumerate(files):
             key = f"{mid}-{i}/{filename}"
             self.attachments[key] = ("image/png", data)
-            atts.append({"id": str(self.new_id()), "filename": filename, "size": len(data),
-                         "url": f"{self.base_url}/attachments/{key}",
-                         "proxy_url": f"{self.base_url}/attachments/{key}", "content_type": "image/png"})
+            atts.append(
+                {
+                    "id": str(self.new_id()),
+                    "filename": filename,
+                    "size": len(data),
+                    "url": f"{self.base_url}/attachments/{key}",
+                    "proxy_url": f"{self.base_url}/attachments/{key}",
+                    "content_type": "image/png",
+                }
+            )
         msg = {
             "id": str(mid),
             "channel_id": str(channel_id),
@@ -637,7 +786,9 @@ class FakeDiscord:
     def _too_large(self, files: list[tuple[str, str, bytes]], limit: int) -> web.Response | None:
         for _f, name, data in files:
             if len(data) > limit:
-                return self._error(413, 40005, f"Request entity too large: {name} is {len(data)} bytes > {limit}")
+                return self._error(
+                    413, 40005, f"Request entity too large: {name} is {len(data)} bytes > {limit}"
+                )
         return None
 
     def _find_interaction(self, token: str) -> Interaction | None:
@@ -672,10 +823,17 @@ class FakeDiscord:
             msg["flags"] = data.get("flags", 0) | 128  # "loading" until the first followup edits it
         rec.original = msg
         self.messages[int(msg["id"])] = msg
-        response = {"interaction": {"id": iid, "type": 2, "activity_instance_id": None,
-                                    "response_message_id": msg["id"], "response_message_loading": body.get("type") == 5,
-                                    "response_message_ephemeral": bool(data.get("flags", 0) & 64)},
-                    "resource": {"type": body.get("type"), "message": self._public(msg)}}
+        response = {
+            "interaction": {
+                "id": iid,
+                "type": 2,
+                "activity_instance_id": None,
+                "response_message_id": msg["id"],
+                "response_message_loading": body.get("type") == 5,
+                "response_message_ephemeral": bool(data.get("flags", 0) & 64),
+            },
+            "resource": {"type": body.get("type"), "message": self._public(msg)},
+        }
         return self._json(response)
 
     async def _followup(self, request: web.Request, app_id: str, token: str) -> web.Response:
@@ -686,9 +844,16 @@ class FakeDiscord:
         assert rec is not None
         if err := self._too_large(files, rec.payload["attachment_size_limit"]):
             return err
-        if rec.original is not None and rec.original["flags"] & 128 and not rec.followups and not rec.deleted_original:
+        if (
+            rec.original is not None
+            and rec.original["flags"] & 128
+            and not rec.followups
+            and not rec.deleted_original
+        ):
             # Real Discord: the first followup after a defer replaces the loading message.
-            msg = self._message(rec.channel_id, body, files, interaction=rec, message_id=int(rec.original["id"]))
+            msg = self._message(
+                rec.channel_id, body, files, interaction=rec, message_id=int(rec.original["id"])
+            )
             msg["flags"] = (rec.original["flags"] & 64) | (body.get("flags", 0) or 0)
             rec.original = msg
         else:
@@ -697,7 +862,9 @@ class FakeDiscord:
         rec.followups.append(msg)
         return self._json(self._public(msg))
 
-    async def _edit_webhook_message(self, request: web.Request, app_id: str, token: str, which: str) -> web.Response:
+    async def _edit_webhook_message(
+        self, request: web.Request, app_id: str, token: str, which: str
+    ) -> web.Response:
         rec = self._find_interaction(token)
         body, files = await self._read_message_body(request)
         if err := self._token_error(rec):
@@ -714,7 +881,11 @@ class FakeDiscord:
         if "embeds" in body:
             edited["embeds"] = body["embeds"] or []
         if files or "attachments" in body:
-            kept = [a for a in target["attachments"] if any(str(b.get("id")) == a["id"] for b in body.get("attachments", []))]
+            kept = [
+                a
+                for a in target["attachments"]
+                if any(str(b.get("id")) == a["id"] for b in body.get("attachments", []))
+            ]
             new = self._message(rec.channel_id, body, files, interaction=rec, message_id=int(target["id"]))
             edited["attachments"] = kept + new["attachments"]
             edited["_files"] = new["_files"]
@@ -722,12 +893,19 @@ class FakeDiscord:
         edited["edited_timestamp"] = _iso(time.time())
         edited["_seq"] = next(self._seq)
         self.messages[int(edited["id"])] = edited
-        if which == "@original" or int(which) == int(target["id"]) and rec.original and rec.original["id"] == target["id"]:
+        if (
+            which == "@original"
+            or int(which) == int(target["id"])
+            and rec.original
+            and rec.original["id"] == target["id"]
+        ):
             rec.original = edited
         rec.edits.append({**body, "_seq": edited["_seq"], "_files": edited["_files"] if files else []})
         return self._json(self._public(edited))
 
-    async def _get_webhook_message(self, request: web.Request, app_id: str, token: str, which: str) -> web.Response:
+    async def _get_webhook_message(
+        self, request: web.Request, app_id: str, token: str, which: str
+    ) -> web.Response:
         rec = self._find_interaction(token)
         if err := self._token_error(rec):
             return err
@@ -737,7 +915,9 @@ class FakeDiscord:
             return self._error(404, 10008, "Unknown Message")
         return self._json(self._public(target))
 
-    async def _delete_webhook_message(self, request: web.Request, app_id: str, token: str, which: str) -> web.Response:
+    async def _delete_webhook_message(
+        self, request: web.Request, app_id: str, token: str, which: str
+    ) -> web.Response:
         rec = self._find_interaction(token)
         if err := self._token_error(rec):
             return err
@@ -771,7 +951,9 @@ class FakeDiscord:
         if "content" in body:
             edited["content"] = body["content"] or ""
         if files:
-            edited["attachments"] = self._message(int(channel_id), body, files, message_id=int(message_id))["attachments"]
+            edited["attachments"] = self._message(int(channel_id), body, files, message_id=int(message_id))[
+                "attachments"
+            ]
             edited["_files"] = [d for (_f, _n, d) in files]
         edited["edited_timestamp"] = _iso(time.time())
         edited["_seq"] = next(self._seq)
@@ -786,7 +968,9 @@ class FakeDiscord:
             return self._error(404, 10008, "Unknown Message")
         return self._json(self._public(target))
 
-    async def _add_reaction(self, request: web.Request, channel_id: str, message_id: str, emoji: str) -> web.Response:
+    async def _add_reaction(
+        self, request: web.Request, channel_id: str, message_id: str, emoji: str
+    ) -> web.Response:
         if int(message_id) not in self.messages:
             return self._error(404, 10008, "Unknown Message")
         self.reactions.append((int(message_id), unquote(emoji), self.bot_user.id))

@@ -17,7 +17,9 @@ log = logging.getLogger("tests.discord")
 
 
 @contextlib.asynccontextmanager
-async def running(bot: discord.Client, fake: FakeDiscord, within: float = 15.0) -> AsyncIterator[discord.Client]:
+async def running(
+    bot: discord.Client, fake: FakeDiscord, within: float = 15.0
+) -> AsyncIterator[discord.Client]:
     """Run `bot.start()` against the fake until the block exits; fail loudly if the bot task dies.
 
     A malformed gateway payload ends `bot.start()` without any other sign, so the harness waits for
@@ -52,8 +54,11 @@ def app_config(tmp: Path, fake: FakeDiscord, **sections: Mapping[str, Any]) -> d
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'imagine.db'}", "auto_migrate": True},
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake"},
-        "discord": {"guild_ids": [fake.guild_id], "progress_edit_interval_s": 0.0,
-                    "guild_ready_timeout_s": 0.05},
+        "discord": {
+            "guild_ids": [fake.guild_id],
+            "progress_edit_interval_s": 0.0,
+            "guild_ready_timeout_s": 0.05,
+        },
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
@@ -79,12 +84,16 @@ class App:
         from bot.discord_adapter import run
 
         log.info("app: building the core")
-        self.core = await self._stack.enter_async_context(build_core(self.config, self.env, backend=self.backend))
+        self.core = await self._stack.enter_async_context(
+            build_core(self.config, self.env, backend=self.backend)
+        )
         log.info("app: core built; starting the adapter")
         self.service = self.core.service
         self.backend = self.core.backend
         ready = asyncio.Event()
-        self._task = asyncio.create_task(run(self.service, self.config, self.env, ready), name="discord-adapter")
+        self._task = asyncio.create_task(
+            run(self.service, self.config, self.env, ready), name="discord-adapter"
+        )
         waiter = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait({self._task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
         log.info("app: adapter ready=%s run-ended=%s", waiter in done, self._task in done)
@@ -148,12 +157,14 @@ async def wait_result(fake: FakeDiscord, rec: Any, within: float = 20.0) -> dict
     """The interaction's response message once it shows an image (the job's result)."""
     return await fake.wait_for(
         lambda: rec.original if rec.original and rec.original["attachments"] else None,
-        within=within, what=f"the result of /{rec.name}",
+        within=within,
+        what=f"the result of /{rec.name}",
     )
 
 
 async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 10.0) -> str:
     """The text of the private (ephemeral) answer to an interaction."""
+
     def find() -> str | None:
         for c in rec.callbacks:
             data = c["body"].get("data") or {}
@@ -163,6 +174,7 @@ async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 10.0) -> s
             if m["flags"] & 64 and m["content"]:
                 return m["content"]
         return None
+
     return await fake.wait_for(find, within=within, what=f"an ephemeral answer to /{rec.name}")
 
 

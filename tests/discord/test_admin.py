@@ -11,7 +11,11 @@ async def test_admin_commands_refused_for_members(fake_discord: FakeDiscord, tmp
     member, victim = fake_discord.user("member"), fake_discord.user("victim")
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
         texts = []
-        for sub, options in (("stats", {}), ("ban", {"user": victim}), ("credits", {"user": member, "amount": 50})):
+        for sub, options in (
+            ("stats", {}),
+            ("ban", {"user": victim}),
+            ("credits", {"user": member, "amount": 50}),
+        ):
             rec = await fake_discord.slash("admin", member, options, subcommand=[sub])
             texts.append(await wait_ephemeral(fake_discord, rec))
             assert rec.ephemeral
@@ -24,6 +28,7 @@ async def test_admin_commands_refused_for_members(fake_discord: FakeDiscord, tmp
 async def test_admin_commands_allowed_for_manage_server(fake_discord: FakeDiscord, tmp_path):
     admin, user = fake_discord.user("boss", admin=True), fake_discord.user("user")
     async with App(fake_discord, app_config(tmp_path, fake_discord, quotas={"daily_limit": 5})) as app:
+
         async def admin_cmd(sub, **options):
             rec = await fake_discord.slash("admin", admin, options, subcommand=[sub])
             return await wait_ephemeral(fake_discord, rec)
@@ -31,14 +36,18 @@ async def test_admin_commands_allowed_for_manage_server(fake_discord: FakeDiscor
         limit_text = await admin_cmd("user-limit", user=user, limit=1)
         first = await fake_discord.slash("imagine", user, {"prompt": "one"})
         await wait_result(fake_discord, first)
-        over = await wait_ephemeral(fake_discord, await fake_discord.slash("imagine", user, {"prompt": "two"}))
+        over = await wait_ephemeral(
+            fake_discord, await fake_discord.slash("imagine", user, {"prompt": "two"})
+        )
         credits_text = await admin_cmd("credits", user=user, amount=3)
         q_after_credits = await app.service.quota(Actor("discord", str(user.id)), _place(fake_discord))
         reset_text = await admin_cmd("reset", user=user)
         q_after_reset = await app.service.quota(Actor("discord", str(user.id)), _place(fake_discord))
         usage_text = await admin_cmd("usage", user=user)
         ban_text = await admin_cmd("ban", user=user, reason="spam")
-        banned = await wait_ephemeral(fake_discord, await fake_discord.slash("imagine", user, {"prompt": "three"}))
+        banned = await wait_ephemeral(
+            fake_discord, await fake_discord.slash("imagine", user, {"prompt": "three"})
+        )
         unban_text = await admin_cmd("unban", user=user)
         again = await fake_discord.slash("imagine", user, {"prompt": "four"})
         await wait_result(fake_discord, again)
@@ -64,7 +73,9 @@ async def test_admin_role_from_config(fake_discord: FakeDiscord, tmp_path):
     target = fake_discord.user("target")
     config = app_config(tmp_path, fake_discord, discord={"admin_roles": ["imagine admin"]})
     async with App(fake_discord, config) as app:
-        rec = await fake_discord.slash("admin", moderator, {"user": target, "amount": 2}, subcommand=["credits"])
+        rec = await fake_discord.slash(
+            "admin", moderator, {"user": target, "amount": 2}, subcommand=["credits"]
+        )
         text = await wait_ephemeral(fake_discord, rec)
         q = await app.service.quota(Actor("discord", str(target.id)), _place(fake_discord))
     assert "Granted 2" in text and q.bonus_credits == 2

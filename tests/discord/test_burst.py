@@ -23,19 +23,27 @@ async def test_burst_of_200_all_deferred_in_time(fake_discord: FakeDiscord, tmp_
         # The first jobs hold the backend: the queue stays put while the 200 arrive, so the test
         # measures the adapter under a burst rather than the dispatcher's throughput.
         backend.hold()
-        records = [fake_discord.build_slash("imagine", users[i % USERS], {"prompt": f"burst {i}", "steps": 2})
-                   for i in range(BURST)]
+        records = [
+            fake_discord.build_slash("imagine", users[i % USERS], {"prompt": f"burst {i}", "steps": 2})
+            for i in range(BURST)
+        ]
         started = time.monotonic()
         await fake_discord.send_interactions(records)
-        await fake_discord.wait_for(lambda: all(r.callbacks for r in records), within=60, what="200 callbacks")
+        await fake_discord.wait_for(
+            lambda: all(r.callbacks for r in records), within=60, what="200 callbacks"
+        )
         # Every interaction then got its answer from the core (queue position, result or refusal):
         # none was lost. Waiting for all 200 images would time the core's dispatcher, not the adapter.
-        await fake_discord.wait_for(lambda: all(r.texts() or r.followups for r in records), within=90,
-                                    what="an answer to each of the 200")
+        await fake_discord.wait_for(
+            lambda: all(r.texts() or r.followups for r in records),
+            within=90,
+            what="an answer to each of the 200",
+        )
         busy_for = time.monotonic() - started
         backend.release()
-        await fake_discord.wait_for(lambda: any(r.original and r.original["attachments"] for r in records),
-                                    what="a first result")
+        await fake_discord.wait_for(
+            lambda: any(r.original and r.original["attachments"] for r in records), what="a first result"
+        )
         app.check_alive()
         # Heartbeats sent by the bot while it worked through the burst, each answered by the fake.
         beats = [t for t in fake_discord.heartbeats if started <= t <= started + busy_for]
@@ -46,5 +54,7 @@ async def test_burst_of_200_all_deferred_in_time(fake_discord: FakeDiscord, tmp_
     assert refused == []  # each of the 200 was accepted (20 users x 10 is within the quota)
     # The fake's heartbeat interval is 500 ms; the burst keeps the bot busy for seconds.
     assert len(beats) >= 2 and len(fake_discord.identifies) == 1  # no reconnect: the session survived
-    print(f"burst: {BURST} defers, median {delays[BURST // 2] * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms; "
-          f"all answered after {busy_for:.1f}s with {len(beats)} heartbeats answered meanwhile")
+    print(
+        f"burst: {BURST} defers, median {delays[BURST // 2] * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms; "
+        f"all answered after {busy_for:.1f}s with {len(beats)} heartbeats answered meanwhile"
+    )

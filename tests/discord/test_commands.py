@@ -27,7 +27,15 @@ async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
     admin = commands["admin"]
     assert int(admin["default_member_permissions"]) == 1 << 5  # Manage Server: hidden from others
     assert {o["name"] for o in admin["options"]} == {
-        "user-limit", "server-limit", "credits", "reset", "usage", "ban", "unban", "stats"}
+        "user-limit",
+        "server-limit",
+        "credits",
+        "reset",
+        "usage",
+        "ban",
+        "unban",
+        "stats",
+    }
     assert all(o["type"] == 1 for o in admin["options"])  # subcommands
     assert commands["imagine"]["description"]  # Discord shows it to users
 
@@ -49,15 +57,19 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
         backend.hold()  # zoe's job occupies the only slot, so alice's job has to wait in the queue
         blocker = await fake_discord.slash("imagine", zoe, {"prompt": "a slow start"})
         await fake_discord.wait_for(lambda: backend.in_flight == 1, what="the first job to start")
-        rec = await fake_discord.slash("imagine", alice, {"prompt": "a red fox in the snow", "count": 4,
-                                                           "seed": 1234, "steps": 5})
-        await fake_discord.wait_for(lambda: any("starts next" in t or "position" in t for t in rec.texts()),
-                                    what="the queue position")
+        rec = await fake_discord.slash(
+            "imagine", alice, {"prompt": "a red fox in the snow", "count": 4, "seed": 1234, "steps": 5}
+        )
+        await fake_discord.wait_for(
+            lambda: any("starts next" in t or "position" in t for t in rec.texts()), what="the queue position"
+        )
         backend.release()
         result = await wait_result(fake_discord, rec)
         await wait_result(fake_discord, blocker)
         job = await result_job(app, result)
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 5, what="reactions")
+        await fake_discord.wait_for(
+            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 5, what="reactions"
+        )
     # Deferred publicly ("thinking…") first: the core was only called after that.
     assert rec.callbacks[0]["status"] == 200 and rec.callbacks[0]["body"]["type"] == 5
     assert not rec.ephemeral
@@ -80,10 +92,14 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
 async def test_flags_inside_the_prompt(fake_discord: FakeDiscord, tmp_path):
     bob = fake_discord.user("bob")
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
-        rec = await fake_discord.slash("imagine", bob, {"prompt": "a lighthouse --seed 42 --n 2 --ar 2:1 --no fog"})
+        rec = await fake_discord.slash(
+            "imagine", bob, {"prompt": "a lighthouse --seed 42 --n 2 --ar 2:1 --no fog"}
+        )
         result = await wait_result(fake_discord, rec)
         job = await result_job(app, result)
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 3, what="reactions")
+        await fake_discord.wait_for(
+            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 3, what="reactions"
+        )
     assert "seed 42" in result["content"] and "ar 2:1" in result["content"] and "fog" in result["content"]
     assert job.prompt == "a lighthouse" and job.negative_prompt == "fog" and job.params.n == 2
     assert job.params.width > job.params.height  # 2:1
@@ -99,7 +115,9 @@ async def test_flags_inside_the_prompt(fake_discord: FakeDiscord, tmp_path):
         ({"prompt": "a cat --ar 9:1"}, "ar"),
     ],
 )
-async def test_bad_parameters_get_a_short_private_error(fake_discord: FakeDiscord, tmp_path, options, expected):
+async def test_bad_parameters_get_a_short_private_error(
+    fake_discord: FakeDiscord, tmp_path, options, expected
+):
     carol = fake_discord.user("carol")
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
         rec = await fake_discord.slash("imagine", carol, options)

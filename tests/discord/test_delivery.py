@@ -31,12 +31,16 @@ async def test_result_near_token_expiry_goes_to_the_channel(fake_discord: FakeDi
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
         # An interaction created 14.5 minutes ago: still answerable (defer), but its token has less
         # than the configured margin left, so the result must not go through it.
-        rec = await fake_discord.slash("imagine", user, {"prompt": "an old clock"}, created_at=time.time() - 870)
+        rec = await fake_discord.slash(
+            "imagine", user, {"prompt": "an old clock"}, created_at=time.time() - 870
+        )
         message = await fake_discord.wait_for(
-            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="channel result")
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="channel result"
+        )
         job = await result_job(app, message[0])
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(message[0]["id"]))) == 2,
-                                    what="reactions")
+        await fake_discord.wait_for(
+            lambda: len(fake_discord.reactions_on(int(message[0]["id"]))) == 2, what="reactions"
+        )
     assert rec.deferred
     assert not rec.edits and not rec.followups  # nothing sent through the expiring token
     assert "an old clock" in message[0]["content"] and f"<@{user.id}>" in message[0]["content"]
@@ -51,7 +55,8 @@ async def test_expired_token_falls_back_to_the_channel(fake_discord: FakeDiscord
         fake_discord.fail_next("PATCH", r"@original$", status=401, code=50027, times=100)
         rec = await fake_discord.slash("imagine", user, {"prompt": "a lost letter"})
         message = await fake_discord.wait_for(
-            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="channel result")
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="channel result"
+        )
     assert rec.deferred and fake_discord.failures_hit() >= 1
     assert "a lost letter" in message[0]["content"]
 
@@ -64,8 +69,9 @@ async def test_upload_over_the_limit_is_reencoded(fake_discord: FakeDiscord, tmp
         probe = await fake_discord.slash("imagine", user, {"prompt": "noise", "count": 4, "seed": 7})
         full = (await wait_result(fake_discord, probe))["_files"][0]
         limit = len(full) // 3
-        rec = await fake_discord.slash("imagine", user, {"prompt": "noise", "count": 4, "seed": 7},
-                                       size_limit=limit)
+        rec = await fake_discord.slash(
+            "imagine", user, {"prompt": "noise", "count": 4, "seed": 7}, size_limit=limit
+        )
         result = await wait_result(fake_discord, rec)
     data = result["_files"][0]
     assert len(data) <= limit < len(full)
@@ -85,7 +91,10 @@ async def test_failed_job_is_reported_without_traceback(fake_discord: FakeDiscor
         backend.fail_next(1, BackendRejected("the model cannot draw this size", "width"))
         rec = await fake_discord.slash("imagine", user, {"prompt": "an impossible shape"})
         text = await fake_discord.wait_for(
-            lambda: next((t for t in rec.texts() if t.startswith("❌")), None), what="the failure message")
-        quota = await app.service.quota(Actor("discord", str(user.id)), Place("discord", str(fake_discord.guild_id)))
+            lambda: next((t for t in rec.texts() if t.startswith("❌")), None), what="the failure message"
+        )
+        quota = await app.service.quota(
+            Actor("discord", str(user.id)), Place("discord", str(fake_discord.guild_id))
+        )
     assert "an impossible shape" in text and "Traceback" not in text
     assert quota.used_today == 0  # refunded by the core before the adapter heard of it

@@ -28,8 +28,9 @@ def test_library_internals_canary():
 
 
 async def test_plain_bot_logs_in_and_syncs(fake_discord: FakeDiscord):
-    bot = commands.Bot(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
-                       guild_ready_timeout=0.05)
+    bot = commands.Bot(
+        command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True), guild_ready_timeout=0.05
+    )
 
     @bot.tree.command(name="ping", description="Answer pong.")
     async def ping(interaction: discord.Interaction) -> None:

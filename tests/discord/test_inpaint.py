@@ -33,11 +33,14 @@ async def test_inpaint_with_mask(fake_discord: FakeDiscord, tmp_path):
     image = fake_discord.add_attachment("photo.png", png(), "image/png", width=64, height=64)
     mask = fake_discord.add_attachment("mask.png", mask_png(), "image/png", width=64, height=64)
     async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
-        rec = await fake_discord.slash("inpaint", user, {"prompt": "a blue window"},
-                                       attachments={"image": image, "mask": mask})
+        rec = await fake_discord.slash(
+            "inpaint", user, {"prompt": "a blue window"}, attachments={"image": image, "mask": mask}
+        )
         result = await wait_result(fake_discord, rec)
         job = await result_job(app, result)
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(int(result["id"]))) == 2, what="reactions")
+        await fake_discord.wait_for(
+            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 2, what="reactions"
+        )
     assert rec.callbacks[0]["body"]["type"] == 5  # deferred before downloading anything
     assert sorted(k.split("/")[-1] for k in fake_discord.downloads) == ["mask.png", "photo.png"]
     assert job.kind == "inpaint" and job.state == "succeeded"
@@ -65,11 +68,17 @@ BAD = {
     "not an image": (("notes.txt", b"hello", "text/plain"), None, "not a PNG, JPEG or WebP image"),
     "too large": (("huge.png", png(), "image/png", 50 * 1024 * 1024), None, "limit"),
     "corrupt": (("broken.png", b"\x89PNG not really", "image/png"), None, "not a readable"),
-    "size mismatch": (("photo.png", png(), "image/png"), ("mask.png", mask_png((32, 32)), "image/png"),
-                      "same size"),
+    "size mismatch": (
+        ("photo.png", png(), "image/png"),
+        ("mask.png", mask_png((32, 32)), "image/png"),
+        "same size",
+    ),
     "no mask, no transparency": (("photo.png", png(), "image/png"), None, "transparen"),
-    "mask not an image": (("photo.png", png(), "image/png"), ("mask.pdf", b"%PDF-1.4", "application/pdf"),
-                          "mask"),
+    "mask not an image": (
+        ("photo.png", png(), "image/png"),
+        ("mask.pdf", b"%PDF-1.4", "application/pdf"),
+        "mask",
+    ),
 }
 
 

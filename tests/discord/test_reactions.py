@@ -23,16 +23,22 @@ async def test_reactions_start_a_variation_and_a_reroll(fake_discord: FakeDiscor
 
         await fake_discord.react(mid, "2️⃣", bob)
         variation = await fake_discord.wait_for(
-            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="variation result")
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="variation result"
+        )
         await fake_discord.react(mid, "🔁", bob)
         both = await fake_discord.wait_for(
             lambda: (lambda ms: ms if len(ms) == 2 else None)(
-                [m for m in fake_discord.channel_messages() if m["attachments"]]), what="re-roll result")
+                [m for m in fake_discord.channel_messages() if m["attachments"]]
+            ),
+            what="re-roll result",
+        )
         jobs = {m["id"]: await result_job(app, m) for m in both}
         bob_quota = await app.service.quota(actor(bob), _place(fake_discord))
         alice_quota = await app.service.quota(actor(alice), _place(fake_discord))
-        await fake_discord.wait_for(lambda: all(len(fake_discord.reactions_on(int(m["id"]))) >= 2 for m in both),
-                                    what="reactions on the new results")
+        await fake_discord.wait_for(
+            lambda: all(len(fake_discord.reactions_on(int(m["id"]))) >= 2 for m in both),
+            what="reactions on the new results",
+        )
     var_job = jobs[variation[0]["id"]]
     reroll_job = next(j for j in jobs.values() if j.id != var_job.id)
     parent = await app_parent(fake_discord, mid, jobs)
@@ -83,8 +89,10 @@ async def test_reactions_that_must_be_ignored(fake_discord: FakeDiscord, tmp_pat
         await asyncio.sleep(0.5)
         # Then one that counts, to prove the handler was alive all along.
         await fake_discord.react(mid, "🎨", bob)
-        await fake_discord.wait_for(lambda: [m for m in fake_discord.channel_messages() if m["attachments"]],
-                                    what="the one real variation")
+        await fake_discord.wait_for(
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]],
+            what="the one real variation",
+        )
         await asyncio.sleep(0.3)
         alice_jobs = await app.service.history(actor(alice), 10)
         bob_jobs = await app.service.history(actor(bob), 10)
@@ -92,7 +100,9 @@ async def test_reactions_that_must_be_ignored(fake_discord: FakeDiscord, tmp_pat
         other_jobs = await app.service.history(actor(other_bot), 10)
     assert len(alice_jobs) == 1 and bot_jobs == [] and other_jobs == []
     assert [j.kind for j in bob_jobs] == ["variation"], bob_jobs
-    refusals = [m for m in fake_discord.channel_messages() if not m["attachments"] and m["content"].startswith("<@")]
+    refusals = [
+        m for m in fake_discord.channel_messages() if not m["attachments"] and m["content"].startswith("<@")
+    ]
     # Only 4️⃣ on a one-image result deserved an answer (a refusal naming bob); the rest: silence.
     assert len(refusals) == 1 and str(bob.id) in refusals[0]["content"] and "⛔" in refusals[0]["content"]
 

@@ -21,7 +21,9 @@ async def test_reaction_on_a_result_from_before_a_restart(fake_discord: FakeDisc
         assert len(fake_discord.identifies) == 2
         await fake_discord.react(int(old["id"]), "2️⃣", bob)
         new = await fake_discord.wait_for(
-            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="variation after restart")
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]],
+            what="variation after restart",
+        )
         new_job = await result_job(second, new[0])
         bob_jobs = await second.service.history(Actor("discord", str(bob.id)), 5)
     assert new_job.kind == "variation" and new_job.parent_id == old_job.id and new_job.parent_image_index == 1

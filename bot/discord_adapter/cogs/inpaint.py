@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import discord
@@ -9,6 +10,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_adapter.errors import AttachmentError, defer
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from bot.discord_adapter.bot import ImagineBot
@@ -83,6 +86,14 @@ class Inpaint(commands.Cog):
         )
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which ignores this if the job already started).
+        log.info(
+            "/inpaint by %s in guild %s -> job %s (%s, position %s)",
+            interaction.user.id,
+            interaction.guild_id,
+            job.id,
+            "new" if job.created else "existing",
+            job.position,
+        )
         if job.created and job.state == "queued":
             await self.bot.delivery.on_queued(job, job.position)
 
