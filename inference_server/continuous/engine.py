@@ -36,6 +36,7 @@ from inference_server.engine import (
     ShuttingDown,
     Started,
 )
+from inference_server.errors import RequestError
 from inference_server.metrics import Metrics
 from inference_server.pipelines import SCHEDULERS, PipelineRunner
 
@@ -132,7 +133,7 @@ class ContinuousBatchingEngine:
             raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
         if self._state != "ok" or self._core is None:
             raise NotReady(f"the model is {self._state}", retry_after_s=self.config.retry_after_s)
-        from inference_server.continuous.core import ContinuousRequest
+        from inference_server.continuous.core import ContinuousRequest, UnsupportedRequest
 
         job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
         creq = ContinuousRequest(
@@ -164,6 +165,9 @@ class ContinuousBatchingEngine:
             raise Overloaded(e.message, retry_after_s=self.config.retry_after_s) from None
         except ShuttingDown as e:
             raise ShuttingDown(e.message, retry_after_s=self.config.retry_after_s) from None
+        except UnsupportedRequest as e:
+            # The API's validation catches these first; this keeps a gap there a 400, not a 500.
+            raise RequestError(400, "invalid_request", None, e.message) from None
         core = self._core
         self._jobs.add(job)
         self._idle.clear()
