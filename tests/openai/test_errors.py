@@ -143,3 +143,29 @@ async def test_full_queue_is_rate_limit_with_retry_after(server_factory: Callabl
         assert (await queued).size == "16x16"
         metrics = await server.metrics()
         assert metrics['inference_requests_total{task="openai_generations",status="429"}'] == 1
+
+
+async def test_client_that_gives_up_has_its_queued_job_dropped(server: Server) -> None:
+    gate = DeviceGate(server)
+    async with client_for(server) as client:
+        blocker = asyncio.create_task(client.images.generate(prompt="blocker"))
+        await gate.wait_entered()
+        try:
+            # Another size, so it waits in the queue; the client gives up before the device is free.
+            with pytest.raises(openai.APITimeoutError):
+                await client.images.generate(prompt="impatient", size="16x16", timeout=0.5)
+        finally:
+            gate.open()
+        await blocker
+    # Dropped before it cost compute: counted as cancelled, and no 16x16 call ever ran.
+    await wait_for(lambda: metric_value(server, 'inference_dropped_total{reason="cancelled"}'))
+    values = await server.metrics()
+    assert values['inference_errors_total{kind="client_gone"}'] == 1
+    assert values["inference_images_total"] == 1  # the blocker's (the warm-up is not counted)
+
+
+def metric_value(server: Server, name: str) -> Any:
+    async def read() -> float:
+        return (await server.metrics()).get(name, 0.0)
+
+    return read()
