@@ -30,3 +30,24 @@ async def test_reaction_on_a_result_from_before_a_restart(fake_discord: FakeDisc
     assert [j.id for j in bob_jobs] == [new_job.id]
     assert int(new[0]["_reference"]["message_id"]) == int(old["id"])
     assert "a ship in a bottle" in new[0]["content"]
+
+
+async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_discord: FakeDiscord, tmp_path):
+    from bot.backends.fake import FakeBackend
+
+    carol = fake_discord.user("carol")
+    config = app_config(tmp_path, fake_discord)
+    held = FakeBackend()
+    held.hold()  # the job starts but never finishes in the first process
+    async with App(fake_discord, config, backend=held):
+        rec = await fake_discord.slash("imagine", carol, {"prompt": "a phoenix"})
+        await fake_discord.wait_for(lambda: held.in_flight == 1, what="the job to start")
+    assert not (rec.original and rec.original["attachments"])
+
+    # The next process takes the job back from the database and answers the same interaction
+    # (its token is still valid), editing the message the user is looking at.
+    async with App(fake_discord, config) as second:
+        result = await wait_result(fake_discord, rec)
+        job = await result_job(second, result)
+    assert job.state == "succeeded" and job.prompt == "a phoenix"
+    assert "a phoenix" in result["content"] and f"<@{carol.id}>" in result["content"]
