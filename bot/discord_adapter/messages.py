@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from bot.core.api import JobView, QuotaView, StatsView
 
@@ -10,9 +11,11 @@ CONTENT_LIMIT = 2000  # Discord's maximum message length
 PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
 
 
-def ts(dt) -> str:
-    """A Discord timestamp: every user sees it in their own time zone."""
-    return f"<t:{int(dt.timestamp())}:f>"
+def ts(when: datetime) -> str:
+    """A Discord timestamp: every user sees it in their own time zone. Naive times are UTC."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return f"<t:{int(when.timestamp())}:f>"
 
 
 def short(text: str, limit: int) -> str:
@@ -42,7 +45,8 @@ def caption(job: JobView) -> str:
     lines.append(f"{describe(job)} · job #{job.id}")
     lines.append(f"requested by <@{job.user_id}>")
     if job.params.n > 1:
-        lines.append("React 🔁 to re-roll, 1️⃣-4️⃣ for a variation of that image.")
+        last = ("1️⃣", "2️⃣", "3️⃣", "4️⃣")[min(job.params.n, 4) - 1]
+        lines.append(f"React 🔁 to re-roll, 1️⃣-{last} for a variation of that image.")
     else:
         lines.append("React 🔁 to re-roll, 🎨 for a variation.")
     return short("\n".join(lines), CONTENT_LIMIT)
