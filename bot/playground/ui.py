@@ -489,6 +489,7 @@ class PlaygroundUI:
                             transforms=(),
                             label="Image and mask",
                             elem_id="editor",
+                            format="png",
                             height=420,
                         )
                         inpaint_gallery = gr.Gallery(label="Result", elem_id="inpaint-result", height=420)

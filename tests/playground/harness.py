@@ -34,7 +34,12 @@ def app_config(tmp: Path, **sections: Mapping[str, Any]) -> dict[str, Any]:
     """The real core on SQLite under `tmp` with the in-process fake backend (a fake of the image
     backend only), and the playground on a free loopback port."""
     config: dict[str, Any] = {
-        "bot": {"progress_interval_s": 0.0, "poll_interval_s": 0.05, "retry_backoff_s": 0.0, "default_steps": 4},
+        "bot": {
+            "progress_interval_s": 0.0,
+            "poll_interval_s": 0.05,
+            "retry_backoff_s": 0.0,
+            "default_steps": 4,
+        },
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'imagine.db'}", "auto_migrate": True},
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake", "fake_delay_s": 0.3},

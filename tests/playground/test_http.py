@@ -19,7 +19,8 @@ from tests.playground.harness import app_config, running_playground
 def client(url: str, auth: tuple[str, str] | None = None) -> Any:
     from gradio_client import Client
 
-    return Client(url, verbose=False, auth=auth)
+    # download_files=False: the results stay on the server; the tests read them from the core.
+    return Client(url, verbose=False, auth=auth, download_files=False)
 
 
 def field(outputs: tuple[Any, ...], marker: str) -> str:
@@ -62,7 +63,12 @@ async def test_imagine_streams_queue_and_progress_then_images(tmp_path):
         assert "**23** image(s) left" in field(final, "image(s) left")
 
         job = await app.service.get_job(1)
-        assert (job.platform, job.user_id, job.state, job.params.seeds) == ("web", "local", "succeeded", (42, 43))
+        assert (job.platform, job.user_id, job.state, job.params.seeds) == (
+            "web",
+            "local",
+            "succeeded",
+            (42, 43),
+        )
         assert job.result_message_id == message_id_for(1)
         # The result "message" resolves like a chat message: a 🔁 reaction re-rolls it.
         actor = Actor("web", "local", is_admin=True)

@@ -18,7 +18,9 @@ def test_loopback_by_default_and_exposing_needs_a_password():
     assert (cfg.host, cfg.port, cfg.exposed) == ("127.0.0.1", 7860, False)
     with pytest.raises(ConfigError, match=r"\[playground\] host = '0.0.0.0'.*PLAYGROUND_PASSWORD"):
         load_playground_config({"playground": {"host": "0.0.0.0"}}, {})
-    exposed = load_playground_config({}, {"IMAGINE_PLAYGROUND_HOST": "0.0.0.0", "PLAYGROUND_PASSWORD": "s3cret"})
+    exposed = load_playground_config(
+        {}, {"IMAGINE_PLAYGROUND_HOST": "0.0.0.0", "PLAYGROUND_PASSWORD": "s3cret"}
+    )
     assert exposed.exposed
 
 
