@@ -85,7 +85,7 @@ URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
 _OPENAI_COMMON = {"model", "n", "size", "response_format", "output_format", "output_compression", "background",
                   "stream", "partial_images", "quality", "complexity", "user", "safety_identifier"}  # fmt: skip
 # Native fields accepted as extensions (e.g. `extra_body={"seed": 1}` with the official client).
-_NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s"}
+_NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s", "priority"}
 _ALLOWED: dict[str, set[str]] = {
     "generations": _OPENAI_COMMON | _NATIVE_EXTRAS | {"prompt", "style", "moderation", "frame_count", "frame_duration_ms", "svg"},
     "edits": _OPENAI_COMMON | _NATIVE_EXTRAS | {"image", "image[]", "mask", "prompt", "input_fidelity", "strength"},

@@ -45,6 +45,7 @@ async def test_wrong_key_is_authentication_error(server: Server) -> None:
         ({"output_format": "svg"}, "output_format", "png"),
         ({"background": "transparent"}, "background", "not supported"),
         ({"extra_body": {"steps": 0}}, "steps", "between 1"),
+        ({"extra_body": {"priority": 10**9}}, "priority", "between"),
         ({"extra_body": {"colour": "blue"}}, "colour", "unrecognized"),
     ],
 )
