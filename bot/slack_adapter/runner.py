@@ -34,6 +34,8 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 def make_client(token: str, cfg: SlackConfig) -> AsyncWebClient:
+    # No shared aiohttp session here: Bolt deep-copies the request context (client included) for
+    # every lazy listener, and a session cannot be copied. slack_sdk opens one per call instead.
     client = AsyncWebClient(token=token, base_url=cfg.api_base_url, timeout=WEB_API_TIMEOUT_S)
     # The default client does not retry HTTP 429: without this handler a busy channel loses updates.
     client.retry_handlers = [
