@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ class Running:
         return self.core.backend
 
 
+async def _dump_tasks_after(delay_s: float) -> None:
+    """Diagnostics for a hang: print every asyncio task's stack before pytest-timeout (120 s) fires,
+    which shows only threads, where an idle event loop tells nothing."""
+    await asyncio.sleep(delay_s)
+    print(f"--- asyncio tasks still pending after {delay_s:.0f} s ---", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
 @contextlib.asynccontextmanager
 async def running_adapter(
     fake: FakeSlack,
@@ -89,23 +99,27 @@ async def running_adapter(
 ) -> AsyncIterator[Running]:
     port = free_port()
     config = make_config(tmp, fake, port, sections, **slack)
-    async with build_core(config, dict(env or ENV)) as core:
-        ready = asyncio.Event()
-        task = asyncio.create_task(slack_adapter.run(core.service, config, dict(env or ENV), ready))
-        waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            waiter.cancel()
-            task.result()
-            raise AssertionError("slack_adapter.run returned before it was ready")
-        if waiter not in done:
-            task.cancel()
-            raise AssertionError("slack adapter not ready after 15 s")
-        sender = SlackSender(http, f"http://127.0.0.1:{port}/slack/events", fake.base_url)
-        try:
-            yield Running(fake, sender, core, config)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                async with asyncio.timeout(30):  # a stop that hangs is a bug: fail, don't wait forever
-                    await task
+    watchdog = asyncio.create_task(_dump_tasks_after(100))
+    try:
+        async with build_core(config, dict(env or ENV)) as core:
+            ready = asyncio.Event()
+            task = asyncio.create_task(slack_adapter.run(core.service, config, dict(env or ENV), ready))
+            waiter = asyncio.create_task(ready.wait())
+            done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                waiter.cancel()
+                task.result()
+                raise AssertionError("slack_adapter.run returned before it was ready")
+            if waiter not in done:
+                task.cancel()
+                raise AssertionError("slack adapter not ready after 15 s")
+            sender = SlackSender(http, f"http://127.0.0.1:{port}/slack/events", fake.base_url)
+            try:
+                yield Running(fake, sender, core, config)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    async with asyncio.timeout(30):  # a stop that hangs is a bug: fail, don't wait forever
+                        await task
+    finally:
+        watchdog.cancel()
