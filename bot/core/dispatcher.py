@@ -65,6 +65,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._main: asyncio.Task[None] | None = None
+        self._stopping = False
         self._last_heartbeat = 0.0
         self._last_positions = 0.0
         self._last_new_positions = 0.0
@@ -76,12 +77,15 @@ class Dispatcher:
 
     def start(self) -> None:
         if self._main is None:
+            self._stopping = False
             self._main = asyncio.create_task(self._run(), name=f"dispatcher {self.owner}")
 
     async def stop(self) -> None:
         """Stop claiming, cancel jobs in flight and hand them back to the queue at once (so another
         process or the next start picks them up without waiting for the lease to expire)."""
+        self._stopping = True  # also ends the loop should a cancellation ever be lost
         if self._main is not None:
+            self._wake.set()
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
@@ -118,7 +122,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         log.info("dispatcher %s started (concurrency %d)", self.owner, self.config.dispatch_concurrency)
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self._tick()
@@ -128,8 +132,11 @@ class Dispatcher:
                 # The database may be briefly unreachable; keep going, the jobs are safe in it.
                 log.exception("dispatcher tick failed; retrying")
                 await asyncio.sleep(self.config.poll_interval_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the event fires, and stop() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+                async with asyncio.timeout(self.config.poll_interval_s):
+                    await self._wake.wait()
 
     async def _tick(self) -> None:
         platforms = sorted(self.service.deliveries)
@@ -381,7 +388,8 @@ class Dispatcher:
             async with self.db.read() as s:
                 job = await s.get(Job, job_id)
                 assert job is not None
-                view = await self.service._view(s, job)
+                # Only a finished job has images; skip the query for the usual (queued/running) case.
+                view = await self.service._view(s, job, images=None if job.state == "succeeded" else ())
                 inputs = (
                     job.params.get("task", "txt2img"),
                     job.params.get("strength"),
@@ -436,9 +444,8 @@ class Dispatcher:
 
         log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
         try:
-            images = await asyncio.wait_for(
-                self.backend.generate(params, on_event), self.config.job_timeout_s
-            )
+            async with asyncio.timeout(self.config.job_timeout_s):
+                images = await self.backend.generate(params, on_event)
         except BackendError as e:
             if e.retryable and view.attempts < self.config.max_attempts:
                 await self._requeue(view, e)

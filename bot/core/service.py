@@ -9,6 +9,7 @@ admin reset, credits) takes the same lock, so the quota is exact under any concu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import io
 import logging
@@ -725,13 +726,13 @@ class CoreService:
                 if view.done:
                     return view
                 # Woken at once by this process's dispatcher; the timeout covers other processes.
-                try:
-                    await asyncio.wait_for(event.wait(), 0.25)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25):
+                        await event.wait()
 
         try:
-            return await asyncio.wait_for(poll(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await poll()
         finally:
             self._job_events.pop(job_id, None)
 

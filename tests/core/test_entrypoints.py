@@ -1,0 +1,28 @@
+"""`python -m bot` says which adapters are on or off and why; bootstrap closes what it opened."""
+
+from __future__ import annotations
+
+from bot.__main__ import adapter_plan
+from bot.backends.fake import FakeBackend
+from bot.bootstrap import build_core
+from tests.core.helpers import ALICE, GUILD, config_for
+
+
+def test_adapter_plan_names_what_is_missing():
+    plan = {name: (on, why) for name, _module, on, why in adapter_plan({})}
+    assert plan["discord_adapter"] == (False, "off: DISCORD_TOKEN not set")
+    assert plan["slack_adapter"][0] is False and "SLACK_BOT_TOKEN" in plan["slack_adapter"][1]
+    on, why = adapter_plan({"DISCORD_TOKEN": "x"})[0][2:]
+    assert on and why.startswith("on")
+
+
+async def test_build_core_closes_the_backend_and_keeps_jobs_queued(sqlite_url, tmp_path):
+    backend = FakeBackend()
+    async with build_core(config_for(sqlite_url, tmp_path), {}, backend=backend) as core:
+        # No delivery registered: the job waits in the database for a process that can deliver it.
+        job = await core.service.imagine(ALICE, GUILD, "kept", idempotency_key="k")
+    assert backend.closed
+    async with build_core(
+        config_for(sqlite_url, tmp_path), {}, backend=FakeBackend(), start_dispatcher=False
+    ) as core:
+        assert (await core.service.get_job(job.id)).state == "queued"
