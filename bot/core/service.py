@@ -409,31 +409,34 @@ class CoreService:
     async def _lock_user(
         self, s: AsyncSession, platform: str, user_id: str, display_name: str | None
     ) -> User:
-        """Create the user row if needed and lock it for this transaction."""
+        """Create the user row if needed and lock it for this transaction, in one statement:
+        `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` locks the row on PostgreSQL like
+        `SELECT ... FOR UPDATE` (SQLite transactions here hold the database write lock anyway)."""
         insert = pg_insert if self.db.is_postgres else sqlite_insert
         now = self.clock()
-        await s.execute(
-            insert(User)
-            .values(
-                platform=platform,
-                platform_user_id=user_id,
-                display_name=display_name or "",
-                is_admin=False,
-                banned=False,
-                ban_reason="",
-                bonus_credits=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["platform", "platform_user_id"])
+        stmt = insert(User).values(
+            platform=platform,
+            platform_user_id=user_id,
+            display_name=display_name or "",
+            is_admin=False,
+            banned=False,
+            ban_reason="",
+            bonus_credits=0,
+            created_at=now,
+            updated_at=now,
         )
-        q = select(User).where(User.platform == platform, User.platform_user_id == user_id)
-        if self.db.is_postgres:
-            q = q.with_for_update()
-        user = (await s.execute(q.execution_options(populate_existing=True))).scalar_one()
-        if display_name and user.display_name != display_name:
-            user.display_name = display_name
-        return user
+        # The update must touch a column for the row to be locked and returned; keep the display
+        # name fresh when the adapter sent one, else rewrite the platform with itself.
+        changes = (
+            {"display_name": stmt.excluded.display_name}
+            if display_name
+            else {"platform": stmt.excluded.platform}
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["platform", "platform_user_id"], set_=changes
+        ).returning(User)
+        query = select(User).from_statement(stmt).execution_options(populate_existing=True)
+        return (await s.execute(query)).scalar_one()
 
     async def _limit_for(
         self, s: AsyncSession, platform: str, user_id: str, guild_id: str | None

@@ -60,9 +60,11 @@ class RecordingDelivery:
             while not predicate():
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), 0.1)
+                    async with asyncio.timeout(0.1):
+                        await self._changed.wait()
 
-        await asyncio.wait_for(loop(), within_s)
+        async with asyncio.timeout(within_s):
+            await loop()
 
 
 @contextlib.asynccontextmanager
