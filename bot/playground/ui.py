@@ -114,6 +114,17 @@ class CoreErrorForUser(CoreError):
     code = "playground"
 
 
+def result_gallery(job: JobView, paths: list[str]) -> gr.Gallery:
+    return gr.Gallery(
+        value=[(p, f"V{i + 1}") for i, p in enumerate(paths)],
+        columns=min(len(paths), 4),
+        height=200,
+        object_fit="contain",
+        show_label=False,
+        allow_preview=True,
+    )
+
+
 def _key() -> str:
     return uuid.uuid4().hex
 
@@ -228,8 +239,9 @@ class PlaygroundUI:
                 done = await self.service.get_job(job.id)
                 paths = await self.job_images(done, event)
                 chat[reply_at] = {"role": "assistant", "content": texts.caption(done)}
-                for path in paths:
-                    chat.append({"role": "assistant", "content": {"path": path}})
+                # One gallery per result, like one chat message with its images: numbered in the
+                # order the V1-V4 buttons use, and shown larger than a 64-pixel image would be.
+                chat.append({"role": "assistant", "content": result_gallery(done, paths)})
                 status = texts.status_html("succeeded", f"Job #{done.id} done.", done.id)
                 yield list(chat), status, done.id, *self._buttons(done), await self.quota_text(actor)
             else:

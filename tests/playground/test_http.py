@@ -36,8 +36,10 @@ def chat_texts(outputs: tuple[Any, ...]) -> list[str]:
 
 
 def chat_files(outputs: tuple[Any, ...]) -> list[str]:
+    """The images of the chat: each result is a gallery in one message."""
     chat = next(o for o in outputs if isinstance(o, list))
-    return [c["file"] for m in chat for c in m["content"] if c.get("type") == "file"]
+    galleries = [c for m in chat for c in m["content"] if c.get("component") == "gallery"]
+    return [item["image"]["path"] for g in galleries for item in g["value"]]
 
 
 async def test_imagine_streams_queue_and_progress_then_images(tmp_path):

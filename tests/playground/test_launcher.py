@@ -140,6 +140,8 @@ def test_make_run_generates_an_image_and_stops_cleanly_on_ctrl_c(tmp_path, tiny_
     chat = next(o for o in outputs if isinstance(o, list))
     texts = [c.get("text", "") for m in chat for c in m["content"] if c.get("type") == "text"]
     assert "a tiny lighthouse" in texts[-1] and "seed 3" in texts[-1], texts
+    [gallery] = [c for m in chat for c in m["content"] if c.get("component") == "gallery"]
+    assert [item["caption"] for item in gallery["value"]] == ["V1"]
     assert jobs(tmp_path / "data" / "imagine.db") == [(1, "succeeded", "web")]
     images = list((tmp_path / "data" / "images").rglob("*.png"))
     assert len(images) == 1 and images[0].read_bytes().startswith(b"\x89PNG")
