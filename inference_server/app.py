@@ -20,18 +20,7 @@ from inference_server import keys
 from inference_server.batcher import DynamicBatchingEngine
 from inference_server.config import Config
 from inference_server.config_loader import ConfigError
-from inference_server.engine import (
-    DeadlineExceeded,
-    Engine,
-    EngineError,
-    GenerationResult,
-    Job,
-    NotReady,
-    Overloaded,
-    Progress,
-    ShuttingDown,
-    Task,
-)
+from inference_server.engine import Engine, EngineError, GenerationResult, Job, Progress, ShuttingDown, Task
 from inference_server.errors import RequestError
 from inference_server.images import png_base64
 from inference_server.metrics import Metrics
@@ -349,7 +338,7 @@ async def health(request: web.Request) -> web.Response:
     engine = request.app[keys.ENGINE]
     info = engine.info
     body = {
-        "status": engine.state,
+        "status": "stopping" if request.app[keys.STATE].draining else engine.state,
         "device": info.device,
         "dtype": info.dtype,
         "model": info.model,
@@ -480,4 +469,4 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await engine.stop(app[keys.CONFIG].server.shutdown_grace_s)
 
 
-__all__ = ["create_app", "build_engine", "DeadlineExceeded", "NotReady", "Overloaded"]
+__all__ = ["create_app", "build_engine", "read_body", "error_response", "engine_error_response"]

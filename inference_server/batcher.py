@@ -38,8 +38,9 @@ from inference_server.pipelines import PipelineRunner
 
 log = logging.getLogger(__name__)
 
-# Arrival gaps remembered: enough to see a burst pattern of max_batch_size requests twice over.
-ARRIVAL_HISTORY = 16
+# Arrival gaps remembered: enough to see a burst of a typical batch, short enough to adapt within
+# a few requests when traffic changes.
+ARRIVAL_HISTORY = 8
 # Fewer gaps than this say nothing yet: wait for company, the safe default for throughput.
 MIN_ARRIVAL_HISTORY = 4
 
@@ -194,6 +195,7 @@ class DynamicBatchingEngine:
     async def _serve(self) -> None:
         assert self._wakeup is not None and self._idle is not None
         max_wait = self.config.max_wait_ms / 1000
+        device_free_at = 0.0
         while True:
             self._drop_unwanted()
             if not self._queue:
@@ -202,7 +204,10 @@ class DynamicBatchingEngine:
                 await self._wakeup.wait()
                 continue
             batch, full = self._select()
-            wait_left = self._queue[0].enqueued_at + max_wait - time.monotonic()
+            # The wait counts from when the device became free, not only from the oldest arrival: a
+            # request that queued during the last batch still waits for the clients that batch just
+            # answered. Otherwise groups of clients fall out of step and batches stay split.
+            wait_left = max(self._queue[0].enqueued_at, device_free_at) + max_wait - time.monotonic()
             if not full and wait_left > 0 and self._state != "stopping" and self.companions_likely():
                 # Idle device, partial batch: give concurrent requests a moment to join.
                 self._wakeup.clear()
@@ -212,6 +217,7 @@ class DynamicBatchingEngine:
             for job in batch:
                 self._queue.remove(job)
             await self._run(batch)
+            device_free_at = time.monotonic()
 
     def _drop_unwanted(self) -> None:
         now = time.monotonic()

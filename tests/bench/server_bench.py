@@ -9,9 +9,11 @@ count:
 - the real server (`python -m inference_server` in a subprocess, over loopback HTTP with auth, PNG
   encoding and JSON) at concurrency 1, 4, 8 and 16.
 
-Ratios are against the server at concurrency 1 (the same requests sent one at a time) and against
-the direct batched call. Every mode is measured once per round, rounds interleave, and each mode
-reports its median round, so load from other jobs on a shared machine hits all modes alike. Not a test: timings on shared machines are noisy, so nothing is asserted.
+Ratios are against the server at concurrency 1 (the same requests sent one at a time), the direct
+sequential calls, and the direct batched call. Every round runs every mode once, in a shuffled
+order, and each mode reports its median round, so load from other jobs on a shared machine hits all
+modes alike; the table also shows each mode's range over the rounds. Not a test: timings on shared
+machines are noisy, so nothing is asserted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import socket
 import statistics
@@ -41,13 +44,13 @@ SPEC = TinyPipelineSpec(sample_size=64, vae_channels=(8, 8, 16), unet_channels=(
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=32, help="requests per measurement (default 32)")
+    p.add_argument("--requests", type=int, default=24, help="requests per measurement (default 24)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, server and direct (default 1)")
     p.add_argument("--batch", type=int, default=8, help="server max_batch_size and direct batch (default 8)")
     p.add_argument("--levels", default="1,4,8,16", help="client concurrency levels (default 1,4,8,16)")
     p.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds; each mode reports its median round"
+        "--rounds", type=int, default=5, help="interleaved rounds; each mode reports its median round"
     )
     p.add_argument("--device", default="cpu", help="device for both server and direct calls (default cpu)")
     return p.parse_args()
@@ -66,8 +69,8 @@ def requests_for(n: int, steps: int) -> list[dict[str, Any]]:
     ]
 
 
-def direct_runner(folder: Path, batch: int, threads: int, device: str) -> Any:
-    """A function measuring the direct pipeline on a list of requests, sequentially and batched."""
+def direct_runner(folder: Path, batch: int, threads: int, device: str) -> dict[str, Any]:
+    """Measurements of the direct pipeline (no server) on a list of requests, by mode name."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -102,17 +105,14 @@ def direct_runner(folder: Path, batch: int, threads: int, device: str) -> Any:
             "p95": percentile(latencies, 0.95),
         }
 
-    def run(reqs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-        call(reqs[:1])
-        call(reqs[:batch])  # warm both shapes
-        return {
-            "direct sequential (batch 1)": measure(reqs, 1),
-            # Batched calls are short: measure three times the images so one burst of outside load
-            # can't decide the figure.
-            f"direct batched (batch {batch})": measure(reqs * 3, batch),
-        }
-
-    return run
+    call(requests_for(1, 2))
+    call(requests_for(batch, 2))  # warm both shapes
+    return {
+        "direct sequential (batch 1)": lambda reqs: measure(reqs, 1),
+        # Batched calls are short: measure three times the images so one burst of outside load
+        # can't decide the figure.
+        f"direct batched (batch {batch})": lambda reqs: measure(reqs * 3, batch),
+    }
 
 
 async def load_server(url: str, reqs: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
@@ -184,8 +184,8 @@ def main() -> None:
             f"tiny pipeline: {SPEC.describe()}; {args.steps} steps, guidance 7.5, {SPEC.sample_size}x{SPEC.sample_size}"
         )
         print(f"{args.requests} requests of 1 image per measurement; torch threads {args.threads}; device {args.device}; "
-              f"cores {os.cpu_count()}; median of {args.rounds} interleaved rounds; load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
-        run_direct = direct_runner(folder, args.batch, args.threads, args.device)
+              f"cores {os.cpu_count()}; median of {args.rounds} rounds, modes shuffled in each; load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
+        modes = direct_runner(folder, args.batch, args.threads, args.device)
         rounds: dict[str, list[dict[str, float]]] = {}
 
         def record(name: str, row: dict[str, float]) -> None:
@@ -197,35 +197,45 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(wait_ready(url, proc))
             asyncio.run(load_server(url, reqs[: args.batch], args.batch))  # warm the server's shapes
-            # Rounds interleave every mode, so a burst of load from elsewhere hits them all alike.
+            for c in levels:
+                modes[f"server, concurrency {c}"] = lambda reqs, c=c: asyncio.run(load_server(url, reqs, c))
+            # Every round runs every mode once, in a shuffled order, so bursts of load from other jobs
+            # on a shared machine hit all modes alike; each mode then reports its median round.
+            shuffler = random.Random(0)
             for _ in range(args.rounds):
-                for name, row in run_direct(reqs).items():
-                    record(name, row)
-                for c in levels:
-                    record(f"server, concurrency {c}", asyncio.run(load_server(url, reqs, c)))
+                order = list(modes)
+                shuffler.shuffle(order)
+                for name in order:
+                    record(name, modes[name](reqs))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     # The round with the median throughput stands for each mode (its latencies come with it).
-    rows = {name: sorted(rs, key=lambda r: r["ips"])[len(rs) // 2] for name, rs in rounds.items()}
+    rows = {}
+    for name in modes:
+        ordered = sorted(rounds[name], key=lambda r: r["ips"])
+        rows[name] = {**ordered[len(ordered) // 2], "min": ordered[0]["ips"], "max": ordered[-1]["ips"]}
     print_table(rows, args.batch)
 
 
 def print_table(rows: dict[str, dict[str, float]], batch: int) -> None:
-    seq = rows.get("server, concurrency 1", {}).get("ips")
+    server_seq = rows["server, concurrency 1"]["ips"] if "server, concurrency 1" in rows else None
+    direct_seq = rows["direct sequential (batch 1)"]["ips"]
     best = rows[f"direct batched (batch {batch})"]["ips"]
     print()
     print(
-        "| mode | images/s | p50 latency (s) | p95 latency (s) | mean batch | x server sequential | % of direct batched |"
+        "| mode | images/s (median) | min-max over rounds | p50 latency (s) | p95 latency (s) | mean batch "
+        "| x server sequential | x direct sequential | % of direct batched |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         mean_batch = (
             f"{r['mean_batch']:.1f}" if "mean_batch" in r else ("1" if "sequential" in name else str(batch))
         )
-        ratio = f"{r['ips'] / seq:.2f}x" if seq else "-"
+        vs_server = f"{r['ips'] / server_seq:.2f}x" if server_seq else "-"
         print(
-            f"| {name} | {r['ips']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {mean_batch} | {ratio} | {100 * r['ips'] / best:.0f}% |"
+            f"| {name} | {r['ips']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} "
+            f"| {mean_batch} | {vs_server} | {r['ips'] / direct_seq:.2f}x | {100 * r['ips'] / best:.0f}% |"
         )
     print()
     print(f"load average after: {os.getloadavg()[0]:.1f}")
