@@ -20,8 +20,8 @@ async def test_type_a_prompt_get_images_then_reroll_and_vary(tmp_path, page):
         chat = page.locator("#chat")
         await chat.get_by_text("seed 42 · 64x64").wait_for()
         assert await flows.wait_chat_images(page, 2) == 2
-        await page.locator("#quota").get_by_text("23").wait_for()
-        assert "used 2 of 25 today" in await page.locator("#quota").inner_text()
+        await page.locator("#quota").get_by_text("used 2 of 25 today").wait_for()
+        assert (await page.locator("#quota").inner_text()).startswith("23 image(s) left")
         assert await page.locator("#v2").is_enabled() and await page.locator("#v3").is_disabled()
 
         await flows.click_and_wait(page, "#reroll", job_id=2)
