@@ -164,6 +164,7 @@ class FakeDiscord:
         self.reactions: list[tuple[int, str, int]] = []  # (message_id, emoji, user_id) added via REST
         self.heartbeats: list[float] = []  # monotonic time of each heartbeat answered
         self.identifies: list[dict] = []
+        self.resumes: list[dict] = []
         self.attachments: dict[str, tuple[str, bytes]] = {}  # "id/filename" -> (content type, bytes)
         self.downloads: list[str] = []  # attachment keys fetched by the bot
         self._failures: list[dict] = []
@@ -303,6 +304,7 @@ class FakeDiscord:
                     self.identifies.append(data["d"])
                     await self._send_ready(ws)
                 elif op == 6:
+                    self.resumes.append(data["d"])
                     await self._send(ws, "RESUMED", {})
         finally:
             self._sockets.remove(ws)
@@ -404,6 +406,15 @@ class FakeDiscord:
                 await self._send(ws, event, data)
 
         await self._on_fake_loop(send())
+
+    async def drop_gateway(self, code: int = 4000) -> None:
+        """Close every gateway connection the way Discord does on an error (4000: unknown error, resumable)."""
+
+        async def close() -> None:
+            for ws in list(self._sockets):
+                await ws.close(code=code, message=b"fake: dropped")
+
+        await self._on_fake_loop(close())
 
     def connected(self) -> bool:
         return bool(self._sockets)

@@ -51,3 +51,18 @@ async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_discord:
         job = await result_job(second, result)
     assert job.state == "succeeded" and job.prompt == "a phoenix"
     assert "a phoenix" in result["content"] and f"<@{carol.id}>" in result["content"]
+
+
+async def test_gateway_drop_is_resumed_and_commands_keep_working(fake_discord: FakeDiscord, tmp_path):
+    dan = fake_discord.user("dan")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+        await fake_discord.drop_gateway()
+        await fake_discord.wait_for(
+            lambda: fake_discord.resumes and fake_discord.connected(), what="a resume"
+        )
+        rec = await fake_discord.slash("imagine", dan, {"prompt": "after the storm"})
+        result = await wait_result(fake_discord, rec)
+        app.check_alive()
+    assert len(fake_discord.identifies) == 1  # resumed the session, not a new login
+    assert fake_discord.resumes[0]["session_id"] == "session-1"
+    assert "after the storm" in result["content"]
