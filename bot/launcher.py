@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -94,6 +95,17 @@ class Plan:
         return url_for(self.playground, self.playground.port) if self.playground.port else None
 
 
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _get(url: str, timeout: float = 2.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
@@ -162,11 +174,27 @@ def main(argv: list[str] | None = None) -> int:
             check_model_source(plan.server_config.model)
         except ModelLoadError as e:
             say(f"cannot start the inference server: {e}")
+            say("to try the bot without a model: IMAGINE_BACKENDS_KIND=fake make run (placeholder images)")
             return 2
         source = ensure_token(env)
         say(f"INFERENCE_API_TOKEN from {source}")
         # The bot talks to the server started here, unless the URLs were set explicitly.
         env.setdefault("IMAGINE_BACKENDS_URLS", json.dumps([plan.server_url]))
+
+    busy = [
+        f"{where} {host}:{port} is in use (another `make run`?); set {var} to a free port"
+        for where, host, port, var, needed in (
+            ("[inference_server]", plan.server_config.server.host, plan.server_config.server.port,
+             "IMAGINE_INFERENCE_SERVER_PORT", plan.run_server),
+            ("[playground]", plan.playground.host, plan.playground.port, "IMAGINE_PLAYGROUND_PORT",
+             plan.playground.enabled),
+        )
+        if needed and port and not port_free(host, port)
+    ]  # fmt: skip
+    for message in busy:
+        say(message)
+    if busy:
+        return 2
 
     # Child processes are Python: unbuffered, so their lines show up as they are written.
     env["PYTHONUNBUFFERED"] = "1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -103,3 +104,50 @@ def test_nothing_painted_means_no_mask_and_no_upload_is_refused():
     assert mask is None
     with pytest.raises(Exception, match="Upload an image first"):
         mask_from_editor({"background": None, "layers": []})
+
+
+def test_launcher_token_comes_from_env_then_file_then_is_made_once(tmp_path):
+    import stat
+
+    from bot.launcher import ensure_token
+
+    token_file = tmp_path / "data" / ".inference_token"
+    assert ensure_token({"INFERENCE_API_TOKEN": "given"}, token_file) == "environment"
+    assert not token_file.exists()
+    env: dict[str, str] = {}
+    assert ensure_token(env, token_file) == f"{token_file} (new)"
+    made = env["INFERENCE_API_TOKEN"]
+    assert len(made) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    again: dict[str, str] = {}
+    assert ensure_token(again, token_file) == str(token_file) and again["INFERENCE_API_TOKEN"] == made
+
+
+def test_procfile_runs_the_server_and_the_bot():
+    from bot.launcher import read_procfile
+
+    assert read_procfile() == {"server": "exec python -m inference_server", "bot": "exec python -m bot"}
+
+
+def test_launcher_refuses_a_busy_port_and_a_missing_model_with_a_hint(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from bot.launcher import main
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("IMAGINE_CONFIG", "INFERENCE_API_TOKEN", "IMAGINE_BACKENDS_KIND"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("IMAGINE_BACKENDS_KIND", "fake")
+        monkeypatch.setenv("IMAGINE_PLAYGROUND_PORT", str(port))
+        assert main(["--config", str(Path(__file__).resolve().parents[2] / "config.toml")]) == 2
+    out = capsys.readouterr().out
+    assert f"[playground] 127.0.0.1:{port} is in use" in out and "IMAGINE_PLAYGROUND_PORT" in out
+
+    monkeypatch.setenv("IMAGINE_BACKENDS_KIND", "inference_server")
+    monkeypatch.setenv("IMAGINE_MODEL_PATH", str(tmp_path / "no-such-model"))
+    assert main(["--config", str(Path(__file__).resolve().parents[2] / "config.toml")]) == 2
+    out = capsys.readouterr().out
+    assert "cannot start the inference server" in out and "IMAGINE_BACKENDS_KIND=fake make run" in out
