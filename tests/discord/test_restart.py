@@ -14,7 +14,8 @@ async def test_reaction_on_a_result_from_before_a_restart(fake_discord: FakeDisc
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a ship in a bottle", "count": 2})
         old = await wait_result(fake_discord, rec)
         old_job = await result_job(first, old)
-    assert not fake_discord.connected() or len(fake_discord.identifies) == 1
+    assert "discord" not in first.service.deliveries  # run() cleaned up when cancelled
+    await fake_discord.wait_for(lambda: not fake_discord.connected(), what="the gateway to close")
 
     # A new process: new bot session, new core objects, same SQLite file and image storage.
     async with App(fake_discord, config) as second:
