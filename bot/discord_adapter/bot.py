@@ -73,7 +73,14 @@ class ImagineBot(commands.Bot):
             for gid in self.config.guild_ids:
                 guild = discord.Object(gid)
                 self.tree.copy_global_to(guild=guild)
-                synced = await self.tree.sync(guild=guild)
+                try:
+                    synced = await self.tree.sync(guild=guild)
+                except discord.Forbidden as e:
+                    raise RuntimeError(
+                        f"[discord] guild_ids: cannot sync commands to guild {gid} ({e.text}): the bot is "
+                        "not in that server, or was invited without the applications.commands scope "
+                        "(invite it again with the URL from the README)"
+                    ) from None
                 log.info("synced %d commands to guild %s", len(synced), gid)
         else:
             synced = await self.tree.sync()

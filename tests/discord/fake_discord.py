@@ -712,6 +712,8 @@ class FakeDiscord:
 
     async def _sync_guild(self, request: web.Request, app_id: str, guild_id: str) -> web.Response:
         payload = await request.json()
+        if int(guild_id) != self.guild_id:
+            return self._error(403, 50001, "Missing Access")
         self.command_syncs.append({"guild_id": int(guild_id), "payload": payload})
         return self._json(self._commands_with_ids(payload, guild_id))
 

@@ -49,6 +49,17 @@ async def test_global_sync_when_no_guilds(fake_discord: FakeDiscord, tmp_path):
     assert admin.get("default_member_permissions") is None
 
 
+async def test_sync_to_a_guild_the_bot_is_not_in_names_the_key(fake_discord: FakeDiscord, tmp_path):
+    from bot.bootstrap import build_core
+    from bot.discord_adapter import run
+
+    config = app_config(tmp_path, fake_discord, discord={"guild_ids": [fake_discord.guild_id, 42]})
+    async with build_core(config, {}) as core:
+        with pytest.raises(RuntimeError, match=r"guild_ids: cannot sync commands to guild 42"):
+            await run(core.service, config, {"DISCORD_TOKEN": fake_discord.token})
+    assert [s["guild_id"] for s in fake_discord.command_syncs] == [fake_discord.guild_id]
+
+
 async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: FakeDiscord, tmp_path):
     alice, zoe = fake_discord.user("alice"), fake_discord.user("zoe")
     backend = FakeBackend()
