@@ -455,7 +455,9 @@ class PlaygroundUI:
 
     def build(self) -> gr.Blocks:
         cfg = self.config
-        with gr.Blocks(title=cfg.title, analytics_enabled=False) as blocks:
+        # Gradio serves results from copies in its cache; the originals stay in the image storage,
+        # so copies older than a day go (checked hourly) instead of filling the disk.
+        with gr.Blocks(title=cfg.title, analytics_enabled=False, delete_cache=(3600, 86400)) as blocks:
             with gr.Row():
                 gr.Markdown(f"## {cfg.title}")
                 who = gr.Markdown(elem_id="whoami")
