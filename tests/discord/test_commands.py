@@ -230,3 +230,15 @@ async def test_run_refuses_a_bad_token(fake_discord: FakeDiscord, tmp_path):
         with pytest.raises(RuntimeError, match="DISCORD_TOKEN is not set"):
             await run(core.service, config, {})
         assert "discord" not in core.service.deliveries  # unregistered on the way out
+
+
+async def test_progress_edits_are_throttled(fake_discord: FakeDiscord, tmp_path):
+    gus = fake_discord.user("gus")
+    # An interval longer than the test: after the first status edit only the result may follow.
+    config = app_config(tmp_path, fake_discord, discord={"progress_edit_interval_s": 1000.0})
+    async with App(fake_discord, config):
+        rec = await fake_discord.slash("imagine", gus, {"prompt": "a slow sunset", "steps": 30})
+        result = await wait_result(fake_discord, rec)
+    status_edits = [e for e in rec.edits if not e["_files"]]
+    assert len(status_edits) == 1, [e.get("content") for e in status_edits]
+    assert "a slow sunset" in result["content"]
