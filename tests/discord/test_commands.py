@@ -242,3 +242,22 @@ async def test_progress_edits_are_throttled(fake_discord: FakeDiscord, tmp_path)
     status_edits = [e for e in rec.edits if not e["_files"]]
     assert len(status_edits) == 1, [e.get("content") for e in status_edits]
     assert "a slow sunset" in result["content"]
+
+
+async def test_a_bug_shows_a_reference_not_a_traceback(
+    fake_discord: FakeDiscord, tmp_path, monkeypatch, caplog
+):
+    hal = fake_discord.user("hal")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+
+        async def broken_quota(*args, **kwargs):
+            raise RuntimeError("internal detail: postgres://user:secret@db")
+
+        # A bug inside the core (simulated): the user gets a reference, the log the traceback.
+        monkeypatch.setattr(app.service, "quota", broken_quota)
+        rec = await fake_discord.slash("quota", hal)
+        text = await wait_ephemeral(fake_discord, rec)
+    assert "Something went wrong" in text and "secret" not in text and "Traceback" not in text
+    ref = text.split("(ref ")[1].split(")")[0]
+    logged = [r for r in caplog.records if ref in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "secret" in str(logged[0].exc_info[1])

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from bot.core.api import Actor
+from tests.core.conftest import create_pg_database, drop_pg_database, pg_unavailable_reason
 from tests.discord.fake_discord import FakeDiscord
 from tests.discord.harness import App, app_config, result_job, wait_result
 
@@ -67,3 +72,30 @@ async def test_gateway_drop_is_resumed_and_commands_keep_working(fake_discord: F
     assert len(fake_discord.identifies) == 1  # resumed the session, not a new login
     assert fake_discord.resumes[0]["session_id"] == "session-1"
     assert "after the storm" in result["content"]
+
+
+@pytest.mark.postgres
+async def test_restart_and_reaction_on_postgresql(fake_discord: FakeDiscord, tmp_path):
+    """The restart flow on the deployment database."""
+    reason = pg_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("IMAGINE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"IMAGINE_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    url = create_pg_database()
+    try:
+        config = app_config(tmp_path, fake_discord, database={"url": url, "auto_migrate": True})
+        alice, bob = fake_discord.user("alice"), fake_discord.user("bob")
+        async with App(fake_discord, config) as first:
+            rec = await fake_discord.slash("imagine", alice, {"prompt": "a lantern", "count": 4})
+            old = await wait_result(fake_discord, rec)
+            old_job = await result_job(first, old)
+        async with App(fake_discord, config) as second:
+            await fake_discord.react(int(old["id"]), "🔁", bob)
+            new = await fake_discord.wait_for(
+                lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="re-roll"
+            )
+            new_job = await result_job(second, new[0])
+        assert new_job.kind == "reroll" and new_job.parent_id == old_job.id and new_job.user_id == str(bob.id)
+    finally:
+        drop_pg_database(url)
