@@ -448,3 +448,18 @@ async def test_end_to_end_on_postgresql(fake_slack: FakeSlack, tmp_path, http):
             assert [c.params.task for c in slack.backend.calls] == ["txt2img", "img2img"]
     finally:
         drop_pg_database(url)
+
+
+async def test_a_bug_shows_a_reference_not_a_traceback(slack: Running, monkeypatch, caplog):
+    async def broken_quota(*args, **kwargs):
+        raise RuntimeError("internal detail: connection string postgres://secret")
+
+    # a bug inside the core (simulated): the user gets a reference, the log gets the traceback
+    monkeypatch.setattr(slack.core.service, "quota", broken_quota)
+    await slack.sender.slash_command("/imagine", "quota")
+    await slack.fake.wait_for(lambda: slack.fake.responses)
+    text = slack.fake.responses[0]["text"]
+    assert "Something went wrong" in text and "secret" not in text and "Traceback" not in text
+    ref = text.split("ref `")[1].split("`")[0]
+    logged = [r for r in caplog.records if ref in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "postgres://secret" in str(logged[0].exc_info[1])
