@@ -491,9 +491,32 @@ class SlackDelivery:
         if a.status.has_message(job.id):
             await a.status.show(job, DONE, text)
             return
+        await self._tell_user(job, text)
+
+    async def _tell_user(self, job: JobView, text: str) -> None:
+        """An ephemeral note to the job's requester; where the bot may not post, the command's
+        response_url (valid 30 minutes) still reaches them."""
+        a = self._adapter
         channel, user = job_channel(job), job.delivery.get("user") or job.user_id
-        if channel:
-            await a.ephemeral(channel, user, job.delivery.get("thread_ts"))(text)
+        try:
+            if channel is None:
+                raise SlackApiError("no channel", {"ok": False, "error": "channel_not_found"})
+            await a.client.chat_postEphemeral(
+                channel=channel, user=user, text=text, thread_ts=job.delivery.get("thread_ts")
+            )
+            return
+        except SlackApiError as e:
+            log.warning("slack: job %s: could not tell %s: %s", job.id, user, e.response.get("error"))
+        response_url = job.delivery.get("response_url")
+        if not response_url:
+            return
+        body = {"text": text, "response_type": "ephemeral", "replace_original": False}
+        try:
+            async with a.http.post(response_url, json=body) as resp:
+                if resp.status >= 400:
+                    log.warning("slack: job %s: response_url answered %s", job.id, resp.status)
+        except aiohttp.ClientError as e:
+            log.warning("slack: job %s: response_url failed: %r", job.id, e)
 
     async def _share_ts(
         self, file_ids: list[str], channel: str, files: list[Mapping[str, Any]]
@@ -528,12 +551,8 @@ class SlackDelivery:
     async def _cannot_post(self, job: JobView, channel: str, e: SlackApiError) -> None:
         error = e.response.get("error")
         log.error("slack: job %s: upload to %s failed: %s", job.id, channel, error)
-        if error in ("not_in_channel", "channel_not_found"):
-            await self._adapter.status.show(
-                job,
-                DONE,
-                f":warning: <@{job.user_id}> I can't post images here: invite me with `/invite @imagine`.",
-            )
+        if error in CANNOT_POST:
+            await self._tell_user(job, messages.cannot_post_text(cancelled=False))
 
 
 def _ts_in_shares(shares: Mapping[str, Any], channel: str) -> str | None:

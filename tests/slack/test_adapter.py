@@ -463,3 +463,18 @@ async def test_a_bug_shows_a_reference_not_a_traceback(slack: Running, monkeypat
     ref = text.split("ref `")[1].split("`")[0]
     logged = [r for r in caplog.records if ref in r.getMessage()]
     assert logged and logged[0].exc_info is not None and "postgres://secret" in str(logged[0].exc_info[1])
+
+
+async def test_bot_removed_from_channel_while_job_runs_tells_user_via_response_url(slack: Running):
+    fake = slack.fake
+    slack.backend.hold()
+    await slack.sender.slash_command("/imagine", "a lonely moon", channel_id="CRANDOM01")
+    await fake.wait_for(lambda: slack.backend.in_flight == 1 and fake.calls_to("chat.postMessage"))
+    fake.not_member.add("CRANDOM01")  # someone removes the bot from the channel
+    slack.backend.release()
+    await fake.wait_for(lambda: fake.responses)
+    assert (
+        "can't show the result" in fake.responses[0]["text"]
+        and "/invite @imagine" in fake.responses[0]["text"]
+    )
+    assert not result_messages(fake, "CRANDOM01")
