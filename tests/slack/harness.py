@@ -10,21 +10,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot import slack_adapter
 from bot.bootstrap import build_core
+from bot.config import normalize_database_url
 from tests.slack.fake_slack import BOT_TOKEN, FakeMessage, FakeSlack
 from tests.slack.signed import SIGNING_SECRET, SlackSender
 
 ADMIN_ID = "UADMIN01"
+
+
+PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A database of its own on the test server (`DATABASE_URL_TEST`), dropped afterwards. Skips with
+    the reason when the server is unreachable; fails instead under IMAGINE_REQUIRE_POSTGRES=1 (CI)."""
+    admin_url = normalize_database_url(os.environ.get("DATABASE_URL_TEST", PG_DEFAULT))
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"imagine_slack_{uuid.uuid4().hex[:12]}"
+    try:
+        try:
+            async with asyncio.timeout(10), engine.connect() as conn:
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        except Exception as e:  # any failure means "no usable PostgreSQL here"
+            where = make_url(admin_url).render_as_string(hide_password=True)
+            reason = f"PostgreSQL not reachable at {where}: {e!r}"
+            if os.environ.get("IMAGINE_REQUIRE_POSTGRES") == "1":
+                pytest.fail(f"IMAGINE_REQUIRE_POSTGRES=1 but {reason}")
+            pytest.skip(reason)
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            async with engine.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await engine.dispose()
 
 
 def result_messages(fake: FakeSlack, channel: str = "CGENERAL1") -> list[FakeMessage]:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
 
 import pytest
 from PIL import Image
 
 from bot.core.api import Actor, Place
-from tests.core.conftest import create_pg_database, drop_pg_database, pg_unavailable_reason
 from tests.slack.fake_slack import BOT_USER_ID, FakeSlack
-from tests.slack.harness import ADMIN_ID, Running, result_messages, running_adapter
+from tests.slack.harness import ADMIN_ID, Running, postgres_database, result_messages, running_adapter
 from tests.slack.images import mask_png, opaque_png, transparent_hole_png
 from tests.slack.signed import SIGNING_SECRET
 
@@ -427,13 +425,7 @@ async def test_retry_racing_the_original_delivery_is_still_one_job(slack: Runnin
 @pytest.mark.postgres
 async def test_end_to_end_on_postgresql(fake_slack: FakeSlack, tmp_path, http):
     """The same flow on the deployment database: a command, a reaction and its racing retries."""
-    reason = pg_unavailable_reason()
-    if reason is not None:
-        if os.environ.get("IMAGINE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"IMAGINE_REQUIRE_POSTGRES=1 but {reason}")
-        pytest.skip(reason)
-    url = create_pg_database()
-    try:
+    async with postgres_database() as url:
         database = {"database": {"url": url, "auto_migrate": True}}
         async with running_adapter(fake_slack, tmp_path, http, sections=database) as slack:
             _, _, first = await imagine_and_wait(slack, "a harbour at night --seed 4")
@@ -446,8 +438,6 @@ async def test_end_to_end_on_postgresql(fake_slack: FakeSlack, tmp_path, http):
             variation = await attached_job(slack, result_messages(fake_slack)[1])
             assert variation.kind == "variation" and variation.parent_image_index == 0
             assert [c.params.task for c in slack.backend.calls] == ["txt2img", "img2img"]
-    finally:
-        drop_pg_database(url)
 
 
 async def test_a_bug_shows_a_reference_not_a_traceback(slack: Running, monkeypatch, caplog):
