@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,7 +38,8 @@ async def take(out: Path, server: str | None) -> list[Path]:
             else {"kind": "fake", "fake_delay_s": 0.5}
         )
         config = app_config(tmp, backends=backends, bot={"default_steps": 20})
-        async with running_playground(config) as app, async_playwright() as p:
+        env = {"INFERENCE_API_TOKEN": os.environ.get("INFERENCE_API_TOKEN", "")} if server else {}
+        async with running_playground(config, env) as app, async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": 1200, "height": 860})
             page.set_default_timeout(120_000)
