@@ -34,6 +34,8 @@ from bot.config import normalize_database_url
 from bot.core.api import Actor, Place
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+SOLO_SUBMISSIONS = 50  # enough for a stable median of the uncontended submission
+POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "10"))  # [database] pool_size default
 
 
 class CountingDelivery:
@@ -73,9 +75,9 @@ async def run_one(
 ) -> dict:
     total = submitters * per_submitter
     config = {
-        "database": {"url": url, "auto_migrate": True, "pool_size": 20},
+        "database": {"url": url, "auto_migrate": True, "pool_size": POOL_SIZE},
         "storage": {"dir": str(workdir / "images")},
-        "quotas": {"daily_limit": per_submitter},
+        "quotas": {"daily_limit": max(per_submitter, SOLO_SUBMISSIONS)},
         # default_steps only shapes the fake's work (none); the core's cost does not depend on it.
         "bot": {"max_queued_jobs": total + 1, "dispatch_concurrency": concurrency, "default_steps": 1},
     }
@@ -99,7 +101,18 @@ async def run_one(
         submitted = time.perf_counter() - start
         await asyncio.wait_for(delivery.done.wait(), 600)
         elapsed = time.perf_counter() - start
+    # The same submission alone (no other submitter, idle dispatcher): the cost of one transaction.
+    solo: list[float] = []
+    async with build_core(
+        config, {}, backend=FakeBackend(progress_events=False), start_dispatcher=False
+    ) as core:
+        actor, place = Actor("bench", "solo", "Solo"), Place("bench", "guild", "channel")
+        for k in range(SOLO_SUBMISSIONS):
+            t0 = time.perf_counter()
+            await core.service.imagine(actor, place, f"solo {k}", idempotency_key=f"solo-{k}")
+            solo.append(time.perf_counter() - t0)
     return {
+        "solo_p50_ms": percentile(solo, 50) * 1000,
         "db": label,
         "jobs": total,
         "failed": delivery.failed,
@@ -163,13 +176,16 @@ async def amain(args: argparse.Namespace) -> int:
                     await drop_pg(url)
     print(
         f"\ncore bench: {args.submitters} concurrent submitters x {args.jobs} jobs, instant FakeBackend, "
-        f"dispatch_concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+        f"dispatch_concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'db':<10}{'jobs':>6}{'submit p50 ms':>15}{'submit p99 ms':>15}{'submits/s':>11}{'jobs/s':>9}")
+    print(
+        f"{'db':<10}{'jobs':>6}{'submit p50 ms':>15}{'submit p99 ms':>15}{'submits/s':>11}{'jobs/s':>9}"
+        f"{'solo submit p50 ms':>20}"
+    )
     for r in results:
         print(
             f"{r['db']:<10}{r['jobs']:>6}{r['submit_p50_ms']:>15.1f}{r['submit_p99_ms']:>15.1f}"
-            f"{r['submits_per_s']:>11.0f}{r['jobs_per_s']:>9.0f}"
+            f"{r['submits_per_s']:>11.0f}{r['jobs_per_s']:>9.0f}{r['solo_p50_ms']:>20.1f}"
             + (f"  ({r['failed']} failed!)" if r["failed"] else "")
         )
     if len(results) == 2:
