@@ -52,6 +52,8 @@ CLAIM_CANDIDATES = 16
 # New jobs learn their queue position within this delay; batching them keeps a burst of
 # submissions from costing one queue scan each.
 NEW_POSITION_INTERVAL_S = 0.25
+# How often to look for claims held by dead processes on this host (see _expire_dead_local_owners).
+DEAD_OWNER_CHECK_S = 30.0
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -68,6 +70,7 @@ class Dispatcher:
         self._stopping = False
         self._last_heartbeat = 0.0
         self._last_positions = 0.0
+        self._last_dead_check = -DEAD_OWNER_CHECK_S
         self._last_new_positions = 0.0
         service.add_waker(self._wake.set)
 
@@ -146,6 +149,9 @@ class Dispatcher:
             self._last_heartbeat = now_mono
         if not platforms:
             return
+        if now_mono - self._last_dead_check >= DEAD_OWNER_CHECK_S:
+            self._last_dead_check = now_mono
+            await self._expire_dead_local_owners()
         # Taken-over work first: it has waited longest.
         while self._free() and (job_id := await self._claim_stale(platforms)) is not None:
             self._spawn(job_id)
@@ -292,6 +298,32 @@ class Dispatcher:
                 return None
         log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
         return job_id
+
+    async def _expire_dead_local_owners(self) -> None:
+        """Expire at once the leases of dispatchers that ran on this host and whose process is gone
+        (a bot restarted after a crash resumes its jobs now instead of after `lease_s`). Owners on
+        other hosts, or whose pid is alive (maybe reused), keep their lease until it expires."""
+        host = socket.gethostname()
+        async with self.db.read() as s:
+            owners = (
+                await s.execute(
+                    select(Job.lease_owner)
+                    .where(
+                        Job.lease_owner.is_not(None), Job.lease_owner.startswith(f"{host}:", autoescape=True)
+                    )
+                    .distinct()
+                )
+            ).scalars()
+            dead = [owner for owner in owners if owner != self.owner and not _pid_alive(owner)]
+        if not dead:
+            return
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.lease_owner.in_(dead), Job.lease_until > self.service.clock())
+                .values(lease_until=self.service.clock())
+            )
+        log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
 
     async def _heartbeat(self) -> None:
         ids = list(self._tasks)
@@ -568,3 +600,18 @@ class Dispatcher:
                 )
             )
         self.service.job_changed(view.id)
+
+
+def _pid_alive(owner: str) -> bool:
+    """For an owner id "host:pid:nonce" on this host: is that pid a running process?"""
+    try:
+        pid = int(owner.split(":")[1])
+    except (IndexError, ValueError):
+        return True  # not ours to judge: wait for the lease
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

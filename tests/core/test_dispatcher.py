@@ -174,7 +174,7 @@ WORKER = textwrap.dedent(
         backend = FakeBackend()
         backend.hold()  # never finishes: we are killed mid-job
         async with running_core(url, __import__("pathlib").Path(tmp), backend=backend,
-                                bot={"lease_s": 1.0}) as (core, delivery):
+                                bot={"lease_s": 600.0}) as (core, delivery):
             job = await core.service.imagine(ALICE, GUILD, "killed mid-job --n 2", idempotency_key="kill")
             await delivery.wait_for(lambda: any(e[0] == "progress" for e in delivery.events))
             print("RUNNING", job.id, flush=True)
@@ -186,7 +186,9 @@ WORKER = textwrap.dedent(
 
 
 async def test_killed_process_job_finishes_exactly_once_after_restart(db_url, tmp_path):
-    """A real bot process is SIGKILLed while its job runs; a new process finishes it exactly once."""
+    """A real bot process is SIGKILLed while its job runs; a new process finishes it exactly once.
+    The dead process held a 10-minute lease: the new one sees that the owner's pid on this host is
+    gone and takes the job over at once."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
