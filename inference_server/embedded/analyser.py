@@ -64,8 +64,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 def analyse(image: Image.Image | np.ndarray) -> Analysis:
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
-    border = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3),
-                             arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            arr[:2].reshape(-1, 3),
+            arr[-2:].reshape(-1, 3),
+            arr[:, :2].reshape(-1, 3),
+            arr[:, -2:].reshape(-1, 3),
+        ]
+    )
     bg_rgb = np.median(border, axis=0)
     background = _NAMES[int(nearest_colour(bg_rgb))]
     dist = np.sqrt(((arr - bg_rgb) ** 2).sum(-1))

@@ -66,8 +66,9 @@ def circumradius(shape: str, size: float) -> float:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def sample_spec(rng: random.Random, shape: str | None = None, colour: str | None = None,
-                background: str | None = None) -> ShapeSpec:
+def sample_spec(
+    rng: random.Random, shape: str | None = None, colour: str | None = None, background: str | None = None
+) -> ShapeSpec:
     """Draw a random shape description; fixed fields are kept as given."""
     names = list(COLOURS)
     shape = shape or rng.choice(SHAPES)
@@ -82,8 +83,17 @@ def sample_spec(rng: random.Random, shape: str | None = None, colour: str | None
     cx = rng.uniform(margin, IMAGE_SIZE - margin)
     cy = rng.uniform(margin, IMAGE_SIZE - margin)
     rot = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
-    return ShapeSpec(shape, colour, background, cx, cy, size, rot,
-                     _jitter(rng, COLOURS[colour]), _jitter(rng, COLOURS[background]))
+    return ShapeSpec(
+        shape,
+        colour,
+        background,
+        cx,
+        cy,
+        size,
+        rot,
+        _jitter(rng, COLOURS[colour]),
+        _jitter(rng, COLOURS[background]),
+    )
 
 
 def _polygon(spec: ShapeSpec, corners: int, radius: float, phase_deg: float) -> list[tuple[float, float]]:
@@ -102,8 +112,9 @@ def render(spec: ShapeSpec) -> Image.Image:
     draw = ImageDraw.Draw(big)
     r = circumradius(spec.shape, spec.size)
     if spec.shape == "circle":
-        draw.ellipse(((spec.cx - r) * s, (spec.cy - r) * s, (spec.cx + r) * s, (spec.cy + r) * s),
-                     fill=spec.colour_rgb)
+        draw.ellipse(
+            ((spec.cx - r) * s, (spec.cy - r) * s, (spec.cx + r) * s, (spec.cy + r) * s), fill=spec.colour_rgb
+        )
     elif spec.shape == "square":
         draw.polygon(_polygon(spec, 4, r, 45.0), fill=spec.colour_rgb)
     else:  # triangle, apex up before rotation
@@ -130,8 +141,9 @@ TEMPLATES: tuple[str, ...] = (
 
 
 def caption(shape: str, colour: str, background: str, template: int = 0) -> str:
-    return TEMPLATES[template].format(c=colour, s=shape, b=background, a_c=article(colour),
-                                      a_b=article(background))
+    return TEMPLATES[template].format(
+        c=colour, s=shape, b=background, a_c=article(colour), a_b=article(background)
+    )
 
 
 def caption_corpus() -> list[str]:

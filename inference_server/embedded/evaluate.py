@@ -55,12 +55,20 @@ def load_pipeline(folder: Path):
     return pipe
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 8) -> list[Image.Image]:
+def generate(
+    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 8
+) -> list[Image.Image]:
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, height=64, width=64)
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        out = pipe(
+            prompts[i : i + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=64,
+            width=64,
+        )
         images.extend(out.images)
     return images
 
@@ -81,8 +89,11 @@ def score(expected: list[tuple[str, str, str]], images: list[Image.Image]) -> di
         if a.shape != s:
             confusions[f"{s}->{a.shape}"] += 1
     n = len(images)
-    return {"n": n, **{k: round(hits[k] / n, 4) for k in ("background", "colour", "shape", "all")},
-            "top_confusions": dict(confusions.most_common(8))}
+    return {
+        "n": n,
+        **{k: round(hits[k] / n, 4) for k in ("background", "colour", "shape", "all")},
+        "top_confusions": dict(confusions.most_common(8)),
+    }
 
 
 def vae_round_trip(pipe, count: int = 200, seed: int = 4242) -> dict:
@@ -104,7 +115,9 @@ def variant_prompts(pipe, steps: int, guidance: float, count: int = 48) -> dict:
     for _ in range(count):
         sp = dataset.sample_spec(rng)
         expected.append((sp.shape, sp.colour, sp.background))
-        prompts.append(dataset.caption(sp.shape, sp.colour, sp.background, rng.randrange(1, len(dataset.TEMPLATES))))
+        prompts.append(
+            dataset.caption(sp.shape, sp.colour, sp.background, rng.randrange(1, len(dataset.TEMPLATES)))
+        )
     images = generate(pipe, prompts, [9000 + i for i in range(count)], steps, guidance)
     return score(expected, images)
 
@@ -127,9 +140,17 @@ def inpaint_check(pipe, steps: int, guidance: float) -> dict:
     mask.paste(255, (0, 0, 32, 64))
     inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
-    out = inpaint("a yellow square on a green background", image=base, mask_image=mask,
-                  num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                  generator=torch.Generator().manual_seed(12), strength=1.0).images[0]
+    out = inpaint(
+        "a yellow square on a green background",
+        image=base,
+        mask_image=mask,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(12),
+        strength=1.0,
+    ).images[0]
     overlaid = inpaint.image_processor.apply_overlay(mask, base, out)
     a, b, m = (np.asarray(i, dtype=np.float32) for i in (base, out, mask))
     c = np.asarray(overlaid, dtype=np.float32)
@@ -146,8 +167,14 @@ def inpaint_check(pipe, steps: int, guidance: float) -> dict:
     prompts = [dataset.caption(*p) for p in sources]
     src_images = generate(pipe, prompts, [21 + i for i in range(len(prompts))], steps, guidance)
     for i, (p, src) in enumerate(zip(prompts, src_images, strict=True)):
-        var = img2img(p, image=src, strength=0.5, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=torch.Generator().manual_seed(500 + i)).images[0]
+        var = img2img(
+            p,
+            image=src,
+            strength=0.5,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(500 + i),
+        ).images[0]
         sa, va = analyse(src), analyse(var)
         kept += (sa.background, sa.colour, sa.shape) == (va.background, va.colour, va.shape)
         moved.append(float(np.abs(np.asarray(var, np.float32) - np.asarray(src, np.float32)).mean()))
@@ -161,16 +188,29 @@ def latency(pipe, steps: int, guidance: float) -> dict:
         runs = []
         for r in range(repeats):
             t = time.perf_counter()
-            generate(pipe, ["a red circle on a blue background"] * n, [r * 10 + i for i in range(n)], steps, guidance, batch=n)
+            generate(
+                pipe,
+                ["a red circle on a blue background"] * n,
+                [r * 10 + i for i in range(n)],
+                steps,
+                guidance,
+                batch=n,
+            )
             runs.append(time.perf_counter() - t)
         return statistics.median(runs)
 
     timed(1, 1)  # warm-up: first calls allocate and pick kernels
     one = timed(1, 7)
     eight = timed(8, 3)
-    return {"threads": torch.get_num_threads(), "steps": steps, "guidance": guidance,
-            "single_image_s": round(one, 3), "batch8_s": round(eight, 3),
-            "batch8_per_image_s": round(eight / 8, 3), "batch8_throughput_gain": round(8 * one / eight, 2)}
+    return {
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "guidance": guidance,
+        "single_image_s": round(one, 3),
+        "batch8_s": round(eight, 3),
+        "batch8_per_image_s": round(eight / 8, 3),
+        "batch8_throughput_gain": round(8 * one / eight, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="one seed, no variants/inpaint/latency (for experiments)")
+    p.add_argument(
+        "--quick", action="store_true", help="one seed, no variants/inpaint/latency (for experiments)"
+    )
     p.add_argument("--no-latency", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.weights / "model_index.json").exists():
-        p.error(f"--weights {args.weights} is not a pipeline folder (no model_index.json); run make train-model")
+        p.error(
+            f"--weights {args.weights} is not a pipeline folder (no model_index.json); run make train-model"
+        )
     pipe = load_pipeline(args.weights)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds_per = 1 if args.quick else args.seeds
@@ -195,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [1000 + (i % seeds_per) for i in range(len(expected))]
     t = time.time()
     images = generate(pipe, prompts, seeds, args.steps, args.guidance)
-    results: dict = {"weights": str(args.weights), "steps": args.steps, "guidance": args.guidance,
-                     "prompts": score(expected, images), "generate_s": round(time.time() - t, 1)}
-    print(f"prompts ({results['prompts']['n']} images, {args.steps} steps, guidance {args.guidance}): "
-          f"background {results['prompts']['background']:.1%}  shape colour {results['prompts']['colour']:.1%}  "
-          f"shape kind {results['prompts']['shape']:.1%}  all three {results['prompts']['all']:.1%}")
+    results: dict = {
+        "weights": str(args.weights),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "prompts": score(expected, images),
+        "generate_s": round(time.time() - t, 1),
+    }
+    print(
+        f"prompts ({results['prompts']['n']} images, {args.steps} steps, guidance {args.guidance}): "
+        f"background {results['prompts']['background']:.1%}  shape colour {results['prompts']['colour']:.1%}  "
+        f"shape kind {results['prompts']['shape']:.1%}  all three {results['prompts']['all']:.1%}"
+    )
     print(f"  top confusions: {results['prompts']['top_confusions']}")
     first_seed = images[::seeds_per]
     sheet = grid(first_seed, columns=16)
@@ -207,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         results["vae_round_trip"] = vae_round_trip(pipe)
         v = results["vae_round_trip"]
-        print(f"VAE round trip ({v['n']} dataset images, {v['psnr_db']} dB): background {v['background']:.1%}  "
-              f"shape colour {v['colour']:.1%}  shape kind {v['shape']:.1%}")
+        print(
+            f"VAE round trip ({v['n']} dataset images, {v['psnr_db']} dB): background {v['background']:.1%}  "
+            f"shape colour {v['colour']:.1%}  shape kind {v['shape']:.1%}"
+        )
         results["variants"] = variant_prompts(pipe, args.steps, args.guidance)
         v = results["variants"]
-        print(f"caption variants ({v['n']} images): background {v['background']:.1%}  "
-              f"shape colour {v['colour']:.1%}  shape kind {v['shape']:.1%}")
+        print(
+            f"caption variants ({v['n']} images): background {v['background']:.1%}  "
+            f"shape colour {v['colour']:.1%}  shape kind {v['shape']:.1%}"
+        )
         results["edit"], edit_images = inpaint_check(pipe, args.steps, args.guidance)
         grid(edit_images, columns=4).save(args.out / "inpaint.png")
         print(f"inpaint/img2img: {results['edit']}")

@@ -39,19 +39,21 @@ def make_vae() -> AutoencoderKL:
 
 
 def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=TEXT_DIM,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=TEXT_DIM,
+        )
+    )
 
 
 def make_unet() -> UNet2DConditionModel:
@@ -90,16 +92,35 @@ def make_train_scheduler(schedule: str = "scaled_linear") -> DDPMScheduler:
     return DDPMScheduler.from_config(train_scheduler_config(schedule))
 
 
-def make_sample_scheduler(schedule: str = "scaled_linear", spacing: str = "trailing") -> DPMSolverMultistepScheduler:
+def make_sample_scheduler(
+    schedule: str = "scaled_linear", spacing: str = "trailing"
+) -> DPMSolverMultistepScheduler:
     # "trailing" starts sampling at t=999, the noise level the model was trained to start from.
     return DPMSolverMultistepScheduler.from_config(
-        {**train_scheduler_config(schedule), "algorithm_type": "dpmsolver++", "solver_order": 2,
-         "timestep_spacing": spacing, "steps_offset": 0})
+        {
+            **train_scheduler_config(schedule),
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "timestep_spacing": spacing,
+            "steps_offset": 0,
+        }
+    )
 
 
-def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-             unet: UNet2DConditionModel, scheduler) -> StableDiffusionPipeline:
+def assemble(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler,
+) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )

@@ -21,14 +21,20 @@ from .dataset import caption_corpus
 MAX_LENGTH = 20
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words people are likely to add to a prompt; learning them keeps such prompts short in tokens.
-EXTRA_WORDS = ("an image photo drawing of and in the shape colour color coloured colored small big "
-               "large centre center plain simple").split()
+EXTRA_WORDS = (
+    "an image photo drawing of and in the shape colour color coloured colored small big "
+    "large centre center plain simple"
+).split()
 _WORD_RE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -90,7 +96,8 @@ def build_tokenizer(folder: Path) -> CLIPTokenizer:
     vocab, merges = build_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
 
 
@@ -100,4 +107,5 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
     vocab, merges = build_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )

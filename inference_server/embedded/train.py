@@ -81,8 +81,13 @@ def _log(msg: str) -> None:
 
 def _bar(total: int, initial: int, desc: str) -> tqdm:
     # In a log file (no tty) a bar redrawn 10x a second is noise: update every 15 s instead.
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5 if sys.stderr.isatty() else 15.0,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,
+        dynamic_ncols=True,
+    )
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -160,7 +165,9 @@ def train_vae(cfg: TrainConfig, out: Path, resume: bool):
             crop_rng = random.Random(step)
             c = cfg.vae_crop
             offsets = [(crop_rng.randrange(0, 65 - c), crop_rng.randrange(0, 65 - c)) for _ in range(len(x))]
-            x = torch.stack([img[:, oy:oy + c, ox:ox + c] for img, (oy, ox) in zip(x, offsets, strict=True)])
+            x = torch.stack(
+                [img[:, oy : oy + c, ox : ox + c] for img, (oy, ox) in zip(x, offsets, strict=True)]
+            )
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, cfg.warmup_steps, budget.progress())
         post = vae.encode(x).latent_dist
@@ -177,8 +184,10 @@ def train_vae(cfg: TrainConfig, out: Path, resume: bool):
         bar.set_postfix(loss=f"{ema_loss:.4f}")
         timed_out = budget.over()
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60 or step == cfg.vae_steps or timed_out:
-            _save_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "spent_s": budget.spent()}, ckpt)
+            _save_atomic(
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "spent_s": budget.spent()},
+                ckpt,
+            )
             last_ckpt = time.time()
         if timed_out:
             _log(f"VAE: wall-clock budget reached at step {step}")
@@ -195,10 +204,14 @@ def train_vae(cfg: TrainConfig, out: Path, resume: bool):
     psnr = 10 * math.log10(4.0 / mse)
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     vae.save_pretrained(final)
-    stats = {"vae_steps": step, "vae_minutes_this_run": round((time.time() - started) / 60, 2),
-             "vae_minutes_total": round(budget.spent() / 60, 2),
-             "vae_heldout_mse": round(mse, 5), "vae_psnr_db": round(psnr, 2),
-             "scaling_factor": round(float(vae.config.scaling_factor), 4)}
+    stats = {
+        "vae_steps": step,
+        "vae_minutes_this_run": round((time.time() - started) / 60, 2),
+        "vae_minutes_total": round(budget.spent() / 60, 2),
+        "vae_heldout_mse": round(mse, 5),
+        "vae_psnr_db": round(psnr, 2),
+        "scaling_factor": round(float(vae.config.scaling_factor), 4),
+    }
     _log(f"VAE done: {stats}")
     return vae, stats
 
@@ -208,7 +221,9 @@ def train_vae(cfg: TrainConfig, out: Path, resume: bool):
 
 def _combo_index(spec: dataset.ShapeSpec) -> int:
     names = list(dataset.COLOURS)
-    return (dataset.SHAPES.index(spec.shape) * len(names) + names.index(spec.colour)) * len(names) + names.index(spec.background)
+    return (dataset.SHAPES.index(spec.shape) * len(names) + names.index(spec.colour)) * len(
+        names
+    ) + names.index(spec.background)
 
 
 def caption_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +235,9 @@ def caption_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
             for b in names:
                 for t in range(len(dataset.TEMPLATES)):
                     texts.append(dataset.caption(s, c, b, t) if b != c else "")
-    ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
     return ids.view(len(dataset.SHAPES) * len(names) * len(names), len(dataset.TEMPLATES), MAX_LENGTH), empty
 
@@ -237,7 +253,7 @@ def encode_pool(cfg: TrainConfig, vae, out: Path) -> tuple[torch.Tensor, torch.T
     chunks = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            chunks.append(vae.encode(_images_to_tensor(images[i:i + 256])).latent_dist.mean)
+            chunks.append(vae.encode(_images_to_tensor(images[i : i + 256])).latent_dist.mean)
     latents = torch.cat(chunks) * vae.config.scaling_factor
     combos = torch.tensor([_combo_index(s) for s in specs])
     _save_atomic({"latents": latents, "combos": combos}, cache)
@@ -288,9 +304,19 @@ def train_unet(cfg: TrainConfig, out: Path, vae, tokenizer, resume: bool, export
     B = cfg.unet_batch
 
     def save():
-        _save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
-                      "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                      "step": step, "spent_s": budget.spent()}, ckpt)
+        _save_atomic(
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema": ema,
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "spent_s": budget.spent(),
+            },
+            ckpt,
+        )
 
     while step < cfg.unet_steps:
         idx = torch.randint(0, n, (B,), generator=gen)
@@ -334,9 +360,13 @@ def train_unet(cfg: TrainConfig, out: Path, vae, tokenizer, resume: bool, export
     unet.eval()
     text_encoder.eval()
     minutes = (time.time() - started) / 60
-    stats = {"unet_steps": step, "unet_minutes_this_run": round(minutes, 2),
-             "unet_minutes_total": round(budget.spent() / 60, 2), "unet_final_loss": round(ema_loss or 0.0, 5),
-             "samples_per_s": round(B * step / max(1e-9, time.time() - started), 1)}
+    stats = {
+        "unet_steps": step,
+        "unet_minutes_this_run": round(minutes, 2),
+        "unet_minutes_total": round(budget.spent() / 60, 2),
+        "unet_final_loss": round(ema_loss or 0.0, 5),
+        "samples_per_s": round(B * step / max(1e-9, time.time() - started), 1),
+    }
     _log(f"UNet done: {stats}")
     return unet, text_encoder, stats
 
@@ -353,25 +383,42 @@ def export(vae, text_encoder, tokenizer, unet, cfg: TrainConfig, folder: Path) -
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="work dir for checkpoints (default data/train)")
-    p.add_argument("--export", type=Path, default=None,
-                   help="where to save the pipeline (default: the shipped weights folder; with --smoke: OUT/pipeline)")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="work dir for checkpoints (default data/train)"
+    )
+    p.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="where to save the pipeline (default: the shipped weights folder; with --smoke: OUT/pipeline)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage on tiny data (tests)")
     p.add_argument("--stage", choices=("all", "vae"), default="all", help="stop after the VAE with 'vae'")
-    p.add_argument("--export-only", action="store_true",
-                   help="export the EMA weights of the last UNet checkpoint without training (to inspect a run)")
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export the EMA weights of the last UNet checkpoint without training (to inspect a run)",
+    )
     defaults = TrainConfig()
     for field, value in asdict(defaults).items():
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=None,
-                       help=f"default {value}")
+        p.add_argument(
+            "--" + field.replace("_", "-"), type=type(value), default=None, help=f"default {value}"
+        )
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k) for k in asdict(defaults) if getattr(args, k) is not None}
     if args.smoke:
         # One thread: the tests share the CPU with other work, and tiny ops on two oversubscribed
         # threads spend most of their time waiting for each other.
-        smoke = {"vae_steps": 3, "vae_batch": 4, "latent_pool": 16, "unet_steps": 3, "unet_batch": 4,
-                 "warmup_steps": 2, "threads": 1}
+        smoke = {
+            "vae_steps": 3,
+            "vae_batch": 4,
+            "latent_pool": 16,
+            "unet_steps": 3,
+            "unet_batch": 4,
+            "warmup_steps": 2,
+            "threads": 1,
+        }
         overrides = {**smoke, **overrides}
     cfg = TrainConfig(**{**asdict(defaults), **overrides})
     if cfg.schedule not in ("scaled_linear", "linear"):
@@ -397,8 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     unet, text_encoder, unet_stats = train_unet(cfg, out, vae, tokenizer, args.resume, args.export_only)
     size = export(vae, text_encoder, tokenizer, unet, cfg, export_to)
-    summary = {**vae_stats, **unet_stats, "total_minutes_this_run": round((time.time() - t0) / 60, 2),
-               "export": str(export_to), "size_mb": round(size, 2), "config": asdict(cfg)}
+    summary = {
+        **vae_stats,
+        **unet_stats,
+        "total_minutes_this_run": round((time.time() - t0) / 60, 2),
+        "export": str(export_to),
+        "size_mb": round(size, 2),
+        "config": asdict(cfg),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _log("summary:\n" + json.dumps(summary, indent=2))
     return 0

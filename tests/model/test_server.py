@@ -21,8 +21,9 @@ from .conftest import WEIGHTS
 TOKEN = "model-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
-                                reason=f"no trained weights committed at {WEIGHTS} yet")
+pytestmark = pytest.mark.skipif(
+    not (WEIGHTS / "model_index.json").exists(), reason=f"no trained weights committed at {WEIGHTS} yet"
+)
 
 
 def _png_b64(img: Image.Image) -> str:
@@ -71,14 +72,22 @@ async def test_default_model_serves_txt2img_img2img_and_inpaint():
             assert image.size == (64, 64)
             assert analyse(image).background == "black"
 
-            variation = await post("img2img", {"prompt": prompt, "seed": 6, "strength": 0.4,
-                                               "image": _png_b64(image)})
+            variation = await post(
+                "img2img", {"prompt": prompt, "seed": 6, "strength": 0.4, "image": _png_b64(image)}
+            )
             assert analyse(variation).background == "black"
 
             mask = Image.new("L", (64, 64), 0)
             mask.paste(255, (0, 0, 64, 32))  # repaint the top half
-            repainted = await post("inpaint", {"prompt": "a yellow circle on a green background", "seed": 7,
-                                               "image": _png_b64(image), "mask": _png_b64(mask)})
+            repainted = await post(
+                "inpaint",
+                {
+                    "prompt": "a yellow circle on a green background",
+                    "seed": 7,
+                    "image": _png_b64(image),
+                    "mask": _png_b64(mask),
+                },
+            )
             before, after = np.asarray(image, np.float32), np.asarray(repainted, np.float32)
             change = np.abs(after - before).mean(-1)
             assert change[:32].mean() > 2 * change[32:].mean()

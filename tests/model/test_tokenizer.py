@@ -10,7 +10,7 @@ from .conftest import WEIGHTS
 
 def test_round_trip_of_every_training_caption(tmp_path):
     tok = build_tokenizer(tmp_path / "tok")
-    for text in dataset.caption_corpus()[:: 7]:
+    for text in dataset.caption_corpus()[::7]:
         ids = tok(text).input_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert len(ids) <= MAX_LENGTH
@@ -21,7 +21,14 @@ def test_round_trip_of_every_training_caption(tmp_path):
 def test_corpus_words_are_single_tokens_and_unknown_words_still_encode(tmp_path):
     tok = build_tokenizer(tmp_path / "tok")
     assert tok.tokenize("a purple triangle on a yellow background") == [
-        "a</w>", "purple</w>", "triangle</w>", "on</w>", "a</w>", "yellow</w>", "background</w>"]
+        "a</w>",
+        "purple</w>",
+        "triangle</w>",
+        "on</w>",
+        "a</w>",
+        "yellow</w>",
+        "background</w>",
+    ]
     ids = tok("a zebra").input_ids
     assert tok.unk_token_id not in ids[1:-1]
     assert tok.decode(ids, skip_special_tokens=True) == "a zebra"

@@ -17,8 +17,13 @@ def test_smoke_run_exports_a_loadable_pipeline_and_resumes(tmp_path):
     assert (out / "unet_ckpt.pt").exists() and (out / "vae" / "config.json").exists()
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
     assert (folder / "tokenizer" / "vocab.json").exists()
     # --resume continues from the checkpoints: two more UNet steps, the VAE is reused
