@@ -4,6 +4,7 @@ through the playground's HTTP API, and SIGINT (Ctrl-C) stops everything cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -77,8 +78,16 @@ class Launcher:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self._kill_children()
         self._reader.join(5)
         return rc
+
+    def _kill_children(self) -> None:
+        """The launcher did not stop: end the process groups honcho started (each in its own
+        session), so a failed test leaves no server or bot behind."""
+        for pid in re.findall(r"started \(pid=(\d+)\)", self.output):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
 
 
 def launcher_env(**overrides: str) -> dict[str, str]:
