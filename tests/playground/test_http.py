@@ -173,3 +173,29 @@ async def test_password_login_names_the_user_and_admins_need_their_password(tmp_
         assert "Granted 5 credits to `alice`" in granted[0]
         q = await app.service.quota(Actor("web", "alice"), Place("web"))
         assert q.bonus_credits == 5
+
+
+async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
+    # One job at a time, each taking a while: the third of three requests waits behind two.
+    config = app_config(
+        tmp_path, bot={"dispatch_concurrency": 1}, backends={"kind": "fake", "fake_delay_s": 1.5}
+    )
+    async with running_playground(config) as app:
+
+        def one(prompt: str) -> list[str]:
+            c = client(app.url)
+            try:
+                job = c.submit(f"/imagine {prompt}", api_name="/imagine")
+                job.result(timeout=60)
+                return [field(u, 'class="job-status"') for u in job.outputs()]
+            finally:
+                c.close()
+
+        first = asyncio.create_task(asyncio.to_thread(one, "one"))
+        await asyncio.sleep(0.5)
+        second = asyncio.create_task(asyncio.to_thread(one, "two"))
+        await asyncio.sleep(0.5)
+        statuses = await asyncio.gather(first, second, asyncio.to_thread(one, "three"))
+        seen = " ".join(s for job in statuses for s in job)
+        assert "position 2 in the queue" in seen, seen
+        assert all('data-state="succeeded"' in job[-1] for job in statuses)
