@@ -250,6 +250,10 @@ class PlaygroundUI:
                 yield (list(chat), texts.status_html("failed", text, job.id), last_job, *self._keep(),
                        await self.quota_text(actor))  # fmt: skip
 
+    def _nothing_yet(self, chat: list[dict[str, Any]]) -> tuple[Any, ...]:
+        status = texts.status_html("error", "Nothing to re-roll or vary yet: generate an image first.")
+        return (chat, chat, status, None, *self._keep(), gr.update())
+
     @staticmethod
     def _keep() -> list[Any]:
         """Leave the re-roll / variation buttons as they were (still about the last result)."""
@@ -293,6 +297,7 @@ class PlaygroundUI:
     ) -> AsyncIterator[tuple[Any, ...]]:
         actor = self.identity.actor(request)
         if last_job is None:
+            yield self._nothing_yet(chat)
             return
 
         async def submit() -> JobView:
@@ -309,6 +314,7 @@ class PlaygroundUI:
         ) -> AsyncIterator[tuple[Any, ...]]:
             actor = self.identity.actor(request)
             if last_job is None:
+                yield self._nothing_yet(chat)
                 return
 
             async def submit() -> JobView:

@@ -199,3 +199,18 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
         seen = " ".join(s for job in statuses for s in job)
         assert "position 2 in the queue" in seen, seen
         assert all('data-state="succeeded"' in job[-1] for job in statuses)
+
+
+async def test_reroll_before_any_result_says_so(tmp_path):
+    async with running_playground(app_config(tmp_path)) as app:
+
+        def go() -> tuple[Any, ...]:
+            c = client(app.url)
+            try:
+                return c.predict(api_name="/reroll")
+            finally:
+                c.close()
+
+        outputs = await asyncio.to_thread(go)
+        assert "generate an image first" in field(outputs, 'class="job-status"')
+        assert await app.service.history(Actor("web", "local"), limit=5) == []
