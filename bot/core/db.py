@@ -42,9 +42,10 @@ def make_engine(
         url,
         echo=echo,
         pool_size=pool_size,
-        # Bursts (200 concurrent submitters in the bench) wait for a connection instead of
-        # opening hundreds: PostgreSQL's default max_connections is 100 for every process together.
-        max_overflow=pool_size,
+        # A fixed pool: bursts (200 concurrent submitters in the bench) wait for a connection
+        # rather than opening more; PostgreSQL's default max_connections is 100 for every process
+        # together.
+        max_overflow=0,
         pool_timeout=60,
         pool_pre_ping=True,
     )
@@ -81,6 +82,12 @@ class Database:
         read_engine = engine.execution_options(sqlite_begin="DEFERRED") if self.is_sqlite else engine
         self._read = async_sessionmaker(read_engine, expire_on_commit=False)
         self._sqlite_writer = asyncio.Lock() if self.is_sqlite else None
+        # Units of work wait here, first come first served (asyncio.Semaphore is FIFO-fair), before
+        # taking a pooled connection. The pool's own queue lets newcomers overtake waiters: with
+        # 200 concurrent submitters on PostgreSQL the early ones waited 3-4x the median.
+        # Sessions are never nested, so this cannot deadlock.
+        size = engine.pool.size() if hasattr(engine.pool, "size") else 10
+        self._gate = asyncio.Semaphore(max(1, size))
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,15 +104,15 @@ class Database:
             # SQLite has one writer at a time. Queue this process's writers here rather than in
             # SQLite's busy handler, whose sleeps grow while the lock sits free (throughput fell
             # tenfold with 200 concurrent submitters). Other processes still meet the busy handler.
-            async with self._sqlite_writer, self._write() as s, s.begin():
+            async with self._sqlite_writer, self._gate, self._write() as s, s.begin():
                 yield s
             return
-        async with self._write() as s, s.begin():
+        async with self._gate, self._write() as s, s.begin():
             yield s
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self._read() as s, s.begin():
+        async with self._gate, self._read() as s, s.begin():
             yield s
 
     async def close(self) -> None:
