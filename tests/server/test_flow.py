@@ -166,3 +166,19 @@ async def test_graceful_shutdown_finishes_in_flight_and_queued_requests(server_f
         first, second = await asyncio.gather(running, queued)
         await shutdown
     assert len(first["images"]) == 1 and len(second["images"]) == 1
+
+
+async def test_stream_reports_a_deadline_as_an_error_event(server: Server) -> None:
+    gate = DeviceGate(server)
+    running = asyncio.ensure_future(server.generate("txt2img", {"prompt": "busy", "steps": 2}))
+    await gate.wait_entered()
+    body = {"prompt": "late", "steps": 2, "stream": True, "timeout_s": 0.3}
+    async with await server.post("txt2img", body) as resp:
+        events = await read_ndjson(resp)
+    gate.open()
+    await running
+    assert events[0]["event"] == "queued"
+    assert events[-1] == {
+        "event": "error",
+        "error": {"code": "deadline_exceeded", "message": events[-1]["error"]["message"], "field": None},
+    }
