@@ -54,6 +54,8 @@ CLAIM_CANDIDATES = 16
 NEW_POSITION_INTERVAL_S = 0.25
 # How often to look for claims held by dead processes on this host (see _expire_dead_local_owners).
 DEAD_OWNER_CHECK_S = 30.0
+# A claimed job as the dispatcher runs it: its view and (task, strength, image key, mask key).
+Loaded = tuple[JobView, tuple[str, float | None, str | None, str | None]]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -157,8 +159,8 @@ class Dispatcher:
             self._spawn(job_id)
         while self._free():
             claimed = await self._claim_queued(platforms, self.config.dispatch_concurrency - len(self._tasks))
-            for job_id in claimed:
-                self._spawn(job_id)
+            for job_id, loaded in claimed:
+                self._spawn(job_id, loaded)
             if not claimed:
                 break
         # Positions of newly queued jobs go out at once; changes of known ones at most every
@@ -173,8 +175,8 @@ class Dispatcher:
     def _free(self) -> bool:
         return len(self._tasks) < self.config.dispatch_concurrency
 
-    def _spawn(self, job_id: int) -> None:
-        task = asyncio.create_task(self._execute(job_id), name=f"job {job_id}")
+    def _spawn(self, job_id: int, loaded: Loaded | None = None) -> None:
+        task = asyncio.create_task(self._execute(job_id, loaded), name=f"job {job_id}")
         self._tasks[job_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -226,8 +228,8 @@ class Dispatcher:
         )
         return list((await s.execute(q)).scalars().all())
 
-    async def _claim_queued(self, platforms: Sequence[str], want: int) -> list[int]:
-        """Claim up to `want` jobs in fair order, in one transaction."""
+    async def _claim_queued(self, platforms: Sequence[str], want: int) -> list[tuple[int, Loaded]]:
+        """Claim up to `want` jobs in fair order, in one transaction; return them loaded."""
         claimed: list[int] = []
         async with self.db.session() as s:
             candidates = await self.fair_order(s, platforms, max(CLAIM_CANDIDATES, want))
@@ -264,7 +266,28 @@ class Dispatcher:
                         .values(last_dispatched_at=now)
                     )
                     claimed.append(job_id)
-        return claimed
+            if not claimed:
+                return []
+            rows = (
+                await s.execute(
+                    select(Job, User)
+                    .join(User, Job.user_id == User.id)
+                    .where(Job.id.in_(claimed))
+                    .execution_options(populate_existing=True)
+                )
+            ).all()
+            loaded = {job.id: await self._load(s, job, user) for job, user in rows}
+        return [(job_id, loaded[job_id]) for job_id in claimed]
+
+    async def _load(self, s: AsyncSession, job: Job, user: User | None = None) -> Loaded:
+        # Only a finished job has images; skip the query for the usual (queued/running) case.
+        view = await self.service._view(s, job, user, images=None if job.state == "succeeded" else ())
+        return view, (
+            job.params.get("task", "txt2img"),
+            job.params.get("strength"),
+            job.input_image_key,
+            job.mask_key,
+        )
 
     async def _claim_stale(self, platforms: Sequence[str]) -> int | None:
         """Take over a running job, or an undelivered finished one, whose lease has expired."""
@@ -415,19 +438,14 @@ class Dispatcher:
             log.exception("job %s: delivery %s.%s failed", view.id, view.platform, method)
             return False
 
-    async def _execute(self, job_id: int) -> None:
+    async def _execute(self, job_id: int, loaded: Loaded | None = None) -> None:
         try:
-            async with self.db.read() as s:
-                job = await s.get(Job, job_id)
-                assert job is not None
-                # Only a finished job has images; skip the query for the usual (queued/running) case.
-                view = await self.service._view(s, job, images=None if job.state == "succeeded" else ())
-                inputs = (
-                    job.params.get("task", "txt2img"),
-                    job.params.get("strength"),
-                    job.input_image_key,
-                    job.mask_key,
-                )
+            if loaded is None:
+                async with self.db.read() as s:
+                    job = await s.get(Job, job_id)
+                    assert job is not None
+                    loaded = await self._load(s, job)
+            view, inputs = loaded
             if view.state in ("succeeded", "failed"):
                 await self._deliver(view)  # taken over after the result was stored
                 return
