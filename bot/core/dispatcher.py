@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backends.base import (
@@ -295,6 +295,8 @@ class Dispatcher:
         stale = and_(
             Job.platform.in_(platforms),
             Job.lease_until < now,
+            # Not a job this process is still working on (its lease may have lapsed in a stall).
+            Job.id.not_in(list(self._tasks)) if self._tasks else true(),
             or_(
                 Job.state == "running",
                 and_(Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None)),
