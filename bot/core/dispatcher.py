@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import io
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from PIL import Image
 from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -545,7 +547,7 @@ class Dispatcher:
         stored: list[ResultImage] = []
         for index, image in enumerate(images):
             key = await self.service.storage.put(image.png)
-            width, height = view.params.width, view.params.height
+            width, height = _image_size(image.png) or (view.params.width, view.params.height)
             info = ImageInfo(
                 index, int(image.seed), key, content_key(image.png), len(image.png), width, height
             )
@@ -635,3 +637,13 @@ def _pid_alive(owner: str) -> bool:
     except PermissionError:
         return True  # exists, owned by another user
     return True
+
+
+def _image_size(png: bytes) -> tuple[int, int] | None:
+    """The real size of a returned image (a hosted API may not honour the requested size);
+    reads the header only."""
+    try:
+        with Image.open(io.BytesIO(png)) as img:
+            return img.size
+    except (OSError, ValueError):
+        return None
