@@ -250,7 +250,9 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView | None:
-        action = REACTION_ACTIONS.get(emoji.strip(":").strip()) or REACTION_ACTIONS.get(emoji)
+        # Clients differ on the emoji variation selector (U+FE0F) and Slack sends ":name:" or "name".
+        actions = {key.replace("\ufe0f", ""): value for key, value in REACTION_ACTIONS.items()}
+        action = actions.get(emoji.strip().strip(":").replace("\ufe0f", ""))
         if action is None:
             return None
         existing = await self._existing(actor, idempotency_key)

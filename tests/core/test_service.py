@@ -213,6 +213,10 @@ async def test_reroll_and_variation_resolve_the_parent_from_the_message(db_url, 
         )
         assert reroll.params.seed != 10
         variation = await core.service.react(BOB, GUILD, "msg-1", "two", idempotency_key="v2")  # Slack name
+        same = await core.service.react(BOB, GUILD, "msg-1", ":two:", idempotency_key="v2")
+        assert same.id == variation.id and not same.created
+        no_selector = await core.service.react(BOB, GUILD, "msg-1", "1\u20e3", idempotency_key="v1")
+        assert (no_selector.kind, no_selector.parent_image_index) == ("variation", 0)
         assert (variation.kind, variation.parent_image_index, variation.params.strength) == (
             "variation",
             1,
@@ -221,7 +225,7 @@ async def test_reroll_and_variation_resolve_the_parent_from_the_message(db_url, 
         with pytest.raises(BadParameters) as err:
             await core.service.react(BOB, GUILD, "msg-1", "4\ufe0f\u20e3", idempotency_key="v4")
         assert err.value.field == "image" and "2 image" in err.value.message
-        for j in (reroll, variation):
+        for j in (reroll, variation, no_selector):
             assert (await core.service.wait_for_job(j.id, 30)).state == "succeeded"
         # The variation was image-to-image from the parent's second image.
         calls = [c.params for c in core.backend.calls if c.params.task == "img2img"]
@@ -229,7 +233,12 @@ async def test_reroll_and_variation_resolve_the_parent_from_the_message(db_url, 
             second = (
                 await s.execute(select(ImageRow).where(ImageRow.job_id == parent.id, ImageRow.index == 1))
             ).scalar_one()
-        assert len(calls) == 1 and hashlib.sha256(calls[0].image).hexdigest() == second.storage_key
+        sources = {hashlib.sha256(c.image).hexdigest() for c in calls}
+        async with core.db.read() as s:
+            first = (
+                await s.execute(select(ImageRow).where(ImageRow.job_id == parent.id, ImageRow.index == 0))
+            ).scalar_one()
+        assert len(calls) == 2 and sources == {first.storage_key, second.storage_key}
         with pytest.raises(NotFound):
             await core.service.reroll(BOB, GUILD, job_id=9999, idempotency_key="nf")
 
