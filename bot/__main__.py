@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic logs a dozen set-up lines at INFO on every start; bot.bootstrap says what matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     load_dotenv()
     return asyncio.run(amain(str(config_path(args.config)), os.environ))
 

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     group.add_argument("--status", action="store_true", help="print the current and the head revision")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # set-up noise
     load_dotenv()
     import os
 
