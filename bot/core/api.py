@@ -374,7 +374,8 @@ class Delivery(Protocol):
         ...
 
 
-# Emoji (and Slack reaction names) understood by `ImageService.react`.
+# Emoji (and Slack reaction names) understood by `ImageService.react`, which also accepts
+# ":name:" and emoji with or without the U+FE0F variation selector.
 # Value: ("reroll", None) or ("variation", image index 0-3).
 REACTION_ACTIONS: Mapping[str, tuple[str, int | None]] = {
     "\U0001f501": ("reroll", None),  # 🔁
