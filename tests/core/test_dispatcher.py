@@ -222,3 +222,18 @@ async def test_killed_process_job_finishes_exactly_once_after_restart(db_url, tm
         async with core.db.read() as s:
             assert (await s.execute(select(func.count()).select_from(ImageRow))).scalar_one() == 2
         assert (await core.service.quota(ALICE, GUILD)).used_today == 2  # charged once
+
+
+async def test_a_job_longer_than_the_lease_is_not_taken_over(db_url, tmp_path):
+    """The holder renews its lease while the job runs, so a second dispatcher never steals it."""
+    b1, b2 = FakeBackend(delay_s=2.5), FakeBackend(delay_s=2.5)
+    async with (
+        running_core(db_url, tmp_path, backend=b1, owner="one", bot={"lease_s": 1.0}) as (core1, d1),
+        running_core(db_url, tmp_path, backend=b2, owner="two", bot={"lease_s": 1.0}) as (core2, d2),
+    ):
+        job = await core1.service.imagine(ALICE, GUILD, "slow --steps 5", idempotency_key="long")
+        done = await core1.service.wait_for_job(job.id, 60)
+        assert done.state == "succeeded" and done.attempts == 1
+        await asyncio.sleep(1.5)  # longer than a lease: a wrongful takeover would show now
+        assert len(b1.calls) + len(b2.calls) == 1
+        assert len(d1.succeeded.get(job.id, [])) + len(d2.succeeded.get(job.id, [])) == 1
