@@ -310,3 +310,19 @@ async def test_cancel_refunds_a_queued_job(db_url, tmp_path):
         assert (await core.service.quota(ALICE, GUILD)).used_today == 0
         assert (await core.service.cancel(ALICE, job.id)).state == "cancelled"  # idempotent, no double refund
         assert (await core.service.quota(ALICE, GUILD)).used_today == 0
+
+
+async def test_same_event_in_two_processes_is_one_job(db_url, tmp_path):
+    """Two bot processes receiving the same platform event (a retry, a replica) create one job."""
+    async with (
+        running_core(db_url, tmp_path, start=False, owner="a") as (core1, _),
+        running_core(db_url, tmp_path, start=False, owner="b") as (core2, _),
+    ):
+        jobs = await asyncio.gather(
+            *[
+                (core1 if i % 2 else core2).service.imagine(ALICE, GUILD, "x --n 2", idempotency_key="evt")
+                for i in range(10)
+            ]
+        )
+        assert len({j.id for j in jobs}) == 1 and sum(j.created for j in jobs) == 1
+        assert (await core1.service.quota(ALICE, GUILD)).used_today == 2
