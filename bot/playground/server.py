@@ -63,6 +63,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _import_ui_modules() -> None:
+    import gradio  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    import bot.playground.ui  # noqa: F401
+
+
 def build_app(
     service: Any, cfg: PlaygroundConfig, env: Mapping[str, str], delivery: WebDelivery, media: Path
 ) -> Any:
@@ -124,6 +131,10 @@ async def run_playground(
         await asyncio.Event().wait()  # an adapter runs until cancelled
         return
     _quiet_gradio_env()
+    # Importing gradio takes seconds of CPU; done on the loop it would stall the other adapters
+    # (Discord heartbeats, Slack's 3 s ack) started beside the playground. A worker thread
+    # still shares the GIL, but the loop gets its switch intervals and keeps answering.
+    await asyncio.to_thread(_import_ui_modules)
     import uvicorn
 
     class Server(uvicorn.Server):
