@@ -9,8 +9,9 @@
    50 ms) and continuous (max batch 8). Every engine runs with one torch thread (see README).
 2. Checks parity: images from the continuous engine against diffusers' own pipeline calls, every task
    and sampler, all submitted at once so that they share iterations; prints the largest difference.
-3. Measures sequential capacity per workload on the warm sequential engine (>= 30 requests back to
-   back): all-20-step, and mixed 10/20-step requests (half each, random order).
+3. Measures sequential capacity per workload on the warm sequential engine (30 requests back to
+   back in 3 interleaved rounds, keeping the fastest round: other jobs on a shared machine only
+   ever slow it down): all-20-step, and mixed 10/20-step requests (half each, random order).
 4. For each repetition, load (30/60/90/120 % of that capacity) and workload, runs the same Poisson
    arrival schedule (same prompts, seeds and arrival times) on the three engines, interleaved, the
    engine order rotating between repetitions. Latency is from a request's scheduled arrival to its
@@ -158,9 +159,9 @@ async def warm_up(engine: Any) -> None:
         await asyncio.gather(*(job.wait() for job in jobs))
 
 
-async def capacity(engine: Any, workload: str, n: int) -> float:
+async def capacity(engine: Any, workload: str, n: int, seed: int = 0) -> float:
     """Sequential requests/s, closed loop, one request at a time on the warm engine."""
-    rng = random.Random(12345)
+    rng = random.Random(12345 + seed)
     started = time.perf_counter()
     for _ in range(n):
         await engine.submit(make_request(rng, workload_steps(workload, rng)), timeout_s=3600).wait()
@@ -225,10 +226,22 @@ async def main_async(args: argparse.Namespace) -> None:
         await engine.start()
         await engine.wait_ready()
         await warm_up(engine)
-    caps = {}
+    # Other jobs on a shared machine slow some rounds down: measure in interleaved rounds and keep
+    # each workload's fastest, the machine's own capacity (a slow round would mislabel every load).
+    rounds = 3
+    per_round = max(1, -(-args.capacity_requests // rounds))
+    measured: dict[str, list[float]] = {w: [] for w in args.workloads}
+    for r in range(rounds):
+        for workload in args.workloads:
+            measured[workload].append(await capacity(engines["sequential"], workload, per_round, seed=r))
+    caps = {w: max(rates) for w, rates in measured.items()}
     for workload in args.workloads:
-        caps[workload] = await capacity(engines["sequential"], workload, args.capacity_requests)
-        print(f"sequential capacity, workload {label(workload)}: {caps[workload]:.3f} req/s", flush=True)
+        rates = ", ".join(f"{x:.3f}" for x in measured[workload])
+        print(
+            f"sequential capacity, workload {label(workload)}: {caps[workload]:.3f} req/s "
+            f"(fastest of {rounds} rounds of {per_round} requests: {rates})",
+            flush=True,
+        )
 
     # Requests per point: as many as fit the time budget (arrival windows of every point, with a
     # quarter kept for draining), at least --min-requests, at most --max-requests.
