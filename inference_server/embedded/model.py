@@ -102,7 +102,9 @@ def make_sample_scheduler(
             "algorithm_type": "dpmsolver++",
             "solver_order": 2,
             "timestep_spacing": spacing,
-            "steps_offset": 0,
+            # StableDiffusionPipeline rewrites any other value to 1 (with a warning); trailing
+            # spacing does not use it.
+            "steps_offset": 1,
         }
     )
 
