@@ -613,9 +613,11 @@ class Dispatcher:
         async with self.db.session() as s:
             await s.execute(
                 update(Job)
-                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.delivered_at.is_(None))
+                # delivered_at may already be set by attach_result_message (the adapter posted the
+                # result); the lease check alone makes this the one holder's update.
+                .where(Job.id == view.id, Job.lease_owner == self.owner)
                 .values(
-                    delivered_at=self.service.clock(),
+                    delivered_at=func.coalesce(Job.delivered_at, self.service.clock()),
                     delivery_error=None if ok else "delivery callback failed (see log)",
                     lease_owner=None,
                     lease_until=None,

@@ -714,7 +714,13 @@ class CoreService:
         self, job_id: int, message_id: str, channel_id: str | None = None
     ) -> None:
         async with self.db.session() as s:
-            values: dict[str, Any] = {"result_message_id": str(message_id)}
+            # A recorded result message means the user has seen the result: count the job as
+            # delivered now, so a bot stopped before its delivery callback returned does not post
+            # the same result again when the job is taken over after a restart.
+            values: dict[str, Any] = {
+                "result_message_id": str(message_id),
+                "delivered_at": func.coalesce(Job.delivered_at, self.clock()),
+            }
             if channel_id is not None:
                 values["result_channel_id"] = str(channel_id)
             result = await s.execute(update(Job).where(Job.id == job_id).values(**values))
