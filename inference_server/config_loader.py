@@ -161,7 +161,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = args[0] if args else Any
-        items = [value_i if item is Any else _coerce(value_i, item, f"{where}[{i}]") for i, value_i in enumerate(value)]
+        items = [
+            value_i if item is Any else _coerce(value_i, item, f"{where}[{i}]")
+            for i, value_i in enumerate(value)
+        ]
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
