@@ -33,9 +33,14 @@ migrate: setup
 test: setup
 	$(PY) -m pytest
 
+# The continuous-batching load test is the long one (open-loop Poisson arrivals, 3 interleaved
+# repetitions per point); its time budget is a knob: CONTINUOUS_BENCH_ARGS="--budget-minutes 26".
+CONTINUOUS_BENCH_ARGS ?= --budget-minutes 12
 bench: setup
 	$(PY) -m tests.bench.server_bench
+	$(PY) -m tests.openai.bench
 	$(PY) -m tests.bench.core_bench
+	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
