@@ -23,7 +23,12 @@ def test_defaults_file_values_and_env_override():
 
 
 def test_env_beats_file_and_parses_types():
-    env = {"IMAGINE_S_PORT": "81", "IMAGINE_S_DEBUG": "yes", "IMAGINE_S_NAMES": "a, b", "IMAGINE_S_LIMIT": "3"}
+    env = {
+        "IMAGINE_S_PORT": "81",
+        "IMAGINE_S_DEBUG": "yes",
+        "IMAGINE_S_NAMES": "a, b",
+        "IMAGINE_S_LIMIT": "3",
+    }
     cfg = load_section({"s": {"port": 80}}, "s", Sample, environ=env)
     assert (cfg.port, cfg.debug, cfg.names, cfg.limit) == (81, True, ["a", "b"], 3)
 

@@ -44,13 +44,17 @@ async def take(out: Path, server: str | None) -> list[Path]:
             page = await browser.new_page(viewport={"width": 1200, "height": 860})
             page.set_default_timeout(120_000)
             await flows.open_playground(page, app.url)
-            await flows.imagine(page, "/imagine a yellow triangle on a purple background --n 4 --seed 7", job_id=1)
+            await flows.imagine(
+                page, "/imagine a yellow triangle on a purple background --n 4 --seed 7", job_id=1
+            )
             await flows.wait_chat_images(page, 4)
             await flows.click_and_wait(page, "#v3", job_id=2)
             await flows.wait_chat_images(page, 8)
             shots = [out / "chat.png"]
             await page.screenshot(path=shots[0])
-            await flows.inpaint(page, flows.sample_photo(tmp / "photo.png"), "a red circle on a blue background", job_id=3)
+            await flows.inpaint(
+                page, flows.sample_photo(tmp / "photo.png"), "a red circle on a blue background", job_id=3
+            )
             shots.append(out / "inpaint.png")
             await page.screenshot(path=shots[1])
             await flows.set_my_daily_limit(page, 50)
