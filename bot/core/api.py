@@ -76,7 +76,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 @dataclass(frozen=True)
 class Actor:
-    """Who asks. `platform` is "discord", "slack", "playground", ...; `user_id` is the platform's id.
+    """Who asks. `platform` is "discord", "slack", "web" (the playground), ...; `user_id` is the platform's id.
 
     `is_admin` is decided by the adapter (Discord: Manage Server or a configured role; Slack:
     configured user ids or workspace admins) and enforced by the core for admin operations.
