@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from bot.core.api import JobView, QuotaView, StatsView
+from bot.core.describe import describe, short
 
 CONTENT_LIMIT = 2000  # Discord's maximum message length
 PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
@@ -16,25 +17,6 @@ def ts(when: datetime) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return f"<t:{int(when.timestamp())}:f>"
-
-
-def short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def describe(job: JobView) -> str:
-    p = job.params
-    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[
-        job.kind
-    ]
-    parts = [f"seed {p.seed}", f"{p.width}x{p.height}", f"{p.steps} steps", f"guidance {p.guidance:g}"]
-    if p.aspect_ratio:
-        parts.append(f"ar {p.aspect_ratio}")
-    if p.n > 1:
-        parts.append(f"{p.n} images")
-    if p.strength is not None and job.kind != "imagine":
-        parts.append(f"strength {p.strength:g}")
-    return what + " · ".join(parts)
 
 
 def caption(job: JobView) -> str:

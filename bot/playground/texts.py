@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from bot.core.api import BadParameters, CoreError, JobView, QuotaView, StatsView
+from bot.core.describe import describe, short
 
 log = logging.getLogger("bot.playground")
 
@@ -20,10 +21,6 @@ Under a result: **🔁 Re-roll** (same prompt, new seed) and **V1-V4** (a variat
 like the reactions in chat. The **Inpaint** tab repaints what you paint over with the brush."""
 
 
-def short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def error_text(error: BaseException) -> str:
     """Every refusal the user sees goes through here; anything that is not a CoreError is a bug."""
     if isinstance(error, BadParameters):
@@ -32,21 +29,6 @@ def error_text(error: BaseException) -> str:
         return f"⚠️ {error.message}"
     log.error("playground handler failed", exc_info=error)
     return "⚠️ Something went wrong on our side; it has been logged. Please try again."
-
-
-def describe(job: JobView) -> str:
-    p = job.params
-    what = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}[
-        job.kind
-    ]
-    parts = [f"seed {p.seed}", f"{p.width}x{p.height}", f"{p.steps} steps", f"guidance {p.guidance:g}"]
-    if p.aspect_ratio:
-        parts.append(f"ar {p.aspect_ratio}")
-    if p.n > 1:
-        parts.append(f"{p.n} images")
-    if p.strength is not None and job.kind != "imagine":
-        parts.append(f"strength {p.strength:g}")
-    return what + " · ".join(parts)
 
 
 def caption(job: JobView) -> str:
