@@ -176,11 +176,12 @@ async def test_password_login_names_the_user_and_admins_need_their_password(tmp_
 
 
 async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
-    # One job at a time, each taking a while: the third of three requests waits behind two.
-    config = app_config(
-        tmp_path, bot={"dispatch_concurrency": 1}, backends={"kind": "fake", "fake_delay_s": 1.5}
-    )
+    # One job at a time, and the backend held until three jobs exist: the third waits behind two.
+    # (Sleeps alone made this depend on how fast a loaded machine builds Gradio clients.)
+    config = app_config(tmp_path, bot={"dispatch_concurrency": 1}, backends={"kind": "fake"})
     async with running_playground(config) as app:
+        app.core.backend.hold()
+        me = Actor("web", "local")
 
         def one(prompt: str) -> list[str]:
             c = client(app.url)
@@ -191,11 +192,21 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
             finally:
                 c.close()
 
+        async def jobs_exist(n: int) -> None:
+            async with asyncio.timeout(30):
+                # polling the database: the job rows are what the test waits for
+                while len(await app.service.history(me, limit=5)) < n:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+
         first = asyncio.create_task(asyncio.to_thread(one, "one"))
-        await asyncio.sleep(0.5)
+        await jobs_exist(1)
         second = asyncio.create_task(asyncio.to_thread(one, "two"))
-        await asyncio.sleep(0.5)
-        statuses = await asyncio.gather(first, second, asyncio.to_thread(one, "three"))
+        await jobs_exist(2)
+        third = asyncio.create_task(asyncio.to_thread(one, "three"))
+        await jobs_exist(3)
+        await asyncio.sleep(0.5)  # let the positions reach the page before anything moves
+        app.core.backend.release()
+        statuses = await asyncio.gather(first, second, third)
         seen = " ".join(s for job in statuses for s in job)
         assert "position 2 in the queue" in seen, seen
         assert all('data-state="succeeded"' in job[-1] for job in statuses)
