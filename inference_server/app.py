@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,32 +219,48 @@ async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     return await asyncio.to_thread(parse) if task != "txt2img" else parse()
 
 
+async def counted(
+    request: web.Request,
+    label: str,
+    work: Callable[[], Awaitable[web.StreamResponse]],
+    engine_status: Mapping[str, int] | None = None,
+) -> web.StreamResponse:
+    """Run a generation handler's `work`, counting its outcome in the request and error metrics.
+
+    Every generation route (native and OpenAI) goes through here, so status labels and error kinds
+    are counted the same way whichever API a client speaks. `engine_status` maps engine error kinds
+    to the HTTP status that API answers with (OpenAI's answers a full queue with 429, ours with 503).
+    """
+    statuses = _ENGINE_STATUS if engine_status is None else engine_status
+    metrics = request.app[keys.METRICS]
+    status = 500
+    try:
+        response = await work()
+        status = response.status
+        return response
+    except RequestError as e:
+        status = e.status
+        metrics.errors.inc(e.code)
+        raise
+    except EngineError as e:
+        status = statuses.get(e.kind, 500)
+        metrics.errors.inc(e.kind)
+        raise
+    except ClientGone:
+        status = CLIENT_CLOSED
+        metrics.errors.inc("client_gone")
+        return web.Response(status=CLIENT_CLOSED)  # nobody reads it; keeps aiohttp's bookkeeping tidy
+    except asyncio.CancelledError:  # aiohttp cancelled the handler: the client went away
+        status = CLIENT_CLOSED
+        metrics.errors.inc("client_gone")
+        raise
+    finally:
+        metrics.requests.inc(label, str(status))
+
+
 def make_generate_handler(task: Task) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        metrics = request.app[keys.METRICS]
-        status = 500
-        try:
-            response = await _generate(request, task)
-            status = response.status
-            return response
-        except RequestError as e:
-            status = e.status
-            metrics.errors.inc(e.code)
-            raise
-        except EngineError as e:
-            status = _ENGINE_STATUS.get(e.kind, 500)
-            metrics.errors.inc(e.kind)
-            raise
-        except ClientGone:
-            status = CLIENT_CLOSED
-            metrics.errors.inc("client_gone")
-            return web.Response(status=CLIENT_CLOSED)  # nobody reads it; keeps aiohttp's bookkeeping tidy
-        except asyncio.CancelledError:  # aiohttp cancelled the handler: the client went away
-            status = CLIENT_CLOSED
-            metrics.errors.inc("client_gone")
-            raise
-        finally:
-            metrics.requests.inc(task, str(status))
+        return await counted(request, task, lambda: _generate(request, task))
 
     handler.__name__ = f"generate_{task}"
     return handler

@@ -41,7 +41,7 @@ from aiohttp import web
 from PIL import Image
 
 from inference_server import keys
-from inference_server.app import DISCONNECT_POLL_S, read_body
+from inference_server.app import DISCONNECT_POLL_S, counted, read_body
 from inference_server.config import ModelConfig, ServerConfig
 from inference_server.engine import EngineError, GenerationResult, Progress, Queued, ShuttingDown
 from inference_server.errors import RequestError
@@ -600,46 +600,28 @@ _NO_USAGE = {
 }
 
 
+async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
+    config = request.app[keys.CONFIG]
+    body, files, from_form = await read_body(request)
+
+    def parse() -> tuple[ParsedRequest, OutputOptions]:
+        return parse_openai(
+            endpoint, body, files, from_form=from_form, server=config.server, model=config.model
+        )
+
+    # Decoding uploads is CPU work: keep it off the event loop.
+    parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
+    if options.stream:
+        return await stream_job(request, parsed, options, endpoint)
+    result = await run_job(request, parsed)
+    return await _respond(request, result, options)
+
+
 def make_handler(endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        config = request.app[keys.CONFIG]
-        metrics = request.app[keys.METRICS]
-        label = f"openai_{endpoint}"
-        status = 500
-        try:
-            body, files, from_form = await read_body(request)
-
-            def parse() -> tuple[ParsedRequest, OutputOptions]:
-                return parse_openai(
-                    endpoint, body, files, from_form=from_form, server=config.server, model=config.model
-                )
-
-            # Decoding uploads is CPU work: keep it off the event loop.
-            parsed, options = (
-                await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
-            )
-            if options.stream:
-                streamed = await stream_job(request, parsed, options, endpoint)
-                status = streamed.status
-                return streamed
-            result = await run_job(request, parsed)
-            response = await _respond(request, result, options)
-            status = response.status
-            return response
-        except RequestError as e:
-            status = e.status
-            metrics.errors.inc(e.code)
-            raise
-        except EngineError as e:
-            status = _ENGINE_STATUS.get(e.kind, 500)
-            metrics.errors.inc(e.kind)
-            raise
-        except asyncio.CancelledError:
-            status = 499  # nginx's "client closed request"
-            metrics.errors.inc("client_gone")
-            raise
-        finally:
-            metrics.requests.inc(label, str(status))
+        return await counted(
+            request, f"openai_{endpoint}", lambda: _handle(request, endpoint), _ENGINE_STATUS
+        )
 
     handler.__name__ = f"openai_{endpoint}"
     return handler
