@@ -182,6 +182,18 @@ def _looks_binary(data: bytes | bytearray) -> bool:
 # -- generation ----------------------------------------------------------------------------------
 
 
+# PNG-encoding this many pixels takes about a millisecond: less than the hop to a worker thread and
+# back (which also contends for the GIL with the pipeline thread), so small results encode inline.
+INLINE_ENCODE_PIXELS = 128 * 128
+
+
+async def result_payload(result: GenerationResult) -> dict[str, Any]:
+    """`result_json`, off the event loop unless the images are small."""
+    if result.width * result.height * len(result.images) <= INLINE_ENCODE_PIXELS:
+        return result_json(result)
+    return await asyncio.to_thread(result_json, result)
+
+
 def result_json(result: GenerationResult) -> dict[str, Any]:
     return {
         "images": [
@@ -290,7 +302,7 @@ async def _generate(request: web.Request, task: Task) -> web.StreamResponse:
     finally:
         if not waiter.done():
             waiter.cancel()  # handler cancelled: job.wait() cancels the job
-    payload = await asyncio.to_thread(result_json, result)
+    payload = await result_payload(result)
     return web.json_response(payload)
 
 
@@ -325,7 +337,7 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             raise asyncio.CancelledError
         error = waiter.exception()
         if error is None:
-            payload = await asyncio.to_thread(result_json, waiter.result())
+            payload = await result_payload(waiter.result())
             line = {"event": "result", **payload}
         elif isinstance(error, EngineError):
             request.app[keys.METRICS].errors.inc(error.kind)

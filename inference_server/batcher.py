@@ -271,12 +271,18 @@ class DynamicBatchingEngine:
             for job in batch:
                 job.emit(Progress(step, total))
 
+        # Progress crosses threads (a wake-up of the event loop per step, competing for the GIL with
+        # the pipeline thread): only pay for it when a streaming client listens.
+        listening = any(job.listening for job in batch)
+
         def should_stop() -> bool:
             # Read on the worker thread: plain attribute reads, and a stale answer costs one step.
             return self._abort or all(job.future.done() for job in batch)
 
         try:
-            report = await self.runner.run([job.request for job in batch], on_progress, should_stop)
+            report = await self.runner.run(
+                [job.request for job in batch], on_progress if listening else None, should_stop
+            )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the runner reports per-request failures itself; this is a bug

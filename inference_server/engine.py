@@ -158,6 +158,11 @@ class Job:
         if not self.future.done():
             self.future.cancel()
 
+    @property
+    def listening(self) -> bool:
+        """Whether anyone receives this job's events (a streaming client)."""
+        return self._on_event is not None and not self.future.done()
+
     def emit(self, event: Event) -> None:
         if self._on_event is not None and not self.future.done():
             self._on_event(event)

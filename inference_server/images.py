@@ -62,9 +62,15 @@ def decode_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
     return img
 
 
+# zlib level 1 instead of PIL's default 6: 4-7x less CPU per image (a 512x512 image: ~19 ms instead
+# of ~86 ms; 64x64: 0.3 ms instead of 2 ms) for files ~20-25 % larger. Encoding sits between a batch
+# finishing and its clients' next requests arriving, so its cost shows up directly as idle device time.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 

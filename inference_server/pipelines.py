@@ -123,6 +123,9 @@ class PipelineRunner:
         self._pipes: dict[str, Any] = {}
         self._scheduler_config: Any = None
         self._scheduler_class: Any = None
+        # One configured scheduler per name, copied for each call: `from_config` inspects signatures
+        # and costs ~3x a deep copy, on the worker thread, once per batch.
+        self._scheduler_prototypes: dict[str, Any] = {}
 
     @property
     def info(self) -> EngineInfo:
@@ -231,17 +234,19 @@ class PipelineRunner:
     async def run(
         self,
         batch: Sequence[GenerationRequest],
-        on_progress: ProgressCallback,
+        on_progress: ProgressCallback | None,
         should_stop: Callable[[], bool],
     ) -> BatchReport:
         """Run requests sharing a batch key as one pipeline call (split on OOM), off the event loop.
 
-        `on_progress(step, total)` is called on the event loop; `should_stop()` is polled on the
+        `on_progress(step, total)` (if given) is called on the event loop; `should_stop()` is polled on the
         worker thread after each step and, when true, interrupts the call (nobody wants it any more).
         """
         loop = asyncio.get_running_loop()
 
         def post_progress(step: int, total: int) -> None:
+            if on_progress is None:
+                return
             try:
                 loop.call_soon_threadsafe(on_progress, step, total)
             except RuntimeError:  # the loop closed while the call was finishing
@@ -309,11 +314,17 @@ class PipelineRunner:
         return future.result()
 
     def _make_scheduler(self, name: str) -> Any:
+        """A fresh scheduler instance (schedulers are stateful: never reuse one across calls)."""
+        import copy
+
         import diffusers
 
-        class_name, extra = SCHEDULERS[name]
-        cls = getattr(diffusers, class_name) if class_name else self._scheduler_class
-        return cls.from_config(self._scheduler_config, **extra)
+        prototype = self._scheduler_prototypes.get(name)
+        if prototype is None:
+            class_name, extra = SCHEDULERS[name]
+            cls = getattr(diffusers, class_name) if class_name else self._scheduler_class
+            prototype = self._scheduler_prototypes[name] = cls.from_config(self._scheduler_config, **extra)
+        return copy.deepcopy(prototype)
 
     def _call(
         self,
