@@ -15,21 +15,26 @@ computation and random stream of a diffusers pipeline call for a batch of one wi
 else shares its iterations. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
 keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
 
-All tensor work runs on one dedicated worker thread (schedulers and tokenizers are not thread-safe);
-the asyncio side only submits requests and receives events and results. This module never imports
-aiohttp.
+The denoising loop runs on one dedicated worker thread (schedulers and tokenizers are not
+thread-safe). Finished latents go to a second thread for VAE decoding and image conversion, so the
+running batch doesn't stall for every image that leaves it: on a CPU the decode of one image costs
+about as much as a denoising step, and on any device it is off the critical path of everyone still
+denoising. The asyncio side only submits requests and receives events and results. This module never
+imports aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import heapq
 import inspect
 import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +55,10 @@ log = logging.getLogger(__name__)
 Task = Literal["txt2img", "img2img", "inpaint"]
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
+
+# Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
+# MB for SD-sized encoders, and one text-encoder call fewer per request that hits.
+EMBED_CACHE_SIZE = 64
 
 
 class RequestCancelled(EngineError):
@@ -115,6 +124,7 @@ class _Ticket:
     max_batch: int = 0
     iterations: int = 0
     embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond), once per ticket
+    unet_embeds: torch.Tensor | None = None  # the UNet's encoder_hidden_states rows: [uncond, cond]
 
     @property
     def sort_key(self) -> tuple[float, int]:
@@ -158,10 +168,13 @@ class _Sample:
 def default_scheduler_factory(pipe: Any) -> SchedulerFactory:
     """Fresh instances of the pipeline's own scheduler class; names are not understood."""
 
+    # Copying a configured instance costs a third of `from_config` (which inspects signatures).
+    prototype = type(pipe.scheduler).from_config(pipe.scheduler.config)
+
     def make(name: str | None) -> Any:
         if name not in (None, "default"):
             raise UnsupportedRequest(f"unknown scheduler {name!r}")
-        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+        return copy.deepcopy(prototype)
 
     return make
 
@@ -197,6 +210,9 @@ class ContinuousEngine:
         max_queue: int = 256,
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
+        # Decode finished latents on a second thread (see the module docstring). Off for MPS, whose
+        # backend is not safe to drive from two threads.
+        decode_thread: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -235,6 +251,9 @@ class ContinuousEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._step_kwarg_names: dict[type, set[str]] = {}
+        self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # text -> embeddings
+        self._decode_thread = decode_thread
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         # Counters for /metrics and the bench; written by the worker, read anywhere.
         self.iterations = 0
         self.samples_done = 0
@@ -247,6 +266,14 @@ class ContinuousEngine:
         if self._thread is not None:
             return
         self._stopping = False
+        if self._decode_thread:
+            threads = torch.get_num_threads()
+            self._decoder = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="continuous-decode",
+                # The same intra-op thread count as the caller's (the configured cpu_threads).
+                initializer=lambda: torch.set_num_threads(threads),
+            )
         self._thread = threading.Thread(target=self._worker, name="continuous-engine", daemon=True)
         self._thread.start()
 
@@ -258,6 +285,10 @@ class ContinuousEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._decoder is not None:
+            # Samples that finished denoising still get their images.
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.stop)
@@ -436,7 +467,8 @@ class ContinuousEngine:
         try:
             if ticket.started is None:
                 ticket.started = time.monotonic()
-                ticket.embeds = self._encode_prompt(ticket.request)
+                ticket.embeds = cond, uncond = self._encode_prompt(ticket.request)
+                ticket.unet_embeds = torch.cat([uncond, cond]) if uncond is not None else cond
             for _ in range(count):
                 index = ticket.next_sample
                 ticket.next_sample += 1
@@ -473,10 +505,22 @@ class ContinuousEngine:
     def _encode_prompt(self, request: ContinuousRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipe = self.pipe
         cfg = request.guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(
-            request.prompt, pipe._execution_device, 1, cfg, request.negative_prompt
-        )
-        return cond, uncond if cfg else None
+        cond = self._embed_text(request.prompt)
+        # The pipelines encode the negative prompt ("" when absent) exactly as a prompt: same
+        # padding to the tokenizer's length, same encoder call, so one cache serves both.
+        return cond, self._embed_text(request.negative_prompt or "") if cfg else None
+
+    def _embed_text(self, text: str) -> torch.Tensor:
+        cached = self._embed_cache.get(text)
+        if cached is not None:
+            self._embed_cache.move_to_end(text)
+            return cached
+        pipe = self.pipe
+        embeds = pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
+        self._embed_cache[text] = embeds
+        if len(self._embed_cache) > EMBED_CACHE_SIZE:
+            self._embed_cache.popitem(last=False)
+        return embeds
 
     def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
         # As the pipelines' prepare_extra_step_kwargs: eta=0.0 and the generator when accepted.
@@ -609,11 +653,15 @@ class ContinuousEngine:
                 touched[id(t)] = t
                 t.iterations += 1
                 t.max_batch = max(t.max_batch, batch)
-        if finished:
-            self._running = [s for s in self._running if s.i < len(s.timesteps)]
-            self._decode(finished)
+        # Progress first: a request's last step is reported before its result can exist.
         for t in touched.values():
             self._report_progress(t)
+        if finished:
+            self._running = [s for s in self._running if s.i < len(s.timesteps)]
+            if self._decoder is not None:
+                self._decoder.submit(self._decode_on_thread, finished)
+            else:
+                self._decode(finished)
         if self._on_iteration is not None:
             self._on_iteration(batch, time.perf_counter() - t0)
 
@@ -646,9 +694,8 @@ class ContinuousEngine:
             t = s.timesteps[s.i]
             x = torch.cat([s.latents] * 2) if s.cfg else s.latents
             x = s.scheduler.scale_model_input(x, t)
-            cond, uncond = s.ticket.embeds
             inputs.append(x)
-            embeds.append(torch.cat([uncond, cond]) if s.cfg else cond)
+            embeds.append(s.ticket.unet_embeds)
             rows = 2 if s.cfg else 1
             # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()),
             # so one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
@@ -696,7 +743,24 @@ class ContinuousEngine:
             s.steps_done += 1
         s.i += 1
 
+    def _decode_on_thread(self, finished: list[_Sample]) -> None:
+        try:
+            with torch.inference_mode():
+                self._decode(finished)
+        except BaseException as e:  # never leave a request hanging on a decoder bug
+            log.exception("continuous: decoder thread failed")
+            for s in finished:
+                self._fail_ticket(s.ticket, GenerationFailed(f"the model failed: {type(e).__name__}"))
+
+    def _fail_ticket(self, ticket: _Ticket, error: EngineError) -> None:
+        """Fail a request from any thread: the worker drops its other samples at the next step."""
+        ticket.cancelled.set()
+        _set_exception(ticket.future, error)
+        with self._cond:
+            self._cond.notify_all()
+
     def _decode(self, finished: list[_Sample]) -> None:
+        """VAE-decode finished samples and complete their requests (decoder thread, or worker)."""
         pipe = self.pipe
         by_size: dict[tuple[int, int], list[_Sample]] = {}
         for s in finished:
@@ -711,8 +775,7 @@ class ContinuousEngine:
             except Exception as e:
                 log.exception("continuous: decoding failed")
                 for s in samples:
-                    self._remove_ticket(s.ticket)
-                    _set_exception(s.ticket.future, GenerationFailed(f"the model failed: {type(e).__name__}"))
+                    self._fail_ticket(s.ticket, GenerationFailed(f"the model failed: {type(e).__name__}"))
                 continue
             for s, array in zip(samples, arrays, strict=True):
                 s.ticket.finished_arrays[s.index] = array

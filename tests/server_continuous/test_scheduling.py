@@ -306,3 +306,60 @@ def test_waiting_requests_hear_their_new_position_when_others_join(make_engine: 
     assert engine.requests_done == 4
     last = [[e["position"] for e in r.events if e["event"] == "queued"] for r in recorders]
     assert last == [[0], [1, 0], [2, 1, 0]]
+
+
+def test_decoding_runs_off_the_denoising_thread_and_a_decode_failure_fails_only_its_request(
+    pipes: dict[str, Any], make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference_server.engine import GenerationFailed
+
+    vae = pipes["inpaint"].vae
+    real_decode = vae.decode
+    threads: list[str] = []
+    fail_next = threading.Event()
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        if fail_next.is_set():
+            fail_next.clear()
+            raise RuntimeError("decoder broke (simulated)")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    engine = make_engine(max_batch_size=4)
+    assert len(engine.submit(request(2)).future.result(60).images) == 1
+    assert threads and all(name.startswith("continuous-decode") for name in threads)
+
+    # Two images finishing at different iterations: the first one's decode fails, so the request
+    # fails as a whole; its other image leaves the running batch and the engine keeps serving.
+    fail_next.set()
+    two = engine.submit(request(3, seeds=(1, 2)))
+    with pytest.raises(GenerationFailed, match="RuntimeError"):
+        two.future.result(60)
+    assert len(engine.submit(request(2, seeds=(5, 6))).future.result(60).images) == 2
+    deadline = time.monotonic() + 10
+    while engine.running_samples and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running_samples == 0
+
+
+def test_prompt_embeddings_are_reused_and_give_identical_images(
+    pipes: dict[str, Any], make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = pipes["inpaint"].text_encoder
+    real_forward = encoder.forward
+    calls = []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", forward)
+    engine = make_engine()
+    first = engine.submit(request(2, prompt="a red circle", seeds=(3,))).future.result(60)
+    assert len(calls) == 2  # the prompt and the (empty) negative prompt
+    again = engine.submit(request(2, prompt="a red circle", seeds=(3,))).future.result(60)
+    assert len(calls) == 2  # both from the cache
+    engine.submit(request(2, prompt="a blue square", seeds=(3,))).future.result(60)
+    assert len(calls) == 3  # only the new prompt; the empty negative prompt is cached
+    assert (first.arrays[0] == again.arrays[0]).all()
