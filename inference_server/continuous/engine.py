@@ -55,6 +55,10 @@ ITERATION_METRICS_INTERVAL_S = 0.5
 class ContinuousBatchingEngine:
     """Iteration-level batching: requests join and leave the running batch at every denoising step."""
 
+    # Decode finished latents on a second thread: None = yes except on MPS. The bench turns it off
+    # to show what it is worth.
+    decode_thread: bool | None = None
+
     def __init__(self, runner: PipelineRunner, config: BatchingConfig, metrics: Metrics) -> None:
         self.runner = runner
         self.config = config
@@ -245,7 +249,9 @@ class ContinuousBatchingEngine:
                 max_queue=self.config.max_queue,
                 scheduler_factory=scheduler_factory(pipe),
                 on_iteration=self._from_worker_iteration,
-                decode_thread=self.runner.device != "mps",
+                decode_thread=self.runner.device != "mps"
+                if self.decode_thread is None
+                else self.decode_thread,
             )
             self._core.start()
         except asyncio.CancelledError:

@@ -43,6 +43,7 @@ from inference_server.metrics import Metrics
 from inference_server.pipelines import PipelineRunner
 
 SIZE = 64  # the embedded model's native resolution: 64x64 pixels, 16x16x4 latents
+INLINE = "continuous, decode inline"
 GUIDANCE = 7.5
 MAX_BATCH = 8  # as the prototype: request-level max batch 8, max wait 50 ms
 MAX_WAIT_MS = 50.0
@@ -103,7 +104,10 @@ def make_engine(kind: str, model_path: Path) -> Any:
     batching = BatchingConfig(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=10_000)
     if kind == "request-level":
         return DynamicBatchingEngine(runner, batching, Metrics())
-    return ContinuousBatchingEngine(runner, batching, Metrics())
+    engine = ContinuousBatchingEngine(runner, batching, Metrics())
+    if kind == INLINE:
+        engine.decode_thread = False  # the ablation: decode on the denoising thread
+    return engine
 
 
 def workload_steps(workload: str, rng: random.Random) -> int:
@@ -220,7 +224,9 @@ async def main_async(args: argparse.Namespace) -> None:
         print("\nparity with diffusers (every task and sampler, sharing iterations):", flush=True)
         print("\n".join(parity_report(model_path)), flush=True)
 
-    kinds = ("sequential", "request-level", "continuous")
+    kinds: tuple[str, ...] = ("sequential", "request-level", "continuous")
+    if args.ablation:
+        kinds += (INLINE,)
     engines = {k: make_engine(k, model_path) for k in kinds}
     for engine in engines.values():
         await engine.start()
@@ -259,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     n,
                     seed=rep * 10_000 + round(load * 100) * 10 + (workload == "mixed"),
                 )
-                order = kinds[rep % 3 :] + kinds[: rep % 3]  # rotate who goes first
+                order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]  # rotate who goes first
                 for kind in order:
                     r = await run_point(engines[kind], arrivals)
                     results.setdefault((workload, load, kind), []).append(r)
@@ -271,7 +277,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     )
     for engine in engines.values():
         await engine.stop(5.0)
-    print("\n" + "\n".join(table(results, args, caps)), flush=True)
+    print("\n" + "\n".join(table(results, args, caps, kinds)), flush=True)
 
 
 def label(workload: str) -> str:
@@ -279,7 +285,10 @@ def label(workload: str) -> str:
 
 
 def table(
-    results: dict[tuple[str, float, str], list[PointResult]], args: argparse.Namespace, caps: dict[str, float]
+    results: dict[tuple[str, float, str], list[PointResult]],
+    args: argparse.Namespace,
+    caps: dict[str, float],
+    kinds: tuple[str, ...],
 ) -> list[str]:
     lines = [
         "| workload | load | engine | requests | throughput (req/s) | p50 (s) | p95 (s) | p99 (s) "
@@ -291,7 +300,7 @@ def table(
             ref = results[(workload, load, "request-level")]
             ref_p95 = pct([x for r in ref for x in r.latencies], 95)
             ref_tp = statistics.mean(r.throughput for r in ref)
-            for kind in ("sequential", "request-level", "continuous"):
+            for kind in kinds:
                 rs = results[(workload, load, kind)]
                 lat = [x for r in rs for x in r.latencies]
                 tp = statistics.mean(r.throughput for r in rs)
@@ -320,6 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-requests", type=int, default=8, help="fewest requests per point")
     parser.add_argument("--max-requests", type=int, default=40, help="most requests per point")
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run the continuous engine with decoding on its denoising thread (a fourth engine)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.budget_minutes, args.min_requests, args.capacity_requests = 1, 3.0, 4, 10
