@@ -49,17 +49,29 @@ def sample_photo(path: Path, size: int = 64) -> Path:
 async def inpaint(page, image: Path, prompt: str, job_id: int) -> None:
     """Upload `image` (small: shown zoomed in), paint a stroke across its middle with the brush,
     and inpaint."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+
     await page.get_by_role("tab", name="Inpaint").click()
-    # As a person does it: click the drop zone and pick the file.
-    async with page.expect_file_chooser() as chooser:
-        await page.locator('#editor [aria-label="Click to upload or drop files"]').click()
-    await (await chooser.value).set_files(str(image))
-    # Wait until the editor shows the upload: it then zooms in to fit the small image. Painting
-    # before that would paint on a blank canvas of its own.
-    await page.wait_for_function(
-        "() => { const m = document.querySelector('#editor').innerText.match(/(\\d+)%/);"
-        " return m !== null && Number(m[1]) > 100; }"
-    )
+    # Once in a full-suite run on the loaded 2-core machine the editor never showed an upload made
+    # right after the tab switch (30 s wait); alone it always does. A person would pick the file
+    # again, and so does the test, at most three times.
+    for attempt in range(3):
+        # As a person does it: click the drop zone and pick the file.
+        async with page.expect_file_chooser() as chooser:
+            await page.locator('#editor [aria-label="Click to upload or drop files"]').click()
+        await (await chooser.value).set_files(str(image))
+        # Wait until the editor shows the upload: it then zooms in to fit the small image. Painting
+        # before that would paint on a blank canvas of its own.
+        try:
+            await page.wait_for_function(
+                "() => { const m = document.querySelector('#editor').innerText.match(/(\\d+)%/);"
+                " return m !== null && Number(m[1]) > 100; }",
+                timeout=15_000,
+            )
+            break
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
     await page.get_by_role("button", name="Brush", exact=True).click()
     box = await page.locator("#editor").bounding_box()
     assert box is not None
