@@ -45,6 +45,32 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def scheduler_factory(base: Any) -> Callable[[str | None], Any]:
+    """Fresh scheduler instances by the API's names (None: "default"), configured like `base`.
+
+    Schedulers are stateful (`set_timesteps` resets them), so every call gets its own instance:
+    one configured instance per name is kept and deep-copied, a third of the cost of `from_config`
+    (which inspects signatures). Shared by both engines.
+    """
+    import copy
+
+    import diffusers
+
+    base_class, base_config = type(base), base.config
+    prototypes: dict[str, Any] = {}
+
+    def make(name: str | None) -> Any:
+        key = name or "default"
+        prototype = prototypes.get(key)
+        if prototype is None:
+            class_name, extra = SCHEDULERS[key]
+            cls = getattr(diffusers, class_name) if class_name else base_class
+            prototype = prototypes[key] = cls.from_config(base_config, **extra)
+        return copy.deepcopy(prototype)
+
+    return make
+
+
 class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says why and what to do."""
 
@@ -121,11 +147,7 @@ class PipelineRunner:
         # One worker thread per device: see the module docstring.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
         self._pipes: dict[str, Any] = {}
-        self._scheduler_config: Any = None
-        self._scheduler_class: Any = None
-        # One configured scheduler per name, copied for each call: `from_config` inspects signatures
-        # and costs ~3x a deep copy, on the worker thread, once per batch.
-        self._scheduler_prototypes: dict[str, Any] = {}
+        self._make_scheduler: Callable[[str | None], Any] | None = None
 
     @property
     def info(self) -> EngineInfo:
@@ -183,8 +205,7 @@ class PipelineRunner:
         for p in (img2img, inpaint):
             p.set_progress_bar_config(disable=True)
         self._pipes = {"txt2img": base, "img2img": img2img, "inpaint": inpaint}
-        self._scheduler_config = base.scheduler.config
-        self._scheduler_class = type(base.scheduler)
+        self._make_scheduler = scheduler_factory(base.scheduler)
         log.info(
             "loaded %s (%s) on %s as %s with %s attention in %.1f s",
             self.config.path,
@@ -313,19 +334,6 @@ class PipelineRunner:
         )
         return future.result()
 
-    def _make_scheduler(self, name: str) -> Any:
-        """A fresh scheduler instance (schedulers are stateful: never reuse one across calls)."""
-        import copy
-
-        import diffusers
-
-        prototype = self._scheduler_prototypes.get(name)
-        if prototype is None:
-            class_name, extra = SCHEDULERS[name]
-            cls = getattr(diffusers, class_name) if class_name else self._scheduler_class
-            prototype = self._scheduler_prototypes[name] = cls.from_config(self._scheduler_config, **extra)
-        return copy.deepcopy(prototype)
-
     def _call(
         self,
         pipe: Any,
@@ -339,6 +347,7 @@ class PipelineRunner:
 
         first = batch[0]
         # Only this thread touches the pipelines, so swapping the scheduler here is safe.
+        assert self._make_scheduler is not None, "load() first"
         pipe.scheduler = self._make_scheduler(first.scheduler)
 
         def on_step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:

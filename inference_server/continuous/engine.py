@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from collections import deque
@@ -40,7 +39,8 @@ from inference_server.engine import (
 )
 from inference_server.errors import RequestError
 from inference_server.metrics import Metrics
-from inference_server.pipelines import SCHEDULERS, PipelineRunner
+from inference_server.pipelines import PipelineRunner
+from inference_server.pipelines import scheduler_factory as pipeline_scheduler_factory
 
 if TYPE_CHECKING:
     from inference_server.continuous.core import ContinuousEngine
@@ -354,23 +354,6 @@ def unsupported_reason(pipe: Any) -> str | None:
 
 
 def scheduler_factory(pipe: Any) -> Any:
-    """Fresh scheduler instances by the API's names (the same table the request-level runner uses)."""
-    import diffusers
-
-    base_class = type(pipe.scheduler)
-    base_config = pipe.scheduler.config
-
-    # One configured instance per name, deep-copied per sample: a third of the cost of `from_config`,
-    # and every sample still gets its own (schedulers are stateful).
-    prototypes: dict[str, Any] = {}
-
-    def make(name: str | None) -> Any:
-        key = name or "default"
-        prototype = prototypes.get(key)
-        if prototype is None:
-            class_name, extra = SCHEDULERS[key]
-            cls = getattr(diffusers, class_name) if class_name else base_class
-            prototype = prototypes[key] = cls.from_config(base_config, **extra)
-        return copy.deepcopy(prototype)
-
-    return make
+    """Fresh scheduler instances by the API's names (the same table and factory the request-level
+    runner uses)."""
+    return pipeline_scheduler_factory(pipe.scheduler)
