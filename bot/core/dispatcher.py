@@ -9,6 +9,9 @@
 - Fair order: a queued job's rank is (jobs of its user now running) + (its place among its user's
   queued jobs); lowest rank first, then oldest. One user's burst of 20 therefore interleaves with
   everybody else's jobs instead of starving them.
+- The server hears the fair order too: a job's `priority` is the number of its user's older jobs
+  still running, so a server that admits by priority (the continuous engine) lets a newcomer's first
+  job join its running batch before a heavy user's fifth.
 - Only jobs of platforms with a delivery registered in this process are claimed.
 - A failed job is refunded (the service's `refund`) before the adapter hears about it.
 """
@@ -459,6 +462,21 @@ class Dispatcher:
         except Exception:
             log.exception("job %s: dispatcher error; it will be retried after its lease expires", job_id)
 
+    async def _priority(self, view: JobView) -> int:
+        """The fair order carried to the server: this user's older jobs still running.
+
+        A server with the continuous engine admits lower values first, so the second job of a user's
+        burst waits behind other users' first jobs there too, not only in our queue.
+        """
+        owner = select(Job.user_id).where(Job.id == view.id).scalar_subquery()
+        async with self.db.read() as s:
+            ahead = await s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.user_id == owner, Job.state == "running", Job.id < view.id)
+            )
+        return int(ahead or 0)
+
     async def _run_job(
         self, view: JobView, task: str, strength: float | None, image_key: str | None, mask_key: str | None
     ) -> None:
@@ -480,6 +498,7 @@ class Dispatcher:
             strength=strength if strength is not None else 0.6,
             image=image,
             mask=mask,
+            priority=await self._priority(view),
             timeout_s=self.config.job_timeout_s,
         )
         await self._call(view, "on_progress", view, 0, p.steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 
 import pytest
@@ -79,6 +80,16 @@ async def test_txt2img_sends_the_contract_body_and_returns_images(inference_serv
         "guidance": 6.0,
         "stream": False,
     }
+
+
+async def test_a_priority_is_sent_only_when_set(inference_server, make_backend):
+    backend = make_backend([inference_server.url])
+    base = GenerationParams("txt2img", "a lighthouse", seeds=(1,), width=64, height=64, steps=2)
+    await backend.generate(base)
+    await backend.generate(dataclasses.replace(base, priority=3))
+    first, second = inference_server.seen
+    assert "priority" not in first.body  # 0, the server's default: older servers never see the field
+    assert second.body["priority"] == 3
 
 
 async def test_img2img_and_inpaint_send_base64_images_to_their_routes(inference_server, make_backend):

@@ -44,6 +44,26 @@ async def test_one_users_burst_does_not_starve_another(db_url, tmp_path):
         assert [p for p in order if p.startswith("alice")] == [f"alice {i}" for i in range(20)]
 
 
+async def test_jobs_carry_their_fair_order_to_the_server_as_priority(db_url, tmp_path):
+    """A user's older jobs still running set the priority the continuous engine admits by."""
+    backend = FakeBackend()
+    backend.hold()
+    async with running_core(
+        db_url, tmp_path, backend=backend, deliver=(), bot={"dispatch_concurrency": 4}
+    ) as (core, delivery):
+        alice = [
+            await core.service.imagine(ALICE, GUILD, f"alice {i}", idempotency_key=f"a{i}") for i in range(3)
+        ]
+        bob = await core.service.imagine(BOB, GUILD, "bob's only job", idempotency_key="b0")
+        core.service.register_delivery("discord", delivery)
+        await delivery.wait_for(lambda: len(backend.calls) == 4)
+        backend.release()
+        for job in (*alice, bob):
+            assert (await core.service.wait_for_job(job.id, 30)).state == "succeeded"
+        priority = {c.params.prompt: c.params.priority for c in backend.calls}
+        assert priority == {"alice 0": 0, "alice 1": 1, "alice 2": 2, "bob's only job": 0}
+
+
 async def test_queue_positions_are_reported_when_they_change(db_url, tmp_path):
     backend = FakeBackend()
     backend.hold()
