@@ -33,8 +33,9 @@ migrate: setup
 test: setup
 	$(PY) -m pytest
 
-# The continuous-batching load test is the long one (open-loop Poisson arrivals, 3 interleaved
-# repetitions per point); its time budget is a knob: CONTINUOUS_BENCH_ARGS="--budget-minutes 26".
+# The continuous-batching load test is the long one (~30 min: open-loop Poisson arrivals, 3
+# interleaved repetitions per point, 120 requests per repetition at 90% and 120% load); a larger
+# budget gives the low-load points more requests: CONTINUOUS_BENCH_ARGS="--budget-minutes 35".
 CONTINUOUS_BENCH_ARGS ?= --budget-minutes 12
 bench: setup
 	$(PY) -m tests.bench.server_bench

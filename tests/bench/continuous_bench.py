@@ -1,7 +1,8 @@
 """Open-loop load test: sequential vs request-level (dynamic) vs continuous (iteration-level) batching.
 
-    python -m tests.bench.continuous_bench            # the full run (~40 min on 2 shared cores)
-    python -m tests.bench.continuous_bench --quick    # a smoke run (~5 min)
+    python -m tests.bench.continuous_bench                       # the full run (~35-40 min on 2 cores)
+    python -m tests.bench.continuous_bench --budget-minutes 12   # what `make bench` runs (~30 min)
+    python -m tests.bench.continuous_bench --quick               # a smoke run (~5 min)
 
 1. Loads the embedded model (or, until its weights exist, the embedded model's architecture with
    random weights: the cost per step is what matters here) three times, one engine each:
