@@ -510,6 +510,12 @@ class ImageService(Protocol):
         through it). Idempotent."""
         ...
 
+    async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
+        """Merge `values` into the job's `delivery` mapping (e.g. the id of a status message posted
+        after submit), so that whoever delivers the job after a restart finds them. NotFound if
+        missing."""
+        ...
+
     async def get_job(self, job_id: int) -> JobView:
         """NotFound if missing."""
         ...

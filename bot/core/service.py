@@ -727,6 +727,19 @@ class CoreService:
             if result.rowcount == 0:
                 raise NotFound(f"There is no job {job_id}.")
 
+    async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
+        async with self.db.session() as s:
+            # Read and write in one transaction (the row is locked on PostgreSQL; SQLite's write
+            # transaction is exclusive), so two updates of one job's mapping don't lose each other.
+            query = select(Job).where(Job.id == job_id)
+            if self.db.is_postgres:
+                query = query.with_for_update()
+            job = (await s.execute(query)).scalar_one_or_none()
+            if job is None:
+                raise NotFound(f"There is no job {job_id}.")
+            # A new dict: SQLAlchemy's JSON column sees a reassignment, not an in-place change.
+            job.delivery = {**(job.delivery or {}), **{str(k): str(v) for k, v in values.items()}}
+
     async def wait_for_job(self, job_id: int, timeout_s: float | None = None) -> JobView:
         event = self._job_events.setdefault(job_id, asyncio.Event())
 

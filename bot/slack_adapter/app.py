@@ -67,7 +67,7 @@ class SlackAdapter:
         self.cfg = cfg
         self.client = client
         self.http = http
-        self.status = StatusBoard(client, cfg.progress_interval_s)
+        self.status = StatusBoard(client, cfg.progress_interval_s, service.remember_delivery)
         self.delivery = SlackDelivery(self)
         self._admin_cache: dict[str, tuple[float, bool]] = {}
 
@@ -488,7 +488,7 @@ class SlackDelivery:
     async def on_failed(self, job: JobView, message: str) -> None:
         a = self._adapter
         text = messages.failed_text(job, message)
-        if a.status.has_message(job.id):
+        if a.status.has_message(job):
             await a.status.show(job, DONE, text)
             return
         await self._tell_user(job, text)

@@ -1,8 +1,11 @@
 """The per-job status message ("queued, position 2" -> "step 5/20" -> "done"), edited in place.
 
 Its `ts` is known only once the first edit is posted, after the job row (and its `delivery`) was
-written, so it is kept here in memory. Losing it is harmless: after a restart the next update posts
-a fresh status message, and the result itself is always found through `job.delivery` and the core.
+written, so it is kept here in memory and also added to the job's `delivery` (`status_ts`,
+`status_channel`) through the core. After a restart the process that takes the job over finds it
+there and goes on editing the same message, instead of leaving the old one stuck at "step 5/20" and
+posting a second one. If that write fails the status message is still shown; only a restart would
+then post a fresh one.
 
 Updates race: the command handler announces "queued" while the dispatcher may already report
 progress or the result. A per-job lock orders the posts and a phase number makes sure a late
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from slack_sdk.errors import SlackApiError
@@ -50,16 +54,28 @@ def job_channel(job: JobView) -> str | None:
     return job.delivery.get("channel") or job.channel_id
 
 
+# Keeps a posted status message's ids with the job: (job id, {"status_ts": ..., "status_channel": ...}).
+Remember = Callable[[int, Mapping[str, str]], Awaitable[None]]
+
+
 class StatusBoard:
-    def __init__(self, client: AsyncWebClient, min_interval_s: float) -> None:
+    def __init__(
+        self, client: AsyncWebClient, min_interval_s: float, remember: Remember | None = None
+    ) -> None:
         self._client = client
         self._min_interval_s = min_interval_s
+        self._remember = remember
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
 
-    def _entry(self, job_id: int) -> _Entry:
-        entry = self._entries.get(job_id)
+    def _entry(self, job: JobView) -> _Entry:
+        entry = self._entries.get(job.id)
         if entry is None:
-            entry = self._entries[job_id] = _Entry()
+            # A message posted before a restart (or by another process) is edited, not posted again.
+            entry = self._entries[job.id] = _Entry(
+                ts=job.delivery.get("status_ts"), channel=job.delivery.get("status_channel")
+            )
+            if entry.ts is None or entry.channel is None:
+                entry.ts = entry.channel = None
             while len(self._entries) > MAX_TRACKED_JOBS:
                 _, old = self._entries.popitem(last=False)
                 if old.flusher is not None:
@@ -84,7 +100,7 @@ class StatusBoard:
         channel = job_channel(job)
         if channel is None:
             return None
-        entry = self._entry(job.id)
+        entry = self._entry(job)
         async with entry.lock:
             if phase < entry.phase or (not edit and entry.ts is not None):
                 return None
@@ -112,6 +128,7 @@ class StatusBoard:
                     channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
                 )
                 entry.ts, entry.channel = resp["ts"], resp["channel"]
+                await self._keep(job.id, entry)
             entry.last_edit = time.monotonic()
         except SlackApiError as e:
             # A status line is not worth failing a job for; the result is delivered separately.
@@ -136,9 +153,16 @@ class StatusBoard:
         finally:
             entry.flusher = None
 
-    def has_message(self, job_id: int) -> bool:
-        entry = self._entries.get(job_id)
-        return entry is not None and entry.ts is not None
+    async def _keep(self, job_id: int, entry: _Entry) -> None:
+        if self._remember is None or entry.ts is None or entry.channel is None:
+            return
+        try:
+            await self._remember(job_id, {"status_ts": entry.ts, "status_channel": entry.channel})
+        except Exception:  # the message is shown either way; only a restart would post a second one
+            log.warning("slack: could not record the status message of job %s", job_id, exc_info=True)
+
+    def has_message(self, job: JobView) -> bool:
+        return self._entry(job).ts is not None
 
     async def close(self) -> None:
         """Cancel parked updates (at shutdown)."""

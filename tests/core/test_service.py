@@ -298,6 +298,28 @@ async def test_inpaint_with_mask_and_with_transparency(db_url, tmp_path):
         assert core.backend.calls[-1].params.task == "inpaint"
 
 
+async def test_remember_delivery_merges_into_the_jobs_delivery(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, start=False) as (core, _):
+        job = await core.service.imagine(
+            ALICE, GUILD, "x", idempotency_key="rd1", delivery={"channel": "C1", "thread_ts": "1.5"}
+        )
+        # concurrent writers of one job's mapping (e.g. two status updates) don't lose each other
+        await asyncio.gather(
+            core.service.remember_delivery(job.id, {"status_ts": "2.0"}),
+            core.service.remember_delivery(job.id, {"status_channel": "C1"}),
+        )
+        await core.service.remember_delivery(job.id, {"status_ts": "3.0"})  # a later value wins
+        view = await core.service.job_view(job.id)
+        assert view.delivery == {
+            "channel": "C1",
+            "thread_ts": "1.5",
+            "status_ts": "3.0",
+            "status_channel": "C1",
+        }
+        with pytest.raises(NotFound):
+            await core.service.remember_delivery(10_000, {"status_ts": "1.0"})
+
+
 async def test_cancel_refunds_a_queued_job(db_url, tmp_path):
     async with running_core(db_url, tmp_path, start=False) as (core, _):
         job = await core.service.imagine(ALICE, GUILD, "x --n 3", idempotency_key="c1")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bot.core.api import Actor, Place
-from tests.slack.fake_slack import BOT_USER_ID, FakeSlack
+from tests.slack.fake_slack import BOT_USER_ID, FakeMessage, FakeSlack
 from tests.slack.harness import ADMIN_ID, Running, postgres_database, result_messages, running_adapter
 from tests.slack.images import mask_png, opaque_png, transparent_hole_png
 from tests.slack.signed import SIGNING_SECRET
@@ -383,10 +383,14 @@ async def test_url_verification_and_health(slack: Running, http):
 
 
 async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: FakeSlack, tmp_path, http):
+    def status_messages() -> list[FakeMessage]:
+        return [m for m in fake_slack.messages.values() if "a phoenix" in m.text and not m.files]
+
     async with running_adapter(fake_slack, tmp_path, http) as first_run:
         first_run.backend.hold()  # the process stops while the job runs
         await first_run.sender.slash_command("/imagine", "a phoenix --seed 77")
         await fake_slack.wait_for(lambda: first_run.backend.in_flight == 1)
+        await fake_slack.wait_for(lambda: any("started" in t for m in status_messages() for t in m.history))
     assert not result_messages(fake_slack)
     # a new process delivers it from what the job row holds (channel, user), not from memory
     async with running_adapter(fake_slack, tmp_path, http) as second_run:
@@ -395,6 +399,10 @@ async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: F
         assert "a phoenix" in msg.text and "seed 77" in msg.text and "<@UALICE01>" in msg.text
         job = await attached_job(second_run, msg)
         assert job.state == "succeeded" and job.attempts >= 1
+        # the status message posted before the restart is the one that ends "done": no second one
+        await fake_slack.wait_for(lambda: "done" in status_messages()[-1].text)
+        [status] = status_messages()
+        assert job.delivery["status_ts"] == status.ts and job.delivery["status_channel"] == status.channel
 
 
 async def test_mention_imagine_and_help(slack: Running):
