@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import heapq
 import inspect
 import itertools
@@ -49,6 +48,7 @@ from inference_server.engine import (
     Overloaded,
     ShuttingDown,
 )
+from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,12 @@ class _Sample:
 
 def default_scheduler_factory(pipe: Any) -> SchedulerFactory:
     """Fresh instances of the pipeline's own scheduler class; names are not understood."""
-
-    # Copying a configured instance costs a third of `from_config` (which inspects signatures).
-    prototype = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    make_named = named_scheduler_factory(pipe.scheduler)  # copies one prepared instance per name
 
     def make(name: str | None) -> Any:
         if name not in (None, "default"):
             raise UnsupportedRequest(f"unknown scheduler {name!r}")
-        return copy.deepcopy(prototype)
+        return make_named(None)
 
     return make
 
