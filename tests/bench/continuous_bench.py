@@ -312,12 +312,12 @@ def table(
     for workload in args.workloads:
         for load in args.loads:
             ref = results[(workload, load, "request-level")]
-            ref_p95 = pct([x for r in ref for x in r.latencies], 95)
-            ref_tp = statistics.mean(r.throughput for r in ref)
+            ref_p95 = pct(pooled(ref), 95)
+            ref_tp = mean_throughput(ref)
             for kind in kinds:
                 rs = results[(workload, load, kind)]
-                lat = [x for r in rs for x in r.latencies]
-                tp = statistics.mean(r.throughput for r in rs)
+                lat = pooled(rs)
+                tp = mean_throughput(rs)
                 p95 = pct(lat, 95)
                 per_rep = " / ".join(f"{x:.2f}" for x in rep_ratios(rs, ref))
                 lines.append(
@@ -327,6 +327,15 @@ def table(
                     f"{statistics.mean(r.cpu_per_request for r in rs):.2f} |"
                 )
     return lines
+
+
+def pooled(rs: list[PointResult]) -> list[float]:
+    """Every repetition's latencies together."""
+    return [x for r in rs for x in r.latencies]
+
+
+def mean_throughput(rs: list[PointResult]) -> float:
+    return statistics.mean(r.throughput for r in rs)
 
 
 def rep_ratios(rs: list[PointResult], ref: list[PointResult]) -> list[float]:
@@ -345,19 +354,17 @@ def verdict(results: dict[tuple[str, float, str], list[PointResult]], args: argp
         if GOAL_LOAD in args.loads:
             ref = results[(workload, GOAL_LOAD, "request-level")]
             cont = results[(workload, GOAL_LOAD, "continuous")]
-            pooled = pct([x for r in cont for x in r.latencies], 95) / pct(
-                [x for r in ref for x in r.latencies], 95
-            )
+            ratio = pct(pooled(cont), 95) / pct(pooled(ref), 95)
             median = statistics.median(rep_ratios(cont, ref))
-            ok = "met" if max(pooled, median) <= GOAL_RATIO else "NOT met"
+            ok = "met" if max(ratio, median) <= GOAL_RATIO else "NOT met"
             lines.append(
-                f"goal, {label(workload)}: continuous p95 at {GOAL_LOAD:.0%} load = {pooled:.2f}x "
+                f"goal, {label(workload)}: continuous p95 at {GOAL_LOAD:.0%} load = {ratio:.2f}x "
                 f"request-level pooled, {median:.2f}x median of repetitions (goal <= {GOAL_RATIO}): {ok}"
             )
         worst = max(
             abs(
-                statistics.mean(r.throughput for r in results[(workload, load, "continuous")])
-                / statistics.mean(r.throughput for r in results[(workload, load, "request-level")])
+                mean_throughput(results[(workload, load, "continuous")])
+                / mean_throughput(results[(workload, load, "request-level")])
                 - 1
             )
             for load in args.loads
