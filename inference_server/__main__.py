@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from inference_server import keys
-from inference_server.app import create_app
+from inference_server.app import create_app, runner_options
 from inference_server.config import load_config
 from inference_server.config_loader import ConfigError, config_path
 from inference_server.pipelines import ModelLoadError, check_model_source
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=config.server.host,
         port=config.server.port,
-        # In-flight requests get the grace period to finish after SIGTERM; the engine drains its queue.
-        shutdown_timeout=config.server.shutdown_grace_s,
-        # Cancel a handler when its client disconnects, so its queued job is dropped before compute.
-        handler_cancellation=True,
+        **runner_options(config),
         access_log=logging.getLogger("aiohttp.access"),
         print=lambda msg: log.info("%s", msg),
     )

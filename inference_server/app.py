@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from inference_server import keys
 from inference_server.batcher import DynamicBatchingEngine
+from inference_server.bodies import read_body
 from inference_server.config import Config
 from inference_server.config_loader import ConfigError
 from inference_server.engine import Engine, EngineError, GenerationResult, Job, Progress, ShuttingDown, Task
@@ -77,11 +78,19 @@ def engine_error_response(e: EngineError) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every error leaves as the contract's JSON body; tracebacks go to the log only."""
+    """Every error leaves as the contract's JSON body; tracebacks go to the log only.
+
+    Handlers that stream (NDJSON, server-sent events) catch their own errors once the 200 has gone
+    out (see `stream_guard`): after the headers, an error can only travel as an event.
+    """
     try:
         return await handler(request)
     except RequestError as e:
-        return error_response(e.status, e.code, e.message, e.field)
+        response = error_response(e.status, e.code, e.message, e.field)
+        if e.status in (408, 413):
+            # The rest of the body may still be on its way (or never come): don't read it, close.
+            response.force_close()
+        return response
     except EngineError as e:
         return engine_error_response(e)
     except web.HTTPException as e:
@@ -107,76 +116,15 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     if token and request.path.startswith("/v1/"):
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        # aiohttp decodes header bytes that aren't UTF-8 as surrogates; "surrogatepass" encodes any
+        # str, so such a header is a wrong token (401), not an encoding error (500).
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
+        ):
             return error_response(
                 401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
     return await handler(request)
-
-
-# -- request bodies --------------------------------------------------------------------------------
-
-
-async def read_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes], bool]:
-    """(fields, files, from_form) from a JSON or multipart body; 413/415/400 on bad bodies."""
-    limit = request.app[keys.CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(413, "payload_too_large", None, f"the request body is larger than {limit} bytes")
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        return (*await _read_multipart(request, limit), True)
-    if ctype not in ("application/json", "application/octet-stream", ""):
-        raise RequestError(
-            415, "unsupported_media_type", None, f"send application/json or multipart/form-data, not {ctype}"
-        )
-    raw = await request.read()  # aiohttp enforces client_max_size (413) here
-    if not raw.strip():
-        raise RequestError(400, "invalid_request", None, "the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, "invalid_request", None, f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "invalid_request", None, "the body must be a JSON object")
-    return body, {}, False
-
-
-async def _read_multipart(request: web.Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
-    fields: dict[str, Any] = {}
-    files: dict[str, bytes] = {}
-    total = 0
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise RequestError(400, "invalid_request", None, "nested multipart bodies are not supported")
-            name = part.name
-            if not name:
-                raise RequestError(400, "invalid_request", None, "a multipart part has no name")
-            data = bytearray()
-            while chunk := await part.read_chunk():
-                total += len(chunk)
-                if total > limit:
-                    raise RequestError(
-                        413, "payload_too_large", name, f"the request body is larger than {limit} bytes"
-                    )
-                data.extend(chunk)
-            if part.filename or (name in ("image", "mask") and _looks_binary(data)):
-                files[name] = bytes(data)
-            else:
-                try:
-                    fields[name] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise RequestError(400, "invalid_request", name, f"{name} is not UTF-8 text") from None
-    except RequestError:
-        raise
-    except (ValueError, AssertionError, RuntimeError) as e:
-        raise RequestError(400, "invalid_request", None, f"malformed multipart body: {e}") from None
-    return fields, files
-
-
-def _looks_binary(data: bytes | bytearray) -> bool:
-    return b"\0" in data[:512] or data[:4] in (b"\x89PNG", b"RIFF") or data[:2] == b"\xff\xd8"
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -344,19 +292,36 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             line = {"event": "error", "error": {"code": error.kind, "message": error.message, "field": None}}
         else:
             log.error("streamed request failed", exc_info=error)
-            line = {
-                "event": "error",
-                "error": {"code": "internal", "message": "internal error", "field": None},
-            }
+            line = _NDJSON_INTERNAL
         await response.write((json.dumps(line) + "\n").encode())
         await response.write_eof()
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         log.info("streaming client went away; dropping its request")
         job.cancel()
+    except Exception as e:
+        job.cancel()
+        await end_stream_after_error(response, e, (json.dumps(_NDJSON_INTERNAL) + "\n").encode())
     finally:
         if not waiter.done():
             waiter.cancel()
     return response
+
+
+_NDJSON_INTERNAL = {
+    "event": "error",
+    "error": {"code": "internal", "message": "internal error", "field": None},
+}
+
+
+async def end_stream_after_error(response: web.StreamResponse, error: Exception, last_event: bytes) -> None:
+    """An unexpected error in a streaming handler: before the 200 it is the error middleware's (a
+    logged 500); after it, the client gets `last_event` and the end of the stream, the log the rest."""
+    if not response.prepared:
+        raise error
+    log.error("streamed request failed after its response started", exc_info=error)
+    with contextlib.suppress(Exception):
+        await response.write(last_event)
+        await response.write_eof()
 
 
 # -- open endpoints --------------------------------------------------------------------------------
@@ -415,6 +380,9 @@ def build_engine(config: Config, metrics: Metrics) -> Engine:
 def _api_token(config: Config, explicit: str | None) -> str:
     token = explicit if explicit is not None else os.environ.get(TOKEN_ENV, "")
     if token:
+        if not all("!" <= c <= "~" for c in token):
+            # Clients send it in an HTTP header: spaces, control and non-ASCII characters don't survive.
+            raise ConfigError(f"{TOKEN_ENV} must be printable ASCII without spaces")
         return token
     if config.server.allow_no_auth:
         log.warning(
@@ -425,6 +393,40 @@ def _api_token(config: Config, explicit: str | None) -> str:
         f"set {TOKEN_ENV} (in the environment or .env) to the bearer token clients must send; "
         "for local development only, [inference_server] allow_no_auth = true disables auth"
     )
+
+
+# The `Server` header of every response. aiohttp's default names the Python and aiohttp versions,
+# which helps nobody but someone matching servers against lists of known vulnerabilities.
+SERVER_HEADER = "imagine-inference"
+
+
+async def _set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def _hide_server_version() -> None:
+    """Responses aiohttp makes before any app sees the request (a malformed request line, headers
+    over the size limits) skip `on_response_prepare` and take aiohttp's default `Server` value, a
+    module constant read when the response is prepared. Replace it: this process serves only this
+    app. `tests/server/test_hardening.py` checks such a response, so an aiohttp change shows there."""
+    from aiohttp import web_response
+
+    web_response.SERVER_SOFTWARE = SERVER_HEADER
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """Keyword arguments of `web.run_app` / `web.AppRunner` that come from the config (the tests'
+    runner uses them too, so they test what `python -m inference_server` runs)."""
+    return {
+        # aiohttp closes a connection that hasn't delivered a complete request header this long
+        # after connecting or after its previous response: slow-header (slowloris) clients and idle
+        # keep-alive connections both go. The body has its own deadline (`read_body`).
+        "keepalive_timeout": config.server.header_timeout_s,
+        # In-flight requests get the grace period to finish after SIGTERM; the engine drains its queue.
+        "shutdown_timeout": config.server.shutdown_grace_s,
+        # Cancel a handler when its client disconnects, so its queued job is dropped before compute.
+        "handler_cancellation": True,
+    }
 
 
 def create_app(
@@ -448,6 +450,8 @@ def create_app(
         "inference_ready", "1 once the model is loaded and warmed.", lambda: float(app[keys.ENGINE].ready)
     )
 
+    _hide_server_version()
+    app.on_response_prepare.append(_set_server_header)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_handler)
@@ -497,4 +501,12 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await engine.stop(app[keys.CONFIG].server.shutdown_grace_s)
 
 
-__all__ = ["create_app", "build_engine", "read_body", "error_response", "engine_error_response"]
+__all__ = [
+    "create_app",
+    "build_engine",
+    "runner_options",
+    "read_body",
+    "error_response",
+    "engine_error_response",
+    "end_stream_after_error",
+]

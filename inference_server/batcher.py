@@ -285,11 +285,11 @@ class DynamicBatchingEngine:
             )
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the runner reports per-request failures itself; this is a bug
+        except Exception:  # the runner reports per-request failures itself; this is a bug
             log.exception("batch failed")
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(EngineError(f"internal error: {type(e).__name__}"))
+                    job.future.set_exception(EngineError("internal error (see the server log)"))
             self._running = []
             return
         finally:

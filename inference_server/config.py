@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from inference_server.config_loader import ConfigError, config_path, load_section, read_toml
 
@@ -44,10 +45,17 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     progress_interval_s: float = 0.2
     log_level: str = "INFO"
-    # OpenAI-compatible API (inference_server/openai_api.py): lifetime of `url` images, and the base
-    # URL put in front of them ("" = from the request's Host header).
+    # Slow clients: a complete request header must arrive within header_timeout_s of connecting (or
+    # of the previous response on a keep-alive connection), and the whole body within body_timeout_s
+    # of the header. A client on the same network needs milliseconds for either.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    # The base URL clients reach this server at, put in front of the links the server hands out
+    # (OpenAI `url` images). "" = the address the client's connection arrived on, never the Host
+    # header (which any client can set).
+    public_url: str = ""
+    # OpenAI-compatible API (inference_server/openai_api.py): lifetime of `url` images.
     openai_url_ttl_s: float = 3600.0
-    openai_public_url: str = ""
 
     def __post_init__(self) -> None:
         s = "inference_server"
@@ -71,11 +79,31 @@ class ServerConfig:
         _require(self.progress_interval_s >= 0, s, "progress_interval_s", "must be >= 0")
         _require(self.openai_url_ttl_s > 0, s, "openai_url_ttl_s", "must be > 0")
         _require(
-            self.openai_public_url == "" or self.openai_public_url.startswith(("http://", "https://")),
+            self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             s,
-            "openai_public_url",
-            f"must be empty or start with http:// or https://, got {self.openai_public_url!r}",
+            "log_level",
+            f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}",
         )
+        _require(self.header_timeout_s > 0, s, "header_timeout_s", "must be > 0")
+        _require(self.body_timeout_s > 0, s, "body_timeout_s", "must be > 0")
+        problem = _public_url_problem(self.public_url)
+        _require(problem is None, s, "public_url", f"{problem}, got {self.public_url!r}")
+
+
+def _public_url_problem(url: str) -> str | None:
+    """Why `url` can't be the base of the server's links, or None (also for "": not set)."""
+    if url == "":
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        return "must be a URL such as https://images.example.com"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must start with http:// or https:// and name a host"
+    if parts.query or parts.fragment or parts.username or parts.password or url != url.strip():
+        return "must be scheme, host, optional port and path only (no query, fragment, credentials or spaces)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,7 @@ class ModelConfig:
         _require(self.steps >= 1, s, "steps", "must be >= 1")
         _require(0 <= self.guidance <= 30, s, "guidance", "must be 0-30")
         _require(0 < self.strength <= 1, s, "strength", "must be in (0, 1]")
-        _require(self.cpu_threads >= 0, s, "cpu_threads", "must be >= 0")
+        _require(0 <= self.cpu_threads <= 4096, s, "cpu_threads", "must be 0-4096")
 
     def resolved_path(self) -> str:
         """A folder path for "embedded" and local folders; otherwise the Hugging Face model id."""

@@ -34,19 +34,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
 from inference_server import keys
-from inference_server.app import DISCONNECT_POLL_S, counted, read_body
+from inference_server.app import DISCONNECT_POLL_S, counted, end_stream_after_error
+from inference_server.bodies import read_body
 from inference_server.config import ModelConfig, ServerConfig
 from inference_server.engine import EngineError, GenerationResult, Progress, Queued, ShuttingDown
 from inference_server.errors import RequestError
 from inference_server.images import decode_base64, decode_image, encode_png
-from inference_server.validation import ParsedRequest, parse_generation
+from inference_server.validation import SHOWN_CHARS, ParsedRequest, check_text, parse_generation, show
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class _Fields:
     def choice(self, name: str, allowed: tuple[str, ...]) -> str:
         value = self.body[name]
         if not isinstance(value, str) or value.strip().lower() not in allowed:
-            raise _bad(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+            raise _bad(name, f"{name} must be one of {', '.join(allowed)}, got {show(value)}")
         return value.strip().lower()
 
     def flag(self, name: str) -> bool:
@@ -269,7 +269,7 @@ class _Fields:
             return value
         if self.from_form and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
             return value.strip().lower() in ("true", "1")
-        raise _bad(name, f"{name} must be true or false, got {value!r}")
+        raise _bad(name, f"{name} must be true or false, got {show(value)}")
 
     def integer(self, name: str, lo: int, hi: int) -> int:
         value = self.body[name]
@@ -277,21 +277,21 @@ class _Fields:
             try:
                 value = int(value.strip())
             except ValueError:
-                raise _bad(name, f"{name} must be an integer, got {value!r}") from None
+                raise _bad(name, f"{name} must be an integer, got {show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _bad(name, f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+            raise _bad(name, f"{name} must be an integer from {lo} to {hi}, got {show(value)}")
         return value
 
 
 def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
     """`"WxH"` -> (W, H); `"auto"` -> None (the model's default, or the uploaded image's size)."""
     if not isinstance(value, str):
-        raise _bad("size", f"size must be a string like '512x512' or 'auto', got {value!r}")
+        raise _bad("size", f"size must be a string like '512x512' or 'auto', got {show(value)}")
     if value.strip().lower() == "auto":
         return None
     match = _SIZE.match(value)
     if match is None:
-        raise _bad("size", f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {value!r}")
+        raise _bad("size", f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {show(value)}")
     width, height = int(match[1]), int(match[2])
     lo, hi = server.min_side, server.max_side
     if not (lo <= width <= hi and lo <= height <= hi and width % 8 == 0 and height % 8 == 0):
@@ -352,7 +352,8 @@ def _check_fields(endpoint: str, body: Mapping[str, Any], files: Mapping[str, by
     for name in list(body) + list(files):
         if name not in allowed:
             # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
-            raise _bad(name, f"unrecognized request argument supplied: {name}")
+            shown = name if len(name) <= SHOWN_CHARS else show(name)
+            raise _bad(name, f"unrecognized request argument supplied: {shown}")
 
 
 def _upload(f: _Fields, files: Mapping[str, bytes], names: tuple[str, ...], param: str) -> bytes | None:
@@ -401,7 +402,7 @@ def parse_openai(
         prompt = f.body["prompt"] if f.has("prompt") else ""
         if not isinstance(prompt, str):
             raise _bad("prompt", "prompt must be a string")
-        prompt = prompt.strip()
+        prompt = check_text("prompt", prompt)
         if len(prompt) > server.max_prompt_chars:
             raise _bad(
                 "prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}"
@@ -485,17 +486,30 @@ def encode_image(img: Image.Image, options: OutputOptions) -> bytes:
     return buf.getvalue()
 
 
-def public_base(request: web.Request) -> str:
-    configured = request.app[keys.CONFIG].server.openai_public_url
-    return configured.rstrip("/") if configured else f"{request.scheme}://{request.host}"
+def public_base(request: web.Request) -> str | None:
+    """What goes in front of `/images/files/<name>` in a link: `[inference_server] public_url`, else
+    the address the client's connection arrived on (the server's own socket). Never the Host header:
+    any client sets it, so links built from it point wherever a client likes (and an HTTP/1.0
+    request without one gets a link without the port). None when neither is known (a Unix socket)."""
+    configured = request.app[keys.CONFIG].server.public_url
+    if configured:
+        return configured.rstrip("/")
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return None
+    host, port = sockname[0], sockname[1]
+    return f"{request.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-async def _respond(request: web.Request, result: GenerationResult, options: OutputOptions) -> web.Response:
+async def _respond(
+    request: web.Request, result: GenerationResult, options: OutputOptions, base: str | None
+) -> web.Response:
     encoded = await asyncio.to_thread(lambda: [encode_image(img, options) for img in result.images])
     data: list[dict[str, Any]] = []
     if options.response_format == "url":
+        assert base is not None, "checked before the job was submitted"
         store = request.app[IMAGE_STORE]
-        base = public_base(request)
         for blob in encoded:
             name = store.put(blob, options.content_type, options.extension)
             data.append({"url": f"{base}{FILES_PREFIX}{name}"})
@@ -508,6 +522,16 @@ async def _respond(request: web.Request, result: GenerationResult, options: Outp
         "size": f"{result.width}x{result.height}",
     }
     return web.json_response(body)
+
+
+_INTERNAL_MESSAGE = "internal server error (see the server log)"
+
+
+def _sse_error(message: str, code: str) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {"message": message, "type": "server_error", "param": None, "code": code},
+    }
 
 
 def _sse(data: Mapping[str, Any], event: str | None = None) -> bytes:
@@ -575,16 +599,15 @@ async def stream_job(
                 message, code = error.message, error.kind
             else:
                 log.error("streamed OpenAI request failed", exc_info=error)
-                message, code = "internal server error (see the server log)", "internal"
-            body = {
-                "type": "error",
-                "error": {"message": message, "type": "server_error", "param": None, "code": code},
-            }
-            await response.write(_sse(body, "error"))
+                message, code = _INTERNAL_MESSAGE, "internal"
+            await response.write(_sse(_sse_error(message, code), "error"))
         await response.write_eof()
     except ConnectionError:
         log.info("streaming client went away; dropping its OpenAI request")
         job.cancel()
+    except Exception as e:
+        job.cancel()
+        await end_stream_after_error(response, e, _sse(_sse_error(_INTERNAL_MESSAGE, "internal"), "error"))
     finally:
         if not waiter.done():
             waiter.cancel()
@@ -613,8 +636,15 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
     if options.stream:
         return await stream_job(request, parsed, options, endpoint)
+    base = public_base(request) if options.response_format == "url" else None
+    if options.response_format == "url" and base is None:
+        raise _bad(
+            "response_format",
+            "this server can't tell the address clients reach it at; ask for b64_json, or set "
+            "[inference_server] public_url",
+        )
     result = await run_job(request, parsed)
-    return await _respond(request, result, options)
+    return await _respond(request, result, options, base)
 
 
 def make_handler(endpoint: str) -> Any:
@@ -631,9 +661,8 @@ def make_handler(endpoint: str) -> Any:
 
 
 def model_id(app: web.Application) -> str:
-    """The loaded model's name: the folder name for local paths (no file-system paths leak)."""
-    name = app[keys.ENGINE].info.model
-    return Path(name).name if ("/" in name and Path(name).exists()) or "\\" in name else name
+    """The loaded model's name, as `/health` shows it (no file-system path: `public_model_name`)."""
+    return app[keys.ENGINE].info.model
 
 
 def _model_json(app: web.Application) -> dict[str, Any]:

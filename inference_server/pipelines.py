@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from inference_server.config import EMBEDDED_WEIGHTS, ModelConfig
@@ -69,6 +69,23 @@ def scheduler_factory(base: Any) -> Callable[[str | None], Any]:
         return copy.deepcopy(prototype)
 
     return make
+
+
+def public_model_name(path: str) -> str:
+    """The model's name as clients see it: a local folder's own name, a Hugging Face id as it is.
+
+    A full path says how the machine is laid out (user names, mount points) to anyone who can reach
+    `/health`, which needs no token; the folder name is what identifies the model.
+    """
+    if path == "embedded":
+        return path
+    if "\\" in path or ":" in path:  # a Windows path ("C:\\models\\sd", "C:/models/sd")
+        return PureWindowsPath(path).name or path
+    local = Path(path).expanduser()
+    # A Hugging Face id has at most one slash ("org/name") and names no existing folder.
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or local.exists():
+        return local.name or path
+    return path
 
 
 class ModelLoadError(RuntimeError):
@@ -132,6 +149,8 @@ class BatchReport:
 
 
 ProgressCallback = Callable[[int, int], None]
+# What a client hears when the model fails on its request; the exception goes to the log only.
+MODEL_FAILED = "the model failed on this request (see the server log)"
 
 
 class PipelineRunner:
@@ -142,7 +161,8 @@ class PipelineRunner:
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
         self.attention = "sdpa"
-        self.model_name = config.path
+        # What responses and /health call the model: never a file-system path (see `public_model_name`).
+        self.model_name = public_model_name(config.path)
         self.loaded = False
         # One worker thread per device: see the module docstring.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
@@ -294,28 +314,44 @@ class PipelineRunner:
         on_progress: ProgressCallback,
         should_stop: Callable[[], bool],
     ) -> None:
+        """One pipeline call; if it fails with several requests in it, retry them as two halves.
+
+        Out of memory: smaller calls may fit. Any other error may come from one request's input (a
+        prompt the tokenizer can't take, an image a processor rejects), and validation can't foresee
+        every such case: halving until each failing call holds one request fails only the request
+        whose input fails, at the cost of about 2 log2(n) extra calls. A fault that isn't any
+        request's (a broken device) fails every half too, and so every request, as it should.
+        """
         size = sum(r.n for r in batch)
         report.call_sizes.append(size)
         try:
             images = self._call(self._pipes[batch[0].task], batch, on_progress, should_stop)
         except Exception as e:
-            if not _is_oom(e):
-                log.exception("pipeline call failed (batch of %d images)", size)
-                for i in index:
-                    report.outcomes[i] = Outcome(
-                        error=GenerationFailed(f"the model failed: {type(e).__name__}"), batch_images=size
-                    )
-                return
-            self._empty_cache()
+            oom = _is_oom(e)
+            if oom:
+                self._empty_cache()
             if len(batch) == 1:
-                log.warning("out of memory on a single request of %d images; failing it alone", size)
-                report.outcomes[index[0]] = Outcome(
-                    error=OutOfMemory(f"out of device memory generating {size} image(s) at this size"),
-                    batch_images=size,
-                )
+                if oom:
+                    log.warning("out of memory on a single request of %d images; failing it alone", size)
+                    error: Exception = OutOfMemory(
+                        f"out of device memory generating {size} image(s) at this size"
+                    )
+                else:
+                    log.exception("pipeline call failed for one request (%d images); failing it alone", size)
+                    error = GenerationFailed(MODEL_FAILED)
+                report.outcomes[index[0]] = Outcome(error=error, batch_images=size)
                 return
             half = len(batch) // 2
-            log.warning("out of memory on a batch of %d images; retrying as two smaller batches", size)
+            if oom:
+                log.warning("out of memory on a batch of %d images; retrying as two smaller batches", size)
+            else:
+                log.warning(
+                    "pipeline call failed on a batch of %d requests (%s: %s); retrying as two halves so "
+                    "that only a request whose input fails it fails",
+                    len(batch),
+                    type(e).__name__,
+                    e,
+                )
             self._run_split(batch[:half], index[:half], report, on_progress, should_stop)
             self._run_split(batch[half:], index[half:], report, on_progress, should_stop)
             return

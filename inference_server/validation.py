@@ -18,7 +18,7 @@ from inference_server.errors import RequestError
 from inference_server.images import decode_base64, decode_image
 from inference_server.pipelines import SCHEDULERS
 
-__all__ = ["RequestError", "ParsedRequest", "parse_generation", "TASKS"]
+__all__ = ["RequestError", "ParsedRequest", "parse_generation", "check_text", "show", "TASKS"]
 
 TASKS: tuple[Task, ...] = ("txt2img", "img2img", "inpaint")
 SEED_LIMIT = 2**32  # seeds are uint32 so that every client (JS numbers included) can echo them back
@@ -62,19 +62,23 @@ class _Fields:
             raise _bad(name, f"{name} must be a string, got {_type_name(v)}")
         return v
 
+    def text(self, name: str) -> str:
+        """A prompt-like string, stripped, checked as `check_text` does."""
+        return check_text(name, self.str_(name))
+
     def int_(self, name: str, lo: int, hi: int) -> int:
         v = self.body[name]
         if self.from_form and isinstance(v, str):
             try:
                 v = int(v.strip())
-            except ValueError:
-                raise _bad(name, f"{name} must be an integer, got {v!r}") from None
+            except ValueError:  # not digits, or more digits than Python converts
+                raise _bad(name, f"{name} must be an integer, got {show(v)}") from None
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
             raise _bad(name, f"{name} must be an integer, got {_type_name(v)}")
         if not lo <= v <= hi:
-            raise _bad(name, f"{name} must be between {lo} and {hi}, got {v}")
+            raise _bad(name, f"{name} must be between {lo} and {hi}, got {show(v)}")
         return v
 
     def float_(self, name: str) -> float:
@@ -83,12 +87,18 @@ class _Fields:
             try:
                 v = float(v.strip())
             except ValueError:
-                raise _bad(name, f"{name} must be a number, got {v!r}") from None
+                raise _bad(name, f"{name} must be a number, got {show(v)}") from None
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise _bad(name, f"{name} must be a number, got {_type_name(v)}")
-        if not math.isfinite(v):
+        try:
+            number = float(v)  # an integer beyond the float range overflows here
+        except OverflowError:
+            raise _bad(
+                name, f"{name} must be a finite number, got an integer of {len(str(v))} digits"
+            ) from None
+        if not math.isfinite(number):
             raise _bad(name, f"{name} must be a finite number")
-        return float(v)
+        return number
 
     def bool_(self, name: str) -> bool:
         v = self.body[name]
@@ -113,9 +123,41 @@ class _Fields:
             if isinstance(item, bool) or not isinstance(item, int):
                 raise _bad(name, f"{name}[{i}] must be an integer, got {_type_name(item)}")
             if not lo <= item <= hi:
-                raise _bad(name, f"{name}[{i}] must be between {lo} and {hi}, got {item}")
+                raise _bad(name, f"{name}[{i}] must be between {lo} and {hi}, got {show(item)}")
             out.append(item)
         return out
+
+
+# Values echoed in error messages are cut to this many characters: a client that sends a megabyte
+# in a numeric field needn't get it back, and the log line stays readable.
+SHOWN_CHARS = 40
+
+
+def show(value: Any) -> str:
+    """`repr(value)` for an error message, shortened past SHOWN_CHARS (ints by digit count)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**SHOWN_CHARS:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
+def check_text(name: str, value: str) -> str:
+    """`value` stripped; 400 naming `name` when it is not valid Unicode text.
+
+    A JSON body can carry a lone UTF-16 surrogate ("\\ud800"): a Python str holds it, but it is no
+    character, the tokenizer can't encode it, and in a batched call it would fail everyone else's
+    request too. So it is refused here, before the request is queued.
+    """
+    text = value.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(
+            name,
+            f"{name} holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+            "which is not text; send valid Unicode",
+        ) from None
+    return text
 
 
 def _type_name(v: Any) -> str:
@@ -142,17 +184,17 @@ def parse_generation(
     allowed = _FIELDS[task]
     for name in list(body) + list(files):
         if name not in allowed:
-            raise _bad(name, f"unknown field {name!r} for {task} (allowed: {', '.join(sorted(allowed))})")
+            raise _bad(name, f"unknown field {show(name)} for {task} (allowed: {', '.join(sorted(allowed))})")
     f = _Fields(body, from_form)
 
     if not f.has("prompt"):
         raise _bad("prompt", "prompt is required")
-    prompt = f.str_("prompt").strip()
+    prompt = f.text("prompt")
     if not prompt:
         raise _bad("prompt", "prompt must not be empty")
     if len(prompt) > server.max_prompt_chars:
         raise _bad("prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}")
-    negative = f.str_("negative_prompt").strip() if f.has("negative_prompt") else ""
+    negative = f.text("negative_prompt") if f.has("negative_prompt") else ""
     if len(negative) > server.max_prompt_chars:
         raise _bad("negative_prompt", f"negative_prompt is longer than {server.max_prompt_chars} characters")
 
@@ -177,7 +219,7 @@ def parse_generation(
         raise _bad("guidance", f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}")
     scheduler = f.str_("scheduler").strip().lower() if f.has("scheduler") else model.scheduler
     if scheduler not in SCHEDULERS:
-        raise _bad("scheduler", f"unknown scheduler {scheduler!r} (known: {', '.join(SCHEDULERS)})")
+        raise _bad("scheduler", f"unknown scheduler {show(scheduler)} (known: {', '.join(SCHEDULERS)})")
     stream = f.bool_("stream") if f.has("stream") else False
     priority = f.int_("priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) if f.has("priority") else 0
     timeout_s = f.float_("timeout_s") if f.has("timeout_s") else server.default_timeout_s
@@ -195,9 +237,9 @@ def parse_generation(
             raise _bad("strength", f"strength must be > 0 and <= 1, got {strength:g}")
         if int(steps * strength) < 1:
             raise _bad("strength", f"steps x strength must be at least 1 (got {steps} x {strength:g})")
-        image = _image_field(f, files, "image", server).convert("RGB")
+        image = _image_field(f, files, "image", server, "RGB")
         if task == "inpaint":
-            mask = _image_field(f, files, "mask", server).convert("L")
+            mask = _image_field(f, files, "mask", server, "L")
             if mask.size != image.size:
                 raise _bad(
                     "mask",
@@ -244,11 +286,19 @@ def _side(value: int, field: str, side: str, server: ServerConfig) -> int:
     return value
 
 
-def _image_field(f: _Fields, files: Mapping[str, bytes], name: str, server: ServerConfig):  # -> PIL.Image
+def _image_field(
+    f: _Fields, files: Mapping[str, bytes], name: str, server: ServerConfig, mode: str
+):  # -> PIL.Image
+    """The decoded upload in `mode`: converted here, so that every image reaching a batch is one
+    the pipeline can take (a conversion failure is this request's 400, not a batch's 500)."""
     if name in files:
         data = files[name]
     elif f.has(name):
         data = decode_base64(f.str_(name), name)
     else:
         raise _bad(name, f"{name} is required")
-    return decode_image(data, name, max_pixels=server.max_image_pixels)
+    img = decode_image(data, name, max_pixels=server.max_image_pixels)
+    try:
+        return img.convert(mode)
+    except (ValueError, OSError):
+        raise _bad(name, f"{name} is a {img.mode} image that can't be converted to {mode}") from None

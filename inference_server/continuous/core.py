@@ -48,6 +48,7 @@ from inference_server.engine import (
     Overloaded,
     ShuttingDown,
 )
+from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 
 log = logging.getLogger(__name__)
@@ -397,9 +398,9 @@ class ContinuousEngine:
                     if self._running:
                         self._iteration()
                     self.busy_s += time.perf_counter() - t0
-        except BaseException as e:  # a device failure: fail everybody rather than hang them
+        except BaseException:  # a device failure: fail everybody rather than hang them
             log.exception("continuous engine worker died")
-            self._fail_all(GenerationFailed(f"the model failed: {type(e).__name__}"))
+            self._fail_all(GenerationFailed(MODEL_FAILED))
             return
         self._fail_all(ShuttingDown("the server shut down before this request finished"))
 
@@ -475,10 +476,11 @@ class ContinuousEngine:
                 self._running.append(sample)
             if ticket.next_sample == count:
                 ticket.emit({"event": "started", "batch_size": len(self._running)})
-        except Exception as e:
-            log.exception("continuous: preparing a request failed")
+        except Exception:
+            # Only this request: its prompt, image or mask is what failed (encoding runs per request).
+            log.exception("continuous: preparing a request failed; failing it alone")
             self._remove_ticket(ticket)
-            _set_exception(ticket.future, GenerationFailed(f"the model failed: {type(e).__name__}"))
+            _set_exception(ticket.future, GenerationFailed(MODEL_FAILED))
 
     def _remove_ticket(self, ticket: _Ticket) -> None:
         ticket.cancelled.set()
@@ -626,13 +628,7 @@ class ContinuousEngine:
         batch = len(active)
         failed = False
         for samples in groups.values():
-            try:
-                noise_pred = self._predict(samples)
-            except Exception as e:
-                self._on_unet_failure(samples, e)
-                failed = True
-                continue
-            self._step(samples, noise_pred)
+            failed = self._predict_and_step(samples) or failed
         self.iterations += 1
         if not failed:
             self._ok_iterations += 1
@@ -663,6 +659,33 @@ class ContinuousEngine:
         if self._on_iteration is not None:
             self._on_iteration(batch, time.perf_counter() - t0)
 
+    def _predict_and_step(self, samples: list[_Sample]) -> bool:
+        """One UNet call over `samples`, then their steps; True if a call failed.
+
+        A failure other than out-of-memory may come from one request's state, so with several
+        requests in the call they retry as two halves (recursively) and only a request that fails
+        alone fails. A failed call stepped nobody, so retried samples are exactly where they were.
+        """
+        try:
+            noise_pred = self._predict(samples)
+        except Exception as e:
+            tickets = list({id(s.ticket): s.ticket for s in samples}.values())
+            if _is_oom(e) or len(tickets) == 1:
+                self._on_unet_failure(samples, e)
+                return True
+            log.warning(
+                "continuous: UNet call over %d requests failed (%s: %s); retrying them as two halves",
+                len(tickets),
+                type(e).__name__,
+                e,
+            )
+            first = {id(t) for t in tickets[: len(tickets) // 2]}
+            self._predict_and_step([s for s in samples if id(s.ticket) in first])
+            self._predict_and_step([s for s in samples if id(s.ticket) not in first])
+            return True
+        self._step(samples, noise_pred)
+        return False
+
     def _on_unet_failure(self, samples: list[_Sample], error: Exception) -> None:
         """Out of memory: halve the running batch and retry; other errors fail these requests only.
 
@@ -679,8 +702,8 @@ class ContinuousEngine:
             log.warning("continuous: out of memory on a single image; failing that request")
             failure: EngineError = OutOfMemory("out of device memory generating this image at this size")
         else:
-            log.exception("continuous: UNet call failed", exc_info=error)
-            failure = GenerationFailed(f"the model failed: {type(error).__name__}")
+            log.error("continuous: UNet call failed", exc_info=error)
+            failure = GenerationFailed(MODEL_FAILED)
         for ticket in tickets:
             self._remove_ticket(ticket)
             _set_exception(ticket.future, failure)
@@ -714,10 +737,10 @@ class ContinuousEngine:
             rows = 2 if s.cfg else 1
             try:
                 self._step_one(s, noise_pred[row : row + rows])
-            except Exception as e:  # e.g. a scheduler rejecting its state: fail that request only
+            except Exception:  # e.g. a scheduler rejecting its state: fail that request only
                 log.exception("continuous: scheduler step failed")
                 self._remove_ticket(s.ticket)
-                _set_exception(s.ticket.future, GenerationFailed(f"the sampler failed: {type(e).__name__}"))
+                _set_exception(s.ticket.future, GenerationFailed(MODEL_FAILED))
             row += rows
 
     def _step_one(self, s: _Sample, noise_pred: torch.Tensor) -> None:
@@ -746,9 +769,9 @@ class ContinuousEngine:
             with torch.inference_mode():
                 self._decode(finished)
         except BaseException as e:  # never leave a request hanging on a decoder bug
-            log.exception("continuous: decoder thread failed")
+            log.error("continuous: decoder thread failed", exc_info=e)
             for s in finished:
-                self._fail_ticket(s.ticket, GenerationFailed(f"the model failed: {type(e).__name__}"))
+                self._fail_ticket(s.ticket, GenerationFailed(MODEL_FAILED))
 
     def _fail_ticket(self, ticket: _Ticket, error: EngineError) -> None:
         """Fail a request from any thread: the worker drops its other samples at the next step."""
@@ -759,28 +782,53 @@ class ContinuousEngine:
 
     def _decode(self, finished: list[_Sample]) -> None:
         """VAE-decode finished samples and complete their requests (decoder thread, or worker)."""
-        pipe = self.pipe
         by_size: dict[tuple[int, int], list[_Sample]] = {}
         for s in finished:
             by_size.setdefault(s.size, []).append(s)
         for samples in by_size.values():
-            try:
-                latents = torch.cat([s.latents for s in samples])
-                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-                arrays = pipe.image_processor.postprocess(
-                    image, output_type="np", do_denormalize=[True] * image.shape[0]
-                )
-            except Exception as e:
-                log.exception("continuous: decoding failed")
-                for s in samples:
-                    self._fail_ticket(s.ticket, GenerationFailed(f"the model failed: {type(e).__name__}"))
-                continue
-            for s, array in zip(samples, arrays, strict=True):
-                s.ticket.finished_arrays[s.index] = array
-                self.samples_done += 1
+            self._decode_group(samples)
         for ticket in {id(s.ticket): s.ticket for s in finished}.values():
             if len(ticket.finished_arrays) == len(ticket.request.seeds) and not ticket.future.done():
-                self._complete(ticket)
+                try:
+                    self._complete(ticket)
+                except Exception:
+                    log.exception("continuous: finishing a request's images failed; failing it alone")
+                    self._fail_ticket(ticket, GenerationFailed(MODEL_FAILED))
+
+    def _decode_group(self, samples: list[_Sample]) -> None:
+        """One VAE call for same-size samples; if it fails, each sample alone, so that only a sample
+        that fails by itself (its own latents, or memory at batch 1) fails its request."""
+        pipe = self.pipe
+        try:
+            latents = torch.cat([s.latents for s in samples])
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            arrays = pipe.image_processor.postprocess(
+                image, output_type="np", do_denormalize=[True] * image.shape[0]
+            )
+        except Exception as e:
+            if _is_oom(e):
+                _empty_cache(pipe)
+            if len(samples) > 1:
+                log.warning(
+                    "continuous: decoding %d images failed (%s: %s); decoding them one by one",
+                    len(samples),
+                    type(e).__name__,
+                    e,
+                )
+                for s in samples:
+                    self._decode_group([s])
+                return
+            log.error("continuous: decoding an image failed; failing its request", exc_info=e)
+            failure: EngineError = (
+                OutOfMemory("out of device memory decoding this image")
+                if _is_oom(e)
+                else GenerationFailed(MODEL_FAILED)
+            )
+            self._fail_ticket(samples[0].ticket, failure)
+            return
+        for s, array in zip(samples, arrays, strict=True):
+            s.ticket.finished_arrays[s.index] = array
+            self.samples_done += 1
 
     def _report_progress(self, ticket: _Ticket) -> None:
         if ticket.future.done():

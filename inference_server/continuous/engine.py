@@ -316,7 +316,8 @@ class ContinuousBatchingEngine:
         error = future.exception()
         if error is not None:
             if not isinstance(error, EngineError):
-                error = EngineError(f"internal error: {type(error).__name__}")
+                log.error("continuous engine: unexpected failure", exc_info=error)
+                error = EngineError("internal error (see the server log)")
             if error.kind == "deadline_exceeded":
                 self.metrics.dropped.inc("deadline")
             job.future.set_exception(error)

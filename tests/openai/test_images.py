@@ -68,7 +68,7 @@ async def test_generate_url_is_served_without_token(client: openai.AsyncOpenAI, 
 
 async def test_public_url_prefixes_image_urls(server_factory: Any) -> None:
     async with (
-        server_factory(server={"openai_public_url": "https://images.example.com/"}) as server,
+        server_factory(server={"public_url": "https://images.example.com/"}) as server,
         client_for(server) as client,
     ):
         result = await client.images.generate(prompt="a cat", response_format="url")

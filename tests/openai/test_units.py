@@ -84,11 +84,11 @@ def test_config_keys_are_validated_by_name() -> None:
     from inference_server.config_loader import ConfigError
 
     config = load_config(
-        {"inference_server": {"openai_url_ttl_s": 60.0, "openai_public_url": "https://img.example"}}
+        {"inference_server": {"openai_url_ttl_s": 60.0, "public_url": "https://img.example"}}
     )
     assert config.server.openai_url_ttl_s == 60.0
-    with pytest.raises(ConfigError, match="openai_public_url"):
-        load_config({"inference_server": {"openai_public_url": "img.example"}})
+    with pytest.raises(ConfigError, match="public_url"):
+        load_config({"inference_server": {"public_url": "img.example"}})
     with pytest.raises(ConfigError, match="openai_url_ttl_s"):
         load_config({"inference_server": {"openai_url_ttl_s": 0.0}})
     # Environment overrides work as for every key.

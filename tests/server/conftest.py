@@ -16,7 +16,7 @@ from aiohttp import web
 from PIL import Image
 
 from inference_server import keys
-from inference_server.app import create_app
+from inference_server.app import create_app, runner_options
 from inference_server.config import BatchingConfig, Config, ModelConfig, ServerConfig
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
 
@@ -80,7 +80,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 @asynccontextmanager
 async def running_server(config: Config, *, token: str = TOKEN) -> AsyncIterator[Server]:
     app = create_app(config, api_token=token)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.server.shutdown_grace_s)
+    runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
