@@ -62,6 +62,45 @@ def test_env_overrides_and_bad_values_name_the_key() -> None:
         load_config({"inference_server": {"prot": 1}}, environ={})
 
 
+@pytest.mark.parametrize(
+    ("section", "values", "key"),
+    [
+        # TOML and the environment accept inf and nan; no setting means anything with them.
+        ("inference_server", {"openai_url_ttl_s": float("inf")}, "openai_url_ttl_s"),
+        ("inference_server", {"default_timeout_s": float("nan")}, "default_timeout_s"),
+        ("batching", {"max_wait_ms": "inf"}, "max_wait_ms"),
+        ("inference_server", {"header_timeout_s": 0}, "header_timeout_s"),
+        ("inference_server", {"body_timeout_s": -1}, "body_timeout_s"),
+        ("inference_server", {"log_level": "LOUD"}, "log_level"),
+        ("inference_server", {"public_url": "images.example.com"}, "public_url"),
+        ("inference_server", {"public_url": "https://"}, "public_url"),
+        ("inference_server", {"public_url": "https://x.example/?a=1"}, "public_url"),
+        ("inference_server", {"public_url": "https://x.example:99999"}, "public_url"),
+        ("inference_server", {"public_url": "https://user:pw@x.example"}, "public_url"),
+        ("model", {"cpu_threads": 10**30}, "cpu_threads"),
+    ],
+)
+def test_meaningless_values_are_refused_at_start_up_naming_the_key(
+    section: str, values: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key}"):
+        load_config({section: values}, environ={})
+    env = {f"IMAGINE_{section}_{name}".upper(): str(v) for name, v in values.items()}
+    with pytest.raises(ConfigError, match=key):
+        load_config({}, environ=env)
+
+
+def test_public_url_may_carry_a_port_and_path() -> None:
+    config = load_config({"inference_server": {"public_url": "https://x.example:8443/imagine/"}}, environ={})
+    assert config.server.public_url == "https://x.example:8443/imagine/"
+
+
+@pytest.mark.parametrize("token", ["has space", "tab\there", "caf\u00e9", "nul\x00"])
+def test_a_token_no_client_can_send_is_refused(tiny_model: Path, token: str) -> None:
+    with pytest.raises(ConfigError, match="INFERENCE_API_TOKEN must be printable ASCII"):
+        create_app(make_config(tiny_model), api_token=token)
+
+
 def test_main_exits_with_a_clear_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
