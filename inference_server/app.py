@@ -81,7 +81,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     """Every error leaves as the contract's JSON body; tracebacks go to the log only.
 
     Handlers that stream (NDJSON, server-sent events) catch their own errors once the 200 has gone
-    out (see `stream_guard`): after the headers, an error can only travel as an event.
+    out (see `end_stream_after_error`): after the headers, an error can only travel as an event.
     """
     try:
         return await handler(request)

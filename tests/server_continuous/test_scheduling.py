@@ -316,12 +316,11 @@ def test_decoding_runs_off_the_denoising_thread_and_a_decode_failure_fails_only_
     vae = pipes["inpaint"].vae
     real_decode = vae.decode
     threads: list[str] = []
-    fail_next = threading.Event()
+    fail_next = threading.Event()  # decoding fails while set
 
     def decode(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
         if fail_next.is_set():
-            fail_next.clear()
             raise RuntimeError("decoder broke (simulated)")
         return real_decode(*args, **kwargs)
 
@@ -330,12 +329,13 @@ def test_decoding_runs_off_the_denoising_thread_and_a_decode_failure_fails_only_
     assert len(engine.submit(request(2)).future.result(60).images) == 1
     assert threads and all(name.startswith("continuous-decode") for name in threads)
 
-    # Two images finishing at different iterations: the first one's decode fails, so the request
-    # fails as a whole; its other image leaves the running batch and the engine keeps serving.
+    # The decoder fails on this request's images (together, and each alone when retried), so the
+    # request fails as a whole; its other image leaves the running batch and the engine keeps serving.
     fail_next.set()
     two = engine.submit(request(3, seeds=(1, 2)))
     with pytest.raises(GenerationFailed, match="model failed"):
         two.future.result(60)
+    fail_next.clear()
     assert len(engine.submit(request(2, seeds=(5, 6))).future.result(60).images) == 2
     deadline = time.monotonic() + 10
     while engine.running_samples and time.monotonic() < deadline:
