@@ -17,7 +17,7 @@ from PIL import Image
 
 from inference_server import keys
 from inference_server.app import SERVER_HEADER
-from inference_server.bodies import MAX_JSON_DEPTH, json_too_deep
+from inference_server.bodies import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, json_shape_problem
 from inference_server.engine import GenerationFailed, GenerationRequest
 from tests.server.conftest import AUTH, TOKEN, DeviceGate, Server, png_b64
 from tests.server.rawhttp import exchange, http_request, open_raw, parse_response
@@ -68,11 +68,24 @@ async def test_deep_nesting_is_refused_before_parsing(server: Server) -> None:
     deep = "[" * 100_000 + "]" * 100_000
     for raw in (deep, f'{{"prompt": "x", "seeds": {deep}}}', '{"a":' * 50_000 + "1" + "}" * 50_000):
         status, payload = await post_raw_json(server, "txt2img", raw)
-        assert status == 400 and "nests deeper" in payload["error"]["message"], payload
-    # Brackets inside strings don't count; nesting up to the limit is only a schema error.
-    assert not json_too_deep(json.dumps({"prompt": "[" * 10_000}).encode())
+        assert (status, *error_of(payload)) == (400, "invalid_request", None), payload
+        assert "the JSON body" in payload["error"]["message"]  # too many containers, or too deep
+    shallow_but_deep = "[" * 40 + "]" * 40  # few containers, past the depth limit
+    status, payload = await post_raw_json(
+        server, "txt2img", f'{{"prompt": "x", "seeds": {shallow_but_deep}}}'
+    )
+    assert status == 400 and "nests deeper than 32" in payload["error"]["message"], payload
+    # Millions of small containers are refused unparsed too (the parser's slowest case).
+    status, payload = await post_raw_json(server, "txt2img", "[" + "[]," * 100_000 + "[]]")
+    assert status == 400 and f"more than {MAX_JSON_CONTAINERS}" in payload["error"]["message"], payload
+    # Brackets inside strings (escaped quotes and backslashes included) don't count; nesting up to
+    # the limit is only a schema error.
+    for text in ("[" * 10_000, '\\"[' * 5_000, "\\" + "{" * 5_000):
+        assert json_shape_problem(json.dumps({"prompt": text}).encode()) is None
     ok_depth = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
-    assert not json_too_deep(ok_depth.encode()) and json_too_deep(("[" + ok_depth + "]").encode())
+    assert json_shape_problem(ok_depth.encode()) is None
+    assert "nests deeper" in json_shape_problem(("[" + ok_depth + "]").encode())
+    assert "nests deeper" in json_shape_problem(b'["\\\\", ' + ("[" + ok_depth + "]").encode() + b"]")
     seeds = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)  # the body's object is one more level
     status, payload = await post_raw_json(server, "txt2img", f'{{"prompt": "x", "seeds": {seeds}}}')
     assert (status, *error_of(payload)) == (400, "invalid_request", "seeds")
