@@ -240,6 +240,8 @@ class HuggingFaceBackend:
             return BackendUnavailable(f"cannot reach Hugging Face ({provider}): {type(e).__name__}")
         if isinstance(e, OSError):  # PIL: the answer was not an image
             return BackendError(f"Hugging Face ({provider}) answered with something that is not an image")
+        if isinstance(e, Image.DecompressionBombError):
+            return BackendError(f"Hugging Face ({provider}) answered with an image too large to open")
         if isinstance(e, (KeyError, IndexError, TypeError, ValueError)):
             return BackendError(f"Hugging Face ({provider}) sent an answer that could not be read")
         raise e

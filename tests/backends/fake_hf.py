@@ -129,7 +129,11 @@ class FakeHuggingFace:
 
     async def hub_model(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
-        self.hub_lookups.append((model, request.headers.get("Authorization")))
+        auth = request.headers.get("Authorization")
+        self.hub_lookups.append((model, auth))
+        if auth is not None and auth != f"Bearer {self.token}":  # anonymous lookups are allowed
+            message = "Invalid credentials in Authorization header"
+            return web.json_response({"error": message}, status=401, headers={"X-Error-Message": message})
         entry = self.models.get(model)
         if entry is None:
             return web.json_response(

@@ -241,6 +241,14 @@ async def test_a_model_the_hub_does_not_know_is_rejected(huggingface, make_backe
     assert info.value.field == "model" and huggingface.seen == []
 
 
+async def test_a_bad_token_is_told_at_the_hub_lookup_already(huggingface, make_backend):
+    huggingface.serve(FLUX, "fal-ai")
+    with pytest.raises(BackendRejected) as info:
+        await make_backend(model=FLUX, token="hf_revoked").generate(GenerationParams("txt2img", "x"))
+    assert info.value.message.startswith("Hugging Face did not accept the token (HTTP 401")
+    assert huggingface.hub_lookups == [(FLUX, "Bearer hf_revoked")] and huggingface.seen == []
+
+
 async def test_a_model_the_provider_does_not_serve_is_rejected_before_calling_it(huggingface, make_backend):
     huggingface.serve(FLUX, "fal-ai")
     with pytest.raises(BackendRejected) as info:
