@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,playground
 
-.PHONY: setup run test bench lint format migrate train-model eval-model serve bot clean
+.PHONY: setup run test bench lint format migrate train-model eval-model serve bot docs docs-build clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned to the CPU build in pyproject.toml; see README for a CUDA install.
+	# torch is pinned to the CPU build in pyproject.toml; see docs/getting-started.md for a CUDA install.
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
@@ -60,5 +60,19 @@ train-model: setup
 eval-model: setup
 	$(PY) -m inference_server.embedded.evaluate $(ARGS)
 
+# The documentation site (mkdocs.yml, docs/). The docs extra goes into the same virtualenv, once.
+# Never add -q to the build: ProperDocs then drops the warnings and a strict build passes anyway.
+DOCS_STAMP := $(VENV)/.docs-installed
+DOCS_ADDR ?= 127.0.0.1:8000
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/properdocs serve -f mkdocs.yml -a $(DOCS_ADDR)
+
+docs-build: $(DOCS_STAMP)
+	$(VENV)/bin/properdocs build --strict -f mkdocs.yml -d site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

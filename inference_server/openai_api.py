@@ -79,7 +79,7 @@ URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
 
 # OpenAI fields every endpoint takes. Honoured: n, size, response_format, output_format,
 # output_compression (JPEG/WebP quality), background (auto/opaque; transparent is refused), stream
-# (server-sent events; `partial_images` is checked but no previews are sent). Accepted and ignored (documented in the README): `model` (one model is loaded),
+# (server-sent events; `partial_images` is checked but no previews are sent). Accepted and ignored (documented in docs/openai.md): `model` (one model is loaded),
 # `quality`, `complexity`, `style`, `moderation`, `input_fidelity` and the GIF/SVG options have no
 # meaning for a diffusion checkpoint; `user` and `safety_identifier` only go to the debug log.
 _OPENAI_COMMON = {"model", "n", "size", "response_format", "output_format", "output_compression", "background",
@@ -317,7 +317,7 @@ def _output_options(f: _Fields, server: ServerConfig) -> OutputOptions:
         )
     stream = f.flag("stream") if f.has("stream") else False
     if f.has("partial_images"):
-        f.integer("partial_images", 0, 3)  # checked as OpenAI does; no previews are sent (see README)
+        f.integer("partial_images", 0, 3)  # checked as OpenAI does; no previews are sent (see docs/openai.md)
     return OutputOptions(
         response_format,
         pil_format,

@@ -1,4 +1,4 @@
-"""Inference backends: the project's server, the Hugging Face Inference API, an in-process fake.
+"""Inference backends: the project's server, Hugging Face Inference Providers, an in-process fake.
 
 `build_backend(config, env)` is the one place that picks and builds the backend from `[backends]`.
 Implementations are imported lazily so that choosing one never imports the others' dependencies.
@@ -90,24 +90,31 @@ def build_backend(
             stream=cfg.stream,
         )
     if cfg.kind == "huggingface":
-        from .huggingface import API_KEY_ENV, HuggingFaceBackend
+        from huggingface_hub import is_offline_mode
 
-        api_key = _secret(API_KEY_ENV, env, dotenv_path)
-        if not api_key:
+        from .huggingface import TOKEN_ENVS, HuggingFaceBackend
+
+        token = next(filter(None, (_secret(name, env, dotenv_path) for name in TOKEN_ENVS)), None)
+        if token is None:
             raise ConfigError(
-                f'[backends] kind = "huggingface" needs a Hugging Face API key: set {API_KEY_ENV} '
-                "in the environment or in .env (create one at https://huggingface.co/settings/tokens)"
+                f'[backends] kind = "huggingface" needs a Hugging Face token: set {" or ".join(TOKEN_ENVS)} '
+                'in the environment or in .env (a fine-grained token with the "Make calls to Inference '
+                'Providers" permission, from https://huggingface.co/settings/tokens)'
+            )
+        if is_offline_mode():
+            raise ConfigError(
+                '[backends] kind = "huggingface" cannot work with HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) '
+                "set: huggingface_hub then refuses every request, inference calls included. Unset it "
+                "for the bot (the inference server may keep it)"
             )
         return HuggingFaceBackend(
-            api_key,
+            token,
             model=cfg.hf_model,
+            provider=cfg.hf_provider,
+            image_to_image_model=cfg.hf_image_to_image_model,
             base_url=cfg.hf_base_url,
             timeout_s=cfg.hf_timeout_s,
-            connect_timeout_s=cfg.connect_timeout_s,
-            max_loading_wait_s=cfg.hf_max_loading_wait_s,
             retry_after_max_s=cfg.retry_after_max_s,
-            backoff_base_s=cfg.backoff_base_s,
-            backoff_max_s=cfg.backoff_max_s,
         )
     raise ConfigError(f"[backends] kind: unknown backend {cfg.kind!r}")  # Literal makes this unreachable
 

@@ -8,6 +8,7 @@ message for the user, and refunding quota without knowing which backend it talks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -59,13 +60,15 @@ EventCallback = Callable[[BackendEvent], Awaitable[None]]
 
 
 class BackendError(Exception):
-    """Base class. `retryable` tells the dispatcher whether trying again later may succeed."""
+    """Base class. `retryable` tells the dispatcher whether trying again later may succeed;
+    `retry_after_s`, when the backend was told how long to wait (a 429's Retry-After), how soon."""
 
     retryable = False
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class BackendUnavailable(BackendError):
@@ -84,6 +87,15 @@ class BackendRejected(BackendError):
 
 class UnsupportedTask(BackendRejected):
     """This backend cannot do this task (e.g. inpainting on an API that only does text-to-image)."""
+
+
+def describe_wait(seconds: float) -> str:
+    """A wait as users read it: "40 s", "5 min", "2 h"; rounded up, since sooner fails again."""
+    if seconds < 90:
+        return f"{max(1, math.ceil(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{math.ceil(seconds / 3600)} h"
 
 
 @runtime_checkable

@@ -36,13 +36,20 @@ class BackendsConfig:
     server_cooloff_s: float = 30.0
     # Ask the server to stream queue position and step progress (NDJSON) so users see progress.
     stream: bool = True
-    # Hugging Face Inference API (kind = "huggingface"): model id and API base URL.
-    hf_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    hf_base_url: str = "https://api-inference.huggingface.co"
+    # Hugging Face Inference Providers (kind = "huggingface"), through huggingface_hub's client.
+    # "auto" lets Hugging Face pick the provider serving hf_model (in the order set at
+    # https://hf.co/settings/inference-providers); or name one: "hf-inference", "fal-ai", ...
+    hf_provider: str = "auto"
+    # Text-to-image model id on the Hub; the provider must serve it (see README).
+    hf_model: str = "black-forest-labs/FLUX.1-schnell"
+    # Model for variations (image-to-image); "" = hf_model. Providers map a model to one task, so
+    # variations usually need an image-to-image model of their own.
+    hf_image_to_image_model: str = ""
+    # Send every request to this URL instead of the router (a dedicated Inference Endpoint or a
+    # self-hosted server speaking hf-inference's API; the tests' fake). "" = the router.
+    hf_base_url: str = ""
     # One HF call makes one image; hosted GPUs answer in seconds, two minutes means it is stuck.
     hf_timeout_s: float = 120.0
-    # Total time to wait for a cold HF model to load (503 "currently loading") before giving up.
-    hf_max_loading_wait_s: float = 300.0
     # kind = "fake": seconds each job takes (0 = instant), to watch progress in a demo.
     fake_delay_s: float = 0.0
 
@@ -51,9 +58,12 @@ class BackendsConfig:
             raise ConfigError("[backends] urls: at least one inference server URL is required")
         for i, url in enumerate(self.urls):
             _check_url(url, f"[backends] urls[{i}]")
-        _check_url(self.hf_base_url, "[backends] hf_base_url")
+        if self.hf_base_url:
+            _check_url(self.hf_base_url, "[backends] hf_base_url")
         if not self.hf_model.strip():
             raise ConfigError("[backends] hf_model: must not be empty")
+        if self.kind == "huggingface":
+            self._check_huggingface()
         for name in (
             "connect_timeout_s",
             "request_timeout_s",
@@ -67,11 +77,48 @@ class BackendsConfig:
             "backoff_base_s",
             "retry_after_max_s",
             "server_cooloff_s",
-            "hf_max_loading_wait_s",
             "fake_delay_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"[backends] {name}: must be >= 0, got {getattr(self, name)!r}")
+
+    def _check_huggingface(self) -> None:
+        # Checked against the installed huggingface_hub's own provider table (only when this
+        # backend is used: importing it costs a third of a second).
+        from huggingface_hub.inference._providers import PROVIDERS
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        for key in ("hf_model", "hf_image_to_image_model"):
+            value = getattr(self, key)
+            if key == "hf_image_to_image_model" and not value:
+                continue
+            try:
+                validate_repo_id(value)
+            except HFValidationError:
+                raise ConfigError(
+                    f"[backends] {key}: expected a Hub model id like black-forest-labs/FLUX.1-schnell, "
+                    f"got {value!r} (a server URL goes in hf_base_url)"
+                ) from None
+
+        usable = sorted(name for name, tasks in PROVIDERS.items() if "text-to-image" in tasks)
+        if self.hf_provider != "auto" and self.hf_provider not in usable:
+            known = "is not a provider" if self.hf_provider not in PROVIDERS else "has no text-to-image task"
+            raise ConfigError(
+                f"[backends] hf_provider: {self.hf_provider!r} {known} in huggingface_hub "
+                f'{_hub_version()}; use "auto" or one of {", ".join(usable)}'
+            )
+        if self.hf_base_url and self.hf_provider not in ("auto", "hf-inference"):
+            raise ConfigError(
+                f"[backends] hf_provider: {self.hf_provider!r} cannot be used with hf_base_url, which "
+                'sends requests straight to that URL in hf-inference\'s format; use "auto" or '
+                '"hf-inference", or clear hf_base_url'
+            )
+
+
+def _hub_version() -> str:
+    from huggingface_hub import __version__
+
+    return __version__
 
 
 def _check_url(url: str, where: str) -> None:

@@ -1,25 +1,40 @@
-"""Hugging Face Inference API text-to-image: the backend of the Gradio app this project grew from.
+"""Hugging Face Inference Providers: the backend of the Gradio app this project grew from.
 
-`POST {base_url}/models/{model}` with `{"inputs": prompt, "parameters": {...}}` returns the image
-bytes (usually JPEG; converted to PNG here). The API makes one image per call, so a job of n images
-is n calls, one seed each. A cold model answers 503 `{"error": "... is currently loading",
-"estimated_time": s}`: we wait (bounded by `max_loading_wait_s` in total) and try again. 429 is
-retried after `Retry-After`. Only text-to-image exists there: img2img and inpainting are refused
-with `UnsupportedTask`, which the core turns into a clear message for the user.
+All HTTP is huggingface_hub's `AsyncInferenceClient`: routing through `router.huggingface.co` to
+the provider (`hf-inference`, `fal-ai`, `replicate`, ... or `auto`), or straight to `base_url`;
+auth; and errors (`HfHubHTTPError` carrying the response, `InferenceTimeoutError`). This module
+decides what a job becomes (providers make one image per call: a job of n images is n calls, one
+seed each) and what each failure means: retry later (`BackendUnavailable`, with the wait when the
+provider gave one), or tell the user why (`BackendRejected`, `UnsupportedTask`), in one line.
+
+Before its first call for a model the client looks the model up on the Hub (which provider serves
+it, under which id) with a blocking request made inside its async methods, without a timeout.
+`_route` makes that lookup in a worker thread first: the client's own lookup then hits its cache,
+so the bot's event loop never waits on the Hub, and "this provider does not serve this model for
+this task" becomes a clear message before any image is paid for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
 import logging
-import random
-from collections.abc import Awaitable, Callable
+import re
+import time
 from typing import Any
-from urllib.parse import quote
 
-import aiohttp
-from PIL import Image, UnidentifiedImageError
+import httpx2
+from huggingface_hub import AsyncInferenceClient, HfApi, ImageToImageTargetSize
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    InferenceTimeoutError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.inference._providers import PROVIDERS, get_provider_helper
+from huggingface_hub.utils import parse_ratelimit_headers
+from PIL import Image
 
 from .base import (
     BackendError,
@@ -30,171 +45,253 @@ from .base import (
     GeneratedImage,
     GenerationParams,
     UnsupportedTask,
+    describe_wait,
 )
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "HUGGING_FACE_API_KEY"
-DEFAULT_BASE_URL = "https://api-inference.huggingface.co"
-
-# Transient failures (429 without Retry-After, 5xx, dropped connections) get this many tries per
-# image; past that the API is having an outage and the dispatcher's own retry later is better.
-MAX_TRANSIENT_ATTEMPTS = 4
-# When the API gives no estimate for a loading model, poll this often (its loads take 20 s - minutes).
-DEFAULT_LOADING_POLL_S = 10.0
-# Error text from the API reaches chat users: keep it to a line.
-MAX_ERROR_MESSAGE_CHARS = 300
+# The token is read from the first of these that is set: the original app's name, then the one
+# huggingface_hub's own tools use.
+TOKEN_ENVS = ("HUGGING_FACE_API_KEY", "HF_TOKEN")
+# Our tasks as the client's provider tables name them. Inpainting has no task there at all.
+HUB_TASKS = {"txt2img": "text-to-image", "img2img": "image-to-image"}
+TASK_NAMES = {"txt2img": "text-to-image", "img2img": "variations (image-to-image)", "inpaint": "inpainting"}
+# A provider's message reaches chat users: one line, this long at most.
+MAX_MESSAGE_CHARS = 300
+# Words providers use when their safety filter refuses a prompt or an image.
+CONTENT_REFUSED = re.compile(
+    r"nsfw|content[ _-]?polic|safety|unsafe|flagged|moderation|inappropriate|prohibited", re.I
+)
+# ...and when the model asked for is not one they serve.
+MODEL_NOT_SERVED = re.compile(
+    r"model\b.*\b(not supported|not found|does not exist|not available|not served|unknown)|unknown model",
+    re.I,
+)
 
 
 class HuggingFaceBackend:
-    """`InferenceBackend` over the Hugging Face Inference API (text-to-image only)."""
+    """`InferenceBackend` over Hugging Face Inference Providers (text-to-image, image-to-image)."""
 
     name = "huggingface"
 
     def __init__(
         self,
-        api_key: str,
+        token: str,
         *,
         model: str,
-        base_url: str = DEFAULT_BASE_URL,
+        provider: str = "auto",
+        image_to_image_model: str = "",
+        base_url: str = "",
         timeout_s: float = 120.0,
-        connect_timeout_s: float = 10.0,
-        max_loading_wait_s: float = 300.0,
         retry_after_max_s: float = 30.0,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 15.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rng: random.Random | None = None,
     ) -> None:
-        if not api_key:
-            raise ValueError(f"a Hugging Face API key is required ({API_KEY_ENV})")
+        if not token:
+            raise ValueError(f"a Hugging Face token is required ({' or '.join(TOKEN_ENVS)})")
         self.model = model
-        self._url = f"{base_url.rstrip('/')}/models/{quote(model, safe='/')}"
-        self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
-        self._max_loading_wait_s = max_loading_wait_s
-        self._retry_after_max_s = retry_after_max_s
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
-        self._sleep = sleep  # injected so tests can see the waits chosen without waiting
-        self._rng = rng or random.Random()
-        self._session: aiohttp.ClientSession | None = None
+        self.image_to_image_model = image_to_image_model or model
+        self.provider = provider
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.retry_after_max_s = retry_after_max_s
+        self._token = token
+        self._routes: dict[str, str] = {}  # hub task -> the provider the lookup found serving it
+        # One client per provider in use (the client takes its provider at construction). A client
+        # opens no connection until its first call, which happens inside the event loop.
+        self._clients: dict[str, AsyncInferenceClient] = {}
         self._closed = False
 
     async def close(self) -> None:
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
 
     async def generate(
         self, params: GenerationParams, on_event: EventCallback | None = None
     ) -> list[GeneratedImage]:
-        if params.task != "txt2img":
-            raise UnsupportedTask(
-                f"{params.task} is not supported by the Hugging Face backend (text-to-image only)", "task"
-            )
         if self._closed:
             raise BackendUnavailable("the Hugging Face backend is closed")
+        hub_task = HUB_TASKS.get(params.task)
+        if hub_task is None:
+            raise UnsupportedTask(
+                f"{TASK_NAMES.get(params.task, params.task)} is not offered by Hugging Face "
+                "Inference Providers",
+                "task",
+            )
         if not params.prompt.strip():
             raise BackendRejected("prompt must not be empty", "prompt")
+        if params.task == "img2img" and not params.image:
+            raise BackendRejected("a variation needs an input image", "image")
+        model = self.model if params.task == "txt2img" else self.image_to_image_model
+        provider = await self._route(params.task, hub_task, model)
+        client = self._clients.get(provider)
+        if client is None:
+            client = self._clients[provider] = AsyncInferenceClient(
+                provider=provider,  # type: ignore[arg-type]  # one the lookup found in the client's table
+                token=self._token,
+                timeout=self.timeout_s,
+            )
         await _emit(on_event, BackendEvent("started", extra={"batch_size": 1}))
         images = []
         for i, seed in enumerate(params.seeds):
-            images.append(GeneratedImage(png=await self._one_image(params, seed), seed=seed))
-            # The API reports no denoising steps; images done out of images asked is the progress
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    image = await self._call(client, params, seed, model)
+                png = await asyncio.to_thread(_to_png, image)
+            except Exception as e:
+                raise self._failure(e, params.task, provider, model) from None
+            log.debug("HF %s via %s: image %d of %d in %.1f s", model, provider, i + 1, params.n,
+                      time.monotonic() - started)  # fmt: skip
+            images.append(GeneratedImage(png=png, seed=seed))
+            # Providers report no denoising steps; images done out of images asked is the progress
             # there is (extra.unit says so, for adapters that word it differently).
             await _emit(
                 on_event, BackendEvent("progress", step=i + 1, total=params.n, extra={"unit": "image"})
             )
         return images
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self._api_key}", "User-Agent": "imagine-bot"}
-            )
-        return self._session
-
-    async def _one_image(self, params: GenerationParams, seed: int) -> bytes:
-        parameters: dict[str, Any] = {
+    async def _call(
+        self, client: AsyncInferenceClient, params: GenerationParams, seed: int, model: str
+    ) -> Image.Image:
+        common: dict[str, Any] = {
+            "negative_prompt": params.negative_prompt or None,
             "num_inference_steps": params.steps,
             "guidance_scale": params.guidance,
-            "width": params.width,
-            "height": params.height,
-            "seed": seed,
+            # A URL makes the client post there in hf-inference's format, whatever the provider.
+            "model": self.base_url or model,
         }
-        if params.negative_prompt:
-            parameters["negative_prompt"] = params.negative_prompt
-        payload = {"inputs": params.prompt, "parameters": parameters}
-        loading_waited = 0.0
-        transient_failures = 0
-        last_problem = ""
-        while True:
-            wait: float
-            try:
-                async with self._get_session().post(
-                    self._url, json=payload, timeout=self._timeout, headers={"Accept": "image/png"}
-                ) as resp:
-                    if resp.status == 200:
-                        return _to_png(await resp.read(), resp.content_type)
-                    message, estimated = await _read_error(resp)
-                    if resp.status in (401, 403):
-                        raise BackendRejected(f"invalid Hugging Face API key (check {API_KEY_ENV})")
-                    if resp.status == 404:
-                        raise BackendRejected(
-                            f"model {self.model!r} was not found on the Hugging Face Inference API", "model"
-                        )
-                    if resp.status == 503 and ("loading" in message.lower() or estimated is not None):
-                        wait = estimated if estimated is not None else DEFAULT_LOADING_POLL_S
-                        wait = max(1.0, min(wait, self._max_loading_wait_s - loading_waited))
-                        if loading_waited >= self._max_loading_wait_s:
-                            raise BackendUnavailable(
-                                f"the Hugging Face model {self.model} was still loading after "
-                                f"{loading_waited:g} s; try again in a few minutes"
-                            )
-                        loading_waited += wait
-                        log.info("HF model %s is loading; waiting %.1f s", self.model, wait)
-                        await self._sleep(wait)
-                        continue
-                    if resp.status in (429, 503) or resp.status >= 500:
-                        last_problem = (
-                            "rate limited" if resp.status == 429 else f"HTTP {resp.status} {message}".strip()
-                        )
-                        wait = self._backoff(transient_failures)
-                        retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
-                        if retry_after is not None:
-                            wait = min(retry_after, self._retry_after_max_s)
-                    else:
-                        raise BackendRejected(
-                            message or f"the Hugging Face API rejected the request (HTTP {resp.status})",
-                            _field_from_message(message),
-                        )
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
-                    raise BackendUnavailable(
-                        f"the Hugging Face API did not answer within {self._timeout.total:g} s"
-                    ) from None
-                last_problem = (
-                    "cannot connect" if isinstance(e, aiohttp.ClientConnectorError) else "connection lost"
-                )
-                wait = self._backoff(transient_failures)
-            except TimeoutError:
-                raise BackendUnavailable(
-                    f"the Hugging Face API did not answer within {self._timeout.total:g} s"
-                ) from None
-            transient_failures += 1
-            if transient_failures >= MAX_TRANSIENT_ATTEMPTS:
-                raise BackendUnavailable(
-                    f"the Hugging Face Inference API is unavailable ({last_problem}) "
-                    f"after {transient_failures} attempts"
-                )
-            log.warning("HF API: %s; retrying in %.1f s", last_problem, wait)
-            await self._sleep(wait)
+        if params.task == "txt2img":
+            return await client.text_to_image(
+                params.prompt, width=params.width, height=params.height, seed=seed, **common
+            )
+        return await client.image_to_image(
+            params.image,  # type: ignore[arg-type]  # checked in generate()
+            prompt=params.prompt,
+            target_size=ImageToImageTargetSize(width=params.width, height=params.height),
+            seed=seed,
+            strength=params.strength,
+            **common,
+        )
 
-    def _backoff(self, failures: int) -> float:
-        ceiling = min(self._backoff_max_s, self._backoff_base_s * (2**failures))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+    async def _route(self, task: str, hub_task: str, model: str) -> str:
+        """The provider serving `model` for `hub_task`, looked up (once) off the event loop."""
+        if (provider := self._routes.get(hub_task)) is not None:
+            return provider
+        target = self.base_url or model
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                provider = await asyncio.to_thread(self._lookup, hub_task, target)
+        except ValueError as e:
+            # The client's words for "not served": no mapping, another provider, another task.
+            detail = _one_line(str(e))
+            log.warning("HF: %s on provider %s: %s", hub_task, self.provider, detail)
+            if task == "img2img":
+                raise UnsupportedTask(
+                    f"variations (image-to-image) are not available here: {detail}", "task"
+                ) from None
+            raise BackendRejected(detail, "model") from None
+        except Exception as e:
+            raise self._failure(e, task, self.provider, model) from None
+        self._routes[hub_task] = provider
+        log.info("HF: %s for %s is served by %s", hub_task, target, provider)
+        return provider
+
+    def _lookup(self, hub_task: str, target: str) -> str:
+        """In a worker thread: the provider serving `target` for `hub_task`. The client's provider
+        helper fetches the model's mapping from the Hub and validates it (ValueError when not
+        served); huggingface_hub caches both lookups, where the client's own calls find them."""
+        provider = self.provider
+        if provider == "auto" and not target.startswith(("http://", "https://")):
+            provider = self._first_provider(hub_task, target)
+        helper = get_provider_helper(provider, task=hub_task, model=target)  # type: ignore[arg-type]
+        helper._prepare_mapping_info(target)
+        return helper.provider
+
+    def _first_provider(self, hub_task: str, model: str) -> str:
+        """For provider "auto": the first provider serving `model` for this task. Asked with the
+        account's token, the Hub lists them in the order set at hf.co/settings/inference-providers
+        (the client's own "auto" asks anonymously, and takes the first provider whatever its task)."""
+        token = self._token if self._token.startswith("hf_") else None  # a provider's key is not the Hub's
+        info = HfApi(token=token).model_info(
+            model, expand=["inferenceProviderMapping"], timeout=self.timeout_s
+        )
+        mappings = info.inference_provider_mapping or []
+        for mapping in mappings:
+            if mapping.task == hub_task and hub_task in PROVIDERS.get(mapping.provider, {}):
+                return mapping.provider
+        served = ", ".join(f"{m.provider} for {m.task}" for m in mappings) or "no provider"
+        raise ValueError(f"no provider serves {model} for {hub_task} ({served})")
+
+    def _failure(self, e: Exception, task: str, provider: str, model: str) -> BackendError:
+        """What a failed call means for the dispatcher and the user; unknown errors propagate."""
+        if isinstance(e, BackendError):
+            return e
+        log.warning("HF %s via %s failed: %s: %s", model, provider, type(e).__name__, e)
+        if isinstance(e, RepositoryNotFoundError):
+            return BackendRejected(f"model {model} was not found on the Hugging Face Hub", "model")
+        if isinstance(e, HfHubHTTPError):
+            return self._http_failure(e, task, provider, model)
+        if isinstance(e, (InferenceTimeoutError, TimeoutError)):  # the client's, ours, a provider's poll
+            return BackendUnavailable(f"Hugging Face ({provider}) did not answer within {self.timeout_s:g} s")
+        if isinstance(e, OfflineModeIsEnabled):
+            return BackendError("HF_HUB_OFFLINE is set in the bot's environment, which blocks Hugging Face")
+        if isinstance(e, httpx2.HTTPError):  # connection refused, reset, DNS...
+            return BackendUnavailable(f"cannot reach Hugging Face ({provider}): {type(e).__name__}")
+        if isinstance(e, OSError):  # PIL: the answer was not an image
+            return BackendError(f"Hugging Face ({provider}) answered with something that is not an image")
+        if isinstance(e, Image.DecompressionBombError):
+            return BackendError(f"Hugging Face ({provider}) answered with an image too large to open")
+        if isinstance(e, (KeyError, IndexError, TypeError, ValueError)):
+            return BackendError(f"Hugging Face ({provider}) sent an answer that could not be read")
+        raise e
+
+    def _http_failure(self, e: HfHubHTTPError, task: str, provider: str, model: str) -> BackendError:
+        status = e.response.status_code
+        detail = _provider_message(e)
+        said = f": {detail}" if detail else ""
+        if status == 401:
+            return BackendRejected(
+                f"Hugging Face did not accept the token (HTTP 401{said}); check {' or '.join(TOKEN_ENVS)}"
+            )
+        if status == 402:
+            return BackendRejected(
+                f"the Hugging Face account has no Inference Providers credits left (HTTP 402{said})"
+            )
+        if status == 429:
+            wait = _retry_after(e.response.headers)
+            if wait is not None and wait > self.retry_after_max_s:
+                return BackendRejected(
+                    f"Hugging Face's rate limit was reached; try again in about {describe_wait(wait)}"
+                )
+            return BackendUnavailable(f"rate limited by Hugging Face ({provider}){said}", retry_after_s=wait)
+        if 400 <= status < 500 and (status == 451 or CONTENT_REFUSED.search(detail)):
+            return BackendRejected(
+                f"{provider} refused this {'prompt' if task == 'txt2img' else 'image or prompt'} "
+                f"(content policy){said}",
+                "prompt" if task == "txt2img" else None,
+            )
+        if status == 403:
+            return BackendRejected(
+                f"Hugging Face refused access (HTTP 403{said}); the token needs the "
+                '"Make calls to Inference Providers" permission'
+            )
+        if status == 404 or (400 <= status < 500 and MODEL_NOT_SERVED.search(detail)):
+            return BackendRejected(
+                f"model {model} is not available from {provider} (HTTP {status}{said})", "model"
+            )
+        if status == 413:
+            return BackendRejected(f"the input image is too large for {provider}", "image")
+        if 400 <= status < 500:
+            return BackendRejected(
+                f"{provider} rejected the request (HTTP {status}{said})", _field_from_message(detail)
+            )
+        if status >= 500:
+            return BackendUnavailable(
+                f"Hugging Face ({provider}) failed (HTTP {status}{said})",
+                retry_after_s=_retry_after(e.response.headers),
+            )
+        return BackendError(f"Hugging Face ({provider}) answered HTTP {status}{said}")
 
 
 async def _emit(on_event: EventCallback | None, event: BackendEvent) -> None:
@@ -207,60 +304,83 @@ async def _emit(on_event: EventCallback | None, event: BackendEvent) -> None:
         log.exception("progress callback failed for event %s", event.kind)
 
 
-async def _read_error(resp: aiohttp.ClientResponse) -> tuple[str, float | None]:
-    """(message, estimated_time) from the API's `{"error": ..., "estimated_time": ...}` body."""
+def _to_png(image: Image.Image) -> bytes:
+    image.load()  # decodes now: a truncated answer fails here, not in the adapter
+    out = io.BytesIO()
+    image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _provider_message(e: HfHubHTTPError) -> str:
+    """The provider's own words, one line: JSON shapes differ by provider (`error`, `detail`,
+    `message`), and huggingface_hub's `server_message` only knows some of them."""
+    response = e.response
     try:
-        data = await resp.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
-        return resp.reason or "", None
+        text = _message_in(response.json())
+    except ValueError:
+        text = ""
+    if not text:
+        text = e.server_message or ""
+    if not text and "html" not in response.headers.get("content-type", "").lower():
+        text = response.text
+    if "Traceback (most recent call last)" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]  # the exception, not the stack
+    return _one_line(text)
+
+
+def _message_in(data: Any) -> str:
+    if isinstance(data, str):
+        return data
+    if isinstance(data, list):
+        return "; ".join(filter(None, map(_message_in, data)))
     if not isinstance(data, dict):
-        return resp.reason or "", None
-    error = data.get("error")
-    if isinstance(error, list):
-        error = "; ".join(map(str, error))
-    estimated = data.get("estimated_time")
-    try:
-        estimated = float(estimated) if estimated is not None else None
-    except (TypeError, ValueError):
-        estimated = None
-    return str(error or resp.reason or "")[:MAX_ERROR_MESSAGE_CHARS], estimated
+        return ""
+    if "msg" in data:  # a validation error item: {"loc": [..., "field"], "msg": "..."}
+        loc = data.get("loc")
+        where = f"{loc[-1]}: " if isinstance(loc, list) and loc else ""
+        return f"{where}{data['msg']}"
+    for key in ("error", "detail", "message", "errors"):
+        if data.get(key):
+            return _message_in(data[key])
+    return ""
+
+
+def _one_line(text: str) -> str:
+    # Messages are quoted inside sentences of ours: no trailing full stop of their own.
+    text = " ".join(str(text).split()).rstrip(". ")
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `Retry-After` (seconds or an HTTP date), else from the router's
+    `RateLimit` header when the window is used up."""
+    value = (headers.get("retry-after") or "").strip()
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            pass
+    limit = parse_ratelimit_headers(headers)
+    if limit is not None and limit.remaining == 0:
+        return float(limit.reset_in_seconds)
+    return None
 
 
 def _field_from_message(message: str) -> str | None:
     lowered = message.lower()
     for fld, words in (
-        ("width", ("width",)),
+        ("width", ("width", "image_size")),
         ("height", ("height",)),
-        ("steps", ("num_inference_steps",)),
-        ("guidance", ("guidance_scale",)),
+        ("steps", ("num_inference_steps", "steps")),
+        ("guidance", ("guidance_scale", "guidance")),
         ("negative_prompt", ("negative_prompt",)),
+        ("seed", ("seed",)),
         ("prompt", ("inputs", "prompt")),
     ):
         if any(w in lowered for w in words):
             return fld
     return None
-
-
-def _to_png(data: bytes, content_type: str) -> bytes:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return data
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise BackendError(
-            f"the Hugging Face API answered with {content_type or 'unknown content'}, not an image"
-        ) from None
-    out = io.BytesIO()
-    img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB").save(out, format="PNG")
-    return out.getvalue()
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None

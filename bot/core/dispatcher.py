@@ -41,6 +41,7 @@ from bot.backends.base import (
     GeneratedImage,
     GenerationParams,
     InferenceBackend,
+    describe_wait,
 )
 from bot.core.api import ImageInfo, JobView, ResultImage
 from bot.core.models import ImageRow, Job, User
@@ -525,6 +526,11 @@ class Dispatcher:
                 return
             if isinstance(e, BackendRejected):
                 message = f"The image backend refused this job: {e.message}. Your quota was refunded."
+            elif e.retry_after_s is not None:
+                message = (
+                    "The image server is busy right now; your quota was refunded. "
+                    f"Please try again in about {describe_wait(e.retry_after_s)}."
+                )
             else:
                 message = "The image server is unavailable right now; your quota was refunded. Please try again later."
             log.warning("job %s failed: %s: %s", view.id, type(e).__name__, e.message)
@@ -543,7 +549,9 @@ class Dispatcher:
         await self._succeed(view, images)
 
     async def _requeue(self, view: JobView, error: BackendError) -> None:
-        delay = self.config.retry_backoff_s * view.attempts
+        # A backend told how long to wait (a rate limit's Retry-After): retrying sooner would only
+        # spend the attempt on the same refusal.
+        delay = max(self.config.retry_backoff_s * view.attempts, error.retry_after_s or 0.0)
         log.warning("job %s: %s; retrying in %.0f s (attempt %d of %d)", view.id, error.message, delay,
                     view.attempts, self.config.max_attempts)  # fmt: skip
         async with self.db.session() as s:

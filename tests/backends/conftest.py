@@ -1,12 +1,14 @@
-"""Fixtures: loopback fakes of the inference server and Hugging Face HTTP contracts (see fakes.py)."""
+"""Fixtures: loopback fakes of the inference server (fakes.py) and of Hugging Face (fake_hf.py)."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.backends.fakes import FakeHuggingFace, FakeInferenceServer, RecordingSleep, start
+from tests.backends.fake_hf import FakeHuggingFace, fake_hugging_face
+from tests.backends.fakes import FakeInferenceServer, RecordingSleep, start
 
 
 async def _serve(fake):
@@ -41,11 +43,10 @@ def refused_url() -> str:
 
 
 @pytest.fixture
-async def huggingface():
-    fake = FakeHuggingFace()
-    server = await _serve(fake)
-    yield fake
-    await server.close()
+async def huggingface() -> AsyncIterator[FakeHuggingFace]:
+    """Hugging Face's Hub and router on loopback, huggingface_hub pointed at them (fake_hf.py)."""
+    async with fake_hugging_face() as fake:
+        yield fake
 
 
 @pytest.fixture

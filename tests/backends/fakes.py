@@ -1,9 +1,9 @@
-"""Loopback fakes of the two HTTP contracts the backends talk to.
+"""A loopback fake of the inference server's HTTP contract (Hugging Face's is in fake_hf.py).
 
 `FakeInferenceServer` speaks the inference server API v1 from CONTRACTS.md (auth, JSON and NDJSON
-streaming, error bodies) and `FakeHuggingFace` the Hugging Face Inference API text-to-image route.
-Both run on 127.0.0.1 with the real aiohttp server; a test queues what the next requests should get
-and reads back what the client sent. The real inference server is exercised in test_end_to_end.py.
+streaming, error bodies) on 127.0.0.1 with the real aiohttp server; a test queues what the next
+requests should get and reads back what the client sent. The real inference server is exercised in
+test_end_to_end.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 TOKEN = "test-token"
-HF_KEY = "hf_test_key"
 
 
 def png_bytes(size=(64, 64), colour=(200, 10, 10), fmt="PNG") -> bytes:
@@ -116,32 +115,6 @@ async def start(app: web.Application) -> TestServer:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
-
-
-@dataclass
-class FakeHuggingFace:
-    key: str = HF_KEY
-    script: list[Any] = field(default_factory=list)  # actions for the next requests; then "ok"
-    seen: list[Seen] = field(default_factory=list)
-    url: str = ""
-    image_format: str = "JPEG"  # the real API answers JPEG by default
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/models/{model:.+}", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.key}":
-            return web.json_response({"error": "Invalid credentials in Authorization header"}, status=401)
-        body = await request.json()
-        self.seen.append(Seen(request.path, dict(request.headers), body))
-        action = self.script.pop(0) if self.script else "ok"
-        if action == "ok":
-            p = body["parameters"]
-            data = png_bytes((p["width"], p["height"]), (p["seed"] % 256, 50, 50), self.image_format)
-            return web.Response(body=data, content_type=f"image/{self.image_format.lower()}")
-        return await action(request, body)
 
 
 class RecordingSleep:

@@ -191,6 +191,35 @@ async def test_retryable_errors_are_retried_then_fail_with_refund(db_url, tmp_pa
         assert (await core.service.quota(ALICE, GUILD)).used_today == 1
 
 
+async def test_a_backends_retry_after_defers_the_retry_and_is_told_when_retries_run_out(db_url, tmp_path):
+    backend = FakeBackend()
+    backend.fail_next(1, BackendUnavailable("rate limited", retry_after_s=40))
+    async with running_core(db_url, tmp_path, backend=backend, bot={"max_attempts": 2}) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="ra1")
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            async with core.service.db.read() as s:
+                row = (await s.execute(select(Job).where(Job.id == job.id))).scalar_one()
+            if row.attempts == 1 and row.state == "queued" and row.not_before is not None:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "the job was not requeued"
+            await asyncio.sleep(0.05)
+        # retry_backoff_s is 0 here: the 40 s are the backend's, not the dispatcher's backoff.
+        wait = (row.not_before.replace(tzinfo=dt.UTC) - core.service.clock()).total_seconds()
+        assert 35 < wait <= 40
+        assert backend.pending_failures == 0 and len(backend.calls) == 1  # not retried meanwhile
+
+    backend = FakeBackend()
+    backend.fail_next(1, BackendUnavailable("rate limited", retry_after_s=150))
+    async with running_core(db_url, tmp_path, backend=backend, bot={"max_attempts": 1}) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "y", idempotency_key="ra2")
+        done = await core.service.wait_for_job(job.id, 30)
+        assert done.state == "failed"
+        assert done.error == (
+            "The image server is busy right now; your quota was refunded. Please try again in about 3 min."
+        )
+
+
 async def test_reroll_and_variation_resolve_the_parent_from_the_message(db_url, tmp_path):
     async with running_core(db_url, tmp_path) as (core, delivery):
         parent = await core.service.imagine(

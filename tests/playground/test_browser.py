@@ -1,5 +1,6 @@
 """The playground in a real headless browser (Debian's chromium driven by Playwright), on the real
-core (SQLite) with the in-process fake image backend."""
+core (SQLite) with the in-process fake image backend, and on the Hugging Face backend against a
+loopback fake of Hugging Face (the app this project grew from)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 
 from PIL import Image
 
+from tests.backends.fake_hf import HF_TOKEN, fake_hugging_face, seed_colour
 from tests.playground import flows
 from tests.playground.harness import app_config, running_playground
 
@@ -43,6 +45,49 @@ async def test_type_a_prompt_get_images_then_reroll_and_vary(tmp_path, page):
         await page.get_by_role("tab", name="History").click()
         await page.locator("#history-list").get_by_text("#3").wait_for()
         assert await page.locator("#history-gallery img").count() >= 6
+
+
+async def test_the_original_app_a_prompt_typed_in_the_page_drawn_by_hugging_face(tmp_path, page):
+    sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
+    backends = {"kind": "huggingface", "hf_provider": "hf-inference", "hf_model": sdxl}
+    # The real backend and huggingface_hub client; only Hugging Face's servers are the loopback fake.
+    async with fake_hugging_face() as hf:
+        hf.serve(sdxl, "hf-inference")
+        config = app_config(tmp_path, backends=backends)
+        async with running_playground(config, {"HUGGING_FACE_API_KEY": HF_TOKEN}) as app:
+            await flows.open_playground(page, app.url)
+            await flows.imagine(page, "/imagine a lighthouse at dusk --seed 42 --no fog", job_id=1)
+            assert await flows.wait_chat_images(page, 1) == 1
+            # The pixels the browser shows are the ones Hugging Face sent for seed 42 (JPEG: near).
+            shown = await page.locator("#chat img").first.evaluate(
+                """img => { const c = document.createElement('canvas');
+                c.width = img.naturalWidth; c.height = img.naturalHeight;
+                const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+                return [c.width, c.height, ...g.getImageData(5, 5, 1, 1).data.slice(0, 3)]; }"""
+            )
+            assert shown[:2] == [64, 64]
+            assert all(abs(a - b) <= 4 for a, b in zip(shown[2:], seed_colour(42), strict=True)), shown
+            [seen] = hf.seen
+            assert (seen.provider, seen.path) == ("hf-inference", f"/hf-inference/models/{sdxl}")
+            assert seen.body == {
+                "inputs": "a lighthouse at dusk",
+                "parameters": {
+                    "negative_prompt": "fog",
+                    "height": 64,
+                    "width": 64,
+                    "num_inference_steps": 4,
+                    "guidance_scale": 7.5,
+                    "seed": 42,
+                },
+            }
+            # hf-inference serves this model for text-to-image only: a variation is refused, in words.
+            await page.locator("#v1").click()
+            failed = page.locator('#status [data-job="2"][data-state="failed"]')
+            await failed.wait_for()
+            said = await failed.inner_text()
+            assert "refused this job: variations (image-to-image) are not available here" in said
+            assert "Your quota was refunded" in said
+            assert len(hf.seen) == 1 and (await app.service.get_job(1)).state == "succeeded"
 
 
 async def test_inpaint_with_a_mask_drawn_with_the_brush(tmp_path, page):
