@@ -26,8 +26,8 @@ __all__ = ["read_body", "loads_limited", "json_shape_problem", "MAX_JSON_DEPTH",
 # per level, runs out of stack (RecursionError).
 MAX_JSON_DEPTH = 32
 # A valid body holds one object and perhaps a list of seeds. Past this many arrays and objects a
-# body is refused unparsed: building millions of them is the parser's slowest case (16 MiB of
-# "[]," takes about 6 s of CPU, against ~25 ms for a 16 MiB base64 image).
+# body is refused unparsed: building millions of them is the parser's slowest case (seconds of CPU
+# for 16 MiB of "[],", against tens of milliseconds for a 16 MiB base64 image).
 MAX_JSON_CONTAINERS = 1024
 # Bodies larger than this are checked and parsed on a worker thread: a 16 MiB body takes tens of
 # milliseconds, which would stall every other connection if done on the event loop.
