@@ -1,16 +1,20 @@
 """This machine's cost curves for the discrete-event model, measured on the embedded model.
 
-Everything runs with one torch thread, as the bench's engines do, and every figure is the median of
-`reps` timings after an untimed call of the same shape:
+Everything runs with one torch thread, as the bench's engines do, and is timed in **CPU time of the
+thread doing the work** (`time.thread_time`): with one torch thread that is the work itself, and
+other jobs on a shared machine, which stretch wall-clock time by tens of percent, barely move it.
+The curves are what the work costs on an idle core; the measured latencies the model is compared
+with include whatever else the machine was doing. Every figure is a median of interleaved timings
+after an untimed call of the same shape:
 
 - `c(n)`, one classifier-free-guided UNet step of n = 1..max_batch images (2n rows, 16x16 latents,
   one timestep per row as the continuous engine passes them), fitted as a + b n (least squares);
 - the request-level pipeline call (diffusers' `StableDiffusionPipeline`, as the runner calls it) of
-  n = 1, 4 and max_batch images at 10 and 20 steps: its cost per step (the 20-step call minus the
-  10-step call, over 10) and per call (text encoding, latents, VAE decode, images: the rest);
-- the continuous engine's own iterations (`ContinuousEngine`, `on_iteration`) with n = 1, 2, 4 and
-  max_batch images running, and its time per joining image (the worker's busy time outside
-  iterations, per image admitted);
+  n = 1, 2, 4 and max_batch images at 20 steps: its cost per step (the median gap between the step
+  callbacks) and per call (text encoding, latents, VAE decode, images: the rest of the call);
+- the continuous engine's own loop (`ContinuousEngine`, its worker thread's CPU clock read at every
+  `on_iteration`) with n = 1, 2, 4 and max_batch images running: the cost of an iteration, and of
+  admitting an image (the first iteration of a run also admits the run's n images);
 - the VAE decode and image conversion of k = 1, 2, 4 and max_batch latents (the continuous engine
   decodes the images that finish at one iteration together, on its second thread).
 
@@ -20,6 +24,7 @@ The request-level and continuous costs beyond c(n) become the model's `rl_step_e
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -33,16 +38,15 @@ PROMPT = "a red circle on a white background"
 
 
 def interleaved(fns: dict[int, Callable[[], object]], reps: int) -> dict[int, float]:
-    """Median seconds of each function by key, after one untimed call each (kernels are prepared
-    per shape on first use); the keys take turns in every repetition, so a burst of other jobs'
-    load on a shared machine hits all sizes alike instead of one."""
+    """Median CPU seconds of each function by key, after one untimed call each (kernels are
+    prepared per shape on first use); the keys take turns in every repetition."""
     times: dict[int, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = time.thread_time()
             fn()
             if rep:
-                times[k].append(time.perf_counter() - t)
+                times[k].append(time.thread_time() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -97,10 +101,10 @@ def calibrate(
         ends: list[float] = []
 
         def on_step_end(p: object, i: int, t: object, kwargs: dict) -> dict:
-            ends.append(time.perf_counter())
+            ends.append(time.thread_time())
             return kwargs
 
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         pipe(
             prompt=[PROMPT] * n,
             negative_prompt=[""] * n,
@@ -112,7 +116,7 @@ def calibrate(
             output_type="pil",
             callback_on_step_end=on_step_end,
         )
-        total = time.perf_counter() - t0
+        total = time.thread_time() - t0
         per_step = statistics.median(np.diff(ends))
         return per_step, total - 20 * per_step
 
@@ -125,19 +129,18 @@ def calibrate(
     rl_step = {n: statistics.median(c[0] for c in v) for n, v in calls.items()}
     rl_fixed = {n: statistics.median(c[1] for c in v) for n, v in calls.items()}
 
-    iterations: dict[int, list[float]] = {}
+    # The worker thread's CPU clock at the end of every iteration, with the running batch size.
+    marks: list[tuple[int, float]] = []
     core = ContinuousEngine(
-        pipe, max_batch_size=max_batch, on_iteration=lambda n, dt: iterations.setdefault(n, []).append(dt)
+        pipe, max_batch_size=max_batch, on_iteration=lambda n, dt: marks.append((n, time.thread_time()))
     )
+    cycles: dict[int, list[float]] = {n: [] for n in sizes}
+    firsts: dict[int, list[tuple[int, float]]] = {n: [] for n in sizes}
     core.start()
     try:
-        admitted = 0
-        busy0, iter0 = core.busy_s, 0.0
         for rep in range(call_reps + 1):  # the first pass warms every shape and is not kept
-            if rep == 1:
-                iterations.clear()
-                admitted, busy0 = 0, core.busy_s
             for n in sizes:
+                before = len(marks)
                 tickets = [
                     core.submit(
                         ContinuousRequest(
@@ -154,12 +157,25 @@ def calibrate(
                 ]
                 for ticket in tickets:
                     ticket.future.result(timeout=600)
-                admitted += n
-        iter0 = sum(sum(v) for v in iterations.values())
-        admit = max(0.0, (core.busy_s - busy0 - iter0) / admitted)
+                run = marks[max(0, before - 1) :]
+                if rep and before:
+                    # The worker's clock stands still while it waits for work: the gap to the
+                    # previous run's last mark is this run's admissions plus its first iteration.
+                    gaps = [(m[0], m[1] - p[1]) for p, m in itertools.pairwise(run)]
+                    firsts[n].append((gaps[0][0], gaps[0][1] + gaps[1][1]))
+                    cycles[n] += [g for size_, g in gaps[2:] if size_ == n]
     finally:
         core.stop()
-    cont = {n: statistics.median(iterations[n]) for n in sizes if n in iterations}
+    cont = {n: statistics.median(v) for n, v in cycles.items() if v}
+    # A run's n requests join at its first iteration, or one there and the rest at the second (the
+    # worker woke before they were all submitted): either way its first two cycles hold its n
+    # admissions beside two iterations.
+    admit = max(
+        0.0,
+        statistics.median(
+            (two - cont.get(first, cont[n]) - cont[n]) / n for n, fs in firsts.items() for first, two in fs
+        ),
+    )
 
     def extra(measured: dict[int, float]) -> Curve:
         return Curve(tuple((float(n), max(0.0, v - step(n))) for n, v in sorted(measured.items())))
@@ -179,8 +195,8 @@ def calibrate(
         return ", ".join(f"{n}: {v * 1000:.1f}" for n, v in sorted(values.items()))
 
     lines = [
-        f"calibration ({time.perf_counter() - started:.0f} s, 1 torch thread, medians of {3 * reps} (UNet), "
-        f"{reps} (decode) and {call_reps} (calls) interleaved timings):",
+        f"calibration ({time.perf_counter() - started:.0f} s; thread CPU time, 1 torch thread; medians of "
+        f"{3 * reps} (UNet), {reps} (decode) and {call_reps} (calls, continuous runs) interleaved timings):",
         f"- UNet guided step c(n) = {a * 1000:.2f} + {b * 1000:.2f} n ms (fit over n = 1..{max_batch}, "
         f"largest deviation {residual:.0%}); measured ms by n: {ms(unet)}",
         f"- request-level pipeline call, per step ms by n: {ms(rl_step)}; per call (encode, decode, images) ms: {ms(rl_fixed)}",

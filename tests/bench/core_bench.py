@@ -32,6 +32,7 @@ from bot.backends.fake import FakeBackend
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
 from bot.core.api import Actor, Place
+from tests.bench.stats import percentile
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 SOLO_SUBMISSIONS = 50  # enough for a stable median of the uncontended submission
@@ -62,12 +63,6 @@ class CountingDelivery:
         self.delivered += 1
         if self.delivered >= self.expected:
             self.done.set()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 async def run_one(

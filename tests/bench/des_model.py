@@ -407,9 +407,9 @@ def saturation(
     engine: str, costs: Costs, cfg: EngineConfig, load: str, total: int = 4000, policy: Policy | None = None
 ) -> float:
     """Closed-loop throughput with 2 x max_batch clients (requests/s), past the ramp-up and -down;
-    the clients start one full-batch iteration apart."""
+    the clients start a quarter of one lone 20-step request's time apart, as in the bench."""
     clients = 2 * cfg.max_batch
-    source = ClosedLoop(clients, total, workload(load), stagger=costs.iteration(cfg.max_batch))
+    source = ClosedLoop(clients, total, workload(load), stagger=costs.rl_call(1, 20) / 4)
     done = run(engine, source, costs, cfg, policy)
     return steady_rate(sorted(r.done for r in done), clients)
 

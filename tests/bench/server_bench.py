@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
+from tests.bench.stats import percentile
 
 TOKEN = "bench-token"
 # 64x64 images, VAE 64 -> 16x16 latents (the embedded model's geometry), a tiny UNet: per-call
@@ -54,13 +55,6 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="device for both server and direct calls (default cpu)")
     return p.parse_args()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def requests_for(n: int, steps: int) -> list[dict[str, Any]]:
@@ -103,8 +97,8 @@ def direct_runner(folder: Path, batch: int, threads: int, device: str) -> dict[s
         return {
             "ips": len(reqs) / wall,
             "cpu_per_image": (time.process_time() - cpu) / len(reqs),
-            "p50": percentile(latencies, 0.5),
-            "p95": percentile(latencies, 0.95),
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
         }
 
     call(requests_for(1, 2))
@@ -155,8 +149,8 @@ async def load_server(
     return {
         "ips": len(reqs) / wall,
         "cpu_per_image": cpu / len(reqs),
-        "p50": percentile(latencies, 0.5),
-        "p95": percentile(latencies, 0.95),
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
         "mean_batch": statistics.mean(batch_sizes),
     }
 
