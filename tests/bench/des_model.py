@@ -319,6 +319,21 @@ class PaysForItself(Policy):
         return joiners
 
 
+class PaysUnlessBacklog(PaysForItself):
+    """The rule above only while every waiting request fits the free slots; with a backlog (more
+    waiting than free slots) everyone joins at once, so the rule never leaves capacity unused
+    while work queues."""
+
+    name = "pays for itself unless a backlog"
+
+    def pick(
+        self, now: float, waiting: list[Request], running: list[Running], free: int, costs: Costs
+    ) -> list[Request]:
+        if len(waiting) > free:
+            return waiting[:free]
+        return super().pick(now, waiting, running, free, costs)
+
+
 class Cohorts(Policy):
     """Join only in groups: when `size` are waiting (or all free slots can be filled), or the oldest
     has waited `wait_s`, or nothing runs (request-level batching's rule, at step granularity)."""
@@ -508,7 +523,13 @@ def verdicts(costs: Costs, rows: list[dict], goal: float) -> list[str]:
     return out
 
 
-POLICIES: tuple[Policy, ...] = (Policy(), ShortestFirst(), PaysForItself(), Cohorts(4, 0.05), Cohorts(8, 0.1))
+POLICIES: tuple[Policy, ...] = (
+    Policy(),
+    ShortestFirst(),
+    PaysForItself(),
+    PaysUnlessBacklog(),
+    Cohorts(4, 0.05),
+)
 
 
 def policy_table(
