@@ -128,3 +128,11 @@ def test_linear_cost_gives_continuous_no_throughput_gain() -> None:
     cfg = EngineConfig(max_batch=8)
     for engine in ("request-level", "continuous"):
         assert saturation(engine, linear, cfg, "20", total=800) == pytest.approx(1 / (20 * STEP), rel=0.02)
+
+
+def test_decode_batching_decodes_images_finished_apart_together() -> None:
+    cfg = EngineConfig(max_batch=8, decode_batch=2, decode_wait_s=1.0)
+    first, second = simulate_continuous(Arrivals([(0.0, 20), (1.5 * STEP, 20)]), constant(), cfg)
+    assert second.start == pytest.approx(2 * STEP)
+    # the first finishes denoising at step 20 and waits for the second (step 22): one decode
+    assert first.done == second.done == pytest.approx(22 * STEP + DECODE)
