@@ -1,8 +1,8 @@
 """Continuous (step-level) vs request-level batching on the embedded model, and the model of both.
 
-    python -m tests.bench.continuous_bench                # the full run (~15 min on 2 quiet cores)
-    python -m tests.bench.continuous_bench --quick        # a smoke run (~5 min)
-    python -m tests.bench.continuous_bench --model-only   # calibrate, then the model only (~3 min)
+    python -m tests.bench.continuous_bench                # the full run (~16 min on 2 quiet cores)
+    python -m tests.bench.continuous_bench --quick        # a smoke run (4-6 min)
+    python -m tests.bench.continuous_bench --model-only   # calibrate, then the model only (2-3 min)
 
 1. Loads the embedded model three times, one engine each: sequential (request-level with max batch
    1), request-level (dynamic, max batch 8, max wait 50 ms) and continuous (max batch 8), one torch
@@ -12,9 +12,9 @@
 3. Saturation, closed loop: 2 x max batch clients per engine (2 for sequential), each sending its
    next request when its last one returns, the clients starting a quarter of one lone 20-step
    request's time apart (all at once, continuous requests would run in lockstep like request-level
-   batches, hiding what staggered departures cost). Throughput counts
-   the completions between the clients-th and the clients-th from last (no ramp-up or -down).
-   Interleaved rounds with the engine order rotating; each engine's median round is its saturation.
+   batches, hiding what staggered departures cost). Throughput counts the completions between the
+   clients-th and the clients-th from last (no ramp-up or -down). Interleaved rounds with the
+   engine order rotating; each engine's median round is its saturation.
 4. Load points: Poisson arrivals at 50/70/90% of the **request-level engine's** saturation (step 3,
    same run), per workload (all 20 steps; 10 or 20 steps, half each); the same arrivals (prompts,
    seeds, times) for both batching engines, interleaved, repeated. Latency runs from a request's
@@ -24,7 +24,8 @@
    of the per-repetition ratios: both must hold).
 6. The discrete-event model (`tests/bench/des_model.py`): this CPU's cost curves measured
    (`tests/bench/calibrate.py`), the model run at the measured arrival rates and compared with the
-   measured p95, then run with GPU-like curves from published figures, and admission policies.
+   measured p95, then run with GPU-like curves from published figures, and variants of the
+   continuous engine (admission policies, decode batching) evaluated in the model only.
 
 Engines are driven through the server's `Engine` interface (what the HTTP handlers call), in one
 process, so HTTP encoding does not compete with the model for the cores. Every table is printed
@@ -220,10 +221,6 @@ def parity_report(model_path: Path) -> list[str]:
     return lines
 
 
-def label(workload: str) -> str:
-    return des.label(workload)
-
-
 async def measure(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     kinds: tuple[str, ...] = ("sequential", "request-level", "continuous")
     if args.ablation:
@@ -259,7 +256,7 @@ async def measure(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
                 rate = await saturation(engines[kind], workload, clients, total, stagger, seed=r)
                 sat.setdefault((workload, kind), []).append(rate)
                 print(
-                    f"round {r + 1} {label(workload)} {kind}: {rate:.2f} req/s ({load_averages()})",
+                    f"round {r + 1} {des.label(workload)} {kind}: {rate:.2f} req/s ({load_averages()})",
                     flush=True,
                 )
     saturations = {key: statistics.median(v) for key, v in sat.items()}
@@ -286,7 +283,7 @@ async def measure(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
                     res = await run_point(engines[kind], arrivals)
                     results.setdefault((workload, load, kind), []).append(res)
                     print(
-                        f"rep {rep + 1} {label(workload)} load {load:.0%} ({rate:.2f} req/s) {kind}: "
+                        f"rep {rep + 1} {des.label(workload)} load {load:.0%} ({rate:.2f} req/s) {kind}: "
                         f"p95 {percentile(res.latencies, 95):.2f} s, {res.cpu_per_request:.2f} CPU s/request "
                         f"(load average {res.load_average:.2f})",
                         flush=True,
@@ -317,7 +314,7 @@ def saturation_table(m: dict[str, Any], args: argparse.Namespace) -> list[str]:
             s = m["saturations"][(workload, kind)]
             rounds = ", ".join(f"{x:.2f}" for x in m["sat"][(workload, kind)])
             lines.append(
-                f"| {label(workload)} | {kind} | {s:.2f} | {rounds} | {s / ref:.3f}x | {s / seq:.2f}x |"
+                f"| {des.label(workload)} | {kind} | {s:.2f} | {rounds} | {s / ref:.3f}x | {s / seq:.2f}x |"
             )
     return lines
 
@@ -339,7 +336,7 @@ def load_table(m: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 lat, adm = pooled(rs), pooled(rs, "admissions")
                 per_rep = " / ".join(f"{x:.2f}" for x in rep_ratios(rs, ref))
                 lines.append(
-                    f"| {label(workload)} | {load:.0%} ({m['rates'][(workload, load)]:.2f}) | {kind} | {len(lat)} | "
+                    f"| {des.label(workload)} | {load:.0%} ({m['rates'][(workload, load)]:.2f}) | {kind} | {len(lat)} | "
                     f"{percentile(lat, 50):.2f} | {percentile(lat, 95):.2f} | {percentile(lat, 99):.2f} | "
                     f"{percentile(lat, 95) / ref_p95:.2f}x | {per_rep} | "
                     f"{percentile(adm, 50):.3f} / {percentile(adm, 95):.3f} | "
@@ -355,7 +352,7 @@ def verdict(m: dict[str, Any], args: argparse.Namespace) -> list[str]:
         s = m["saturations"][(workload, "continuous")] / m["saturations"][(workload, "request-level")]
         ok = "met" if s >= THROUGHPUT_FLOOR else "NOT met"
         lines.append(
-            f"throughput, {label(workload)}: continuous saturation {s:.3f}x request-level's, closed loop "
+            f"throughput, {des.label(workload)}: continuous saturation {s:.3f}x request-level's, closed loop "
             f"(goal >= {THROUGHPUT_FLOOR:.2f}x): {ok}"
         )
         for load in args.loads:
@@ -367,7 +364,7 @@ def verdict(m: dict[str, Any], args: argparse.Namespace) -> list[str]:
             median = statistics.median(rep_ratios(cont, ref))
             ok = "met" if max(ratio, median) <= CPU_GOAL_RATIO else "NOT met"
             lines.append(
-                f"p95, {label(workload)}, {load:.0%} of request-level saturation: continuous {ratio:.2f}x "
+                f"p95, {des.label(workload)}, {load:.0%} of request-level saturation: continuous {ratio:.2f}x "
                 f"request-level pooled, {median:.2f}x median of repetitions (goal <= {CPU_GOAL_RATIO:.2f}x): {ok}"
             )
     return lines
@@ -386,7 +383,7 @@ def model_validation(m: dict[str, Any], costs: des.Costs, args: argparse.Namespa
         for kind in ("request-level", "continuous"):
             measured = m["saturations"][(workload, kind)]
             lines.append(
-                f"| {label(workload)} | saturation | {kind} | {measured:.2f} req/s | {model_sat[kind]:.2f} req/s | "
+                f"| {des.label(workload)} | saturation | {kind} | {measured:.2f} req/s | {model_sat[kind]:.2f} req/s | "
                 f"{model_sat[kind] / measured:.2f}x | |"
             )
         for load in args.loads:
@@ -402,7 +399,7 @@ def model_validation(m: dict[str, Any], costs: des.Costs, args: argparse.Namespa
             both = f"{measured['continuous'] / measured['request-level']:.2f}x / {model['continuous'].p95 / model['request-level'].p95:.2f}x"
             for kind in ("request-level", "continuous"):
                 lines.append(
-                    f"| {label(workload)} | {load:.0%} ({rate:.2f}) | {kind} | {measured[kind]:.2f} | "
+                    f"| {des.label(workload)} | {load:.0%} ({rate:.2f}) | {kind} | {measured[kind]:.2f} | "
                     f"{model[kind].p95:.2f} | {model[kind].p95 / measured[kind]:.2f}x | "
                     f"{both if kind == 'continuous' else ''} |"
                 )

@@ -1,6 +1,6 @@
 """Discrete-event model of the request-level and continuous engines, driven by a cost curve.
 
-    python -m tests.bench.des_model                 # the GPU-like curves (~1 min)
+    python -m tests.bench.des_model                 # the GPU-like curves (~40 s)
     python -m tests.bench.des_model --quick         # fewer simulated requests (seconds)
     python -m tests.bench.continuous_bench --model-only   # the same, plus this CPU's measured curve
 
@@ -14,10 +14,11 @@ at a time:
   gaps shorter than `max_wait`; with fewer than 4 gaps, always). A batch of n images with S steps
   costs `rl_call_fixed(n) + S * (c(n) + rl_step_extra(n))`; every request of it finishes at its end.
 - **continuous** (`continuous/core.py`): before every iteration, waiting requests join the free
-  slots (oldest first, or by an admission `Policy`); an iteration of n images costs
-  `c(n) + cont_step_extra(n)`; a sample leaves after its S iterations and is decoded, either on a
-  second thread beside the denoising (`decode_parallel`: a second CPU core) or on the same device
-  (a GPU), costing `decode(k)` for the k images that finished together.
+  slots (oldest first, or by an admission `Policy`), each costing `cont_admit`; an iteration of n
+  images costs `c(n) + cont_step_extra(n)`; a sample leaves after its S iterations and is decoded,
+  either on a second thread beside the denoising (`decode_parallel`: a second CPU core) or on the
+  same device (a GPU), costing `decode(k)` for the k images that finished together (or, with
+  `decode_batch` > 1, that were gathered first).
 
 `c(n)` is the cost of one classifier-free-guided UNet step of n images (2n rows). Costs are
 `Curve`s: piecewise linear through given points, extended linearly past the last.
