@@ -32,6 +32,7 @@ from bot.backends.fake import FakeBackend
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
 from bot.core.api import Actor, Place
+from tests.bench.stats import percentile
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 SOLO_SUBMISSIONS = 50  # enough for a stable median of the uncontended submission
@@ -64,12 +65,6 @@ class CountingDelivery:
             self.done.set()
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
 async def run_one(
     label: str, url: str, workdir: Path, submitters: int, per_submitter: int, concurrency: int
 ) -> dict:
@@ -79,7 +74,11 @@ async def run_one(
         "storage": {"dir": str(workdir / "images")},
         "quotas": {"daily_limit": max(per_submitter, SOLO_SUBMISSIONS)},
         # default_steps only shapes the fake's work (none); the core's cost does not depend on it.
-        "bot": {"max_queued_jobs": total + 1, "dispatch_concurrency": concurrency, "default_steps": 1},
+        "bot": {
+            "max_queued_jobs": max(total, SOLO_SUBMISSIONS) + 1,
+            "dispatch_concurrency": concurrency,
+            "default_steps": 1,
+        },
     }
     delivery = CountingDelivery(total)
     latencies: list[float] = []
@@ -176,7 +175,8 @@ async def amain(args: argparse.Namespace) -> int:
                     await drop_pg(url)
     print(
         f"\ncore bench: {args.submitters} concurrent submitters x {args.jobs} jobs, instant FakeBackend, "
-        f"dispatch_concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        f"dispatch_concurrency {args.concurrency}, {os.cpu_count()} CPUs, "
+        f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(
         f"{'db':<10}{'jobs':>6}{'submit p50 ms':>15}{'submit p99 ms':>15}{'submits/s':>11}{'jobs/s':>9}"

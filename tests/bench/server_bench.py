@@ -9,8 +9,10 @@ count:
 - the real server (`python -m inference_server` in a subprocess, over loopback HTTP with auth, PNG
   encoding and JSON) at concurrency 1, 4, 8 and 16.
 
-Ratios are against the server at concurrency 1 (the same requests sent one at a time), the direct
-sequential calls, and the direct batched call. Every round runs every mode once, in a shuffled
+Ratios are against the server at concurrency 1 (the same requests sent one at a time) and the direct
+batched call, both measured in the same run: "at concurrency 8, X% of a direct batched call" compares
+the server with one full batch of clients (concurrency = `--batch`) against the same images in
+direct calls of that batch size. Latency percentiles use `tests/bench/stats.py` (linear). Every round runs every mode once, in a shuffled
 order, and each mode reports its median round, so load from other jobs on a shared machine hits all
 modes alike; the table also shows each mode's range over the rounds. Not a test: timings on shared
 machines are noisy, so nothing is asserted.
@@ -35,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
+from tests.bench.stats import percentile
 
 TOKEN = "bench-token"
 # 64x64 images, VAE 64 -> 16x16 latents (the embedded model's geometry), a tiny UNet: per-call
@@ -54,13 +57,6 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="device for both server and direct calls (default cpu)")
     return p.parse_args()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def requests_for(n: int, steps: int) -> list[dict[str, Any]]:
@@ -103,8 +99,8 @@ def direct_runner(folder: Path, batch: int, threads: int, device: str) -> dict[s
         return {
             "ips": len(reqs) / wall,
             "cpu_per_image": (time.process_time() - cpu) / len(reqs),
-            "p50": percentile(latencies, 0.5),
-            "p95": percentile(latencies, 0.95),
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
         }
 
     call(requests_for(1, 2))
@@ -155,8 +151,8 @@ async def load_server(
     return {
         "ips": len(reqs) / wall,
         "cpu_per_image": cpu / len(reqs),
-        "p50": percentile(latencies, 0.5),
-        "p95": percentile(latencies, 0.95),
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
         "mean_batch": statistics.mean(batch_sizes),
     }
 
@@ -200,7 +196,7 @@ def main() -> None:
             f"tiny pipeline: {SPEC.describe()}; {args.steps} steps, guidance 7.5, {SPEC.sample_size}x{SPEC.sample_size}"
         )
         print(f"{args.requests} requests of 1 image per measurement; torch threads {args.threads}; device {args.device}; "
-              f"cores {os.cpu_count()}; median of {args.rounds} rounds, modes shuffled in each; load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
+              f"cores {os.cpu_count()}; median of {args.rounds} rounds, modes shuffled in each; load average before: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
         modes = direct_runner(folder, args.batch, args.threads, args.device)
         rounds: dict[str, list[dict[str, float]]] = {}
 
@@ -288,7 +284,7 @@ def print_table(rows: dict[str, dict[str, float]], batch: int) -> None:
             f"| {mean_batch} | {1000 * r['cpu_per_image']:.0f} | {vs_seq} | {vs_best} |"
         )
     print()
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
