@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,8 +63,11 @@ class PlaygroundConfig:
     def __post_init__(self) -> None:
         _check(bool(self.host), "host", "must not be empty")
         _check(0 <= self.port <= 65535, "port", "must be from 0 to 65535")
+        # The local user is a user id in the database, like a login name.
         _check(
-            bool(self.local_user) and ":" not in self.local_user, "local_user", "must be a name without ':'"
+            USERNAME_RE.fullmatch(self.local_user) is not None,
+            "local_user",
+            "must be a name of 1-64 of A-Z a-z 0-9 _ . @ - (no ':')",
         )
         for name in self.admin_users:
             _check(
@@ -73,7 +77,12 @@ class PlaygroundConfig:
             )
         _check(1 <= self.history_limit <= 100, "history_limit", "must be from 1 to 100")
         _check(1 <= self.concurrency_limit <= 1000, "concurrency_limit", "must be from 1 to 1000")
-        _check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
+        _check(
+            math.isfinite(self.poll_interval_s) and 0 < self.poll_interval_s <= 600,
+            "poll_interval_s",
+            "must be > 0 and <= 600 seconds",
+        )
+        _check(len(self.title) <= 200, "title", "at most 200 characters")
 
     @property
     def exposed(self) -> bool:

@@ -287,12 +287,18 @@ class SlackAdapter:
         await ack()
 
     async def inpaint_view(self, view: Mapping[str, Any], body: Mapping[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
         user = body["user"]["id"]
-        channel = meta.get("channel")
+        try:
+            # Written by open_inpaint_modal; it comes back through Slack unchanged, but a view from an
+            # older version of the bot (or a hand-made request) must get an answer, not a traceback.
+            meta = json.loads(view.get("private_metadata") or "{}")
+            channel = meta["channel"]
+            image = SlackFile(**meta["image"])
+            mask = SlackFile(**meta["mask"]) if meta.get("mask") else None
+        except (ValueError, KeyError, TypeError):
+            log.warning("slack: inpaint view %s has unusable metadata", view.get("id"))
+            return
         tell = self.ephemeral(channel, user, meta.get("thread_ts"))
-        image = SlackFile(**meta["image"])
-        mask = SlackFile(**meta["mask"]) if meta.get("mask") else None
         place = Place(PLATFORM, (body.get("team") or {}).get("id"), channel)
         delivery = {"channel": channel, "user": user, "thread_ts": meta.get("thread_ts")}
         try:

@@ -213,6 +213,15 @@ def test_adapter_status_and_config_errors():
         load_section({"discord": {"progress_edit_interval_s": -1}}, "discord", DiscordConfig)
     with pytest.raises(ConfigError, match="guild_ids"):
         load_section({"discord": {"guild_ids": ["general"]}}, "discord", DiscordConfig)
+    for key, value in [
+        ("progress_edit_interval_s", float("inf")),
+        ("guild_ready_timeout_s", float("nan")),
+        ("token_margin_s", float("nan")),
+        ("max_attachment_bytes", 2**40),
+        ("activity", "x" * 200),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            load_section({"discord": {key: value}}, "discord", DiscordConfig)
     with pytest.raises(ConfigError, match="unknown key"):
         load_section({"discord": {"guild": [1]}}, "discord", DiscordConfig)
     cfg = load_section({}, "discord", DiscordConfig, environ={"IMAGINE_DISCORD_GUILD_IDS": "[1, 2]"})

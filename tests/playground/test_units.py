@@ -32,6 +32,9 @@ def test_loopback_by_default_and_exposing_needs_a_password():
         ({"port": 70000}, r"\[playground\] port"),
         ({"history_limit": 0}, r"\[playground\] history_limit"),
         ({"local_user": "web:me"}, r"\[playground\] local_user"),
+        ({"local_user": "x" * 65}, r"\[playground\] local_user"),  # a user id: 64 at most
+        ({"local_user": "me\n"}, r"\[playground\] local_user"),
+        ({"poll_interval_s": float("inf")}, r"\[playground\] poll_interval_s"),
         ({"colour": "red"}, r"\[playground\] unknown key\(s\): colour"),
     ],
 )
