@@ -154,11 +154,14 @@ def parse_prompt(
     for name, value in raw.items():
         _check_chars(name, value, f"--{name}")
     for key, value in (options or {}).items():
-        if not isinstance(key, str):
-            raise BadParameters("options", f"Option names must be text, got {key!r}.", key)
+        name = OPTION_ALIASES.get(key, key) if isinstance(key, str) else None
+        if name != "prompt" and name not in FLAGS:
+            # The field is the name as given, or "options" when there is no name to point at.
+            field = key if isinstance(key, str) and key.strip() else "options"
+            raise BadParameters(field, f"Unknown option {str(key)[:40]!r}. Known: {', '.join(FLAGS)}.", key)
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise BadParameters(key, f"Option {key!r} must be a number or text, got {type(value).__name__}.")
         if isinstance(value, str):
             if len(value) > config.max_prompt_chars * 2:
@@ -166,12 +169,9 @@ def parse_prompt(
                     key, f"Option {key!r} is too long (over {config.max_prompt_chars} characters)."
                 )
             _check_chars(key, value, f"Option {key!r}")
-        name = OPTION_ALIASES.get(key, key)
         if name == "prompt":
             prompt = " ".join(str(value).split())
             continue
-        if name not in FLAGS:
-            raise BadParameters(key, f"Unknown option {key!r}. Known: {', '.join(FLAGS)}.", value)
         raw[name] = value
     if require_prompt and not prompt:
         raise BadParameters("prompt", "The prompt is empty: describe the image you want.")

@@ -57,6 +57,7 @@ log = logging.getLogger("bot.core")
 MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger asks are capped
 # Idempotency keys are namespaced by platform into jobs.idempotency_key (VARCHAR(200)).
 MAX_KEY_CHARS = 150
+KEY_USED_BY_OTHER = "This request id was already used by someone else."
 MAX_GRANT = 10_000  # a typo guard: nobody means to grant a million images
 # Decompression-bomb guard: inputs are resized to ~base_size**2 pixels anyway.
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -483,7 +484,15 @@ class CoreService:
             ).first()
             if row is None:
                 return None
+            self._check_key_owner(row[1], actor)
             return await self._view(s, row[0], row[1], created=False)
+
+    @staticmethod
+    def _check_key_owner(owner: User, actor: Actor) -> None:
+        """A platform's event ids are unique, and a retried event comes from the same user: the same
+        key from someone else is not a retry, and must not hand them another user's job."""
+        if owner.platform_user_id != actor.user_id:
+            raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
 
     async def _lock_user(
         self, s: AsyncSession, platform: str, user_id: str, display_name: str | None
@@ -574,6 +583,8 @@ class CoreService:
                     await s.execute(select(Job).where(Job.idempotency_key == key))
                 ).scalar_one_or_none()
                 if existing is not None:
+                    if existing.user_id != user.id:
+                        raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
                     return await self._view(s, existing, user, created=False)
                 if user.banned:
                     raise Banned(user.ban_reason)

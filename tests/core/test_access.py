@@ -92,3 +92,21 @@ async def test_cancel_checks_platform_owner_and_the_admins_guild(db_url, tmp_pat
             await core.service.cancel(ADMIN, job.id)  # no place: not this guild's admin
         assert (await core.service.cancel(ADMIN, job.id, GUILD)).state == "cancelled"
         assert (await core.service.quota(ALICE, GUILD)).used_today == 0
+
+
+async def test_someone_elses_idempotency_key_is_not_their_job(db_url, tmp_path):
+    """A retried event comes from the same user; the same key from another user must not return
+    (and so show) the first user's job."""
+    from bot.core.api import BadParameters
+
+    async with running_core(db_url, tmp_path, start=False) as (core, _):
+        job = await core.service.imagine(ALICE, GUILD, "a secret prompt", idempotency_key="evt-1")
+        for attempt in (
+            core.service.imagine(BOB, GUILD, "anything", idempotency_key="evt-1"),
+            core.service.reroll(BOB, GUILD, job_id=job.id, idempotency_key="evt-1"),
+        ):
+            with pytest.raises(BadParameters) as err:
+                await attempt
+            assert err.value.field == "idempotency_key" and "secret" not in err.value.message
+        again = await core.service.imagine(ALICE, GUILD, "a secret prompt", idempotency_key="evt-1")
+        assert again.id == job.id and not again.created
