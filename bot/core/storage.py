@@ -48,6 +48,21 @@ class LocalImageStorage:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
 
+    async def check_writable(self) -> None:
+        """At start-up: create the directory and write and remove a probe file, so that a storage
+        that cannot hold a single image stops the bot with a clear error instead of failing jobs."""
+
+        def probe() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+            os.close(fd)
+            os.unlink(tmp)
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as e:
+            raise StorageError(f"[storage] dir: {self.root} is not writable ({e.strerror or e})") from e
+
     def path_for(self, key: str) -> Path:
         if not _KEY_RE.fullmatch(key):
             raise KeyError(f"not a storage key: {key!r}")
