@@ -22,12 +22,13 @@ from typing import Any
 
 from bot.backends.base import InferenceBackend
 from bot.config import CoreConfig, load_core_config
+from bot.core.api import StorageError
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
 from bot.core.service import CoreService
 from bot.core.storage import ImageStorage, LocalImageStorage
 from bot.migrate import ensure_schema
-from inference_server.config_loader import read_toml
+from inference_server.config_loader import ConfigError, read_toml
 
 log = logging.getLogger("bot")
 
@@ -76,6 +77,10 @@ async def build_core(
             "database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision
         )
         storage = LocalImageStorage(cfg.storage.dir)
+        try:
+            await storage.check_writable()
+        except StorageError as e:
+            raise ConfigError(e.message) from e
         if own_backend is None:
             from bot.backends import build_backend
 

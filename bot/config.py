@@ -7,6 +7,7 @@ Secrets are not here: `DATABASE_URL` (environment or .env) overrides `[database]
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,16 @@ from inference_server.config_loader import ConfigError, load_section, read_toml
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {message}")
+
+
+# Upper bounds of durations: a day is longer than any sensible wait, and the bound keeps "inf" or a
+# typo (1e30) from reaching datetime arithmetic, which overflows.
+DAY_S = 86_400.0
+
+
+def _seconds(value: float, key: str, *, lo: float, hi: float = DAY_S, lo_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    _check(ok, key, f"must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g} seconds, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -63,18 +74,26 @@ class BotConfig:
         )
         _check(0 <= self.default_guidance <= 30, "[bot] default_guidance", "must be from 0 to 30")
         _check(1 <= self.default_n <= 4, "[bot] default_n", "must be from 1 to 4")
-        _check(self.max_prompt_chars >= 1, "[bot] max_prompt_chars", "must be >= 1")
+        # 4096: the largest side the core accepts for an input image; past it no job could run.
+        _check(self.base_size <= 4096, "[bot] base_size", "must be at most 4096")
+        # 10000: far beyond what a text encoder reads (77 tokens), and prompts stay small rows.
+        _check(1 <= self.max_prompt_chars <= 10_000, "[bot] max_prompt_chars", "must be from 1 to 10000")
         _check(1 <= self.dispatch_concurrency <= 256, "[bot] dispatch_concurrency", "must be from 1 to 256")
-        _check(self.poll_interval_s > 0, "[bot] poll_interval_s", "must be > 0")
-        _check(self.lease_s >= 1, "[bot] lease_s", "must be >= 1 second")
-        _check(self.max_attempts >= 1, "[bot] max_attempts", "must be >= 1")
-        _check(self.retry_backoff_s >= 0, "[bot] retry_backoff_s", "must be >= 0")
-        _check(self.job_timeout_s > 0, "[bot] job_timeout_s", "must be > 0")
-        _check(self.progress_interval_s >= 0, "[bot] progress_interval_s", "must be >= 0")
-        _check(self.max_queued_jobs >= 1, "[bot] max_queued_jobs", "must be >= 1")
+        _seconds(self.poll_interval_s, "[bot] poll_interval_s", lo=0, hi=3600, lo_open=True)
+        _seconds(self.lease_s, "[bot] lease_s", lo=1)
+        _check(1 <= self.max_attempts <= 100, "[bot] max_attempts", "must be from 1 to 100")
+        _seconds(self.retry_backoff_s, "[bot] retry_backoff_s", lo=0, hi=3600)
+        _seconds(self.job_timeout_s, "[bot] job_timeout_s", lo=0, lo_open=True)
+        _seconds(self.progress_interval_s, "[bot] progress_interval_s", lo=0, hi=3600)
+        _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")
         _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")
         _check(0 < self.inpaint_strength <= 1, "[bot] inpaint_strength", "must be in (0, 1]")
-        _check(self.max_upload_bytes >= 1024, "[bot] max_upload_bytes", "must be >= 1024")
+        # 100 MiB: every upload is read into memory and decoded; chat platforms cap theirs lower.
+        _check(
+            1024 <= self.max_upload_bytes <= 100 * 1024 * 1024,
+            "[bot] max_upload_bytes",
+            "must be from 1024 to 104857600 (100 MiB)",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.pool_size <= 200, "[database] pool_size", "must be from 1 to 200")
-        _check(self.sqlite_busy_timeout_s > 0, "[database] sqlite_busy_timeout_s", "must be > 0")
+        _seconds(self.sqlite_busy_timeout_s, "[database] sqlite_busy_timeout_s", lo=0, hi=3600, lo_open=True)
         if self.url:
             _check(
                 self.url.startswith(
@@ -112,6 +131,9 @@ class DatabaseConfig:
 class StorageConfig:
     backend: Literal["local"] = "local"
     dir: str = "data/images"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir.strip()) and "\x00" not in self.dir, "[storage] dir", "must be a directory path")
 
 
 @dataclass(frozen=True)
@@ -136,6 +158,7 @@ class ModerationConfig:
     def __post_init__(self) -> None:
         for i, term in enumerate(self.banned_terms):
             _check(bool(term.strip()), f"[moderation] banned_terms[{i}]", "must not be empty")
+            _check(len(term) <= 200, f"[moderation] banned_terms[{i}]", "must be at most 200 characters")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,11 @@ Life of a job, as an adapter sees it:
    or `reroll(...)` / `variation(...)` directly from a button whose custom_id holds the job id.
 
 Errors: every refusal is a `CoreError` subclass with a short user-facing `.message` (no traceback,
-safe to show). Map them in one place per adapter; anything else is a bug, log it.
+safe to show). Map them in one place per adapter; anything else is a bug, log it. Every value an
+adapter passes in (text, ids, the delivery mapping) is checked by the core (`bot.core.validate`):
+what the database could not store is refused with `BadParameters` naming the field, and a failure
+of the database or the image storage itself comes out as a `ServiceError` (`DatabaseError`,
+`StorageError`), never as a driver's exception.
 
 Delivery callbacks are awaited by the dispatcher; an exception raised from one is logged and does not
 change the job's state. Keep them short (post / edit a message) and never block the event loop.
@@ -62,6 +66,9 @@ __all__ = [
     "Overloaded",
     "NotFound",
     "BackendUnavailable",
+    "ServiceError",
+    "DatabaseError",
+    "StorageError",
     "REACTION_ACTIONS",
 ]
 
@@ -185,6 +192,11 @@ class JobView:
     attempts: int = 0
     created: bool = True
     position: int | None = None
+    # Which attempt at delivering the result this is (1 = the first). The dispatcher records each
+    # attempt before calling `on_succeeded` / `on_failed`, so 2 or more means an earlier attempt may
+    # have posted the result and then died before it was recorded: look for that post before posting
+    # again. 0 outside those two callbacks.
+    delivery_attempt: int = 0
 
     @property
     def done(self) -> bool:
@@ -343,6 +355,30 @@ class BackendUnavailable(CoreError):
     code = "backend_unavailable"
 
 
+class ServiceError(CoreError):
+    """Our side failed (the database, the image storage), not the request. The core logs the cause
+    with its traceback where it happens; `.message` says what failed, without internals."""
+
+    code = "service_error"
+
+
+class DatabaseError(ServiceError):
+    """A database call failed. `.kind`: "unavailable" (connection lost or refused, pool timeout: worth
+    retrying in a moment), "conflict" (a unique constraint: another request won a race) or "error"."""
+
+    code = "database_error"
+
+    def __init__(self, message: str, kind: Literal["unavailable", "conflict", "error"] = "error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class StorageError(ServiceError):
+    """The image storage could not read or write (disk full, not writable, gone)."""
+
+    code = "storage_error"
+
+
 # --------------------------------------------------------------------------------------------------
 # Delivery (implemented by each adapter, registered per platform)
 # --------------------------------------------------------------------------------------------------
@@ -480,7 +516,10 @@ class ImageService(Protocol):
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
         """Same prompt and parameters as the parent job (given by id or result message id), new seed.
-        NotFound if the parent does not exist; BadParameters if it has not succeeded."""
+        NotFound if the parent does not exist or the actor may not use it: it must be on the actor's
+        platform; by result message, anyone in the channel that shows the result may use it (a
+        result shown in no channel is its owner's); by job id, its owner or an admin acting in its
+        guild/workspace. BadParameters if it has not succeeded."""
         ...
 
     async def variation(
@@ -494,12 +533,14 @@ class ImageService(Protocol):
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
-        """Image-to-image from image `index` (0-based) of the parent job, same prompt, new seed."""
+        """Image-to-image from image `index` (0-based) of the parent job, same prompt, new seed.
+        The parent is found and checked as for `reroll`."""
         ...
 
-    async def cancel(self, actor: Actor, job_id: int) -> JobView:
-        """Cancel a queued job (own job, or any job for admins); quota is refunded. A running or
-        finished job is returned unchanged."""
+    async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
+        """Cancel a queued job (own job, or for admins any job of the guild/workspace of `place`);
+        quota is refunded. A running or finished job is returned unchanged. NotFound for a job on
+        another platform or, for an admin, in another guild."""
         ...
 
     # -- reading --------------------------------------------------------------------------------

@@ -10,14 +10,54 @@ and the dispatcher claims with `FOR UPDATE SKIP LOCKED`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from bot.core.api import DatabaseError
+
+log = logging.getLogger("bot.core.db")
+
+# What a unit of work may raise from the database or its driver. UnicodeError: a driver that cannot
+# encode a value (the core's checks keep such values out; this is the net under them). OSError: a
+# connection refused or reset before SQLAlchemy could wrap it.
+_DRIVER_ERRORS = (sa_exc.SQLAlchemyError, UnicodeError, OSError)
+
+
+def as_database_error(error: BaseException) -> DatabaseError:
+    """The core's error for a database failure, logged here once with its cause."""
+    if isinstance(error, sa_exc.IntegrityError):
+        return DatabaseError(
+            "Another request changed the same data at the same moment; please try again.", "conflict"
+        )
+    unavailable = isinstance(
+        error,
+        (
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.TimeoutError,
+            sa_exc.DisconnectionError,
+            OSError,
+        ),
+    ) or bool(getattr(error, "connection_invalidated", False))
+    if unavailable:
+        # A restart or a network blip: one line, not a traceback per request.
+        log.warning("database unavailable: %s: %s", type(error).__name__, str(error).splitlines()[0][:300])
+        return DatabaseError(
+            "The bot's database is not answering right now; please try again in a minute.", "unavailable"
+        )
+    log.error("database error", exc_info=error)
+    return DatabaseError(
+        "The bot could not read or save this in its database (the admins can see why in the log)."
+    )
 
 
 def make_engine(
@@ -71,6 +111,26 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+T = TypeVar("T")
+
+
+async def retry_unavailable(op: Callable[[], Awaitable[T]], *, within_s: float, what: str) -> T:
+    """Run `op` (one idempotent unit of work) again while the database is unavailable, for up to
+    `within_s`: a write that records finished work (a result, a delivery) is worth waiting a moment
+    for, where giving up would leave a claim to expire and the work to be done twice."""
+    delay = 0.05
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await op()
+        except DatabaseError as e:
+            if e.kind != "unavailable" or time.monotonic() + delay > deadline:
+                raise
+        log.info("%s: database unavailable; trying again in %.2f s", what, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
 class Database:
     """The engine plus two session factories: `session()` for units of work that write, `read()` for
     read-only ones (on SQLite these do not take the write lock)."""
@@ -99,21 +159,28 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed on success, rolled back on error."""
-        if self._sqlite_writer is not None:
-            # SQLite has one writer at a time. Queue this process's writers here rather than in
-            # SQLite's busy handler, whose sleeps grow while the lock sits free (throughput fell
-            # tenfold with 200 concurrent submitters). Other processes still meet the busy handler.
-            async with self._sqlite_writer, self._gate, self._write() as s, s.begin():
+        """One transaction: committed on success, rolled back on error. A failure of the database
+        or its driver comes out as `DatabaseError`; the body's own exceptions pass unchanged."""
+        try:
+            if self._sqlite_writer is not None:
+                # SQLite has one writer at a time. Queue this process's writers here rather than in
+                # SQLite's busy handler, whose sleeps grow while the lock sits free (throughput fell
+                # tenfold with 200 concurrent submitters). Other processes still meet the busy handler.
+                async with self._sqlite_writer, self._gate, self._write() as s, s.begin():
+                    yield s
+                return
+            async with self._gate, self._write() as s, s.begin():
                 yield s
-            return
-        async with self._gate, self._write() as s, s.begin():
-            yield s
+        except _DRIVER_ERRORS as e:
+            raise as_database_error(e) from e
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self._gate, self._read() as s, s.begin():
-            yield s
+        try:
+            async with self._gate, self._read() as s, s.begin():
+                yield s
+        except _DRIVER_ERRORS as e:
+            raise as_database_error(e) from e
 
     async def close(self) -> None:
         await self.engine.dispose()

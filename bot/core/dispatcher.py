@@ -14,6 +14,16 @@
   job join its running batch before a heavy user's fifth.
 - Only jobs of platforms with a delivery registered in this process are claimed.
 - A failed job is refunded (the service's `refund`) before the adapter hears about it.
+- Each delivery attempt is counted in the job row before the adapter is called (`delivery_attempt`
+  in its view), so an adapter that finds 2 or more knows a process may have died between posting
+  the result and recording it, and looks for that post instead of posting again.
+- A lost database connection does not cost a job: the steps that record finished work (a result,
+  a failure, a delivery) are retried while the database is unavailable (up to `lease_s`), and on
+  the first round trip after a failure the dispatcher re-asserts the claims it still works on and
+  hands back at once the ones it no longer does, instead of leaving them to sit out their lease
+  and run again.
+- An image storage that cannot be written or read fails the job at once (refunded, with a message
+  that names the storage); it is not retried through lease expiry.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from PIL import Image
 from sqlalchemy import and_, case, func, or_, select, true, update
@@ -43,7 +54,8 @@ from bot.backends.base import (
     InferenceBackend,
     describe_wait,
 )
-from bot.core.api import ImageInfo, JobView, ResultImage
+from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
+from bot.core.db import retry_unavailable
 from bot.core.models import ImageRow, Job, User
 from bot.core.service import CoreService
 from bot.core.storage import content_key
@@ -63,6 +75,16 @@ DEAD_OWNER_CHECK_S = 30.0
 # A claimed job as the dispatcher runs it: its view and (task, strength, image key, mask key).
 Loaded = tuple[JobView, tuple[str, float | None, str | None, str | None]]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+T = TypeVar("T")
+
+STORAGE_WRITE_FAILED = (
+    "Your images were made but could not be saved: the bot's image storage is full or not writable. "
+    "Your quota was refunded; please tell an admin."
+)
+STORAGE_READ_FAILED = (
+    "This job's input image could not be read from the bot's image storage. Your quota was refunded."
+)
+RESULT_UNREADABLE = "Your images were made but can no longer be read from the bot's image storage."
 
 
 class Dispatcher:
@@ -80,6 +102,8 @@ class Dispatcher:
         self._last_positions = 0.0
         self._last_dead_check = -DEAD_OWNER_CHECK_S
         self._last_new_positions = 0.0
+        # Set when a database call failed: the next successful tick re-asserts our claims first.
+        self._db_trouble = False
         service.add_waker(self._wake.set)
 
     # ------------------------------------------------------------------------------------------
@@ -139,8 +163,13 @@ class Dispatcher:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except DatabaseError as e:
                 # The database may be briefly unreachable; keep going, the jobs are safe in it.
+                self._db_trouble = True
+                log.warning("dispatcher tick failed: %s; retrying", e.message)
+                await asyncio.sleep(self.config.poll_interval_s)
+            except Exception:
+                self._db_trouble = True
                 log.exception("dispatcher tick failed; retrying")
                 await asyncio.sleep(self.config.poll_interval_s)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
@@ -152,6 +181,9 @@ class Dispatcher:
     async def _tick(self) -> None:
         platforms = sorted(self.service.deliveries)
         now_mono = time.monotonic()
+        if self._db_trouble:
+            await self._reassert_claims()
+            self._last_heartbeat = now_mono
         if self._tasks and now_mono - self._last_heartbeat >= self.config.lease_s / 3:
             await self._heartbeat()
             self._last_heartbeat = now_mono
@@ -356,6 +388,50 @@ class Dispatcher:
             )
         log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
 
+    async def _reassert_claims(self) -> None:
+        """After a database failure: renew the leases of the jobs this dispatcher still works on,
+        and hand back at once the ones it holds but no longer works on (a task that ended on the
+        error, a claim whose commit went through though its answer was lost), so that nobody waits
+        out a lease and no job runs twice."""
+        ids = list(self._tasks)
+        mine = [Job.lease_owner == self.owner]
+        if ids:
+            mine.append(Job.id.not_in(ids))
+        async with self.db.session() as s:
+            if ids:
+                await s.execute(
+                    update(Job)
+                    .where(Job.id.in_(ids), Job.lease_owner == self.owner)
+                    .values(lease_until=self._lease_until())
+                )
+            released = await s.execute(
+                update(Job)
+                .where(*mine, Job.state == "running")
+                .values(state="queued", lease_owner=None, lease_until=None)
+            )
+            undelivered = await s.execute(
+                update(Job)
+                .where(*mine, Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None))
+                .values(lease_until=self.service.clock())
+            )
+        self._db_trouble = False
+        if released.rowcount or undelivered.rowcount:
+            log.warning(
+                "after a database failure: %d claimed job(s) handed back to the queue, %d result(s) "
+                "to deliver now",
+                released.rowcount,
+                undelivered.rowcount,
+            )
+        self._wake.set()
+
+    async def _recorded(self, job_id: int, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """A database step of a job we hold, retried while the database is unavailable."""
+        try:
+            return await retry_unavailable(op, within_s=self.config.lease_s, what=f"job {job_id}: {what}")
+        except DatabaseError:
+            self._db_trouble = True
+            raise
+
     async def _heartbeat(self) -> None:
         ids = list(self._tasks)
         if not ids:
@@ -449,10 +525,14 @@ class Dispatcher:
     async def _execute(self, job_id: int, loaded: Loaded | None = None) -> None:
         try:
             if loaded is None:
-                async with self.db.read() as s:
-                    job = await s.get(Job, job_id)
-                    assert job is not None
-                    loaded = await self._load(s, job)
+
+                async def load() -> Loaded:
+                    async with self.db.read() as s:
+                        job = await s.get(Job, job_id)
+                        assert job is not None
+                        return await self._load(s, job)
+
+                loaded = await self._recorded(job_id, "load", load)
             view, inputs = loaded
             if view.state in ("succeeded", "failed"):
                 await self._deliver(view)  # taken over after the result was stored
@@ -460,8 +540,13 @@ class Dispatcher:
             await self._run_job(view, *inputs)
         except asyncio.CancelledError:
             raise
+        except DatabaseError as e:
+            # Handed back on the next successful round trip (see _reassert_claims).
+            self._db_trouble = True
+            log.warning("job %s: %s; it is handed back once the database answers", job_id, e.message)
         except Exception:
-            log.exception("job %s: dispatcher error; it will be retried after its lease expires", job_id)
+            self._db_trouble = True
+            log.exception("job %s: dispatcher error; it is handed back to the queue", job_id)
 
     async def _priority(self, view: JobView) -> int:
         """The fair order carried to the server: this user's older jobs still running.
@@ -470,13 +555,17 @@ class Dispatcher:
         burst waits behind other users' first jobs there too, not only in our queue.
         """
         owner = select(Job.user_id).where(Job.id == view.id).scalar_subquery()
-        async with self.db.read() as s:
-            ahead = await s.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.user_id == owner, Job.state == "running", Job.id < view.id)
-            )
-        return int(ahead or 0)
+
+        async def read() -> int:
+            async with self.db.read() as s:
+                ahead = await s.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.user_id == owner, Job.state == "running", Job.id < view.id)
+                )
+            return int(ahead or 0)
+
+        return await self._recorded(view.id, "priority", read)
 
     async def _run_job(
         self, view: JobView, task: str, strength: float | None, image_key: str | None, mask_key: str | None
@@ -484,8 +573,13 @@ class Dispatcher:
         if view.attempts > self.config.max_attempts:
             await self._fail(view, "This job failed repeatedly and was stopped; your quota was refunded.")
             return
-        image = await self.service.storage.get(image_key) if image_key else None
-        mask = await self.service.storage.get(mask_key) if mask_key else None
+        try:
+            image = await self.service.storage.get(image_key) if image_key else None
+            mask = await self.service.storage.get(mask_key) if mask_key else None
+        except (KeyError, StorageError) as e:
+            log.error("job %s: input image unavailable: %r", view.id, e)
+            await self._fail(view, STORAGE_READ_FAILED)
+            return
         p = view.params
         params = GenerationParams(
             task=task,
@@ -554,17 +648,21 @@ class Dispatcher:
         delay = max(self.config.retry_backoff_s * view.attempts, error.retry_after_s or 0.0)
         log.warning("job %s: %s; retrying in %.0f s (attempt %d of %d)", view.id, error.message, delay,
                     view.attempts, self.config.max_attempts)  # fmt: skip
-        async with self.db.session() as s:
-            await s.execute(
-                update(Job)
-                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
-                .values(
-                    state="queued",
-                    lease_owner=None,
-                    lease_until=None,
-                    not_before=self.service.clock() + dt.timedelta(seconds=delay),
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                await s.execute(
+                    update(Job)
+                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
+                    .values(
+                        state="queued",
+                        lease_owner=None,
+                        lease_until=None,
+                        not_before=self.service.clock() + dt.timedelta(seconds=delay),
+                    )
                 )
-            )
+
+        await self._recorded(view.id, "requeue", write)
 
     async def _succeed(self, view: JobView, images: list[GeneratedImage]) -> None:
         if len(images) != view.params.n:
@@ -572,38 +670,49 @@ class Dispatcher:
             await self._fail(view, "The image server returned an incomplete result; your quota was refunded.")
             return
         stored: list[ResultImage] = []
-        for index, image in enumerate(images):
-            key = await self.service.storage.put(image.png)
-            width, height = _image_size(image.png) or (view.params.width, view.params.height)
-            info = ImageInfo(
-                index, int(image.seed), key, content_key(image.png), len(image.png), width, height
-            )
-            stored.append(ResultImage(info, image.png))
-        async with self.db.session() as s:
-            now = self.service.clock()
-            result = await s.execute(
-                update(Job)
-                .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
-                .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
-            )
-            if result.rowcount != 1:
-                log.warning("job %s: finished but no longer ours; discarding this result", view.id)
-                return
-            for r in stored:
-                i = r.info
-                s.add(
-                    ImageRow(
-                        job_id=view.id,
-                        index=i.index,
-                        seed=i.seed,
-                        storage_key=i.storage_key,
-                        sha256=i.sha256,
-                        size_bytes=i.size_bytes,
-                        width=i.width,
-                        height=i.height,
-                        created_at=now,
-                    )
+        try:
+            for index, image in enumerate(images):
+                key = await self.service.storage.put(image.png)
+                width, height = _image_size(image.png) or (view.params.width, view.params.height)
+                info = ImageInfo(
+                    index, int(image.seed), key, content_key(image.png), len(image.png), width, height
                 )
+                stored.append(ResultImage(info, image.png))
+        except StorageError:
+            # Logged by the storage with the path and the cause; retrying would fail the same way.
+            await self._fail(view, STORAGE_WRITE_FAILED)
+            return
+        now = self.service.clock()
+
+        async def write() -> bool:
+            async with self.db.session() as s:
+                result = await s.execute(
+                    update(Job)
+                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
+                    .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
+                )
+                if result.rowcount != 1:
+                    return False
+                for r in stored:
+                    i = r.info
+                    s.add(
+                        ImageRow(
+                            job_id=view.id,
+                            index=i.index,
+                            seed=i.seed,
+                            storage_key=i.storage_key,
+                            sha256=i.sha256,
+                            size_bytes=i.size_bytes,
+                            width=i.width,
+                            height=i.height,
+                            created_at=now,
+                        )
+                    )
+            return True
+
+        if not await self._recorded(view.id, "store the result", write):
+            log.warning("job %s: finished but no longer ours; discarding this result", view.id)
+            return
         log.info("job %s succeeded: %d image(s)", view.id, len(stored))
         done = dataclasses.replace(
             view, state="succeeded", finished_at=now, images=tuple(r.info for r in stored), error=None
@@ -611,45 +720,83 @@ class Dispatcher:
         await self._deliver(done, stored)
 
     async def _fail(self, view: JobView, message: str) -> None:
-        async with self.db.session() as s:
-            job = (
-                await s.execute(
-                    select(Job).where(Job.id == view.id).execution_options(populate_existing=True)
-                )
-            ).scalar_one()
-            if job.lease_owner != self.owner or job.state not in ("running", "queued"):
-                return
-            owner = await s.get(User, job.user_id)
-            assert owner is not None
-            owner = await self.service._lock_user(s, owner.platform, owner.platform_user_id, None)
-            job.state = "failed"
-            job.error = message
-            job.finished_at = self.service.clock()
-            job.lease_until = self._lease_until()
-            await self.service.refund(s, job, owner)
-        await self._deliver(await self.service.job_view(view.id))
+        async def write() -> bool:
+            async with self.db.session() as s:
+                job = (
+                    await s.execute(
+                        select(Job).where(Job.id == view.id).execution_options(populate_existing=True)
+                    )
+                ).scalar_one()
+                if job.lease_owner != self.owner or job.state not in ("running", "queued"):
+                    return False
+                owner = await s.get(User, job.user_id)
+                assert owner is not None
+                owner = await self.service._lock_user(s, owner.platform, owner.platform_user_id, None)
+                job.state = "failed"
+                job.error = message
+                job.finished_at = self.service.clock()
+                job.lease_until = self._lease_until()
+                await self.service.refund(s, job, owner)
+            return True
+
+        if not await self._recorded(view.id, "record the failure", write):
+            return
+        view = await self._recorded(view.id, "read", lambda: self.service.job_view(view.id))
+        await self._deliver(view)
 
     async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
-        """Call on_succeeded / on_failed, then mark the job delivered (only if we still hold it)."""
+        """Count the attempt, call on_succeeded / on_failed, then mark the job delivered (each step
+        only while we still hold the job)."""
+
+        async def count_attempt() -> int | None:
+            async with self.db.session() as s:
+                result = await s.execute(
+                    update(Job)
+                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.delivered_at.is_(None))
+                    .values(delivery_attempts=Job.delivery_attempts + 1)
+                    .returning(Job.delivery_attempts)
+                )
+                return result.scalar_one_or_none()
+
+        attempt = await self._recorded(view.id, "count the delivery attempt", count_attempt)
+        if attempt is None:
+            log.info("job %s: delivered already or no longer ours; not delivering again", view.id)
+            return
+        view = dataclasses.replace(view, delivery_attempt=attempt)
+        if attempt > 1:
+            log.warning("job %s: delivery attempt %d (an earlier one did not finish)", view.id, attempt)
         if view.state == "succeeded":
             if images is None:
-                images = [ResultImage(i, await self.service.storage.get(i.storage_key)) for i in view.images]
-            ok = await self._call(view, "on_succeeded", view, images)
+                try:
+                    images = [
+                        ResultImage(i, await self.service.storage.get(i.storage_key)) for i in view.images
+                    ]
+                except (KeyError, StorageError) as e:
+                    log.error("job %s: result images unreadable: %r", view.id, e)
+                    images = None
+            if images is not None:
+                ok = await self._call(view, "on_succeeded", view, images)
+            else:
+                ok = await self._call(view, "on_failed", view, RESULT_UNREADABLE)
         else:
             ok = await self._call(view, "on_failed", view, view.error or "The job failed.")
-        async with self.db.session() as s:
-            await s.execute(
-                update(Job)
-                # delivered_at may already be set by attach_result_message (the adapter posted the
-                # result); the lease check alone makes this the one holder's update.
-                .where(Job.id == view.id, Job.lease_owner == self.owner)
-                .values(
-                    delivered_at=func.coalesce(Job.delivered_at, self.service.clock()),
-                    delivery_error=None if ok else "delivery callback failed (see log)",
-                    lease_owner=None,
-                    lease_until=None,
+
+        async def mark() -> None:
+            async with self.db.session() as s:
+                await s.execute(
+                    update(Job)
+                    # delivered_at may already be set by attach_result_message (the adapter posted
+                    # the result); the lease check alone makes this the one holder's update.
+                    .where(Job.id == view.id, Job.lease_owner == self.owner)
+                    .values(
+                        delivered_at=func.coalesce(Job.delivered_at, self.service.clock()),
+                        delivery_error=None if ok else "delivery callback failed (see log)",
+                        lease_owner=None,
+                        lease_until=None,
+                    )
                 )
-            )
+
+        await self._recorded(view.id, "mark delivered", mark)
         self.service.job_changed(view.id)
 
 

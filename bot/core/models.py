@@ -156,6 +156,10 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # Set once the adapter's on_succeeded/on_failed was called: a job is delivered once.
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Delivery attempts started (counted before the adapter is called): from the second one on, an
+    # earlier attempt may have posted the result before its process died, and the adapter looks
+    # for that post before posting again.
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     delivery_error: Mapped[str | None] = mapped_column(Text)
     result_message_id: Mapped[str | None] = mapped_column(String(100))
     result_channel_id: Mapped[str | None] = mapped_column(String(100))

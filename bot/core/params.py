@@ -5,6 +5,9 @@
 `--no` takes everything up to the next flag. Options from a slash command (a mapping with keys
 seed, steps, n, ar, guidance, negative) override flags. Errors name the flag and the bad value.
 Em/en dashes are accepted for `--` because phones "correct" `--ar` into `—ar`.
+
+Every way out is a `ParsedPrompt` or `BadParameters`: text the database could not store (NUL, lone
+surrogates, other control characters) is refused naming the flag or option it came in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from bot.config import BotConfig
 from bot.core.api import BadParameters
+from bot.core.validate import first_bad_char
 
 MAX_SEED = 2**32 - 1  # the inference server's seed range (a uint32 torch generator seed)
 MAX_N = 4  # images per job: the server's per-request limit, and what fits in one chat message
@@ -73,6 +77,12 @@ def split_flags(text: str) -> tuple[str, dict[str, str]]:
     return " ".join(prompt.split()), flags
 
 
+def _check_chars(field: str, value: str, what: str) -> None:
+    bad = first_bad_char(value)
+    if bad is not None:
+        raise BadParameters(field, f"{what} contains {bad}, which cannot be used.", value)
+
+
 def size_for_aspect(ar_w: float, ar_h: float, base_size: int) -> tuple[int, int]:
     """Width and height, multiples of 8, keeping about base_size**2 pixels at ratio ar_w:ar_h."""
     pixels = base_size * base_size
@@ -103,7 +113,7 @@ def _float(name: str, raw: Any, lo: float, hi: float) -> float:
             if isinstance(raw, (int, float)) and not isinstance(raw, bool)
             else float(str(raw).strip())
         )
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
         raise BadParameters(
             name, f"--{name} must be a number from {lo:g} to {hi:g}, got {raw!r}.", raw
         ) from None
@@ -132,18 +142,36 @@ def parse_prompt(
     require_prompt: bool = True,
 ) -> ParsedPrompt:
     """Parse `text` (prompt + flags) and `options` into resolved parameters (config defaults)."""
+    text = "" if text is None else text
+    if not isinstance(text, str):
+        raise BadParameters("prompt", f"The prompt must be text, got {type(text).__name__}.")
     if len(text) > config.max_prompt_chars * 2:
         raise BadParameters("prompt", f"The prompt is too long (over {config.max_prompt_chars} characters).")
-    prompt, raw = split_flags(text or "")
+    if options is not None and not isinstance(options, Mapping):
+        raise BadParameters("options", f"Options must be a mapping, got {type(options).__name__}.")
+    prompt, raw = split_flags(text)
+    _check_chars("prompt", prompt, "The prompt")
+    for name, value in raw.items():
+        _check_chars(name, value, f"--{name}")
     for key, value in (options or {}).items():
+        name = OPTION_ALIASES.get(key, key) if isinstance(key, str) else None
+        if name != "prompt" and name not in FLAGS:
+            # The field is the name as given, or "options" when there is no name to point at.
+            field = key if isinstance(key, str) and key.strip() else "options"
+            raise BadParameters(field, f"Unknown option {str(key)[:40]!r}. Known: {', '.join(FLAGS)}.", key)
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        name = OPTION_ALIASES.get(key, key)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise BadParameters(key, f"Option {key!r} must be a number or text, got {type(value).__name__}.")
+        if isinstance(value, str):
+            if len(value) > config.max_prompt_chars * 2:
+                raise BadParameters(
+                    key, f"Option {key!r} is too long (over {config.max_prompt_chars} characters)."
+                )
+            _check_chars(key, value, f"Option {key!r}")
         if name == "prompt":
             prompt = " ".join(str(value).split())
             continue
-        if name not in FLAGS:
-            raise BadParameters(key, f"Unknown option {key!r}. Known: {', '.join(FLAGS)}.", value)
         raw[name] = value
     if require_prompt and not prompt:
         raise BadParameters("prompt", "The prompt is empty: describe the image you want.")

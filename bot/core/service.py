@@ -21,16 +21,17 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import CoreConfig
+from bot.core import validate
 from bot.core.api import (
     REACTION_ACTIONS,
     Actor,
     AuditEntry,
     BadParameters,
     Banned,
+    DatabaseError,
     Delivery,
     ImageInfo,
     JobParams,
@@ -45,7 +46,7 @@ from bot.core.api import (
     StatsView,
     UserStat,
 )
-from bot.core.db import Database
+from bot.core.db import Database, retry_unavailable
 from bot.core.models import AuditLog, ImageRow, Job, QuotaLimit, QuotaUsage, User, utcnow
 from bot.core.moderation import Moderator
 from bot.core.params import MAX_ASPECT, ParsedPrompt, new_seed, parse_prompt, size_for_aspect
@@ -54,6 +55,9 @@ from bot.core.storage import ImageStorage
 log = logging.getLogger("bot.core")
 
 MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger asks are capped
+# Idempotency keys are namespaced by platform into jobs.idempotency_key (VARCHAR(200)).
+MAX_KEY_CHARS = 150
+KEY_USED_BY_OTHER = "This request id was already used by someone else."
 MAX_GRANT = 10_000  # a typo guard: nobody means to grant a million images
 # Decompression-bomb guard: inputs are resized to ~base_size**2 pixels anyway.
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -135,7 +139,9 @@ class CoreService:
     ) -> JobView:
         # The idempotency key is checked inside the submit transaction (a retried event has the same
         # text, so parsing it again gives the same answer).
+        actor, place = self._who(actor, place)
         self._check_key(idempotency_key)
+        delivery = validate.delivery(delivery)
         parsed = parse_prompt(text, options, self.config.bot, rng=self.rng)
         return await self._submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
@@ -153,6 +159,8 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
+        actor, place = self._who(actor, place)
+        delivery = validate.delivery(delivery)
         existing = await self._existing(actor, idempotency_key)
         if existing is not None:
             return existing
@@ -189,6 +197,8 @@ class CoreService:
         )
 
     def _decode(self, data: bytes, field: str) -> Image.Image:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadParameters(field, f"The {field} must be image bytes, got {type(data).__name__}.")
         if not data:
             raise BadParameters(field, f"The {field} is empty.")
         if len(data) > self.config.bot.max_upload_bytes:
@@ -250,47 +260,74 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView | None:
+        actor, place = self._who(actor, place)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+        if not isinstance(emoji, str):
+            return None
         # Clients differ on the emoji variation selector (U+FE0F) and Slack sends ":name:" or "name".
         actions = {key.replace("\ufe0f", ""): value for key, value in REACTION_ACTIONS.items()}
         action = actions.get(emoji.strip().strip(":").replace("\ufe0f", ""))
         if action is None:
             return None
+        delivery = validate.delivery(delivery)
         existing = await self._existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        parent = await self.job_for_message(actor.platform, message_id)
-        if parent is None:
+        try:
+            parent = await self._parent(actor, place, None, message_id)
+        except NotFound:
             return None
         kind, index = action
         if kind == "reroll":
-            return await self.reroll(
-                actor, place, job_id=parent.id, idempotency_key=idempotency_key, delivery=delivery
-            )
+            return await self._reroll(actor, place, parent, idempotency_key, delivery)
         assert index is not None
-        return await self.variation(
-            actor, place, index, job_id=parent.id, idempotency_key=idempotency_key, delivery=delivery
-        )
+        return await self._variation(actor, place, parent, index, idempotency_key, delivery)
 
-    async def _parent(self, platform: str, job_id: int | None, message_id: str | None) -> Job:
+    async def _parent(self, actor: Actor, place: Place, job_id: int | None, message_id: str | None) -> Job:
+        """The succeeded job a re-roll or variation starts from, if `actor` may use it:
+
+        - it is on the actor's platform (a web user never reaches a Discord job);
+        - its owner may always use it;
+        - by result message, so by a reaction on it: anyone in the channel where it is shown (they
+          see its prompt and images anyway); a result shown in no channel (the playground's) is its
+          owner's alone;
+        - by job id: besides the owner, only an admin acting in the job's guild/workspace.
+
+        Anything else is NotFound, as for a job that does not exist: a number guessed in one place
+        must not tell what someone else asked for in another.
+        """
         if (job_id is None) == (message_id is None):
             raise ValueError("give exactly one of job_id and message_id")
         async with self.db.read() as s:
             if job_id is not None:
-                job = await s.get(Job, job_id)
+                query = select(Job, User).join(User, Job.user_id == User.id).where(Job.id == job_id)
             else:
-                job = (
-                    await s.execute(
-                        select(Job)
-                        .where(Job.platform == platform, Job.result_message_id == message_id)
-                        .order_by(Job.id.desc())
-                        .limit(1)
-                    )
-                ).scalar_one_or_none()
-        if job is None:
+                query = (
+                    select(Job, User)
+                    .join(User, Job.user_id == User.id)
+                    .where(Job.platform == actor.platform, Job.result_message_id == message_id)
+                    .order_by(Job.id.desc())
+                    .limit(1)
+                )
+            row = (await s.execute(query)).first()
+        if row is None or not self._may_use(row[0], row[1], actor, place, via_message=job_id is None):
             raise NotFound("That is not an image result I know about.")
+        job = row[0]
         if job.state != "succeeded":
             raise BadParameters("job", f"Job {job.id} has no images yet (it is {job.state}).", job.id)
         return job
+
+    @staticmethod
+    def _may_use(job: Job, owner: User, actor: Actor, place: Place, *, via_message: bool) -> bool:
+        """See `_parent`: may `actor`, acting in `place`, start a job from `job`'s result?"""
+        if job.platform != actor.platform:
+            return False
+        if owner.platform_user_id == actor.user_id:
+            return True
+        shown_in = job.result_channel_id or job.channel_id
+        if via_message and shown_in is not None and shown_in == place.channel_id:
+            return True
+        return actor.is_admin and job.guild_id == place.guild_id
 
     async def reroll(
         self,
@@ -302,10 +339,18 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
+        actor, place = self._who(actor, place)
+        job_id, message_id = self._job_ref(job_id, message_id)
+        delivery = validate.delivery(delivery)
         existing = await self._existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        parent = await self._parent(actor.platform, job_id, message_id)
+        parent = await self._parent(actor, place, job_id, message_id)
+        return await self._reroll(actor, place, parent, idempotency_key, delivery)
+
+    async def _reroll(
+        self, actor: Actor, place: Place, parent: Job, idempotency_key: str, delivery: Mapping[str, Any]
+    ) -> JobView:
         p = parent.params
         n = int(p["n"])
         parsed = ParsedPrompt(
@@ -344,10 +389,26 @@ class CoreService:
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
+        actor, place = self._who(actor, place)
+        job_id, message_id = self._job_ref(job_id, message_id)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise BadParameters("image", f"The image number must be a whole number, got {index!r}.", index)
+        delivery = validate.delivery(delivery)
         existing = await self._existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        parent = await self._parent(actor.platform, job_id, message_id)
+        parent = await self._parent(actor, place, job_id, message_id)
+        return await self._variation(actor, place, parent, index, idempotency_key, delivery)
+
+    async def _variation(
+        self,
+        actor: Actor,
+        place: Place,
+        parent: Job,
+        index: int,
+        idempotency_key: str,
+        delivery: Mapping[str, Any],
+    ) -> JobView:
         async with self.db.read() as s:
             images = (
                 (
@@ -391,9 +452,26 @@ class CoreService:
         )
 
     @staticmethod
+    def _who(actor: Actor, place: Place) -> tuple[Actor, Place]:
+        """The actor and place of a request, checked (ids storable, display name cleaned)."""
+        actor, place = validate.actor(actor), validate.place(place)
+        if place.platform != actor.platform:
+            raise BadParameters(
+                "place", f"The place is on {place.platform!r} but the actor on {actor.platform!r}.", place
+            )
+        return actor, place
+
+    @staticmethod
+    def _job_ref(job_id: Any, message_id: Any) -> tuple[int | None, str | None]:
+        if (job_id is None) == (message_id is None):
+            raise BadParameters("job", "Give a job id or a result message id (exactly one).")
+        if job_id is not None:
+            return validate.job_id(job_id), None
+        return None, validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+
+    @staticmethod
     def _check_key(idempotency_key: str) -> None:
-        if not idempotency_key or len(idempotency_key) > 150:
-            raise BadParameters("idempotency_key", "idempotency_key must be 1 to 150 characters.")
+        validate.ident("idempotency_key", idempotency_key, max_chars=MAX_KEY_CHARS)
 
     async def _existing(self, actor: Actor, idempotency_key: str) -> JobView | None:
         self._check_key(idempotency_key)
@@ -406,7 +484,15 @@ class CoreService:
             ).first()
             if row is None:
                 return None
+            self._check_key_owner(row[1], actor)
             return await self._view(s, row[0], row[1], created=False)
+
+    @staticmethod
+    def _check_key_owner(owner: User, actor: Actor) -> None:
+        """A platform's event ids are unique, and a retried event comes from the same user: the same
+        key from someone else is not a retry, and must not hand them another user's job."""
+        if owner.platform_user_id != actor.user_id:
+            raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
 
     async def _lock_user(
         self, s: AsyncSession, platform: str, user_id: str, display_name: str | None
@@ -485,8 +571,6 @@ class CoreService:
         input_image_key: str | None = None,
         mask_key: str | None = None,
     ) -> JobView:
-        if place.platform != actor.platform:
-            raise ValueError(f"actor platform {actor.platform!r} != place platform {place.platform!r}")
         key = f"{actor.platform}:{idempotency_key}"
         now = self.clock()
         period, _, reset_at = self.period_for(now)
@@ -499,6 +583,8 @@ class CoreService:
                     await s.execute(select(Job).where(Job.idempotency_key == key))
                 ).scalar_one_or_none()
                 if existing is not None:
+                    if existing.user_id != user.id:
+                        raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
                     return await self._view(s, existing, user, created=False)
                 if user.banned:
                     raise Banned(user.ban_reason)
@@ -562,7 +648,9 @@ class CoreService:
                 s.add(job)
                 await s.flush()
                 view = await self._view(s, job, user, images=())
-        except IntegrityError:
+        except DatabaseError as e:
+            if e.kind != "conflict":
+                raise
             # Lost a race on the idempotency key (another process inserted it first): the whole
             # transaction, quota charge included, was rolled back; return the winner's job.
             existing_view = await self._existing(actor, idempotency_key)
@@ -577,15 +665,21 @@ class CoreService:
         self.wake()
         return view
 
-    async def cancel(self, actor: Actor, job_id: int) -> JobView:
+    async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
+        actor, place = self._who(actor, place or Place(actor.platform))
+        job_id = validate.job_id(job_id)
         async with self.db.session() as s:
             job = await s.get(Job, job_id)
             if job is None or job.platform != actor.platform:
                 raise NotFound(f"There is no job {job_id}.")
             owner = await s.get(User, job.user_id)
             assert owner is not None
-            if owner.platform_user_id != actor.user_id and not actor.is_admin:
-                raise NotAdmin("cancelling someone else's job")
+            if owner.platform_user_id != actor.user_id:
+                if not actor.is_admin:
+                    raise NotAdmin("cancelling someone else's job")
+                if job.guild_id != place.guild_id:
+                    # An admin of one guild/workspace is not an admin of the others.
+                    raise NotFound(f"There is no job {job_id}.")
             owner = await self._lock_user(s, owner.platform, owner.platform_user_id, None)
             job = (
                 await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
@@ -680,6 +774,7 @@ class CoreService:
         )
 
     async def job_view(self, job_id: int) -> JobView:
+        job_id = validate.job_id(job_id)
         async with self.db.read() as s:
             job = await s.get(Job, job_id)
             if job is None:
@@ -690,6 +785,7 @@ class CoreService:
 
     async def job_views(self, job_ids: list[int]) -> dict[int, JobView]:
         """Views of several jobs in one query (without images: for queued jobs)."""
+        job_ids = [validate.job_id(j) for j in job_ids]
         async with self.db.read() as s:
             rows = (
                 await s.execute(
@@ -699,6 +795,8 @@ class CoreService:
             return {job.id: await self._view(s, job, user, images=()) for job, user in rows}
 
     async def job_for_message(self, platform: str, message_id: str) -> JobView | None:
+        platform = validate.ident("platform", platform, max_chars=validate.MAX_PLATFORM_CHARS)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
         async with self.db.read() as s:
             job = (
                 await s.execute(
@@ -713,34 +811,51 @@ class CoreService:
     async def attach_result_message(
         self, job_id: int, message_id: str, channel_id: str | None = None
     ) -> None:
-        async with self.db.session() as s:
-            # A recorded result message means the user has seen the result: count the job as
-            # delivered now, so a bot stopped before its delivery callback returned does not post
-            # the same result again when the job is taken over after a restart.
-            values: dict[str, Any] = {
-                "result_message_id": str(message_id),
-                "delivered_at": func.coalesce(Job.delivered_at, self.clock()),
-            }
-            if channel_id is not None:
-                values["result_channel_id"] = str(channel_id)
-            result = await s.execute(update(Job).where(Job.id == job_id).values(**values))
-            if result.rowcount == 0:
-                raise NotFound(f"There is no job {job_id}.")
+        job_id = validate.job_id(job_id)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+        channel_id = validate.optional_ident("channel", channel_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                # A recorded result message means the user has seen the result: count the job as
+                # delivered now, so a bot stopped before its delivery callback returned does not
+                # post the same result again when the job is taken over after a restart.
+                values: dict[str, Any] = {
+                    "result_message_id": str(message_id),
+                    "delivered_at": func.coalesce(Job.delivered_at, self.clock()),
+                }
+                if channel_id is not None:
+                    values["result_channel_id"] = str(channel_id)
+                result = await s.execute(update(Job).where(Job.id == job_id).values(**values))
+                if result.rowcount == 0:
+                    raise NotFound(f"There is no job {job_id}.")
+
+        # The result is posted already: recording it is worth waiting out a database blip for.
+        await retry_unavailable(write, within_s=self.config.bot.lease_s, what=f"job {job_id}: record result")
 
     async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
-        async with self.db.session() as s:
-            # Read and write in one transaction (the row is locked on PostgreSQL; SQLite's write
-            # transaction is exclusive), so two updates of one job's mapping don't lose each other.
-            query = select(Job).where(Job.id == job_id)
-            if self.db.is_postgres:
-                query = query.with_for_update()
-            job = (await s.execute(query)).scalar_one_or_none()
-            if job is None:
-                raise NotFound(f"There is no job {job_id}.")
-            # A new dict: SQLAlchemy's JSON column sees a reassignment, not an in-place change.
-            job.delivery = {**(job.delivery or {}), **{str(k): str(v) for k, v in values.items()}}
+        job_id = validate.job_id(job_id)
+        values = validate.delivery({str(k): str(v) for k, v in values.items()})
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                # Read and write in one transaction (the row is locked on PostgreSQL; SQLite's write
+                # transaction is exclusive), so two updates of one job's mapping don't lose each other.
+                query = select(Job).where(Job.id == job_id)
+                if self.db.is_postgres:
+                    query = query.with_for_update()
+                job = (await s.execute(query)).scalar_one_or_none()
+                if job is None:
+                    raise NotFound(f"There is no job {job_id}.")
+                # A new dict: SQLAlchemy's JSON column sees a reassignment, not an in-place change.
+                job.delivery = {**(job.delivery or {}), **values}
+
+        await retry_unavailable(
+            write, within_s=self.config.bot.lease_s, what=f"job {job_id}: remember delivery"
+        )
 
     async def wait_for_job(self, job_id: int, timeout_s: float | None = None) -> JobView:
+        job_id = validate.job_id(job_id)
         event = self._job_events.setdefault(job_id, asyncio.Event())
 
         async def poll() -> JobView:
@@ -761,13 +876,16 @@ class CoreService:
             self._job_events.pop(job_id, None)
 
     async def image_bytes(self, storage_key: str) -> bytes:
+        if not isinstance(storage_key, str):
+            raise NotFound("That image is no longer stored.")
         try:
             return await self.storage.get(storage_key)
         except KeyError:
             raise NotFound("That image is no longer stored.") from None
 
     async def history(self, actor: Actor, limit: int = 10) -> list[JobView]:
-        limit = max(1, min(int(limit), MAX_HISTORY))
+        actor = validate.actor(actor)
+        limit = validate.count("limit", limit, 1, MAX_HISTORY)
         async with self.db.read() as s:
             user = (
                 await s.execute(
@@ -824,6 +942,7 @@ class CoreService:
         )
 
     async def quota(self, actor: Actor, place: Place) -> QuotaView:
+        actor, place = self._who(actor, place)
         async with self.db.read() as s:
             return await self._quota_view(s, actor.platform, actor.user_id, place.guild_id)
 
@@ -854,6 +973,8 @@ class CoreService:
         raise NotAdmin(operation)
 
     async def usage(self, actor: Actor, place: Place, target_user_id: str) -> QuotaView:
+        actor, place = self._who(actor, place)
+        target_user_id = validate.ident("user", target_user_id)
         await self._require_admin(actor, "usage", target_user_id)
         async with self.db.session() as s:
             self._audit(s, actor, "usage", f"user:{target_user_id}", {"guild_id": place.guild_id})
@@ -897,6 +1018,8 @@ class CoreService:
             )
 
     async def set_user_limit(self, actor: Actor, target_user_id: str, daily_limit: int | None) -> QuotaView:
+        actor = validate.actor(actor)
+        target_user_id = validate.ident("user", target_user_id)
         await self._require_admin(actor, "set_user_limit", target_user_id)
         self._check_limit(daily_limit)
         async with self.db.session() as s:
@@ -907,6 +1030,8 @@ class CoreService:
             return await self._quota_view(s, actor.platform, target_user_id, None)
 
     async def set_guild_limit(self, actor: Actor, guild_id: str, daily_limit: int | None) -> None:
+        actor = validate.actor(actor)
+        guild_id = validate.ident("guild", guild_id)
         await self._require_admin(actor, "set_guild_limit", guild_id)
         self._check_limit(daily_limit)
         async with self.db.session() as s:
@@ -914,6 +1039,8 @@ class CoreService:
             self._audit(s, actor, "set_guild_limit", f"guild:{guild_id}", {"daily_limit": daily_limit})
 
     async def grant_credits(self, actor: Actor, target_user_id: str, amount: int) -> QuotaView:
+        actor = validate.actor(actor)
+        target_user_id = validate.ident("user", target_user_id)
         await self._require_admin(actor, "grant_credits", target_user_id)
         if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= MAX_GRANT:
             raise BadParameters(
@@ -933,6 +1060,8 @@ class CoreService:
             return await self._quota_view(s, actor.platform, target_user_id, None)
 
     async def reset_usage(self, actor: Actor, target_user_id: str) -> QuotaView:
+        actor = validate.actor(actor)
+        target_user_id = validate.ident("user", target_user_id)
         await self._require_admin(actor, "reset_usage", target_user_id)
         period, _, _ = self.period_for(self.clock())
         async with self.db.session() as s:
@@ -946,16 +1075,21 @@ class CoreService:
             return await self._quota_view(s, actor.platform, target_user_id, None)
 
     async def ban(self, actor: Actor, target_user_id: str, reason: str = "") -> None:
+        actor = validate.actor(actor)
+        target_user_id = validate.ident("user", target_user_id)
+        reason = validate.text("reason", reason, max_chars=validate.MAX_REASON_CHARS, what="The ban reason")
         await self._require_admin(actor, "ban", target_user_id)
         if target_user_id == actor.user_id:
             raise BadParameters("user", "You cannot ban yourself.", target_user_id)
         async with self.db.session() as s:
             user = await self._lock_user(s, actor.platform, target_user_id, None)
             user.banned = True
-            user.ban_reason = reason[:500]
-            self._audit(s, actor, "ban", f"user:{target_user_id}", {"reason": reason[:500]})
+            user.ban_reason = reason
+            self._audit(s, actor, "ban", f"user:{target_user_id}", {"reason": reason})
 
     async def unban(self, actor: Actor, target_user_id: str) -> None:
+        actor = validate.actor(actor)
+        target_user_id = validate.ident("user", target_user_id)
         await self._require_admin(actor, "unban", target_user_id)
         async with self.db.session() as s:
             user = await self._lock_user(s, actor.platform, target_user_id, None)
@@ -964,8 +1098,9 @@ class CoreService:
             self._audit(s, actor, "unban", f"user:{target_user_id}", {})
 
     async def stats(self, actor: Actor, place: Place, top: int = 5) -> StatsView:
+        actor, place = self._who(actor, place)
+        top = validate.count("top", top, 1, 25)
         await self._require_admin(actor, "stats", place.guild_id or "")
-        top = max(1, min(int(top), 25))
         _, start, _ = self.period_for(self.clock())
         scope = [Job.platform == actor.platform]
         if place.guild_id is not None:
@@ -1012,8 +1147,9 @@ class CoreService:
         )
 
     async def audit_log(self, actor: Actor, limit: int = 20) -> list[AuditEntry]:
+        actor = validate.actor(actor)
+        limit = validate.count("limit", limit, 1, MAX_HISTORY)
         await self._require_admin(actor, "audit_log")
-        limit = max(1, min(int(limit), MAX_HISTORY))
         async with self.db.read() as s:
             rows = (
                 (

@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from bot.core.api import StorageError
+
+log = logging.getLogger("bot.core.storage")
+
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+WRITE_FAILED = (
+    "The bot's image storage is full or not writable right now (the admins can see why in the log)."
+)
+READ_FAILED = "The bot could not read an image from its storage (the admins can see why in the log)."
 
 
 @runtime_checkable
 class ImageStorage(Protocol):
     async def put(self, data: bytes) -> str:
-        """Store `data`; return its key (sha256 hex). Idempotent."""
+        """Store `data`; return its key (sha256 hex). Idempotent. StorageError if it cannot."""
         ...
 
     async def get(self, key: str) -> bytes:
-        """The bytes for `key`; KeyError if absent."""
+        """The bytes for `key`; KeyError if absent, StorageError if unreadable."""
         ...
 
     async def exists(self, key: str) -> bool: ...
@@ -38,6 +48,21 @@ class LocalImageStorage:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
 
+    async def check_writable(self) -> None:
+        """At start-up: create the directory and write and remove a probe file, so that a storage
+        that cannot hold a single image stops the bot with a clear error instead of failing jobs."""
+
+        def probe() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+            os.close(fd)
+            os.unlink(tmp)
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as e:
+            raise StorageError(f"[storage] dir: {self.root} is not writable ({e.strerror or e})") from e
+
     def path_for(self, key: str) -> Path:
         if not _KEY_RE.fullmatch(key):
             raise KeyError(f"not a storage key: {key!r}")
@@ -45,7 +70,12 @@ class LocalImageStorage:
 
     async def put(self, data: bytes) -> str:
         key = content_key(data)
-        await asyncio.to_thread(self._write, key, data)
+        try:
+            await asyncio.to_thread(self._write, key, data)
+        except OSError as e:
+            # ENOSPC, EACCES, EROFS...: the operator must act; the caller fails the request at once.
+            log.error("image storage: cannot write %s: %s", self.path_for(key), e)
+            raise StorageError(WRITE_FAILED) from e
         return key
 
     def _write(self, key: str, data: bytes) -> None:
@@ -69,6 +99,13 @@ class LocalImageStorage:
             return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as e:
+            log.error("image storage: cannot read %s: %s", path, e)
+            raise StorageError(READ_FAILED) from e
 
     async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread(self.path_for(key).exists)
+        try:
+            return await asyncio.to_thread(self.path_for(key).exists)
+        except OSError as e:
+            log.error("image storage: cannot look up %s: %s", key, e)
+            raise StorageError(READ_FAILED) from e

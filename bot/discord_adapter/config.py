@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from inference_server.config_loader import ConfigError
@@ -44,14 +45,17 @@ class DiscordConfig:
     def __post_init__(self) -> None:
         if any(g <= 0 for g in self.guild_ids):
             raise ConfigError("[discord] guild_ids: guild ids are positive integers (snowflakes)")
-        if self.guild_ready_timeout_s <= 0:
-            raise ConfigError("[discord] guild_ready_timeout_s: must be > 0")
-        if self.progress_edit_interval_s < 0:
-            raise ConfigError("[discord] progress_edit_interval_s: must be >= 0")
+        if not (math.isfinite(self.guild_ready_timeout_s) and 0 < self.guild_ready_timeout_s <= 600):
+            raise ConfigError("[discord] guild_ready_timeout_s: must be > 0 and <= 600 seconds")
+        if not (math.isfinite(self.progress_edit_interval_s) and 0 <= self.progress_edit_interval_s <= 3600):
+            raise ConfigError("[discord] progress_edit_interval_s: must be from 0 to 3600 seconds")
         if not 0 <= self.token_margin_s < INTERACTION_TOKEN_TTL_S:
             raise ConfigError(f"[discord] token_margin_s: must be in [0, {INTERACTION_TOKEN_TTL_S})")
-        if self.max_attachment_bytes < 1024:
-            raise ConfigError("[discord] max_attachment_bytes: must be at least 1024")
+        # 25 MiB: the most Discord lets a bot upload or download in one request.
+        if not 1024 <= self.max_attachment_bytes <= 25 * 1024 * 1024:
+            raise ConfigError("[discord] max_attachment_bytes: must be from 1024 to 26214400 (25 MiB)")
+        if len(self.activity) > 128:  # Discord's limit for an activity name
+            raise ConfigError("[discord] activity: at most 128 characters")
         if not 1 <= self.history_limit <= 25:
             # 25 lines of ~80 characters stay inside one 2000-character message.
             raise ConfigError("[discord] history_limit: must be between 1 and 25")

@@ -3,12 +3,27 @@
 Everything comes from `job.delivery` (written when the job was submitted), never from live
 `Interaction` objects, so a job accepted before a restart is delivered by the restarted bot. The
 only in-memory state is a throttle clock and, for channel-mode jobs, the id of the status message
-to edit; losing either on restart costs one extra message, not a job.
+to edit, which is also kept in the job's delivery mapping (`status_message_id`) so that a restarted
+bot edits the same message.
+
+A result is posted once, even when the bot dies between posting it and recording it (the core
+counts delivery attempts before calling us: `job.delivery_attempt`). From the second attempt on we
+look for the earlier post before posting: the interaction's original response, the status message,
+and the channel's history since the job was made (a bot message carrying `imagine-<job id>.*`).
+Channel messages are sent with a nonce made from the job id and `enforce_nonce`, so Discord itself
+answers a repeated send with the message it already has, for a few minutes.
+
+What remains: a channel-mode result (one sent with the bot token: a reaction's job, or a token near
+its 15-minute end) whose post reached Discord just before the bot died, when the restart comes later
+than Discord's nonce window (a few minutes) and the bot cannot read the channel's history (no Read
+Message History permission) or the post lies more than `HISTORY_SCAN` messages after the job's
+start. Failure notices (text only) rely on the nonce alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import logging
 import time
@@ -28,6 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Messages of the channel's history read, after the job's start, looking for a result posted by a
+# delivery attempt that died before recording it: two pages of Discord's 100, a busy channel's
+# traffic during a restart.
+HISTORY_SCAN = 200
+
 NUMBER_EMOJI = ("1\ufe0f\u20e3", "2\ufe0f\u20e3", "3\ufe0f\u20e3", "4\ufe0f\u20e3")
 REROLL_EMOJI = "\U0001f501"
 VARIATION_EMOJI = "\U0001f3a8"
@@ -39,6 +59,16 @@ QUEUED, RUNNING = 0, 1
 
 def result_reactions(n: int) -> list[str]:
     return [REROLL_EMOJI, *(NUMBER_EMOJI[:n] if n > 1 else [VARIATION_EMOJI])]
+
+
+def result_filename_prefix(job_id: int) -> str:
+    """Every result file of a job is named `imagine-<job id>.<ext>`: how a later attempt finds it."""
+    return f"imagine-{job_id}."
+
+
+def job_nonce(job_id: int) -> str:
+    """The nonce of a job's final channel message (Discord allows 25 characters)."""
+    return f"imagine-{job_id}"
 
 
 def _render(pngs: list[bytes], limit: int) -> tuple[bytes, bytes, str]:
@@ -72,6 +102,16 @@ class DiscordDelivery:
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
+            if job.delivery_attempt > 1:
+                posted = await self._find_posted_result(job)
+                if posted is not None:
+                    log.info("job %s: result already posted as message %s; recording it", job.id, posted.id)
+                    self._forget(job.id)
+                    await self.bot.service.attach_result_message(
+                        job.id, str(posted.id), str(posted.channel.id)
+                    )
+                    await self._add_reactions(posted, len(images))
+                    return
             limit = self._upload_limit(job)
             # Image work in a thread: a 2x2 grid of 1024px images takes long enough to starve the
             # gateway heartbeat if done on the event loop.
@@ -84,13 +124,16 @@ class DiscordDelivery:
                     len(data),
                     limit,
                 )
-            file = discord.File(io.BytesIO(data), filename=f"imagine-{job.id}.{ext}")
+            file = discord.File(io.BytesIO(data), filename=f"{result_filename_prefix(job.id)}{ext}")
             message = await self._post(job, messages.caption(job), file)
             # Shown: from here on a failure must not post the result a second time.
             self._forget(job.id)
             await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
-            for emoji in result_reactions(len(images)):
-                await message.add_reaction(emoji)
+            await self._add_reactions(message, len(images))
+
+    async def _add_reactions(self, message: discord.Message | discord.PartialMessage, n: int) -> None:
+        for emoji in result_reactions(n):
+            await message.add_reaction(emoji)  # idempotent: a repeat leaves one reaction
 
     async def on_failed(self, job: JobView, message: str) -> None:
         async with self._lock(job.id):
@@ -100,6 +143,55 @@ class DiscordDelivery:
             self._forget(job.id)
 
     # -- internals --------------------------------------------------------------------------------
+
+    async def _find_posted_result(self, job: JobView) -> discord.Message | None:
+        """The result message an earlier, unfinished delivery attempt posted, if Discord can tell:
+        the interaction's original response, the status message, then the channel's history."""
+        prefix = result_filename_prefix(job.id)
+        me = self.bot.user
+
+        def is_result(m: discord.Message) -> bool:
+            return any(a.filename.startswith(prefix) for a in m.attachments)
+
+        async def original() -> discord.Message | None:
+            if not self._token_usable(job):
+                return None
+            message = await self._webhook(job).fetch_message("@original")  # type: ignore[arg-type]
+            return message if is_result(message) else None
+
+        async def status() -> discord.Message | None:
+            status_id = self._status_id(job)
+            if status_id is None:
+                return None
+            message = await self._channel(job).fetch_message(status_id)
+            return message if is_result(message) else None
+
+        async def history() -> discord.Message | None:
+            since = discord.utils.time_snowflake(job.created_at - dt.timedelta(seconds=1))
+            async for message in self._channel(job).history(limit=HISTORY_SCAN, after=discord.Object(since)):
+                if me is not None and message.author.id == me.id and is_result(message):
+                    return message
+            return None
+
+        for where, look in (
+            ("original response", original),
+            ("status message", status),
+            ("history", history),
+        ):
+            try:
+                found = await look()
+            except discord.HTTPException as e:
+                # Forbidden (no Read Message History), a deleted message: the next place, and in the
+                # end the nonce on the send, are what is left.
+                log.info("job %s: could not look in the %s (%s %s)", job.id, where, e.status, e.text)
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def _status_id(self, job: JobView) -> int | None:
+        status = self._status.get(job.id) or job.delivery.get("status_message_id")
+        return int(status) if status else None
 
     def _lock(self, job_id: int) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
@@ -151,14 +243,23 @@ class DiscordDelivery:
             if self._token_usable(job):
                 await self._webhook(job).edit_message("@original", content=text)  # type: ignore[arg-type]
             elif job.delivery.get("mode") == "channel":
-                status = self._status.get(job.id)
+                status = self._status_id(job)
                 channel = self._channel(job)
                 if status is None:
                     sent = await channel.send(text, reference=self._reference(job))
                     self._status[job.id] = sent.id
+                    await self._keep_status(job, sent.id)
                 else:
                     await channel.get_partial_message(status).edit(content=text)
             # An interaction past its token: progress is not worth a channel message; the result is.
+
+    async def _keep_status(self, job: JobView, message_id: int) -> None:
+        """Keep the status message's id with the job, so a restarted bot edits it instead of posting
+        a second one (and finds the result in it)."""
+        try:
+            await self.bot.service.remember_delivery(job.id, {"status_message_id": str(message_id)})
+        except Exception:  # the message is shown either way; only a restart would post another
+            log.warning("job %s: could not record its status message", job.id, exc_info=True)
 
     def _reference(self, job: JobView) -> discord.MessageReference | None:
         parent = job.delivery.get("reply_to")
@@ -185,12 +286,15 @@ class DiscordDelivery:
             if file is not None:
                 file.reset()
         channel = self._channel(job)
-        status = self._status.get(job.id)
+        status = self._status_id(job)
         if status is not None:
             try:
                 return await channel.get_partial_message(status).edit(**kwargs)
             except discord.NotFound:
                 pass
+        # The job's nonce: Discord answers a repeated send (a restarted delivery) with the message
+        # it already has instead of a second one, within its nonce window.
+        nonce = job_nonce(job.id)
         if file is not None:
-            return await channel.send(text, file=file, reference=self._reference(job))
-        return await channel.send(text, reference=self._reference(job))
+            return await channel.send(text, file=file, reference=self._reference(job), nonce=nonce)
+        return await channel.send(text, reference=self._reference(job), nonce=nonce)

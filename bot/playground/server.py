@@ -22,6 +22,7 @@ from typing import Any
 
 from bot.playground.config import PLATFORM, PlaygroundConfig, load_playground_config
 from bot.playground.delivery import WebDelivery
+from bot.playground.limits import BodyLimit
 
 log = logging.getLogger("bot.playground")
 
@@ -29,6 +30,10 @@ log = logging.getLogger("bot.playground")
 SHUTDOWN_GRACE_S = 5.0
 # How long start-up may take before we call it failed (Gradio builds its config in well under a second).
 STARTUP_TIMEOUT_S = 60.0
+# Uploads: Gradio refuses files over this itself; the core refuses images over [bot] max_upload_bytes.
+MAX_UPLOAD = "20mb"
+# Any request body: an upload (20 MB) plus its multipart framing; API calls are a few KB of JSON.
+MAX_BODY_BYTES = 21 * 1024 * 1024
 
 
 def _quiet_gradio_env() -> None:
@@ -107,8 +112,12 @@ def build_app(
         theme=theme,
         mcp_server=False,
         # The core limits uploads too ([bot] max_upload_bytes); this stops larger ones earlier.
-        max_file_size="20mb",
+        max_file_size=MAX_UPLOAD,
+        # An exception's text is for the log, not the browser: handlers answer with their own
+        # messages, and what escapes them (Gradio's own input checks) names internals.
+        show_error=False,
     )
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.state.blocks = blocks
     # The Gradio sub-app that serves the routes: its stop_event ends the browsers' heartbeat streams.
     app.state.gradio_apps = [r.app for r in app.routes if isinstance(r, Mount)]

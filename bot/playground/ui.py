@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import io
 import logging
-import re
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -22,15 +22,14 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from bot.core.api import Actor, CoreError, JobView, Place
+from bot.core.api import Actor, BadParameters, CoreError, JobView, Place
+from bot.core.service import MAX_INPUT_PIXELS
 from bot.playground import texts
-from bot.playground.config import PLATFORM, PlaygroundConfig
+from bot.playground.config import MAX_PASSWORD_CHARS, PLATFORM, USERNAME_RE, PlaygroundConfig
 from bot.playground.delivery import JobEvent, WebDelivery
 
 log = logging.getLogger("bot.playground")
 
-# Login names become user ids in the database and appear in admin commands: keep them plain.
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 PLACE = Place(PLATFORM)
 MAX_VARIATIONS = 4  # one button per image of a job; a job has at most 4 images (--n 4)
 
@@ -54,11 +53,15 @@ class Identity:
         return bool(self.password)
 
     def check_login(self, username: str, password: str) -> bool:
-        if not USERNAME_RE.match(username or ""):
+        """Gradio's login check; never raises, whatever the form sent."""
+        if not isinstance(username, str) or USERNAME_RE.fullmatch(username) is None:
             return False
-        if username in self.config.admin_users:
-            return bool(self.admin_password) and hmac.compare_digest(password, self.admin_password)
-        return hmac.compare_digest(password, self.password)
+        expected = self.admin_password if username in self.config.admin_users else self.password
+        if not expected or not isinstance(password, str) or not password.strip():
+            return False
+        if len(password) > MAX_PASSWORD_CHARS:
+            return False
+        return hmac.compare_digest(_password_bytes(password), _password_bytes(expected))
 
     def actor(self, request: gr.Request | None) -> Actor:
         if not self.auth_required:
@@ -68,6 +71,13 @@ class Identity:
         if not username:
             raise PermissionError("not signed in")
         return Actor(PLATFORM, username, username, is_admin=username in self.config.admin_users)
+
+
+def _password_bytes(password: str) -> bytes:
+    """What is compared: the NFC form (one keyboard sends "é" as one code point, another as "e" plus
+    an accent) as UTF-8 bytes, which `hmac.compare_digest` takes whatever the characters. A lone
+    surrogate cannot be typed; "surrogatepass" keeps it from raising, and it matches nothing."""
+    return unicodedata.normalize("NFC", password).encode("utf-8", "surrogatepass")
 
 
 def parse_command(text: str) -> tuple[str, str]:
@@ -85,6 +95,13 @@ def mask_from_editor(value: Mapping[str, Any] | None) -> tuple[bytes, bytes | No
     if not value or value.get("background") is None:
         raise CoreErrorForUser("Upload an image first (drop it on the editor).")
     background: Image.Image = value["background"]
+    if not isinstance(background, Image.Image):
+        raise CoreErrorForUser("Upload an image first (drop it on the editor).")
+    if background.width * background.height > MAX_INPUT_PIXELS:
+        # Refused before the conversions below copy it: the core takes at most this many pixels.
+        raise BadParameters(
+            "image", f"The image is {background.width}x{background.height}; at most 4096x4096."
+        )
     image = background.convert("RGBA")
     if image.getextrema()[3][0] < 255:
         # Transparent parts of an upload would look black to the model: put them on white.
@@ -112,6 +129,22 @@ class CoreErrorForUser(CoreError):
     """A refusal decided by the playground itself (before the core is asked)."""
 
     code = "playground"
+
+
+def whole_number(value: Any, field: str) -> int | None:
+    """A number box's value as a whole number; None when empty. Refuses 1.5, infinities and NaN
+    (which int() would cut, or fail on with an OverflowError) with a message naming the box."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadParameters(field, f"The {field} must be a whole number, got {value!r}.", value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadParameters(field, f"The {field} must be a whole number, got {value!r}.", value) from None
+    if not number.is_integer() or abs(number) > 1e9:
+        raise BadParameters(field, f"The {field} must be a whole number, got {value!r}.", value)
+    return int(number)
 
 
 def result_gallery(job: JobView, paths: list[str]) -> gr.Gallery:
@@ -152,8 +185,15 @@ class PlaygroundUI:
         if not path.exists():
             data = png if png is not None else await self.service.image_bytes(storage_key)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            try:
+                await asyncio.to_thread(tmp.write_bytes, data)
+                tmp.replace(path)
+            except OSError as e:
+                log.error("playground: cannot write %s: %s", path, e)
+                raise CoreErrorForUser(
+                    "The image is made but the playground could not prepare it for display (its "
+                    "temporary folder is not writable); it is in your history."
+                ) from e
         return str(path)
 
     async def job_images(self, job: JobView, event: JobEvent | None = None) -> list[str]:
@@ -225,30 +265,35 @@ class PlaygroundUI:
         quota = await self.quota_text(actor)
         reply_at = len(chat)
         chat.append({"role": "assistant", "content": texts.queued(job, job.position)})
-        async for event in self.follow(job):
-            if event.kind == "queued":
-                text = texts.queued(job, event.position)
-                chat[reply_at] = {"role": "assistant", "content": text}
-                yield list(chat), texts.status_html("queued", text, job.id), last_job, *idle, quota
-            elif event.kind == "progress":
-                text = texts.progress(job, event.step, event.total)
-                chat[reply_at] = {"role": "assistant", "content": text}
-                status = texts.status_html("running", text, job.id, event.step, event.total)
-                yield list(chat), status, last_job, *idle, quota
-            elif event.kind == "succeeded":
-                done = await self.service.get_job(job.id)
-                paths = await self.job_images(done, event)
-                chat[reply_at] = {"role": "assistant", "content": texts.caption(done)}
-                # One gallery per result, like one chat message with its images: numbered in the
-                # order the V1-V4 buttons use, and shown larger than a 64-pixel image would be.
-                chat.append({"role": "assistant", "content": result_gallery(done, paths)})
-                status = texts.status_html("succeeded", f"Job #{done.id} done.", done.id)
-                yield list(chat), status, done.id, *self._buttons(done), await self.quota_text(actor)
-            else:
-                text = texts.failed(job, event.message)
-                chat[reply_at] = {"role": "assistant", "content": text}
-                yield (list(chat), texts.status_html("failed", text, job.id), last_job, *self._keep(),
-                       await self.quota_text(actor))  # fmt: skip
+        try:
+            async for event in self.follow(job):
+                if event.kind == "queued":
+                    text = texts.queued(job, event.position)
+                    chat[reply_at] = {"role": "assistant", "content": text}
+                    yield list(chat), texts.status_html("queued", text, job.id), last_job, *idle, quota
+                elif event.kind == "progress":
+                    text = texts.progress(job, event.step, event.total)
+                    chat[reply_at] = {"role": "assistant", "content": text}
+                    status = texts.status_html("running", text, job.id, event.step, event.total)
+                    yield list(chat), status, last_job, *idle, quota
+                elif event.kind == "succeeded":
+                    done = await self.service.get_job(job.id)
+                    paths = await self.job_images(done, event)
+                    chat[reply_at] = {"role": "assistant", "content": texts.caption(done)}
+                    # One gallery per result, like one chat message with its images: numbered in the
+                    # order the V1-V4 buttons use, and shown larger than a 64-pixel image would be.
+                    chat.append({"role": "assistant", "content": result_gallery(done, paths)})
+                    status = texts.status_html("succeeded", f"Job #{done.id} done.", done.id)
+                    yield list(chat), status, done.id, *self._buttons(done), await self.quota_text(actor)
+                else:
+                    text = texts.failed(job, event.message)
+                    chat[reply_at] = {"role": "assistant", "content": text}
+                    yield (list(chat), texts.status_html("failed", text, job.id), last_job, *self._keep(),
+                           await self.quota_text(actor))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the job is safe in its row; say what failed
+            text = texts.error_text(e)
+            chat[reply_at] = {"role": "assistant", "content": text}
+            yield list(chat), texts.status_html("error", text, job.id), last_job, *self._keep(), gr.update()
 
     def _nothing_yet(self, chat: list[dict[str, Any]]) -> tuple[Any, ...]:
         status = texts.status_html("error", "Nothing to re-roll or vary yet: generate an image first.")
@@ -353,26 +398,33 @@ class PlaygroundUI:
             yield texts.status_html("error", texts.error_text(e)), gr.update(), await self.quota_text(actor)
             return
         quota = await self.quota_text(actor)
-        async for event in self.follow(job):
-            if event.kind == "queued":
-                yield (
-                    texts.status_html("queued", texts.queued(job, event.position), job.id),
-                    gr.update(),
-                    quota,
-                )
-            elif event.kind == "progress":
-                text = texts.progress(job, event.step, event.total)
-                yield texts.status_html("running", text, job.id, event.step, event.total), gr.update(), quota
-            elif event.kind == "succeeded":
-                done = await self.service.get_job(job.id)
-                paths = await self.job_images(done, event)
-                status = texts.status_html(
-                    "succeeded", f"Job #{done.id} done: {texts.describe(done)}", done.id
-                )
-                yield status, [(p, f"#{done.id}") for p in paths], await self.quota_text(actor)
-            else:
-                text = texts.failed(job, event.message)
-                yield texts.status_html("failed", text, job.id), gr.update(), await self.quota_text(actor)
+        try:
+            async for event in self.follow(job):
+                if event.kind == "queued":
+                    yield (
+                        texts.status_html("queued", texts.queued(job, event.position), job.id),
+                        gr.update(),
+                        quota,
+                    )
+                elif event.kind == "progress":
+                    text = texts.progress(job, event.step, event.total)
+                    yield (
+                        texts.status_html("running", text, job.id, event.step, event.total),
+                        gr.update(),
+                        quota,
+                    )
+                elif event.kind == "succeeded":
+                    done = await self.service.get_job(job.id)
+                    paths = await self.job_images(done, event)
+                    status = texts.status_html(
+                        "succeeded", f"Job #{done.id} done: {texts.describe(done)}", done.id
+                    )
+                    yield status, [(p, f"#{done.id}") for p in paths], await self.quota_text(actor)
+                else:
+                    text = texts.failed(job, event.message)
+                    yield texts.status_html("failed", text, job.id), gr.update(), await self.quota_text(actor)
+        except Exception as e:  # noqa: BLE001 - the job is safe in its row; say what failed
+            yield texts.status_html("error", texts.error_text(e), job.id), gr.update(), gr.update()
 
     # -- history ---------------------------------------------------------------------------------
 
@@ -387,7 +439,11 @@ class PlaygroundUI:
             if job.state != "succeeded":
                 continue
             for info in job.images:
-                path = await self.image_path(info.storage_key)
+                try:
+                    path = await self.image_path(info.storage_key)
+                except CoreError as e:  # an image gone from storage: the rest of the history still shows
+                    log.warning("playground: history image of job %s not shown: %s", job.id, e.message)
+                    continue
                 items.append((path, f"#{job.id} · {texts.short(job.prompt, 60)} · seed {info.seed}"))
         return items, texts.history(jobs)
 
@@ -425,16 +481,17 @@ class PlaygroundUI:
         return texts.quota_of(await self.service.usage(actor, PLACE, target))
 
     async def admin_set_limit(self, actor: Actor, target: str, number: Any, _r: Any) -> str:
-        limit = None if number is None or number == "" else int(number)
+        limit = whole_number(number, "limit")
         q = await self.service.set_user_limit(actor, target, limit)
         what = "removed (back to the default)" if limit is None else f"set to {limit} per day"
         return f"Daily limit of `{target}` {what}.\n\n" + texts.quota_of(q)
 
     async def admin_grant(self, actor: Actor, target: str, number: Any, _r: Any) -> str:
-        if number is None or number == "":
+        amount = whole_number(number, "amount")
+        if amount is None:
             raise CoreErrorForUser("Enter the number of credits to grant.")
-        q = await self.service.grant_credits(actor, target, int(number))
-        return f"Granted {int(number)} credits to `{target}`.\n\n" + texts.quota_of(q)
+        q = await self.service.grant_credits(actor, target, amount)
+        return f"Granted {amount} credits to `{target}`.\n\n" + texts.quota_of(q)
 
     async def admin_reset(self, actor: Actor, target: str, _n: Any, _r: Any) -> str:
         q = await self.service.reset_usage(actor, target)

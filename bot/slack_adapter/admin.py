@@ -11,6 +11,16 @@ _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
 
 # Bonus credits per grant, as the core's documented bound.
 MAX_CREDITS = 10_000
+# A daily limit, as the core's bound.
+MAX_DAILY_LIMIT = 100_000
+
+
+def _number(token: str) -> int | None:
+    """A plain decimal number (ASCII digits, at most 9 of them), else None. str.isdigit() alone also
+    takes "²" or "٣", which int() then refuses or reads unexpectedly."""
+    if not token.isascii() or not token.isdigit() or len(token) > 9:
+        return None
+    return int(token)
 
 
 class AdminUsage(Exception):
@@ -41,9 +51,12 @@ def _limit(token: str | None, what: str) -> int | None:
         raise AdminUsage(f"`{what}` needs a daily limit: a number, or `none` to remove it.")
     if token.lower() in ("none", "default", "off"):
         return None
-    if not token.isdigit():
-        raise AdminUsage(f"daily limit must be a whole number >= 0 or `none`, got `{token}`.")
-    return int(token)
+    number = _number(token)
+    if number is None or number > MAX_DAILY_LIMIT:
+        raise AdminUsage(
+            f"daily limit must be a whole number from 0 to {MAX_DAILY_LIMIT} or `none`, got `{token[:20]}`."
+        )
+    return number
 
 
 def parse(text: str) -> AdminCommand:
@@ -61,11 +74,12 @@ def parse(text: str) -> AdminCommand:
     if verb == "credits":
         uid = _user(arg, verb)
         amount = args[1] if len(args) > 1 else ""
-        if not amount.isdigit() or not 1 <= int(amount) <= MAX_CREDITS:
+        number = _number(amount)
+        if number is None or not 1 <= number <= MAX_CREDITS:
             raise AdminUsage(
-                f"credits amount must be a number from 1 to {MAX_CREDITS}, got `{amount or 'nothing'}`."
+                f"credits amount must be a number from 1 to {MAX_CREDITS}, got `{amount[:20] or 'nothing'}`."
             )
-        return AdminCommand("credits", user_id=uid, number=int(amount))
+        return AdminCommand("credits", user_id=uid, number=number)
     if verb in ("limits", "limit"):
         if arg is not None and arg.lower() in ("workspace", "team", "guild"):
             return AdminCommand(

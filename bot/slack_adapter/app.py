@@ -287,12 +287,18 @@ class SlackAdapter:
         await ack()
 
     async def inpaint_view(self, view: Mapping[str, Any], body: Mapping[str, Any]) -> None:
-        meta = json.loads(view.get("private_metadata") or "{}")
         user = body["user"]["id"]
-        channel = meta.get("channel")
+        try:
+            # Written by open_inpaint_modal; it comes back through Slack unchanged, but a view from an
+            # older version of the bot (or a hand-made request) must get an answer, not a traceback.
+            meta = json.loads(view.get("private_metadata") or "{}")
+            channel = meta["channel"]
+            image = SlackFile(**meta["image"])
+            mask = SlackFile(**meta["mask"]) if meta.get("mask") else None
+        except (ValueError, KeyError, TypeError):
+            log.warning("slack: inpaint view %s has unusable metadata", view.get("id"))
+            return
         tell = self.ephemeral(channel, user, meta.get("thread_ts"))
-        image = SlackFile(**meta["image"])
-        mask = SlackFile(**meta["mask"]) if meta.get("mask") else None
         place = Place(PLATFORM, (body.get("team") or {}).get("id"), channel)
         delivery = {"channel": channel, "user": user, "thread_ts": meta.get("thread_ts")}
         try:
@@ -436,7 +442,16 @@ def inpaint_modal(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 class SlackDelivery:
     """The core's `Delivery` for Slack. Everything it needs comes from `job.delivery` (channel, user,
-    thread) and the core, so jobs left over by a previous run are delivered after a restart."""
+    thread) and the core, so jobs left over by a previous run are delivered after a restart.
+
+    A result is posted once, even if the bot dies between posting and recording it. The upload is
+    done in Slack's three steps by hand so that the intent is recorded in between: the file ids are
+    kept with the job (`result_files`) after the bytes are uploaded and before
+    `files.completeUploadExternal` shares them. A later delivery attempt (`job.delivery_attempt` >=
+    2) asks `files.info` where those files were shared; if they were, that message is the result.
+    What remains: an attempt that completed the upload but whose share Slack had not shown yet after
+    `SHARE_POLL_DELAYS_S` (Slack shares asynchronously, usually within a second) is uploaded again.
+    """
 
     def __init__(self, adapter: SlackAdapter) -> None:
         self._adapter = adapter
@@ -454,36 +469,69 @@ class SlackDelivery:
         if channel is None:
             log.error("slack: job %s has no channel to deliver to", job.id)
             return
-        uploads = [
-            {
-                "content": img.png,
-                "filename": f"imagine-{job.id}-{img.index + 1}-seed{img.seed}.png",
-                "title": f"{job.prompt[:80]} (seed {img.seed})",
-                "alt_txt": job.prompt[:1000],
-            }
-            for img in images
-        ]
+        earlier = [f for f in (job.delivery.get("result_files") or "").split(",") if f]
+        if job.delivery_attempt > 1 and earlier:
+            ts = await self._share_ts(earlier, channel, [])
+            if ts is not None:
+                log.info("slack: job %s: result already posted (%s); recording it", job.id, ts)
+                await self._shown(job, channel, ts)
+                return
+            log.info("slack: job %s: files %s of an earlier attempt were never shared", job.id, earlier)
         try:
-            resp = await a.client.files_upload_v2(
-                file_uploads=uploads,
-                channel=channel,
+            files = await self._upload(job, images)
+            # The intent, before the share: a later attempt asks Slack where these files went.
+            await self._remember(job, {"result_files": ",".join(f["id"] for f in files)})
+            resp = await a.client.files_completeUploadExternal(
+                files=files,
+                channel_id=channel,
                 initial_comment=messages.result_comment(job),
                 thread_ts=job.delivery.get("thread_ts"),
             )
         except SlackApiError as e:
             await self._cannot_post(job, channel, e)
             raise
-        await a.status.show(job, DONE, messages.done_text(job), post=False)
         file_ids = [f["id"] for f in resp.get("files") or []]
         ts = await self._share_ts(file_ids, channel, resp.get("files") or [])
         if ts is None:
+            await a.status.show(job, DONE, messages.done_text(job), post=False)
             log.warning(
                 "slack: job %s: no message found for files %s; reactions won't work on it", job.id, file_ids
             )
             return
+        await self._shown(job, channel, ts)
+
+    async def _shown(self, job: JobView, channel: str, ts: str) -> None:
+        """The result is in message `ts`: close the status, record the message, add the controls."""
+        a = self._adapter
+        await a.status.show(job, DONE, messages.done_text(job), post=False)
         await a.service.attach_result_message(job.id, message_id(channel, ts), channel_id=channel)
         if a.cfg.add_reaction_hints:
             await self._add_hints(job, channel, ts)
+
+    async def _upload(self, job: JobView, images: Sequence[ResultImage]) -> list[dict[str, str]]:
+        """Steps 1 and 2 of Slack's upload (an upload URL per file, then its bytes), nothing shared
+        yet; returns what `files.completeUploadExternal` takes."""
+        a = self._adapter
+        files = []
+        for img in images:
+            name = f"imagine-{job.id}-{img.index + 1}-seed{img.seed}.png"
+            url = await a.client.files_getUploadURLExternal(
+                filename=name, length=len(img.png), alt_txt=job.prompt[:1000]
+            )
+            async with a.http.post(url["upload_url"], data=img.png) as resp:
+                if resp.status != 200:
+                    raise SlackApiError(
+                        f"upload of {name} answered HTTP {resp.status}",
+                        {"ok": False, "error": f"upload_http_{resp.status}"},
+                    )
+            files.append({"id": url["file_id"], "title": f"{job.prompt[:80]} (seed {img.seed})"})
+        return files
+
+    async def _remember(self, job: JobView, values: Mapping[str, str]) -> None:
+        try:
+            await self._adapter.service.remember_delivery(job.id, values)
+        except Exception:  # posting anyway: a crash right now would then post the result twice
+            log.warning("slack: job %s: could not record %s", job.id, sorted(values), exc_info=True)
 
     async def on_failed(self, job: JobView, message: str) -> None:
         a = self._adapter

@@ -40,7 +40,7 @@ class SlackFile:
             name=str(f.get("name") or f.get("title") or f.get("id") or "file"),
             mimetype=str(f.get("mimetype") or ""),
             url=str(f.get("url_private_download") or f.get("url_private") or ""),
-            size=int(f.get("size") or 0),
+            size=_size(f.get("size")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +56,14 @@ class SlackFile:
     def is_image(self) -> bool:
         ext = self.name.rsplit(".", 1)[-1].lower() if "." in self.name else ""
         return self.mimetype in IMAGE_TYPES or (not self.mimetype and ext in IMAGE_EXTENSIONS)
+
+
+def _size(value: Any) -> int:
+    """Slack's declared size; anything odd counts as unknown (0): the download enforces the limit."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 NO_IMAGE = (

@@ -5,6 +5,7 @@ Secrets (bot token, signing secret, app token) never live here: they come from t
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -59,14 +60,23 @@ class SlackConfig:
             raise ConfigError("[slack] admin_command: must differ from imagine_command")
         # Slack allows roughly one chat.update per second per channel; 1 s is the floor, 2 s the
         # default so that a few concurrent jobs in one channel stay under it.
-        if self.progress_interval_s < 1.0:
-            raise ConfigError(f"[slack] progress_interval_s: must be >= 1.0, got {self.progress_interval_s}")
-        if self.max_attachment_bytes <= 0:
-            raise ConfigError(f"[slack] max_attachment_bytes: must be > 0, got {self.max_attachment_bytes}")
+        if not (math.isfinite(self.progress_interval_s) and 1.0 <= self.progress_interval_s <= 3600):
+            raise ConfigError(
+                f"[slack] progress_interval_s: must be from 1.0 to 3600 seconds, got {self.progress_interval_s}"
+            )
+        # 100 MiB: a download is held in memory, and the core refuses more than [bot] max_upload_bytes.
+        if not 0 < self.max_attachment_bytes <= 100 * 1024 * 1024:
+            raise ConfigError(
+                f"[slack] max_attachment_bytes: must be from 1 to 104857600 (100 MiB), got {self.max_attachment_bytes}"
+            )
         if not 0 <= self.rate_limit_retries <= 10:
             raise ConfigError(f"[slack] rate_limit_retries: must be 0-10, got {self.rate_limit_retries}")
-        if self.admin_cache_s < 0:
-            raise ConfigError(f"[slack] admin_cache_s: must be >= 0, got {self.admin_cache_s}")
+        if not (math.isfinite(self.admin_cache_s) and 0 <= self.admin_cache_s <= 86_400):
+            raise ConfigError(
+                f"[slack] admin_cache_s: must be from 0 to 86400 seconds, got {self.admin_cache_s}"
+            )
+        if not 1 <= len(self.inpaint_shortcut_callback_id) <= 255:  # Slack's limit for a callback_id
+            raise ConfigError("[slack] inpaint_shortcut_callback_id: must be 1 to 255 characters")
         if not self.api_base_url.endswith("/"):
             # slack_sdk appends the method name directly: without the slash it builds ".../apiauth.test".
             raise ConfigError(f"[slack] api_base_url: must end with '/', got {self.api_base_url!r}")

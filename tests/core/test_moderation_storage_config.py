@@ -59,6 +59,16 @@ def test_repository_config_loads_and_database_url_precedence():
         ({"quotas": {"reset_hour_utc": 24}}, "[quotas] reset_hour_utc"),
         ({"database": {"url": "mysql://x"}}, "[database] url"),
         ({"moderation": {"banned_terms": ["ok", " "]}}, "banned_terms[1]"),
+        # Infinities, NaN and absurd sizes never reach the code that does arithmetic with them.
+        ({"bot": {"lease_s": float("inf")}}, "[bot] lease_s"),
+        ({"bot": {"retry_backoff_s": 1e30}}, "[bot] retry_backoff_s"),
+        ({"bot": {"poll_interval_s": float("nan")}}, "[bot] poll_interval_s"),
+        ({"bot": {"job_timeout_s": float("inf")}}, "[bot] job_timeout_s"),
+        ({"bot": {"max_prompt_chars": 10**9}}, "[bot] max_prompt_chars"),
+        ({"bot": {"max_upload_bytes": 2**40}}, "[bot] max_upload_bytes"),
+        ({"bot": {"base_size": 8192}}, "[bot] base_size"),
+        ({"database": {"sqlite_busy_timeout_s": float("inf")}}, "[database] sqlite_busy_timeout_s"),
+        ({"storage": {"dir": " "}}, "[storage] dir"),
     ],
 )
 def test_config_errors_name_the_key(raw, needle):

@@ -10,7 +10,9 @@ must respect on the real platform, so a test fails where real Discord would:
   401 / 50027 "Invalid Webhook Token";
 - an upload larger than the interaction's `attachment_size_limit` (or the guild's limit for channel
   messages) gets 413 / 40005;
-- injected failures (e.g. a 429 with `retry_after` and a `Via` header, as Discord sends them).
+- injected failures (e.g. a 429 with `retry_after` and a `Via` header, as Discord sends them);
+- a channel message sent with a `nonce` and `enforce_nonce` within `nonce_window_s` of an earlier one
+  with the same nonce is not created again: the earlier message is returned, as Discord does.
 
 The fake runs its own event loop in a daemon thread, so its clock (dispatch -> callback) and its
 heartbeat answers do not depend on the bot's loop being responsive: a bot that blocks its loop is
@@ -40,6 +42,8 @@ DISCORD_EPOCH_MS = 1420070400000
 INTERACTION_DEADLINE_S = 3.0
 INTERACTION_TOKEN_TTL_S = 15 * 60
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # Discord's default per-file limit for bots
+# Discord checks an enforced nonce against the author's messages "in the past few minutes".
+NONCE_WINDOW_S = 5 * 60
 JSON = "application/json"  # exactly this: discord.py ignores bodies with "; charset=utf-8"
 
 # Permission bits used by tests (Discord's documented values).
@@ -167,6 +171,9 @@ class FakeDiscord:
         self.resumes: list[dict] = []
         self.attachments: dict[str, tuple[str, bytes]] = {}  # "id/filename" -> (content type, bytes)
         self.downloads: list[str] = []  # attachment keys fetched by the bot
+        self.nonce_window_s = NONCE_WINDOW_S
+        self._nonces: dict[str, tuple[int, float]] = {}  # nonce -> (message id, monotonic time)
+        self.nonce_hits: list[str] = []  # nonces answered with an existing message
         self._failures: list[dict] = []
         self._sockets: list[web.WebSocketResponse] = []
         self._gateway_seq = itertools.count(1)
@@ -638,6 +645,7 @@ class FakeDiscord:
             ("POST", r"/channels/(\d+)/messages", self._create_message),
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", self._edit_message),
             ("GET", r"/channels/(\d+)/messages/(\d+)", self._get_message),
+            ("GET", r"/channels/(\d+)/messages", self._list_messages),
             ("PUT", r"/channels/(\d+)/messages/(\d+)/reactions/([^/]+)/@me", self._add_reaction),
             ("GET", r"/channels/(\d+)", self._get_channel),
         ]
@@ -949,9 +957,30 @@ class FakeDiscord:
             return self._error(404, 10003, "Unknown Channel")
         if err := self._too_large(files, self.upload_limit):
             return err
+        nonce = body.get("nonce")
+        if nonce is not None and body.get("enforce_nonce"):
+            seen = self._nonces.get(str(nonce))
+            if seen and time.monotonic() - seen[1] < self.nonce_window_s and seen[0] in self.messages:
+                self.nonce_hits.append(str(nonce))
+                return self._json(self._public(self.messages[seen[0]]))
         msg = self._message(int(channel_id), body, files)
+        if nonce is not None:
+            msg["nonce"] = str(nonce)
+            self._nonces[str(nonce)] = (int(msg["id"]), time.monotonic())
         self.messages[int(msg["id"])] = msg
         return self._json(self._public(msg))
+
+    async def _list_messages(self, request: web.Request, channel_id: str) -> web.Response:
+        """Channel history as Discord pages it: newest first; `after` takes the oldest ones after
+        the id (still newest first in the page), `before` the newest ones before it."""
+        q = request.query
+        limit = max(1, min(int(q.get("limit", "50")), 100))
+        ids = sorted(m for m, msg in self.messages.items() if int(msg["channel_id"]) == int(channel_id))
+        if "after" in q:
+            page = [m for m in ids if m > int(q["after"])][:limit]
+        else:
+            page = [m for m in ids if "before" not in q or m < int(q["before"])][-limit:]
+        return self._json([self._public(self.messages[m]) for m in reversed(page)])
 
     async def _edit_message(self, request: web.Request, channel_id: str, message_id: str) -> web.Response:
         body, files = await self._read_message_body(request)

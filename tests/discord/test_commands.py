@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.backends.fake import FakeBackend
+from bot.core.api import Actor
 from tests.discord.fake_discord import FakeDiscord
 from tests.discord.harness import App, app_config, image_size, result_job, wait_ephemeral, wait_result
 
@@ -213,6 +214,15 @@ def test_adapter_status_and_config_errors():
         load_section({"discord": {"progress_edit_interval_s": -1}}, "discord", DiscordConfig)
     with pytest.raises(ConfigError, match="guild_ids"):
         load_section({"discord": {"guild_ids": ["general"]}}, "discord", DiscordConfig)
+    for key, value in [
+        ("progress_edit_interval_s", float("inf")),
+        ("guild_ready_timeout_s", float("nan")),
+        ("token_margin_s", float("nan")),
+        ("max_attachment_bytes", 2**40),
+        ("activity", "x" * 200),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            load_section({"discord": {key: value}}, "discord", DiscordConfig)
     with pytest.raises(ConfigError, match="unknown key"):
         load_section({"discord": {"guild": [1]}}, "discord", DiscordConfig)
     cfg = load_section({}, "discord", DiscordConfig, environ={"IMAGINE_DISCORD_GUILD_IDS": "[1, 2]"})
@@ -261,3 +271,18 @@ async def test_a_bug_shows_a_reference_not_a_traceback(
     ref = text.split("(ref ")[1].split(")")[0]
     logged = [r for r in caplog.records if ref in r.getMessage()]
     assert logged and logged[0].exc_info is not None and "secret" in str(logged[0].exc_info[1])
+
+
+async def test_text_the_database_cannot_store_is_a_named_refusal(fake_discord: FakeDiscord, tmp_path):
+    """A NUL in an option (PostgreSQL refuses it in text) reaches the core's checks, not the driver:
+    the user reads which option was wrong, and no job is made."""
+    ivy = fake_discord.user("ivy")
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+        prompt = await fake_discord.slash("imagine", ivy, {"prompt": "a cat \x00 asleep"})
+        negative = await fake_discord.slash("imagine", ivy, {"prompt": "a cat", "negative": "dogs\x00"})
+        texts = [await wait_ephemeral(fake_discord, rec) for rec in (prompt, negative)]
+        jobs = await app.service.history(Actor("discord", str(ivy.id)), 5)
+    assert "prompt contains a NUL byte" in texts[0]
+    assert "'negative' contains a NUL byte" in texts[1]
+    assert not any("Something went wrong" in t for t in texts)
+    assert jobs == []

@@ -225,3 +225,27 @@ async def test_reroll_before_any_result_says_so(tmp_path):
         outputs = await asyncio.to_thread(go)
         assert "generate an image first" in field(outputs, 'class="job-status"')
         assert await app.service.history(Actor("web", "local"), limit=5) == []
+
+
+async def test_login_form_with_non_ascii_passwords_never_answers_500(tmp_path):
+    """Gradio's /login calls our check with whatever the form held: a non-ASCII password used to be
+    a 500 (hmac.compare_digest on str), and a non-ASCII PLAYGROUND_PASSWORD locked everyone out."""
+    import aiohttp
+
+    env = {"PLAYGROUND_PASSWORD": "Kennwort-äöü-密码"}
+    async with running_playground(app_config(tmp_path), env) as app, aiohttp.ClientSession() as http:
+
+        async def login(username: str, password: str) -> int:
+            async with http.post(f"{app.url}login", data={"username": username, "password": password}) as r:
+                return r.status
+
+        assert await login("alice", "Kennwort-äöü-密码") == 200
+        for username, password in [
+            ("alice", "falsch-äöü"),
+            ("alice", " "),
+            ("alice", "Kennwort-\u00e4\u00f6\u00fc-\u5bc6\u7801 "),
+            ("bad name ü", "Kennwort-äöü-密码"),
+            ("alice", "\U0001f511" * 5000),
+        ]:
+            assert await login(username, password) == 400, (username, password)
+        assert await login("bob", "Kennwort-äöü-密码") == 200  # still serving

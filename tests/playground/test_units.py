@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bot.core.api import BadParameters
 from bot.playground import adapter_status
 from bot.playground.config import load_playground_config
-from bot.playground.ui import Identity, mask_from_editor, parse_command
+from bot.playground.ui import Identity, mask_from_editor, parse_command, whole_number
 from inference_server.config_loader import ConfigError
 
 
@@ -31,6 +32,9 @@ def test_loopback_by_default_and_exposing_needs_a_password():
         ({"port": 70000}, r"\[playground\] port"),
         ({"history_limit": 0}, r"\[playground\] history_limit"),
         ({"local_user": "web:me"}, r"\[playground\] local_user"),
+        ({"local_user": "x" * 65}, r"\[playground\] local_user"),  # a user id: 64 at most
+        ({"local_user": "me\n"}, r"\[playground\] local_user"),
+        ({"poll_interval_s": float("inf")}, r"\[playground\] poll_interval_s"),
         ({"colour": "red"}, r"\[playground\] unknown key\(s\): colour"),
     ],
 )
@@ -68,6 +72,64 @@ def test_local_user_is_admin_and_password_logins_are_checked():
 
     alice = ident.actor(Req())  # type: ignore[arg-type]
     assert (alice.user_id, alice.is_admin) == ("alice", False)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"PLAYGROUND_PASSWORD": " "}, "PLAYGROUND_PASSWORD: is only whitespace"),
+        ({"PLAYGROUND_PASSWORD": "\t\n "}, "PLAYGROUND_PASSWORD: is only whitespace"),
+        (
+            {"PLAYGROUND_PASSWORD": "pw", "PLAYGROUND_ADMIN_PASSWORD": "  "},
+            "PLAYGROUND_ADMIN_PASSWORD: is only",
+        ),
+        ({"PLAYGROUND_PASSWORD": "same", "PLAYGROUND_ADMIN_PASSWORD": "same"}, "must differ"),
+        ({"PLAYGROUND_PASSWORD": "x" * 2000}, "PLAYGROUND_PASSWORD: longer than 1024"),
+        # os.environ decodes bytes that are not UTF-8 to lone surrogates (surrogateescape)
+        ({"PLAYGROUND_PASSWORD": "caf\udce9"}, "PLAYGROUND_PASSWORD: is not valid UTF-8"),
+    ],
+)
+def test_unusable_passwords_are_refused_at_start_up(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_playground_config({}, env)
+
+
+def test_admin_users_must_be_login_names():
+    with pytest.raises(ConfigError, match=r"\[playground\] admin_users: 'the boss' is not a login name"):
+        load_playground_config({"playground": {"admin_users": ["the boss"]}}, {})
+
+
+def test_password_check_compares_utf8_and_never_raises():
+    cfg = load_playground_config({"playground": {"admin_users": ["boss"]}}, {})
+    ident = Identity(cfg, password="pässwörd-ü 🔑", admin_password="Боссу")
+    assert ident.check_login("alice", "pässwörd-ü 🔑")
+    # The same password typed on a keyboard that sends decomposed accents (NFD).
+    assert ident.check_login("alice", "pa\u0308sswo\u0308rd-u\u0308 🔑")
+    assert ident.check_login("boss", "Боссу")
+    for username, password in [
+        ("alice", "wrong ü"),
+        ("alice", " "),
+        ("alice", ""),
+        ("alice", "\ud800"),
+        ("alice", "x" * 100_000),
+        ("alice", None),
+        ("alice", b"bytes"),
+        ("alice\n", "pässwörd-ü 🔑"),  # a name with a newline is not the same user
+        (None, "pässwörd-ü 🔑"),
+        ("boss", "pässwörd-ü 🔑"),
+    ]:
+        assert not ident.check_login(username, password), (username, password)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [1.5, float("inf"), float("nan"), "ten", 1e300, [3], True])
+def test_admin_numbers_must_be_whole(value):
+    with pytest.raises(BadParameters) as err:
+        whole_number(value, "limit")
+    assert err.value.field == "limit"
+
+
+def test_admin_numbers():
+    assert [whole_number(v, "x") for v in (None, "", 3, 3.0, "7")] == [None, None, 3, 3, 7]
 
 
 def test_commands():

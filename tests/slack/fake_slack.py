@@ -89,6 +89,9 @@ class FakeSlack:
         self.users: dict[str, dict[str, Any]] = {}
         self.base_url = ""
         self._rate_limits: dict[str, list[int]] = {}
+        # Methods whose calls get no answer until `unstall()` (a bot dying mid-call never sees one).
+        self.stalled: set[str] = set()
+        self._unstalled = asyncio.Event()
         self._ts = itertools.count(100)
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
@@ -115,6 +118,7 @@ class FakeSlack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.unstall()
         if self._socket is not None:
             await self._socket.close()
         if self._runner is not None:
@@ -126,6 +130,15 @@ class FakeSlack:
         return f"{self.base_url}/api/"
 
     # -- test controls -----------------------------------------------------------------------------
+
+    def stall(self, method: str) -> None:
+        """Calls to `method` get no answer until `unstall()`, and are never carried out."""
+        self._unstalled.clear()
+        self.stalled.add(method)
+
+    def unstall(self) -> None:
+        self.stalled.clear()
+        self._unstalled.set()
 
     def rate_limit(self, method: str, times: int = 1, retry_after: int = 0) -> None:
         """The next `times` calls of `method` get HTTP 429 with `Retry-After: retry_after`."""
@@ -193,6 +206,11 @@ class FakeSlack:
                 params.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else params.get("token")
+        if method in self.stalled:
+            self.calls.append(ApiCall(method, params, token, status=0))
+            await self._notify()
+            await self._unstalled.wait()
+            return web.json_response({"ok": False, "error": "fatal_error"})
         pending = self._rate_limits.get(method)
         if pending:
             retry_after = pending.pop(0)

@@ -105,6 +105,19 @@ async def test_imagine_bad_flag_gets_ephemeral_error_naming_it(slack: Running):
     assert slack.backend.calls == [] and not slack.fake.calls_to("chat.postMessage")
 
 
+async def test_text_the_database_cannot_store_is_a_named_refusal(slack: Running):
+    """A NUL (PostgreSQL refuses it in text) or an id longer than its column reaches the core's
+    checks, not the driver: the user reads what was wrong, never the catch-all."""
+    await slack.sender.slash_command("/imagine", "a cat \x00 asleep")
+    await slack.sender.slash_command("/imagine", "a cat", user_id="U" + "X" * 80)
+    await slack.fake.wait_for(lambda: len(slack.fake.responses) == 2)
+    texts = sorted(r["text"] for r in slack.fake.responses)
+    assert any("prompt contains a NUL byte" in t for t in texts), texts
+    assert any("user is too long" in t for t in texts), texts
+    assert not any("Something went wrong" in t for t in texts)
+    assert slack.backend.calls == [] and not slack.fake.calls_to("chat.postMessage")
+
+
 async def test_prompt_text_is_unescaped_for_the_model_and_escaped_in_the_caption(slack: Running):
     _, _, msg = await imagine_and_wait(slack, "a sign saying &lt;hi&gt; &amp; <@U0BOB|bob> --seed 2")
     assert slack.backend.calls[0].params.prompt == "a sign saying <hi> & @bob"

@@ -48,6 +48,9 @@ def test_adapter_status_says_why(env, on, why):
         ({"api_base_url": "https://slack.com/api"}, "api_base_url"),
         ({"http_port": 70000}, "http_port"),
         ({"progres_interval_s": 2.0}, "progres_interval_s"),  # a typo is an error, not ignored
+        ({"progress_interval_s": float("inf")}, "progress_interval_s"),
+        ({"admin_cache_s": float("nan")}, "admin_cache_s"),
+        ({"max_attachment_bytes": 2**40}, "max_attachment_bytes"),
     ],
 )
 def test_bad_config_names_the_key(section, key):
@@ -98,6 +101,11 @@ def test_admin_parse(text, expected):
     [
         ("credits <@U0BOB> 0", "from 1 to 10000"),
         ("limits <@U0BOB> -1", "whole number"),
+        # str.isdigit() takes these, int() refuses or misreads them: a usage message, not a crash
+        ("limits <@U0BOB> \u00b2", "whole number"),
+        ("credits <@U0BOB> \u0663", "from 1 to 10000"),
+        ("limits <@U0BOB> " + "9" * 5000, "whole number"),
+        ("credits <@U0BOB> " + "9" * 5000, "from 1 to 10000"),
         ("reset", "needs a user"),
         ("frobnicate", "unknown subcommand"),
     ],
