@@ -12,9 +12,10 @@ dispatcher (handing jobs in flight back to the queue), closes the backend and di
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from bot.config import CoreConfig, load_core_config
 from bot.core.api import StorageError
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
+from bot.core.models import utcnow
 from bot.core.service import CoreService
 from bot.core.storage import ImageStorage, LocalImageStorage
 from bot.migrate import ensure_schema
@@ -52,9 +54,11 @@ async def build_core(
     backend: InferenceBackend | None = None,
     start_dispatcher: bool = True,
     dispatcher_owner: str | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
 ) -> AsyncIterator[Core]:
     """`config`: a parsed TOML mapping, a path, or None (defaults). `backend` overrides the one
-    `[backends]` describes (tests pass a FakeBackend); the core closes whichever it uses."""
+    `[backends]` describes (tests pass a FakeBackend); the core closes whichever it uses. `clock`
+    is the core's time (UTC, aware): quota periods, leases, timestamps."""
     env = os.environ if env is None else env
     if config is None:
         raw: Mapping[str, Any] = {}
@@ -85,7 +89,7 @@ async def build_core(
             from bot.backends import build_backend
 
             own_backend = build_backend(raw, env)
-        service = CoreService(db, storage, cfg)
+        service = CoreService(db, storage, cfg, clock=clock)
         dispatcher = Dispatcher(service, own_backend, owner=dispatcher_owner)
         if start_dispatcher:
             dispatcher.start()

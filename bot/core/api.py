@@ -47,6 +47,7 @@ __all__ = [
     "Place",
     "JobKind",
     "JobState",
+    "LimitSource",
     "JobParams",
     "ImageInfo",
     "ResultImage",
@@ -74,6 +75,8 @@ __all__ = [
 
 JobKind = Literal["imagine", "inpaint", "variation", "reroll"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Where a user's daily limit comes from: a per-user override, the guild/workspace default, the config.
+LimitSource = Literal["user", "guild", "global"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ class QuotaView:
     platform: str
     user_id: str
     daily_limit: int
-    limit_source: Literal["user", "guild", "global"]
+    limit_source: LimitSource
     used_today: int
     remaining_today: int
     bonus_credits: int

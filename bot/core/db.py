@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import CursorResult, Result, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -112,6 +112,13 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
 
 
 T = TypeVar("T")
+
+
+def rows_matched(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched. `AsyncSession.execute` is typed as returning `Result`;
+    for those statements it is a `CursorResult`, which has the count."""
+    assert isinstance(result, CursorResult), f"not the result of an UPDATE or DELETE: {result!r}"
+    return result.rowcount
 
 
 async def retry_unavailable(op: Callable[[], Awaitable[T]], *, within_s: float, what: str) -> T:

@@ -1,19 +1,17 @@
-"""The dispatcher: claims queued jobs from the database and runs them on the inference backend.
+"""The dispatcher: runs claimed jobs on the inference backend and delivers their outcome.
 
-- Claims are atomic. PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` on the chosen row, then a
-  conditional `UPDATE ... WHERE state = 'queued'`; SQLite: the claim transaction is `BEGIN IMMEDIATE`.
-  Several processes (Discord, Slack, playground, replicas) can share one database.
-- A claim is a lease (`lease_owner`, `lease_until`), renewed while the job runs. A job whose holder
-  died (lease expired) is taken over by any dispatcher; a finished job whose result was not delivered
-  yet is delivered by whoever takes it over. `delivered_at` is set once: a job is delivered once.
-- Fair order: a queued job's rank is (jobs of its user now running) + (its place among its user's
-  queued jobs); lowest rank first, then oldest. One user's burst of 20 therefore interleaves with
-  everybody else's jobs instead of starving them.
-- The server hears the fair order too: a job's `priority` is the number of its user's older jobs
-  still running, so a server that admits by priority (the continuous engine) lets a newcomer's first
-  job join its running batch before a heavy user's fifth.
+It decides when and what; the database side of each step is the service's (`CoreService.claims`,
+`.results`, `.queue`):
+
+- Claims are atomic leases, renewed while a job runs (see `bot.core.claims`). A job whose holder
+  died is taken over by any dispatcher; a finished job whose result was not delivered yet is
+  delivered by whoever takes it over. `delivered_at` is set once: a job is delivered once.
+- Fair order (see `bot.core.fair_queue`): each user's first job runs before anybody's second. The
+  server hears the fair order too: a job's `priority` is the number of its user's older jobs still
+  running, so a server that admits by priority (the continuous engine) lets a newcomer's first job
+  join its running batch before a heavy user's fifth.
 - Only jobs of platforms with a delivery registered in this process are claimed.
-- A failed job is refunded (the service's `refund`) before the adapter hears about it.
+- A failed job is refunded before the adapter hears about it.
 - Each delivery attempt is counted in the job row before the adapter is called (`delivery_attempt`
   in its view), so an adapter that finds 2 or more knows a process may have died between posting
   the result and recording it, and looks for that post instead of posting again.
@@ -31,19 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import io
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from PIL import Image
-from sqlalchemy import and_, case, func, or_, select, true, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backends.base import (
     BackendError,
@@ -55,26 +50,18 @@ from bot.backends.base import (
     describe_wait,
 )
 from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
+from bot.core.claims import ClaimedJob
 from bot.core.db import retry_unavailable
-from bot.core.models import ImageRow, Job, User
 from bot.core.service import CoreService
 from bot.core.storage import content_key
 
 log = logging.getLogger("bot.core.dispatcher")
 
-# Queue positions are reported to adapters for the first jobs only: past this, "you are far back"
-# is all a user can use, and each report is a database write and a chat message edit.
-MAX_REPORTED_POSITION = 50
-# Candidates read per claim attempt; others may be taking the first ones at the same moment.
-CLAIM_CANDIDATES = 16
 # New jobs learn their queue position within this delay; batching them keeps a burst of
 # submissions from costing one queue scan each.
 NEW_POSITION_INTERVAL_S = 0.25
-# How often to look for claims held by dead processes on this host (see _expire_dead_local_owners).
+# How often to look for claims held by dead processes on this host (see Claims.expire_dead_local_owners).
 DEAD_OWNER_CHECK_S = 30.0
-# A claimed job as the dispatcher runs it: its view and (task, strength, image key, mask key).
-Loaded = tuple[JobView, tuple[str, float | None, str | None, str | None]]
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 T = TypeVar("T")
 
 STORAGE_WRITE_FAILED = (
@@ -92,7 +79,8 @@ class Dispatcher:
         self.service = service
         self.backend = backend
         self.config = service.config.bot
-        self.db = service.db
+        self.claims = service.claims
+        self.results = service.results
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -133,17 +121,7 @@ class Dispatcher:
                 await task
         self._tasks.clear()
         try:
-            async with self.db.session() as s:
-                await s.execute(
-                    update(Job)
-                    .where(Job.lease_owner == self.owner, Job.state == "running")
-                    .values(state="queued", lease_owner=None, lease_until=None, attempts=Job.attempts - 1)
-                )
-                await s.execute(
-                    update(Job)
-                    .where(Job.lease_owner == self.owner, Job.delivered_at.is_(None))
-                    .values(lease_until=self.service.clock())  # undelivered results: take over now
-                )
+            await self.claims.release_all(self.owner)
         except Exception:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
 
@@ -191,14 +169,22 @@ class Dispatcher:
             return
         if now_mono - self._last_dead_check >= DEAD_OWNER_CHECK_S:
             self._last_dead_check = now_mono
-            await self._expire_dead_local_owners()
+            dead = await self.claims.expire_dead_local_owners(self.owner)
+            if dead:
+                log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
         # Taken-over work first: it has waited longest.
-        while self._free() and (job_id := await self._claim_stale(platforms)) is not None:
+        while self._free():
+            taken = await self.claims.take_over_expired(self.owner, platforms, self._tasks)
+            if taken is None:
+                break
+            job_id, previous = taken
+            log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
             self._spawn(job_id)
         while self._free():
-            claimed = await self._claim_queued(platforms, self.config.dispatch_concurrency - len(self._tasks))
-            for job_id, loaded in claimed:
-                self._spawn(job_id, loaded)
+            want = self.config.dispatch_concurrency - len(self._tasks)
+            claimed = await self.claims.claim_queued(self.owner, platforms, want)
+            for job in claimed:
+                self._spawn(job.view.id, job)
             if not claimed:
                 break
         # Positions of newly queued jobs go out at once; changes of known ones at most every
@@ -213,8 +199,8 @@ class Dispatcher:
     def _free(self) -> bool:
         return len(self._tasks) < self.config.dispatch_concurrency
 
-    def _spawn(self, job_id: int, loaded: Loaded | None = None) -> None:
-        task = asyncio.create_task(self._execute(job_id, loaded), name=f"job {job_id}")
+    def _spawn(self, job_id: int, claimed: ClaimedJob | None = None) -> None:
+        task = asyncio.create_task(self._execute(job_id, claimed), name=f"job {job_id}")
         self._tasks[job_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -224,203 +210,19 @@ class Dispatcher:
         task.add_done_callback(done)
 
     # ------------------------------------------------------------------------------------------
-    # claiming
+    # keeping claims
     # ------------------------------------------------------------------------------------------
 
-    def _lease_until(self) -> dt.datetime:
-        return self.service.clock() + dt.timedelta(seconds=self.config.lease_s)
-
-    async def fair_order(self, s: AsyncSession, platforms: Sequence[str] | None, limit: int) -> list[int]:
-        """Ids of queued jobs in dispatch order (see module docstring), at most `limit`."""
-        now = self.service.clock()
-        running = (
-            select(Job.user_id.label("user_id"), func.count().label("n"))
-            .where(Job.state == "running")
-            .group_by(Job.user_id)
-            .subquery()
-        )
-        conds = [Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)]
-        if platforms is not None:
-            conds.append(Job.platform.in_(platforms))
-        queued = (
-            select(
-                Job.id.label("id"),
-                Job.user_id.label("user_id"),
-                func.row_number().over(partition_by=Job.user_id, order_by=Job.id).label("rn"),
-            )
-            .where(*conds)
-            .subquery()
-        )
-        rank = queued.c.rn + func.coalesce(running.c.n, 0)
-        # Among equal ranks, the user served least recently goes first (never served: first of all).
-        served = func.coalesce(User.last_dispatched_at, EPOCH)
-        q = (
-            select(queued.c.id)
-            .select_from(
-                queued.outerjoin(running, running.c.user_id == queued.c.user_id).join(
-                    User, User.id == queued.c.user_id
-                )
-            )
-            .order_by(rank, served, queued.c.id)
-            .limit(limit)
-        )
-        return list((await s.execute(q)).scalars().all())
-
-    async def _claim_queued(self, platforms: Sequence[str], want: int) -> list[tuple[int, Loaded]]:
-        """Claim up to `want` jobs in fair order, in one transaction; return them loaded."""
-        claimed: list[int] = []
-        async with self.db.session() as s:
-            candidates = await self.fair_order(s, platforms, max(CLAIM_CANDIDATES, want))
-            for job_id in candidates:
-                if len(claimed) >= want:
-                    break
-                if self.db.is_postgres:
-                    locked = (
-                        await s.execute(
-                            select(Job.id)
-                            .where(Job.id == job_id, Job.state == "queued")
-                            .with_for_update(skip_locked=True)
-                        )
-                    ).scalar_one_or_none()
-                    if locked is None:
-                        continue  # another dispatcher is taking it right now
-                now = self.service.clock()
-                result = await s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == "queued")
-                    .values(
-                        state="running",
-                        lease_owner=self.owner,
-                        lease_until=self._lease_until(),
-                        started_at=func.coalesce(Job.started_at, now),
-                        attempts=Job.attempts + 1,
-                        notified_position=None,
-                    )
-                )
-                if result.rowcount == 1:
-                    await s.execute(
-                        update(User)
-                        .where(User.id == select(Job.user_id).where(Job.id == job_id).scalar_subquery())
-                        .values(last_dispatched_at=now)
-                    )
-                    claimed.append(job_id)
-            if not claimed:
-                return []
-            rows = (
-                await s.execute(
-                    select(Job, User)
-                    .join(User, Job.user_id == User.id)
-                    .where(Job.id.in_(claimed))
-                    .execution_options(populate_existing=True)
-                )
-            ).all()
-            loaded = {job.id: await self._load(s, job, user) for job, user in rows}
-        return [(job_id, loaded[job_id]) for job_id in claimed]
-
-    async def _load(self, s: AsyncSession, job: Job, user: User | None = None) -> Loaded:
-        # Only a finished job has images; skip the query for the usual (queued/running) case.
-        view = await self.service._view(s, job, user, images=None if job.state == "succeeded" else ())
-        return view, (
-            job.params.get("task", "txt2img"),
-            job.params.get("strength"),
-            job.input_image_key,
-            job.mask_key,
-        )
-
-    async def _claim_stale(self, platforms: Sequence[str]) -> int | None:
-        """Take over a running job, or an undelivered finished one, whose lease has expired."""
-        now = self.service.clock()
-        stale = and_(
-            Job.platform.in_(platforms),
-            Job.lease_until < now,
-            # Not a job this process is still working on (its lease may have lapsed in a stall).
-            Job.id.not_in(list(self._tasks)) if self._tasks else true(),
-            or_(
-                Job.state == "running",
-                and_(Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None)),
-            ),
-        )
-        async with self.db.session() as s:
-            q = select(Job.id, Job.lease_owner).where(stale).order_by(Job.id).limit(1)
-            if self.db.is_postgres:
-                q = q.with_for_update(skip_locked=True)
-            row = (await s.execute(q)).first()
-            if row is None:
-                return None
-            job_id, previous = row
-            result = await s.execute(
-                update(Job)
-                .where(Job.id == job_id, stale)
-                .values(
-                    lease_owner=self.owner,
-                    lease_until=self._lease_until(),
-                    attempts=Job.attempts + case((Job.state == "running", 1), else_=0),
-                )
-            )
-            if result.rowcount != 1:
-                return None
-        log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
-        return job_id
-
-    async def _expire_dead_local_owners(self) -> None:
-        """Expire at once the leases of dispatchers that ran on this host and whose process is gone
-        (a bot restarted after a crash resumes its jobs now instead of after `lease_s`). Owners on
-        other hosts, or whose pid is alive (maybe reused), keep their lease until it expires."""
-        host = socket.gethostname()
-        async with self.db.read() as s:
-            owners = (
-                await s.execute(
-                    select(Job.lease_owner)
-                    .where(
-                        Job.lease_owner.is_not(None), Job.lease_owner.startswith(f"{host}:", autoescape=True)
-                    )
-                    .distinct()
-                )
-            ).scalars()
-            dead = [owner for owner in owners if owner != self.owner and not _pid_alive(owner)]
-        if not dead:
-            return
-        async with self.db.session() as s:
-            await s.execute(
-                update(Job)
-                .where(Job.lease_owner.in_(dead), Job.lease_until > self.service.clock())
-                .values(lease_until=self.service.clock())
-            )
-        log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
-
     async def _reassert_claims(self) -> None:
-        """After a database failure: renew the leases of the jobs this dispatcher still works on,
-        and hand back at once the ones it holds but no longer works on (a task that ended on the
-        error, a claim whose commit went through though its answer was lost), so that nobody waits
-        out a lease and no job runs twice."""
-        ids = list(self._tasks)
-        mine = [Job.lease_owner == self.owner]
-        if ids:
-            mine.append(Job.id.not_in(ids))
-        async with self.db.session() as s:
-            if ids:
-                await s.execute(
-                    update(Job)
-                    .where(Job.id.in_(ids), Job.lease_owner == self.owner)
-                    .values(lease_until=self._lease_until())
-                )
-            released = await s.execute(
-                update(Job)
-                .where(*mine, Job.state == "running")
-                .values(state="queued", lease_owner=None, lease_until=None)
-            )
-            undelivered = await s.execute(
-                update(Job)
-                .where(*mine, Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None))
-                .values(lease_until=self.service.clock())
-            )
+        """After a database failure: keep the claims we still work on, hand back the others."""
+        handed_back = await self.claims.reassert(self.owner, self._tasks)
         self._db_trouble = False
-        if released.rowcount or undelivered.rowcount:
+        if handed_back.requeued or handed_back.to_deliver:
             log.warning(
                 "after a database failure: %d claimed job(s) handed back to the queue, %d result(s) "
                 "to deliver now",
-                released.rowcount,
-                undelivered.rowcount,
+                handed_back.requeued,
+                handed_back.to_deliver,
             )
         self._wake.set()
 
@@ -436,66 +238,15 @@ class Dispatcher:
         ids = list(self._tasks)
         if not ids:
             return
-        async with self.db.session() as s:
-            await s.execute(
-                update(Job)
-                .where(Job.id.in_(ids), Job.lease_owner == self.owner)
-                .values(lease_until=self._lease_until())
-            )
-            still = set(
-                (
-                    await s.execute(select(Job.id).where(Job.id.in_(ids), Job.lease_owner == self.owner))
-                ).scalars()
-            )
+        still = await self.claims.renew(self.owner, ids)
         for job_id in ids:
             if job_id not in still and job_id in self._tasks:
                 # Our lease lapsed (a long stall) and another dispatcher took the job: stop ours.
                 log.warning("job %s: lease lost to another dispatcher; abandoning our run", job_id)
                 self._tasks[job_id].cancel()
 
-    async def _report_positions(self, platforms: Sequence[str], *, only_new: bool) -> None:
-        if only_new:
-            async with self.db.read() as s:
-                fresh = (
-                    await s.execute(
-                        select(Job.id)
-                        .where(
-                            Job.state == "queued",
-                            Job.notified_position.is_(None),
-                            Job.platform.in_(platforms),
-                        )
-                        .limit(1)
-                    )
-                ).first()
-            if fresh is None:
-                return
-        async with self.db.session() as s:
-            order = await self.fair_order(s, None, MAX_REPORTED_POSITION)
-            if not order:
-                return
-            current = dict(
-                (await s.execute(select(Job.id, Job.notified_position).where(Job.id.in_(order))))
-                .tuples()
-                .all()
-            )
-            changed: list[tuple[int, int]] = []
-            for position, job_id in enumerate(order, start=1):
-                known = current.get(job_id)
-                if known == position or (only_new and known is not None):
-                    continue
-                # Conditional: of several processes reporting, one wins each change.
-                result = await s.execute(
-                    update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.state == "queued",
-                        Job.platform.in_(platforms),
-                        or_(Job.notified_position.is_(None), Job.notified_position != position),
-                    )
-                    .values(notified_position=position)
-                )
-                if result.rowcount == 1:
-                    changed.append((job_id, position))
+    async def _report_positions(self, platforms: list[str], *, only_new: bool) -> None:
+        changed = await self.service.queue.positions_to_report(platforms, only_new=only_new)
         if not changed:
             return
         views = await self.service.job_views([job_id for job_id, _ in changed])
@@ -522,22 +273,14 @@ class Dispatcher:
             log.exception("job %s: delivery %s.%s failed", view.id, view.platform, method)
             return False
 
-    async def _execute(self, job_id: int, loaded: Loaded | None = None) -> None:
+    async def _execute(self, job_id: int, claimed: ClaimedJob | None = None) -> None:
         try:
-            if loaded is None:
-
-                async def load() -> Loaded:
-                    async with self.db.read() as s:
-                        job = await s.get(Job, job_id)
-                        assert job is not None
-                        return await self._load(s, job)
-
-                loaded = await self._recorded(job_id, "load", load)
-            view, inputs = loaded
-            if view.state in ("succeeded", "failed"):
-                await self._deliver(view)  # taken over after the result was stored
+            if claimed is None:
+                claimed = await self._recorded(job_id, "load", lambda: self.claims.load(job_id))
+            if claimed.view.state in ("succeeded", "failed"):
+                await self._deliver(claimed.view)  # taken over after the result was stored
                 return
-            await self._run_job(view, *inputs)
+            await self._run_job(claimed)
         except asyncio.CancelledError:
             raise
         except DatabaseError as e:
@@ -548,41 +291,21 @@ class Dispatcher:
             self._db_trouble = True
             log.exception("job %s: dispatcher error; it is handed back to the queue", job_id)
 
-    async def _priority(self, view: JobView) -> int:
-        """The fair order carried to the server: this user's older jobs still running.
-
-        A server with the continuous engine admits lower values first, so the second job of a user's
-        burst waits behind other users' first jobs there too, not only in our queue.
-        """
-        owner = select(Job.user_id).where(Job.id == view.id).scalar_subquery()
-
-        async def read() -> int:
-            async with self.db.read() as s:
-                ahead = await s.scalar(
-                    select(func.count())
-                    .select_from(Job)
-                    .where(Job.user_id == owner, Job.state == "running", Job.id < view.id)
-                )
-            return int(ahead or 0)
-
-        return await self._recorded(view.id, "priority", read)
-
-    async def _run_job(
-        self, view: JobView, task: str, strength: float | None, image_key: str | None, mask_key: str | None
-    ) -> None:
+    async def _run_job(self, job: ClaimedJob) -> None:
+        view = job.view
         if view.attempts > self.config.max_attempts:
             await self._fail(view, "This job failed repeatedly and was stopped; your quota was refunded.")
             return
         try:
-            image = await self.service.storage.get(image_key) if image_key else None
-            mask = await self.service.storage.get(mask_key) if mask_key else None
+            image = await self.service.storage.get(job.image_key) if job.image_key else None
+            mask = await self.service.storage.get(job.mask_key) if job.mask_key else None
         except (KeyError, StorageError) as e:
             log.error("job %s: input image unavailable: %r", view.id, e)
             await self._fail(view, STORAGE_READ_FAILED)
             return
         p = view.params
         params = GenerationParams(
-            task=task,
+            task=job.task,
             prompt=view.prompt,
             negative_prompt=view.negative_prompt,
             seeds=p.seeds,
@@ -590,10 +313,10 @@ class Dispatcher:
             height=p.height,
             steps=p.steps,
             guidance=p.guidance,
-            strength=strength if strength is not None else 0.6,
+            strength=job.strength if job.strength is not None else 0.6,
             image=image,
             mask=mask,
-            priority=await self._priority(view),
+            priority=await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id)),
             timeout_s=self.config.job_timeout_s,
         )
         await self._call(view, "on_progress", view, 0, p.steps)
@@ -648,21 +371,7 @@ class Dispatcher:
         delay = max(self.config.retry_backoff_s * view.attempts, error.retry_after_s or 0.0)
         log.warning("job %s: %s; retrying in %.0f s (attempt %d of %d)", view.id, error.message, delay,
                     view.attempts, self.config.max_attempts)  # fmt: skip
-
-        async def write() -> None:
-            async with self.db.session() as s:
-                await s.execute(
-                    update(Job)
-                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
-                    .values(
-                        state="queued",
-                        lease_owner=None,
-                        lease_until=None,
-                        not_before=self.service.clock() + dt.timedelta(seconds=delay),
-                    )
-                )
-
-        await self._recorded(view.id, "requeue", write)
+        await self._recorded(view.id, "requeue", lambda: self.claims.requeue(self.owner, view.id, delay))
 
     async def _succeed(self, view: JobView, images: list[GeneratedImage]) -> None:
         if len(images) != view.params.n:
@@ -682,83 +391,35 @@ class Dispatcher:
             # Logged by the storage with the path and the cause; retrying would fail the same way.
             await self._fail(view, STORAGE_WRITE_FAILED)
             return
-        now = self.service.clock()
-
-        async def write() -> bool:
-            async with self.db.session() as s:
-                result = await s.execute(
-                    update(Job)
-                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.state == "running")
-                    .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
-                )
-                if result.rowcount != 1:
-                    return False
-                for r in stored:
-                    i = r.info
-                    s.add(
-                        ImageRow(
-                            job_id=view.id,
-                            index=i.index,
-                            seed=i.seed,
-                            storage_key=i.storage_key,
-                            sha256=i.sha256,
-                            size_bytes=i.size_bytes,
-                            width=i.width,
-                            height=i.height,
-                            created_at=now,
-                        )
-                    )
-            return True
-
-        if not await self._recorded(view.id, "store the result", write):
+        infos = [r.info for r in stored]
+        finished_at = await self._recorded(
+            view.id, "store the result", lambda: self.results.store(self.owner, view.id, infos)
+        )
+        if finished_at is None:
             log.warning("job %s: finished but no longer ours; discarding this result", view.id)
             return
         log.info("job %s succeeded: %d image(s)", view.id, len(stored))
         done = dataclasses.replace(
-            view, state="succeeded", finished_at=now, images=tuple(r.info for r in stored), error=None
+            view, state="succeeded", finished_at=finished_at, images=tuple(infos), error=None
         )
         await self._deliver(done, stored)
 
     async def _fail(self, view: JobView, message: str) -> None:
-        async def write() -> bool:
-            async with self.db.session() as s:
-                job = (
-                    await s.execute(
-                        select(Job).where(Job.id == view.id).execution_options(populate_existing=True)
-                    )
-                ).scalar_one()
-                if job.lease_owner != self.owner or job.state not in ("running", "queued"):
-                    return False
-                owner = await s.get(User, job.user_id)
-                assert owner is not None
-                owner = await self.service._lock_user(s, owner.platform, owner.platform_user_id, None)
-                job.state = "failed"
-                job.error = message
-                job.finished_at = self.service.clock()
-                job.lease_until = self._lease_until()
-                await self.service.refund(s, job, owner)
-            return True
-
-        if not await self._recorded(view.id, "record the failure", write):
+        if not await self._recorded(
+            view.id, "record the failure", lambda: self.results.fail(self.owner, view.id, message)
+        ):
             return
-        view = await self._recorded(view.id, "read", lambda: self.service.job_view(view.id))
+        view = await self._recorded(view.id, "read", lambda: self.service.get_job(view.id))
         await self._deliver(view)
 
     async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
         """Count the attempt, call on_succeeded / on_failed, then mark the job delivered (each step
         only while we still hold the job)."""
-
-        async def count_attempt() -> int | None:
-            async with self.db.session() as s:
-                result = await s.execute(
-                    update(Job)
-                    .where(Job.id == view.id, Job.lease_owner == self.owner, Job.delivered_at.is_(None))
-                    .values(delivery_attempts=Job.delivery_attempts + 1)
-                    .returning(Job.delivery_attempts)
-                )
-                return result.scalar_one_or_none()
-
-        attempt = await self._recorded(view.id, "count the delivery attempt", count_attempt)
+        attempt = await self._recorded(
+            view.id,
+            "count the delivery attempt",
+            lambda: self.results.count_delivery_attempt(self.owner, view.id),
+        )
         if attempt is None:
             log.info("job %s: delivered already or no longer ours; not delivering again", view.id)
             return
@@ -780,39 +441,10 @@ class Dispatcher:
                 ok = await self._call(view, "on_failed", view, RESULT_UNREADABLE)
         else:
             ok = await self._call(view, "on_failed", view, view.error or "The job failed.")
-
-        async def mark() -> None:
-            async with self.db.session() as s:
-                await s.execute(
-                    update(Job)
-                    # delivered_at may already be set by attach_result_message (the adapter posted
-                    # the result); the lease check alone makes this the one holder's update.
-                    .where(Job.id == view.id, Job.lease_owner == self.owner)
-                    .values(
-                        delivered_at=func.coalesce(Job.delivered_at, self.service.clock()),
-                        delivery_error=None if ok else "delivery callback failed (see log)",
-                        lease_owner=None,
-                        lease_until=None,
-                    )
-                )
-
-        await self._recorded(view.id, "mark delivered", mark)
+        await self._recorded(
+            view.id, "mark delivered", lambda: self.results.mark_delivered(self.owner, view.id, ok=ok)
+        )
         self.service.job_changed(view.id)
-
-
-def _pid_alive(owner: str) -> bool:
-    """For an owner id "host:pid:nonce" on this host: is that pid a running process?"""
-    try:
-        pid = int(owner.split(":")[1])
-    except (IndexError, ValueError):
-        return True  # not ours to judge: wait for the lease
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def _image_size(png: bytes) -> tuple[int, int] | None:

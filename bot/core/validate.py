@@ -31,6 +31,9 @@ MAX_ID_CHARS = 64  # users.platform_user_id, jobs.guild_id / channel_id, quota_l
 MAX_MESSAGE_ID_CHARS = 100  # jobs.result_message_id / result_channel_id
 MAX_DISPLAY_NAME_CHARS = 200  # users.display_name
 MAX_REASON_CHARS = 500  # users.ban_reason
+# Idempotency keys are stored namespaced by platform ("discord:<key>") in jobs.idempotency_key
+# (VARCHAR(200)): the platform's 32 characters and the colon fit beside 150.
+MAX_KEY_CHARS = 150
 # An adapter's delivery mapping (channel, thread, interaction token...) is a few hundred bytes; 16 KiB
 # leaves room for any platform while keeping a job row small.
 MAX_DELIVERY_BYTES = 16 * 1024
@@ -103,6 +106,19 @@ def job_id(value: Any, field: str = "job") -> int:
     return value
 
 
+def idempotency_key(value: Any) -> str:
+    return ident("idempotency_key", value, max_chars=MAX_KEY_CHARS)
+
+
+def job_ref(by_id: Any, by_message: Any) -> tuple[int | None, str | None]:
+    """A job given by its id or by the message showing its result: exactly one of the two."""
+    if (by_id is None) == (by_message is None):
+        raise BadParameters("job", "Give a job id or a result message id (exactly one).")
+    if by_id is not None:
+        return job_id(by_id), None
+    return None, ident("message", by_message, max_chars=MAX_MESSAGE_ID_CHARS)
+
+
 def count(field: str, value: Any, lo: int, hi: int) -> int:
     """A whole number asked for by an adapter (a page size, an image index), clamped to [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -128,6 +144,17 @@ def place(value: Place) -> Place:
     optional_ident("guild", value.guild_id)
     optional_ident("channel", value.channel_id)
     return value
+
+
+def actor_and_place(who: Actor, where: Place) -> tuple[Actor, Place]:
+    """The actor and place of a request, checked (ids storable, display name cleaned), on one
+    platform."""
+    who, where = actor(who), place(where)
+    if where.platform != who.platform:
+        raise BadParameters(
+            "place", f"The place is on {where.platform!r} but the actor on {who.platform!r}.", where
+        )
+    return who, where
 
 
 def delivery(value: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from bot.core.api import Actor, BadParameters, CoreError, JobView, Place
-from bot.core.service import MAX_INPUT_PIXELS
+from bot.core.uploads import MAX_INPUT_PIXELS
 from bot.playground import texts
 from bot.playground.config import MAX_PASSWORD_CHARS, PLATFORM, USERNAME_RE, PlaygroundConfig
 from bot.playground.delivery import JobEvent, WebDelivery

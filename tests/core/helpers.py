@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from bot.backends.fake import FakeBackend
 from bot.bootstrap import Core, build_core
 from bot.core.api import Actor, JobView, Place, ResultImage
+from bot.core.models import utcnow
 
 
 def config_for(url: str, tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +78,7 @@ async def running_core(
     deliver: Sequence[str] = ("discord",),
     owner: str | None = None,
     start: bool = True,
+    clock: Callable[[], dt.datetime] = utcnow,
     **sections: dict[str, Any],
 ) -> AsyncIterator[tuple[Core, RecordingDelivery]]:
     delivery = RecordingDelivery()
@@ -85,6 +88,7 @@ async def running_core(
         backend=backend or FakeBackend(),
         dispatcher_owner=owner,
         start_dispatcher=start,
+        clock=clock,
     ) as core:
         for platform in deliver:
             core.service.register_delivery(platform, delivery)

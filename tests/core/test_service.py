@@ -95,8 +95,14 @@ async def test_quota_race_exactly_limit_accepted(db_url, tmp_path):
 
 async def test_quota_bonus_credits_reset_time_and_new_period(db_url, tmp_path):
     now = [dt.datetime(2026, 3, 1, 23, 30, tzinfo=dt.UTC)]
-    async with running_core(db_url, tmp_path, start=False, quotas={"daily_limit": 3}) as (core, _):
-        core.service.clock = lambda: now[0]
+
+    def clock() -> dt.datetime:
+        return now[0]
+
+    async with running_core(db_url, tmp_path, start=False, clock=clock, quotas={"daily_limit": 3}) as (
+        core,
+        _,
+    ):
         await core.service.imagine(ALICE, GUILD, "a --n 2", idempotency_key="q1")
         with pytest.raises(QuotaExceeded) as err:
             await core.service.imagine(ALICE, GUILD, "a --n 2", idempotency_key="q2")
@@ -338,7 +344,7 @@ async def test_remember_delivery_merges_into_the_jobs_delivery(db_url, tmp_path)
             core.service.remember_delivery(job.id, {"status_channel": "C1"}),
         )
         await core.service.remember_delivery(job.id, {"status_ts": "3.0"})  # a later value wins
-        view = await core.service.job_view(job.id)
+        view = await core.service.get_job(job.id)
         assert view.delivery == {
             "channel": "C1",
             "thread_ts": "1.5",

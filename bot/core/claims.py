@@ -1,0 +1,293 @@
+"""Claims on jobs: how a dispatcher takes a job, keeps it, and hands it back.
+
+- A claim is atomic. PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` on the chosen row, then a
+  conditional `UPDATE ... WHERE state = 'queued'`; SQLite: the claim transaction is `BEGIN IMMEDIATE`.
+  Several processes (Discord, Slack, playground, replicas) can share one database.
+- A claim is a lease (`lease_owner`, `lease_until`), renewed while the job runs. A job whose holder
+  died (lease expired) is taken over by anyone; so is a finished job whose outcome was not delivered
+  yet, which its new holder delivers.
+- Every write here names the owner (a dispatcher's id, "host:pid:nonce") and changes only what that
+  owner holds, or may take.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, case, func, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.backends.base import Task
+from bot.core.api import JobView
+from bot.core.db import Database, rows_matched
+from bot.core.fair_queue import FairQueue
+from bot.core.models import Job, User
+from bot.core.views import job_view
+
+# Candidates read per claim attempt; others may be taking the first ones at the same moment.
+CLAIM_CANDIDATES = 16
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job as its holder runs it: its view, and the inputs the view does not show."""
+
+    view: JobView
+    task: Task
+    strength: float | None
+    image_key: str | None
+    mask_key: str | None
+
+
+@dataclass(frozen=True)
+class Reasserted:
+    """What `Claims.reassert` handed back: running jobs requeued, outcomes left to deliver now."""
+
+    requeued: int
+    to_deliver: int
+
+
+class Claims:
+    def __init__(self, db: Database, queue: FairQueue, *, lease_s: float, clock: Callable[[], dt.datetime]):
+        self.db = db
+        self.queue = queue
+        self.lease_s = lease_s
+        self.clock = clock
+
+    def _lease_until(self) -> dt.datetime:
+        return self.clock() + dt.timedelta(seconds=self.lease_s)
+
+    async def claim_queued(self, owner: str, platforms: Sequence[str], want: int) -> list[ClaimedJob]:
+        """Claim up to `want` queued jobs of `platforms` in fair order, in one transaction."""
+        claimed: list[int] = []
+        async with self.db.session() as s:
+            candidates = await self.queue.order(s, platforms, max(CLAIM_CANDIDATES, want))
+            for job_id in candidates:
+                if len(claimed) >= want:
+                    break
+                if self.db.is_postgres:
+                    locked = (
+                        await s.execute(
+                            select(Job.id)
+                            .where(Job.id == job_id, Job.state == "queued")
+                            .with_for_update(skip_locked=True)
+                        )
+                    ).scalar_one_or_none()
+                    if locked is None:
+                        continue  # another dispatcher is taking it right now
+                now = self.clock()
+                result = await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "queued")
+                    .values(
+                        state="running",
+                        lease_owner=owner,
+                        lease_until=self._lease_until(),
+                        started_at=func.coalesce(Job.started_at, now),
+                        attempts=Job.attempts + 1,
+                        notified_position=None,
+                    )
+                )
+                if rows_matched(result) == 1:
+                    await s.execute(
+                        update(User)
+                        .where(User.id == select(Job.user_id).where(Job.id == job_id).scalar_subquery())
+                        .values(last_dispatched_at=now)
+                    )
+                    claimed.append(job_id)
+            if not claimed:
+                return []
+            rows = (
+                await s.execute(
+                    select(Job, User)
+                    .join(User, Job.user_id == User.id)
+                    .where(Job.id.in_(claimed))
+                    .execution_options(populate_existing=True)
+                )
+            ).all()
+            loaded = {job.id: await _claimed_job(s, job, user) for job, user in rows}
+        return [loaded[job_id] for job_id in claimed]
+
+    async def take_over_expired(
+        self, owner: str, platforms: Sequence[str], working_on: Collection[int]
+    ) -> tuple[int, str | None] | None:
+        """Take over one job whose lease has expired: a running one, or a finished one not yet
+        delivered. Returns (its id, the owner it is taken from), or None when there is none."""
+        now = self.clock()
+        expired = and_(
+            Job.platform.in_(platforms),
+            Job.lease_until < now,
+            # Not a job this dispatcher still works on (its lease may have lapsed in a stall).
+            Job.id.not_in(list(working_on)) if working_on else true(),
+            or_(
+                Job.state == "running",
+                and_(Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None)),
+            ),
+        )
+        async with self.db.session() as s:
+            q = select(Job.id, Job.lease_owner).where(expired).order_by(Job.id).limit(1)
+            if self.db.is_postgres:
+                q = q.with_for_update(skip_locked=True)
+            row = (await s.execute(q)).first()
+            if row is None:
+                return None
+            job_id, previous = row
+            result = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, expired)
+                .values(
+                    lease_owner=owner,
+                    lease_until=self._lease_until(),
+                    attempts=Job.attempts + case((Job.state == "running", 1), else_=0),
+                )
+            )
+            if rows_matched(result) != 1:
+                return None
+        return job_id, previous
+
+    async def load(self, job_id: int) -> ClaimedJob:
+        async with self.db.read() as s:
+            job = await s.get(Job, job_id)
+            assert job is not None, f"claimed job {job_id} has no row"  # jobs are never deleted
+            return await _claimed_job(s, job)
+
+    async def priority(self, job_id: int) -> int:
+        """The fair order carried to the inference server: the number of this user's older jobs
+        still running. A server that admits lower values first (the continuous engine) lets a
+        newcomer's first job in before the second job of someone's burst."""
+        owner = select(Job.user_id).where(Job.id == job_id).scalar_subquery()
+        async with self.db.read() as s:
+            ahead = await s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.user_id == owner, Job.state == "running", Job.id < job_id)
+            )
+        return int(ahead or 0)
+
+    async def renew(self, owner: str, job_ids: Collection[int]) -> set[int]:
+        """Renew the leases of `job_ids`; returns those `owner` still holds (another dispatcher
+        may have taken one over after a stall)."""
+        ids = list(job_ids)
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.lease_owner == owner)
+                .values(lease_until=self._lease_until())
+            )
+            return set(
+                (await s.execute(select(Job.id).where(Job.id.in_(ids), Job.lease_owner == owner))).scalars()
+            )
+
+    async def requeue(self, owner: str, job_id: int, delay_s: float) -> None:
+        """Back to the queue, not to be claimed again for `delay_s` (a retry after a failure)."""
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                .values(
+                    state="queued",
+                    lease_owner=None,
+                    lease_until=None,
+                    not_before=self.clock() + dt.timedelta(seconds=delay_s),
+                )
+            )
+
+    async def reassert(self, owner: str, working_on: Collection[int]) -> Reasserted:
+        """After a database failure: renew the leases of the jobs `owner` still works on, and hand
+        back at once the ones it holds but no longer works on (a task that ended on the error, a
+        claim whose commit went through though its answer was lost), so that nobody waits out a
+        lease and no job runs twice."""
+        ids = list(working_on)
+        mine = [Job.lease_owner == owner]
+        if ids:
+            mine.append(Job.id.not_in(ids))
+        async with self.db.session() as s:
+            if ids:
+                await s.execute(
+                    update(Job)
+                    .where(Job.id.in_(ids), Job.lease_owner == owner)
+                    .values(lease_until=self._lease_until())
+                )
+            requeued = await s.execute(
+                update(Job)
+                .where(*mine, Job.state == "running")
+                .values(state="queued", lease_owner=None, lease_until=None)
+            )
+            to_deliver = await s.execute(
+                update(Job)
+                .where(*mine, Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None))
+                .values(lease_until=self.clock())
+            )
+        return Reasserted(rows_matched(requeued), rows_matched(to_deliver))
+
+    async def release_all(self, owner: str) -> None:
+        """On a clean stop: running jobs back to the queue at once (the attempt does not count),
+        undelivered outcomes free for anyone to deliver now."""
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                .where(Job.lease_owner == owner, Job.state == "running")
+                .values(state="queued", lease_owner=None, lease_until=None, attempts=Job.attempts - 1)
+            )
+            await s.execute(
+                update(Job)
+                .where(Job.lease_owner == owner, Job.delivered_at.is_(None))
+                .values(lease_until=self.clock())
+            )
+
+    async def expire_dead_local_owners(self, owner: str) -> list[str]:
+        """Expire at once the leases of dispatchers that ran on this host and whose process is gone
+        (a bot restarted after a crash resumes its jobs now instead of after `lease_s`). Owners on
+        other hosts, or whose pid is alive (maybe reused), keep their lease until it expires.
+        Returns the owners found dead."""
+        host = socket.gethostname()
+        async with self.db.read() as s:
+            owners = (
+                await s.execute(
+                    select(Job.lease_owner)
+                    .where(
+                        Job.lease_owner.is_not(None), Job.lease_owner.startswith(f"{host}:", autoescape=True)
+                    )
+                    .distinct()
+                )
+            ).scalars()
+            dead = [o for o in owners if o is not None and o != owner and not _pid_alive(o)]
+        if not dead:
+            return []
+        async with self.db.session() as s:
+            now = self.clock()
+            await s.execute(
+                update(Job).where(Job.lease_owner.in_(dead), Job.lease_until > now).values(lease_until=now)
+            )
+        return dead
+
+
+async def _claimed_job(s: AsyncSession, job: Job, user: User | None = None) -> ClaimedJob:
+    # Only a finished job has images; skip the query for the usual (queued/running) case.
+    view = await job_view(s, job, user, images=None if job.state == "succeeded" else ())
+    return ClaimedJob(
+        view,
+        job.params.get("task", "txt2img"),
+        job.params.get("strength"),
+        job.input_image_key,
+        job.mask_key,
+    )
+
+
+def _pid_alive(owner: str) -> bool:
+    """For an owner id "host:pid:nonce" on this host: is that pid a running process?"""
+    try:
+        pid = int(owner.split(":")[1])
+    except (IndexError, ValueError):
+        return True  # not ours to judge: wait for the lease
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

@@ -1,0 +1,234 @@
+"""Jobs that start from a result: re-rolls, variations, and the reactions that ask for them.
+
+Who may start one from whose result is decided here (`find_parent`); the submission itself is
+`Submissions.submit`, with the parent's prompt and parameters and a new seed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import select
+
+from bot.backends.base import Task
+from bot.config import CoreConfig
+from bot.core import validate
+from bot.core.api import REACTION_ACTIONS, Actor, BadParameters, JobView, NotFound, Place
+from bot.core.db import Database
+from bot.core.models import ImageRow, Job, User
+from bot.core.params import ParsedPrompt, new_seed
+from bot.core.submission import Submissions
+
+# Clients differ on the emoji variation selector (U+FE0F) and Slack sends ":name:" or "name".
+_REACTIONS = {key.replace("\ufe0f", ""): value for key, value in REACTION_ACTIONS.items()}
+
+
+class FollowUps:
+    def __init__(self, db: Database, config: CoreConfig, submissions: Submissions, *, rng: random.Random):
+        self.db = db
+        self.config = config
+        self.submissions = submissions
+        self.rng = rng
+
+    async def react(
+        self,
+        actor: Actor,
+        place: Place,
+        message_id: str,
+        emoji: str,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView | None:
+        actor, place = validate.actor_and_place(actor, place)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+        if not isinstance(emoji, str):
+            return None
+        action = _REACTIONS.get(emoji.strip().strip(":").replace("\ufe0f", ""))
+        if action is None:
+            return None
+        delivery = validate.delivery(delivery)
+        existing = await self.submissions.existing(actor, idempotency_key)
+        if existing is not None:
+            return existing
+        try:
+            parent = await self.find_parent(actor, place, None, message_id)
+        except NotFound:
+            return None
+        kind, index = action
+        if kind == "reroll":
+            return await self._reroll(actor, place, parent, idempotency_key, delivery)
+        assert index is not None, f"REACTION_ACTIONS[{emoji!r}] is a variation without an image"
+        return await self._variation(actor, place, parent, index, idempotency_key, delivery)
+
+    async def reroll(
+        self,
+        actor: Actor,
+        place: Place,
+        *,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        actor, place = validate.actor_and_place(actor, place)
+        job_id, message_id = validate.job_ref(job_id, message_id)
+        delivery = validate.delivery(delivery)
+        existing = await self.submissions.existing(actor, idempotency_key)
+        if existing is not None:
+            return existing
+        parent = await self.find_parent(actor, place, job_id, message_id)
+        return await self._reroll(actor, place, parent, idempotency_key, delivery)
+
+    async def variation(
+        self,
+        actor: Actor,
+        place: Place,
+        index: int,
+        *,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        actor, place = validate.actor_and_place(actor, place)
+        job_id, message_id = validate.job_ref(job_id, message_id)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise BadParameters("image", f"The image number must be a whole number, got {index!r}.", index)
+        delivery = validate.delivery(delivery)
+        existing = await self.submissions.existing(actor, idempotency_key)
+        if existing is not None:
+            return existing
+        parent = await self.find_parent(actor, place, job_id, message_id)
+        return await self._variation(actor, place, parent, index, idempotency_key, delivery)
+
+    async def find_parent(
+        self, actor: Actor, place: Place, job_id: int | None, message_id: str | None
+    ) -> Job:
+        """The succeeded job a re-roll or variation starts from, if `actor` may use it (see
+        `may_use`). Anything else is NotFound, as for a job that does not exist: a number guessed
+        in one place must not tell what someone else asked for in another."""
+        if (job_id is None) == (message_id is None):
+            raise ValueError("give exactly one of job_id and message_id")
+        async with self.db.read() as s:
+            if job_id is not None:
+                query = select(Job, User).join(User, Job.user_id == User.id).where(Job.id == job_id)
+            else:
+                query = (
+                    select(Job, User)
+                    .join(User, Job.user_id == User.id)
+                    .where(Job.platform == actor.platform, Job.result_message_id == message_id)
+                    .order_by(Job.id.desc())
+                    .limit(1)
+                )
+            row = (await s.execute(query)).first()
+        if row is None or not may_use(row[0], row[1], actor, place, via_message=job_id is None):
+            raise NotFound("That is not an image result I know about.")
+        job = row[0]
+        if job.state != "succeeded":
+            raise BadParameters("job", f"Job {job.id} has no images yet (it is {job.state}).", job.id)
+        return job
+
+    async def _reroll(
+        self, actor: Actor, place: Place, parent: Job, idempotency_key: str, delivery: Mapping[str, Any]
+    ) -> JobView:
+        p = parent.params
+        n = int(p["n"])
+        parsed = ParsedPrompt(
+            parent.prompt,
+            parent.negative_prompt,
+            new_seed(n, self.rng),
+            int(p["steps"]),
+            n,
+            float(p["guidance"]),
+            int(p["width"]),
+            int(p["height"]),
+            p.get("aspect_ratio"),
+        )
+        task: Task = p.get("task", "txt2img")
+        return await self.submissions.submit(
+            actor,
+            place,
+            "reroll",
+            parsed,
+            idempotency_key,
+            delivery,
+            task=task,
+            strength=p.get("strength"),
+            parent=parent,
+            input_image_key=parent.input_image_key,
+            mask_key=parent.mask_key,
+        )
+
+    async def _variation(
+        self,
+        actor: Actor,
+        place: Place,
+        parent: Job,
+        index: int,
+        idempotency_key: str,
+        delivery: Mapping[str, Any],
+    ) -> JobView:
+        async with self.db.read() as s:
+            images = (
+                (
+                    await s.execute(
+                        select(ImageRow).where(ImageRow.job_id == parent.id).order_by(ImageRow.index)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        if not 0 <= index < len(images):
+            raise BadParameters(
+                "image", f"Image {index + 1} does not exist: that result has {len(images)} image(s).", index
+            )
+        source = images[index]
+        p = parent.params
+        n = int(p["n"])
+        parsed = ParsedPrompt(
+            parent.prompt,
+            parent.negative_prompt,
+            new_seed(n, self.rng),
+            int(p["steps"]),
+            n,
+            float(p["guidance"]),
+            source.width,
+            source.height,
+            p.get("aspect_ratio"),
+        )
+        return await self.submissions.submit(
+            actor,
+            place,
+            "variation",
+            parsed,
+            idempotency_key,
+            delivery,
+            task="img2img",
+            strength=self.config.bot.variation_strength,
+            parent=parent,
+            parent_image_index=index,
+            input_image_key=source.storage_key,
+        )
+
+
+def may_use(job: Job, owner: User, actor: Actor, place: Place, *, via_message: bool) -> bool:
+    """May `actor`, acting in `place`, start a job from `job`'s result?
+
+    - it is on the actor's platform (a web user never reaches a Discord job);
+    - its owner may always use it;
+    - by result message, so by a reaction on it: anyone in the channel where it is shown (they see
+      its prompt and images anyway); a result shown in no channel (the playground's) is its
+      owner's alone;
+    - by job id: besides the owner, only an admin acting in the job's guild/workspace.
+    """
+    if job.platform != actor.platform:
+        return False
+    if owner.platform_user_id == actor.user_id:
+        return True
+    shown_in = job.result_channel_id or job.channel_id
+    if via_message and shown_in is not None and shown_in == place.channel_id:
+        return True
+    return actor.is_admin and job.guild_id == place.guild_id

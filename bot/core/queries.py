@@ -1,0 +1,158 @@
+"""What adapters read: jobs, a user's history and quota, stored images, and the admins' statistics."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from sqlalchemy import func, select
+
+from bot.core import validate
+from bot.core.api import Actor, JobView, NotFound, Place, QuotaView, StatsView, UserStat
+from bot.core.audit import Audit
+from bot.core.db import Database
+from bot.core.models import ImageRow, Job, User
+from bot.core.quotas import Quotas
+from bot.core.storage import ImageStorage
+from bot.core.views import job_view
+
+MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger asks are capped
+MAX_TOP_USERS = 25  # a chat message lists them one a line
+
+
+class Queries:
+    def __init__(
+        self,
+        db: Database,
+        storage: ImageStorage,
+        quotas: Quotas,
+        audit: Audit,
+        *,
+        clock: Callable[[], dt.datetime],
+    ):
+        self.db = db
+        self.storage = storage
+        self.quotas = quotas
+        self.audit = audit
+        self.clock = clock
+
+    async def get_job(self, job_id: int) -> JobView:
+        job_id = validate.job_id(job_id)
+        async with self.db.read() as s:
+            job = await s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"There is no job {job_id}.")
+            return await job_view(s, job)
+
+    async def job_views(self, job_ids: list[int]) -> dict[int, JobView]:
+        """Views of several jobs in one query (without images: for queued jobs)."""
+        job_ids = [validate.job_id(j) for j in job_ids]
+        async with self.db.read() as s:
+            rows = (
+                await s.execute(
+                    select(Job, User).join(User, Job.user_id == User.id).where(Job.id.in_(job_ids))
+                )
+            ).all()
+            return {job.id: await job_view(s, job, user, images=()) for job, user in rows}
+
+    async def job_for_message(self, platform: str, message_id: str) -> JobView | None:
+        platform = validate.ident("platform", platform, max_chars=validate.MAX_PLATFORM_CHARS)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+        async with self.db.read() as s:
+            job = (
+                await s.execute(
+                    select(Job)
+                    .where(Job.platform == platform, Job.result_message_id == message_id)
+                    .order_by(Job.id.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            return None if job is None else await job_view(s, job)
+
+    async def image_bytes(self, storage_key: str) -> bytes:
+        if not isinstance(storage_key, str):
+            raise NotFound("That image is no longer stored.")
+        try:
+            return await self.storage.get(storage_key)
+        except KeyError:
+            raise NotFound("That image is no longer stored.") from None
+
+    async def history(self, actor: Actor, limit: int = 10) -> list[JobView]:
+        actor = validate.actor(actor)
+        limit = validate.count("limit", limit, 1, MAX_HISTORY)
+        async with self.db.read() as s:
+            user = (
+                await s.execute(
+                    select(User).where(
+                        User.platform == actor.platform, User.platform_user_id == actor.user_id
+                    )
+                )
+            ).scalar_one_or_none()
+            if user is None:
+                return []
+            jobs = (
+                (
+                    await s.execute(
+                        select(Job).where(Job.user_id == user.id).order_by(Job.id.desc()).limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            return [await job_view(s, j, user) for j in jobs]
+
+    async def quota(self, actor: Actor, place: Place) -> QuotaView:
+        actor, place = validate.actor_and_place(actor, place)
+        async with self.db.read() as s:
+            return await self.quotas.view(s, actor.platform, actor.user_id, place.guild_id)
+
+    async def stats(self, actor: Actor, place: Place, top: int = 5) -> StatsView:
+        actor, place = validate.actor_and_place(actor, place)
+        top = validate.count("top", top, 1, MAX_TOP_USERS)
+        await self.audit.require_admin(actor, "stats", place.guild_id or "")
+        _, start, _ = self.quotas.period_for(self.clock())
+        scope = [Job.platform == actor.platform]
+        if place.guild_id is not None:
+            scope.append(Job.guild_id == place.guild_id)
+        async with self.db.session() as s:
+            by_state = dict(
+                (await s.execute(select(Job.state, func.count()).where(*scope).group_by(Job.state)))
+                .tuples()
+                .all()
+            )
+            images_today = (
+                await s.execute(
+                    select(func.count(ImageRow.id))
+                    .join(Job, ImageRow.job_id == Job.id)
+                    .where(*scope, ImageRow.created_at >= start)
+                )
+            ).scalar_one()
+            count = func.count(ImageRow.id).label("images")
+            top_rows = (
+                await s.execute(
+                    select(User.platform, User.platform_user_id, User.display_name, count)
+                    .select_from(ImageRow)
+                    .join(Job, ImageRow.job_id == Job.id)
+                    .join(User, Job.user_id == User.id)
+                    .where(*scope, ImageRow.created_at >= start)
+                    .group_by(User.id, User.platform, User.platform_user_id, User.display_name)
+                    .order_by(count.desc(), User.platform_user_id)
+                    .limit(top)
+                )
+            ).all()
+            queue_depth = (
+                await s.execute(select(func.count()).select_from(Job).where(Job.state == "queued"))
+            ).scalar_one()
+            self.audit.record(
+                s, actor, "stats", f"guild:{place.guild_id}" if place.guild_id else "platform", {}
+            )
+        return StatsView(
+            jobs_by_state={
+                state: by_state.get(state, 0)
+                for state in ("queued", "running", "succeeded", "failed", "cancelled")
+            },
+            images_today=images_today,
+            top_users=tuple(UserStat(p, u, d, n) for p, u, d, n in top_rows),
+            queue_depth=queue_depth,
+            period_start=start,
+        )

@@ -1,0 +1,176 @@
+"""The quota ledger: periods, limits, charges and refunds.
+
+Every change to a user's quota (a submission's charge, a refund, an admin's reset or credits) runs
+in a transaction that holds the user's lock (`lock_user`), so the quota is exact under any
+concurrency. A user's allowance is the per-user limit an admin set, else the guild/workspace
+default, else `[quotas] daily_limit`; bonus credits are spent after it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.config import QuotaConfig
+from bot.core.api import LimitSource, QuotaExceeded, QuotaView
+from bot.core.db import Database
+from bot.core.models import Job, QuotaLimit, QuotaUsage, User
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a job was charged: `daily` images of the period `period`, then `credits` bonus credits."""
+
+    period: dt.date
+    daily: int
+    credits: int
+
+
+class Quotas:
+    def __init__(self, db: Database, config: QuotaConfig, clock: Callable[[], dt.datetime]):
+        self.db = db
+        self.config = config
+        self.clock = clock
+
+    def period_for(self, now: dt.datetime) -> tuple[dt.date, dt.datetime, dt.datetime]:
+        """(period day, period start, reset time) for `now`; the day starts at reset_hour_utc."""
+        hour = self.config.reset_hour_utc
+        shifted = now.astimezone(dt.UTC) - dt.timedelta(hours=hour)
+        day = shifted.date()
+        start = dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.UTC)
+        return day, start, start + dt.timedelta(days=1)
+
+    async def lock_user(
+        self, s: AsyncSession, platform: str, user_id: str, display_name: str | None = None
+    ) -> User:
+        """Create the user row if needed and lock it for this transaction, in one statement:
+        `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` locks the row on PostgreSQL like
+        `SELECT ... FOR UPDATE` (SQLite transactions here hold the database write lock anyway)."""
+        insert = pg_insert if self.db.is_postgres else sqlite_insert
+        now = self.clock()
+        values = insert(User).values(
+            platform=platform,
+            platform_user_id=user_id,
+            display_name=display_name or "",
+            is_admin=False,
+            banned=False,
+            ban_reason="",
+            bonus_credits=0,
+            created_at=now,
+            updated_at=now,
+        )
+        # The update must touch a column for the row to be locked and returned; keep the display
+        # name fresh when the adapter sent one, else rewrite the platform with itself.
+        changes = (
+            {"display_name": values.excluded.display_name}
+            if display_name
+            else {"platform": values.excluded.platform}
+        )
+        upsert = values.on_conflict_do_update(
+            index_elements=["platform", "platform_user_id"], set_=changes
+        ).returning(User)
+        query = select(User).from_statement(upsert).execution_options(populate_existing=True)
+        return (await s.execute(query)).scalar_one()
+
+    async def limit_for(
+        self, s: AsyncSession, platform: str, user_id: str, guild_id: str | None
+    ) -> tuple[int, LimitSource]:
+        conds = [(QuotaLimit.scope == "user") & (QuotaLimit.scope_id == user_id)]
+        if guild_id is not None:
+            conds.append((QuotaLimit.scope == "guild") & (QuotaLimit.scope_id == guild_id))
+        rows = (
+            await s.execute(
+                select(QuotaLimit.scope, QuotaLimit.daily_limit).where(
+                    QuotaLimit.platform == platform, or_(*conds)
+                )
+            )
+        ).all()
+        by_scope = {scope: limit for scope, limit in rows}
+        if "user" in by_scope:
+            return by_scope["user"], "user"
+        if "guild" in by_scope:
+            return by_scope["guild"], "guild"
+        return self.config.daily_limit, "global"
+
+    async def usage_in(self, s: AsyncSession, user_pk: int, period: dt.date) -> QuotaUsage | None:
+        """The user's usage row of `period` (None before the first charge in it)."""
+        return (
+            await s.execute(
+                select(QuotaUsage)
+                .where(QuotaUsage.user_id == user_pk, QuotaUsage.period == period)
+                .execution_options(populate_existing=True)
+            )
+        ).scalar_one_or_none()
+
+    async def charge(
+        self, s: AsyncSession, user: User, guild_id: str | None, images: int, now: dt.datetime
+    ) -> Charge:
+        """Charge `images` to `user` (whose lock the caller holds): the daily allowance first, then
+        bonus credits. QuotaExceeded, charging nothing, when both together fall short."""
+        period, _, reset_at = self.period_for(now)
+        limit, _source = await self.limit_for(s, user.platform, user.platform_user_id, guild_id)
+        usage = await self.usage_in(s, user.id, period)
+        used = usage.images_used if usage else 0
+        remaining_today = max(0, limit - used)
+        if images > remaining_today + user.bonus_credits:
+            raise QuotaExceeded(reset_at, images, remaining_today + user.bonus_credits, limit)
+        daily = min(images, remaining_today)
+        credits = images - daily
+        if usage is None:
+            s.add(QuotaUsage(user_id=user.id, period=period, images_used=daily))
+        else:
+            usage.images_used = used + daily
+        user.bonus_credits -= credits
+        return Charge(period, daily, credits)
+
+    async def refund(self, s: AsyncSession, job: Job, user: User) -> None:
+        """Give back what the job was charged (caller holds the user lock). Once per job; the daily
+        part only while its period lasts (a new period has a fresh allowance anyway)."""
+        if job.refunded:
+            return
+        job.refunded = True
+        period, _, _ = self.period_for(self.clock())
+        if job.quota_daily and job.quota_period == period:
+            usage = await self.usage_in(s, user.id, period)
+            if usage is not None:
+                usage.images_used = max(0, usage.images_used - job.quota_daily)
+        if job.quota_credits:
+            user.bonus_credits += job.quota_credits
+
+    async def view(self, s: AsyncSession, platform: str, user_id: str, guild_id: str | None) -> QuotaView:
+        period, _, reset_at = self.period_for(self.clock())
+        user = (
+            await s.execute(
+                select(User)
+                .where(User.platform == platform, User.platform_user_id == user_id)
+                .execution_options(populate_existing=True)
+            )
+        ).scalar_one_or_none()
+        limit, source = await self.limit_for(s, platform, user_id, guild_id)
+        used = 0
+        credits = 0
+        banned = False
+        if user is not None:
+            usage = await self.usage_in(s, user.id, period)
+            used = usage.images_used if usage else 0
+            credits = user.bonus_credits
+            banned = user.banned
+        remaining_today = max(0, limit - used)
+        return QuotaView(
+            platform=platform,
+            user_id=user_id,
+            daily_limit=limit,
+            limit_source=source,
+            used_today=used,
+            remaining_today=remaining_today,
+            bonus_credits=credits,
+            remaining=remaining_today + credits,
+            reset_at=reset_at,
+            banned=banned,
+        )

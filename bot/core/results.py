@@ -1,0 +1,160 @@
+"""A job's outcome and its delivery, each recorded once.
+
+The holder of a job's claim (a dispatcher, named by its owner id) records the result or the failure,
+then each attempt at delivering it and, at last, the delivery; every one of those writes is
+conditional on the claim, so a dispatcher that lost its lease changes nothing. An adapter records
+the message that shows the result (`attach_result_message`, which also counts the job as
+delivered) and what it needs to deliver after a restart (`remember_delivery`).
+
+Each method is one unit of work and safe to run again: callers retry them while the database is
+unavailable (`bot.core.db.retry_unavailable`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from bot.core import validate
+from bot.core.api import ImageInfo, NotFound
+from bot.core.db import Database, retry_unavailable, rows_matched
+from bot.core.models import ImageRow, Job, User
+from bot.core.quotas import Quotas
+
+
+class Results:
+    def __init__(self, db: Database, quotas: Quotas, *, lease_s: float, clock: Callable[[], dt.datetime]):
+        self.db = db
+        self.quotas = quotas
+        self.lease_s = lease_s
+        self.clock = clock
+
+    def _lease_until(self) -> dt.datetime:
+        return self.clock() + dt.timedelta(seconds=self.lease_s)
+
+    # -- the claim holder's records ------------------------------------------------------------
+
+    async def store(self, owner: str, job_id: int, images: Sequence[ImageInfo]) -> dt.datetime | None:
+        """Mark the running job succeeded with `images` (already in the image storage); the claim
+        is kept for the delivery. Returns the finish time, or None when `owner` no longer holds
+        the job (its result is then someone else's to make)."""
+        now = self.clock()
+        async with self.db.session() as s:
+            result = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
+            )
+            if rows_matched(result) != 1:
+                return None
+            for i in images:
+                s.add(
+                    ImageRow(
+                        job_id=job_id,
+                        index=i.index,
+                        seed=i.seed,
+                        storage_key=i.storage_key,
+                        sha256=i.sha256,
+                        size_bytes=i.size_bytes,
+                        width=i.width,
+                        height=i.height,
+                        created_at=now,
+                    )
+                )
+        return now
+
+    async def fail(self, owner: str, job_id: int, message: str) -> bool:
+        """Mark the job failed with `message` (short, for the user) and refund its quota, in one
+        transaction under the user's lock. False when `owner` no longer holds it."""
+        async with self.db.session() as s:
+            job = (
+                await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+            ).scalar_one()
+            if job.lease_owner != owner or job.state not in ("running", "queued"):
+                return False
+            user = await s.get(User, job.user_id)
+            assert user is not None, f"job {job_id} has no user row"  # a foreign key guarantees one
+            user = await self.quotas.lock_user(s, user.platform, user.platform_user_id)
+            job.state = "failed"
+            job.error = message
+            job.finished_at = self.clock()
+            job.lease_until = self._lease_until()
+            await self.quotas.refund(s, job, user)
+        return True
+
+    async def count_delivery_attempt(self, owner: str, job_id: int) -> int | None:
+        """Count one more attempt at delivering the job's outcome and return the count (1 = the
+        first); None when it is delivered already or `owner` no longer holds it."""
+        async with self.db.session() as s:
+            result = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.delivered_at.is_(None))
+                .values(delivery_attempts=Job.delivery_attempts + 1)
+                .returning(Job.delivery_attempts)
+            )
+            return result.scalar_one_or_none()
+
+    async def mark_delivered(self, owner: str, job_id: int, *, ok: bool) -> None:
+        """The delivery callback returned (`ok`) or raised: the job is delivered, and released."""
+        async with self.db.session() as s:
+            await s.execute(
+                update(Job)
+                # delivered_at may already be set by attach_result_message (the adapter posted the
+                # result); the lease check alone makes this the one holder's update.
+                .where(Job.id == job_id, Job.lease_owner == owner)
+                .values(
+                    delivered_at=func.coalesce(Job.delivered_at, self.clock()),
+                    delivery_error=None if ok else "delivery callback failed (see log)",
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+
+    # -- the adapters' records -----------------------------------------------------------------
+
+    async def attach_result_message(
+        self, job_id: int, message_id: str, channel_id: str | None = None
+    ) -> None:
+        job_id = validate.job_id(job_id)
+        message_id = validate.ident("message", message_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+        channel_id = validate.optional_ident("channel", channel_id, max_chars=validate.MAX_MESSAGE_ID_CHARS)
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                # A recorded result message means the user has seen the result: count the job as
+                # delivered now, so a bot stopped before its delivery callback returned does not
+                # post the same result again when the job is taken over after a restart.
+                values: dict[str, Any] = {
+                    "result_message_id": message_id,
+                    "delivered_at": func.coalesce(Job.delivered_at, self.clock()),
+                }
+                if channel_id is not None:
+                    values["result_channel_id"] = channel_id
+                result = await s.execute(update(Job).where(Job.id == job_id).values(**values))
+                if rows_matched(result) == 0:
+                    raise NotFound(f"There is no job {job_id}.")
+
+        # The result is posted already: recording it is worth waiting out a database blip for.
+        await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: record result")
+
+    async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
+        job_id = validate.job_id(job_id)
+        merged = validate.delivery({str(k): str(v) for k, v in values.items()})
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                # Read and write in one transaction (the row is locked on PostgreSQL; SQLite's write
+                # transaction is exclusive), so two updates of one job's mapping don't lose each other.
+                query = select(Job).where(Job.id == job_id)
+                if self.db.is_postgres:
+                    query = query.with_for_update()
+                job = (await s.execute(query)).scalar_one_or_none()
+                if job is None:
+                    raise NotFound(f"There is no job {job_id}.")
+                # A new dict: SQLAlchemy's JSON column sees a reassignment, not an in-place change.
+                job.delivery = {**(job.delivery or {}), **merged}
+
+        await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: remember delivery")

@@ -1,0 +1,288 @@
+"""Submitting and cancelling jobs.
+
+A submission is one transaction: the user row is locked (PostgreSQL: the upsert that creates it;
+SQLite transactions are `BEGIN IMMEDIATE`), the idempotency key is checked, then the ban, the
+moderation rules, the queue's size and the quota, and the quota is charged and the job row inserted
+before commit. The same key again returns the same job (`created=False`) and charges nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import func, select
+
+from bot.backends.base import Task
+from bot.config import CoreConfig
+from bot.core import validate
+from bot.core.api import (
+    Actor,
+    BadParameters,
+    Banned,
+    DatabaseError,
+    JobKind,
+    JobView,
+    Moderated,
+    NotAdmin,
+    NotFound,
+    Overloaded,
+    Place,
+)
+from bot.core.audit import Audit
+from bot.core.db import Database
+from bot.core.models import Job, User
+from bot.core.moderation import Moderator
+from bot.core.params import ParsedPrompt, parse_prompt
+from bot.core.quotas import Quotas
+from bot.core.storage import ImageStorage
+from bot.core.uploads import prepare_inpaint
+from bot.core.views import job_view
+
+log = logging.getLogger("bot.core")
+
+KEY_USED_BY_OTHER = "This request id was already used by someone else."
+
+
+class Submissions:
+    def __init__(
+        self,
+        db: Database,
+        storage: ImageStorage,
+        config: CoreConfig,
+        quotas: Quotas,
+        audit: Audit,
+        *,
+        clock: Callable[[], dt.datetime],
+        rng: random.Random,
+        on_queued: Callable[[], None],
+        on_changed: Callable[[int], None],
+    ):
+        self.db = db
+        self.storage = storage
+        self.config = config
+        self.quotas = quotas
+        self.audit = audit
+        self.clock = clock
+        self.rng = rng
+        self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
+        self.on_queued = on_queued
+        self.on_changed = on_changed
+
+    async def imagine(
+        self,
+        actor: Actor,
+        place: Place,
+        text: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        # The idempotency key is checked inside the submit transaction (a retried event has the same
+        # text, so parsing it again gives the same answer).
+        actor, place = validate.actor_and_place(actor, place)
+        validate.idempotency_key(idempotency_key)
+        delivery = validate.delivery(delivery)
+        parsed = parse_prompt(text, options, self.config.bot, rng=self.rng)
+        return await self.submit(
+            actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
+        )
+
+    async def inpaint(
+        self,
+        actor: Actor,
+        place: Place,
+        prompt_text: str,
+        image: bytes,
+        mask: bytes | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        actor, place = validate.actor_and_place(actor, place)
+        delivery = validate.delivery(delivery)
+        # Before the uploads are decoded and stored: a retried event costs one query, not that work.
+        existing = await self.existing(actor, idempotency_key)
+        if existing is not None:
+            return existing
+        parsed = parse_prompt(prompt_text, options, self.config.bot, rng=self.rng)
+        if parsed.aspect_ratio is not None:
+            raise BadParameters(
+                "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
+            )
+        inputs = await asyncio.to_thread(
+            prepare_inpaint,
+            image,
+            mask,
+            max_bytes=self.config.bot.max_upload_bytes,
+            base_size=self.config.bot.base_size,
+        )
+        image_key = await self.storage.put(inputs.image_png)
+        mask_key = await self.storage.put(inputs.mask_png)
+        parsed = dataclasses.replace(parsed, width=inputs.width, height=inputs.height)
+        return await self.submit(
+            actor,
+            place,
+            "inpaint",
+            parsed,
+            idempotency_key,
+            delivery,
+            task="inpaint",
+            strength=self.config.bot.inpaint_strength,
+            input_image_key=image_key,
+            mask_key=mask_key,
+        )
+
+    async def existing(self, actor: Actor, idempotency_key: str) -> JobView | None:
+        """The job already submitted with this key, if any (BadParameters if someone else's)."""
+        validate.idempotency_key(idempotency_key)
+        key = f"{actor.platform}:{idempotency_key}"
+        async with self.db.read() as s:
+            row = (
+                await s.execute(
+                    select(Job, User).join(User, Job.user_id == User.id).where(Job.idempotency_key == key)
+                )
+            ).first()
+            if row is None:
+                return None
+            job, owner = row
+            # A platform's event ids are unique, and a retried event comes from the same user: the
+            # same key from someone else is not a retry, and must not hand them another user's job.
+            if owner.platform_user_id != actor.user_id:
+                raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
+            return await job_view(s, job, owner, created=False)
+
+    async def submit(
+        self,
+        actor: Actor,
+        place: Place,
+        kind: JobKind,
+        parsed: ParsedPrompt,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None,
+        *,
+        task: Task,
+        strength: float | None,
+        parent: Job | None = None,
+        parent_image_index: int | None = None,
+        input_image_key: str | None = None,
+        mask_key: str | None = None,
+    ) -> JobView:
+        """Queue a job whose parameters are resolved (`actor`, `place` and `delivery` checked)."""
+        key = f"{actor.platform}:{idempotency_key}"
+        now = self.clock()
+        try:
+            async with self.db.session() as s:
+                user = await self.quotas.lock_user(s, actor.platform, actor.user_id, actor.display_name)
+                user.is_admin = actor.is_admin
+                # Checked again under the user lock: two deliveries of one event race to here.
+                existing = (
+                    await s.execute(select(Job).where(Job.idempotency_key == key))
+                ).scalar_one_or_none()
+                if existing is not None:
+                    if existing.user_id != user.id:
+                        raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
+                    return await job_view(s, existing, user, created=False)
+                if user.banned:
+                    raise Banned(user.ban_reason)
+                if kind in ("imagine", "inpaint"):
+                    rule = self.moderator.check(parsed.prompt)
+                    if rule is not None:
+                        raise Moderated(rule.description)
+                queued = (
+                    await s.execute(select(func.count()).select_from(Job).where(Job.state == "queued"))
+                ).scalar_one()
+                if queued >= self.config.bot.max_queued_jobs:
+                    raise Overloaded()
+                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now)
+                params: dict[str, Any] = {
+                    "task": task,
+                    "width": parsed.width,
+                    "height": parsed.height,
+                    "steps": parsed.steps,
+                    "guidance": parsed.guidance,
+                    "n": parsed.n,
+                    "strength": strength,
+                    "aspect_ratio": parsed.aspect_ratio,
+                }
+                job = Job(
+                    idempotency_key=key,
+                    user_id=user.id,
+                    platform=actor.platform,
+                    guild_id=place.guild_id,
+                    channel_id=place.channel_id,
+                    kind=kind,
+                    prompt=parsed.prompt,
+                    negative_prompt=parsed.negative_prompt,
+                    params=params,
+                    seed=parsed.seed,
+                    seeds=list(parsed.seeds),
+                    parent_job_id=parent.id if parent else None,
+                    parent_image_index=parent_image_index,
+                    input_image_key=input_image_key,
+                    mask_key=mask_key,
+                    state="queued",
+                    attempts=0,
+                    created_at=now,
+                    delivery=dict(delivery or {}),
+                    quota_period=charge.period,
+                    quota_daily=charge.daily,
+                    quota_credits=charge.credits,
+                    refunded=False,
+                )
+                s.add(job)
+                await s.flush()
+                view = await job_view(s, job, user, images=())
+        except DatabaseError as e:
+            if e.kind != "conflict":
+                raise
+            # Lost a race on the idempotency key (another process inserted it first): the whole
+            # transaction, quota charge included, was rolled back; return the winner's job.
+            existing_view = await self.existing(actor, idempotency_key)
+            if existing_view is None:
+                raise
+            return existing_view
+        log.info(
+            "job %s queued: %s by %s:%s n=%d %dx%d steps=%d (daily %d, credits %d)",
+            view.id, kind, actor.platform, actor.user_id, parsed.n, parsed.width, parsed.height,
+            parsed.steps, charge.daily, charge.credits,
+        )  # fmt: skip
+        self.on_queued()
+        return view
+
+    async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
+        actor, place = validate.actor_and_place(actor, place or Place(actor.platform))
+        job_id = validate.job_id(job_id)
+        async with self.db.session() as s:
+            job = await s.get(Job, job_id)
+            if job is None or job.platform != actor.platform:
+                raise NotFound(f"There is no job {job_id}.")
+            owner = await s.get(User, job.user_id)
+            assert owner is not None, f"job {job_id} has no user row"  # a foreign key guarantees one
+            if owner.platform_user_id != actor.user_id:
+                if not actor.is_admin:
+                    raise NotAdmin("cancelling someone else's job")
+                if job.guild_id != place.guild_id:
+                    # An admin of one guild/workspace is not an admin of the others.
+                    raise NotFound(f"There is no job {job_id}.")
+            owner = await self.quotas.lock_user(s, owner.platform, owner.platform_user_id)
+            job = (
+                await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+            ).scalar_one()
+            if job.state == "queued":
+                job.state = "cancelled"
+                job.finished_at = self.clock()
+                job.delivered_at = job.finished_at  # the adapter that cancels tells the user
+                await self.quotas.refund(s, job, owner)
+                if actor.is_admin and owner.platform_user_id != actor.user_id:
+                    self.audit.record(s, actor, "cancel", f"job:{job_id}", {"owner": owner.platform_user_id})
+            view = await job_view(s, job, owner)
+        self.on_changed(job_id)
+        return view

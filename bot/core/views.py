@@ -1,0 +1,75 @@
+"""Job rows as adapters see them: the one place a `Job` row becomes a `JobView`."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.core.api import ImageInfo, JobKind, JobParams, JobState, JobView
+from bot.core.models import ImageRow, Job, User
+
+
+async def image_infos(s: AsyncSession, job_id: int) -> tuple[ImageInfo, ...]:
+    rows = (
+        (await s.execute(select(ImageRow).where(ImageRow.job_id == job_id).order_by(ImageRow.index)))
+        .scalars()
+        .all()
+    )
+    return tuple(
+        ImageInfo(r.index, r.seed, r.storage_key, r.sha256, r.size_bytes, r.width, r.height) for r in rows
+    )
+
+
+async def job_view(
+    s: AsyncSession,
+    job: Job,
+    user: User | None = None,
+    *,
+    created: bool = True,
+    images: tuple[ImageInfo, ...] | None = None,
+) -> JobView:
+    """The view of `job` (its owner `user` is read when not given; its images too, unless the
+    caller knows them: `()` for a job that has none yet)."""
+    if user is None:
+        user = await s.get(User, job.user_id)
+        assert user is not None, f"job {job.id} has no user row"  # a foreign key guarantees one
+    if images is None:
+        images = await image_infos(s, job.id)
+    p = job.params
+    return JobView(
+        id=job.id,
+        # The columns hold only these values: the core writes them, from these literals.
+        kind=cast(JobKind, job.kind),
+        state=cast(JobState, job.state),
+        platform=job.platform,
+        user_id=user.platform_user_id,
+        display_name=user.display_name,
+        guild_id=job.guild_id,
+        channel_id=job.channel_id,
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        params=JobParams(
+            width=int(p["width"]),
+            height=int(p["height"]),
+            steps=int(p["steps"]),
+            guidance=float(p["guidance"]),
+            n=int(p["n"]),
+            seed=int(job.seed),
+            seeds=tuple(int(x) for x in job.seeds),
+            strength=p.get("strength"),
+            aspect_ratio=p.get("aspect_ratio"),
+        ),
+        parent_id=job.parent_job_id,
+        parent_image_index=job.parent_image_index,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        result_message_id=job.result_message_id,
+        delivery=dict(job.delivery or {}),
+        images=images,
+        attempts=job.attempts,
+        created=created,
+    )
