@@ -26,7 +26,7 @@ log = logging.getLogger("bot")
 
 def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Any, bool, str]]:
     """(name, module or None, on, why) for each known adapter."""
-    plan = []
+    plan: list[tuple[str, Any, bool, str]] = []
     for name in ADAPTERS:
         short = name.rsplit(".", 1)[1]
         try:

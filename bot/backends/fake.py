@@ -215,18 +215,20 @@ class FakeBackend:
             raise BackendRejected(f"steps must be between 1 and {MAX_STEPS}, got {params.steps}", "steps")
         if not 0 <= params.guidance <= 30:
             raise BackendRejected(f"guidance must be between 0 and 30, got {params.guidance}", "guidance")
-        base = mask = None
+        base: Image.Image | None = None
+        mask: Image.Image | None = None
         if params.task in ("img2img", "inpaint"):
             if not 0 < params.strength <= 1:
                 raise BackendRejected(f"strength must be in (0, 1], got {params.strength}", "strength")
             base = _open_image(params.image, "image")
-        if params.task == "inpaint":
-            mask = _open_image(params.mask, "mask")
-            if mask.size != base.size:
-                raise BackendRejected(
-                    f"mask size {mask.size[0]}x{mask.size[1]} differs from image size {base.size[0]}x{base.size[1]}",
-                    "mask",
-                )
+            if params.task == "inpaint":
+                mask = _open_image(params.mask, "mask")
+                if mask.size != base.size:
+                    raise BackendRejected(
+                        f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                        f"{base.size[0]}x{base.size[1]}",
+                        "mask",
+                    )
         return base, mask
 
 

@@ -18,11 +18,11 @@ from bot.core.api import Actor, AuditEntry, BadParameters, Place, QuotaView
 from bot.core.audit import Audit
 from bot.core.db import Database
 from bot.core.models import QuotaLimit
-from bot.core.queries import MAX_HISTORY
 from bot.core.quotas import Quotas
 
 MAX_GRANT = 10_000  # a typo guard: nobody means to grant a million images
 MAX_DAILY_LIMIT = 100_000  # the same guard for limits
+MAX_AUDIT_PAGE = 100  # one chat message's worth of entries; bigger asks are capped
 
 
 class Admin:
@@ -124,7 +124,7 @@ class Admin:
 
     async def audit_log(self, actor: Actor, limit: int = 20) -> list[AuditEntry]:
         actor = validate.actor(actor)
-        limit = validate.count("limit", limit, 1, MAX_HISTORY)
+        limit = validate.count("limit", limit, 1, MAX_AUDIT_PAGE)
         await self.audit.require_admin(actor, "audit_log")
         return await self.audit.latest(actor.platform, limit)
 

@@ -29,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 
@@ -52,6 +52,10 @@ NUMBER_EMOJI = ("1\ufe0f\u20e3", "2\ufe0f\u20e3", "3\ufe0f\u20e3", "4\ufe0f\u20e
 REROLL_EMOJI = "\U0001f501"
 VARIATION_EMOJI = "\U0001f3a8"
 
+
+# The message id of an interaction's first response, in webhook routes. discord.py types message
+# ids as int, hence the `type: ignore`s where it is passed.
+ORIGINAL = "@original"
 
 # Status phases only move forward: a late "queued" report never hides "generating".
 QUEUED, RUNNING = 0, 1
@@ -156,7 +160,7 @@ class DiscordDelivery:
         async def original() -> discord.Message | None:
             if not self._token_usable(job):
                 return None
-            message = await self._webhook(job).fetch_message("@original")  # type: ignore[arg-type]
+            message = await self._webhook(job).fetch_message(ORIGINAL)  # type: ignore[arg-type]
             return message if is_result(message) else None
 
         async def status() -> discord.Message | None:
@@ -218,6 +222,8 @@ class DiscordDelivery:
 
     def _channel(self, job: JobView) -> discord.PartialMessageable:
         channel_id = job.delivery.get("channel_id") or job.channel_id
+        if channel_id is None:
+            raise ValueError(f"job {job.id} has no channel to deliver to")
         guild_id = job.delivery.get("guild_id") or job.guild_id
         return self.bot.get_partial_messageable(int(channel_id), guild_id=int(guild_id) if guild_id else None)
 
@@ -241,12 +247,12 @@ class DiscordDelivery:
                 return
             self._phase[job.id] = phase
             if self._token_usable(job):
-                await self._webhook(job).edit_message("@original", content=text)  # type: ignore[arg-type]
+                await self._webhook(job).edit_message(ORIGINAL, content=text)  # type: ignore[call-overload]
             elif job.delivery.get("mode") == "channel":
                 status = self._status_id(job)
                 channel = self._channel(job)
                 if status is None:
-                    sent = await channel.send(text, reference=self._reference(job))
+                    sent = await self._send(job, channel, text)
                     self._status[job.id] = sent.id
                     await self._keep_status(job, sent.id)
                 else:
@@ -276,7 +282,7 @@ class DiscordDelivery:
             kwargs["attachments"] = [file]
         if self._token_usable(job):
             try:
-                return await self._webhook(job).edit_message("@original", **kwargs)  # type: ignore[arg-type]
+                return await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
             except discord.NotFound:
                 log.info("job %s: the interaction response is gone; posting in the channel", job.id)
             except discord.HTTPException as e:
@@ -296,5 +302,14 @@ class DiscordDelivery:
         # it already has instead of a second one, within its nonce window.
         nonce = job_nonce(job.id)
         if file is not None:
-            return await channel.send(text, file=file, reference=self._reference(job), nonce=nonce)
-        return await channel.send(text, reference=self._reference(job), nonce=nonce)
+            return await self._send(job, channel, text, file=file, nonce=nonce)
+        return await self._send(job, channel, text, nonce=nonce)
+
+    async def _send(
+        self, job: JobView, channel: discord.PartialMessageable, text: str, **kwargs: Any
+    ) -> discord.Message:
+        """`channel.send`, as a reply to the job's `reply_to` message when it has one."""
+        reference = self._reference(job)
+        if reference is not None:
+            kwargs["reference"] = reference
+        return await channel.send(text, **kwargs)

@@ -27,7 +27,7 @@ from bot.playground.limits import BodyLimit
 log = logging.getLogger("bot.playground")
 
 # Seconds the server gets to finish open requests (a streaming job view ends at once on cancel).
-SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 5  # whole seconds: uvicorn takes an int
 # How long start-up may take before we call it failed (Gradio builds its config in well under a second).
 STARTUP_TIMEOUT_S = 60.0
 # Uploads: Gradio refuses files over this itself; the core refuses images over [bot] max_upload_bytes.

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 from PIL import Image
@@ -103,7 +103,9 @@ def mask_from_editor(value: Mapping[str, Any] | None) -> tuple[bytes, bytes | No
             "image", f"The image is {background.width}x{background.height}; at most 4096x4096."
         )
     image = background.convert("RGBA")
-    if image.getextrema()[3][0] < 255:
+    # One band's extrema are one (lowest, highest) pair.
+    lowest_alpha, _ = cast(tuple[int, int], image.getchannel("A").getextrema())
+    if lowest_alpha < 255:
         # Transparent parts of an upload would look black to the model: put them on white.
         flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
         flat.alpha_composite(image)
@@ -613,14 +615,16 @@ class PlaygroundUI:
             # Chatbot: every streamed update goes to both.
             chat_outputs = [chatbot, chat_state, status, last_job, reroll, *variations, quota]
             limit = cfg.concurrency_limit
-            for trigger in (send.click, prompt.submit):
-                trigger(
-                    self.on_message,
-                    inputs=[prompt, chat_state, last_job],
-                    outputs=[prompt, *chat_outputs],
-                    api_name="imagine" if trigger == send.click else False,
-                    concurrency_limit=limit,
-                )
+            message_in, message_out = [prompt, chat_state, last_job], [prompt, *chat_outputs]
+            send.click(
+                self.on_message, inputs=message_in, outputs=message_out,
+                api_name="imagine", concurrency_limit=limit,
+            )  # fmt: skip
+            # Enter in the prompt box is the same call; the API has it once, as /imagine.
+            prompt.submit(
+                self.on_message, inputs=message_in, outputs=message_out,
+                api_visibility="private", concurrency_limit=limit,
+            )  # fmt: skip
             reroll.click(
                 self.on_reroll, inputs=[chat_state, last_job], outputs=chat_outputs,
                 api_name="reroll", concurrency_limit=limit,
@@ -635,7 +639,7 @@ class PlaygroundUI:
                 outputs=[inpaint_status, inpaint_gallery, quota], api_name="inpaint", concurrency_limit=limit,
             )  # fmt: skip
             for event in (history_refresh.click, history_tab.select):
-                event(self.on_history, outputs=[gallery, history_md], api_name=False)
+                event(self.on_history, outputs=[gallery, history_md], api_visibility="private")
             admin_ops = [
                 (b_usage, self.admin_usage),
                 (b_limit, self.admin_set_limit),
@@ -650,6 +654,6 @@ class PlaygroundUI:
                     self.admin_handler(op), inputs=[target, number, reason], outputs=[admin_out, quota],
                     api_name=op.__name__,
                 )  # fmt: skip
-            blocks.load(self.on_load, outputs=[who, quota, admin_panel, not_admin], api_name=False)
+            blocks.load(self.on_load, outputs=[who, quota, admin_panel, not_admin], api_visibility="private")
         blocks.queue(default_concurrency_limit=limit)
         return blocks

@@ -478,11 +478,11 @@ class SlackDelivery:
                 return
             log.info("slack: job %s: files %s of an earlier attempt were never shared", job.id, earlier)
         try:
-            files = await self._upload(job, images)
+            uploaded = await self._upload(job, images)
             # The intent, before the share: a later attempt asks Slack where these files went.
-            await self._remember(job, {"result_files": ",".join(f["id"] for f in files)})
+            await self._remember(job, {"result_files": ",".join(file_id for file_id, _ in uploaded)})
             resp = await a.client.files_completeUploadExternal(
-                files=files,
+                files=[{"id": file_id, "title": title} for file_id, title in uploaded],
                 channel_id=channel,
                 initial_comment=messages.result_comment(job),
                 thread_ts=job.delivery.get("thread_ts"),
@@ -508,9 +508,9 @@ class SlackDelivery:
         if a.cfg.add_reaction_hints:
             await self._add_hints(job, channel, ts)
 
-    async def _upload(self, job: JobView, images: Sequence[ResultImage]) -> list[dict[str, str]]:
+    async def _upload(self, job: JobView, images: Sequence[ResultImage]) -> list[tuple[str, str]]:
         """Steps 1 and 2 of Slack's upload (an upload URL per file, then its bytes), nothing shared
-        yet; returns what `files.completeUploadExternal` takes."""
+        yet; returns (file id, title) of each, for `files.completeUploadExternal`."""
         a = self._adapter
         files = []
         for img in images:
@@ -524,7 +524,7 @@ class SlackDelivery:
                         f"upload of {name} answered HTTP {resp.status}",
                         {"ok": False, "error": f"upload_http_{resp.status}"},
                     )
-            files.append({"id": url["file_id"], "title": f"{job.prompt[:80]} (seed {img.seed})"})
+            files.append((url["file_id"], f"{job.prompt[:80]} (seed {img.seed})"))
         return files
 
     async def _remember(self, job: JobView, values: Mapping[str, str]) -> None:

@@ -39,11 +39,18 @@ QUEUED, RUNNING, DONE = 1, 2, 3
 MAX_TRACKED_JOBS = 4096
 
 
+@dataclass(frozen=True)
+class _Posted:
+    """The status message on Slack: its channel and timestamp (Slack's message id)."""
+
+    channel: str
+    ts: str
+
+
 @dataclass
 class _Entry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    ts: str | None = None
-    channel: str | None = None
+    message: _Posted | None = None
     phase: int = 0
     last_edit: float = 0.0
     parked: tuple[int, str] | None = None  # (phase, text) waiting for the interval to pass
@@ -71,11 +78,10 @@ class StatusBoard:
         entry = self._entries.get(job.id)
         if entry is None:
             # A message posted before a restart (or by another process) is edited, not posted again.
+            ts, channel = job.delivery.get("status_ts"), job.delivery.get("status_channel")
             entry = self._entries[job.id] = _Entry(
-                ts=job.delivery.get("status_ts"), channel=job.delivery.get("status_channel")
+                message=None if ts is None or channel is None else _Posted(channel, ts)
             )
-            if entry.ts is None or entry.channel is None:
-                entry.ts = entry.channel = None
             while len(self._entries) > MAX_TRACKED_JOBS:
                 _, old = self._entries.popitem(last=False)
                 if old.flusher is not None:
@@ -102,11 +108,11 @@ class StatusBoard:
             return None
         entry = self._entry(job)
         async with entry.lock:
-            if phase < entry.phase or (not edit and entry.ts is not None):
+            if phase < entry.phase or (not edit and entry.message is not None):
                 return None
             if phase == DONE:
                 entry.parked = None
-            elif throttle and entry.ts is not None:
+            elif throttle and entry.message is not None:
                 wait = entry.last_edit + self._min_interval_s - time.monotonic()
                 if wait > 0:
                     entry.parked = (phase, text)
@@ -121,14 +127,14 @@ class StatusBoard:
         entry.phase = phase
         entry.parked = None
         try:
-            if entry.ts is not None:
-                await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
+            if entry.message is not None:
+                await self._client.chat_update(channel=entry.message.channel, ts=entry.message.ts, text=text)
             elif post:
                 resp = await self._client.chat_postMessage(
                     channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
                 )
-                entry.ts, entry.channel = resp["ts"], resp["channel"]
-                await self._keep(job.id, entry)
+                entry.message = _Posted(resp["channel"], resp["ts"])
+                await self._keep(job.id, entry.message)
             entry.last_edit = time.monotonic()
         except SlackApiError as e:
             # A status line is not worth failing a job for; the result is delivered separately.
@@ -141,28 +147,29 @@ class StatusBoard:
             await asyncio.sleep(wait)
             async with entry.lock:
                 parked, entry.parked = entry.parked, None
-                if parked is None or entry.ts is None or parked[0] < entry.phase or entry.phase == DONE:
+                message = entry.message
+                if parked is None or message is None or parked[0] < entry.phase or entry.phase == DONE:
                     return
                 phase, text = parked
                 entry.phase = phase
                 try:
-                    await self._client.chat_update(channel=entry.channel, ts=entry.ts, text=text)
+                    await self._client.chat_update(channel=message.channel, ts=message.ts, text=text)
                     entry.last_edit = time.monotonic()
                 except SlackApiError as e:
                     log.warning("slack: status update for job %s failed: %s", job_id, e.response.get("error"))
         finally:
             entry.flusher = None
 
-    async def _keep(self, job_id: int, entry: _Entry) -> None:
-        if self._remember is None or entry.ts is None or entry.channel is None:
+    async def _keep(self, job_id: int, message: _Posted) -> None:
+        if self._remember is None:
             return
         try:
-            await self._remember(job_id, {"status_ts": entry.ts, "status_channel": entry.channel})
+            await self._remember(job_id, {"status_ts": message.ts, "status_channel": message.channel})
         except Exception:  # the message is shown either way; only a restart would post a second one
             log.warning("slack: could not record the status message of job %s", job_id, exc_info=True)
 
     def has_message(self, job: JobView) -> bool:
-        return self._entry(job).ts is not None
+        return self._entry(job).message is not None
 
     async def close(self) -> None:
         """Cancel parked updates (at shutdown)."""
