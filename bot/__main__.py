@@ -11,35 +11,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
-ADAPTERS = ("bot.discord_adapter", "bot.slack_adapter", "bot.playground")
+from bot import discord_adapter, playground, slack_adapter
+from bot.core.api import ImageService
 
 log = logging.getLogger("bot")
 
 
-def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Any, bool, str]]:
-    """(name, module or None, on, why) for each known adapter."""
-    plan: list[tuple[str, Any, bool, str]] = []
-    for name in ADAPTERS:
-        short = name.rsplit(".", 1)[1]
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            plan.append((short, None, False, f"off: not available ({e})"))
-            continue
-        status = getattr(module, "adapter_status", None)
-        if status is None or not hasattr(module, "run"):
-            plan.append((short, None, False, "off: package has no adapter_status()/run()"))
-            continue
-        on, why = status(env)
-        plan.append((short, module, bool(on), why))
+class Adapter(Protocol):
+    """What each adapter package exposes. Importing one is cheap: its platform library loads when
+    `run` starts."""
+
+    def adapter_status(self, env: Mapping[str, str]) -> tuple[bool, str]: ...
+
+    async def run(
+        self,
+        service: ImageService,
+        config: Mapping[str, Any],
+        env: Mapping[str, str],
+        ready: asyncio.Event | None = None,
+    ) -> None: ...
+
+
+ADAPTERS: tuple[tuple[str, Adapter], ...] = (
+    ("discord_adapter", discord_adapter),
+    ("slack_adapter", slack_adapter),
+    ("playground", playground),
+)
+
+
+def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Adapter, bool, str]]:
+    """(name, adapter, on, why) for each adapter."""
+    plan = []
+    for name, adapter in ADAPTERS:
+        on, why = adapter.adapter_status(env)
+        plan.append((name, adapter, on, why))
     return plan
 
 
@@ -72,7 +84,8 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
             loop.add_signal_handler(sig, stop.set)
     try:
         async with build_core(raw, env) as core:
-            tasks = {
+            # Any: the adapters' tasks and the stopper below are awaited together.
+            tasks: dict[asyncio.Task[Any], str] = {
                 asyncio.create_task(module.run(core.service, raw, env, None), name=f"adapter {name}"): name
                 for name, module in enabled
             }

@@ -1,4 +1,4 @@
-"""Client of the project's inference server (HTTP API v1, see CONTRACTS.md / openapi.yaml).
+"""Client of the project's inference server (HTTP API v1, docs/inference-server.md).
 
 One `aiohttp.ClientSession` per backend, made on first use and closed by `close()`. Several servers
 can be configured: each job starts at the next server (round-robin) and fails over to the others

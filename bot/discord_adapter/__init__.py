@@ -1,6 +1,6 @@
 """Discord adapter: slash commands and reactions in, core requests out; core results back as messages.
 
-Entry points used by `python -m bot` (see CONTRACTS.md): `adapter_status(env)` and `run(...)`.
+Entry points used by `python -m bot` (see `bot.__main__`): `adapter_status(env)` and `run(...)`.
 discord.py is imported only when the adapter runs.
 """
 
@@ -11,6 +11,8 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+from bot.core.api import ImageService
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,10 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
 
 
 async def run(
-    service: Any, config: Mapping[str, Any], env: Mapping[str, str], ready: asyncio.Event | None = None
+    service: ImageService,
+    config: Mapping[str, Any],
+    env: Mapping[str, str],
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Run the bot until cancelled; close the gateway and unregister the delivery on the way out."""
     import discord

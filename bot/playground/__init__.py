@@ -1,7 +1,7 @@
 """The web playground: a local Gradio app that is one more adapter on the same core.
 
 `adapter_status(env)` and `run(service, config, env, ready)` are the entry points `python -m bot`
-uses (see CONTRACTS.md). Importing this package is cheap: gradio, FastAPI and uvicorn load only
+uses (see `bot.__main__`). Importing this package is cheap: gradio, FastAPI and uvicorn load only
 when `run` starts.
 """
 
@@ -11,6 +11,8 @@ import asyncio
 import importlib.util
 from collections.abc import Mapping
 from typing import Any
+
+from bot.core.api import ImageService
 
 __all__ = ["adapter_status", "run"]
 
@@ -29,7 +31,7 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
 
 
 async def run(
-    service: Any,
+    service: ImageService,
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,

@@ -1,7 +1,7 @@
 """Slack adapter: slack-bolt `AsyncApp` over HTTP (Bolt's aiohttp adapter) or Socket Mode.
 
 `adapter_status(env)` and `run(service, config, env, ready)` are the entry points `python -m bot`
-uses (see CONTRACTS.md). Importing this package is cheap: slack_bolt loads only when `run` starts.
+uses (see `bot.__main__`). Importing this package is cheap: slack_bolt loads only when `run` starts.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from typing import Any
+
+from bot.core.api import ImageService
 
 __all__ = ["adapter_status", "run"]
 
@@ -34,7 +36,7 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
 
 
 async def run(
-    service: Any,
+    service: ImageService,
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,

@@ -1,23 +1,21 @@
 """Fixtures of the playground tests: a real headless browser (Debian's chromium driven by Playwright).
 
-Browser tests skip with the reason when chromium or Playwright is missing, except when
+Browser tests skip with the reason when chromium is missing, except when
 IMAGINE_REQUIRE_BROWSER=1 (CI installs chromium and sets it): then that is a failure.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from playwright.async_api import async_playwright
 
 from tests.playground.harness import CHROMIUM, CHROMIUM_ARGS
 
 
 def browser_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "Playwright is not installed (pip install -e '.[dev]')"
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} not found (apt-get install chromium)"
     return None
@@ -30,8 +28,6 @@ async def browser():
         if os.environ.get("IMAGINE_REQUIRE_BROWSER") == "1":
             pytest.fail(f"IMAGINE_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
-    from playwright.async_api import async_playwright
-
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

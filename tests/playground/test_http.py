@@ -228,8 +228,9 @@ async def test_reroll_before_any_result_says_so(tmp_path):
 
 
 async def test_login_form_with_non_ascii_passwords_never_answers_500(tmp_path):
-    """Gradio's /login calls our check with whatever the form held: a non-ASCII password used to be
-    a 500 (hmac.compare_digest on str), and a non-ASCII PLAYGROUND_PASSWORD locked everyone out."""
+    """Gradio's /login calls our check with whatever the form held. hmac.compare_digest refuses
+    non-ASCII str, so a password compared as text would answer 500, and a non-ASCII
+    PLAYGROUND_PASSWORD would lock everyone out."""
     import aiohttp
 
     env = {"PLAYGROUND_PASSWORD": "Kennwort-äöü-密码"}
