@@ -167,7 +167,11 @@ async def test_refusals_banned_moderated_overloaded(db_url, tmp_path):
 async def test_failure_refunds_quota_and_tells_the_adapter(db_url, tmp_path):
     backend = FakeBackend()
     backend.fail_next(1, BackendRejected("prompt has unsupported characters", "prompt"))
-    async with running_core(db_url, tmp_path, backend=backend, quotas={"daily_limit": 4}) as (core, delivery):
+    # One job at a time: the injected failure goes to the next call, which must be the first job's.
+    one_at_a_time = {"dispatch_concurrency": 1}
+    async with running_core(
+        db_url, tmp_path, backend=backend, quotas={"daily_limit": 4}, bot=one_at_a_time
+    ) as (core, delivery):
         await core.service.grant_credits(ADMIN, "alice", 1)
         job = await core.service.imagine(ALICE, GUILD, "x --n 4", idempotency_key="f1")
         await core.service.imagine(ALICE, GUILD, "x", idempotency_key="f1b")  # 1 credit
@@ -177,10 +181,8 @@ async def test_failure_refunds_quota_and_tells_the_adapter(db_url, tmp_path):
         await delivery.wait_for(lambda: job.id in delivery.failed)
         assert len(delivery.failed[job.id]) == 1 and "refunded" in delivery.failed[job.id][0][1]
         q = await core.service.quota(ALICE, GUILD)
-        assert (q.used_today, q.bonus_credits) == (
-            0,
-            0,
-        )  # the failed job's 4 came back; credit was the other job's
+        # The failed job's 4 came back; the credit was the other job's.
+        assert (q.used_today, q.bonus_credits) == (0, 0)
 
 
 async def test_retryable_errors_are_retried_then_fail_with_refund(db_url, tmp_path):
