@@ -200,22 +200,22 @@ async def counted(
         return response
     except RequestError as e:
         status = e.status
-        metrics.errors.inc(e.code)
+        metrics.errors.labels(e.code).inc()
         raise
     except EngineError as e:
         status = statuses.get(e.kind, 500)
-        metrics.errors.inc(e.kind)
+        metrics.errors.labels(e.kind).inc()
         raise
     except ClientGone:
         status = CLIENT_CLOSED
-        metrics.errors.inc("client_gone")
+        metrics.errors.labels("client_gone").inc()
         return web.Response(status=CLIENT_CLOSED)  # nobody reads it; keeps aiohttp's bookkeeping tidy
     except asyncio.CancelledError:  # aiohttp cancelled the handler: the client went away
         status = CLIENT_CLOSED
-        metrics.errors.inc("client_gone")
+        metrics.errors.labels("client_gone").inc()
         raise
     finally:
-        metrics.requests.inc(label, str(status))
+        metrics.requests.labels(label, str(status)).inc()
 
 
 def make_generate_handler(task: Task) -> Any:
@@ -288,7 +288,7 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             payload = await result_payload(waiter.result())
             line = {"event": "result", **payload}
         elif isinstance(error, EngineError):
-            request.app[keys.METRICS].errors.inc(error.kind)
+            request.app[keys.METRICS].errors.labels(error.kind).inc()
             line = {"event": "error", "error": {"code": error.kind, "message": error.message, "field": None}}
         else:
             log.error("streamed request failed", exc_info=error)
@@ -351,8 +351,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[keys.METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+    body, content_type = request.app[keys.METRICS].exposition(request.headers.get("Accept"))
+    return web.Response(
+        body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
+    )
 
 
 async def openapi(request: web.Request) -> web.Response:

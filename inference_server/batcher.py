@@ -154,7 +154,7 @@ class DynamicBatchingEngine:
         for job in list(self._queue) + self._running:
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
-                self.metrics.dropped.inc("shutdown")
+                self.metrics.dropped.labels("shutdown").inc()
         self._queue.clear()
         self.runner.close()
 
@@ -224,13 +224,13 @@ class DynamicBatchingEngine:
         kept: deque[Job] = deque()
         for job in self._queue:
             if job.future.done():
-                self.metrics.dropped.inc("cancelled")
+                self.metrics.dropped.labels("cancelled").inc()
                 log.info("dropped a queued request whose client went away")
             elif now >= job.deadline:
                 job.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it was queued")
                 )
-                self.metrics.dropped.inc("deadline")
+                self.metrics.dropped.labels("deadline").inc()
             else:
                 kept.append(job)
         self._queue = kept
@@ -306,7 +306,7 @@ class DynamicBatchingEngine:
                 job.future.set_exception(outcome.error)
                 continue
             assert outcome.images is not None
-            self.metrics.images.inc(amount=len(outcome.images))
+            self.metrics.images.inc(len(outcome.images))
             req = job.request
             job.future.set_result(
                 GenerationResult(

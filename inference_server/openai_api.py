@@ -595,7 +595,7 @@ async def stream_job(
                 await response.write(_sse(completed, f"{kind}.completed"))
         else:
             if isinstance(error, EngineError):
-                app[keys.METRICS].errors.inc(error.kind)
+                app[keys.METRICS].errors.labels(error.kind).inc()
                 message, code = error.message, error.kind
             else:
                 log.error("streamed OpenAI request failed", exc_info=error)

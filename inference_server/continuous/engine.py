@@ -220,7 +220,7 @@ class ContinuousBatchingEngine:
         for job in list(self._jobs):
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("the server shut down before this request finished"))
-                self.metrics.dropped.inc("shutdown")
+                self.metrics.dropped.labels("shutdown").inc()
         self._jobs.clear()
         self.runner.close()
 
@@ -308,7 +308,7 @@ class ContinuousBatchingEngine:
             self._idle.set()
         if job.future.done():
             if job.future.cancelled():
-                self.metrics.dropped.inc("cancelled")
+                self.metrics.dropped.labels("cancelled").inc()
             return
         if future.cancelled():
             job.future.set_exception(EngineError("internal error: the request was cancelled in the engine"))
@@ -319,13 +319,13 @@ class ContinuousBatchingEngine:
                 log.error("continuous engine: unexpected failure", exc_info=error)
                 error = EngineError("internal error (see the server log)")
             if error.kind == "deadline_exceeded":
-                self.metrics.dropped.inc("deadline")
+                self.metrics.dropped.labels("deadline").inc()
             job.future.set_exception(error)
             return
         result = future.result()
         req = job.request
         self.metrics.run_latency.observe(result.run_s)
-        self.metrics.images.inc(amount=len(result.images))
+        self.metrics.images.inc(len(result.images))
         job.future.set_result(
             GenerationResult(
                 images=result.images,
