@@ -36,24 +36,25 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from inference_server.engine import (
+    TASKS,
     DeadlineExceeded,
     EngineError,
     GenerationFailed,
     OutOfMemory,
     Overloaded,
     ShuttingDown,
+    Task,
 )
 from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 
 log = logging.getLogger(__name__)
 
-Task = Literal["txt2img", "img2img", "inpaint"]
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
 
@@ -305,7 +306,7 @@ class ContinuousEngine:
 
     def validate(self, request: ContinuousRequest) -> None:
         """Raise UnsupportedRequest naming the field when the engine can't run `request`."""
-        if request.task not in ("txt2img", "img2img", "inpaint"):
+        if request.task not in TASKS:
             raise UnsupportedRequest(f"unknown task {request.task!r}")
         if not request.seeds:
             raise UnsupportedRequest("seeds: at least one seed is needed")
