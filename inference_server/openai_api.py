@@ -42,7 +42,7 @@ from PIL import Image
 from inference_server import keys
 from inference_server.bodies import read_body
 from inference_server.config import ModelConfig, ServerConfig
-from inference_server.engine import EngineError, GenerationResult, Progress, Queued
+from inference_server.engine import EngineError, GenerationResult, Progress, Queued, Task
 from inference_server.errors import RequestError
 from inference_server.handling import counted, end_stream_after_error, refuse_if_draining, wait_for_result
 from inference_server.images import decode_base64, decode_image, encode_png
@@ -96,11 +96,6 @@ def openai_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _openai_param(field: str | None) -> str | None:
-    # Native checks name width/height; OpenAI clients send `size`.
-    return "size" if field in ("width", "height") else field
-
-
 def translate_error(response: web.Response) -> web.Response:
     """Rewrite a native `{"error": {"code", "message", "field"}}` response into OpenAI's shape.
 
@@ -121,7 +116,7 @@ def translate_error(response: web.Response) -> web.Response:
         # Queue full: 429 is what OpenAI clients and tools back off on (RateLimitError), honouring
         # Retry-After. "not_ready" / "shutting_down" stay 503 (InternalServerError, also retried).
         status, code = 429, "rate_limit_exceeded"
-    return openai_error(status, message, param=_openai_param(field), code=code, headers=headers)
+    return openai_error(status, message, param=field, code=code, headers=headers)
 
 
 @web.middleware
@@ -278,6 +273,18 @@ def _upload(fields: Mapping[str, Any], names: tuple[str, ...], param: str) -> by
     return decode_base64(found[0], param) if isinstance(found[0], str) else found[0]
 
 
+def _native(
+    task: Task, body: dict[str, Any], server: ServerConfig, model: ModelConfig, files: Mapping[str, bytes]
+) -> ParsedRequest:
+    """`parse_generation` of the native fields; its width/height come from `size` here."""
+    try:
+        return parse_generation(task, body, server=server, model=model, files=files)
+    except RequestError as e:
+        if e.field in ("width", "height"):
+            e.field = "size"
+        raise
+
+
 def parse_openai(
     endpoint: str,
     body: Mapping[str, Any],
@@ -297,9 +304,7 @@ def parse_openai(
         log.debug("OpenAI request for end user %r", fields["safety_identifier"] or fields["user"])
 
     if endpoint == "generations":
-        return parse_generation(
-            "txt2img", _native_body(fields, prompt=True), server=server, model=model
-        ), options
+        return _native("txt2img", _native_body(fields, prompt=True), server, model, {}), options
 
     image = _upload(fields, ("image", "image[]"), "image")
     if image is None:
@@ -308,7 +313,7 @@ def parse_openai(
     if endpoint == "variations":
         native = _native_body(fields, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
-        parsed = parse_generation("img2img", native, server=server, model=model, files={"image": image})
+        parsed = _native("img2img", native, server, model, {"image": image})
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
         return dataclasses.replace(
             parsed, request=dataclasses.replace(parsed.request, prompt=fields["prompt"])
@@ -329,13 +334,9 @@ def parse_openai(
     if repaint is None or repaint.getbbox() is None:
         # No mask and no transparent pixel in the image (RGB, or RGBA fully opaque): edit the whole
         # picture (image-to-image), as GPT image models do.
-        return parse_generation(
-            "img2img", native, server=server, model=model, files={"image": image}
-        ), options
+        return _native("img2img", native, server, model, {"image": image}), options
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
-    parsed = parse_generation(
-        "inpaint", native, server=server, model=model, files={"image": image, "mask": encode_png(repaint)}
-    )
+    parsed = _native("inpaint", native, server, model, {"image": image, "mask": encode_png(repaint)})
     return parsed, options
 
 
