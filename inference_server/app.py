@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "INFERENCE_API_TOKEN"
 NDJSON = "application/x-ndjson"
+
+
 # -- generation ----------------------------------------------------------------------------------
 
 

@@ -239,22 +239,14 @@ def _output_options(fields: Mapping[str, Any]) -> OutputOptions:
     )
 
 
-def _native_body(fields: Mapping[str, Any], *, prompt: bool) -> dict[str, Any]:
+def _native_body(fields: Mapping[str, Any], server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
     """The native fields `parse_generation` takes, from the (already checked) OpenAI ones."""
     names = (*NATIVE_EXTENSIONS, "n", "strength", *(("prompt",) if prompt else ()))
     body = {name: fields[name] for name in names if fields.get(name) is not None}
-    if fields["size"] is not None:
-        size = _size_of(fields["size"])
-        if size is not None:
-            body["width"], body["height"] = size
+    size = parse_size(fields["size"], server) if fields["size"] is not None else None
+    if size is not None:
+        body["width"], body["height"] = size
     return body
-
-
-def _size_of(size: str) -> tuple[int, int] | None:
-    if size.strip().lower() == "auto":
-        return None
-    width, _, height = size.lower().partition("x")
-    return int(width), int(height)
 
 
 def _unknown(name: str) -> str:
@@ -304,14 +296,14 @@ def parse_openai(
         log.debug("OpenAI request for end user %r", fields["safety_identifier"] or fields["user"])
 
     if endpoint == "generations":
-        return _native("txt2img", _native_body(fields, prompt=True), server, model, {}), options
+        return _native("txt2img", _native_body(fields, server, prompt=True), server, model, {}), options
 
     image = _upload(fields, ("image", "image[]"), "image")
     if image is None:
         raise _bad("image", "image is required")
 
     if endpoint == "variations":
-        native = _native_body(fields, prompt=False)
+        native = _native_body(fields, server, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
         parsed = _native("img2img", native, server, model, {"image": image})
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
@@ -322,7 +314,7 @@ def parse_openai(
     # Edits: OpenAI marks the area to repaint with fully transparent pixels, of the mask or else of
     # the image itself; the native API wants white = repaint. A mask without any alpha is refused
     # rather than guessed at (is white "edit" or "keep"?).
-    native = _native_body(fields, prompt=True)
+    native = _native_body(fields, server, prompt=True)
     mask_upload = _upload(fields, ("mask",), "mask")
     source = mask_upload if mask_upload is not None else image
     param = "mask" if mask_upload is not None else "image"

@@ -78,9 +78,11 @@ def show(value: Any) -> str:
 
 
 def _text_problem(value: str) -> str | None:
-    """A JSON body can carry a lone UTF-16 surrogate ("\\ud800"): a Python str holds it, but it is
-    no character, the tokenizer can't encode it, and in a batched call it would fail everyone
-    else's request too. So it is refused before the request is queued."""
+    """Where `value` holds a lone UTF-16 surrogate, or None.
+
+    A JSON body can carry one ("\\ud800"): a Python str holds it, but it is no character, the
+    tokenizer can't encode it, and in a batched call it would fail everyone else's request too.
+    pydantic refuses such a string (`string_unicode`); this says where it is, for the message."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -207,9 +209,6 @@ class RequestModels:
 
     native: Mapping[Task, type[BaseModel]]
     openai: Mapping[str, type[BaseModel]]  # "generations" | "edits" | "variations"
-
-    def all(self) -> list[type[BaseModel]]:
-        return [*self.native.values(), *self.openai.values()]
 
 
 @functools.cache
