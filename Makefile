@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,playground
 
-.PHONY: setup run test bench lint format migrate train-model eval-model serve bot docs docs-build clean
+.PHONY: setup run test bench lint typecheck format migrate train-model eval-model serve bot docs docs-build clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# mypy reads [tool.mypy] in pyproject.toml (the embedded model's training scripts are excluded).
+typecheck: setup
+	$(PY) -m mypy bot inference_server
 
 format: setup
 	$(PY) -m ruff format .

@@ -1,8 +1,8 @@
 """A loopback fake of the inference server's HTTP contract (Hugging Face's is in fake_hf.py).
 
-`FakeInferenceServer` speaks the inference server API v1 from CONTRACTS.md (auth, JSON and NDJSON
-streaming, error bodies) on 127.0.0.1 with the real aiohttp server; a test queues what the next
-requests should get and reads back what the client sent. The real inference server is exercised in
+`FakeInferenceServer` speaks the inference server's API v1 (docs/inference-server.md: auth, JSON and
+NDJSON streaming, error bodies) on 127.0.0.1 with the real aiohttp server; a test queues what the
+next requests should get and reads back what the client sent. The real inference server is exercised in
 test_end_to_end.py.
 """
 

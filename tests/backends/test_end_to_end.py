@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageChops
 
-import inference_server
 from bot.backends.base import BackendEvent, BackendRejected, GenerationParams
 from bot.backends.inference_server import InferenceServerBackend
-
-# Skip only while the server's app module does not exist yet; once it does, an import error in it
-# must fail this test loudly instead of hiding behind a skip.
-if not (Path(inference_server.__file__).parent / "app.py").is_file():
-    pytest.skip("inference_server/app.py is not in this checkout yet", allow_module_level=True)
-
-from inference_server import app as app_module  # noqa: E402
-from inference_server import keys  # noqa: E402
-from inference_server.config import Config  # noqa: E402
-from inference_server.testing import save_tiny_pipeline  # noqa: E402
+from inference_server import app as app_module
+from inference_server import keys
+from inference_server.config import Config
+from inference_server.testing import save_tiny_pipeline
 
 TOKEN = "e2e-token"
 SIDE = 32  # the tiny pipeline's native size: the smallest images a real pipeline call makes
