@@ -5,15 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install when pyproject.toml changes, not on every run.
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,playground
+# Every role (server, discord, slack, playground) and the test tools; a host of one role installs
+# only its extra (docs/deployment.md).
+EXTRAS ?= all,dev
+# The build of torch: CPU unless this machine has an NVIDIA GPU (deploy/torch-index.sh says why and
+# how; TORCH_INDEX=URL picks another). Evaluated only when an install runs.
+TORCH_PIP_ARGS ?= $(shell PYTHON=$(PYTHON) TORCH_INDEX=$(TORCH_INDEX) sh deploy/torch-index.sh)
 
-.PHONY: setup run test bench lint format migrate train-model eval-model serve bot docs docs-build clean
+.PHONY: setup run test bench lint format migrate train-model eval-model serve bot docs docs-build clean \
+	install-check images deploy-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned to the CPU build in pyproject.toml; see docs/getting-started.md for a CUDA install.
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 setup: $(STAMP)

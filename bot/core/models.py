@@ -1,4 +1,4 @@
-"""The database schema (SQLAlchemy 2.x typed ORM). Alembic migrations in `migrations/` must agree with
+"""The database schema (SQLAlchemy 2.x typed ORM). Alembic migrations in `bot/migrations/` must agree with
 it; `tests/core/test_migrations.py` compares them on SQLite and PostgreSQL.
 
 Every job is a row with a state; every button or reaction resolves to a row, never to memory.

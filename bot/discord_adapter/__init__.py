@@ -30,7 +30,7 @@ async def run(
 
     from bot.discord_adapter.bot import ImagineBot
     from bot.discord_adapter.config import DiscordConfig
-    from inference_server.config_loader import load_section
+    from bot.settings import load_section
 
     cfg = load_section(config, "discord", DiscordConfig, environ=env)
     token = env.get("DISCORD_TOKEN", "").strip()
