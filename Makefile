@@ -81,3 +81,31 @@ docs-build: $(DOCS_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
+
+# -- Packaging and deployment (docs/deployment.md) ------------------------------------------------------
+# The images of deploy/Containerfile (server, bot) and a PostgreSQL image, with podman; prints the
+# image names for deploy/.env.
+images:
+	PYTHON=$(PYTHON) sh deploy/build-images.sh
+
+# Opt-in, not part of `make test` (about 10 minutes the first time, mostly building the server
+# image): deploy/compose.yaml on this machine with podman-compose, a server and a bot killed
+# mid-run, every job delivered once. Needs podman (and, where no registry answers, debootstrap).
+DEPLOY_TEST_ARGS ?=
+deploy-test: setup
+	$(PY) -m tests.deploy.compose_check $(DEPLOY_TEST_ARGS)
+
+# Opt-in: a chat host's install in a fresh virtualenv brings no torch, and the bot imports none of
+# the server's libraries (tests/deploy/bot_imports.py). Prints what each install weighs.
+INSTALL_CHECK_DIR ?= /tmp/imagine-install-check
+install-check:
+	rm -rf $(INSTALL_CHECK_DIR) && $(PYTHON) -m venv $(INSTALL_CHECK_DIR)
+	$(INSTALL_CHECK_DIR)/bin/python -m pip install -q '.[discord]'
+	! $(INSTALL_CHECK_DIR)/bin/python -m pip show torch diffusers transformers 2>/dev/null | grep -q '^Name:'
+	cd /tmp && $(INSTALL_CHECK_DIR)/bin/python $(CURDIR)/tests/deploy/bot_imports.py --adapters discord
+	@echo "install-check: '.[discord]' has no torch; the venv weighs $$(du -sh $(INSTALL_CHECK_DIR) | cut -f1)"
+	$(INSTALL_CHECK_DIR)/bin/python -m pip install -q '.[discord,slack,playground]'
+	! $(INSTALL_CHECK_DIR)/bin/python -m pip show torch diffusers transformers 2>/dev/null | grep -q '^Name:'
+	cd /tmp && $(INSTALL_CHECK_DIR)/bin/python $(CURDIR)/tests/deploy/bot_imports.py
+	@echo "install-check: '.[discord,slack,playground]' has no torch; the venv weighs $$(du -sh $(INSTALL_CHECK_DIR) | cut -f1)"
+	rm -rf $(INSTALL_CHECK_DIR)
