@@ -80,7 +80,7 @@ docs-build: $(DOCS_STAMP)
 	$(VENV)/bin/properdocs build --strict -f mkdocs.yml -d site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site build
 
 # -- Packaging and deployment (docs/deployment.md) ------------------------------------------------------
 # The images of deploy/Containerfile (server, bot) and a PostgreSQL image, with podman; prints the
@@ -108,4 +108,4 @@ install-check:
 	! $(INSTALL_CHECK_DIR)/bin/python -m pip show torch diffusers transformers 2>/dev/null | grep -q '^Name:'
 	cd /tmp && $(INSTALL_CHECK_DIR)/bin/python $(CURDIR)/tests/deploy/bot_imports.py
 	@echo "install-check: '.[discord,slack,playground]' has no torch; the venv weighs $$(du -sh $(INSTALL_CHECK_DIR) | cut -f1)"
-	rm -rf $(INSTALL_CHECK_DIR)
+	rm -rf $(INSTALL_CHECK_DIR) build

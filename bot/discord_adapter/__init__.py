@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,11 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
     """On when DISCORD_TOKEN is set."""
     if not env.get("DISCORD_TOKEN", "").strip():
         return False, "off: DISCORD_TOKEN not set"
+    if importlib.util.find_spec("discord") is None:
+        return (
+            False,
+            "off: DISCORD_TOKEN is set but discord.py is not installed (pip install 'imagine-bot[discord]')",
+        )
     return True, "on: DISCORD_TOKEN set"
 
 

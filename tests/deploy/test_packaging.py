@@ -172,3 +172,27 @@ def test_torch_index_overrides_the_choice(tmp_path):
     assert done.stdout.split() == ["--extra-index-url", url]
     done = torch_index(tmp_path, gpu=False, cpu_index=closed_port_url(), TORCH_INDEX="none")
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("module", "adapter", "env", "extra"),
+    [
+        ("discord", "bot.discord_adapter", {"DISCORD_TOKEN": "t"}, "imagine-bot[discord]"),
+        (
+            "slack_bolt",
+            "bot.slack_adapter",
+            {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"},
+            "imagine-bot[slack]",
+        ),
+        ("gradio", "bot.playground", {}, "imagine-bot[playground]"),
+    ],
+)
+def test_an_adapter_whose_extra_is_missing_is_off_and_names_the_extra(
+    monkeypatch, module, adapter, env, extra
+):
+    import importlib
+
+    # None in sys.modules is how Python spells "this module cannot be imported".
+    monkeypatch.setitem(sys.modules, module, None)
+    on, why = importlib.import_module(adapter).adapter_status(env)
+    assert not on and why.startswith("off:") and extra in why, why
