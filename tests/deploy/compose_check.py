@@ -137,16 +137,7 @@ def free_port() -> int:
 
 def build_images(skip: bool) -> dict[str, str]:
     if skip:
-        return {
-            "SERVER_IMAGE": "localhost/imagine-server:latest",
-            "BOT_IMAGE": "localhost/imagine-bot:latest",
-            "POSTGRES_IMAGE": os.environ.get("POSTGRES_IMAGE", "localhost/imagine-postgres:15"),
-            **(
-                {"CONTAINERS_CONF": str(REPO / "deploy/podman/containers.conf")}
-                if "CONTAINERS_CONF" not in os.environ
-                else {}
-            ),
-        }
+        return images_built_before()
     log("building the images (deploy/build-images.sh)")
     started = time.monotonic()
     done = subprocess.run(
@@ -157,6 +148,35 @@ def build_images(skip: bool) -> dict[str, str]:
         raise CheckFailed("building the images failed (see above)")
     log(f"images built in {time.monotonic() - started:.0f} s")
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if re.fullmatch(r"[A-Z_]+=\S+", line))
+
+
+def images_built_before() -> dict[str, str]:
+    """What deploy/build-images.sh would print, for images it built on an earlier run."""
+
+    def exists(image: str) -> bool:
+        return subprocess.run(["podman", "image", "exists", image], check=False).returncode == 0
+
+    images = {
+        "SERVER_IMAGE": os.environ.get("SERVER_IMAGE", "localhost/imagine-server:latest"),
+        "BOT_IMAGE": os.environ.get("BOT_IMAGE", "localhost/imagine-bot:latest"),
+        "POSTGRES_IMAGE": os.environ.get("POSTGRES_IMAGE")
+        or (
+            "localhost/imagine-postgres:15"
+            if exists("localhost/imagine-postgres:15")
+            else "docker.io/library/postgres:16"
+        ),
+    }
+    missing = [image for image in images.values() if not exists(image)]
+    if missing:
+        raise CheckFailed(
+            f"--skip-build, but these images are missing: {', '.join(missing)} (run make images)"
+        )
+    plain = subprocess.run(
+        ["podman", "run", "--rm", images["BOT_IMAGE"], "true"], capture_output=True, check=False
+    )
+    if plain.returncode != 0 and "CONTAINERS_CONF" not in os.environ:
+        images["CONTAINERS_CONF"] = str(REPO / "deploy" / "podman" / "containers.conf")
+    return images
 
 
 def start(fleet: Fleet) -> None:
