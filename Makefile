@@ -5,15 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install when pyproject.toml changes, not on every run.
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,playground
+# Every role (server, discord, slack, playground) and the test tools; a host of one role installs
+# only its extra (docs/deployment.md).
+EXTRAS ?= all,dev
+# The build of torch: CPU unless this machine has an NVIDIA GPU (deploy/torch-index.sh says why and
+# how; TORCH_INDEX=URL picks another). Evaluated only when an install runs.
+TORCH_PIP_ARGS ?= $(shell PYTHON=$(PYTHON) TORCH_INDEX=$(TORCH_INDEX) sh deploy/torch-index.sh)
 
-.PHONY: setup run test bench lint typecheck format migrate train-model eval-model serve bot docs docs-build clean
+.PHONY: setup run test bench lint typecheck format migrate train-model eval-model serve bot docs docs-build clean \
+	install-check images deploy-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned to the CPU build in pyproject.toml; see docs/getting-started.md for a CUDA install.
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -79,4 +84,32 @@ docs-build: $(DOCS_STAMP)
 	$(VENV)/bin/properdocs build --strict -f mkdocs.yml -d site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site build
+
+# -- Packaging and deployment (docs/deployment.md) ------------------------------------------------------
+# The images of deploy/Containerfile (server, bot) and a PostgreSQL image, with podman; prints the
+# image names for deploy/.env.
+images:
+	PYTHON=$(PYTHON) sh deploy/build-images.sh
+
+# Opt-in, not part of `make test` (about 10 minutes the first time, mostly building the server
+# image): deploy/compose.yaml on this machine with podman-compose, a server and a bot killed
+# mid-run, every job delivered once. Needs podman (and, where no registry answers, debootstrap).
+DEPLOY_TEST_ARGS ?=
+deploy-test: setup
+	$(PY) -m tests.deploy.compose_check $(DEPLOY_TEST_ARGS)
+
+# Opt-in: a chat host's install in a fresh virtualenv brings no torch, and the bot imports none of
+# the server's libraries (tests/deploy/bot_imports.py). Prints what each install weighs.
+INSTALL_CHECK_DIR ?= /tmp/imagine-install-check
+install-check:
+	rm -rf $(INSTALL_CHECK_DIR) && $(PYTHON) -m venv $(INSTALL_CHECK_DIR)
+	$(INSTALL_CHECK_DIR)/bin/python -m pip install -q '.[discord]'
+	! $(INSTALL_CHECK_DIR)/bin/python -m pip show torch diffusers transformers 2>/dev/null | grep -q '^Name:'
+	cd /tmp && $(INSTALL_CHECK_DIR)/bin/python $(CURDIR)/tests/deploy/bot_imports.py --adapters discord
+	@echo "install-check: '.[discord]' has no torch; the venv weighs $$(du -sh $(INSTALL_CHECK_DIR) | cut -f1)"
+	$(INSTALL_CHECK_DIR)/bin/python -m pip install -q '.[discord,slack,playground]'
+	! $(INSTALL_CHECK_DIR)/bin/python -m pip show torch diffusers transformers 2>/dev/null | grep -q '^Name:'
+	cd /tmp && $(INSTALL_CHECK_DIR)/bin/python $(CURDIR)/tests/deploy/bot_imports.py
+	@echo "install-check: '.[discord,slack,playground]' has no torch; the venv weighs $$(du -sh $(INSTALL_CHECK_DIR) | cut -f1)"
+	rm -rf $(INSTALL_CHECK_DIR) build

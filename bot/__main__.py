@@ -58,7 +58,7 @@ def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Adapter, bool, str]]
 async def amain(config_file: str, env: Mapping[str, str]) -> int:
     from bot.bootstrap import build_core
     from bot.migrate import SchemaOutOfDate
-    from inference_server.config_loader import ConfigError, read_toml
+    from bot.settings import ConfigError, read_toml
 
     try:
         raw = read_toml(config_file)
@@ -119,7 +119,7 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from dotenv import load_dotenv
 
-    from inference_server.config_loader import config_path
+    from bot.settings import config_path
 
     parser = argparse.ArgumentParser(
         prog="python -m bot", description="Run the image bot (core + chat adapters)."

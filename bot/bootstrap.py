@@ -30,7 +30,7 @@ from bot.core.models import utcnow
 from bot.core.service import CoreService
 from bot.core.storage import ImageStorage, LocalImageStorage
 from bot.migrate import ensure_schema
-from inference_server.config_loader import ConfigError, read_toml
+from bot.settings import ConfigError, read_toml
 
 log = logging.getLogger("bot")
 

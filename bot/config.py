@@ -1,6 +1,6 @@
 """The bot's typed configuration: [bot], [database], [storage], [quotas], [moderation].
 
-Loaded with `inference_server.config_loader.load_section`, so every key can be overridden by
+Loaded with `bot.settings.load_section`, so every key can be overridden by
 `IMAGINE_<SECTION>_<KEY>`; values are validated here at start-up and errors name the key.
 Secrets are not here: `DATABASE_URL` (environment or .env) overrides `[database] url`.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from inference_server.config_loader import ConfigError, load_section, read_toml
+from bot.settings import ConfigError, load_section, read_toml
 
 
 def _check(cond: bool, key: str, message: str) -> None:

@@ -11,6 +11,8 @@
    flight back to the queue in the database, and the next start finishes them.
 
 The inference server is skipped when `[backends] kind` is not "inference_server" (e.g. "fake").
+Its config and model are checked first by `python -m inference_server --check-config`: the bot
+never imports the server package, which a bot-only install has without its dependencies.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +40,9 @@ LABEL = "launcher"
 # How long to wait for the playground (and the model) before saying something is slow; the
 # embedded model loads in seconds, a real checkpoint on CPU can take minutes.
 READY_PATIENCE_S = 180.0
+# The server's config check imports its config and pipeline modules (about a second); a minute means
+# something is wrong with the Python environment, not with the config.
+SERVER_CHECK_TIMEOUT_S = 60.0
 
 
 def ensure_token(env: MutableMapping[str, str], token_file: Path = TOKEN_FILE) -> str:
@@ -65,6 +71,39 @@ def read_procfile(path: Path = PROCFILE) -> dict[str, str]:
     return dict(parse_procfile(path.read_text()).processes)
 
 
+@dataclass(frozen=True)
+class ServerPlan:
+    """What the inference server says it would serve (`python -m inference_server --check-config`)."""
+
+    host: str
+    port: int
+    model: str
+
+
+class ServerCheckFailed(RuntimeError):
+    """The inference server refused its config or model; the message is its own."""
+
+
+def check_server(config_file: Path, env: Mapping[str, str]) -> ServerPlan:
+    """Ask the inference server what it would serve. It validates its own config sections and the
+    model source in a subprocess, so the bot never imports the server package (a bot-only install
+    has none of torch, diffusers or transformers)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "inference_server", "--check-config", "--config", str(config_file)],
+            env=dict(env), capture_output=True, text=True, check=False, timeout=SERVER_CHECK_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ServerCheckFailed(f"its config check did not answer in {SERVER_CHECK_TIMEOUT_S:g} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or [
+            f"exit status {done.returncode}"
+        ]
+        raise ServerCheckFailed(lines[-1].removeprefix("inference_server: "))
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return ServerPlan(host=answer["host"], port=int(answer["port"]), model=answer["model"])
+
+
 class Plan:
     """What the launcher will run, worked out from the config and environment before starting."""
 
@@ -72,21 +111,21 @@ class Plan:
         from bot.__main__ import adapter_plan
         from bot.backends import load_backends_config
         from bot.playground.config import load_playground_config
-        from inference_server.config import load_config
-        from inference_server.config_loader import read_toml
+        from bot.settings import read_toml
 
+        self.config_file = config_file
         raw = read_toml(config_file)
-        self.server_config = load_config(raw, environ=env)
         self.backends = load_backends_config(raw, env)
         self.playground = load_playground_config(raw, env)
         self.run_server = self.backends.kind == "inference_server"
         self.adapters = adapter_plan(env)
+        self.server: ServerPlan | None = None
 
     @property
     def server_url(self) -> str:
-        s = self.server_config.server
-        host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-        return f"http://{host}:{s.port}"
+        assert self.server is not None
+        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::") else self.server.host
+        return f"http://{host}:{self.server.port}"
 
     @property
     def playground_url(self) -> str | None:
@@ -144,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from honcho.manager import Manager
     from honcho.printer import Message, Printer
 
-    from inference_server.config_loader import ConfigError, config_path
+    from bot.settings import ConfigError, config_path
 
     parser = argparse.ArgumentParser(prog="python -m bot.launcher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")
@@ -168,11 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if plan.run_server:
-        from inference_server.pipelines import ModelLoadError, check_model_source
-
         try:
-            check_model_source(plan.server_config.model)
-        except ModelLoadError as e:
+            plan.server = check_server(config_file, env)
+        except ServerCheckFailed as e:
             say(f"cannot start the inference server: {e}")
             say("to try the bot without a model: IMAGINE_BACKENDS_KIND=fake make run (placeholder images)")
             return 2
@@ -181,16 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         # The bot talks to the server started here, unless the URLs were set explicitly.
         env.setdefault("IMAGINE_BACKENDS_URLS", json.dumps([plan.server_url]))
 
+    listeners = [("[playground]", plan.playground.host, plan.playground.port, "IMAGINE_PLAYGROUND_PORT",
+                  plan.playground.enabled)]  # fmt: skip
+    if plan.server is not None:
+        listeners.append(
+            ("[inference_server]", plan.server.host, plan.server.port, "IMAGINE_INFERENCE_SERVER_PORT", True)
+        )
     busy = [
         f"{where} {host}:{port} is in use (another `make run`?); set {var} to a free port"
-        for where, host, port, var, needed in (
-            ("[inference_server]", plan.server_config.server.host, plan.server_config.server.port,
-             "IMAGINE_INFERENCE_SERVER_PORT", plan.run_server),
-            ("[playground]", plan.playground.host, plan.playground.port, "IMAGINE_PLAYGROUND_PORT",
-             plan.playground.enabled),
-        )
+        for where, host, port, var, needed in listeners
         if needed and port and not port_free(host, port)
-    ]  # fmt: skip
+    ]
     for message in busy:
         say(message)
     if busy:
@@ -214,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"migrate: {line}")
 
     say(
-        f"inference server: {'on, model ' + plan.server_config.model.path if plan.run_server else 'off: [backends] kind = ' + plan.backends.kind}"
+        f"inference server: {'on, model ' + plan.server.model if plan.server else 'off: [backends] kind = ' + plan.backends.kind}"
     )  # noqa: E501
     for name, _module, on, why in plan.adapters:
         say(

@@ -1,8 +1,8 @@
 """Database migrations: `python -m bot.migrate` (= `make migrate`) upgrades to the newest schema;
 `--downgrade REV` goes back (`base` = empty); `--status` prints where the database stands.
 
-Alembic is configured here in code (script_location = the repository's `migrations/`), so there is
-no alembic.ini to keep in sync. The same functions are used at start-up: the bot refuses to run on a
+Alembic is configured here in code (script_location = the top-level `migrations/`, shipped in the package through the link `bot/migrations`),
+so there is no alembic.ini to keep in sync. The same functions are used at start-up: the bot refuses to run on a
 database that is behind the code, unless `[database] auto_migrate = true`.
 """
 
@@ -22,7 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 log = logging.getLogger("bot.migrate")
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
 
     from bot.config import load_core_config
     from bot.core.db import make_engine
-    from inference_server.config_loader import ConfigError, config_path
+    from bot.settings import ConfigError, config_path
 
     parser = argparse.ArgumentParser(prog="python -m bot.migrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")

@@ -1,9 +1,15 @@
-"""`python -m inference_server`: load config and .env, build the app, serve until SIGINT/SIGTERM."""
+"""`python -m inference_server`: load config and .env, build the app, serve until SIGINT/SIGTERM.
+
+`--check-config` only validates the config and the model source and prints, as one JSON line, what
+would be served: the launcher of `make run` asks this way, so the bot never imports this package.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import json
 import logging
 import os
 import sys
@@ -12,7 +18,6 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from inference_server import keys
-from inference_server.app import create_app, runner_options
 from inference_server.config import load_config
 from inference_server.config_loader import ConfigError, config_path
 from inference_server.pipelines import ModelLoadError, check_model_source
@@ -27,10 +32,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="config file (default: $IMAGINE_CONFIG or ./config.toml)")
     parser.add_argument("--host", help="override [inference_server] host")
     parser.add_argument("--port", type=int, help="override [inference_server] port")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config and the model source, print host, port and model as JSON, and exit",
+    )
     return parser.parse_args(argv)
 
 
+# What serving needs beyond what the bot installs: the `server` extra (pyproject.toml).
+SERVER_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+
+
+def missing_server_modules() -> list[str]:
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = missing_server_modules()
+    if missing:
+        # A bot-only install (the discord/slack/playground extras) has this package but not its
+        # dependencies: say so instead of an ImportError traceback.
+        print(
+            f"inference_server: {', '.join(missing)} not installed: install the server extra "
+            "(pip install 'imagine-bot[server]', or `make setup`)",
+            file=sys.stderr,
+        )
+        return 2
     from dotenv import load_dotenv
 
     load_dotenv()  # secrets such as INFERENCE_API_TOKEN may live in .env
@@ -38,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
 
+    from inference_server.app import create_app, runner_options
+
     diffusers_logging.disable_progress_bar()
-    args = parse_args(argv)
     try:
         config = load_config(config_path(args.config))
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -49,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         check_model_source(config.model)
+        if args.check_config:
+            print(
+                json.dumps(
+                    {"host": config.server.host, "port": config.server.port, "model": config.model.path}
+                )
+            )
+            return 0
         app = create_app(config)
     except (ConfigError, ModelLoadError) as e:
         print(f"inference_server: {e}", file=sys.stderr)

@@ -1,130 +1,46 @@
-"""The aiohttp application: routes, auth, error mapping, streaming. Wired in `create_app`."""
+"""The aiohttp application: the native `/v1/<task>` routes, the open endpoints, and `create_app`,
+which wires them with the OpenAI-compatible routes, the middlewares and the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import importlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from inference_server import keys
+from inference_server import keys, openai_api
 from inference_server.batcher import DynamicBatchingEngine
 from inference_server.bodies import read_body
 from inference_server.config import Config
 from inference_server.config_loader import ConfigError
-from inference_server.engine import Engine, EngineError, GenerationResult, Job, Progress, ShuttingDown, Task
-from inference_server.errors import RequestError
+from inference_server.continuous import ContinuousBatchingEngine
+from inference_server.engine import TASKS, Engine, EngineError, GenerationResult, Job, Progress, Task
+from inference_server.handling import (
+    DISCONNECT_POLL_S,
+    auth_middleware,
+    client_gone,
+    counted,
+    end_stream_after_error,
+    error_middleware,
+    refuse_if_draining,
+    wait_for_result,
+)
 from inference_server.images import png_base64
 from inference_server.metrics import Metrics
+from inference_server.openapi import openapi_document
 from inference_server.pipelines import PipelineRunner
-from inference_server.validation import TASKS, ParsedRequest, parse_generation
+from inference_server.validation import ParsedRequest, parse_generation
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "INFERENCE_API_TOKEN"
-OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"
 NDJSON = "application/x-ndjson"
-# How often a waiting non-streaming handler checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.25
-
-CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and the access log
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited."""
-
-
-# HTTP status for each engine error kind (see CONTRACTS.md).
-_ENGINE_STATUS = {
-    "overloaded": 503,
-    "not_ready": 503,
-    "shutting_down": 503,
-    "deadline_exceeded": 504,
-    "out_of_memory": 500,
-    "generation_failed": 500,
-    "internal": 500,
-}
-_HTTP_CODES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def error_response(
-    status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.json_response(
-        {"error": {"code": code, "message": message, "field": field}}, status=status, headers=headers
-    )
-
-
-def engine_error_response(e: EngineError) -> web.Response:
-    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
-    return error_response(_ENGINE_STATUS.get(e.kind, 500), e.kind, e.message, headers=headers)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every error leaves as the contract's JSON body; tracebacks go to the log only.
-
-    Handlers that stream (NDJSON, server-sent events) catch their own errors once the 200 has gone
-    out (see `end_stream_after_error`): after the headers, an error can only travel as an event.
-    """
-    try:
-        return await handler(request)
-    except RequestError as e:
-        response = error_response(e.status, e.code, e.message, e.field)
-        if e.status in (408, 413):
-            # The rest of the body may still be on its way (or never come): don't read it, close.
-            response.force_close()
-        return response
-    except EngineError as e:
-        return engine_error_response(e)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-        message = (
-            e.reason
-            if e.status != 413
-            else f"the request body is larger than {request.app[keys.CONFIG].server.max_body_bytes} bytes"
-        )
-        return error_response(e.status, _HTTP_CODES.get(e.status, "error"), message, headers=headers)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal server error (see the server log)")
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    token = request.app[keys.API_TOKEN]
-    if token and request.path.startswith("/v1/"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        # aiohttp decodes header bytes that aren't UTF-8 as surrogates; "surrogatepass" encodes any
-        # str, so such a header is a wrong token (401), not an encoding error (500).
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
-        ):
-            return error_response(
-                401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-    return await handler(request)
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -161,11 +77,6 @@ def result_json(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     config = request.app[keys.CONFIG]
     body, files, from_form = await read_body(request)
@@ -179,45 +90,6 @@ async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     return await asyncio.to_thread(parse) if task != "txt2img" else parse()
 
 
-async def counted(
-    request: web.Request,
-    label: str,
-    work: Callable[[], Awaitable[web.StreamResponse]],
-    engine_status: Mapping[str, int] | None = None,
-) -> web.StreamResponse:
-    """Run a generation handler's `work`, counting its outcome in the request and error metrics.
-
-    Every generation route (native and OpenAI) goes through here, so status labels and error kinds
-    are counted the same way whichever API a client speaks. `engine_status` maps engine error kinds
-    to the HTTP status that API answers with (OpenAI's answers a full queue with 429, ours with 503).
-    """
-    statuses = _ENGINE_STATUS if engine_status is None else engine_status
-    metrics = request.app[keys.METRICS]
-    status = 500
-    try:
-        response = await work()
-        status = response.status
-        return response
-    except RequestError as e:
-        status = e.status
-        metrics.errors.inc(e.code)
-        raise
-    except EngineError as e:
-        status = statuses.get(e.kind, 500)
-        metrics.errors.inc(e.kind)
-        raise
-    except ClientGone:
-        status = CLIENT_CLOSED
-        metrics.errors.inc("client_gone")
-        return web.Response(status=CLIENT_CLOSED)  # nobody reads it; keeps aiohttp's bookkeeping tidy
-    except asyncio.CancelledError:  # aiohttp cancelled the handler: the client went away
-        status = CLIENT_CLOSED
-        metrics.errors.inc("client_gone")
-        raise
-    finally:
-        metrics.requests.inc(label, str(status))
-
-
 def make_generate_handler(task: Task) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await counted(request, task, lambda: _generate(request, task))
@@ -227,31 +99,14 @@ def make_generate_handler(task: Task) -> Any:
 
 
 async def _generate(request: web.Request, task: Task) -> web.StreamResponse:
-    app = request.app
-    if app[keys.STATE].draining:
-        raise ShuttingDown(
-            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
-        )
+    refuse_if_draining(request.app)
     parsed = await parse_request(request, task)
-    stream = parsed.stream or NDJSON in request.headers.get("Accept", "")
-    engine = app[keys.ENGINE]
-    if stream:
+    engine = request.app[keys.ENGINE]
+    if parsed.stream or NDJSON in request.headers.get("Accept", ""):
         return await _stream(request, engine, parsed)
     job = engine.submit(parsed.request, timeout_s=parsed.timeout_s)
-    waiter = asyncio.ensure_future(job.wait())
-    try:
-        while not waiter.done():
-            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if not waiter.done() and _client_gone(request):
-                log.info("client went away; dropping its %s request", task)
-                job.cancel()
-                raise ClientGone()
-        result = waiter.result()
-    finally:
-        if not waiter.done():
-            waiter.cancel()  # handler cancelled: job.wait() cancels the job
-    payload = await result_payload(result)
-    return web.json_response(payload)
+    result = await wait_for_result(request, job, task)
+    return web.json_response(await result_payload(result))
 
 
 async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -> web.StreamResponse:
@@ -270,7 +125,7 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             try:
                 event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
             except TimeoutError:
-                if _client_gone(request):
+                if client_gone(request):
                     raise ConnectionResetError("client went away") from None
                 continue
             if event is done:
@@ -288,7 +143,7 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
             payload = await result_payload(waiter.result())
             line = {"event": "result", **payload}
         elif isinstance(error, EngineError):
-            request.app[keys.METRICS].errors.inc(error.kind)
+            request.app[keys.METRICS].errors.labels(error.kind).inc()
             line = {"event": "error", "error": {"code": error.kind, "message": error.message, "field": None}}
         else:
             log.error("streamed request failed", exc_info=error)
@@ -311,17 +166,6 @@ _NDJSON_INTERNAL = {
     "event": "error",
     "error": {"code": "internal", "message": "internal error", "field": None},
 }
-
-
-async def end_stream_after_error(response: web.StreamResponse, error: Exception, last_event: bytes) -> None:
-    """An unexpected error in a streaming handler: before the 200 it is the error middleware's (a
-    logged 500); after it, the client gets `last_event` and the end of the stream, the log the rest."""
-    if not response.prepared:
-        raise error
-    log.error("streamed request failed after its response started", exc_info=error)
-    with contextlib.suppress(Exception):
-        await response.write(last_event)
-        await response.write_eof()
 
 
 # -- open endpoints --------------------------------------------------------------------------------
@@ -351,13 +195,16 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[keys.METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+    body, content_type = request.app[keys.METRICS].exposition(request.headers.get("Accept"))
+    return web.Response(
+        body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
+    )
 
 
 async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document, generated from the request models with this server's limits."""
     return web.Response(
-        text=await asyncio.to_thread(OPENAPI_PATH.read_text, "utf-8"), content_type="application/yaml"
+        text=openapi_document(request.app[keys.CONFIG].server), content_type="application/yaml"
     )
 
 
@@ -367,13 +214,7 @@ async def openapi(request: web.Request) -> web.Response:
 def build_engine(config: Config, metrics: Metrics) -> Engine:
     runner = PipelineRunner(config.model)
     if config.batching.engine == "continuous":
-        try:
-            continuous = importlib.import_module("inference_server.continuous")
-        except ModuleNotFoundError as e:
-            raise ConfigError(
-                '[batching] engine = "continuous" but inference_server/continuous.py is missing'
-            ) from e
-        return continuous.build_engine(config, runner, metrics)
+        return ContinuousBatchingEngine(runner, config.batching, metrics)
     return DynamicBatchingEngine(runner, config.batching, metrics)
 
 
@@ -458,21 +299,10 @@ def create_app(
     app.router.add_get("/openapi.yaml", openapi)
     for task in TASKS:
         app.router.add_post(f"/v1/{task}", make_generate_handler(task))
-    _add_extensions(app)
+    openai_api.setup(app)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.on_shutdown.append(_start_draining)
     return app
-
-
-def _add_extensions(app: web.Application) -> None:
-    """Optional route modules of this package (the OpenAI-compatible API) add themselves here."""
-    try:
-        module = importlib.import_module("inference_server.openai_api")
-    except ModuleNotFoundError as e:
-        if e.name != "inference_server.openai_api":
-            raise
-        return
-    module.setup(app)
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -501,12 +331,4 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await engine.stop(app[keys.CONFIG].server.shutdown_grace_s)
 
 
-__all__ = [
-    "create_app",
-    "build_engine",
-    "runner_options",
-    "read_body",
-    "error_response",
-    "engine_error_response",
-    "end_stream_after_error",
-]
+__all__ = ["create_app", "build_engine", "runner_options"]

@@ -15,24 +15,20 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Literal
 
 from inference_server.config import BatchingConfig
 from inference_server.engine import (
     DeadlineExceeded,
     EngineError,
-    EngineInfo,
     EventCallback,
     GenerationRequest,
     GenerationResult,
     Job,
-    NotReady,
-    Overloaded,
     Progress,
     Queued,
-    ShuttingDown,
     Started,
 )
+from inference_server.engine_base import EngineBase
 from inference_server.metrics import Metrics
 from inference_server.pipelines import PipelineRunner
 
@@ -45,37 +41,20 @@ ARRIVAL_HISTORY = 8
 MIN_ARRIVAL_HISTORY = 4
 
 
-class DynamicBatchingEngine:
+class DynamicBatchingEngine(EngineBase):
     """The default `Engine`: dynamic request-level batching over a `PipelineRunner`."""
 
     name = "dynamic"
 
     def __init__(self, runner: PipelineRunner, config: BatchingConfig, metrics: Metrics) -> None:
-        self.runner = runner
-        self.config = config
-        self.metrics = metrics
+        super().__init__(runner, config, metrics)
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
-        self._state: Literal["loading", "ok", "failed", "stopping"] = "loading"
-        self._load_error: BaseException | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._load_task: asyncio.Task[None] | None = None
-        self._abort = False  # set when the shutdown grace period runs out: interrupt the running call
         # Recent gaps between arrivals, to tell whether waiting for company is likely to pay.
         self._gaps: deque[float] = deque(maxlen=ARRIVAL_HISTORY)
         self._last_arrival: float | None = None
-
-    # -- Engine interface ----------------------------------------------------------------------
-
-    @property
-    def state(self) -> Literal["loading", "ok", "failed", "stopping"]:
-        return self._state
-
-    @property
-    def ready(self) -> bool:
-        return self._state == "ok"
 
     @property
     def queue_depth(self) -> int:
@@ -85,78 +64,36 @@ class DynamicBatchingEngine:
     def running(self) -> int:
         return len(self._running)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.config.max_batch_size
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.runner.info
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
-
     async def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._load_task = asyncio.create_task(self._load(), name="pipeline-load")
+        await super().start()
         self._task = asyncio.create_task(self._serve(), name="batcher")
-
-    async def wait_ready(self) -> None:
-        assert self._load_task is not None, "start() first"
-        await asyncio.shield(self._load_task)
-        if self._load_error is not None:
-            raise self._load_error
 
     def submit(
         self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
     ) -> Job:
-        if self._state == "stopping":
-            raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
-        if self._state != "ok":
-            raise NotReady(f"the model is {self._state}", retry_after_s=self.config.retry_after_s)
+        self._admit()
         if len(self._queue) >= self.config.max_queue:
-            raise Overloaded(
-                f"the queue is full ({self.config.max_queue} requests waiting)",
-                retry_after_s=self.config.retry_after_s,
-            )
+            raise self._overloaded()
         job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
         self.record_arrival(job.enqueued_at)
         self._queue.append(job)
         job.last_position = len(self._queue) - 1
         job.emit(Queued(job.last_position))
-        assert self._wakeup is not None and self._idle is not None
         self._idle.clear()
         self._wakeup.set()
         return job
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new work; let queued and running jobs finish for up to `grace_s`; fail the rest."""
-        if self._state != "failed":
-            self._state = "stopping"
-        if self._idle is not None and (self._queue or self._running):
-            log.info(
-                "draining: %d queued, %d running (grace %.0f s)",
-                len(self._queue),
-                len(self._running),
-                grace_s,
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
-        self._abort = True
-        for task in (self._task, self._load_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        for job in list(self._queue) + self._running:
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
-                self.metrics.dropped.inc("shutdown")
+    def _pending(self) -> list[Job]:
+        return [*self._queue, *self._running]
+
+    async def _halt(self) -> list[Job]:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        unfinished = self._pending()
         self._queue.clear()
-        self.runner.close()
+        return unfinished
 
     def record_arrival(self, now: float) -> None:
         if self._last_arrival is not None:
@@ -178,22 +115,7 @@ class DynamicBatchingEngine:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _load(self) -> None:
-        try:
-            await self.runner.load()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            self._load_error = e
-            self._state = "failed"
-            log.error("model loading failed: %s", e)
-            return
-        if self._state == "loading":
-            self._state = "ok"
-            log.info("ready: %s on %s (%s)", self.runner.model_name, self.runner.device, self.runner.dtype)
-
     async def _serve(self) -> None:
-        assert self._wakeup is not None and self._idle is not None
         max_wait = self.config.max_wait_ms / 1000
         device_free_at = 0.0
         while True:
@@ -224,13 +146,13 @@ class DynamicBatchingEngine:
         kept: deque[Job] = deque()
         for job in self._queue:
             if job.future.done():
-                self.metrics.dropped.inc("cancelled")
+                self.metrics.dropped.labels("cancelled").inc()
                 log.info("dropped a queued request whose client went away")
             elif now >= job.deadline:
                 job.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it was queued")
                 )
-                self.metrics.dropped.inc("deadline")
+                self.metrics.dropped.labels("deadline").inc()
             else:
                 kept.append(job)
         self._queue = kept
@@ -306,7 +228,7 @@ class DynamicBatchingEngine:
                 job.future.set_exception(outcome.error)
                 continue
             assert outcome.images is not None
-            self.metrics.images.inc(amount=len(outcome.images))
+            self.metrics.images.inc(len(outcome.images))
             req = job.request
             job.future.set_result(
                 GenerationResult(

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from inference_server.config_loader import ConfigError, config_path, load_section, read_toml
+from inference_server.limits import MAX_GUIDANCE
 
 # Where `[model] path = "embedded"` points: the project's own tiny model, shipped in the package.
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
@@ -131,7 +132,7 @@ class ModelConfig:
             v = getattr(self, key)
             _require(v >= 8 and v % 8 == 0, s, key, f"must be a multiple of 8, got {v}")
         _require(self.steps >= 1, s, "steps", "must be >= 1")
-        _require(0 <= self.guidance <= 30, s, "guidance", "must be 0-30")
+        _require(0 <= self.guidance <= MAX_GUIDANCE, s, "guidance", f"must be 0-{MAX_GUIDANCE:g}")
         _require(0 < self.strength <= 1, s, "strength", "must be in (0, 1]")
         _require(0 <= self.cpu_threads <= 4096, s, "cpu_threads", "must be 0-4096")
 

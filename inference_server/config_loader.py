@@ -1,24 +1,29 @@
-"""Typed configuration: one TOML file, one frozen dataclass per section, env overrides.
+"""The server's config loading: `config.toml` sections plus `IMAGINE_<SECTION>_<KEY>` overrides.
 
-Both the inference server and the bot read `config.toml` through this module, so the rules are the
-same everywhere: unknown keys and wrong types are start-up errors that name the key, and any key can
-be overridden by `IMAGINE_<SECTION>_<KEY>` in the environment (containers and CI set env, not files).
+One frozen dataclass per section (inference_server/config.py); pydantic-settings reads the
+environment and validates the values, and the dataclass's `__post_init__` checks what is
+well-typed but meaningless. Unknown keys and wrong types are start-up errors that name the key.
+The bot has its own loader (bot/settings.py) with the same rules: neither package imports the
+other, and what they share lives in pydantic-settings, not in one side's module.
 Secrets never live in the file; they are read from the environment by the code that needs them.
-This module imports only the standard library, so the bot can use it without pulling in torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import os
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import ValidationError, create_model, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 T = TypeVar("T")
 
@@ -63,119 +68,122 @@ def load_section(
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    if source is None:
-        data: Mapping[str, Any] = {}
-    elif isinstance(source, Mapping):
-        data = source
-    else:
-        data = read_toml(source)
-    raw = dict(data.get(section, {}) or {})
-    if not isinstance(raw, dict):
+    data = {} if source is None else source if isinstance(source, Mapping) else read_toml(source)
+    raw = data.get(section, {})
+    if not isinstance(raw, Mapping):
         raise ConfigError(f"[{section}] must be a table")
     env = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"[{section}] unknown key(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})"
-        )
-    values: dict[str, Any] = {}
-    for name in fields:
-        where = f"[{section}] {name}"
-        var = env_var_name(section, name)
-        if var in env:
-            values[name] = _coerce(_parse_env(env[var], hints[name]), hints[name], f"{where} (from ${var})")
-        elif name in raw:
-            values[name] = _coerce(raw[name], hints[name], where)
+    model = _settings_model(cls, section)
+    token = _ENVIRON.set(env)
     try:
-        obj = cls(**values)
+        settings = model(**raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, section, model, env)) from None
+    except SettingsError as e:  # an environment value that could not be decoded at all
+        raise ConfigError(f"[{section}] {e} (environment variables {env_var_name(section, '')}*)") from None
+    finally:
+        _ENVIRON.reset(token)
+    values = {name: getattr(settings, name) for name in settings.model_fields_set}
+    try:
+        return cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[{section}] {e}") from None
-    return obj
 
 
-def _parse_env(text: str, hint: Any) -> Any:
-    """Environment values are strings; lists and tables may be given as JSON."""
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple, dict) or hint in (list, tuple, dict):
+class _Environment(EnvSettingsSource):
+    """Environment variables from a given mapping (tests and the launcher pass their own); a list
+    may be given as JSON or comma-separated."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self.env_vars = {name.lower(): value for name, value in environ.items()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return [s.strip() for s in text.split(",") if s.strip()]
-    return text
+            return json.loads(value)
+        except ValueError:
+            return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value == "" and type(None) in args):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
+# The environment of the load_section call in progress: the settings class of a section is built
+# once (pydantic builds a validator for it, ~5 ms), the environment differs between calls.
+_ENVIRON: ContextVar[Mapping[str, str]] = ContextVar("environ")
+
+
+@functools.cache
+def _settings_model(cls: type, section: str) -> type[BaseSettings]:
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            fields[f.name] = (hints[f.name], f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            fields[f.name] = (hints[f.name], FieldInfo(default_factory=f.default_factory))
+        else:
+            fields[f.name] = (hints[f.name], ...)
+
+    class Section(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix=env_var_name(section, ""), extra="forbid", allow_inf_nan=False, case_sensitive=False
+        )
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **_others):  # type: ignore[override]
+            # The environment beats the file; .env files are loaded by the entry points.
+            return (_Environment(settings_cls, _ENVIRON.get()), init_settings)
+
+        @field_validator("*", mode="before")
+        @classmethod
+        def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+            # pydantic reads true as 1; a number field set to true is a mistake worth naming.
+            hint = hints[info.field_name]
+            if isinstance(value, bool) and (
+                hint in (int, float) or typing.get_args(hint)[:1] in ((int,), (float,))
+            ):
+                raise ValueError("expected a number")
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if hint is float:
-        number: float | None = None
-        try:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
-            elif isinstance(value, str):
-                number = float(value)
-        except (ValueError, OverflowError):
-            pass
-        if number is None:
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        # TOML and float() accept inf and nan; no setting means anything with them (nan compares
-        # false with every bound, so it would slip past the range checks).
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [
-            value_i if item is Any else _coerce(value_i, item, f"{where}[{i}]")
-            for i, value_i in enumerate(value)
-        ]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    return value
+
+    return create_model(f"{cls.__name__}Settings", __base__=Section, **fields)
+
+
+# Shorter wording for pydantic's most common complaints about a config value.
+_MESSAGES = {
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "finite_number": "expected a finite number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "dict_type": "expected a table",
+}
+
+
+def _describe(error: ValidationError, section: str, model: type[BaseSettings], env: Mapping[str, str]) -> str:
+    unknown = sorted(str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden")
+    if unknown:
+        known = ", ".join(sorted(model.model_fields))
+        return f"[{section}] unknown key(s): {', '.join(unknown)} (known: {known})"
+    problems = []
+    for e in error.errors():
+        name = str(e["loc"][0])
+        where = f"[{section}] {name}" + "".join(f"[{part}]" for part in e["loc"][1:] if isinstance(part, int))
+        var = env_var_name(section, name)
+        if any(key.upper() == var for key in env):
+            where += f" (from ${var})"
+        if e["type"] == "literal_error":
+            what = f"must be one of {e['ctx']['expected'].replace(' or ', ', ')}"
+        elif e["type"] == "value_error":
+            what = str(e["ctx"]["error"])
+        else:
+            what = _MESSAGES.get(e["type"], e["msg"][:1].lower() + e["msg"][1:])
+        problems.append(f"{where}: {what}, got {e['input']!r}")
+    return "; ".join(problems)

@@ -14,12 +14,16 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
     from PIL import Image
 
+# What a request asks for; the native API has one route per task (`/v1/<task>`).
 Task = Literal["txt2img", "img2img", "inpaint"]
+TASKS: tuple[Task, ...] = get_args(Task)
+# An engine's life: loading -> ok | failed, then stopping once shutdown starts.
+EngineState = Literal["loading", "ok", "failed", "stopping"]
 
 
 @dataclass(frozen=True)
@@ -192,12 +196,15 @@ class EngineInfo:
 
 
 class Engine(Protocol):
-    """What the HTTP layer needs from an engine. `batcher.DynamicBatchingEngine` implements it."""
-
-    name: str  # "dynamic" | "continuous"
+    """What the HTTP layer needs from an engine. Both engines implement it on `engine_base.EngineBase`."""
 
     @property
-    def state(self) -> Literal["loading", "ok", "failed", "stopping"]: ...
+    def name(self) -> str:
+        """ "dynamic" | "continuous" """
+        ...
+
+    @property
+    def state(self) -> EngineState: ...
 
     @property
     def ready(self) -> bool: ...

@@ -25,4 +25,4 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 API_TOKEN = web.AppKey("api_token", str)  # "" when auth is disabled for local development
 # Called with the exception when the model fails to load; `main()` uses it to exit non-zero.
-ON_FATAL = web.AppKey("on_fatal", Callable[[BaseException], None])
+ON_FATAL: web.AppKey[Callable[[BaseException], None]] = web.AppKey("on_fatal")

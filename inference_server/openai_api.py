@@ -1,6 +1,6 @@
 """OpenAI Images API on the same engine as `/v1/txt2img` & co, so OpenAI-speaking tools use our server.
 
-Routes (added by `setup(app)`, which `app.create_app` calls when this module exists):
+Routes (added by `setup(app)`, which `app.create_app` calls):
 
 - `POST /v1/images/generations` (JSON) -> txt2img
 - `POST /v1/images/edits` (multipart) -> inpaint (transparent pixels of `mask`, or of `image` when
@@ -12,8 +12,9 @@ Routes (added by `setup(app)`, which `app.create_app` calls when this module exi
 `stream: true` (generations, edits) answers with OpenAI's server-sent events: one `*.completed`
 event per image, no partial previews (see `stream_job`).
 
-This module only translates: OpenAI fields become the native fields that `validation.parse_generation`
-already checks (so limits and messages are the same as on the native API), jobs go to the app's
+This module only translates: the OpenAI fields (declared, with the native extensions, in
+`schemas.request_models`) become the native fields `validation.parse_generation` takes (so limits
+and messages are the same as on the native API), jobs go to the app's
 engine with `submit()`, so OpenAI and native requests share one queue and batch together, and errors
 leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so the official client
 raises the matching exception (`BadRequestError` with `.param`, `AuthenticationError`,
@@ -28,7 +29,6 @@ import dataclasses
 import io
 import json
 import logging
-import re
 import secrets
 import time
 from collections import OrderedDict
@@ -40,13 +40,14 @@ from aiohttp import web
 from PIL import Image
 
 from inference_server import keys
-from inference_server.app import DISCONNECT_POLL_S, counted, end_stream_after_error
 from inference_server.bodies import read_body
 from inference_server.config import ModelConfig, ServerConfig
-from inference_server.engine import EngineError, GenerationResult, Progress, Queued, ShuttingDown
+from inference_server.engine import EngineError, GenerationResult, Progress, Queued, Task
 from inference_server.errors import RequestError
+from inference_server.handling import counted, end_stream_after_error, refuse_if_draining, wait_for_result
 from inference_server.images import decode_base64, decode_image, encode_png
-from inference_server.validation import SHOWN_CHARS, ParsedRequest, check_text, parse_generation, show
+from inference_server.schemas import OUTPUT_FORMATS, SHOWN_CHARS, parse_size, request_models, show, validate
+from inference_server.validation import ParsedRequest, parse_generation
 
 log = logging.getLogger(__name__)
 
@@ -66,35 +67,14 @@ OPENAI_PREFIXES = ("/v1/images/", "/v1/models")
 MAX_STORED_BYTES = 256 * 1024 * 1024
 MAX_STORED_IMAGES = 4096
 
-# output_format -> (PIL format, Content-Type, file extension)
-OUTPUT_FORMATS = {
-    "png": ("PNG", "image/png", "png"),
-    "jpeg": ("JPEG", "image/jpeg", "jpg"),
-    "jpg": ("JPEG", "image/jpeg", "jpg"),
-    "webp": ("WEBP", "image/webp", "webp"),
-}
 # Legacy models whose default response_format was "url"; every other model defaults to b64_json
 # (GPT image models only return base64, and b64 works even when clients cannot reach the server).
 URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
-
-# OpenAI fields every endpoint takes. Honoured: n, size, response_format, output_format,
-# output_compression (JPEG/WebP quality), background (auto/opaque; transparent is refused), stream
-# (server-sent events; `partial_images` is checked but no previews are sent). Accepted and ignored (documented in docs/openai.md): `model` (one model is loaded),
-# `quality`, `complexity`, `style`, `moderation`, `input_fidelity` and the GIF/SVG options have no
-# meaning for a diffusion checkpoint; `user` and `safety_identifier` only go to the debug log.
-_OPENAI_COMMON = {"model", "n", "size", "response_format", "output_format", "output_compression", "background",
-                  "stream", "partial_images", "quality", "complexity", "user", "safety_identifier"}  # fmt: skip
-# Native fields accepted as extensions (e.g. `extra_body={"seed": 1}` with the official client).
-_NATIVE_EXTRAS = {"negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s", "priority"}
-_ALLOWED: dict[str, set[str]] = {
-    "generations": _OPENAI_COMMON | _NATIVE_EXTRAS | {"prompt", "style", "moderation", "frame_count", "frame_duration_ms", "svg"},
-    "edits": _OPENAI_COMMON | _NATIVE_EXTRAS | {"image", "image[]", "mask", "prompt", "input_fidelity", "strength"},
-    # `prompt` and `strength` are extensions here: OpenAI's variations take neither.
-    "variations": _OPENAI_COMMON | _NATIVE_EXTRAS | {"image", "prompt", "strength"},
-}  # fmt: skip
+# Native fields the OpenAI routes take as extensions (e.g. `extra_body={"seed": 1}` with the official
+# client); every field, OpenAI's and these, is declared in `schemas.request_models`.
+NATIVE_EXTENSIONS = ("negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s", "priority")
 # HTTP status of each engine error kind as this API reports it (see `translate_error`).
-_ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -114,11 +94,6 @@ def openai_error(
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
-
-
-def _openai_param(field: str | None) -> str | None:
-    # Native checks name width/height; OpenAI clients send `size`.
-    return "size" if field in ("width", "height") else field
 
 
 def translate_error(response: web.Response) -> web.Response:
@@ -141,7 +116,7 @@ def translate_error(response: web.Response) -> web.Response:
         # Queue full: 429 is what OpenAI clients and tools back off on (RateLimitError), honouring
         # Retry-After. "not_ready" / "shutting_down" stay 503 (InternalServerError, also retried).
         status, code = 429, "rate_limit_exceeded"
-    return openai_error(status, message, param=_openai_param(field), code=code, headers=headers)
+    return openai_error(status, message, param=field, code=code, headers=headers)
 
 
 @web.middleware
@@ -247,123 +222,59 @@ class OutputOptions:
     stream: bool = False  # answer with server-sent events (see `stream_job`)
 
 
-class _Fields:
-    """OpenAI fields from JSON (typed) or multipart (strings); null counts as absent."""
-
-    def __init__(self, body: Mapping[str, Any], from_form: bool) -> None:
-        self.body = body
-        self.from_form = from_form
-
-    def has(self, name: str) -> bool:
-        return self.body.get(name) is not None
-
-    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
-        value = self.body[name]
-        if not isinstance(value, str) or value.strip().lower() not in allowed:
-            raise _bad(name, f"{name} must be one of {', '.join(allowed)}, got {show(value)}")
-        return value.strip().lower()
-
-    def flag(self, name: str) -> bool:
-        value = self.body[name]
-        if isinstance(value, bool):
-            return value
-        if self.from_form and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-            return value.strip().lower() in ("true", "1")
-        raise _bad(name, f"{name} must be true or false, got {show(value)}")
-
-    def integer(self, name: str, lo: int, hi: int) -> int:
-        value = self.body[name]
-        if self.from_form and isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise _bad(name, f"{name} must be an integer, got {show(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _bad(name, f"{name} must be an integer from {lo} to {hi}, got {show(value)}")
-        return value
-
-
-def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
-    """`"WxH"` -> (W, H); `"auto"` -> None (the model's default, or the uploaded image's size)."""
-    if not isinstance(value, str):
-        raise _bad("size", f"size must be a string like '512x512' or 'auto', got {show(value)}")
-    if value.strip().lower() == "auto":
-        return None
-    match = _SIZE.match(value)
-    if match is None:
-        raise _bad("size", f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {show(value)}")
-    width, height = int(match[1]), int(match[2])
-    lo, hi = server.min_side, server.max_side
-    if not (lo <= width <= hi and lo <= height <= hi and width % 8 == 0 and height % 8 == 0):
-        raise _bad(
-            "size",
-            f"size {width}x{height} is not supported: width and height must be multiples of 8 from {lo} to {hi}",
-        )
-    return width, height
-
-
-def _output_options(f: _Fields, server: ServerConfig) -> OutputOptions:
-    model = f.body.get("model")
+def _output_options(fields: Mapping[str, Any]) -> OutputOptions:
+    model = fields["model"]
     default = "url" if isinstance(model, str) and model.strip().lower() in URL_DEFAULT_MODELS else "b64_json"
-    response_format = (
-        f.choice("response_format", ("url", "b64_json")) if f.has("response_format") else default
-    )
-    name = f.choice("output_format", tuple(OUTPUT_FORMATS)) if f.has("output_format") else "png"
+    name = fields["output_format"] or "png"
     pil_format, content_type, extension = OUTPUT_FORMATS[name]
-    quality = f.integer("output_compression", 0, 100) if f.has("output_compression") else 100
-    if f.has("background") and f.choice("background", ("auto", "opaque", "transparent")) == "transparent":
-        raise _bad(
-            "background", "transparent backgrounds are not supported by this server (use auto or opaque)"
-        )
-    stream = f.flag("stream") if f.has("stream") else False
-    if f.has("partial_images"):
-        f.integer("partial_images", 0, 3)  # checked as OpenAI does; no previews are sent (see docs/openai.md)
+    compression = fields["output_compression"]
     return OutputOptions(
-        response_format,
-        pil_format,
-        content_type,
-        extension,
-        quality,
-        "jpeg" if name == "jpg" else name,
-        stream,
+        response_format=fields["response_format"] or default,
+        pil_format=pil_format,
+        content_type=content_type,
+        extension=extension,
+        quality=100 if compression is None else compression,
+        name="jpeg" if name == "jpg" else name,
+        stream=bool(fields["stream"]),
     )
 
 
-def _native_body(f: _Fields, server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
-    """The native fields parse_generation validates, from the OpenAI ones and the extensions."""
-    body: dict[str, Any] = {name: f.body[name] for name in _NATIVE_EXTRAS if f.has(name)}
-    if prompt and f.has("prompt"):
-        body["prompt"] = f.body["prompt"]
-    if f.has("n"):
-        body["n"] = f.body["n"]
-    if f.has("strength"):
-        body["strength"] = f.body["strength"]
-    if f.has("size"):
-        size = parse_size(f.body["size"], server)
-        if size is not None:
-            body["width"], body["height"] = size
+def _native_body(fields: Mapping[str, Any], server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
+    """The native fields `parse_generation` takes, from the (already checked) OpenAI ones."""
+    names = (*NATIVE_EXTENSIONS, "n", "strength", *(("prompt",) if prompt else ()))
+    body = {name: fields[name] for name in names if fields.get(name) is not None}
+    size = parse_size(fields["size"], server) if fields["size"] is not None else None
+    if size is not None:
+        body["width"], body["height"] = size
     return body
 
 
-def _check_fields(endpoint: str, body: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
-    if "markup" in body or "markup" in files:
-        raise _bad("markup", "markup images are not supported by this server; use mask")
-    allowed = _ALLOWED[endpoint]
-    for name in list(body) + list(files):
-        if name not in allowed:
-            # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
-            shown = name if len(name) <= SHOWN_CHARS else show(name)
-            raise _bad(name, f"unrecognized request argument supplied: {shown}")
+def _unknown(name: str) -> str:
+    if name == "markup":
+        return "markup images are not supported by this server; use mask"
+    # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
+    return f"unrecognized request argument supplied: {name if len(name) <= SHOWN_CHARS else show(name)}"
 
 
-def _upload(f: _Fields, files: Mapping[str, bytes], names: tuple[str, ...], param: str) -> bytes | None:
-    found = [files[n] for n in names if n in files]
-    found += [
-        decode_base64(f.body[n], param) for n in names if n not in files and isinstance(f.body.get(n), str)
-    ]
+def _upload(fields: Mapping[str, Any], names: tuple[str, ...], param: str) -> bytes | None:
+    found = [fields[n] for n in names if fields.get(n) is not None]
     if len(found) > 1:
         raise _bad(param, f"send one {param}; this server edits one image per request")
-    return found[0] if found else None
+    if not found:
+        return None
+    return decode_base64(found[0], param) if isinstance(found[0], str) else found[0]
+
+
+def _native(
+    task: Task, body: dict[str, Any], server: ServerConfig, model: ModelConfig, files: Mapping[str, bytes]
+) -> ParsedRequest:
+    """`parse_generation` of the native fields; its width/height come from `size` here."""
+    try:
+        return parse_generation(task, body, server=server, model=model, files=files)
+    except RequestError as e:
+        if e.field in ("width", "height"):
+            e.field = "size"
+        raise
 
 
 def parse_openai(
@@ -376,47 +287,35 @@ def parse_openai(
     model: ModelConfig,
 ) -> tuple[ParsedRequest, OutputOptions]:
     """Validate an OpenAI request and turn it into the native `ParsedRequest` (pure; no aiohttp)."""
-    _check_fields(endpoint, body, files)
-    f = _Fields(body, from_form)
-    options = _output_options(f, server)
+    schema = request_models(server).openai[endpoint]
+    fields = validate(schema, {**body, **files}, from_form=from_form, unknown=_unknown)
+    options = _output_options(fields)
     if options.stream and endpoint == "variations":
         raise _bad("stream", "variations cannot stream (OpenAI's variations endpoint has no stream field)")
-    if f.has("user") or f.has("safety_identifier"):
-        log.debug("OpenAI request for end user %r", body.get("safety_identifier") or body.get("user"))
+    if fields["user"] is not None or fields["safety_identifier"] is not None:
+        log.debug("OpenAI request for end user %r", fields["safety_identifier"] or fields["user"])
 
     if endpoint == "generations":
-        return parse_generation(
-            "txt2img", _native_body(f, server, prompt=True), server=server, model=model, from_form=from_form
-        ), options
+        return _native("txt2img", _native_body(fields, server, prompt=True), server, model, {}), options
 
-    image = _upload(f, files, ("image", "image[]"), "image")
+    image = _upload(fields, ("image", "image[]"), "image")
     if image is None:
         raise _bad("image", "image is required")
 
     if endpoint == "variations":
-        native = _native_body(f, server, prompt=False)
+        native = _native_body(fields, server, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
-        parsed = parse_generation(
-            "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
-        )
-        prompt = f.body["prompt"] if f.has("prompt") else ""
-        if not isinstance(prompt, str):
-            raise _bad("prompt", "prompt must be a string")
-        prompt = check_text("prompt", prompt)
-        if len(prompt) > server.max_prompt_chars:
-            raise _bad(
-                "prompt", f"prompt is {len(prompt)} characters; the limit is {server.max_prompt_chars}"
-            )
+        parsed = _native("img2img", native, server, model, {"image": image})
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
         return dataclasses.replace(
-            parsed, request=dataclasses.replace(parsed.request, prompt=prompt)
+            parsed, request=dataclasses.replace(parsed.request, prompt=fields["prompt"])
         ), options
 
     # Edits: OpenAI marks the area to repaint with fully transparent pixels, of the mask or else of
     # the image itself; the native API wants white = repaint. A mask without any alpha is refused
     # rather than guessed at (is white "edit" or "keep"?).
-    native = _native_body(f, server, prompt=True)
-    mask_upload = _upload(f, files, ("mask",), "mask")
+    native = _native_body(fields, server, prompt=True)
+    mask_upload = _upload(fields, ("mask",), "mask")
     source = mask_upload if mask_upload is not None else image
     param = "mask" if mask_upload is not None else "image"
     repaint = transparent_area(decode_image(source, param, max_pixels=server.max_image_pixels))
@@ -427,19 +326,9 @@ def parse_openai(
     if repaint is None or repaint.getbbox() is None:
         # No mask and no transparent pixel in the image (RGB, or RGBA fully opaque): edit the whole
         # picture (image-to-image), as GPT image models do.
-        return parse_generation(
-            "img2img", native, server=server, model=model, files={"image": image}, from_form=from_form
-        ), options
+        return _native("img2img", native, server, model, {"image": image}), options
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
-    mask_png = encode_png(repaint)
-    parsed = parse_generation(
-        "inpaint",
-        native,
-        server=server,
-        model=model,
-        files={"image": image, "mask": mask_png},
-        from_form=from_form,
-    )
+    parsed = _native("inpaint", native, server, model, {"image": image, "mask": encode_png(repaint)})
     return parsed, options
 
 
@@ -456,26 +345,10 @@ def transparent_area(img: Image.Image) -> Image.Image | None:
 
 async def run_job(request: web.Request, parsed: ParsedRequest) -> GenerationResult:
     """Submit to the app's engine (shared with the native routes) and wait, dropping the job if the
-    client goes away. Same flow as the native non-streaming handler in app.py."""
-    app = request.app
-    if app[keys.STATE].draining:
-        raise ShuttingDown(
-            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
-        )
-    job = app[keys.ENGINE].submit(parsed.request, timeout_s=parsed.timeout_s)
-    waiter = asyncio.ensure_future(job.wait())
-    try:
-        while not waiter.done():
-            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            transport = request.transport
-            if not waiter.done() and (transport is None or transport.is_closing()):
-                log.info("client went away; dropping its OpenAI %s request", parsed.request.task)
-                job.cancel()
-                raise asyncio.CancelledError
-        return waiter.result()
-    finally:
-        if not waiter.done():
-            waiter.cancel()
+    client goes away."""
+    refuse_if_draining(request.app)
+    job = request.app[keys.ENGINE].submit(parsed.request, timeout_s=parsed.timeout_s)
+    return await wait_for_result(request, job, f"OpenAI {parsed.request.task}")
 
 
 def encode_image(img: Image.Image, options: OutputOptions) -> bytes:
@@ -551,10 +424,7 @@ async def stream_job(
     still plain JSON errors; after the 200, an error travels as an `error` event.
     """
     app = request.app
-    if app[keys.STATE].draining:
-        raise ShuttingDown(
-            "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
-        )
+    refuse_if_draining(app)
     interval = app[keys.CONFIG].server.progress_interval_s
     events: asyncio.Queue[Any] = asyncio.Queue()
     done = object()
@@ -595,7 +465,7 @@ async def stream_job(
                 await response.write(_sse(completed, f"{kind}.completed"))
         else:
             if isinstance(error, EngineError):
-                app[keys.METRICS].errors.inc(error.kind)
+                app[keys.METRICS].errors.labels(error.kind).inc()
                 message, code = error.message, error.kind
             else:
                 log.error("streamed OpenAI request failed", exc_info=error)
@@ -649,9 +519,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
 
 def make_handler(endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await counted(
-            request, f"openai_{endpoint}", lambda: _handle(request, endpoint), _ENGINE_STATUS
-        )
+        return await counted(request, f"openai_{endpoint}", lambda: _handle(request, endpoint), ENGINE_STATUS)
 
     handler.__name__ = f"openai_{endpoint}"
     return handler

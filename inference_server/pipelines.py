@@ -417,7 +417,7 @@ class PipelineRunner:
         if first.task == "inpaint" and output_type == "pil":
             # A 4-channel UNet inpaints by latent blending, which also alters pixels outside the mask
             # (the VAE round trip): paste the original back where the mask is black ("keep").
-            originals = [(r.image, r.mask) for r in batch for _ in r.seeds]
+            originals = [_image_and_mask(r) for r in batch for _ in r.seeds]
             images = [
                 PILImage.composite(img, orig.convert(img.mode), mask.convert("L"))
                 for img, (orig, mask) in zip(images, originals, strict=True)
@@ -434,6 +434,13 @@ class PipelineRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _image_and_mask(request: GenerationRequest) -> tuple[Image.Image, Image.Image]:
+    if request.image is None or request.mask is None:
+        # Validation gives every inpaint request both; one without them fails alone (isolation).
+        raise ValueError("an inpaint request without its image or mask")
+    return request.image, request.mask
 
 
 def _is_oom(e: BaseException) -> bool:

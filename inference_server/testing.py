@@ -28,35 +28,13 @@ class TinyPipelineSpec:
         return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
-def _byte_level_vocab() -> dict[str, int]:
-    """CLIP's byte-level alphabet (each byte, then each byte + `</w>`) and the two special tokens."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codes]
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
 def build_tiny_pipeline(spec: TinyPipelineSpec | None = None) -> Any:
     """A StableDiffusionPipeline with random tiny components (CPU, float32)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from inference_server.embedded.tokenizer import clip_vocab
 
     spec = spec or TinyPipelineSpec()
     torch.manual_seed(spec.seed)
@@ -97,7 +75,8 @@ def build_tiny_pipeline(spec: TinyPipelineSpec | None = None) -> Any:
             pad_token_id=513,
         )
     )
-    tokenizer = CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=spec.max_tokens)
+    # CLIP's byte-level vocabulary without merges (512 symbols and the two special tokens).
+    tokenizer = CLIPTokenizer(vocab=clip_vocab([]), merges=[], model_max_length=spec.max_tokens)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

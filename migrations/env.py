@@ -16,30 +16,37 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(**kwargs: object) -> None:
+def run_migrations_offline() -> None:
     context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
         target_metadata=target_metadata,
         compare_type=True,
-        **kwargs,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
     )
-
-
-def run_migrations_offline() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    _configure(url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
     with context.begin_transaction():
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection) -> None:
-    # SQLite cannot ALTER most things: batch mode rebuilds tables instead.
-    _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        # SQLite cannot ALTER most things: batch mode rebuilds tables instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
     with context.begin_transaction():
         context.run_migrations()
 
 
 async def run_async_migrations() -> None:
-    engine = create_async_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError(
+            "no database: set sqlalchemy.url, or run the migrations with `python -m bot.migrate`"
+        )
+    engine = create_async_engine(url, poolclass=pool.NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
         await connection.commit()

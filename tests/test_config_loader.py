@@ -1,9 +1,13 @@
+"""The config loaders of the bot (bot/settings.py) and of the server (inference_server/config_loader.py):
+each package owns its own, and both follow the same rules, checked here on the same cases."""
+
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from inference_server.config_loader import ConfigError, load_section
+import bot.settings
+import inference_server.config_loader
 
 
 @dataclass(frozen=True)
@@ -17,12 +21,19 @@ class Sample:
     limit: int | None = None
 
 
-def test_defaults_file_values_and_env_override():
+@pytest.fixture(params=[bot.settings, inference_server.config_loader], ids=["bot", "server"])
+def loader(request):
+    return request.param
+
+
+def test_defaults_file_values_and_env_override(loader):
+    load_section = loader.load_section
     cfg = load_section({"s": {"port": 9000, "names": ["x"]}}, "s", Sample, environ={"IMAGINE_S_RATIO": "2"})
     assert cfg == Sample(port=9000, names=["x"], ratio=2.0)
 
 
-def test_env_beats_file_and_parses_types():
+def test_env_beats_file_and_parses_types(loader):
+    load_section = loader.load_section
     env = {
         "IMAGINE_S_PORT": "81",
         "IMAGINE_S_DEBUG": "yes",
@@ -41,14 +52,52 @@ def test_env_beats_file_and_parses_types():
         ({"mode": "c"}, "[s] mode: must be one of"),
         ({"debug": 2}, "[s] debug: expected true or false"),
         ({"names": "x"}, "[s] names: expected a list"),
+        ({"names": ["a", 3]}, "[s] names[1]: expected a string, got 3"),
+        ({"port": True}, "[s] port: expected a number, got True"),
+        ({"ratio": float("inf")}, "[s] ratio: expected a finite number"),
+        ({"host": 5}, "[s] host: expected a string, got 5"),
     ],
 )
-def test_errors_name_the_key(section, needle):
-    with pytest.raises(ConfigError) as e:
-        load_section({"s": section}, "s", Sample, environ={})
+def test_errors_name_the_key(loader, section, needle):
+    with pytest.raises(loader.ConfigError) as e:
+        loader.load_section({"s": section}, "s", Sample, environ={})
     assert needle in str(e.value)
 
 
-def test_env_error_names_the_variable():
-    with pytest.raises(ConfigError, match=r"\$IMAGINE_S_PORT"):
-        load_section({}, "s", Sample, environ={"IMAGINE_S_PORT": "x"})
+def test_every_wrong_key_is_named_at_once(loader):
+    with pytest.raises(loader.ConfigError) as e:
+        loader.load_section({"s": {"port": "x", "mode": "z"}}, "s", Sample, environ={})
+    assert "[s] port: expected an integer, got 'x'" in str(e.value)
+    assert "[s] mode: must be one of 'a', 'b', got 'z'" in str(e.value)
+
+
+def test_env_error_names_the_variable(loader):
+    with pytest.raises(
+        loader.ConfigError, match=r"\[s\] port \(from \$IMAGINE_S_PORT\): expected an integer"
+    ):
+        loader.load_section({}, "s", Sample, environ={"IMAGINE_S_PORT": "x"})
+
+
+def test_env_names_are_case_insensitive_and_lists_take_json(loader):
+    cfg = loader.load_section(
+        {}, "s", Sample, environ={"imagine_s_port": "12", "IMAGINE_S_NAMES": '["a,b", "c"]'}
+    )
+    assert (cfg.port, cfg.names) == (12, ["a,b", "c"])
+
+
+def test_post_init_checks_still_run(loader):
+    @dataclass(frozen=True)
+    class Checked:
+        size: int = 8
+
+        def __post_init__(self):
+            if self.size % 8:
+                raise loader.ConfigError(f"[c] size: must be a multiple of 8, got {self.size}")
+
+    with pytest.raises(loader.ConfigError, match=r"\[c\] size: must be a multiple of 8, got 12"):
+        loader.load_section({}, "c", Checked, environ={"IMAGINE_C_SIZE": "12"})
+
+
+def test_a_section_that_is_not_a_table_is_an_error(loader):
+    with pytest.raises(loader.ConfigError, match=r"\[s\] must be a table"):
+        loader.load_section({"s": 3}, "s", Sample, environ={})

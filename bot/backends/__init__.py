@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from inference_server.config_loader import ConfigError, load_section
+from bot.settings import ConfigError, load_section
 
 from .base import (
     BackendError,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from inference_server.config_loader import ConfigError
+from bot.settings import ConfigError
 
 BackendKind = Literal["inference_server", "huggingface", "fake"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,11 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
     """On when DISCORD_TOKEN is set."""
     if not env.get("DISCORD_TOKEN", "").strip():
         return False, "off: DISCORD_TOKEN not set"
+    if importlib.util.find_spec("discord") is None:
+        return (
+            False,
+            "off: DISCORD_TOKEN is set but discord.py is not installed (pip install 'imagine-bot[discord]')",
+        )
     return True, "on: DISCORD_TOKEN set"
 
 
@@ -35,7 +41,7 @@ async def run(
 
     from bot.discord_adapter.bot import ImagineBot
     from bot.discord_adapter.config import DiscordConfig
-    from inference_server.config_loader import load_section
+    from bot.settings import load_section
 
     cfg = load_section(config, "discord", DiscordConfig, environ=env)
     token = env.get("DISCORD_TOKEN", "").strip()

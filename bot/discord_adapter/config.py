@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from inference_server.config_loader import ConfigError
+from bot.settings import ConfigError
 
 # Discord's own limit: an interaction token (followups, edits of the response) is valid 15 minutes.
 INTERACTION_TOKEN_TTL_S = 15 * 60

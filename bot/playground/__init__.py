@@ -24,7 +24,7 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
     if flag in ("0", "false", "no", "off"):
         return False, "off: IMAGINE_PLAYGROUND_ENABLED is false"
     if importlib.util.find_spec("gradio") is None:
-        return False, "off: gradio is not installed (pip install -e '.[playground]')"
+        return False, "off: gradio is not installed (pip install 'imagine-bot[playground]')"
     if env.get("PLAYGROUND_PASSWORD"):
         return True, "on: web playground, password required (PLAYGROUND_PASSWORD set)"
     return True, "on: web playground (local user, no password: loopback only)"

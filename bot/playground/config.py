@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference_server.config_loader import ConfigError, load_section
+from bot.settings import ConfigError, load_section
 
 # The platform name of playground jobs, users and quotas in the core's tables.
 PLATFORM = "web"

@@ -7,6 +7,7 @@ uses (see `bot.__main__`). Importing this package is cheap: slack_bolt loads onl
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,11 @@ def adapter_status(env: Mapping[str, str]) -> tuple[bool, str]:
     token = env.get("SLACK_BOT_TOKEN", "")
     if not token:
         return False, "off: SLACK_BOT_TOKEN not set"
+    if importlib.util.find_spec("slack_bolt") is None:
+        return (
+            False,
+            "off: SLACK_BOT_TOKEN is set but slack-bolt is not installed (pip install 'imagine-bot[slack]')",
+        )
     if not token.startswith("xoxb-"):
         return False, "off: SLACK_BOT_TOKEN is not a bot token (it should start with xoxb-)"
     app_token = env.get("SLACK_APP_TOKEN", "")

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from inference_server.config_loader import ConfigError
+from bot.settings import ConfigError
 
 _USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _COMMAND = re.compile(r"^/[a-z0-9_\-]{1,31}$")  # Slack: lower case, at most 32 characters with the slash

@@ -18,10 +18,10 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.api import ImageService
+from bot.settings import ConfigError, load_section
 from bot.slack_adapter import adapter_status
 from bot.slack_adapter.app import PLATFORM, SlackAdapter
 from bot.slack_adapter.config import SlackConfig
-from inference_server.config_loader import ConfigError, load_section
 
 log = logging.getLogger("bot.slack")
 

@@ -36,24 +36,25 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from inference_server.engine import (
+    TASKS,
     DeadlineExceeded,
     EngineError,
     GenerationFailed,
     OutOfMemory,
     Overloaded,
     ShuttingDown,
+    Task,
 )
 from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 
 log = logging.getLogger(__name__)
 
-Task = Literal["txt2img", "img2img", "inpaint"]
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
 
@@ -107,6 +108,24 @@ class ContinuousResult:
     iterations: int  # iterations this request took part in
 
 
+@dataclass(frozen=True, eq=False)
+class _Prompt:
+    """A request's prompt embeddings as the UNet takes them."""
+
+    rows: torch.Tensor  # encoder_hidden_states rows: [uncond, cond] with guidance, else [cond]
+    cfg: bool  # classifier-free guidance (there is an unconditional row)
+
+
+@dataclass(frozen=True, eq=False)
+class _Blend:
+    """Inpainting with a 4-channel UNet: outside the mask, the original noised to the next timestep
+    replaces the prediction (as StableDiffusionInpaintPipeline does)."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+
 @dataclass(eq=False)  # identity: tickets hold tensors and futures
 class _Ticket:
     request: ContinuousRequest
@@ -124,8 +143,7 @@ class _Ticket:
     last_position: int = -1
     max_batch: int = 0
     iterations: int = 0
-    embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (cond, uncond), once per ticket
-    unet_embeds: torch.Tensor | None = None  # the UNet's encoder_hidden_states rows: [uncond, cond]
+    prompt: _Prompt | None = None  # encoded once, when the request is first admitted
 
     @property
     def sort_key(self) -> tuple[float, int]:
@@ -150,14 +168,11 @@ class _Sample:
     num_steps: int  # pipeline steps (progress units); len(timesteps) = evaluations
     warmup: int
     latents: torch.Tensor
-    cfg: bool
+    prompt: _Prompt
     guidance: float
     step_kwargs: dict[str, Any]
     timestep_cond: torch.Tensor | None = None
-    # Inpainting with a 4-channel UNet: blend towards the noised original outside the mask.
-    image_latents: torch.Tensor | None = None
-    noise: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    blend: _Blend | None = None
     i: int = 0  # next entry of `timesteps`
     steps_done: int = 0
 
@@ -305,7 +320,7 @@ class ContinuousEngine:
 
     def validate(self, request: ContinuousRequest) -> None:
         """Raise UnsupportedRequest naming the field when the engine can't run `request`."""
-        if request.task not in ("txt2img", "img2img", "inpaint"):
+        if request.task not in TASKS:
             raise UnsupportedRequest(f"unknown task {request.task!r}")
         if not request.seeds:
             raise UnsupportedRequest("seeds: at least one seed is needed")
@@ -366,10 +381,13 @@ class ContinuousEngine:
         Cancelling the awaiting task (e.g. the client disconnected) cancels the request in the engine.
         """
         loop = asyncio.get_running_loop()
-        sink = None
-        if on_event is not None:
-            sink = lambda ev: loop.call_soon_threadsafe(on_event, ev)  # noqa: E731
-        ticket = self.submit(request, sink)
+        listener = on_event
+
+        def sink(event: dict[str, Any]) -> None:
+            if listener is not None:
+                loop.call_soon_threadsafe(listener, event)
+
+        ticket = self.submit(request, sink if listener is not None else None)
         try:
             return await asyncio.wrap_future(ticket.future)
         except asyncio.CancelledError:
@@ -464,14 +482,15 @@ class ContinuousEngine:
 
     def _admit(self, ticket: _Ticket, count: int) -> None:
         try:
-            if ticket.started is None:
+            if ticket.prompt is None:
                 ticket.started = time.monotonic()
-                ticket.embeds = cond, uncond = self._encode_prompt(ticket.request)
-                ticket.unet_embeds = torch.cat([uncond, cond]) if uncond is not None else cond
+                cond, uncond = self._encode_prompt(ticket.request)
+                rows = torch.cat([uncond, cond]) if uncond is not None else cond
+                ticket.prompt = _Prompt(rows=rows, cfg=uncond is not None)
             for _ in range(count):
                 index = ticket.next_sample
                 ticket.next_sample += 1
-                sample = self._prepare_sample(ticket, index)
+                sample = self._prepare_sample(ticket, index, ticket.prompt)
                 ticket.samples.append(sample)
                 self._running.append(sample)
             if ticket.next_sample == count:
@@ -535,12 +554,11 @@ class ContinuousEngine:
             kwargs["generator"] = generator
         return kwargs
 
-    def _prepare_sample(self, ticket: _Ticket, index: int) -> _Sample:
+    def _prepare_sample(self, ticket: _Ticket, index: int, prompt: _Prompt) -> _Sample:
         """Follow the diffusers pipeline's set-up for a batch of one, in the same random order."""
         pipe, req = self.pipe, ticket.request
         device = pipe._execution_device
-        cond, uncond = ticket.embeds
-        dtype = cond.dtype
+        dtype = prompt.rows.dtype
         # A CPU generator whatever the device, as the request-level runner: an image depends only on
         # its seed, on any device (diffusers draws on the CPU and moves the noise).
         generator = torch.Generator("cpu").manual_seed(int(req.seeds[index]))
@@ -557,7 +575,7 @@ class ContinuousEngine:
                 scheduler.set_begin_index(t_start * scheduler.order)
             num_steps = req.steps - t_start
         f = pipe.vae_scale_factor
-        image_latents = noise = mask = None
+        blend = None
         if req.task == "txt2img":
             shape = (1, pipe.unet.config.in_channels, req.height // f, req.width // f)
             latents = _randn(shape, generator, device, dtype) * scheduler.init_noise_sigma
@@ -568,7 +586,6 @@ class ContinuousEngine:
             init = pipe.vae.encode(image).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
             noise = _randn(init.shape, generator, device, dtype)
             latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(1))
-            noise = None
         else:
             # StableDiffusionInpaintPipeline (4-channel UNet): image latents, noise, masked-image latents.
             init_image = pipe.image_processor.preprocess(
@@ -592,8 +609,7 @@ class ContinuousEngine:
             # samplers use later, so take the same draw without paying for the encoder.
             _randn(image_latents.shape, generator, device, image_latents.dtype)
             mask = torch.nn.functional.interpolate(mask_condition, size=(req.height // f, req.width // f))
-            mask = mask.to(device=device, dtype=dtype)
-        cfg = uncond is not None
+            blend = _Blend(image_latents=image_latents, noise=noise, mask=mask.to(device=device, dtype=dtype))
         timestep_cond = None
         if pipe.unet.config.time_cond_proj_dim is not None:
             g = torch.tensor(req.guidance - 1).repeat(1)
@@ -609,13 +625,11 @@ class ContinuousEngine:
             num_steps=num_steps,
             warmup=len(timesteps) - num_steps * scheduler.order,
             latents=latents,
-            cfg=cfg,
+            prompt=prompt,
             guidance=req.guidance,
             step_kwargs=self._step_kwargs(scheduler, generator),
             timestep_cond=timestep_cond,
-            image_latents=image_latents,
-            noise=noise,
-            mask=mask,
+            blend=blend,
         )
 
     def _iteration(self) -> None:
@@ -713,11 +727,11 @@ class ContinuousEngine:
         inputs, embeds, times, conds = [], [], [], []
         for s in samples:
             t = s.timesteps[s.i]
-            x = torch.cat([s.latents] * 2) if s.cfg else s.latents
+            x = torch.cat([s.latents] * 2) if s.prompt.cfg else s.latents
             x = s.scheduler.scale_model_input(x, t)
             inputs.append(x)
-            embeds.append(s.ticket.unet_embeds)
-            rows = 2 if s.cfg else 1
+            embeds.append(s.prompt.rows)
+            rows = 2 if s.prompt.cfg else 1
             # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()),
             # so one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
             times.append(torch.full((rows,), float(t), dtype=torch.float32))
@@ -734,7 +748,7 @@ class ContinuousEngine:
     def _step(self, samples: list[_Sample], noise_pred: torch.Tensor) -> None:
         row = 0
         for s in samples:
-            rows = 2 if s.cfg else 1
+            rows = 2 if s.prompt.cfg else 1
             try:
                 self._step_one(s, noise_pred[row : row + rows])
             except Exception:  # e.g. a scheduler rejecting its state: fail that request only
@@ -745,19 +759,18 @@ class ContinuousEngine:
 
     def _step_one(self, s: _Sample, noise_pred: torch.Tensor) -> None:
         t = s.timesteps[s.i]
-        if s.cfg:
+        if s.prompt.cfg:
             uncond_pred, text_pred = noise_pred.chunk(2)
             pred = uncond_pred + s.guidance * (text_pred - uncond_pred)
         else:
             pred = noise_pred
         s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
-        if s.mask is not None:
-            # StableDiffusionInpaintPipeline with a 4-channel UNet: outside the mask, the original
-            # noised to the next timestep replaces the prediction.
-            proper = s.image_latents
+        if s.blend is not None:
+            blend = s.blend
+            proper = blend.image_latents
             if s.i < len(s.timesteps) - 1:
-                proper = s.scheduler.add_noise(proper, s.noise, torch.tensor([s.timesteps[s.i + 1]]))
-            s.latents = (1 - s.mask) * proper + s.mask * s.latents
+                proper = s.scheduler.add_noise(proper, blend.noise, torch.tensor([s.timesteps[s.i + 1]]))
+            s.latents = (1 - blend.mask) * proper + blend.mask * s.latents
         # The pipelines' progress rule: a step is done every `order` evaluations and at the end.
         i = s.i
         if i == len(s.timesteps) - 1 or ((i + 1) > s.warmup and (i + 1) % s.scheduler.order == 0):

@@ -19,24 +19,24 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from inference_server.batcher import DynamicBatchingEngine
 from inference_server.config import BatchingConfig
 from inference_server.engine import (
     EngineError,
-    EngineInfo,
+    EngineState,
     EventCallback,
     GenerationRequest,
     GenerationResult,
     Job,
-    NotReady,
     Overloaded,
     Progress,
     Queued,
     ShuttingDown,
     Started,
 )
+from inference_server.engine_base import EngineBase
 from inference_server.errors import RequestError
 from inference_server.metrics import Metrics
 from inference_server.pipelines import PipelineRunner
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 ITERATION_METRICS_INTERVAL_S = 0.5
 
 
-class ContinuousBatchingEngine:
+class ContinuousBatchingEngine(EngineBase):
     """Iteration-level batching: requests join and leave the running batch at every denoising step."""
 
     # Decode finished latents on a second thread: None = yes except on MPS. The bench turns it off
@@ -60,17 +60,10 @@ class ContinuousBatchingEngine:
     decode_thread: bool | None = None
 
     def __init__(self, runner: PipelineRunner, config: BatchingConfig, metrics: Metrics) -> None:
-        self.runner = runner
-        self.config = config
-        self.metrics = metrics
+        super().__init__(runner, config, metrics)
         self._core: ContinuousEngine | None = None
         self._fallback: DynamicBatchingEngine | None = None
-        self._state: Literal["loading", "ok", "failed", "stopping"] = "loading"
-        self._load_error: BaseException | None = None
-        self._load_task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: set[Job] = set()
-        self._idle: asyncio.Event | None = None
         # Batch sizes of iterations not yet counted in the metrics: the worker appends, the loop
         # drains (deque appends and pops are thread-safe).
         self._iteration_sizes: deque[int] = deque()
@@ -86,21 +79,17 @@ class ContinuousBatchingEngine:
             lambda: 1 if self.name == "continuous" else 0,
         )
 
-    # -- Engine interface ----------------------------------------------------------------------
+    # -- Engine interface (a fallback engine, when there is one, answers instead) ----------------
 
     @property
     def name(self) -> str:
         return "dynamic" if self._fallback is not None else "continuous"
 
     @property
-    def state(self) -> Literal["loading", "ok", "failed", "stopping"]:
+    def state(self) -> EngineState:
         if self._fallback is not None:
             return self._fallback.state
         return self._state
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "ok"
 
     @property
     def queue_depth(self) -> int:
@@ -112,41 +101,21 @@ class ContinuousBatchingEngine:
     def running(self) -> int:
         return self._core.running_samples if self._core is not None else 0
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.config.max_batch_size
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.runner.info
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._load_task = asyncio.create_task(self._load(), name="continuous-load")
-
     async def wait_ready(self) -> None:
-        assert self._load_task is not None, "start() first"
-        await asyncio.shield(self._load_task)
+        await super().wait_ready()
         if self._fallback is not None:
             await self._fallback.wait_ready()
-        if self._load_error is not None:
-            raise self._load_error
 
     def submit(
         self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
     ) -> Job:
         if self._fallback is not None:
             return self._fallback.submit(request, timeout_s=timeout_s, on_event=on_event)
-        if self._state == "stopping":
-            raise ShuttingDown("the server is shutting down", retry_after_s=self.config.retry_after_s)
-        if self._state != "ok" or self._core is None:
-            raise NotReady(f"the model is {self._state}", retry_after_s=self.config.retry_after_s)
+        self._admit()
+        core = self._core
+        loop = self._loop
+        if core is None or loop is None:
+            raise RuntimeError("the continuous engine is ok but has no scheduler")  # _prepare sets both
         from inference_server.continuous.core import ContinuousRequest, UnsupportedRequest
 
         job = Job(request, deadline=time.monotonic() + timeout_s, on_event=on_event)
@@ -166,8 +135,6 @@ class ContinuousBatchingEngine:
             priority=request.priority,  # the client's (the bot's fairness order); lower joins first
             deadline=job.deadline,
         )
-        loop = self._loop
-        assert loop is not None
 
         def from_worker(event: dict[str, Any]) -> None:
             if event["event"] == "progress" and not job.listening:
@@ -178,15 +145,14 @@ class ContinuousBatchingEngine:
                 loop.call_soon_threadsafe(self._on_core_event, job, event)
 
         try:
-            ticket = self._core.submit(creq, from_worker)
+            ticket = core.submit(creq, from_worker)
         except Overloaded as e:
-            raise Overloaded(e.message, retry_after_s=self.config.retry_after_s) from None
+            raise self._overloaded(e.message) from None
         except ShuttingDown as e:
             raise ShuttingDown(e.message, retry_after_s=self.config.retry_after_s) from None
         except UnsupportedRequest as e:
             # The API's validation catches these first; this keeps a gap there a 400, not a 500.
             raise RequestError(400, "invalid_request", None, e.message) from None
-        core = self._core
         self._jobs.add(job)
         self._idle.clear()
         # The submitter gives up by cancelling job.future (client gone, deadline in Job.wait()):
@@ -201,75 +167,57 @@ class ContinuousBatchingEngine:
         return job
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new work; let queued and running jobs finish for up to `grace_s`; fail the rest."""
         if self._fallback is not None:
             await self._fallback.stop(grace_s)
             return
-        if self._state != "failed":
-            self._state = "stopping"
-        if self._idle is not None and self._jobs:
-            log.info("draining %d continuous requests (grace %.0f s)", len(self._jobs), grace_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._load_task
-        if self._core is not None:
-            await asyncio.to_thread(self._core.stop)
-        for job in list(self._jobs):
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("the server shut down before this request finished"))
-                self.metrics.dropped.inc("shutdown")
-        self._jobs.clear()
-        self.runner.close()
+        await super().stop(grace_s)
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _load(self) -> None:
-        try:
-            await self.runner.load()
-            pipe = self.runner.pipeline("inpaint")  # has every processor the three tasks need
-            reason = unsupported_reason(pipe)
-            if reason is not None:
-                log.warning(
-                    "continuous engine can't run this model (%s); using request-level batching", reason
-                )
-                # The request-level engine loads through the runner again (a rare path: only
-                # models this engine can't run get here), then serves every request.
-                self._fallback = DynamicBatchingEngine(self.runner, self.config, self.metrics)
-                await self._fallback.start()
-                return
-            from inference_server.continuous.core import ContinuousEngine
+    def _pending(self) -> list[Job]:
+        return list(self._jobs)
 
-            self._core = ContinuousEngine(
-                pipe,
-                max_batch_size=self.config.max_batch_size,
-                max_batch_pixels=self.config.max_batch_pixels,
-                max_queue=self.config.max_queue,
-                scheduler_factory=scheduler_factory(pipe),
-                on_iteration=self._from_worker_iteration,
-                decode_thread=self.runner.device != "mps"
-                if self.decode_thread is None
-                else self.decode_thread,
-            )
-            self._core.start()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            self._load_error = e
-            self._state = "failed"
-            log.error("model loading failed: %s", e)
+    async def _halt(self) -> list[Job]:
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop)
+        unfinished = list(self._jobs)
+        self._jobs.clear()
+        return unfinished
+
+    async def _prepare(self) -> None:
+        await self.runner.load()
+        pipe = self.runner.pipeline("inpaint")  # has every processor the three tasks need
+        reason = unsupported_reason(pipe)
+        if reason is not None:
+            log.warning("continuous engine can't run this model (%s); using request-level batching", reason)
+            # The request-level engine loads through the runner again (a rare path: only models
+            # this engine can't run get here), then serves every request.
+            self._fallback = DynamicBatchingEngine(self.runner, self.config, self.metrics)
+            await self._fallback.start()
             return
-        if self._state == "loading":
-            self._state = "ok"
-            log.info(
-                "ready (continuous batching, up to %d images per step): %s on %s (%s)",
-                self.config.max_batch_size,
-                self.runner.model_name,
-                self.runner.device,
-                self.runner.dtype,
-            )
+        from inference_server.continuous.core import ContinuousEngine
+
+        self._core = ContinuousEngine(
+            pipe,
+            max_batch_size=self.config.max_batch_size,
+            max_batch_pixels=self.config.max_batch_pixels,
+            max_queue=self.config.max_queue,
+            scheduler_factory=scheduler_factory(pipe),
+            on_iteration=self._from_worker_iteration,
+            decode_thread=self.runner.device != "mps" if self.decode_thread is None else self.decode_thread,
+        )
+        self._core.start()
+
+    def _log_ready(self) -> None:
+        if self._fallback is not None:
+            return  # the fallback engine says when it is ready
+        log.info(
+            "ready (continuous batching, up to %d images per step): %s on %s (%s)",
+            self.config.max_batch_size,
+            self.runner.model_name,
+            self.runner.device,
+            self.runner.dtype,
+        )
 
     def _from_worker_iteration(self, batch: int, seconds: float) -> None:
         self._iteration_sizes.append(batch)
@@ -304,11 +252,11 @@ class ContinuousBatchingEngine:
     def _on_core_done(self, job: Job, future: Any) -> None:
         self._count_iterations()
         self._jobs.discard(job)
-        if not self._jobs and self._idle is not None:
+        if not self._jobs:
             self._idle.set()
         if job.future.done():
             if job.future.cancelled():
-                self.metrics.dropped.inc("cancelled")
+                self.metrics.dropped.labels("cancelled").inc()
             return
         if future.cancelled():
             job.future.set_exception(EngineError("internal error: the request was cancelled in the engine"))
@@ -319,13 +267,13 @@ class ContinuousBatchingEngine:
                 log.error("continuous engine: unexpected failure", exc_info=error)
                 error = EngineError("internal error (see the server log)")
             if error.kind == "deadline_exceeded":
-                self.metrics.dropped.inc("deadline")
+                self.metrics.dropped.labels("deadline").inc()
             job.future.set_exception(error)
             return
         result = future.result()
         req = job.request
         self.metrics.run_latency.observe(result.run_s)
-        self.metrics.images.inc(amount=len(result.images))
+        self.metrics.images.inc(len(result.images))
         job.future.set_result(
             GenerationResult(
                 images=result.images,

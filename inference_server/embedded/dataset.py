@@ -148,7 +148,7 @@ def caption(shape: str, colour: str, background: str, template: int = 0) -> str:
 
 def caption_corpus() -> list[str]:
     """Every caption the training can produce (used to learn the tokenizer)."""
-    out = []
+    out: list[str] = []
     for s in SHAPES:
         for c in COLOURS:
             for b in COLOURS:

@@ -10,7 +10,7 @@ from bot.backends.base import GenerationParams
 from bot.backends.fake import FakeBackend
 from bot.backends.huggingface import HuggingFaceBackend
 from bot.backends.inference_server import InferenceServerBackend
-from inference_server.config_loader import ConfigError, read_toml
+from bot.settings import ConfigError, read_toml
 from tests.backends.fake_hf import HF_TOKEN
 
 

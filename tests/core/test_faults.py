@@ -152,7 +152,7 @@ async def test_terminated_connections_run_no_job_twice_and_leave_none_running(pg
 
 async def test_unwritable_storage_stops_the_start_with_the_key(tmp_path):
     from bot.bootstrap import build_core
-    from inference_server.config_loader import ConfigError
+    from bot.settings import ConfigError
     from tests.core.helpers import config_for
 
     (tmp_path / "images").write_text("not a directory\n")

@@ -7,7 +7,7 @@ import pytest
 from bot.config import load_core_config
 from bot.core.moderation import Moderator
 from bot.core.storage import LocalImageStorage
-from inference_server.config_loader import ConfigError
+from bot.settings import ConfigError
 
 
 def test_moderation_is_case_and_accent_insensitive_on_whole_words():

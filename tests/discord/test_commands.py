@@ -205,7 +205,7 @@ async def test_server_busy_is_a_short_private_error(fake_discord: FakeDiscord, t
 def test_adapter_status_and_config_errors():
     from bot.discord_adapter import adapter_status
     from bot.discord_adapter.config import DiscordConfig
-    from inference_server.config_loader import ConfigError, load_section
+    from bot.settings import ConfigError, load_section
 
     assert adapter_status({}) == (False, "off: DISCORD_TOKEN not set")
     assert adapter_status({"DISCORD_TOKEN": "  "})[0] is False

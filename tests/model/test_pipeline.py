@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .conftest import WEIGHTS
 
-# The limit for weights kept in git.
+# The weights live in git: every clone carries them, so they stay this small.
 MAX_WEIGHTS_MB = 25
 
 

@@ -12,7 +12,7 @@ from bot.core.api import BadParameters
 from bot.playground import adapter_status
 from bot.playground.config import load_playground_config
 from bot.playground.ui import Identity, mask_from_editor, parse_command, whole_number
-from inference_server.config_loader import ConfigError
+from bot.settings import ConfigError
 
 
 def test_loopback_by_default_and_exposing_needs_a_password():

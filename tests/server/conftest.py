@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from inference_server import keys
 from inference_server.app import create_app, runner_options
@@ -69,12 +70,19 @@ class Server:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    """Every sample of a scrape as `name{label="value",...}` (labels sorted by name) -> value."""
+    return {
+        sample_key(sample.name, sample.labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample_key(name: str, labels: dict[str, str]) -> str:
+    # Bucket bounds as numbers: `le="4"` and the exposition's `le="4.0"` are the same bucket.
+    canonical = {k: str(float(v)) if k == "le" else v for k, v in labels.items()}
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(canonical.items()))
+    return f"{name}{{{inner}}}" if inner else name
 
 
 @asynccontextmanager
@@ -132,8 +140,11 @@ def decode_png(b64: str) -> Image.Image:
     return img
 
 
-def metric(values: dict[str, float], name: str) -> float:
-    return values.get(name, 0.0)
+def metric(values: dict[str, float], sample: str) -> float:
+    """The value of `sample` (`name` or `name{label="value",...}`, labels in any order), 0 if absent."""
+    [family] = text_string_to_metric_families(f"{sample} 0\n")
+    [parsed] = family.samples
+    return values.get(sample_key(parsed.name, parsed.labels), 0.0)
 
 
 class DeviceGate:

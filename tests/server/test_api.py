@@ -6,7 +6,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from tests.server.conftest import AUTH, Server, decode_png, png_b64
+from tests.server.conftest import AUTH, Server, decode_png, metric, parse_metrics, png_b64
 
 
 async def test_txt2img_returns_pngs_with_seeds_and_timings(server: Server) -> None:
@@ -109,9 +109,16 @@ async def test_health_ready_openapi_and_metrics(server: Server) -> None:
         text = await resp.text()
     assert resp.content_type == "text/plain"
     assert "# TYPE inference_queue_wait_seconds histogram" in text
-    assert 'inference_requests_total{task="txt2img",status="200"} 1' in text
-    assert "inference_batch_size_count 1" in text
-    assert "inference_queue_depth 0" in text
+    values = parse_metrics(text)
+    assert metric(values, 'inference_requests_total{task="txt2img",status="200"}') == 1
+    assert metric(values, "inference_batch_size_count") == 1
+    assert values["inference_queue_depth"] == 0 and values["inference_ready"] == 1
+    # A scraper that asks for OpenMetrics gets it.
+    async with server.session.get(
+        f"{server.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    ) as resp:
+        assert resp.content_type == "application/openmetrics-text"
+        assert (await resp.text()).endswith("# EOF\n")
 
 
 async def test_unknown_route_is_json_404(server: Server) -> None:

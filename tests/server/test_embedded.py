@@ -1,17 +1,11 @@
-"""The shipped embedded model served through the same code path (skipped until its weights exist)."""
+"""The shipped embedded model served through the same code path as any other model."""
 
 from __future__ import annotations
 
-import pytest
-
-from inference_server.config import EMBEDDED_WEIGHTS, Config, ModelConfig, ServerConfig
+from inference_server.config import Config, ModelConfig, ServerConfig
 from tests.server.conftest import decode_png, running_server
 
 
-@pytest.mark.skipif(
-    not (EMBEDDED_WEIGHTS / "model_index.json").is_file(),
-    reason=f"no trained embedded model in {EMBEDDED_WEIGHTS} yet (make train-model)",
-)
 async def test_embedded_model_serves_all_three_tasks() -> None:
     config = Config(server=ServerConfig(port=0), model=ModelConfig(path="embedded", cpu_threads=1, steps=2))
     async with running_server(config) as server:

@@ -11,9 +11,9 @@ import yaml
 from bot import slack_adapter
 from bot.backends.base import BackendRejected
 from bot.bootstrap import build_core
+from bot.settings import ConfigError, load_section
 from bot.slack_adapter import admin, messages
 from bot.slack_adapter.config import SlackConfig
-from inference_server.config_loader import ConfigError, load_section
 from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID, FakeSlack
 from tests.slack.harness import Running, make_config, result_messages, running_adapter
 
