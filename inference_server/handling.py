@@ -17,6 +17,7 @@ from inference_server import keys
 from inference_server.engine import EngineError, GenerationResult, Job, NotReady, ShuttingDown
 from inference_server.errors import RequestError
 from inference_server.families import ModelFamily
+from inference_server.limits import MAX_GUIDANCE
 from inference_server.schemas import side_bounds
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def capabilities(app: web.Application) -> dict[str, Any] | None:
         "min_side": min_side,
         "max_side": max_side,
         "max_steps": server.max_steps,
+        "max_guidance": MAX_GUIDANCE,
         "max_images_per_request": server.max_images_per_request,
         "max_prompt_chars": server.max_prompt_chars,
     }

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.backends.base import ModelCapabilities
 from bot.config import CoreConfig
 from bot.core import validate
 from bot.core.api import (
@@ -49,7 +50,7 @@ from bot.core.api import (
 from bot.core.db import Database, retry_unavailable
 from bot.core.models import AuditLog, ImageRow, Job, QuotaLimit, QuotaUsage, User, utcnow
 from bot.core.moderation import Moderator
-from bot.core.params import MAX_ASPECT, ParsedPrompt, new_seed, parse_prompt, size_for_aspect
+from bot.core.params import MAX_ASPECT, Limits, ParsedPrompt, new_seed, parse_prompt, size_for_aspect
 from bot.core.storage import ImageStorage
 
 log = logging.getLogger("bot.core")
@@ -59,7 +60,7 @@ MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger as
 MAX_KEY_CHARS = 150
 KEY_USED_BY_OTHER = "This request id was already used by someone else."
 MAX_GRANT = 10_000  # a typo guard: nobody means to grant a million images
-# Decompression-bomb guard: inputs are resized to ~base_size**2 pixels anyway.
+# Decompression-bomb guard: inputs are resized to about the model's default size anyway.
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
@@ -79,6 +80,9 @@ class CoreService:
         self.clock = clock
         self.rng = rng or random.SystemRandom()
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
+        # What the backend's model accepts, kept current by `bot.core.model_watch.ModelWatch`
+        # (None until it reports, or when the backend doesn't): flags and defaults follow it.
+        self.model: ModelCapabilities | None = None
         self.deliveries: dict[str, Delivery] = {}
         self._wakers: list[Callable[[], None]] = []
         self._job_events: dict[int, asyncio.Event] = {}
@@ -111,6 +115,10 @@ class CoreService:
         if event is not None:
             event.set()
 
+    def limits(self) -> Limits:
+        """What a job may ask for now: the model's capabilities within `[bot]`'s settings."""
+        return Limits.of(self.config.bot, self.model)
+
     # ------------------------------------------------------------------------------------------
     # quota period
     # ------------------------------------------------------------------------------------------
@@ -142,7 +150,9 @@ class CoreService:
         actor, place = self._who(actor, place)
         self._check_key(idempotency_key)
         delivery = validate.delivery(delivery)
-        parsed = parse_prompt(text, options, self.config.bot, rng=self.rng)
+        limits = self.limits()
+        limits.require_task("txt2img", "text-to-image")
+        parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
         return await self._submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
         )
@@ -164,12 +174,16 @@ class CoreService:
         existing = await self._existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        parsed = parse_prompt(prompt_text, options, self.config.bot, rng=self.rng)
+        limits = self.limits()
+        limits.require_task("inpaint", "inpainting")
+        parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
         if parsed.aspect_ratio is not None:
             raise BadParameters(
                 "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
             )
-        image_png, mask_png, width, height = await asyncio.to_thread(self._prepare_inpaint, image, mask)
+        image_png, mask_png, width, height = await asyncio.to_thread(
+            self._prepare_inpaint, image, mask, limits
+        )
         image_key = await self.storage.put(image_png)
         mask_key = await self.storage.put(mask_png)
         parsed = ParsedPrompt(
@@ -220,7 +234,9 @@ class CoreService:
             raise BadParameters(field, f"The {field} is not a readable PNG, JPEG or WebP image.") from None
         return img
 
-    def _prepare_inpaint(self, image: bytes, mask: bytes | None) -> tuple[bytes, bytes, int, int]:
+    def _prepare_inpaint(
+        self, image: bytes, mask: bytes | None, limits: Limits
+    ) -> tuple[bytes, bytes, int, int]:
         img = self._decode(image, "image")
         w, h = img.size
         if max(w / h, h / w) > MAX_ASPECT:
@@ -245,7 +261,7 @@ class CoreService:
             mask_img = m.convert("L").point(lambda v: 255 if v >= 128 else 0)
         if mask_img.getextrema()[1] == 0:
             raise BadParameters("mask", "The mask is empty: nothing is marked to repaint (white = repaint).")
-        width, height = size_for_aspect(w, h, self.config.bot.base_size)
+        width, height = size_for_aspect(w, h, limits)
         rgb = img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         mask_small = mask_img.resize((width, height), Image.Resampling.NEAREST)
         return _png(rgb), _png(mask_small), width, height
@@ -423,6 +439,7 @@ class CoreService:
             raise BadParameters(
                 "image", f"Image {index + 1} does not exist: that result has {len(images)} image(s).", index
             )
+        self.limits().require_task("img2img", "variations (image-to-image)")
         source = images[index]
         p = parent.params
         n = int(p["n"])
