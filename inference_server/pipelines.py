@@ -249,12 +249,10 @@ class PipelineRunner:
         started = time.monotonic()
         index = model_index(source)
         self.dtype = choose_dtype(self.config.dtype, self.device, index.get("_class_name"))
+        absent = absent_components(index, self.config)
         try:
             base = AutoPipelineForText2Image.from_pretrained(
-                source,
-                dtype=getattr(torch, self.dtype),
-                local_files_only=True,
-                **absent_components(index, self.config),
+                source, dtype=getattr(torch, self.dtype), local_files_only=True, **absent
             )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}") from e

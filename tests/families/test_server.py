@@ -234,3 +234,23 @@ async def test_negative_prompts_batch_as_the_family_runs_them(family: Any) -> No
     results = await asyncio.gather(*jobs)
     await first
     assert [r["batch_size"] for r in results] == ([2, 2, 2, 2] if name in FLUX else [4, 4, 4, 4])
+
+
+async def test_the_openapi_document_follows_the_family(family: Any) -> None:
+    import yaml
+    from openapi_spec_validator import validate as validate_openapi
+
+    name, server = family
+    async with server.session.get(f"{server.url}/openapi.yaml") as resp:
+        doc = yaml.safe_load(await resp.text())
+    async with server.session.get(f"{server.url}/health") as resp:
+        caps = (await resp.json())["capabilities"]
+    validate_openapi(doc)
+    schemas = doc["components"]["schemas"]
+    assert set(caps) == set(schemas["Capabilities"]["properties"])
+    fields = schemas["Txt2ImgRequest"]["properties"]
+    [width] = [option for option in fields["width"]["anyOf"] if option.get("type") == "integer"]
+    assert width["multipleOf"] == MULTIPLE[name]
+    [scheduler] = [option for option in fields["scheduler"]["anyOf"] if option.get("type") == "string"]
+    assert scheduler["enum"] == caps["samplers"]
+    assert ("true_cfg" in fields) == (name in FLUX)
