@@ -311,8 +311,3 @@ def detect_family(pipe: Any) -> ModelFamily:
         "1.x/2.x (StableDiffusionPipeline; inpainting checkpoints too), SDXL (StableDiffusionXLPipeline), "
         "SD 3.x (StableDiffusion3Pipeline) and FLUX.1 dev/schnell (FluxPipeline) checkpoints"
     )
-
-
-def samplers_for(family: ModelFamily) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The sampler table of `family`: name -> (scheduler class name, extra config)."""
-    return {name: SAMPLERS[name] for name in family.samplers}

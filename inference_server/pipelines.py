@@ -2,7 +2,9 @@
 
 One `PipelineRunner` per device owns the diffusers pipelines (text-to-image, and image-to-image and
 inpainting built with `from_pipe`, so all three share one set of weights) and a single-thread
-executor. Every pipeline call runs on that thread: diffusers schedulers and the CLIP tokenizer are
+executor. Loading reads the model index first (components saved as null, such as SD 3's T5, load as
+None; `[model] drop_t5`; the dtype for the pipeline class), then detects the model's family
+(`families.py`), which the rest of the server validates requests against, and loads only once. Every pipeline call runs on that thread: diffusers schedulers and the CLIP tokenizer are
 not thread-safe, and one thread per device also keeps the event loop free. Each call gets a fresh
 scheduler built from the model's scheduler config, so no scheduler state leaks between calls.
 

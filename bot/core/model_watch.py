@@ -2,7 +2,7 @@
 
 The inference server reports what its model accepts (`capabilities` in `/health`: family, size
 multiple, default size, steps and guidance, tasks). The bot asks at start-up, then every
-`REFRESH_S`, and puts the answer on the service (`CoreService.model`), where parsing and sizing
+`REFRESH_S` (every `UNKNOWN_REFRESH_S` until a first answer), and puts the answer on the service (`CoreService.model`), where parsing and sizing
 read it (`bot.core.params.Limits`). An answer of None (a backend that doesn't report, or no server
 reachable) keeps the last known capabilities: a server restarting must not turn the bot's flags
 back to another model's.
@@ -22,16 +22,26 @@ log = logging.getLogger("bot.core.model")
 # A model changes only when an operator restarts a server with another one; a minute is soon enough
 # for the bot to follow, and a /health call a minute costs nothing.
 REFRESH_S = 60.0
+# Until a first answer (the server may still be loading its model), ask this often.
+UNKNOWN_REFRESH_S = 5.0
 # Start-up waits this long at most for a first answer (a server loading its model answers at once,
 # without capabilities; one that is down costs the connect timeout).
 FIRST_REFRESH_S = 10.0
 
 
 class ModelWatch:
-    def __init__(self, service: CoreService, backend: InferenceBackend, *, interval_s: float = REFRESH_S):
+    def __init__(
+        self,
+        service: CoreService,
+        backend: InferenceBackend,
+        *,
+        interval_s: float = REFRESH_S,
+        unknown_interval_s: float = UNKNOWN_REFRESH_S,
+    ):
         self.service = service
         self.backend = backend
         self.interval_s = interval_s
+        self.unknown_interval_s = unknown_interval_s
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
@@ -57,7 +67,8 @@ class ModelWatch:
         self.service.model = found
 
     async def start(self) -> None:
-        """A first refresh (bounded by FIRST_REFRESH_S), then one every `interval_s` in the background."""
+        """A first refresh (bounded by FIRST_REFRESH_S), then one every `interval_s` in the background
+        (every `unknown_interval_s` while nothing is known yet)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_REFRESH_S):
                 await self.refresh()
@@ -67,7 +78,8 @@ class ModelWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            known = self.service.model is not None
+            await asyncio.sleep(self.interval_s if known else self.unknown_interval_s)
             await self.refresh()
 
     async def stop(self) -> None:

@@ -90,3 +90,33 @@ async def test_capabilities_from_the_servers_that_answer(
         assert await backend.capabilities() is None  # malformed is no report, never an exception
     finally:
         await backend.close()
+
+
+async def test_the_bot_learns_the_model_once_the_server_has_loaded_it_and_keeps_it(
+    inference_server: FakeInferenceServer, tmp_path: Any
+) -> None:
+    import asyncio
+
+    from bot.core.model_watch import ModelWatch
+    from tests.core.helpers import running_core
+
+    backend = InferenceServerBackend([inference_server.url], token=TOKEN, max_retries=0)
+    async with running_core(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tmp_path, backend=backend) as (
+        core,
+        _,
+    ):
+        assert core.service.model is None  # the server is still loading: [bot]'s settings apply
+        watch = ModelWatch(core.service, backend, interval_s=0.05, unknown_interval_s=0.05)
+        await watch.start()
+        try:
+            inference_server.capabilities = reported()
+            for _ in range(200):
+                if core.service.model is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert core.service.model is not None and core.service.limits().size_multiple == 16
+            inference_server.capabilities = None  # restarting: no report keeps the last known model
+            await asyncio.sleep(0.2)
+            assert core.service.model is not None and core.service.model.family == "flux-dev"
+        finally:
+            await watch.stop()
