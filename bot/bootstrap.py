@@ -6,7 +6,8 @@
 
 builds the database engine (refusing to start on a schema that is behind the code, or migrating when
 `[database] auto_migrate = true`), the image storage, the inference backend
-(`bot.backends.build_backend`) and the `CoreService`, starts the dispatcher, and on exit stops the
+(`bot.backends.build_backend`) and the `CoreService`, learns what the backend's model accepts
+(`ModelWatch`: at start-up, then periodically), starts the dispatcher, and on exit stops the
 dispatcher (handing jobs in flight back to the queue), closes the backend and disposes the engine.
 """
 
@@ -26,6 +27,7 @@ from bot.config import CoreConfig, load_core_config
 from bot.core.api import StorageError
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
+from bot.core.model_watch import ModelWatch
 from bot.core.models import utcnow
 from bot.core.service import CoreService
 from bot.core.storage import ImageStorage, LocalImageStorage
@@ -44,6 +46,7 @@ class Core:
     backend: InferenceBackend
     service: CoreService
     dispatcher: Dispatcher
+    model_watch: ModelWatch
 
 
 @asynccontextmanager
@@ -91,12 +94,15 @@ async def build_core(
             own_backend = build_backend(raw, env)
         service = CoreService(db, storage, cfg, clock=clock)
         dispatcher = Dispatcher(service, own_backend, owner=dispatcher_owner)
+        model_watch = ModelWatch(service, own_backend)
+        await model_watch.start()
         if start_dispatcher:
             dispatcher.start()
-        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher)
+        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch)
         try:
             yield core
         finally:
+            await model_watch.stop()
             await dispatcher.stop()
     finally:
         if own_backend is not None:

@@ -34,12 +34,14 @@ def _seconds(value: float, key: str, *, lo: float, hi: float = DAY_S, lo_open: b
 
 @dataclass(frozen=True)
 class BotConfig:
-    # The embedded model's native resolution; --ar keeps roughly base_size**2 pixels.
-    base_size: int = 64
-    default_steps: int = 20
-    # 150 is the inference server's own bound; lower it to keep CPU deployments responsive.
-    max_steps: int = 150
-    default_guidance: float = 7.5
+    # Unset (None): the model's, as the inference server reports it (its default size, steps and
+    # guidance, its largest step count); without a report (Hugging Face, the fake, a server not up
+    # yet) 64, 20, 7.5 and 150. Set: the bot's own choice (max_steps can only lower the server's).
+    # --ar keeps roughly base_size**2 pixels.
+    base_size: int | None = None
+    default_steps: int | None = None
+    max_steps: int | None = None
+    default_guidance: float | None = None
     default_n: int = 1
     # Prompts longer than this are refused: CLIP reads 77 tokens anyway, and rows stay small.
     max_prompt_chars: int = 1000
@@ -64,18 +66,28 @@ class BotConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.base_size >= 8 and self.base_size % 8 == 0,
+            self.base_size is None or (self.base_size >= 8 and self.base_size % 8 == 0),
             "[bot] base_size",
             "must be a positive multiple of 8",
         )
-        _check(1 <= self.max_steps <= 150, "[bot] max_steps", "must be from 1 to 150")
+        # 1000: the inference server's own largest `max_steps`.
         _check(
-            1 <= self.default_steps <= self.max_steps, "[bot] default_steps", "must be from 1 to max_steps"
+            self.max_steps is None or 1 <= self.max_steps <= 1000, "[bot] max_steps", "must be from 1 to 1000"
         )
-        _check(0 <= self.default_guidance <= 30, "[bot] default_guidance", "must be from 0 to 30")
+        _check(
+            self.default_steps is None or 1 <= self.default_steps <= (self.max_steps or 1000),
+            "[bot] default_steps",
+            "must be from 1 to max_steps",
+        )
+        # 30: the inference server's largest guidance (beyond it guidance only burns the image).
+        _check(
+            self.default_guidance is None or 0 <= self.default_guidance <= 30,
+            "[bot] default_guidance",
+            "must be from 0 to 30",
+        )
         _check(1 <= self.default_n <= 4, "[bot] default_n", "must be from 1 to 4")
         # 4096: the largest side the core accepts for an input image; past it no job could run.
-        _check(self.base_size <= 4096, "[bot] base_size", "must be at most 4096")
+        _check(self.base_size is None or self.base_size <= 4096, "[bot] base_size", "must be at most 4096")
         # 10000: far beyond what a text encoder reads (77 tokens), and prompts stay small rows.
         _check(1 <= self.max_prompt_chars <= 10_000, "[bot] max_prompt_chars", "must be from 1 to 10000")
         _check(1 <= self.dispatch_concurrency <= 256, "[bot] dispatch_concurrency", "must be from 1 to 256")

@@ -24,10 +24,12 @@ from inference_server.engine import TASKS, Engine, EngineError, GenerationResult
 from inference_server.handling import (
     DISCONNECT_POLL_S,
     auth_middleware,
+    capabilities,
     client_gone,
     counted,
     end_stream_after_error,
     error_middleware,
+    loaded_family,
     refuse_if_draining,
     wait_for_result,
 )
@@ -79,11 +81,12 @@ def result_json(result: GenerationResult) -> dict[str, Any]:
 
 async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     config = request.app[keys.CONFIG]
+    family = loaded_family(request.app)
     body, files, from_form = await read_body(request)
 
     def parse() -> ParsedRequest:
         return parse_generation(
-            task, body, server=config.server, model=config.model, files=files, from_form=from_form
+            task, body, server=config.server, family=family, files=files, from_form=from_form
         )
 
     # Image decoding and resizing are CPU work: keep them off the event loop.
@@ -183,6 +186,8 @@ async def health(request: web.Request) -> web.Response:
         "queue_depth": engine.queue_depth,
         "engine": engine.name,
         "max_batch_size": engine.max_batch_size,
+        # What the model accepts and defaults to (null while it loads); the bot adapts to it.
+        "capabilities": capabilities(request.app),
     }
     return web.json_response(body)
 
@@ -203,8 +208,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI document, generated from the request models with this server's limits."""
+    family = request.app[keys.ENGINE].info.family
     return web.Response(
-        text=openapi_document(request.app[keys.CONFIG].server), content_type="application/yaml"
+        text=openapi_document(request.app[keys.CONFIG].server, family), content_type="application/yaml"
     )
 
 

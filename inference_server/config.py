@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,34 +108,68 @@ def _public_url_problem(url: str) -> str | None:
     return None
 
 
+# `[model] device`: "auto", "cpu", "mps", "cuda" or "cuda:N" (one server per GPU is one line).
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """`[model]`: which weights, on which device, with which defaults."""
+    """`[model]`: which weights, on which device, with which defaults.
+
+    The defaults a request falls back to (size, steps, guidance, strength) are the model family's
+    (`families.py`) unless set here; they are checked against the family once the model is loaded.
+    """
 
     path: str = "embedded"
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attention: Literal["auto", "xformers", "sdpa"] = "auto"
     scheduler: str = "default"
-    width: int = 64
-    height: int = 64
-    steps: int = 20
-    guidance: float = 7.5
-    strength: float = 0.6
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
     warmup: bool = True
     cpu_threads: int = 0
     vae_slicing: Literal["auto", "on", "off"] = "auto"
+    # Decode (and encode) large images tile by tile: bounded VAE memory at big sizes, at the cost of
+    # faint tile seams. Images no larger than the VAE's tile are not tiled either way.
+    vae_tiling: bool = False
+    # Memory on GPUs that can't hold the weights: "model" keeps each whole model on the GPU only
+    # while it runs (a little slower); "sequential" moves layer by layer (much slower, least memory).
+    offload: Literal["none", "model", "sequential"] = "none"
+    # SD 3.x only: load without the T5 text encoder (text_encoder_3), most of the model's memory,
+    # at some cost in prompt adherence. A pipeline folder saved without it loads without it anyway.
+    drop_t5: bool = False
 
     def __post_init__(self) -> None:
         s = "model"
         _require(bool(self.path.strip()), s, "path", "must not be empty")
+        _require(
+            bool(_DEVICE.match(self.device)),
+            s,
+            "device",
+            f'must be "auto", "cpu", "mps", "cuda" or "cuda:N" (a GPU index), got {self.device!r}',
+        )
         for key in ("width", "height"):
             v = getattr(self, key)
-            _require(v >= 8 and v % 8 == 0, s, key, f"must be a multiple of 8, got {v}")
-        _require(self.steps >= 1, s, "steps", "must be >= 1")
-        _require(0 <= self.guidance <= MAX_GUIDANCE, s, "guidance", f"must be 0-{MAX_GUIDANCE:g}")
-        _require(0 < self.strength <= 1, s, "strength", "must be in (0, 1]")
+            _require(v is None or (v >= 8 and v % 8 == 0), s, key, f"must be a multiple of 8, got {v}")
+        _require(self.steps is None or self.steps >= 1, s, "steps", "must be >= 1")
+        _require(
+            self.guidance is None or 0 <= self.guidance <= MAX_GUIDANCE,
+            s,
+            "guidance",
+            f"must be 0-{MAX_GUIDANCE:g}",
+        )
+        _require(self.strength is None or 0 < self.strength <= 1, s, "strength", "must be in (0, 1]")
         _require(0 <= self.cpu_threads <= 4096, s, "cpu_threads", "must be 0-4096")
+        _require(
+            self.offload == "none" or self.device == "auto" or self.device.startswith("cuda"),
+            s,
+            "offload",
+            f'offloads to a CUDA device, but device = "{self.device}"',
+        )
 
     def resolved_path(self) -> str:
         """A folder path for "embedded" and local folders; otherwise the Hugging Face model id."""

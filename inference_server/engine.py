@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 if TYPE_CHECKING:
     from PIL import Image
 
+    from inference_server.families import ModelFamily
+
 # What a request asks for; the native API has one route per task (`/v1/<task>`).
 Task = Literal["txt2img", "img2img", "inpaint"]
 TASKS: tuple[Task, ...] = get_args(Task)
@@ -40,6 +42,8 @@ class GenerationRequest:
     guidance: float
     scheduler: str = "default"
     strength: float | None = None
+    # FLUX only: the true classifier-free guidance scale that makes a negative prompt act (None: off).
+    true_cfg: float | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     mask: Image.Image | None = field(default=None, compare=False, repr=False)
     # Lower joins first (ties: arrival order); the bot passes its fairness order. Only the
@@ -56,7 +60,16 @@ class GenerationRequest:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call (these are scalars in diffusers)."""
-        return (self.task, self.width, self.height, self.steps, self.guidance, self.strength, self.scheduler)
+        return (
+            self.task,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.strength,
+            self.scheduler,
+            self.true_cfg,
+        )
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ class EngineInfo:
     dtype: str
     model: str
     attention: str
+    family: ModelFamily | None = None  # None until the model is loaded
 
 
 class Engine(Protocol):

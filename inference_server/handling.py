@@ -14,8 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from inference_server import keys
-from inference_server.engine import EngineError, GenerationResult, Job, ShuttingDown
+from inference_server.engine import EngineError, GenerationResult, Job, NotReady, ShuttingDown
 from inference_server.errors import RequestError
+from inference_server.families import ModelFamily
+from inference_server.limits import MAX_GUIDANCE
+from inference_server.schemas import side_bounds
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,34 @@ def refuse_if_draining(app: web.Application) -> None:
         raise ShuttingDown(
             "the server is shutting down", retry_after_s=app[keys.CONFIG].batching.retry_after_s
         )
+
+
+def loaded_family(app: web.Application) -> ModelFamily:
+    """The loaded model's family, which every request is validated against; 503 while it loads
+    (as the engine would answer) or after loading failed."""
+    engine = app[keys.ENGINE]
+    family = engine.info.family
+    if family is None:
+        raise NotReady(f"the model is {engine.state}", retry_after_s=app[keys.CONFIG].batching.retry_after_s)
+    return family
+
+
+def capabilities(app: web.Application) -> dict[str, Any] | None:
+    """What the loaded model accepts and defaults to, for /health and /v1/models (None while loading),
+    with the server's own limits on the same requests."""
+    family = app[keys.ENGINE].info.family
+    if family is None:
+        return None
+    server = app[keys.CONFIG].server
+    _, min_side, max_side = side_bounds(server, family)
+    return family.capabilities() | {
+        "min_side": min_side,
+        "max_side": max_side,
+        "max_steps": server.max_steps,
+        "max_guidance": MAX_GUIDANCE,
+        "max_images_per_request": server.max_images_per_request,
+        "max_prompt_chars": server.max_prompt_chars,
+    }
 
 
 def client_gone(request: web.Request) -> bool:

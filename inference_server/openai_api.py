@@ -41,13 +41,21 @@ from PIL import Image
 
 from inference_server import keys
 from inference_server.bodies import read_body
-from inference_server.config import ModelConfig, ServerConfig
+from inference_server.config import ServerConfig
 from inference_server.engine import EngineError, GenerationResult, Progress, Queued, Task
 from inference_server.errors import RequestError
-from inference_server.handling import counted, end_stream_after_error, refuse_if_draining, wait_for_result
+from inference_server.families import ModelFamily
+from inference_server.handling import (
+    capabilities,
+    counted,
+    end_stream_after_error,
+    loaded_family,
+    refuse_if_draining,
+    wait_for_result,
+)
 from inference_server.images import decode_base64, decode_image, encode_png
 from inference_server.schemas import OUTPUT_FORMATS, SHOWN_CHARS, parse_size, request_models, show, validate
-from inference_server.validation import ParsedRequest, parse_generation
+from inference_server.validation import ParsedRequest, parse_generation, unknown_field
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,16 @@ MAX_STORED_IMAGES = 4096
 URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
 # Native fields the OpenAI routes take as extensions (e.g. `extra_body={"seed": 1}` with the official
 # client); every field, OpenAI's and these, is declared in `schemas.request_models`.
-NATIVE_EXTENSIONS = ("negative_prompt", "seed", "steps", "guidance", "scheduler", "timeout_s", "priority")
+NATIVE_EXTENSIONS = (
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "scheduler",
+    "timeout_s",
+    "priority",
+    "true_cfg",
+)
 # HTTP status of each engine error kind as this API reports it (see `translate_error`).
 ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}
 
@@ -239,17 +256,21 @@ def _output_options(fields: Mapping[str, Any]) -> OutputOptions:
     )
 
 
-def _native_body(fields: Mapping[str, Any], server: ServerConfig, *, prompt: bool) -> dict[str, Any]:
+def _native_body(
+    fields: Mapping[str, Any], server: ServerConfig, family: ModelFamily, *, prompt: bool
+) -> dict[str, Any]:
     """The native fields `parse_generation` takes, from the (already checked) OpenAI ones."""
     names = (*NATIVE_EXTENSIONS, "n", "strength", *(("prompt",) if prompt else ()))
     body = {name: fields[name] for name in names if fields.get(name) is not None}
-    size = parse_size(fields["size"], server) if fields["size"] is not None else None
+    size = parse_size(fields["size"], server, family) if fields["size"] is not None else None
     if size is not None:
         body["width"], body["height"] = size
     return body
 
 
-def _unknown(name: str) -> str:
+def _unknown(name: str, family: ModelFamily) -> str:
+    if name == "true_cfg":
+        return unknown_field(name, "this endpoint", {}, family)
     if name == "markup":
         return "markup images are not supported by this server; use mask"
     # OpenAI itself refuses unknown arguments; silently dropping one would hide a typo.
@@ -266,11 +287,11 @@ def _upload(fields: Mapping[str, Any], names: tuple[str, ...], param: str) -> by
 
 
 def _native(
-    task: Task, body: dict[str, Any], server: ServerConfig, model: ModelConfig, files: Mapping[str, bytes]
+    task: Task, body: dict[str, Any], server: ServerConfig, family: ModelFamily, files: Mapping[str, bytes]
 ) -> ParsedRequest:
     """`parse_generation` of the native fields; its width/height come from `size` here."""
     try:
-        return parse_generation(task, body, server=server, model=model, files=files)
+        return parse_generation(task, body, server=server, family=family, files=files)
     except RequestError as e:
         if e.field in ("width", "height"):
             e.field = "size"
@@ -284,11 +305,13 @@ def parse_openai(
     *,
     from_form: bool,
     server: ServerConfig,
-    model: ModelConfig,
+    family: ModelFamily,
 ) -> tuple[ParsedRequest, OutputOptions]:
     """Validate an OpenAI request and turn it into the native `ParsedRequest` (pure; no aiohttp)."""
-    schema = request_models(server).openai[endpoint]
-    fields = validate(schema, {**body, **files}, from_form=from_form, unknown=_unknown)
+    schema = request_models(server, family).openai[endpoint]
+    fields = validate(
+        schema, {**body, **files}, from_form=from_form, unknown=lambda name: _unknown(name, family)
+    )
     options = _output_options(fields)
     if options.stream and endpoint == "variations":
         raise _bad("stream", "variations cannot stream (OpenAI's variations endpoint has no stream field)")
@@ -296,16 +319,18 @@ def parse_openai(
         log.debug("OpenAI request for end user %r", fields["safety_identifier"] or fields["user"])
 
     if endpoint == "generations":
-        return _native("txt2img", _native_body(fields, server, prompt=True), server, model, {}), options
+        return _native(
+            "txt2img", _native_body(fields, server, family, prompt=True), server, family, {}
+        ), options
 
     image = _upload(fields, ("image", "image[]"), "image")
     if image is None:
         raise _bad("image", "image is required")
 
     if endpoint == "variations":
-        native = _native_body(fields, server, prompt=False)
+        native = _native_body(fields, server, family, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
-        parsed = _native("img2img", native, server, model, {"image": image})
+        parsed = _native("img2img", native, server, family, {"image": image})
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
         return dataclasses.replace(
             parsed, request=dataclasses.replace(parsed.request, prompt=fields["prompt"])
@@ -314,7 +339,7 @@ def parse_openai(
     # Edits: OpenAI marks the area to repaint with fully transparent pixels, of the mask or else of
     # the image itself; the native API wants white = repaint. A mask without any alpha is refused
     # rather than guessed at (is white "edit" or "keep"?).
-    native = _native_body(fields, server, prompt=True)
+    native = _native_body(fields, server, family, prompt=True)
     mask_upload = _upload(fields, ("mask",), "mask")
     source = mask_upload if mask_upload is not None else image
     param = "mask" if mask_upload is not None else "image"
@@ -326,9 +351,9 @@ def parse_openai(
     if repaint is None or repaint.getbbox() is None:
         # No mask and no transparent pixel in the image (RGB, or RGBA fully opaque): edit the whole
         # picture (image-to-image), as GPT image models do.
-        return _native("img2img", native, server, model, {"image": image}), options
+        return _native("img2img", native, server, family, {"image": image}), options
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
-    parsed = _native("inpaint", native, server, model, {"image": image, "mask": encode_png(repaint)})
+    parsed = _native("inpaint", native, server, family, {"image": image, "mask": encode_png(repaint)})
     return parsed, options
 
 
@@ -495,12 +520,11 @@ _NO_USAGE = {
 
 async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
+    family = loaded_family(request.app)
     body, files, from_form = await read_body(request)
 
     def parse() -> tuple[ParsedRequest, OutputOptions]:
-        return parse_openai(
-            endpoint, body, files, from_form=from_form, server=config.server, model=config.model
-        )
+        return parse_openai(endpoint, body, files, from_form=from_form, server=config.server, family=family)
 
     # Decoding uploads is CPU work: keep it off the event loop.
     parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
@@ -534,7 +558,14 @@ def model_id(app: web.Application) -> str:
 
 
 def _model_json(app: web.Application) -> dict[str, Any]:
-    return {"id": model_id(app), "object": "model", "created": app[STARTED_AT], "owned_by": "imagine-bot"}
+    return {
+        "id": model_id(app),
+        "object": "model",
+        "created": app[STARTED_AT],
+        "owned_by": "imagine-bot",
+        # An extension (OpenAI clients ignore unknown keys): the family and what it accepts.
+        "capabilities": capabilities(app),
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from inference_server.schemas import RequestModels, request_models
 
 if TYPE_CHECKING:
     from inference_server.config import ServerConfig
+    from inference_server.families import ModelFamily
 
 TEMPLATE = Path(__file__).resolve().parent / "openapi.yaml"
 JSON = "application/json"
@@ -46,11 +47,12 @@ def request_bodies(models: RequestModels) -> RequestBodies:
 
 
 @functools.cache
-def openapi_document(server: ServerConfig) -> str:
-    """The document as YAML (built once per configuration)."""
+def openapi_document(server: ServerConfig, family: ModelFamily | None = None) -> str:
+    """The document as YAML (built once per configuration and model family; before the model is
+    loaded, with the limits that don't depend on it)."""
     doc = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
     schemas = doc["components"]["schemas"]
-    for path, (model, media_types) in request_bodies(request_models(server)).items():
+    for path, (model, media_types) in request_bodies(request_models(server, family)).items():
         name = model.__name__
         schemas[name] = model_schema(model)
         content: dict[str, Any] = {}

@@ -2,7 +2,9 @@
 
 One `PipelineRunner` per device owns the diffusers pipelines (text-to-image, and image-to-image and
 inpainting built with `from_pipe`, so all three share one set of weights) and a single-thread
-executor. Every pipeline call runs on that thread: diffusers schedulers and the CLIP tokenizer are
+executor. Loading reads the model index first (components saved as null, such as SD 3's T5, load as
+None; `[model] drop_t5`; the dtype for the pipeline class), then detects the model's family
+(`families.py`), which the rest of the server validates requests against, and loads only once. Every pipeline call runs on that thread: diffusers schedulers and the CLIP tokenizer are
 not thread-safe, and one thread per device also keeps the event loop free. Each call gets a fresh
 scheduler built from the model's scheduler config, so no scheduler state leaks between calls.
 
@@ -12,6 +14,7 @@ torch and diffusers are imported inside functions: importing this module is chea
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,26 +26,12 @@ from typing import TYPE_CHECKING, Any
 from inference_server.config import EMBEDDED_WEIGHTS, ModelConfig
 from inference_server.config_loader import ConfigError
 from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
+from inference_server.families import SAMPLERS, ModelFamily, UnsupportedModel, detect_family
 
 if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
-
-# Request-selectable schedulers: public name -> (diffusers class name, extra config).
-# "default" keeps the class the model was saved with.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
 
 def scheduler_factory(base: Any) -> Callable[[str | None], Any]:
@@ -63,7 +52,7 @@ def scheduler_factory(base: Any) -> Callable[[str | None], Any]:
         key = name or "default"
         prototype = prototypes.get(key)
         if prototype is None:
-            class_name, extra = SCHEDULERS[key]
+            class_name, extra = SAMPLERS[key]
             cls = getattr(diffusers, class_name) if class_name else base_class
             prototype = prototypes[key] = cls.from_config(base_config, **extra)
         return copy.deepcopy(prototype)
@@ -115,21 +104,70 @@ def choose_device(preference: str) -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('[model] device: "cuda" requested but torch sees no CUDA device')
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f'[model] device: "{preference}" requested but torch sees no CUDA device')
+        index = int(preference.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f'[model] device: "{preference}" requested but torch sees {torch.cuda.device_count()} '
+                "CUDA device(s), numbered from 0"
+            )
     if preference == "mps" and not torch.backends.mps.is_available():
         raise ConfigError('[model] device: "mps" requested but MPS is not available')
     return preference
 
 
-def choose_dtype(preference: str, device: str) -> str:
+# bfloat16 for these pipelines on CUDA: FLUX.1 was trained in it and overflows in float16.
+BF16_PIPELINES = frozenset({"FluxPipeline"})
+
+
+def choose_dtype(preference: str, device: str, pipeline_class: str | None = None) -> str:
+    """The dtype to load in: the configured one, or for "auto" what suits the device and model."""
     if preference != "auto":
         if preference == "float16" and device == "cpu":
             # Many CPU kernels lack fp16; a config asking for it is most likely a copy-paste from a GPU box.
             raise ConfigError("[model] dtype: float16 is not supported on the CPU; use float32 or bfloat16")
         return preference
-    # fp16 halves memory and doubles tensor-core throughput on CUDA; elsewhere fp32 is the safe choice.
-    return "float16" if device == "cuda" else "float32"
+    if device.startswith("cuda"):
+        # Half precision halves memory and doubles tensor-core throughput on CUDA.
+        return "bfloat16" if pipeline_class in BF16_PIPELINES else "float16"
+    return "float32"  # elsewhere fp32 is the safe choice
+
+
+def model_index(source: str) -> dict[str, Any]:
+    """The pipeline's `model_index.json` (a local folder, or a model in the Hugging Face cache)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        hint = (
+            ""
+            if Path(source).exists()
+            else " A Hugging Face id must already be in the local cache (`huggingface-cli download "
+            "<id>`); the server never downloads."
+        )
+        raise ModelLoadError(f"cannot read the model index of {source!r}: {e}{hint}") from e
+    return dict(index)
+
+
+def absent_components(index: dict[str, Any], config: ModelConfig) -> dict[str, None]:
+    """Components to load as None: those the folder was saved without (`[null, null]` in its model
+    index, which diffusers won't infer by itself), and SD3's T5 when `[model] drop_t5` says so."""
+    absent = {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list | tuple) and value and value[0] is None
+    }
+    if config.drop_t5:
+        if index.get("_class_name") != "StableDiffusion3Pipeline":
+            raise ConfigError(
+                f"[model] drop_t5: only SD 3.x pipelines can run without their T5 encoder; "
+                f"this model is a {index.get('_class_name')}"
+            )
+        absent |= {"text_encoder_3": None, "tokenizer_3": None}
+    return absent
 
 
 @dataclass
@@ -168,11 +206,20 @@ class PipelineRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
         self._pipes: dict[str, Any] = {}
         self._make_scheduler: Callable[[str | None], Any] | None = None
+        # What the loaded model is and accepts (None until loaded); see families.py.
+        self.family: ModelFamily | None = None
+        # Which pipeline __call__ takes width/height (SD/SDXL img2img take the image's size instead).
+        self._takes_size: dict[str, bool] = {}
+        self._load_lock = asyncio.Lock()
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(
-            device=self.device, dtype=self.dtype, model=self.model_name, attention=self.attention
+            device=self.device,
+            dtype=self.dtype,
+            model=self.model_name,
+            attention=self.attention,
+            family=self.family,
         )
 
     def pipeline(self, task: str) -> Any:
@@ -182,12 +229,16 @@ class PipelineRunner:
     # -- loading -----------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load the weights and warm up, on the worker thread."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load_sync)
-        if self.config.warmup:
-            await loop.run_in_executor(self._executor, self._warmup_sync)
-        self.loaded = True
+        """Load the weights and warm up, on the worker thread. Once: an engine that hands the runner
+        to another (the continuous engine's request-level fallback) doesn't load it again."""
+        async with self._load_lock:
+            if self.loaded:
+                return
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._load_sync)
+            if self.config.warmup:
+                await loop.run_in_executor(self._executor, self._warmup_sync)
+            self.loaded = True
 
     def _load_sync(self) -> None:
         import torch
@@ -198,19 +249,19 @@ class PipelineRunner:
         check_model_source(self.config)
         source = self.config.resolved_path()
         started = time.monotonic()
+        index = model_index(source)
+        self.dtype = choose_dtype(self.config.dtype, self.device, index.get("_class_name"))
+        absent = absent_components(index, self.config)
         try:
             base = AutoPipelineForText2Image.from_pretrained(
-                source, dtype=getattr(torch, self.dtype), local_files_only=True
+                source, dtype=getattr(torch, self.dtype), local_files_only=True, **absent
             )
         except (OSError, ValueError) as e:
-            hint = (
-                ""
-                if Path(source).exists()
-                else " A Hugging Face id must already be in the local cache (`huggingface-cli download "
-                "<id>`); the server never downloads."
-            )
-            raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}{hint}") from e
-        base.to(self.device)
+            raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}") from e
+        try:
+            family = detect_family(base)
+        except UnsupportedModel as e:
+            raise ModelLoadError(f"[model] path: {e}") from None
         base.set_progress_bar_config(disable=True)
         # Decoding a whole batch at once is the memory peak of a call on a GPU; slicing flattens it.
         # On the CPU memory is plentiful and per-image decoding only costs throughput.
@@ -219,22 +270,50 @@ class PipelineRunner:
         )
         if slicing and hasattr(base.vae, "enable_slicing"):
             base.vae.enable_slicing()
+        if self.config.vae_tiling:
+            base.vae.enable_tiling()
         self.attention = self._configure_attention(base)
-        img2img = AutoPipelineForImage2Image.from_pipe(base)
-        inpaint = AutoPipelineForInpainting.from_pipe(base)
-        for p in (img2img, inpaint):
-            p.set_progress_bar_config(disable=True)
-        self._pipes = {"txt2img": base, "img2img": img2img, "inpaint": inpaint}
+        pipes: dict[str, Any] = {"txt2img": base}
+        for task, auto in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+            try:
+                pipes[task] = auto.from_pipe(base)  # shares base's modules: no extra memory
+            except ValueError as e:  # diffusers has no pipeline of this kind for the model
+                log.warning("%s: no %s pipeline for %s (%s)", self.config.path, task, type(base).__name__, e)
+                continue
+            pipes[task].set_progress_bar_config(disable=True)
+        # After from_pipe: offloading hooks go on the shared modules once and serve every pipeline.
+        self._place(base)
+        self._pipes = pipes
+        self._takes_size = {
+            task: {"width", "height"} <= set(inspect.signature(pipe.__call__).parameters)
+            for task, pipe in pipes.items()
+        }
+        self.family = family.with_tasks(list(pipes)).with_config(self.config)
         self._make_scheduler = scheduler_factory(base.scheduler)
         log.info(
-            "loaded %s (%s) on %s as %s with %s attention in %.1f s",
+            "loaded %s (%s, family %s) on %s as %s with %s attention%s in %.1f s",
             self.config.path,
             type(base).__name__,
+            family.name,
             self.device,
             self.dtype,
             self.attention,
+            "" if self.config.offload == "none" else f", {self.config.offload} offload",
             time.monotonic() - started,
         )
+
+    def _place(self, pipe: Any) -> None:
+        """Put the weights on the device, or set up offloading to it."""
+        if self.config.offload != "none" and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f'[model] offload: offloading needs a CUDA device; the model runs on "{self.device}"'
+            )
+        if self.config.offload == "none":
+            pipe.to(self.device)
+        elif self.config.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=self.device)
 
     def _configure_attention(self, pipe: Any) -> str:
         wanted = self.config.attention
@@ -256,18 +335,27 @@ class PipelineRunner:
         return "sdpa"
 
     def _warmup_sync(self) -> None:
+        from PIL import Image as PILImage
+
         started = time.monotonic()
+        family = self.family
+        assert family is not None, "load() first"
+        task = family.tasks[0]  # txt2img, except for inpainting checkpoints
+        size = (family.default_width, family.default_height)
         req = GenerationRequest(
-            task="txt2img",
+            task=task,
             prompt="warm-up",
             negative_prompt="",
             seeds=(0,),
-            width=self.config.width,
-            height=self.config.height,
+            width=family.default_width,
+            height=family.default_height,
             steps=2,  # enough to touch every module once; the aim is lazy init, not a picture
-            guidance=self.config.guidance,
+            guidance=family.default_guidance,
+            strength=None if task == "txt2img" else 1.0,
+            image=None if task == "txt2img" else PILImage.new("RGB", size, (128, 128, 128)),
+            mask=PILImage.new("L", size, 255) if task == "inpaint" else None,
         )
-        self._call(self._pipes["txt2img"], [req], lambda step, total: None, lambda: False)
+        self._call(self._pipes[task], [req], lambda step, total: None, lambda: False)
         log.info("warm-up generation took %.2f s", time.monotonic() - started)
 
     # -- running -----------------------------------------------------------------------------
@@ -397,14 +485,26 @@ class PipelineRunner:
         generators = [torch.Generator("cpu").manual_seed(seed) for r in batch for seed in r.seeds]
         kwargs: dict[str, Any] = {
             "prompt": [r.prompt for r in batch for _ in r.seeds],
-            "negative_prompt": [r.negative_prompt for r in batch for _ in r.seeds],
             "generator": generators,
             "num_inference_steps": first.steps,
             "guidance_scale": first.guidance,
             "output_type": output_type,
             "callback_on_step_end": on_step_end,
         }
-        if first.task in ("txt2img", "inpaint"):
+        family = self.family
+        assert family is not None, "load() first"
+        if family.negative_prompt == "true_cfg":
+            # FLUX: a negative prompt only acts through true CFG, whose scale the batch shares
+            # (`true_cfg` is in the batch key); without it, no negative prompt reaches the model.
+            if first.true_cfg is not None and first.true_cfg > 1:
+                kwargs["negative_prompt"] = [r.negative_prompt for r in batch for _ in r.seeds]
+                kwargs["true_cfg_scale"] = first.true_cfg
+        else:
+            kwargs["negative_prompt"] = [r.negative_prompt for r in batch for _ in r.seeds]
+        if self._takes_size.get(first.task, False):
+            # Every pipeline that takes a size gets the request's (FLUX img2img would otherwise make
+            # its native 1024x1024); SD/SDXL img2img take the input image's, which validation made
+            # the requested size.
             kwargs["width"] = first.width
             kwargs["height"] = first.height
         if first.task in ("img2img", "inpaint"):

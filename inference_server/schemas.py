@@ -37,8 +37,8 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from inference_server.engine import Task
 from inference_server.errors import RequestError
+from inference_server.families import DDPM_SAMPLERS, DEFAULT_TRUE_CFG, SIZE_FLOOR, ModelFamily
 from inference_server.limits import MAX_GUIDANCE, PRIORITY_LIMIT, SEED_LIMIT
-from inference_server.pipelines import SCHEDULERS
 
 if TYPE_CHECKING:
     from inference_server.config import ServerConfig
@@ -93,7 +93,20 @@ def _text_problem(value: str) -> str | None:
     return None
 
 
-def size_problem(value: str, server: ServerConfig) -> str | None:
+def side_bounds(server: ServerConfig, family: ModelFamily | None) -> tuple[int, int, int]:
+    """(multiple, smallest, largest) side a request may ask for: the server's `min_side`..`max_side`
+    narrowed to multiples of the model's size multiple (8 before the model is loaded)."""
+    multiple = family.size_multiple if family is not None else SIZE_FLOOR
+    lo = -(-server.min_side // multiple) * multiple
+    hi = server.max_side // multiple * multiple
+    return multiple, lo, max(hi, lo)
+
+
+def _model_words(family: ModelFamily | None) -> str:
+    return "" if family is None else f" for {family.label}"
+
+
+def size_problem(value: str, server: ServerConfig, family: ModelFamily | None = None) -> str | None:
     """Why an OpenAI `size` ("WIDTHxHEIGHT" or "auto") can't be served, or None."""
     if value.strip().lower() == "auto":
         return None
@@ -101,13 +114,16 @@ def size_problem(value: str, server: ServerConfig) -> str | None:
     if match is None:
         return f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {show(value)}"
     width, height = int(match[1]), int(match[2])
-    lo, hi = server.min_side, server.max_side
-    if not (lo <= width <= hi and lo <= height <= hi and width % 8 == 0 and height % 8 == 0):
-        return f"{width}x{height} is not supported: width and height must be multiples of 8 from {lo} to {hi}"
+    m, lo, hi = side_bounds(server, family)
+    if not (lo <= width <= hi and lo <= height <= hi and width % m == 0 and height % m == 0):
+        return (
+            f"{width}x{height} is not supported{_model_words(family)}: width and height must be "
+            f"multiples of {m} from {lo} to {hi}"
+        )
     return None
 
 
-def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
+def parse_size(value: Any, server: ServerConfig, family: ModelFamily | None = None) -> tuple[int, int] | None:
     """`"WxH"` -> (W, H); `"auto"` -> None (the model's default, or the uploaded image's size)."""
     if not isinstance(value, str):
         raise RequestError(
@@ -116,7 +132,7 @@ def parse_size(value: Any, server: ServerConfig) -> tuple[int, int] | None:
             "size",
             f"size must be a string like '512x512' or 'auto', got {show(value)}",
         )
-    problem = size_problem(value, server)
+    problem = size_problem(value, server, family)
     if problem is not None:
         raise RequestError(400, "invalid_request", "size", f"size {problem}")
     match = _SIZE.match(value)
@@ -142,9 +158,11 @@ def _lower(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class OneOf:
-    """`Annotated[str, OneOf(names)]`: one of `names`, case-insensitive, documented as an enum."""
+    """`Annotated[str, OneOf(names)]`: one of `names`, case-insensitive, documented as an enum.
+    `what` says whose choices they are in the error message ("the samplers for FLUX.1-dev")."""
 
     names: tuple[str, ...]
+    what: str = ""
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         checked = core_schema.no_info_after_validator_function(self._check, handler(source))
@@ -157,7 +175,8 @@ class OneOf:
 
     def _check(self, value: str) -> str:
         if value not in self.names:
-            raise _problem(f"must be one of {', '.join(self.names)}, got {show(value)}")
+            whose = f" ({self.what})" if self.what else ""
+            raise _problem(f"must be one of {', '.join(self.names)}{whose}, got {show(value)}")
         return value
 
 
@@ -182,7 +201,6 @@ def _no_transparency(value: Any) -> Any:
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT - 1)]
-Scheduler = Annotated[str, OneOf(tuple(SCHEDULERS))]
 ResponseFormat = Annotated[str, OneOf(("url", "b64_json"))]
 OutputFormat = Annotated[str, OneOf(tuple(OUTPUT_FORMATS))]
 Background = Annotated[str, BeforeValidator(_no_transparency), OneOf(("auto", "opaque"))]
@@ -212,10 +230,35 @@ class RequestModels:
 
 
 @functools.cache
-def request_models(server: ServerConfig) -> RequestModels:
-    """The models for `server`'s limits (built once per configuration)."""
+def request_models(server: ServerConfig, family: ModelFamily | None = None) -> RequestModels:
+    """The models for `server`'s limits and the loaded model's family (built once per pair).
+
+    Without a family (the model is still loading) sizes are multiples of 8 and the samplers those
+    of the UNet models; requests are refused as not ready then anyway, but /openapi.yaml answers.
+    """
     chars = server.max_prompt_chars
     images = server.max_images_per_request
+    multiple, min_side, max_side = side_bounds(server, family)
+    samplers = family.samplers if family is not None else tuple(DDPM_SAMPLERS)
+    flow = family is not None and family.flow_matching
+    Scheduler = Annotated[
+        str,
+        OneOf(
+            samplers,
+            what=""
+            if family is None
+            else f"the samplers for {family.label}{', a flow-matching model' if flow else ''}",
+        ),
+    ]
+    words = _model_words(family)
+    takes_true_cfg = family is not None and family.negative_prompt == "true_cfg"
+    guidance_words = {
+        None: "classifier-free guidance; default [model] guidance",
+        "cfg": "classifier-free guidance (> 1 to use the negative prompt); default [model] guidance, else the model's",
+        "distilled": "distilled guidance, embedded into the model (one pass per step); default [model] guidance, "
+        "else the model's",
+        "none": "this model takes no guidance: leave it out or send 0",
+    }[family.guidance if family is not None else None]
 
     def prompt_field(required: bool = True) -> Any:
         if required:
@@ -227,10 +270,11 @@ def request_models(server: ServerConfig) -> RequestModels:
     def side_field(name: str) -> Any:
         return Field(
             None,
-            ge=server.min_side,
-            le=server.max_side,
-            multiple_of=8,
-            description=f"default: [model] {name}, or the uploaded image's; [inference_server] min_side..max_side",
+            ge=min_side,
+            le=max_side,
+            multiple_of=multiple,
+            description=f"default: [model] {name} (else the model's native size), or the uploaded image's; "
+            f"[inference_server] min_side..max_side, in multiples of the model's size multiple{words}",
         )
 
     def strength_field() -> Any:
@@ -254,10 +298,17 @@ def request_models(server: ServerConfig) -> RequestModels:
             le=server.max_steps,
             description="default: [model] steps; [inference_server] max_steps",
         )
-        guidance: Number | None = Field(
-            None, ge=0, le=MAX_GUIDANCE, description="classifier-free guidance; default [model] guidance"
-        )
+        guidance: Number | None = Field(None, ge=0, le=MAX_GUIDANCE, description=guidance_words)
         scheduler: Scheduler | None = Field(None, description="default: [model] scheduler")
+        if takes_true_cfg:
+            true_cfg: Number | None = Field(
+                None,
+                ge=1,
+                le=MAX_GUIDANCE,
+                description=f"true classifier-free guidance, which a negative prompt acts through{words} "
+                f"(a second transformer pass per step; 1 = off); default {DEFAULT_TRUE_CFG:g} with a "
+                "negative prompt, off without",
+            )
         timeout_s: Number | None = Field(
             None,
             gt=0,
@@ -302,7 +353,7 @@ def request_models(server: ServerConfig) -> RequestModels:
         mask: Upload = Field(description="same size as image; white = repaint, black = keep")
 
     def _size(value: str) -> str:
-        problem = size_problem(value, server)
+        problem = size_problem(value, server, family)
         if problem is not None:
             raise _problem(problem)
         return value
@@ -311,7 +362,8 @@ def request_models(server: ServerConfig) -> RequestModels:
         model: Annotated[Any, Field(description="accepted and ignored (one model is loaded)")] = None
         size: Annotated[str, AfterValidator(_size)] | None = Field(
             None,
-            description="WIDTHxHEIGHT (multiples of 8, min_side..max_side) or auto (= [model] width/height)",
+            description=f"WIDTHxHEIGHT (multiples of {multiple}, {min_side}..{max_side}) or auto "
+            "(= [model] width/height, else the model's native size)",
         )
         response_format: ResponseFormat | None = Field(
             None, description="default b64_json (url for model dall-e-2 / dall-e-3)"
@@ -433,7 +485,10 @@ def describe(model: type[BaseModel], error: Mapping[str, Any], from_form: bool) 
     if kind == "list_type":
         return field, f"{where} must be a list of integers, got {_describe(value, from_form)}"
     if kind == "multiple_of":
-        return field, f"{where} must be a multiple of {ctx['multiple_of']}, got {show(value)}"
+        return (
+            field,
+            f"{where} must be a multiple of {ctx['multiple_of']} (the model's size multiple), got {show(value)}",
+        )
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return field, f"{where} must be {_range(_schema_at(model, loc))}, got {show(value)}"
     return field, f"{where}: {error['msg']}"

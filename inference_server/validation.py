@@ -1,8 +1,10 @@
 """A `/v1/<task>` body (JSON or multipart) -> a typed `GenerationRequest`, or a `RequestError`.
 
-The fields are checked by the task's pydantic model (`schemas.py`); what is left here needs more than
-one field or the model's defaults (seeds against n, steps x strength, the output size from an uploaded
-image) and decoding the uploads. Pure functions, no aiohttp.
+The fields are checked by the task's pydantic model (`schemas.py`, built for the server's limits and
+the loaded model's family); what is left here needs more than one field or the model's defaults
+(seeds against n, steps x strength, the output size from an uploaded image, guidance against the
+negative prompt) and decoding the uploads. Defaults come from the family (`families.py`), which holds
+`[model]`'s own where it sets them. Pure functions, no aiohttp.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 
 from PIL import Image
 
-from inference_server.config import ModelConfig, ServerConfig
+from inference_server.config import ServerConfig
 from inference_server.engine import GenerationRequest, Task
 from inference_server.errors import RequestError
+from inference_server.families import DEFAULT_TRUE_CFG, ModelFamily
 from inference_server.images import decode_base64, decode_image
 from inference_server.limits import SEED_LIMIT
-from inference_server.schemas import request_models, show, validate
+from inference_server.schemas import request_models, show, side_bounds, validate
 
 __all__ = ["ParsedRequest", "parse_generation", "decode_upload"]
 
@@ -40,16 +43,23 @@ def parse_generation(
     body: Mapping[str, Any],
     *,
     server: ServerConfig,
-    model: ModelConfig,
+    family: ModelFamily,
     files: Mapping[str, bytes] | None = None,
     from_form: bool = False,
 ) -> ParsedRequest:
     """Validate a `/v1/<task>` body. Images come base64 in `body` (JSON) or raw in `files` (multipart)."""
-    schema = request_models(server).native[task]
+    if task not in family.tasks:
+        raise RequestError(
+            400,
+            "invalid_request",
+            "task",
+            f"{family.label} can't do {task} here (diffusers has no {task} pipeline for it); "
+            f"it does {', '.join(family.tasks)}",
+        )
+    schema = request_models(server, family).native[task]
 
     def unknown(name: str) -> str:
-        allowed = ", ".join(sorted(schema.model_fields))
-        return f"unknown field {show(name)} for {task} (allowed: {allowed})"
+        return unknown_field(name, task, schema.model_fields, family)
 
     fields = validate(schema, {**body, **(files or {})}, from_form=from_form, unknown=unknown)
 
@@ -67,13 +77,15 @@ def parse_generation(
         base = fields["seed"] if fields["seed"] is not None else secrets.randbelow(SEED_LIMIT)
         seeds = [(base + i) % SEED_LIMIT for i in range(n)]
 
-    steps: int = fields["steps"] if fields["steps"] is not None else min(model.steps, server.max_steps)
+    steps: int = (
+        fields["steps"] if fields["steps"] is not None else min(family.default_steps, server.max_steps)
+    )
     width: int | None = fields["width"]
     height: int | None = fields["height"]
     strength: float | None = None
     image = mask = None
     if task in ("img2img", "inpaint"):
-        strength = fields["strength"] if fields["strength"] is not None else model.strength
+        strength = fields["strength"] if fields["strength"] is not None else family.default_strength
         if int(steps * strength) < 1:
             raise _bad("strength", f"steps x strength must be at least 1 (got {steps} x {strength:g})")
         image = decode_upload(fields["image"], "image", server, "RGB")
@@ -85,41 +97,67 @@ def parse_generation(
                     f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}",
                 )
         # An uploaded image sets the output size unless width/height say otherwise.
-        width = width if width is not None else _side(image.size[0], "image", "width", server)
-        height = height if height is not None else _side(image.size[1], "image", "height", server)
+        width = width if width is not None else _side(image.size[0], "image", "width", server, family)
+        height = height if height is not None else _side(image.size[1], "image", "height", server, family)
         if image.size != (width, height):
             image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
             if mask is not None:
                 # NEAREST keeps the mask binary.
                 mask = mask.resize((width, height), resample=Image.Resampling.NEAREST)
 
+    guidance: float = fields["guidance"] if fields["guidance"] is not None else family.default_guidance
+    problem = family.guidance_problem(guidance, explicit=fields["guidance"] is not None)
+    if problem is not None:
+        raise _bad("guidance", problem)
+    negative_prompt: str = fields["negative_prompt"] or ""
+    problem = family.negative_prompt_problem(negative_prompt, guidance)
+    if problem is not None:
+        raise _bad("negative_prompt", problem)
+    true_cfg: float | None = fields.get("true_cfg")
+    if true_cfg is None and negative_prompt and family.negative_prompt == "true_cfg":
+        true_cfg = DEFAULT_TRUE_CFG  # the negative prompt is honoured, through true CFG
+    if true_cfg is not None and true_cfg <= 1:
+        true_cfg = None  # 1 = off: the same call as without it (and so the same batch key)
+
     request = GenerationRequest(
         task=task,
         prompt=fields["prompt"],
-        negative_prompt=fields["negative_prompt"] or "",
+        negative_prompt=negative_prompt,
         seeds=tuple(seeds),
-        width=width if width is not None else model.width,
-        height=height if height is not None else model.height,
+        width=width if width is not None else family.default_width,
+        height=height if height is not None else family.default_height,
         steps=steps,
-        guidance=fields["guidance"] if fields["guidance"] is not None else model.guidance,
-        scheduler=fields["scheduler"] or model.scheduler,
+        guidance=guidance,
+        scheduler=fields["scheduler"] or family.default_sampler,
         strength=strength,
         image=image,
         mask=mask,
         priority=fields["priority"] or 0,
+        true_cfg=true_cfg,
     )
     timeout_s = fields["timeout_s"] if fields["timeout_s"] is not None else server.default_timeout_s
     return ParsedRequest(request=request, stream=bool(fields["stream"]), timeout_s=timeout_s)
 
 
-def _side(value: int, field: str, side: str, server: ServerConfig) -> int:
-    if value % 8 or not server.min_side <= value <= server.max_side:
+def _side(value: int, field: str, side: str, server: ServerConfig, family: ModelFamily) -> int:
+    multiple, lo, hi = side_bounds(server, family)
+    if value % multiple or not lo <= value <= hi:
         raise _bad(
             field,
-            f"{field} {side} is {value}; it must be a multiple of 8 between {server.min_side} and "
-            f"{server.max_side} (or pass {side} to resize it)",
+            f"{field} {side} is {value}; for {family.label} it must be a multiple of {multiple} between "
+            f"{lo} and {hi} (or pass {side} to resize it)",
         )
     return value
+
+
+def unknown_field(name: str, task: str, allowed: Mapping[str, Any], family: ModelFamily) -> str:
+    """The message for a field the request model doesn't have, saying why where we know."""
+    if name == "true_cfg" and family.negative_prompt != "true_cfg":
+        return (
+            f"true_cfg is for models that take a negative prompt through true classifier-free guidance "
+            f"(FLUX.1); {family.label} uses guidance for it"
+        )
+    return f"unknown field {show(name)} for {task} (allowed: {', '.join(sorted(allowed))})"
 
 
 def decode_upload(data: str | bytes | None, name: str, server: ServerConfig, mode: str) -> Image.Image:

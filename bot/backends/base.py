@@ -9,11 +9,13 @@ message for the user, and refunding quota without knowing which backend it talks
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
+# The jobs the bot makes; which of them a model does is in its `ModelCapabilities.tasks`.
 Task = Literal["txt2img", "img2img", "inpaint"]
+TASKS: tuple[Task, ...] = get_args(Task)
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,79 @@ def describe_wait(seconds: float) -> str:
     return f"{math.ceil(seconds / 3600)} h"
 
 
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What the model behind a backend accepts and defaults to, as the inference server reports it
+    (`capabilities` in its `/health`). The bot adapts its flags to it; nothing here is a constant
+    of the bot's."""
+
+    family: str  # "sd", "sd-v", "sdxl", "sd3", "flux-dev", "flux-schnell"
+    label: str  # for messages: "FLUX.1-schnell"
+    tasks: tuple[Task, ...]
+    size_multiple: int
+    default_width: int  # the size a job without --ar gets; --ar keeps about as many pixels
+    default_height: int
+    min_side: int
+    max_side: int
+    default_steps: int
+    max_steps: int
+    default_guidance: float
+    max_guidance: float
+    guidance: str  # "cfg" (classifier-free), "distilled" (FLUX.1-dev), "none" (FLUX.1-schnell)
+    negative_prompt: str  # "cfg" (needs guidance > 1) or "true_cfg" (FLUX: always honoured)
+    max_images: int
+    max_prompt_chars: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelCapabilities:
+        """From the server's JSON; `ValueError` naming the key when it is missing or malformed."""
+
+        def get(key: str, kind: type) -> Any:
+            value = data.get(key)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+                raise ValueError(f"capabilities.{key} is missing or not a {kind.__name__}: {value!r}")
+            return value
+
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ValueError(f"capabilities.tasks is not a list of tasks: {tasks!r}")
+        ints = (
+            *("size_multiple", "default_width", "default_height", "min_side", "max_side"),
+            *("default_steps", "max_steps", "max_images_per_request", "max_prompt_chars"),
+        )
+        if any(get(key, int) < 1 for key in ints):
+            raise ValueError("capabilities: sizes, steps and limits must be positive")
+        return cls(
+            family=get("family", str),
+            label=get("label", str),
+            # Tasks the bot doesn't know (a newer server) are simply not offered.
+            tasks=tuple(t for t in TASKS if t in tasks),
+            size_multiple=get("size_multiple", int),
+            default_width=get("default_width", int),
+            default_height=get("default_height", int),
+            min_side=get("min_side", int),
+            max_side=get("max_side", int),
+            default_steps=get("default_steps", int),
+            max_steps=get("max_steps", int),
+            default_guidance=get("default_guidance", float),
+            max_guidance=get("max_guidance", float),
+            guidance=get("guidance", str),
+            negative_prompt=get("negative_prompt", str),
+            max_images=get("max_images_per_request", int),
+            max_prompt_chars=get("max_prompt_chars", int),
+        )
+
+
 @runtime_checkable
 class InferenceBackend(Protocol):
     name: str
+
+    async def capabilities(self) -> ModelCapabilities | None:
+        """What the backend's model accepts now, or None when the backend doesn't say (the bot then
+        uses `[bot]`'s settings). Never raises: an unreachable server is None too."""
+        ...
 
     async def generate(
         self, params: GenerationParams, on_event: EventCallback | None = None

@@ -26,6 +26,7 @@ from .base import (
     EventCallback,
     GeneratedImage,
     GenerationParams,
+    ModelCapabilities,
     Task,
     UnsupportedTask,
 )
@@ -128,6 +129,10 @@ class FakeBackend:
             self.in_flight -= 1
         self.calls[call_index] = FakeCall(params, "ok")
         return images
+
+    async def capabilities(self) -> ModelCapabilities | None:
+        """None: the fake has no model, so the bot uses `[bot]`'s sizes and defaults."""
+        return None
 
     async def close(self) -> None:
         self.closed = True

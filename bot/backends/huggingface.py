@@ -44,6 +44,7 @@ from .base import (
     EventCallback,
     GeneratedImage,
     GenerationParams,
+    ModelCapabilities,
     UnsupportedTask,
     describe_wait,
 )
@@ -99,6 +100,10 @@ class HuggingFaceBackend:
         # opens no connection until its first call, which happens inside the event loop.
         self._clients: dict[str, AsyncInferenceClient] = {}
         self._closed = False
+
+    async def capabilities(self) -> ModelCapabilities | None:
+        """None: Inference Providers don't describe their models' limits, so the bot uses `[bot]`'s sizes and defaults."""
+        return None
 
     async def close(self) -> None:
         self._closed = True

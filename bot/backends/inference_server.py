@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +35,7 @@ from .base import (
     EventCallback,
     GeneratedImage,
     GenerationParams,
+    ModelCapabilities,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ MAX_EVENT_LINE_BYTES = 64 * 1024 * 1024
 MAX_ERROR_MESSAGE_CHARS = 300  # messages reach chat users: keep them to a line or two
 # Extra seconds the client waits past a job's deadline for the server's own 504, which says why.
 DEADLINE_GRACE_S = 2.0
+# /health answers from memory: once connected, a server that takes longer than this is stuck.
+CAPABILITIES_READ_S = 5.0
 
 
 class _RetryableFailure(Exception):
@@ -122,6 +127,43 @@ class InferenceServerBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def capabilities(self) -> ModelCapabilities | None:
+        """The model's capabilities from every server's `/health`; None when none answers with them
+        (all down or still loading). Servers that disagree (different models behind one bot) are
+        merged to what all of them accept, with a warning: a job must fit whichever server runs it."""
+        if self._closed:
+            return None
+        found = await asyncio.gather(*(self._server_capabilities(s) for s in self._servers))
+        known = [c for c in found if c is not None]
+        if not known:
+            return None
+        merged = merge_capabilities(known)
+        if any(c != known[0] for c in known[1:]):
+            log.warning(
+                "inference servers serve different models (%s): using what all of them accept",
+                ", ".join(sorted({c.label for c in known})),
+            )
+        return merged
+
+    async def _server_capabilities(self, server: _Server) -> ModelCapabilities | None:
+        timeout = aiohttp.ClientTimeout(
+            total=self._connect_timeout_s + CAPABILITIES_READ_S, connect=self._connect_timeout_s
+        )
+        try:
+            async with self._get_session().get(server.url + "/health", timeout=timeout) as resp:
+                data = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.info("inference server %s: no capabilities (%s)", server.url, type(e).__name__)
+            return None
+        raw = data.get("capabilities") if isinstance(data, dict) else None
+        if raw is None:
+            return None  # loading, or a server from before capabilities were reported
+        try:
+            return ModelCapabilities.from_json(raw)
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("inference server %s reports malformed capabilities: %s", server.url, e)
+            return None
 
     async def generate(
         self, params: GenerationParams, on_event: EventCallback | None = None
@@ -329,6 +371,30 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
             raise BackendRejected("inpainting needs a mask", "mask")
         body["mask"] = base64.b64encode(params.mask).decode("ascii")
     return body
+
+
+def merge_capabilities(found: Sequence[ModelCapabilities]) -> ModelCapabilities:
+    """What every one of `found` accepts: shared tasks, a size multiple of all, the narrowest bounds;
+    the defaults and semantics of the first (the first server in `[backends] urls`)."""
+    first = found[0]
+    multiple = math.lcm(*(c.size_multiple for c in found))
+
+    def fit(side: int) -> int:
+        return max(multiple, round(side / multiple) * multiple)
+
+    return dataclasses.replace(
+        first,
+        tasks=tuple(t for t in first.tasks if all(t in c.tasks for c in found)),
+        size_multiple=multiple,
+        default_width=fit(first.default_width),
+        default_height=fit(first.default_height),
+        min_side=max(c.min_side for c in found),
+        max_side=min(c.max_side for c in found),
+        max_steps=min(c.max_steps for c in found),
+        max_guidance=min(c.max_guidance for c in found),
+        max_images=min(c.max_images for c in found),
+        max_prompt_chars=min(c.max_prompt_chars for c in found),
+    )
 
 
 def _to_backend_event(event: dict[str, Any]) -> BackendEvent | None:

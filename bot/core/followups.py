@@ -7,7 +7,7 @@ Who may start one from whose result is decided here (`find_parent`); the submiss
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +18,7 @@ from bot.core import validate
 from bot.core.api import REACTION_ACTIONS, Actor, BadParameters, JobView, NotFound, Place
 from bot.core.db import Database
 from bot.core.models import ImageRow, Job, User
-from bot.core.params import ParsedPrompt, new_seed
+from bot.core.params import Limits, ParsedPrompt, new_seed
 from bot.core.submission import Submissions
 
 # Clients differ on the emoji variation selector (U+FE0F) and Slack sends ":name:" or "name".
@@ -26,11 +26,20 @@ _REACTIONS = {key.replace("\ufe0f", ""): value for key, value in REACTION_ACTION
 
 
 class FollowUps:
-    def __init__(self, db: Database, config: CoreConfig, submissions: Submissions, *, rng: random.Random):
+    def __init__(
+        self,
+        db: Database,
+        config: CoreConfig,
+        submissions: Submissions,
+        *,
+        rng: random.Random,
+        limits: Callable[[], Limits],
+    ):
         self.db = db
         self.config = config
         self.submissions = submissions
         self.rng = rng
+        self.limits = limits
 
     async def react(
         self,
@@ -185,6 +194,7 @@ class FollowUps:
             raise BadParameters(
                 "image", f"Image {index + 1} does not exist: that result has {len(images)} image(s).", index
             )
+        self.limits().require_task("img2img", "variations (image-to-image)")
         source = images[index]
         p = parent.params
         n = int(p["n"])

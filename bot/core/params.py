@@ -6,6 +6,11 @@
 seed, steps, n, ar, guidance, negative) override flags. Errors name the flag and the bad value.
 Em/en dashes are accepted for `--` because phones "correct" `--ar` into `—ar`.
 
+What a flag may be and what it defaults to follow the model (`Limits`): the capabilities the
+inference server reports (its model family's size multiple, default size, steps and guidance, what
+guidance and negative prompts mean to it), within `[bot]`'s own settings. A flag the model can't
+honour is refused here, with a message, before a job is queued.
+
 Every way out is a `ParsedPrompt` or `BadParameters`: text the database could not store (NUL, lone
 surrogates, other control characters) is refused naming the flag or option it came in.
 """
@@ -19,15 +24,107 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bot.backends.base import ModelCapabilities
 from bot.config import BotConfig
 from bot.core.api import BadParameters
 from bot.core.validate import first_bad_char
 
-MAX_SEED = 2**32 - 1  # the inference server's seed range (a uint32 torch generator seed)
-MAX_N = 4  # images per job: the server's per-request limit, and what fits in one chat message
-MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0  # the server's accepted range
+# Seeds are part of the API's contract (uint32, so every client can echo them), not a model property.
+MAX_SEED = 2**32 - 1
+# Images per job: what fits in one chat message (a server may allow fewer; see `Limits`).
+MAX_N = 4
 # Aspect ratios beyond 4:1 give strips a few latents tall at the embedded model's 64x64 size.
 MAX_ASPECT = 4.0
+# Used only when the backend doesn't report its model (the Hugging Face backend, the fake, a server
+# not reachable yet): the project's server defaults for its embedded model, and the bot's own bound
+# on an input image's side.
+FALLBACK_BASE_SIZE = 64
+FALLBACK_STEPS = 20
+FALLBACK_MAX_STEPS = 150
+FALLBACK_GUIDANCE = 7.5
+FALLBACK_MAX_GUIDANCE = 30.0
+FALLBACK_MULTIPLE = 8
+FALLBACK_MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a job may ask for and what it gets by default: the model's capabilities when the backend
+    reports them, narrowed by `[bot]` where it sets its own limits; `[bot]` and the fallbacks above
+    otherwise."""
+
+    model: str  # for messages: "FLUX.1-schnell", or "the model"
+    base_width: int  # --ar keeps about base_width x base_height pixels
+    base_height: int
+    size_multiple: int
+    min_side: int
+    max_side: int
+    default_steps: int
+    max_steps: int
+    default_guidance: float
+    max_guidance: float
+    max_n: int
+    max_prompt_chars: int
+    guidance: str  # "cfg", "distilled" or "none" (see ModelCapabilities)
+    negative_prompt: str  # "cfg" (needs guidance > 1) or "true_cfg"
+    tasks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, bot: BotConfig, model: ModelCapabilities | None) -> Limits:
+        if model is None:
+            base = bot.base_size or FALLBACK_BASE_SIZE
+            max_steps = bot.max_steps or FALLBACK_MAX_STEPS
+            return cls(
+                model="the model",
+                base_width=base,
+                base_height=base,
+                size_multiple=FALLBACK_MULTIPLE,
+                min_side=FALLBACK_MULTIPLE,
+                max_side=FALLBACK_MAX_SIDE,
+                default_steps=min(bot.default_steps or FALLBACK_STEPS, max_steps),
+                max_steps=max_steps,
+                default_guidance=FALLBACK_GUIDANCE if bot.default_guidance is None else bot.default_guidance,
+                max_guidance=FALLBACK_MAX_GUIDANCE,
+                max_n=MAX_N,
+                max_prompt_chars=bot.max_prompt_chars,
+                guidance="cfg",
+                negative_prompt="cfg",
+                tasks=("txt2img", "img2img", "inpaint"),
+            )
+        max_steps = min(bot.max_steps or model.max_steps, model.max_steps)
+        width, height = model.default_width, model.default_height
+        if bot.base_size:  # the operator's choice of size, kept to the model's multiple
+            width = height = max(
+                model.size_multiple, round(bot.base_size / model.size_multiple) * model.size_multiple
+            )
+        guidance = model.default_guidance if bot.default_guidance is None else bot.default_guidance
+        if model.guidance == "none":
+            guidance = 0.0  # a [bot] default_guidance set for another model can't apply here
+        return cls(
+            model=model.label,
+            base_width=width,
+            base_height=height,
+            size_multiple=model.size_multiple,
+            min_side=model.min_side,
+            max_side=model.max_side,
+            default_steps=min(bot.default_steps or model.default_steps, max_steps),
+            max_steps=max_steps,
+            default_guidance=min(guidance, model.max_guidance),
+            max_guidance=model.max_guidance,
+            max_n=min(MAX_N, model.max_images),
+            max_prompt_chars=min(bot.max_prompt_chars, model.max_prompt_chars),
+            guidance=model.guidance,
+            negative_prompt=model.negative_prompt,
+            tasks=model.tasks,
+        )
+
+    def require_task(self, task: str, what: str) -> None:
+        """Refuse a job the model can't do (an inpainting checkpoint asked for text-to-image)."""
+        if task not in self.tasks:
+            raise BadParameters(
+                "task", f"{self.model} can't do {what}; it does {', '.join(self.tasks)}.", task
+            )
+
 
 FLAGS = ("seed", "steps", "n", "ar", "no", "guidance")
 OPTION_ALIASES = {"negative": "no", "negative_prompt": "no", "aspect_ratio": "ar", "aspect": "ar"}
@@ -83,13 +180,21 @@ def _check_chars(field: str, value: str, what: str) -> None:
         raise BadParameters(field, f"{what} contains {bad}, which cannot be used.", value)
 
 
-def size_for_aspect(ar_w: float, ar_h: float, base_size: int) -> tuple[int, int]:
-    """Width and height, multiples of 8, keeping about base_size**2 pixels at ratio ar_w:ar_h."""
-    pixels = base_size * base_size
+def size_for_aspect(ar_w: float, ar_h: float, limits: Limits) -> tuple[int, int]:
+    """Width and height at ratio ar_w:ar_h keeping about the model's default number of pixels, in
+    multiples of its size multiple and within its smallest and largest side (scaled down as a
+    whole, not cropped to a square, when a side would pass the largest)."""
+    m = limits.size_multiple
     ratio = ar_w / ar_h
-    width = max(8, round(math.sqrt(pixels * ratio) / 8) * 8)
-    height = max(8, round(math.sqrt(pixels / ratio) / 8) * 8)
-    return width, height
+    pixels = limits.base_width * limits.base_height
+    width, height = math.sqrt(pixels * ratio), math.sqrt(pixels / ratio)
+    scale = min(1.0, limits.max_side / max(width, height))
+    scale = max(scale, limits.min_side / min(width, height))
+
+    def snap(side: float) -> int:
+        return min(limits.max_side, max(limits.min_side, m, round(side * scale / m) * m))
+
+    return snap(width), snap(height)
 
 
 def _int(name: str, raw: Any, lo: int, hi: int) -> int:
@@ -138,10 +243,13 @@ def parse_prompt(
     options: Mapping[str, Any] | None,
     config: BotConfig,
     *,
+    limits: Limits | None = None,
     rng: random.Random | None = None,
     require_prompt: bool = True,
 ) -> ParsedPrompt:
-    """Parse `text` (prompt + flags) and `options` into resolved parameters (config defaults)."""
+    """Parse `text` (prompt + flags) and `options` into resolved parameters: within `limits` (the
+    model's, see `Limits.of`; `[bot]`'s alone when None), with its defaults."""
+    limits = limits or Limits.of(config, None)
     text = "" if text is None else text
     if not isinstance(text, str):
         raise BadParameters("prompt", f"The prompt must be text, got {type(text).__name__}.")
@@ -175,22 +283,35 @@ def parse_prompt(
         raw[name] = value
     if require_prompt and not prompt:
         raise BadParameters("prompt", "The prompt is empty: describe the image you want.")
-    if len(prompt) > config.max_prompt_chars:
+    if len(prompt) > limits.max_prompt_chars:
         raise BadParameters(
-            "prompt", f"The prompt is too long ({len(prompt)} characters; at most {config.max_prompt_chars})."
+            "prompt", f"The prompt is too long ({len(prompt)} characters; at most {limits.max_prompt_chars})."
         )
     negative = " ".join(str(raw.get("no", "")).split())
-    if len(negative) > config.max_prompt_chars:
+    if len(negative) > limits.max_prompt_chars:
         raise BadParameters(
-            "no", f"The --no text is too long (at most {config.max_prompt_chars} characters)."
+            "no", f"The --no text is too long (at most {limits.max_prompt_chars} characters)."
         )
-    n = _int("n", raw["n"], 1, MAX_N) if "n" in raw else config.default_n
-    steps = _int("steps", raw["steps"], 1, config.max_steps) if "steps" in raw else config.default_steps
-    guidance = (
-        _float("guidance", raw["guidance"], MIN_GUIDANCE, MAX_GUIDANCE)
-        if "guidance" in raw
-        else config.default_guidance
-    )
+    n = _int("n", raw["n"], 1, limits.max_n) if "n" in raw else min(config.default_n, limits.max_n)
+    steps = _int("steps", raw["steps"], 1, limits.max_steps) if "steps" in raw else limits.default_steps
+    if "guidance" in raw:
+        guidance = _float("guidance", raw["guidance"], 0.0, limits.max_guidance)
+        if limits.guidance == "none" and guidance != 0:
+            raise BadParameters(
+                "guidance",
+                f"{limits.model} takes no guidance (it is guidance-distilled): leave out --guidance.",
+                raw["guidance"],
+            )
+    else:
+        guidance = limits.default_guidance
+    if negative and limits.negative_prompt == "cfg" and guidance <= 1:
+        # The negative prompt acts through classifier-free guidance, which is off at guidance <= 1.
+        raise BadParameters(
+            "no",
+            f"--no needs --guidance above 1 on {limits.model} (the negative prompt works through "
+            f"guidance); the guidance is {guidance:g}.",
+            negative,
+        )
     # image i uses seed + i, so the base seed leaves room for n - 1 more.
     if "seed" in raw:
         seed = _int("seed", raw["seed"], 0, MAX_SEED - (n - 1))
@@ -198,10 +319,10 @@ def parse_prompt(
         seed = (rng or random.SystemRandom()).randint(0, MAX_SEED - (MAX_N - 1))
     if "ar" in raw:
         w, h = parse_aspect(raw["ar"])
-        width, height = size_for_aspect(w, h, config.base_size)
+        width, height = size_for_aspect(w, h, limits)
         aspect: str | None = f"{w}:{h}"
     else:
-        width = height = config.base_size
+        width, height = limits.base_width, limits.base_height
         aspect = None
     return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect)
 

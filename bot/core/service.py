@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from bot.backends.base import ModelCapabilities
 from bot.config import CoreConfig
 from bot.core import validate
 from bot.core.admin import Admin
@@ -34,6 +35,7 @@ from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.followups import FollowUps
 from bot.core.models import utcnow
+from bot.core.params import Limits
 from bot.core.queries import Queries
 from bot.core.quotas import Quotas
 from bot.core.results import Results
@@ -61,6 +63,9 @@ class CoreService:
         self.config = config
         self.clock = clock
         rng = rng or random.SystemRandom()
+        # What the backend's model accepts, kept current by `bot.core.model_watch.ModelWatch`
+        # (None until it reports, or when the backend doesn't): flags and defaults follow it.
+        self.model: ModelCapabilities | None = None
         self.deliveries: dict[str, Delivery] = {}
         self._wakers: list[Callable[[], None]] = []
         self._job_events: dict[int, asyncio.Event] = {}
@@ -78,10 +83,11 @@ class CoreService:
             self.audit,
             clock=clock,
             rng=rng,
+            limits=self.limits,
             on_queued=self.wake,
             on_changed=self.job_changed,
         )
-        followups = FollowUps(db, config, submissions, rng=rng)
+        followups = FollowUps(db, config, submissions, rng=rng, limits=self.limits)
         queries = Queries(db, storage, self.quotas, self.audit, clock=clock)
         admin = Admin(db, self.quotas, self.audit, clock=clock)
 
@@ -108,6 +114,10 @@ class CoreService:
         self.audit_log = admin.audit_log
         self.attach_result_message = self.results.attach_result_message
         self.remember_delivery = self.results.remember_delivery
+
+    def limits(self) -> Limits:
+        """What a job may ask for now: the model's capabilities within `[bot]`'s settings."""
+        return Limits.of(self.config.bot, self.model)
 
     # -- deliveries ------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from bot.core.audit import Audit
 from bot.core.db import Database
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
-from bot.core.params import ParsedPrompt, parse_prompt
+from bot.core.params import Limits, ParsedPrompt, parse_prompt
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
 from bot.core.uploads import prepare_inpaint
@@ -60,6 +60,7 @@ class Submissions:
         *,
         clock: Callable[[], dt.datetime],
         rng: random.Random,
+        limits: Callable[[], Limits],
         on_queued: Callable[[], None],
         on_changed: Callable[[int], None],
     ):
@@ -70,6 +71,7 @@ class Submissions:
         self.audit = audit
         self.clock = clock
         self.rng = rng
+        self.limits = limits
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
@@ -89,7 +91,9 @@ class Submissions:
         actor, place = validate.actor_and_place(actor, place)
         validate.idempotency_key(idempotency_key)
         delivery = validate.delivery(delivery)
-        parsed = parse_prompt(text, options, self.config.bot, rng=self.rng)
+        limits = self.limits()
+        limits.require_task("txt2img", "text-to-image")
+        parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
         return await self.submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
         )
@@ -112,7 +116,9 @@ class Submissions:
         existing = await self.existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        parsed = parse_prompt(prompt_text, options, self.config.bot, rng=self.rng)
+        limits = self.limits()
+        limits.require_task("inpaint", "inpainting")
+        parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
         if parsed.aspect_ratio is not None:
             raise BadParameters(
                 "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
@@ -122,7 +128,7 @@ class Submissions:
             image,
             mask,
             max_bytes=self.config.bot.max_upload_bytes,
-            base_size=self.config.bot.base_size,
+            limits=limits,
         )
         image_key = await self.storage.put(inputs.image_png)
         mask_key = await self.storage.put(inputs.mask_png)

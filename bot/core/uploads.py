@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from bot.core.api import BadParameters
-from bot.core.params import MAX_ASPECT, size_for_aspect
+from bot.core.params import MAX_ASPECT, Limits, size_for_aspect
 
-# Decompression-bomb guard: inputs are resized to ~base_size**2 pixels anyway.
+# Decompression-bomb guard: inputs are resized to about the model's default size anyway.
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
@@ -52,9 +52,9 @@ def decode(data: bytes, field: str, *, max_bytes: int) -> Image.Image:
     return img
 
 
-def prepare_inpaint(image: bytes, mask: bytes | None, *, max_bytes: int, base_size: int) -> InpaintInputs:
+def prepare_inpaint(image: bytes, mask: bytes | None, *, max_bytes: int, limits: Limits) -> InpaintInputs:
     """The image and its mask, or the mask its transparent pixels make when none is given, resized
-    to about `base_size`**2 pixels at the image's aspect ratio."""
+    to about the model's default pixel count at the image's aspect ratio (`size_for_aspect`)."""
     img = decode(image, "image", max_bytes=max_bytes)
     w, h = img.size
     if max(w / h, h / w) > MAX_ASPECT:
@@ -79,7 +79,7 @@ def prepare_inpaint(image: bytes, mask: bytes | None, *, max_bytes: int, base_si
         mask_img = m.convert("L").point(lambda v: 255 if v >= 128 else 0)
     if mask_img.getextrema()[1] == 0:
         raise BadParameters("mask", "The mask is empty: nothing is marked to repaint (white = repaint).")
-    width, height = size_for_aspect(w, h, base_size)
+    width, height = size_for_aspect(w, h, limits)
     rgb = img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
     mask_small = mask_img.resize((width, height), Image.Resampling.NEAREST)
     return InpaintInputs(_png(rgb), _png(mask_small), width, height)

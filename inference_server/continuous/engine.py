@@ -6,8 +6,9 @@ own worker thread (the runner's thread stays idle, so one thread still drives th
 results come back to the event loop with `call_soon_threadsafe`; metrics are only touched there.
 
 Models the continuous engine can't run (a UNet whose input isn't the plain latent, e.g. 9-channel
-inpainting checkpoints) fall back to the request-level `DynamicBatchingEngine`, with a log line saying
-so; `name` (and so `/health` and `/metrics`) then says "dynamic".
+inpainting checkpoints) fall back to the request-level `DynamicBatchingEngine` over the same, already
+loaded `PipelineRunner`, with a log line saying so; `name` (and so `/health` and `/metrics`) then
+says "dynamic".
 
 torch is imported only when the engine starts: importing this module is cheap.
 """
@@ -190,8 +191,8 @@ class ContinuousBatchingEngine(EngineBase):
         reason = unsupported_reason(pipe)
         if reason is not None:
             log.warning("continuous engine can't run this model (%s); using request-level batching", reason)
-            # The request-level engine loads through the runner again (a rare path: only models
-            # this engine can't run get here), then serves every request.
+            # The request-level engine serves every request with this same runner: its load()
+            # finds the model loaded and warmed and returns at once (the weights load once).
             self._fallback = DynamicBatchingEngine(self.runner, self.config, self.metrics)
             await self._fallback.start()
             return

@@ -49,12 +49,19 @@ class FakeInferenceServer:
     script: list[Any] = field(default_factory=list)  # actions for the next requests; then "ok"
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    # What /health reports as the model's capabilities (None: still loading, as the real server says).
+    capabilities: dict[str, Any] | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         for route in ("/v1/txt2img", "/v1/img2img", "/v1/inpaint"):
             app.router.add_post(route, self.handle)
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        status = "loading" if self.capabilities is None else "ok"
+        return web.json_response({"status": status, "capabilities": self.capabilities})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.token}":

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from bot.config import BotConfig
 from bot.core.api import Actor, BadParameters, CoreError, Place
-from bot.core.params import MAX_N, MAX_SEED, ParsedPrompt, parse_prompt
+from bot.core.params import MAX_N, MAX_SEED, Limits, ParsedPrompt, parse_prompt
 from bot.core.validate import first_bad_char
 from tests.core.helpers import running_core
 
@@ -89,7 +89,7 @@ def check_parsed(p: ParsedPrompt) -> None:
     assert p.prompt and len(p.prompt) <= CONFIG.max_prompt_chars
     assert len(p.negative_prompt) <= CONFIG.max_prompt_chars
     assert first_bad_char(p.prompt) is None and first_bad_char(p.negative_prompt) is None
-    assert 1 <= p.n <= MAX_N and 1 <= p.steps <= CONFIG.max_steps
+    assert 1 <= p.n <= MAX_N and 1 <= p.steps <= Limits.of(CONFIG, None).max_steps
     assert math.isfinite(p.guidance) and 0 <= p.guidance <= 30
     assert 0 <= p.seed and p.seeds[-1] <= MAX_SEED
     assert p.width % 8 == 0 and p.height % 8 == 0 and p.width > 0 and p.height > 0

@@ -40,7 +40,8 @@ async def test_storage_is_content_addressed_and_idempotent(tmp_path):
 def test_repository_config_loads_and_database_url_precedence():
     cfg = load_core_config("config.toml", {})
     assert cfg.database_url == "sqlite+aiosqlite:///data/imagine.db"
-    assert cfg.bot.base_size == 64 and cfg.quotas.daily_limit >= 1
+    # Size, steps and guidance follow the model unless [bot] sets them (config.toml leaves them unset).
+    assert cfg.bot.base_size is None and cfg.quotas.daily_limit >= 1
     cfg = load_core_config({"database": {"url": "postgres://u@h/db"}}, {})
     assert cfg.database_url == "postgresql+asyncpg://u@h/db"
     cfg = load_core_config({"database": {"url": "postgres://u@h/db"}}, {"DATABASE_URL": "sqlite:///x.db"})

@@ -6,7 +6,7 @@ import pytest
 
 from bot.config import BotConfig
 from bot.core.api import BadParameters
-from bot.core.params import MAX_SEED, parse_prompt, size_for_aspect, split_flags
+from bot.core.params import MAX_SEED, Limits, parse_prompt, size_for_aspect, split_flags
 
 CFG = BotConfig()
 
@@ -109,7 +109,7 @@ def test_prompt_too_long():
     ],
 )
 def test_aspect_sizes_keep_pixels_and_multiples_of_8(ar, base, expected):
-    w, h = size_for_aspect(*ar, base)
+    w, h = size_for_aspect(*ar, Limits.of(BotConfig(base_size=base), None))
     assert (w, h) == expected
     assert abs(w * h - base * base) / (base * base) < 0.15
 
@@ -117,3 +117,83 @@ def test_aspect_sizes_keep_pixels_and_multiples_of_8(ar, base, expected):
 def test_flag_like_words_inside_prompt_are_not_flags():
     prompt, flags = split_flags("a well-known fox--cute")
     assert prompt == "a well-known fox--cute" and flags == {}
+
+
+# -- flags follow the model (the capabilities the inference server reports) --------------------------
+
+
+def capabilities(**changes):
+    from dataclasses import replace
+
+    from bot.backends.base import ModelCapabilities
+
+    flux_dev = ModelCapabilities(
+        family="flux-dev",
+        label="FLUX.1-dev",
+        tasks=("txt2img", "img2img", "inpaint"),
+        size_multiple=16,
+        default_width=1024,
+        default_height=1024,
+        min_side=16,
+        max_side=2048,
+        default_steps=28,
+        max_steps=150,
+        default_guidance=3.5,
+        max_guidance=30.0,
+        guidance="distilled",
+        negative_prompt="true_cfg",
+        max_images=4,
+        max_prompt_chars=1000,
+    )
+    return replace(flux_dev, **changes)
+
+
+def parse_for(text, model, **cfg):
+    config = BotConfig(**cfg)
+    return parse_prompt(text, None, config, limits=Limits.of(config, model), rng=random.Random(0))
+
+
+def test_defaults_and_ar_follow_the_model():
+    p = parse_for("a fox", capabilities())
+    assert (p.width, p.height, p.steps, p.guidance) == (1024, 1024, 28, 3.5)
+    # 3:2 around 1024x1024 in multiples of 16 (in multiples of 8 it would be 1256x840).
+    p = parse_for("a fox --ar 3:2", capabilities())
+    assert (p.width, p.height) == (1248, 832)
+    assert p.width % 16 == 0 and p.height % 16 == 0
+
+
+def test_ar_stays_within_the_largest_side_keeping_the_ratio():
+    w, h = size_for_aspect(4, 1, Limits.of(BotConfig(), capabilities(max_side=1024)))
+    assert (w, h) == (1024, 256)
+
+
+def test_bot_settings_win_where_set_but_keep_the_model_multiple():
+    p = parse_for("a fox --ar 1:1", capabilities(), base_size=520, default_steps=10, default_guidance=2.0)
+    assert (p.width, p.height, p.steps, p.guidance) == (512, 512, 10, 2.0)  # 520 to a multiple of 16
+    with pytest.raises(BadParameters) as e:
+        parse_for("a fox --steps 120", capabilities(max_steps=100))
+    assert e.value.field == "steps" and "100" in e.value.message
+
+
+def test_guidance_on_a_model_without_guidance_is_refused_before_queueing():
+    schnell = capabilities(label="FLUX.1-schnell", guidance="none", default_guidance=0.0, default_steps=4)
+    assert parse_for("a fox", schnell).guidance == 0.0
+    assert parse_for("a fox", schnell, default_guidance=7.5).guidance == 0.0
+    with pytest.raises(BadParameters) as e:
+        parse_for("a fox --guidance 5", schnell)
+    assert e.value.field == "guidance" and "FLUX.1-schnell takes no guidance" in e.value.message
+
+
+def test_negative_prompt_needs_guidance_above_1_with_cfg_and_not_with_true_cfg():
+    sd = capabilities(label="Stable Diffusion XL", guidance="cfg", negative_prompt="cfg", size_multiple=8)
+    with pytest.raises(BadParameters) as e:
+        parse_for("a fox --guidance 1 --no blur", sd)
+    assert e.value.field == "no" and "above 1" in e.value.message
+    assert parse_for("a fox --guidance 5 --no blur", sd).negative_prompt == "blur"
+    assert parse_for("a fox --guidance 1 --no blur", capabilities()).negative_prompt == "blur"
+
+
+def test_n_is_capped_by_the_server():
+    with pytest.raises(BadParameters) as e:
+        parse_for("a fox --n 3", capabilities(max_images=2))
+    assert e.value.field == "n"
