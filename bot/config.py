@@ -59,8 +59,25 @@ class BotConfig:
     progress_interval_s: float = 2.0
     # Global admission limit: beyond this many queued jobs submissions get "overloaded".
     max_queued_jobs: int = 1000
+    # img2img strength of V1-V4, the variation reactions and Vary (Strong); Vary (Subtle) uses the
+    # second, lower one (it keeps the composition and changes details).
     variation_strength: float = 0.6
+    subtle_variation_strength: float = 0.3
     inpaint_strength: float = 1.0
+    # Default --strength of /imagine with an image to start from (0 keeps it, 1 ignores it).
+    image_strength: float = 0.6
+    # Upscale (U1-U4): the image resized 2x, then image-to-image at this low strength on the same
+    # model (a "hires fix": detail is added, the composition stays).
+    upscale_strength: float = 0.3
+    # A server model that upscales, sent as the request's `model`; "" = the model that made the
+    # image. Needs a server that serves several models (the models registry).
+    upscaler_model: str = ""
+    # The largest width/height the backend accepts (the inference server's [inference_server]
+    # max_side). Bigger upscales are made in overlapping tiles of at most this size; zoom-out and
+    # pan canvases are scaled down to fit it.
+    max_side: int = 1024
+    # The largest side an upscale may reach: each doubling of the side is four times the tiles.
+    max_upscale_side: int = 2048
     # 10 MiB: Discord's default attachment limit; larger uploads are refused before decoding.
     max_upload_bytes: int = 10 * 1024 * 1024
 
@@ -100,6 +117,34 @@ class BotConfig:
         _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")
         _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")
         _check(0 < self.inpaint_strength <= 1, "[bot] inpaint_strength", "must be in (0, 1]")
+        for key in ("subtle_variation_strength", "image_strength", "upscale_strength"):
+            _check(0 < getattr(self, key) <= 1, f"[bot] {key}", "must be in (0, 1]")
+        _check(
+            self.subtle_variation_strength <= self.variation_strength,
+            "[bot] subtle_variation_strength",
+            "must not be above variation_strength (subtle changes less than strong)",
+        )
+        _check(
+            len(self.upscaler_model) <= 200 and self.upscaler_model == self.upscaler_model.strip(),
+            "[bot] upscaler_model",
+            "must be a model name of at most 200 characters without surrounding spaces",
+        )
+        # 64: the smallest tile worth a diffusion pass; 4096: the largest side the core decodes.
+        _check(
+            64 <= self.max_side <= 4096 and self.max_side % 8 == 0,
+            "[bot] max_side",
+            "must be a multiple of 8 from 64 to 4096",
+        )
+        _check(
+            self.max_side <= self.max_upscale_side <= 4096,
+            "[bot] max_upscale_side",
+            "must be from max_side to 4096",
+        )
+        _check(
+            self.base_size is None or self.base_size <= self.max_side,
+            "[bot] base_size",
+            "must be at most max_side",
+        )
         # 100 MiB: every upload is read into memory and decoded; chat platforms cap theirs lower.
         _check(
             1024 <= self.max_upload_bytes <= 100 * 1024 * 1024,

@@ -34,6 +34,9 @@ class GenerationParams:
     image: bytes | None = None  # PNG/JPEG/WebP bytes for img2img and inpaint
     mask: bytes | None = None  # inpaint: white = repaint, same size as image
     priority: int = 0  # lower runs first where the backend supports it
+    # A model the server should use instead of its default (e.g. an upscaler); None = the default.
+    # Needs a server that serves several models (the models registry).
+    model: str | None = None
     timeout_s: float | None = None
 
     @property

@@ -361,6 +361,8 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
         body["negative_prompt"] = params.negative_prompt
     if params.priority:
         body["priority"] = params.priority  # the continuous engine admits lower values first
+    if params.model:
+        body["model"] = params.model
     if params.task in ("img2img", "inpaint"):
         if not params.image:
             raise BackendRejected(f"{params.task} needs an input image", "image")

@@ -73,7 +73,7 @@ __all__ = [
     "REACTION_ACTIONS",
 ]
 
-JobKind = Literal["imagine", "inpaint", "variation", "reroll"]
+JobKind = Literal["imagine", "inpaint", "variation", "reroll", "upscale", "zoom", "pan", "remix"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # Where a user's daily limit comes from: a per-user override, the guild/workspace default, the config.
 LimitSource = Literal["user", "guild", "global"]
@@ -118,7 +118,10 @@ class JobParams:
     """The resolved generation parameters of a job (after flags, options and config defaults).
 
     `seeds[i]` is the seed of image i (`seed + i`). `width`/`height` are multiples of 8.
-    `strength` applies to variations and inpainting only.
+    `strength` applies to image-to-image and inpainting only. `task` is what the backend is asked
+    for (txt2img, img2img, inpaint); `detail` names the operation's variant where it has one ("2x"
+    for a zoom out, "left" for a pan, "subtle" / "strong" for a variation); `model` is the server
+    model asked for, when not the default (an upscaler).
     """
 
     width: int
@@ -130,6 +133,9 @@ class JobParams:
     seeds: tuple[int, ...]
     strength: float | None = None
     aspect_ratio: str | None = None  # as given with --ar, e.g. "3:2"
+    task: str = "txt2img"
+    detail: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -533,16 +539,99 @@ class ImageService(Protocol):
         *,
         job_id: int | None = None,
         message_id: str | None = None,
+        subtle: bool = False,
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
-        """Image-to-image from image `index` (0-based) of the parent job, same prompt, new seed.
-        The parent is found and checked as for `reroll`."""
+        """Image-to-image from image `index` (0-based) of the parent job, same prompt, new seed, at
+        `[bot] variation_strength` (V1-V4, Vary (Strong)) or, `subtle`, `subtle_variation_strength`.
+        The parent is found and checked as for `reroll`; a button gives both the job id and the
+        message it sits on (the message decides who may use it, the id covers a result whose
+        message was never recorded)."""
+        ...
+
+    async def image_to_image(
+        self,
+        actor: Actor,
+        place: Place,
+        text: str,
+        image: bytes,
+        options: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """/imagine starting from `image` (PNG/JPEG/WebP bytes, at most `[bot] max_upload_bytes`):
+        image-to-image at `--strength` (default `[bot] image_strength`); the size follows the image's
+        aspect ratio (--ar is refused). A job of kind "imagine" whose task is img2img."""
+        ...
+
+    async def upscale(
+        self,
+        actor: Actor,
+        place: Place,
+        index: int,
+        *,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Image `index` at twice its size (a hires fix: resized 2x, then image-to-image at
+        `[bot] upscale_strength`, in tiles past `[bot] max_side`); one image."""
+        ...
+
+    async def zoom_out(
+        self,
+        actor: Actor,
+        place: Place,
+        factor: float,
+        *,
+        index: int = 0,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Image `index` centred on a canvas 1.5x or 2x its size (scaled to `[bot] max_side`), the
+        border inpainted."""
+        ...
+
+    async def pan(
+        self,
+        actor: Actor,
+        place: Place,
+        direction: str,
+        *,
+        index: int = 0,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Image `index` extended by half its side to the left, right, up or down, inpainted."""
+        ...
+
+    async def remix(
+        self,
+        actor: Actor,
+        place: Place,
+        text: str,
+        *,
+        index: int = 0,
+        job_id: int | None = None,
+        message_id: str | None = None,
+        idempotency_key: str,
+        delivery: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """A variation of image `index` with an edited prompt and flags (`text`; start the edit
+        from `bot.core.operations.remix_text(parent)`); `--strength` allowed, `--ar` refused."""
         ...
 
     async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
-        """Cancel a queued job (own job, or for admins any job of the guild/workspace of `place`);
-        quota is refunded. A running or finished job is returned unchanged. NotFound for a job on
+        """Cancel a queued or running job (own job, or for admins any job of the guild/workspace of
+        `place`); quota is refunded and a running job's dispatcher stops it (its result, should it
+        come, is discarded). A finished job is returned unchanged. NotFound for a job on
         another platform or, for an admin, in another guild."""
         ...
 
@@ -552,6 +641,19 @@ class ImageService(Protocol):
     ) -> None:
         """Record the platform message that shows the job's result (reactions/buttons resolve
         through it). Idempotent."""
+        ...
+
+    async def record_shown(self, job_id: int) -> None:
+        """The result is shown but its message id is not known yet (Slack shares uploads
+        asynchronously): the job counts as delivered, so a restart does not post it again.
+        `attach_result_message` adds the id later. NotFound if missing."""
+        ...
+
+    async def unattached_results(
+        self, platform: str, channel_id: str, *, within_s: float = 86_400.0, limit: int = 10
+    ) -> list[JobView]:
+        """Delivered results in `channel_id` (of the last day) whose message id was never recorded,
+        newest first: where an adapter looks for the job of a message it does not know."""
         ...
 
     async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
@@ -565,6 +667,11 @@ class ImageService(Protocol):
         ...
 
     async def job_for_message(self, platform: str, message_id: str) -> JobView | None: ...
+
+    async def queue_position(self, job_id: int) -> int | None:
+        """The job's place in the queue now (1 = starts next), or None when it is not queued or is
+        far back (past 50): for the first status message; changes come through `on_queued`."""
+        ...
 
     async def wait_for_job(self, job_id: int, timeout_s: float | None = None) -> JobView:
         """Wait until the job is done (succeeded/failed/cancelled) and return it; TimeoutError after

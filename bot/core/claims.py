@@ -260,10 +260,22 @@ class Claims:
             return []
         async with self.db.session() as s:
             now = self.clock()
+            # A dead owner's finished and delivered jobs (killed after the adapter recorded the
+            # result message, before the dispatcher released the job) need nobody: their claim goes.
             await s.execute(
+                update(Job)
+                .where(
+                    Job.lease_owner.in_(dead), or_(Job.delivered_at.is_not(None), Job.state == "cancelled")
+                )
+                .values(lease_owner=None, lease_until=None)
+            )
+            # What still needs work (running, or an outcome to deliver) is free to take over now.
+            expired = await s.execute(
                 update(Job).where(Job.lease_owner.in_(dead), Job.lease_until > now).values(lease_until=now)
             )
-        return dead
+        # Reported once: a dead owner whose leases expired already (on an earlier look, or by time)
+        # is not news, and its jobs are taken over as they come.
+        return dead if rows_matched(expired) else []
 
 
 async def _claimed_job(s: AsyncSession, job: Job, user: User | None = None) -> ClaimedJob:

@@ -4,7 +4,29 @@ from __future__ import annotations
 
 from bot.core.api import JobView
 
-_KIND_PREFIX = {"imagine": "", "inpaint": "inpaint · ", "variation": "variation · ", "reroll": "re-roll · "}
+_KIND_LABEL = {
+    "imagine": "",
+    "inpaint": "inpaint",
+    "variation": "variation",
+    "reroll": "re-roll",
+    "upscale": "upscale",
+    "zoom": "zoom out",
+    "pan": "pan",
+    "remix": "remix",
+}
+
+
+def kind_label(job: JobView) -> str:
+    """What made the job, in words: "zoom out 2x", "variation (subtle)", "image to image", ""."""
+    label = _KIND_LABEL.get(job.kind, job.kind)
+    detail = job.params.detail
+    if job.kind == "imagine" and job.params.task == "img2img":
+        return "image to image"
+    if detail and job.kind in ("zoom", "pan"):
+        return f"{label} {detail}"
+    if detail and job.kind == "variation":
+        return f"{label} ({detail})"
+    return label
 
 
 def short(text: str, limit: int) -> str:
@@ -20,6 +42,9 @@ def describe(job: JobView) -> str:
         parts.append(f"ar {p.aspect_ratio}")
     if p.n > 1:
         parts.append(f"{p.n} images")
-    if p.strength is not None and job.kind != "imagine":
+    if p.strength is not None and p.task != "txt2img":
         parts.append(f"strength {p.strength:g}")
-    return _KIND_PREFIX.get(job.kind, "") + " · ".join(parts)
+    if p.model:
+        parts.append(f"model {p.model}")
+    label = kind_label(job)
+    return (f"{label} · " if label else "") + " · ".join(parts)

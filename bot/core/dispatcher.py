@@ -49,6 +49,7 @@ from bot.backends.base import (
     InferenceBackend,
     describe_wait,
 )
+from bot.core import tiling
 from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
 from bot.core.claims import ClaimedJob
 from bot.core.db import retry_unavailable
@@ -84,6 +85,9 @@ class Dispatcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # Jobs whose task only delivers an outcome now: they hold no dispatch slot, so a slow or
+        # retried post (a platform outage) never holds back generation.
+        self._delivering: set[int] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_heartbeat = 0.0
@@ -93,6 +97,7 @@ class Dispatcher:
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
         service.add_waker(self._wake.set)
+        service.add_cancel_listener(self._abandon)
 
     # ------------------------------------------------------------------------------------------
     # lifecycle
@@ -181,7 +186,7 @@ class Dispatcher:
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
             self._spawn(job_id)
         while self._free():
-            want = self.config.dispatch_concurrency - len(self._tasks)
+            want = self.config.dispatch_concurrency - (len(self._tasks) - len(self._delivering))
             claimed = await self.claims.claim_queued(self.owner, platforms, want)
             for job in claimed:
                 self._spawn(job.view.id, job)
@@ -197,7 +202,14 @@ class Dispatcher:
             await self._report_positions(platforms, only_new=True)
 
     def _free(self) -> bool:
-        return len(self._tasks) < self.config.dispatch_concurrency
+        return len(self._tasks) - len(self._delivering) < self.config.dispatch_concurrency
+
+    def _abandon(self, job_id: int) -> None:
+        """The job was cancelled while it ran (its claim is gone): stop our run of it."""
+        task = self._tasks.get(job_id)
+        if task is not None and job_id not in self._delivering:
+            log.info("job %s: cancelled while running; stopping it", job_id)
+            task.cancel()
 
     def _spawn(self, job_id: int, claimed: ClaimedJob | None = None) -> None:
         task = asyncio.create_task(self._execute(job_id, claimed), name=f"job {job_id}")
@@ -318,6 +330,7 @@ class Dispatcher:
             mask=mask,
             priority=await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id)),
             timeout_s=self.config.job_timeout_s,
+            model=p.model,
         )
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
@@ -336,7 +349,14 @@ class Dispatcher:
         log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
         try:
             async with asyncio.timeout(self.config.job_timeout_s):
-                images = await self.backend.generate(params, on_event)
+                limits = self.service.limits()
+                images = await tiling.generate(
+                    self.backend,
+                    params,
+                    on_event,
+                    max_side=min(self.config.max_side, limits.max_side),
+                    multiple=limits.size_multiple,
+                )
         except BackendError as e:
             if e.retryable and view.attempts < self.config.max_attempts:
                 await self._requeue(view, e)
@@ -414,7 +434,15 @@ class Dispatcher:
 
     async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
         """Count the attempt, call on_succeeded / on_failed, then mark the job delivered (each step
-        only while we still hold the job)."""
+        only while we still hold the job). The job's dispatch slot is free meanwhile."""
+        self._delivering.add(view.id)
+        self._wake.set()  # a slot is free: claim the next job now
+        try:
+            await self._deliver_outcome(view, images)
+        finally:
+            self._delivering.discard(view.id)
+
+    async def _deliver_outcome(self, view: JobView, images: list[ResultImage] | None) -> None:
         attempt = await self._recorded(
             view.id,
             "count the delivery attempt",

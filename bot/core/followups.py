@@ -1,7 +1,8 @@
 """Jobs that start from a result: re-rolls, variations, and the reactions that ask for them.
 
 Who may start one from whose result is decided here (`find_parent`); the submission itself is
-`Submissions.submit`, with the parent's prompt and parameters and a new seed.
+`Submissions.submit`, with the parent's prompt and parameters and a new seed. The other operations
+on a result (upscale, zoom out, pan, remix) are in `bot.core.operations`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class FollowUps:
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
         actor, place = validate.actor_and_place(actor, place)
-        job_id, message_id = validate.job_ref(job_id, message_id)
+        job_id, message_id = validate.job_refs(job_id, message_id)
         delivery = validate.delivery(delivery)
         existing = await self.submissions.existing(actor, idempotency_key)
         if existing is not None:
@@ -99,32 +100,34 @@ class FollowUps:
         *,
         job_id: int | None = None,
         message_id: str | None = None,
+        subtle: bool = False,
         idempotency_key: str,
         delivery: Mapping[str, Any] | None = None,
     ) -> JobView:
         actor, place = validate.actor_and_place(actor, place)
-        job_id, message_id = validate.job_ref(job_id, message_id)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise BadParameters("image", f"The image number must be a whole number, got {index!r}.", index)
+        job_id, message_id = validate.job_refs(job_id, message_id)
+        index = image_index(index)
         delivery = validate.delivery(delivery)
         existing = await self.submissions.existing(actor, idempotency_key)
         if existing is not None:
             return existing
         parent = await self.find_parent(actor, place, job_id, message_id)
-        return await self._variation(actor, place, parent, index, idempotency_key, delivery)
+        return await self._variation(actor, place, parent, index, idempotency_key, delivery, subtle=subtle)
 
     async def find_parent(
         self, actor: Actor, place: Place, job_id: int | None, message_id: str | None
     ) -> Job:
-        """The succeeded job a re-roll or variation starts from, if `actor` may use it (see
-        `may_use`). Anything else is NotFound, as for a job that does not exist: a number guessed
-        in one place must not tell what someone else asked for in another."""
-        if (job_id is None) == (message_id is None):
-            raise ValueError("give exactly one of job_id and message_id")
+        """The succeeded job a follow-up starts from, if `actor` may use it (see `may_use`). By the
+        message showing its result when given (a reaction, a button), else (or when that message
+        shows no result, e.g. one recorded late) by job id. Anything else is NotFound, as for a job
+        that does not exist: a number guessed in one place must not tell what someone else asked
+        for in another."""
+        if job_id is None and message_id is None:
+            raise ValueError("give job_id or message_id")
+        row = None
+        via_message = False
         async with self.db.read() as s:
-            if job_id is not None:
-                query = select(Job, User).join(User, Job.user_id == User.id).where(Job.id == job_id)
-            else:
+            if message_id is not None:
                 query = (
                     select(Job, User)
                     .join(User, Job.user_id == User.id)
@@ -132,8 +135,12 @@ class FollowUps:
                     .order_by(Job.id.desc())
                     .limit(1)
                 )
-            row = (await s.execute(query)).first()
-        if row is None or not may_use(row[0], row[1], actor, place, via_message=job_id is None):
+                row = (await s.execute(query)).first()
+                via_message = row is not None
+            if row is None and job_id is not None:
+                query = select(Job, User).join(User, Job.user_id == User.id).where(Job.id == job_id)
+                row = (await s.execute(query)).first()
+        if row is None or not may_use(row[0], row[1], actor, place, via_message=via_message):
             raise NotFound("That is not an image result I know about.")
         job = row[0]
         if job.state != "succeeded":
@@ -169,17 +176,12 @@ class FollowUps:
             parent=parent,
             input_image_key=parent.input_image_key,
             mask_key=parent.mask_key,
+            detail=p.get("detail"),
+            model=p.get("model"),
         )
 
-    async def _variation(
-        self,
-        actor: Actor,
-        place: Place,
-        parent: Job,
-        index: int,
-        idempotency_key: str,
-        delivery: Mapping[str, Any],
-    ) -> JobView:
+    async def source_image(self, parent: Job, index: int) -> ImageRow:
+        """Image `index` (0-based) of a succeeded job, or BadParameters naming what it has."""
         async with self.db.read() as s:
             images = (
                 (
@@ -194,8 +196,22 @@ class FollowUps:
             raise BadParameters(
                 "image", f"Image {index + 1} does not exist: that result has {len(images)} image(s).", index
             )
+        return images[index]
+
+    async def _variation(
+        self,
+        actor: Actor,
+        place: Place,
+        parent: Job,
+        index: int,
+        idempotency_key: str,
+        delivery: Mapping[str, Any],
+        *,
+        subtle: bool = False,
+    ) -> JobView:
         self.limits().require_task("img2img", "variations (image-to-image)")
-        source = images[index]
+        source = await self.source_image(parent, index)
+        bot = self.config.bot
         p = parent.params
         n = int(p["n"])
         parsed = ParsedPrompt(
@@ -217,11 +233,19 @@ class FollowUps:
             idempotency_key,
             delivery,
             task="img2img",
-            strength=self.config.bot.variation_strength,
+            strength=bot.subtle_variation_strength if subtle else bot.variation_strength,
             parent=parent,
             parent_image_index=index,
             input_image_key=source.storage_key,
+            detail="subtle" if subtle else "strong",
         )
+
+
+def image_index(index: Any) -> int:
+    """A 0-based image index from an adapter: a whole number (its range is the parent's to say)."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise BadParameters("image", f"The image number must be a whole number, got {index!r}.", index)
+    return index
 
 
 def may_use(job: Job, owner: User, actor: Actor, place: Place, *, via_message: bool) -> bool:

@@ -2,7 +2,8 @@
 
     a red fox in the snow --ar 3:2 --n 2 --seed 42 --steps 30 --guidance 6 --no blurry, text
 
-`--no` takes everything up to the next flag. Options from a slash command (a mapping with keys
+`--strength S` (0 < S <= 1) applies where a job starts from an image (an uploaded image, a remix):
+how far the result may stray from it. `--no` takes everything up to the next flag. Options from a slash command (a mapping with keys
 seed, steps, n, ar, guidance, negative) override flags. Errors name the flag and the bad value.
 Em/en dashes are accepted for `--` because phones "correct" `--ar` into `—ar`.
 
@@ -126,7 +127,7 @@ class Limits:
             )
 
 
-FLAGS = ("seed", "steps", "n", "ar", "no", "guidance")
+FLAGS = ("seed", "steps", "n", "ar", "no", "guidance", "strength")
 OPTION_ALIASES = {"negative": "no", "negative_prompt": "no", "aspect_ratio": "ar", "aspect": "ar"}
 
 _FLAG_RE = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014|\u2013)([A-Za-z][\w-]*)")
@@ -143,6 +144,7 @@ class ParsedPrompt:
     width: int
     height: int
     aspect_ratio: str | None
+    strength: float | None = None  # --strength, where the caller allows it
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -246,9 +248,11 @@ def parse_prompt(
     limits: Limits | None = None,
     rng: random.Random | None = None,
     require_prompt: bool = True,
+    allow_strength: bool = False,
 ) -> ParsedPrompt:
     """Parse `text` (prompt + flags) and `options` into resolved parameters: within `limits` (the
-    model's, see `Limits.of`; `[bot]`'s alone when None), with its defaults."""
+    model's, see `Limits.of`; `[bot]`'s alone when None), with its defaults. `--strength` is
+    refused unless `allow_strength` (the job starts from an image)."""
     limits = limits or Limits.of(config, None)
     text = "" if text is None else text
     if not isinstance(text, str):
@@ -324,7 +328,23 @@ def parse_prompt(
     else:
         width, height = limits.base_width, limits.base_height
         aspect = None
-    return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect)
+    strength: float | None = None
+    if "strength" in raw:
+        if not allow_strength:
+            raise BadParameters(
+                "strength",
+                "--strength only applies when you start from an image: attach one to /imagine "
+                "(or use Remix on a result).",
+                raw["strength"],
+            )
+        strength = _float("strength", raw["strength"], 0.0, 1.0)
+        if strength == 0.0:
+            raise BadParameters(
+                "strength",
+                "--strength must be above 0 (0 would return the image unchanged).",
+                raw["strength"],
+            )
+    return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect, strength)
 
 
 def new_seed(n: int, rng: random.Random | None = None) -> int:

@@ -11,6 +11,7 @@ from bot.core import validate
 from bot.core.api import Actor, JobView, NotFound, Place, QuotaView, StatsView, UserStat
 from bot.core.audit import Audit
 from bot.core.db import Database
+from bot.core.fair_queue import MAX_REPORTED_POSITION, FairQueue
 from bot.core.models import ImageRow, Job, User
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
@@ -18,6 +19,9 @@ from bot.core.views import job_view
 
 MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger asks are capped
 MAX_TOP_USERS = 25  # a chat message lists them one a line
+# Results without a recorded message are looked for among those of the last day: reactions on older
+# messages are rare, and the look costs a platform call per candidate.
+UNATTACHED_WINDOW_S = 86_400.0
 
 
 class Queries:
@@ -27,10 +31,12 @@ class Queries:
         storage: ImageStorage,
         quotas: Quotas,
         audit: Audit,
+        queue: FairQueue,
         *,
         clock: Callable[[], dt.datetime],
     ):
         self.db = db
+        self.queue = queue
         self.storage = storage
         self.quotas = quotas
         self.audit = audit
@@ -68,6 +74,47 @@ class Queries:
                 )
             ).scalar_one_or_none()
             return None if job is None else await job_view(s, job)
+
+    async def queue_position(self, job_id: int) -> int | None:
+        """The job's place in the fair order (1 = starts next), or None when it is not queued or
+        lies past the positions users are told (`fair_queue.MAX_REPORTED_POSITION`). For the first
+        status message an adapter shows; later changes come through `Delivery.on_queued`."""
+        job_id = validate.job_id(job_id)
+        async with self.db.read() as s:
+            order = await self.queue.order(s, None, MAX_REPORTED_POSITION)
+        return order.index(job_id) + 1 if job_id in order else None
+
+    async def unattached_results(
+        self, platform: str, channel_id: str, *, within_s: float = UNATTACHED_WINDOW_S, limit: int = 10
+    ) -> list[JobView]:
+        """Results delivered in `channel_id` whose message id was never recorded (a Slack share that
+        showed up late), newest first, finished within `within_s`: an adapter asked about an unknown
+        message looks among these (by their files) before it gives up on it."""
+        platform = validate.ident("platform", platform, max_chars=validate.MAX_PLATFORM_CHARS)
+        channel_id = validate.ident("channel", channel_id)
+        limit = validate.count("limit", limit, 1, 50)
+        since = self.clock() - dt.timedelta(seconds=within_s)
+        async with self.db.read() as s:
+            jobs = (
+                (
+                    await s.execute(
+                        select(Job)
+                        .where(
+                            Job.platform == platform,
+                            Job.channel_id == channel_id,
+                            Job.state == "succeeded",
+                            Job.delivered_at.is_not(None),
+                            Job.result_message_id.is_(None),
+                            Job.finished_at >= since,
+                        )
+                        .order_by(Job.id.desc())
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            return [await job_view(s, j, images=()) for j in jobs]
 
     async def image_bytes(self, storage_key: str) -> bytes:
         if not isinstance(storage_key, str):

@@ -140,6 +140,24 @@ class Results:
         # The result is posted already: recording it is worth waiting out a database blip for.
         await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: record result")
 
+    async def record_shown(self, job_id: int) -> None:
+        """The result is shown, but the id of the message showing it is not known yet (Slack shares
+        an upload asynchronously): count the job as delivered now, so that a restart does not post
+        it again; `attach_result_message` adds the message id when it is found."""
+        job_id = validate.job_id(job_id)
+
+        async def write() -> None:
+            async with self.db.session() as s:
+                result = await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(delivered_at=func.coalesce(Job.delivered_at, self.clock()))
+                )
+                if rows_matched(result) == 0:
+                    raise NotFound(f"There is no job {job_id}.")
+
+        await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: record shown")
+
     async def remember_delivery(self, job_id: int, values: Mapping[str, str]) -> None:
         job_id = validate.job_id(job_id)
         merged = validate.delivery({str(k): str(v) for k, v in values.items()})

@@ -5,9 +5,10 @@ that does it:
 
 - `bot.core.submission`: imagine, inpaint, cancel (idempotency, moderation, the quota charge);
 - `bot.core.followups`: react, reroll, variation (who may start a job from whose result);
-- `bot.core.queries`: get_job, job_for_message, history, quota, image_bytes, stats;
+- `bot.core.operations`: image_to_image, upscale, zoom_out, pan, remix;
+- `bot.core.queries`: get_job, job_for_message, queue_position, history, quota, image_bytes, stats;
 - `bot.core.admin`: usage, limits, credits, usage resets, bans, audit_log;
-- `bot.core.results`: attach_result_message, remember_delivery.
+- `bot.core.results`: attach_result_message, record_shown, remember_delivery.
 
 The dispatcher uses `claims` (take, keep and hand back jobs), `results` (record outcomes and
 deliveries), `queue` (fair order, positions to report), `storage`, `deliveries` and the signals
@@ -28,13 +29,14 @@ from bot.backends.base import ModelCapabilities
 from bot.config import CoreConfig
 from bot.core import validate
 from bot.core.admin import Admin
-from bot.core.api import Delivery, JobView
+from bot.core.api import Actor, Delivery, JobView, Place
 from bot.core.audit import Audit
 from bot.core.claims import Claims
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.followups import FollowUps
 from bot.core.models import utcnow
+from bot.core.operations import Operations
 from bot.core.params import Limits
 from bot.core.queries import Queries
 from bot.core.quotas import Quotas
@@ -68,6 +70,7 @@ class CoreService:
         self.model: ModelCapabilities | None = None
         self.deliveries: dict[str, Delivery] = {}
         self._wakers: list[Callable[[], None]] = []
+        self._cancel_listeners: list[Callable[[int], None]] = []
         self._job_events: dict[int, asyncio.Event] = {}
 
         self.quotas = Quotas(db, config.quotas, clock)
@@ -88,18 +91,26 @@ class CoreService:
             on_changed=self.job_changed,
         )
         followups = FollowUps(db, config, submissions, rng=rng, limits=self.limits)
-        queries = Queries(db, storage, self.quotas, self.audit, clock=clock)
+        operations = Operations(storage, config, submissions, followups, rng=rng, limits=self.limits)
+        self._submissions = submissions
+        queries = Queries(db, storage, self.quotas, self.audit, self.queue, clock=clock)
         admin = Admin(db, self.quotas, self.audit, clock=clock)
 
         self.imagine = submissions.imagine
         self.inpaint = submissions.inpaint
-        self.cancel = submissions.cancel
         self.react = followups.react
         self.reroll = followups.reroll
         self.variation = followups.variation
+        self.image_to_image = operations.image_to_image
+        self.upscale = operations.upscale
+        self.zoom_out = operations.zoom_out
+        self.pan = operations.pan
+        self.remix = operations.remix
         self.get_job = queries.get_job
         self.job_views = queries.job_views
         self.job_for_message = queries.job_for_message
+        self.unattached_results = queries.unattached_results
+        self.queue_position = queries.queue_position
         self.history = queries.history
         self.quota = queries.quota
         self.image_bytes = queries.image_bytes
@@ -113,11 +124,19 @@ class CoreService:
         self.unban = admin.unban
         self.audit_log = admin.audit_log
         self.attach_result_message = self.results.attach_result_message
+        self.record_shown = self.results.record_shown
         self.remember_delivery = self.results.remember_delivery
 
     def limits(self) -> Limits:
         """What a job may ask for now: the model's capabilities within `[bot]`'s settings."""
         return Limits.of(self.config.bot, self.model)
+
+    async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
+        view = await self._submissions.cancel(actor, job_id, place)
+        if view.state == "cancelled":
+            for listener in self._cancel_listeners:
+                listener(view.id)
+        return view
 
     # -- deliveries ------------------------------------------------------------------------------
 
@@ -137,6 +156,10 @@ class CoreService:
     def add_waker(self, waker: Callable[[], None]) -> None:
         """The dispatcher asks to be woken when this process queues a job."""
         self._wakers.append(waker)
+
+    def add_cancel_listener(self, listener: Callable[[int], None]) -> None:
+        """The dispatcher asks to hear of cancelled jobs (it stops running them)."""
+        self._cancel_listeners.append(listener)
 
     def wake(self) -> None:
         for waker in self._wakers:

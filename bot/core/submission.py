@@ -180,8 +180,11 @@ class Submissions:
         parent_image_index: int | None = None,
         input_image_key: str | None = None,
         mask_key: str | None = None,
+        detail: str | None = None,
+        model: str | None = None,
     ) -> JobView:
-        """Queue a job whose parameters are resolved (`actor`, `place` and `delivery` checked)."""
+        """Queue a job whose parameters are resolved (`actor`, `place` and `delivery` checked).
+        `detail` names an operation's variant ("2x", "left", "subtle"); `model` a server model."""
         key = f"{actor.platform}:{idempotency_key}"
         now = self.clock()
         try:
@@ -198,7 +201,7 @@ class Submissions:
                     return await job_view(s, existing, user, created=False)
                 if user.banned:
                     raise Banned(user.ban_reason)
-                if kind in ("imagine", "inpaint"):
+                if kind in ("imagine", "inpaint", "remix"):  # the kinds whose prompt is new
                     rule = self.moderator.check(parsed.prompt)
                     if rule is not None:
                         raise Moderated(rule.description)
@@ -218,6 +221,10 @@ class Submissions:
                     "strength": strength,
                     "aspect_ratio": parsed.aspect_ratio,
                 }
+                if detail is not None:
+                    params["detail"] = detail
+                if model is not None:
+                    params["model"] = model
                 job = Job(
                     idempotency_key=key,
                     user_id=user.id,
@@ -282,8 +289,12 @@ class Submissions:
             job = (
                 await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
             ).scalar_one()
-            if job.state == "queued":
+            if job.state in ("queued", "running"):
+                # A running job's holder loses it here: its lease is gone, so it can record nothing
+                # (its result is discarded), and its dispatcher stops the run when it hears of it.
                 job.state = "cancelled"
+                job.lease_owner = None
+                job.lease_until = None
                 job.finished_at = self.clock()
                 job.delivered_at = job.finished_at  # the adapter that cancels tells the user
                 await self.quotas.refund(s, job, owner)

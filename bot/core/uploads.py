@@ -1,4 +1,5 @@
-"""Images users upload for inpainting: checked, decoded, and fitted to the model's size.
+"""Images users upload (to inpaint, or to start an image-to-image job from): checked, decoded, and
+fitted to the model's size.
 
 Runs in a worker thread (decoding and resizing are CPU work); every refusal is `BadParameters`
 naming the field ("image" or "mask").
@@ -50,6 +51,30 @@ def decode(data: bytes, field: str, *, max_bytes: int) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise BadParameters(field, f"The {field} is not a readable PNG, JPEG or WebP image.") from None
     return img
+
+
+@dataclass(frozen=True)
+class StartImage:
+    """An uploaded starting image (RGB PNG) at the job's size."""
+
+    image_png: bytes
+    width: int
+    height: int
+
+
+def prepare_start_image(image: bytes, *, max_bytes: int, limits: Limits) -> StartImage:
+    """The image to start an image-to-image job from, resized to about the model's default pixel
+    count at its aspect ratio (transparent parts on white: the model sees no alpha)."""
+    img = decode(image, "image", max_bytes=max_bytes)
+    w, h = img.size
+    if max(w / h, h / w) > MAX_ASPECT:
+        raise BadParameters("image", f"The image is {w}x{h}; its sides must be within 4:1 of each other.")
+    rgba = img.convert("RGBA")
+    flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    flat.alpha_composite(rgba)
+    width, height = size_for_aspect(w, h, limits)
+    rgb = flat.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    return StartImage(_png(rgb), width, height)
 
 
 def prepare_inpaint(image: bytes, mask: bytes | None, *, max_bytes: int, limits: Limits) -> InpaintInputs:

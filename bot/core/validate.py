@@ -119,6 +119,17 @@ def job_ref(by_id: Any, by_message: Any) -> tuple[int | None, str | None]:
     return None, ident("message", by_message, max_chars=MAX_MESSAGE_ID_CHARS)
 
 
+def job_refs(by_id: Any, by_message: Any) -> tuple[int | None, str | None]:
+    """A job given by its id, by the message showing its result, or both (a button carries the job
+    id and sits on the message): at least one of the two."""
+    if by_id is None and by_message is None:
+        raise BadParameters("job", "Give a job id or a result message id.")
+    return (
+        None if by_id is None else job_id(by_id),
+        None if by_message is None else ident("message", by_message, max_chars=MAX_MESSAGE_ID_CHARS),
+    )
+
+
 def count(field: str, value: Any, lo: int, hi: int) -> int:
     """A whole number asked for by an adapter (a page size, an image index), clamped to [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -9,9 +9,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.core.api import Actor, ImageService, Place
+from bot.core.api import Actor, ImageService, JobView, Place
+from bot.core.controls import Pressed
 from bot.discord_adapter import errors
 from bot.discord_adapter.config import DiscordConfig
+from bot.discord_adapter.controls import ControlButton
 from bot.discord_adapter.delivery import DiscordDelivery
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,9 @@ class ImagineBot(commands.Bot):
             intents=intents(),
             tree_cls=ImagineTree,
             activity=discord.Game(config.activity) if config.activity else None,
-            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            # Nobody is pinged unless a message says whom (results ping their requester only): a
+            # `<@someone>` typed into a prompt must not ping that person.
+            allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
             guild_ready_timeout=config.guild_ready_timeout_s,
         )
@@ -60,10 +64,12 @@ class ImagineBot(commands.Bot):
         self.delivery = DiscordDelivery(self, config)
 
     async def setup_hook(self) -> None:
-        from bot.discord_adapter.cogs import account, admin, imagine, inpaint, reactions
+        from bot.discord_adapter.cogs import account, admin, buttons, imagine, inpaint, reactions
 
-        for module in (imagine, inpaint, reactions, account, admin):
+        for module in (imagine, inpaint, reactions, buttons, account, admin):
             await module.setup(self)
+        # Buttons are matched by their custom id, on any message, also after a restart.
+        self.add_dynamic_items(ControlButton)
         self.service.register_delivery(PLATFORM, self.delivery)
         if self.config.sync_commands:
             await self.sync_commands()
@@ -88,12 +94,34 @@ class ImagineBot(commands.Bot):
 
     async def close(self) -> None:
         self.service.unregister_delivery(PLATFORM)
+        await self.delivery.close()
         await super().close()
+
+    async def on_control(self, interaction: discord.Interaction, pressed: Pressed) -> None:
+        """A click on one of our buttons (see `controls.ControlButton`)."""
+        from bot.discord_adapter.cogs.buttons import Buttons
+
+        cog = self.get_cog("Buttons")
+        assert isinstance(cog, Buttons), "the buttons cog is loaded in setup_hook"
+        await cog.on_control(interaction, pressed)
 
     async def on_ready(self) -> None:
         log.info(
             "logged in as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds)
         )
+
+    async def show_queued(self, job: JobView) -> None:
+        """The first status of a job just submitted: its queue position, at once. The core reports
+        later positions, progress and the result through the delivery (which ignores this if the
+        job started meanwhile)."""
+        if not job.created or job.state != "queued":
+            return
+        try:
+            position = await self.service.queue_position(job.id)
+        except Exception:  # the status shows without it; the core reports it shortly
+            log.warning("job %s: queue position unavailable", job.id, exc_info=True)
+            position = None
+        await self.delivery.on_queued(job, position)
 
     # -- translation helpers used by the cogs -----------------------------------------------------
 

@@ -31,6 +31,10 @@ class DiscordConfig:
     # less than this many seconds remain of the 15-minute interaction token: a slow upload must not
     # outlive the token.
     token_margin_s: float = 120.0
+    # How long a result is retried while Discord answers 5xx or cannot be reached (an outage),
+    # through the interaction while its token lasts, then as a channel message. A restart starts
+    # the retries over.
+    delivery_retry_s: float = 3600.0
     # Largest /inpaint attachment accepted, bytes. 8 MiB keeps a base64 upload to the inference
     # server under its payload limit and a decoded image well inside memory.
     max_attachment_bytes: int = 8 * 1024 * 1024
@@ -49,6 +53,8 @@ class DiscordConfig:
             raise ConfigError("[discord] guild_ready_timeout_s: must be > 0 and <= 600 seconds")
         if not (math.isfinite(self.progress_edit_interval_s) and 0 <= self.progress_edit_interval_s <= 3600):
             raise ConfigError("[discord] progress_edit_interval_s: must be from 0 to 3600 seconds")
+        if not (math.isfinite(self.delivery_retry_s) and 0 <= self.delivery_retry_s <= 86_400):
+            raise ConfigError("[discord] delivery_retry_s: must be from 0 to 86400 seconds")
         if not 0 <= self.token_margin_s < INTERACTION_TOKEN_TTL_S:
             raise ConfigError(f"[discord] token_margin_s: must be in [0, {INTERACTION_TOKEN_TTL_S})")
         # 25 MiB: the most Discord lets a bot upload or download in one request.

@@ -1,10 +1,20 @@
 """Core -> Discord: queue position, progress edits and the result message for each job.
 
+One message per job: its status (queue position, progress, with a Cancel button) is edited into the
+result (the images, with the buttons of `bot.core.controls`) or the failure. Nothing is added to it
+afterwards: no hint reactions (reactions still work, the buttons say what is possible), so a result
+costs one request against Discord's rate limits and its dispatch slot is free before it is posted.
+
 Everything comes from `job.delivery` (written when the job was submitted), never from live
 `Interaction` objects, so a job accepted before a restart is delivered by the restarted bot. The
-only in-memory state is a throttle clock and, for channel-mode jobs, the id of the status message
-to edit, which is also kept in the job's delivery mapping (`status_message_id`) so that a restarted
-bot edits the same message.
+only in-memory state is a throttle clock (with the latest update parked until the interval is
+over) and, for channel-mode jobs, the id of the status message to edit, which is also kept in the
+job's delivery mapping (`status_message_id`) so that a restarted bot edits the same message. A
+status message the user deleted ends the status updates quietly; the result goes to the channel.
+
+A result survives Discord outages: posting is retried with backoff while Discord answers 5xx or
+cannot be reached, through the interaction while its token lasts and then as a channel message; a
+restart meanwhile leaves the job undelivered for the next process. Only the requester is pinged.
 
 A result is posted once, even when the bot dies between posting it and recording it (the core
 counts delivery attempts before calling us: `job.delivery_attempt`). From the second attempt on we
@@ -31,11 +41,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 
 from bot.core.api import JobView, ResultImage
 from bot.discord_adapter import messages
 from bot.discord_adapter.config import INTERACTION_TOKEN_TTL_S, DiscordConfig
+from bot.discord_adapter.controls import result_view, status_view
 from bot.discord_adapter.images import fit_to_limit, grid
 
 if TYPE_CHECKING:
@@ -48,9 +60,10 @@ log = logging.getLogger(__name__)
 # traffic during a restart.
 HISTORY_SCAN = 200
 
-NUMBER_EMOJI = ("1\ufe0f\u20e3", "2\ufe0f\u20e3", "3\ufe0f\u20e3", "4\ufe0f\u20e3")
-REROLL_EMOJI = "\U0001f501"
-VARIATION_EMOJI = "\U0001f3a8"
+# Backoff between attempts at posting a result while Discord answers 5xx or cannot be reached: the
+# first retry soon (a blip), then doubling up to a minute (an outage), until the post goes through.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 # The message id of an interaction's first response, in webhook routes. discord.py types message
@@ -59,10 +72,6 @@ ORIGINAL = "@original"
 
 # Status phases only move forward: a late "queued" report never hides "generating".
 QUEUED, RUNNING = 0, 1
-
-
-def result_reactions(n: int) -> list[str]:
-    return [REROLL_EMOJI, *(NUMBER_EMOJI[:n] if n > 1 else [VARIATION_EMOJI])]
 
 
 def result_filename_prefix(job_id: int) -> str:
@@ -86,8 +95,12 @@ class DiscordDelivery:
         self.bot = bot
         self.config = config
         self._last_edit: dict[int, float] = {}
+        self._shown: dict[int, str] = {}  # job id -> status text last shown (no edit to the same)
+        self._parked: dict[int, tuple[JobView, str, int]] = {}  # a throttled update, shown later
+        self._flushers: dict[int, asyncio.Task[None]] = {}
         self._status: dict[int, int] = {}  # job id -> channel status message id (channel mode)
         self._phase: dict[int, int] = {}  # job id -> QUEUED / RUNNING as last shown
+        self._gone: set[int] = set()  # jobs whose status message was deleted: no more status
         self._locks: dict[int, asyncio.Lock] = {}
         # Jobs already answered, so a late progress callback never overwrites a result. Bounded:
         # a progress callback arrives seconds after the result at most, never thousands of jobs later.
@@ -110,11 +123,10 @@ class DiscordDelivery:
                 posted = await self._find_posted_result(job)
                 if posted is not None:
                     log.info("job %s: result already posted as message %s; recording it", job.id, posted.id)
-                    self._forget(job.id)
+                    self.finished(job.id)
                     await self.bot.service.attach_result_message(
                         job.id, str(posted.id), str(posted.channel.id)
                     )
-                    await self._add_reactions(posted, len(images))
                     return
             limit = self._upload_limit(job)
             # Image work in a thread: a 2x2 grid of 1024px images takes long enough to starve the
@@ -128,23 +140,41 @@ class DiscordDelivery:
                     len(data),
                     limit,
                 )
-            file = discord.File(io.BytesIO(data), filename=f"{result_filename_prefix(job.id)}{ext}")
-            message = await self._post(job, messages.caption(job), file)
+            upload = (f"{result_filename_prefix(job.id)}{ext}", data)
+            message = await self._post_until_delivered(job, messages.caption(job), upload, result_view(job))
             # Shown: from here on a failure must not post the result a second time.
-            self._forget(job.id)
+            self.finished(job.id)
             await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
-            await self._add_reactions(message, len(images))
-
-    async def _add_reactions(self, message: discord.Message | discord.PartialMessage, n: int) -> None:
-        for emoji in result_reactions(n):
-            await message.add_reaction(emoji)  # idempotent: a repeat leaves one reaction
 
     async def on_failed(self, job: JobView, message: str) -> None:
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
-            await self._post(job, messages.failed(job, message), None)
-            self._forget(job.id)
+            await self._post_until_delivered(job, messages.failed(job, message), None, None)
+            self.finished(job.id)
+
+    def finished(self, job_id: int) -> None:
+        """The job is answered (its result, failure or cancellation is shown): no status after it."""
+        self._finished[job_id] = None
+        while len(self._finished) > 10_000:
+            self._finished.popitem(last=False)
+        self._last_edit.pop(job_id, None)
+        self._shown.pop(job_id, None)
+        self._parked.pop(job_id, None)
+        flusher = self._flushers.pop(job_id, None)
+        if flusher is not None and flusher is not asyncio.current_task():
+            flusher.cancel()
+        self._status.pop(job_id, None)
+        self._phase.pop(job_id, None)
+        self._gone.discard(job_id)
+        self._locks.pop(job_id, None)
+
+    async def close(self) -> None:
+        """Cancel parked status updates (at shutdown)."""
+        tasks = list(self._flushers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -200,15 +230,6 @@ class DiscordDelivery:
     def _lock(self, job_id: int) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
 
-    def _forget(self, job_id: int) -> None:
-        self._finished[job_id] = None
-        while len(self._finished) > 10_000:
-            self._finished.popitem(last=False)
-        self._last_edit.pop(job_id, None)
-        self._status.pop(job_id, None)
-        self._phase.pop(job_id, None)
-        self._locks.pop(job_id, None)
-
     def _token_usable(self, job: JobView) -> bool:
         d = job.delivery
         if d.get("mode") != "interaction":
@@ -234,30 +255,72 @@ class DiscordDelivery:
         return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
     async def _status_update(self, job: JobView, text: str, phase: int) -> None:
-        """A throttled edit of the job's status message (queue position, progress)."""
-        if job.id in self._finished or self._phase.get(job.id, QUEUED) > phase:
+        """Show `text` as the job's status (queue position, progress), at most one edit per
+        `progress_edit_interval_s`: an update that comes sooner is parked and shown when the
+        interval is over (the latest one wins), so the message never lags behind for long."""
+        if job.id in self._finished or job.id in self._gone or self._phase.get(job.id, QUEUED) > phase:
             return
-        now = time.monotonic()
         last = self._last_edit.get(job.id)
-        if last is not None and now - last < self.config.progress_edit_interval_s:
+        wait = 0.0 if last is None else last + self.config.progress_edit_interval_s - time.monotonic()
+        if wait > 0:
+            self._parked[job.id] = (job, text, phase)
+            if job.id not in self._flushers:
+                self._flushers[job.id] = asyncio.create_task(
+                    self._flush_later(job.id, wait), name=f"discord status {job.id}"
+                )
             return
-        self._last_edit[job.id] = now
+        await self._write_status(job, text, phase)
+
+    async def _flush_later(self, job_id: int, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)
+            parked = self._parked.pop(job_id, None)
+            self._flushers.pop(job_id, None)
+            if parked is not None:
+                await self._write_status(*parked)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a status line is not worth a traceback per job; the result still comes
+            log.warning("job %s: a parked status update failed", job_id, exc_info=True)
+        finally:
+            if self._flushers.get(job_id) is asyncio.current_task():
+                self._flushers.pop(job_id, None)
+
+    async def _write_status(self, job: JobView, text: str, phase: int) -> None:
+        self._last_edit[job.id] = time.monotonic()
+        self._parked.pop(job.id, None)
         async with self._lock(job.id):
-            if job.id in self._finished or self._phase.get(job.id, QUEUED) > phase:
+            if job.id in self._finished or job.id in self._gone or self._phase.get(job.id, QUEUED) > phase:
+                return
+            if self._shown.get(job.id) == text:
                 return
             self._phase[job.id] = phase
-            if self._token_usable(job):
-                await self._webhook(job).edit_message(ORIGINAL, content=text)  # type: ignore[call-overload]
-            elif job.delivery.get("mode") == "channel":
-                status = self._status_id(job)
-                channel = self._channel(job)
-                if status is None:
-                    sent = await self._send(job, channel, text)
+            kwargs: dict[str, Any] = {
+                "content": text,
+                "view": status_view(job),
+                "allowed_mentions": self._mentions(job),
+            }
+            try:
+                if self._token_usable(job):
+                    await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
+                elif job.delivery.get("mode") == "channel" and self._status_id(job) is None:
+                    # One status message, edited only into the result: channel messages share
+                    # Discord's per-channel limit (5 per 5 s) with every other job's.
+                    sent = await self._send(job, self._channel(job), text, view=kwargs["view"])
                     self._status[job.id] = sent.id
                     await self._keep_status(job, sent.id)
-                else:
-                    await channel.get_partial_message(status).edit(content=text)
-            # An interaction past its token: progress is not worth a channel message; the result is.
+                # An interaction past its token: progress is not worth a channel message; the result is.
+            except discord.NotFound:
+                # The user deleted the status ("thinking...") message: no more status for this job;
+                # the result is posted in the channel instead (see _post). Not an error.
+                log.info("job %s: its status message is gone; no more progress shown for it", job.id)
+                self._gone.add(job.id)
+                return
+            except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as e:
+                # Discord is failing (an outage): the next update, or the result, says it again.
+                log.warning("job %s: status update failed: %s", job.id, getattr(e, "text", None) or repr(e))
+                return
+            self._shown[job.id] = text
 
     async def _keep_status(self, job: JobView, message_id: int) -> None:
         """Keep the status message's id with the job, so a restarted bot edits it instead of posting
@@ -275,12 +338,45 @@ class DiscordDelivery:
             message_id=int(parent), channel_id=int(job.delivery["channel_id"]), fail_if_not_exists=False
         )
 
-    async def _post(self, job: JobView, text: str, file: discord.File | None) -> discord.Message:
+    def _mentions(self, job: JobView) -> discord.AllowedMentions:
+        """Only the requester is pinged: a `<@someone>` typed into a prompt pings nobody."""
+        return discord.AllowedMentions(
+            everyone=False,
+            roles=False,
+            users=[discord.Object(int(job.user_id))] if job.user_id.isdigit() else False,
+        )
+
+    async def _post_until_delivered(
+        self, job: JobView, text: str, upload: tuple[str, bytes] | None, view: discord.ui.View | None
+    ) -> discord.Message:
+        """`_post`, again with backoff while Discord answers 5xx or cannot be reached (discord.py
+        gives up after a few tries), through the interaction while its token lasts and then as a
+        channel message, until `[discord] delivery_retry_s` have passed. A restart meanwhile leaves
+        the job undelivered, and the next process goes on with it."""
+        give_up_at = time.monotonic() + self.config.delivery_retry_s
+        delay = RETRY_FIRST_S
+        while True:
+            file = discord.File(io.BytesIO(upload[1]), filename=upload[0]) if upload is not None else None
+            try:
+                return await self._post(job, text, file, view)
+            except (discord.DiscordServerError, aiohttp.ClientError, TimeoutError) as e:
+                if time.monotonic() + delay > give_up_at:
+                    raise
+                what = f"{e.status} {e.text}" if isinstance(e, discord.DiscordServerError) else repr(e)
+                log.warning(
+                    "job %s: Discord failed the post (%s); trying again in %.0f s", job.id, what, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _post(
+        self, job: JobView, text: str, file: discord.File | None, view: discord.ui.View | None
+    ) -> discord.Message:
         """Show the final text (and file) where the user is looking, falling back to the channel."""
-        kwargs: dict = {"content": text}
+        kwargs: dict[str, Any] = {"content": text, "view": view, "allowed_mentions": self._mentions(job)}
         if file is not None:
             kwargs["attachments"] = [file]
-        if self._token_usable(job):
+        if self._token_usable(job) and job.id not in self._gone:
             try:
                 return await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
             except discord.NotFound:
@@ -293,23 +389,28 @@ class DiscordDelivery:
                 file.reset()
         channel = self._channel(job)
         status = self._status_id(job)
-        if status is not None:
+        if status is not None and job.id not in self._gone:
             try:
                 return await channel.get_partial_message(status).edit(**kwargs)
             except discord.NotFound:
                 pass
+            if file is not None:
+                file.reset()
         # The job's nonce: Discord answers a repeated send (a restarted delivery) with the message
         # it already has instead of a second one, within its nonce window.
-        nonce = job_nonce(job.id)
+        send: dict[str, Any] = {"nonce": job_nonce(job.id), "view": view}
         if file is not None:
-            return await self._send(job, channel, text, file=file, nonce=nonce)
-        return await self._send(job, channel, text, nonce=nonce)
+            send["file"] = file
+        return await self._send(job, channel, text, **send)
 
     async def _send(
         self, job: JobView, channel: discord.PartialMessageable, text: str, **kwargs: Any
     ) -> discord.Message:
-        """`channel.send`, as a reply to the job's `reply_to` message when it has one."""
+        """`channel.send`, as a reply to the job's `reply_to` message when it has one, pinging only
+        the requester."""
         reference = self._reference(job)
         if reference is not None:
             kwargs["reference"] = reference
-        return await channel.send(text, **kwargs)
+        if kwargs.get("view") is None:
+            kwargs.pop("view", None)
+        return await channel.send(text, allowed_mentions=self._mentions(job), **kwargs)

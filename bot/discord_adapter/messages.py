@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from bot.core.api import JobView, QuotaView, StatsView
-from bot.core.describe import describe, short
+from bot.core.describe import describe, kind_label, short
 
 CONTENT_LIMIT = 2000  # Discord's maximum message length
 PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
@@ -20,17 +20,13 @@ def ts(when: datetime) -> str:
 
 
 def caption(job: JobView) -> str:
-    """Result message: prompt, parameters, who asked, and what the reactions do."""
+    """Result message: prompt, parameters, who asked. The buttons below it say what it can become
+    (the reactions 🔁 and 1️⃣-4️⃣ / 🎨 still work, without being added to every result)."""
     lines = [f"**{short(job.prompt, PROMPT_SHOWN)}**"]
     if job.negative_prompt:
         lines.append(f"not: {short(job.negative_prompt, 200)}")
     lines.append(f"{describe(job)} · job #{job.id}")
     lines.append(f"requested by <@{job.user_id}>")
-    if job.params.n > 1:
-        last = ("1️⃣", "2️⃣", "3️⃣", "4️⃣")[min(job.params.n, 4) - 1]
-        lines.append(f"React 🔁 to re-roll, 1️⃣-{last} for a variation of that image.")
-    else:
-        lines.append("React 🔁 to re-roll, 🎨 for a variation.")
     return short("\n".join(lines), CONTENT_LIMIT)
 
 
@@ -50,6 +46,16 @@ def progress(job: JobView, step: int, total: int) -> str:
     filled = round(10 * step / total)
     bar = "▰" * filled + "▱" * (10 - filled)
     return f"🎨 <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — {bar} step {step}/{total}"
+
+
+def cancelled(job: JobView) -> str:
+    return f"🚫 <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — cancelled (job #{job.id}; nothing was charged)."
+
+
+def not_cancelled(job: JobView) -> str:
+    if job.state == "succeeded":
+        return f"⛔ Job #{job.id} has finished already: too late to cancel."
+    return f"⛔ Job #{job.id} is {job.state} already: there is nothing to cancel."
 
 
 def failed(job: JobView, message: str) -> str:
@@ -86,7 +92,9 @@ def history(jobs: Sequence[JobView]) -> str:
         state = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}[
             job.state
         ]
-        line = f"{state} #{job.id} {ts(job.created_at)} **{short(job.prompt, 80)}** (seed {job.params.seed})"
+        label = kind_label(job)
+        what = f"{label} of #{job.parent_id} " if label and job.parent_id else (f"{label} " if label else "")
+        line = f"{state} #{job.id} {ts(job.created_at)} {what}**{short(job.prompt, 80)}** (seed {job.params.seed})"
         lines.append(line + (f" — {url}" if url else ""))
     return short("\n".join(lines), CONTENT_LIMIT)
 
@@ -100,11 +108,14 @@ def stats(s: StatsView) -> str:
 
 
 HELP = """\
-**/imagine** `prompt` — generate images. Options: `negative`, `count` (1-4), `seed`, `steps`, `aspect`, `guidance`.
-The same flags also work inside the prompt: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry`.
+**/imagine** `prompt` — generate images. Options: `negative`, `count` (1-4), `seed`, `steps`, `aspect`, \
+`guidance`, and `image` to start from a picture of yours (with `strength`, 0-1: how far it may stray).
+The same flags also work inside the prompt: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry --strength 0.6`.
 **/inpaint** `image` `prompt` [`mask`] — repaint part of an image: white in the mask is repainted. \
 Without a mask, the image's transparent pixels are repainted.
 **/history** — your latest results with links. **/quota** — your usage today and when it resets.
-On a result: react 🔁 to re-roll (new seed), 1️⃣-4️⃣ (or 🎨 for a single image) for a variation. \
-It counts against the quota of whoever reacts.
+Under a result: **U1-U4** upscale 2x, **V1-V4** a variation of that image, 🔁 re-roll (new seed), \
+✏️ **Remix** (edit the prompt and flags, then vary); under a single image also **Vary (Strong/Subtle)**, \
+**Zoom Out 2x/1.5x** and ⬅️➡️⬆️⬇️ pan. **Cancel** on a waiting or running job. Reactions 🔁 and \
+1️⃣-4️⃣ (🎨 for one image) work too. A new job counts against the quota of whoever asks for it.
 **/admin** (Manage Server or an admin role) — limits, credits, usage reset, ban/unban, stats."""

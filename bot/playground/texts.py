@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from bot.core.api import BadParameters, CoreError, JobView, QuotaView, StatsView
-from bot.core.describe import describe, short
+from bot.core.describe import describe, kind_label, short
 
 log = logging.getLogger("bot.playground")
 
@@ -17,8 +17,18 @@ HELP = """\
 **/imagine** `prompt` — generate images (typing just the prompt works too). The same flags as in \
 Discord and Slack: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry`.
 **/quota** — your usage today · **/history** — your latest jobs · **/help** — this text.
-Under a result: **🔁 Re-roll** (same prompt, new seed) and **V1-V4** (a variation of that image), \
-like the reactions in chat. The **Inpaint** tab repaints what you paint over with the brush."""
+Under a result: **🔁 Re-roll** (same prompt, new seed), **V1-V4** (a variation of that image), \
+**U1-U4** (that image upscaled 2x), **✏️ Remix** (type the new prompt and flags in the box, then press \
+it); under a single image also **Vary (Strong/Subtle)**, **Zoom Out 2x/1.5x** and ⬅️➡️⬆️⬇️ pan. \
+**Cancel my job** stops your latest waiting or running job. The **Inpaint** tab repaints what you \
+paint over with the brush."""
+
+REMIX_HOW = "Type the prompt and flags to remix with in the box (e.g. `a blue kite --strength 0.5`), then press Remix."
+
+
+def pressed(label: str, job_id: int) -> str:
+    """The chat line for a button pressed under job `job_id`'s result."""
+    return f"{label} on job #{job_id}"
 
 
 def error_text(error: BaseException) -> str:
@@ -37,9 +47,9 @@ def caption(job: JobView) -> str:
         lines.append(f"not: {short(job.negative_prompt, 200)}")
     lines.append(f"{describe(job)} · job #{job.id}")
     if job.params.n > 1:
-        lines.append("🔁 Re-roll, or V1-V4 for a variation of that image.")
+        lines.append("🔁 Re-roll, V1-V4 for a variation of that image, U1-U4 to upscale it, or ✏️ Remix.")
     else:
-        lines.append("🔁 Re-roll, or V1 for a variation.")
+        lines.append("🔁 Re-roll, V1 / Vary for a variation, U1 to upscale, Zoom Out, pan, or ✏️ Remix.")
     return "\n".join(lines)
 
 
@@ -106,8 +116,10 @@ def history(jobs: Sequence[JobView]) -> str:
     icons = {"succeeded": "✅", "failed": "❌", "cancelled": "🚫", "queued": "⏳", "running": "🎨"}
     lines = ["Your latest jobs:"]
     for job in jobs:
+        label = kind_label(job)
+        what = f"{label} of #{job.parent_id} " if label and job.parent_id else (f"{label} " if label else "")
         lines.append(
-            f"- {icons[job.state]} #{job.id} {job.created_at:%m-%d %H:%M} **{short(job.prompt, 80)}** "
+            f"- {icons[job.state]} #{job.id} {job.created_at:%m-%d %H:%M} {what}**{short(job.prompt, 80)}** "
             f"(seed {job.params.seed})"
         )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from bot.core.api import Actor, BadParameters, CoreError, JobView, Place
+from bot.core.controls import Pressed, press
 from bot.core.uploads import MAX_INPUT_PIXELS
 from bot.playground import texts
 from bot.playground.config import MAX_PASSWORD_CHARS, PLATFORM, USERNAME_RE, PlaygroundConfig
@@ -31,7 +32,51 @@ from bot.playground.delivery import JobEvent, WebDelivery
 log = logging.getLogger("bot.playground")
 
 PLACE = Place(PLATFORM)
-MAX_VARIATIONS = 4  # one button per image of a job; a job has at most 4 images (--n 4)
+MAX_IMAGES = 4  # one U and one V button per image of a job; a job has at most 4 images (--n 4)
+
+
+@dataclass(frozen=True)
+class Button:
+    """A control under the chat: the core control's operation and argument (`bot.core.controls`;
+    remix takes the prompt box), its label, element id and API name."""
+
+    op: str
+    arg: str
+    label: str
+    elem_id: str
+    api_name: str
+
+    def enabled_for(self, n: int) -> bool:
+        """Usable on a result of `n` images: per-image buttons for the images it has, the
+        single-image operations (vary, zoom, pan) on one image, re-roll and remix on any."""
+        if self.op in ("up", "var"):
+            return int(self.arg) < n
+        if self.op in ("vary", "zoom", "pan"):
+            return n == 1
+        return n > 0
+
+
+BUTTON_ROWS: tuple[tuple[Button, ...], ...] = (
+    (
+        Button("reroll", "", "🔁 Re-roll", "reroll", "reroll"),
+        *(Button("var", str(i), f"V{i + 1}", f"v{i + 1}", f"variation_{i + 1}") for i in range(MAX_IMAGES)),
+    ),
+    (
+        *(Button("up", str(i), f"U{i + 1}", f"u{i + 1}", f"upscale_{i + 1}") for i in range(MAX_IMAGES)),
+        Button("remix", "", "✏️ Remix", "remix", "remix"),
+    ),
+    (
+        Button("vary", "strong", "Vary (Strong)", "vary-strong", "vary_strong"),
+        Button("vary", "subtle", "Vary (Subtle)", "vary-subtle", "vary_subtle"),
+        Button("zoom", "2", "Zoom Out 2x", "zoom-2", "zoom_out_2x"),
+        Button("zoom", "1.5", "Zoom Out 1.5x", "zoom-1-5", "zoom_out_1_5x"),
+        *(
+            Button("pan", d, arrow, f"pan-{d}", f"pan_{d}")
+            for d, arrow in (("left", "⬅️"), ("right", "➡️"), ("up", "⬆️"), ("down", "⬇️"))
+        ),
+    ),
+)
+BUTTONS = tuple(b for row in BUTTON_ROWS for b in row)
 
 
 @dataclass(frozen=True)
@@ -242,8 +287,8 @@ class PlaygroundUI:
 
     def _buttons(self, job: JobView | None) -> list[Any]:
         ok = job is not None and job.state == "succeeded"
-        n = job.params.n if ok and job is not None else 0
-        return [gr.update(interactive=ok)] + [gr.update(interactive=i < n) for i in range(MAX_VARIATIONS)]
+        n = (len(job.images) or job.params.n) if ok and job is not None else 0
+        return [gr.update(interactive=b.enabled_for(n)) for b in BUTTONS]
 
     async def _run_job(
         self,
@@ -254,7 +299,7 @@ class PlaygroundUI:
         last_job: int | None,
     ) -> AsyncIterator[tuple[Any, ...]]:
         """Submit, then stream the chat, status panel and buttons until the job is done.
-        Yields (chat, status, last_job, reroll, v1..v4, quota)."""
+        Yields (chat, status, last_job, *the buttons, quota)."""
         chat = [*chat, {"role": "user", "content": user_text}]
         idle = self._buttons(None)
         try:
@@ -298,13 +343,15 @@ class PlaygroundUI:
             yield list(chat), texts.status_html("error", text, job.id), last_job, *self._keep(), gr.update()
 
     def _nothing_yet(self, chat: list[dict[str, Any]]) -> tuple[Any, ...]:
-        status = texts.status_html("error", "Nothing to re-roll or vary yet: generate an image first.")
+        status = texts.status_html(
+            "error", "Nothing to re-roll, vary or change yet: generate an image first."
+        )
         return (chat, chat, status, None, *self._keep(), gr.update())
 
     @staticmethod
     def _keep() -> list[Any]:
-        """Leave the re-roll / variation buttons as they were (still about the last result)."""
-        return [gr.update() for _ in range(1 + MAX_VARIATIONS)]
+        """Leave the buttons as they were (still about the last result)."""
+        return [gr.update() for _ in BUTTONS]
 
     async def on_message(
         self, text: str, chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
@@ -339,24 +386,10 @@ class PlaygroundUI:
         async for update in self._run_job(actor, chat, text, submit, last_job):
             yield ("", update[0], *update)
 
-    async def on_reroll(
-        self, chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
-    ) -> AsyncIterator[tuple[Any, ...]]:
-        actor = self.identity.actor(request)
-        if last_job is None:
-            yield self._nothing_yet(chat)
-            return
+    def control_handler(self, button: Button) -> Callable[..., AsyncIterator[tuple[Any, ...]]]:
+        """The click of a button under a result: the job it asks for, from the last result."""
 
-        async def submit() -> JobView:
-            return await self.service.reroll(
-                actor, PLACE, job_id=last_job, idempotency_key=_key(), delivery={"via": "playground"}
-            )
-
-        async for update in self._run_job(actor, chat, f"🔁 re-roll of job #{last_job}", submit, last_job):
-            yield (update[0], *update)
-
-    def variation_handler(self, index: int) -> Callable[..., AsyncIterator[tuple[Any, ...]]]:
-        async def on_variation(
+        async def on_control(
             chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
         ) -> AsyncIterator[tuple[Any, ...]]:
             actor = self.identity.actor(request)
@@ -365,21 +398,56 @@ class PlaygroundUI:
                 return
 
             async def submit() -> JobView:
-                return await self.service.variation(
-                    actor,
-                    PLACE,
-                    index,
-                    job_id=last_job,
-                    idempotency_key=_key(),
-                    delivery={"via": "playground"},
-                )
+                return await press(
+                    self.service, actor, PLACE, Pressed(button.op, last_job, button.arg),
+                    message_id=None, idempotency_key=_key(), delivery={"via": "playground"},
+                )  # fmt: skip
 
-            label = f"V{index + 1}: variation of image {index + 1} of job #{last_job}"
-            async for update in self._run_job(actor, chat, label, submit, last_job):
+            async for update in self._run_job(
+                actor, chat, texts.pressed(button.label, last_job), submit, last_job
+            ):
                 yield (update[0], *update)
 
-        on_variation.__name__ = f"variation_{index + 1}"
-        return on_variation
+        on_control.__name__ = button.api_name
+        return on_control
+
+    async def on_remix(
+        self, text: str, chat: list[dict[str, Any]], last_job: int | None, request: gr.Request
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """Remix the last result's first image with the prompt and flags typed in the prompt box."""
+        actor = self.identity.actor(request)
+        if last_job is None:
+            yield ("", *self._nothing_yet(chat))
+            return
+        text = (text or "").strip()
+        if not text:
+            status = texts.status_html("error", texts.REMIX_HOW)
+            yield (gr.update(), chat, chat, status, last_job, *self._keep(), gr.update())
+            return
+
+        async def submit() -> JobView:
+            return await self.service.remix(
+                actor, PLACE, text, job_id=last_job, idempotency_key=_key(), delivery={"via": "playground"}
+            )
+
+        async for update in self._run_job(
+            actor, chat, f"✏️ remix of job #{last_job}: {text}", submit, last_job
+        ):
+            yield ("", update[0], *update)
+
+    async def on_cancel(self, request: gr.Request) -> str:
+        """Cancel the user's latest job that still waits or runs."""
+        actor = self.identity.actor(request)
+        try:
+            pending = [j for j in await self.service.history(actor, limit=10) if not j.done]
+            if not pending:
+                return texts.status_html("idle", "Nothing to cancel: no job of yours waits or runs.")
+            job = await self.service.cancel(actor, pending[0].id, PLACE)
+        except Exception as e:  # noqa: BLE001 - shown to the user, logged by error_text
+            return texts.status_html("error", texts.error_text(e))
+        if job.state == "cancelled":
+            return texts.status_html("cancelled", f"Job #{job.id} cancelled; nothing was charged.", job.id)
+        return texts.status_html("error", f"Job #{job.id} is {job.state} already.", job.id)
 
     # -- inpaint ---------------------------------------------------------------------------------
 
@@ -546,12 +614,15 @@ class PlaygroundUI:
                             autofocus=True,
                         )
                         send = gr.Button("Generate", variant="primary", scale=1, elem_id="send")
+                    buttons: list[gr.Button] = []
+                    for row in BUTTON_ROWS:
+                        with gr.Row():
+                            buttons += [
+                                gr.Button(b.label, interactive=False, elem_id=b.elem_id, size="sm")
+                                for b in row
+                            ]
                     with gr.Row():
-                        reroll = gr.Button("🔁 Re-roll", interactive=False, elem_id="reroll")
-                        variations = [
-                            gr.Button(f"V{i + 1}", interactive=False, elem_id=f"v{i + 1}")
-                            for i in range(MAX_VARIATIONS)
-                        ]
+                        cancel = gr.Button("✖️ Cancel my job", variant="stop", size="sm", elem_id="cancel")
                     status = gr.HTML(texts.status_html("idle", "No job yet."), elem_id="status")
                 with gr.Tab("Inpaint", id="inpaint"):
                     gr.Markdown(
@@ -613,7 +684,7 @@ class PlaygroundUI:
 
             # The chat is kept in a State (the messages as this module wrote them) and shown in the
             # Chatbot: every streamed update goes to both.
-            chat_outputs = [chatbot, chat_state, status, last_job, reroll, *variations, quota]
+            chat_outputs = [chatbot, chat_state, status, last_job, *buttons, quota]
             limit = cfg.concurrency_limit
             message_in, message_out = [prompt, chat_state, last_job], [prompt, *chat_outputs]
             send.click(
@@ -625,15 +696,18 @@ class PlaygroundUI:
                 self.on_message, inputs=message_in, outputs=message_out,
                 api_visibility="private", concurrency_limit=limit,
             )  # fmt: skip
-            reroll.click(
-                self.on_reroll, inputs=[chat_state, last_job], outputs=chat_outputs,
-                api_name="reroll", concurrency_limit=limit,
-            )  # fmt: skip
-            for i, button in enumerate(variations):
+            for spec, button in zip(BUTTONS, buttons, strict=True):
+                if spec.op == "remix":  # with the text of the prompt box
+                    button.click(
+                        self.on_remix, inputs=message_in, outputs=message_out,
+                        api_name=spec.api_name, concurrency_limit=limit,
+                    )  # fmt: skip
+                    continue
                 button.click(
-                    self.variation_handler(i), inputs=[chat_state, last_job], outputs=chat_outputs,
-                    api_name=f"variation_{i + 1}", concurrency_limit=limit,
+                    self.control_handler(spec), inputs=[chat_state, last_job], outputs=chat_outputs,
+                    api_name=spec.api_name, concurrency_limit=limit,
                 )  # fmt: skip
+            cancel.click(self.on_cancel, outputs=[status], api_name="cancel")
             inpaint_btn.click(
                 self.on_inpaint, inputs=[editor, inpaint_prompt],
                 outputs=[inpaint_status, inpaint_gallery, quota], api_name="inpaint", concurrency_limit=limit,

@@ -2,10 +2,11 @@
 and a `Delivery` that turns the core's job reports into Slack messages and file uploads.
 
 Rules kept here (see shared notes): `ack()` comes first and the work runs after it (Bolt `lazy=`
-listeners for commands, shortcuts and views; events are acknowledged by Bolt before the listener
-runs); every job carries an idempotency key from Slack (`trigger_id`, `event_id`, view id) so a
-retried delivery never starts a second job; reactions resolve to job rows through the core, never
-through memory; users see short messages, tracebacks stay in the log.
+listeners for commands, shortcuts, buttons and views; events are acknowledged by Bolt before the
+listener runs); every job carries an idempotency key from Slack (`trigger_id`, `event_id`, view id)
+so a retried delivery never starts a second job; buttons and reactions resolve to job rows through
+the core, never through memory; users see short messages, tracebacks stay in the log; the bot token
+is only ever sent to Slack's file hosts (`[slack] file_hosts`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bot.core.api import REACTION_ACTIONS, Actor, ImageService, JobView, Place, ResultImage
+from bot.core import controls
+from bot.core.api import REACTION_ACTIONS, Actor, BadParameters, ImageService, JobView, Place, ResultImage
+from bot.core.operations import remix_text
 from bot.slack_adapter import admin, messages
-from bot.slack_adapter.attachments import AttachmentError, SlackFile, download, pick_image_and_mask
+from bot.slack_adapter.attachments import (
+    AttachmentError,
+    SlackFile,
+    download,
+    pick_image,
+    pick_image_and_mask,
+)
 from bot.slack_adapter.config import SlackConfig
 from bot.slack_adapter.status import DONE, QUEUED, RUNNING, StatusBoard, job_channel
 
@@ -34,13 +44,18 @@ log = logging.getLogger("bot.slack")
 
 PLATFORM = "slack"
 INPAINT_VIEW_CALLBACK = "imagine_inpaint_modal"
+REMIX_VIEW_CALLBACK = "imagine_remix_modal"
 PROMPT_BLOCK = "prompt"
+IMAGE_BLOCK = "image"
 # A Slack plain_text_input holds at most 3000 characters; prompts beyond 1000 are never useful to a
 # CLIP text encoder (77 tokens) and the core rejects them anyway.
 MAX_PROMPT_CHARS = 1000
 # files.info is polled for the message that shows an uploaded file: Slack shares files
-# asynchronously, usually within a second. Total wait ~7.5 s before giving up on reactions.
+# asynchronously, usually within a second (~7.75 s at most here), then in the background for about
+# nine minutes more (a share that shows up late still gets its message id, so reactions on it work);
+# after a restart a reaction on it is resolved by its files (`SlackAdapter.resolve_late_share`).
 SHARE_POLL_DELAYS_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+LATE_SHARE_DELAYS_S = (8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 # Web API errors meaning "the bot cannot post in this conversation" (private channel it is not in,
 # a DM between other people).
 CANNOT_POST = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
@@ -67,7 +82,9 @@ class SlackAdapter:
         self.cfg = cfg
         self.client = client
         self.http = http
-        self.status = StatusBoard(client, cfg.progress_interval_s, service.remember_delivery)
+        self.status = StatusBoard(
+            client, cfg.progress_interval_s, service.remember_delivery, blocks=messages.status_blocks
+        )
         self.delivery = SlackDelivery(self)
         self._admin_cache: dict[str, tuple[float, bool]] = {}
 
@@ -90,6 +107,8 @@ class SlackAdapter:
         app.command(cfg.admin_command)(ack=self._ack, lazy=[self.admin_command])
         app.shortcut(cfg.inpaint_shortcut_callback_id)(ack=self._ack, lazy=[self.open_inpaint_modal])
         app.view(INPAINT_VIEW_CALLBACK)(ack=self.ack_inpaint_view, lazy=[self.inpaint_view])
+        app.action(re.compile(r"^imagine:"))(ack=self._ack, lazy=[self.on_action])
+        app.view(REMIX_VIEW_CALLBACK)(ack=self.ack_remix_view, lazy=[self.remix_view])
         app.event("app_mention")(self.on_mention)
         app.event("reaction_added")(self.on_reaction)
         app.error(self._on_error)
@@ -156,7 +175,12 @@ class SlackAdapter:
         post in this channel, the result could not be posted either: cancel (the core refunds)."""
         if not job.created or job.done:
             return
-        error = await self.status.show(job, QUEUED, messages.queued_text(job, job.position), edit=False)
+        try:
+            position = await self.service.queue_position(job.id)
+        except Exception:  # the status shows without it; the core reports it shortly
+            log.warning("slack: job %s: queue position unavailable", job.id, exc_info=True)
+            position = None
+        error = await self.status.show(job, QUEUED, messages.queued_text(job, position), edit=False)
         if error not in CANNOT_POST:
             return
         try:
@@ -211,19 +235,27 @@ class SlackAdapter:
         key = f"event:{body.get('event_id')}"
         place = Place(PLATFORM, body.get("team_id"), channel)
         delivery = {"channel": channel, "user": user, "thread_ts": thread_ts}
+        files = event.get("files") or []
+        limit = self.cfg.max_attachment_bytes
         try:
             actor = await self.actor(user)
             if verb.lower() == "inpaint":
-                image, mask = pick_image_and_mask(event.get("files") or [], self.cfg.max_attachment_bytes)
+                image, mask = pick_image_and_mask(files, limit)
                 job = await self.submit_inpaint(actor, place, rest.strip(), image, mask, key, delivery)
-            elif verb.lower() in ("imagine", "draw"):
-                job = await self.service.imagine(
-                    actor, place, rest, None, idempotency_key=key, delivery=delivery
-                )
-            elif event.get("files"):
-                # An image with a bare prompt: the user obviously means inpainting.
-                image, mask = pick_image_and_mask(event["files"], self.cfg.max_attachment_bytes)
+            elif len(files) == 2 and verb.lower() not in ("imagine", "draw"):
+                # An image and its mask with a bare prompt: the user obviously means inpainting.
+                image, mask = pick_image_and_mask(files, limit)
                 job = await self.submit_inpaint(actor, place, text, image, mask, key, delivery)
+            elif verb.lower() in ("imagine", "draw") or files:
+                prompt = rest if verb.lower() in ("imagine", "draw") else text
+                if files:
+                    # An image with a prompt: start from it (image-to-image at --strength).
+                    start = pick_image(files, limit)
+                    job = await self.submit_image(actor, place, prompt, start, key, delivery)
+                else:
+                    job = await self.service.imagine(
+                        actor, place, prompt, None, idempotency_key=key, delivery=delivery
+                    )
             else:
                 await tell(messages.imagine_help(self.cfg.imagine_command))
                 return
@@ -234,6 +266,23 @@ class SlackAdapter:
             await tell(messages.error_text(e))
             return
         await self.announce(job, actor, tell)
+
+    async def _download(self, f: SlackFile) -> bytes:
+        return await download(
+            self.http, self.client.token or "", f, self.cfg.max_attachment_bytes, self.cfg.file_hosts
+        )
+
+    async def submit_image(
+        self, actor: Actor, place: Place, prompt: str, image: SlackFile, key: str, delivery: Mapping[str, Any]
+    ) -> JobView:
+        if not prompt.strip():
+            raise AttachmentError(
+                "Say what to make of the image: `@imagine a watercolour version --strength 0.6`."
+            )
+        data = await self._download(image)
+        return await self.service.image_to_image(
+            actor, place, prompt, data, None, idempotency_key=key, delivery=delivery
+        )
 
     async def submit_inpaint(
         self,
@@ -247,9 +296,8 @@ class SlackAdapter:
     ) -> JobView:
         if not prompt:
             raise AttachmentError("Say what to paint: `@imagine inpaint a red hat`.")
-        token = self.client.token or ""
-        image_bytes = await download(self.http, token, image, self.cfg.max_attachment_bytes)
-        mask_bytes = await download(self.http, token, mask, self.cfg.max_attachment_bytes) if mask else None
+        image_bytes = await self._download(image)
+        mask_bytes = await self._download(mask) if mask else None
         return await self.service.inpaint(
             actor, place, prompt, image_bytes, mask_bytes, None, idempotency_key=key, delivery=delivery
         )
@@ -327,21 +375,133 @@ class SlackAdapter:
             return
         place = Place(PLATFORM, body.get("team_id"), channel)
         tell = self.ephemeral(channel, user)
+        key = f"event:{body.get('event_id')}"
+        delivery = {"channel": channel, "user": user}
         try:
             actor = await self.actor(user)
             job = await self.service.react(
-                actor,
-                place,
-                message_id(channel, ts),
-                name,
-                idempotency_key=f"event:{body.get('event_id')}",
-                delivery={"channel": channel, "user": user},
+                actor, place, message_id(channel, ts), name, idempotency_key=key, delivery=delivery
             )
+            if job is None and await self.resolve_late_share(channel, ts):
+                job = await self.service.react(
+                    actor, place, message_id(channel, ts), name, idempotency_key=key, delivery=delivery
+                )
         except Exception as e:
             await tell(messages.error_text(e))
             return
         if job is not None:
             await self.announce(job, actor, tell)
+
+    async def resolve_late_share(self, channel: str, ts: str) -> bool:
+        """A message the core does not know may show a result whose share Slack reported late (or
+        after a restart ended the look for it): ask Slack where the files of this channel's
+        unattached results were shared, and record the one shown in `ts`."""
+        for job in await self.service.unattached_results(PLATFORM, channel):
+            files = [f for f in (job.delivery.get("result_files") or "").split(",") if f]
+            if not files:
+                continue
+            try:
+                info = (await self.client.files_info(file=files[0]))["file"]
+            except SlackApiError as e:
+                log.info("slack: files.info %s failed: %s", files[0], e.response.get("error"))
+                continue
+            if _ts_in_shares(info.get("shares") or {}, channel) == ts:
+                log.info("slack: job %s: its late share %s found through its files", job.id, ts)
+                await self.service.attach_result_message(job.id, message_id(channel, ts), channel_id=channel)
+                return True
+        return False
+
+    # -- buttons and the remix dialog ---------------------------------------------------------------
+
+    async def on_action(self, body: Mapping[str, Any], action: Mapping[str, Any], respond: Any) -> None:
+        pressed = controls.parse(str(action.get("action_id") or ""))
+        user = (body.get("user") or {}).get("id")
+        container = body.get("container") or {}
+        channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
+        if pressed is None or not user or not channel:
+            return
+        tell = self.ephemeral(channel, user, container.get("thread_ts"))
+        place = Place(PLATFORM, (body.get("team") or {}).get("id"), channel)
+        ts = container.get("message_ts")
+        try:
+            actor = await self.actor(user, (body.get("user") or {}).get("name", ""))
+            if pressed.op == "cancel":
+                await self._cancel(actor, place, pressed.job_id, tell)
+                return
+            if pressed.op == "remix":
+                await self._open_remix(body, pressed, channel, ts, tell)
+                return
+            job = await controls.press(
+                self.service,
+                actor,
+                place,
+                pressed,
+                message_id=message_id(channel, ts) if ts else None,
+                idempotency_key=f"action:{body.get('trigger_id')}",
+                delivery={"channel": channel, "user": user, "thread_ts": container.get("thread_ts")},
+            )
+        except Exception as e:
+            await tell(messages.error_text(e))
+            return
+        log.info("slack: button %s by %s -> job %s (%s)", pressed.op, user, job.id, job.kind)
+        await self.announce(job, actor, tell)
+
+    async def _cancel(self, actor: Actor, place: Place, job_id: int, tell: Tell) -> None:
+        job = await self.service.cancel(actor, job_id, place)
+        if job.state != "cancelled":
+            await tell(messages.not_cancelled_text(job))
+            return
+        log.info("slack: job %s cancelled by %s", job.id, actor.user_id)
+        await self.status.show(job, DONE, messages.cancelled_text(job))
+
+    async def _open_remix(
+        self, body: Mapping[str, Any], pressed: controls.Pressed, channel: str, ts: str | None, tell: Tell
+    ) -> None:
+        job = await self.service.get_job(pressed.job_id)
+        meta = {"job": pressed.job_id, "channel": channel, "ts": ts,
+                "thread_ts": (body.get("container") or {}).get("thread_ts")}  # fmt: skip
+        try:
+            await self.client.views_open(trigger_id=body["trigger_id"], view=remix_modal(job, meta))
+        except SlackApiError as e:
+            log.warning("slack: views.open failed: %s", e.response.get("error"))
+            await tell(":warning: I could not open the remix dialog; please try again.")
+
+    async def ack_remix_view(self, ack: Any, view: Mapping[str, Any]) -> None:
+        if not _view_prompt(view):
+            await ack(response_action="errors", errors={PROMPT_BLOCK: "Write the prompt to remix with."})
+            return
+        await ack()
+
+    async def remix_view(self, view: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        user = body["user"]["id"]
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+            channel, job_id = meta["channel"], int(meta["job"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("slack: remix view %s has unusable metadata", view.get("id"))
+            return
+        tell = self.ephemeral(channel, user, meta.get("thread_ts"))
+        place = Place(PLATFORM, (body.get("team") or {}).get("id"), channel)
+        values = ((view.get("state") or {}).get("values") or {}).get(IMAGE_BLOCK) or {}
+        chosen = ((values.get(IMAGE_BLOCK) or {}).get("selected_option") or {}).get("value") or "1"
+        try:
+            if not chosen.isdigit():
+                raise BadParameters("image", f"The image to start from is a number, not {chosen!r}.")
+            actor = await self.actor(user, body["user"].get("name", ""))
+            job = await self.service.remix(
+                actor,
+                place,
+                _view_prompt(view),
+                index=int(chosen) - 1,
+                job_id=job_id,
+                message_id=message_id(channel, meta["ts"]) if meta.get("ts") else None,
+                idempotency_key=f"view:{view['id']}",
+                delivery={"channel": channel, "user": user, "thread_ts": meta.get("thread_ts")},
+            )
+        except Exception as e:
+            await tell(messages.error_text(e))
+            return
+        await self.announce(job, actor, tell)
 
     # -- /imagine-admin ------------------------------------------------------------------------------
 
@@ -440,21 +600,77 @@ def inpaint_modal(meta: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def remix_modal(job: JobView, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The dialog of Remix: the prompt and flags to start from, and which image for several."""
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "input",
+            "block_id": PROMPT_BLOCK,
+            "label": {"type": "plain_text", "text": "Prompt and flags"},
+            "element": {
+                "type": "plain_text_input",
+                "action_id": PROMPT_BLOCK,
+                "multiline": True,
+                "max_length": MAX_PROMPT_CHARS + 200,
+                "initial_value": remix_text(job)[: MAX_PROMPT_CHARS + 200],
+            },
+            "hint": {
+                "type": "plain_text",
+                "text": "--strength 0-1 sets how far it may stray from the image.",
+            },
+        }
+    ]
+    n = len(job.images)
+    if n > 1:
+        options = [
+            {"text": {"type": "plain_text", "text": f"Image {i + 1}"}, "value": str(i + 1)} for i in range(n)
+        ]
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": IMAGE_BLOCK,
+                "label": {"type": "plain_text", "text": "Start from"},
+                "element": {
+                    "type": "static_select",
+                    "action_id": IMAGE_BLOCK,
+                    "options": options,
+                    "initial_option": options[0],
+                },  # fmt: skip
+            }
+        )
+    return {
+        "type": "modal",
+        "callback_id": REMIX_VIEW_CALLBACK,
+        "title": {"type": "plain_text", "text": "Remix"},
+        "submit": {"type": "plain_text", "text": "Remix"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": json.dumps(meta),
+        "blocks": blocks,
+    }
+
+
 class SlackDelivery:
     """The core's `Delivery` for Slack. Everything it needs comes from `job.delivery` (channel, user,
     thread) and the core, so jobs left over by a previous run are delivered after a restart.
 
-    A result is posted once, even if the bot dies between posting and recording it. The upload is
+    One message per job: the status message (with its Cancel button) while the job waits or runs;
+    the result is a file share whose blocks carry the buttons, and the status message is removed
+    once it is shared (a failure or a cancellation is shown in the status message instead).
+
+    A result is posted once, even if the bot stops (or dies) while delivering it. The upload is
     done in Slack's three steps by hand so that the intent is recorded in between: the file ids are
     kept with the job (`result_files`) after the bytes are uploaded and before
-    `files.completeUploadExternal` shares them. A later delivery attempt (`job.delivery_attempt` >=
-    2) asks `files.info` where those files were shared; if they were, that message is the result.
-    What remains: an attempt that completed the upload but whose share Slack had not shown yet after
-    `SHARE_POLL_DELAYS_S` (Slack shares asynchronously, usually within a second) is uploaded again.
+    `files.completeUploadExternal` shares them, and the job counts as delivered
+    (`ImageService.record_shown`) as soon as that returns, before the message showing it is looked
+    for. A later delivery attempt (`job.delivery_attempt` >= 2, a crash between the two) asks
+    `files.info` where those files were shared; if they were, that message is the result. Slack
+    shares asynchronously: the message id is looked for briefly, then in the background; after a
+    restart, a reaction on the message finds it by its files.
     """
 
     def __init__(self, adapter: SlackAdapter) -> None:
         self._adapter = adapter
+        self._late: set[asyncio.Task[None]] = set()
 
     async def on_queued(self, job: JobView, position: int) -> None:
         await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position), throttle=True)
@@ -474,6 +690,7 @@ class SlackDelivery:
             ts = await self._share_ts(earlier, channel, [])
             if ts is not None:
                 log.info("slack: job %s: result already posted (%s); recording it", job.id, ts)
+                await a.status.retire(job)
                 await self._shown(job, channel, ts)
                 return
             log.info("slack: job %s: files %s of an earlier attempt were never shared", job.id, earlier)
@@ -481,29 +698,78 @@ class SlackDelivery:
             uploaded = await self._upload(job, images)
             # The intent, before the share: a later attempt asks Slack where these files went.
             await self._remember(job, {"result_files": ",".join(file_id for file_id, _ in uploaded)})
-            resp = await a.client.files_completeUploadExternal(
-                files=[{"id": file_id, "title": title} for file_id, title in uploaded],
-                channel_id=channel,
-                initial_comment=messages.result_comment(job),
-                thread_ts=job.delivery.get("thread_ts"),
-            )
+            resp = await self._share(job, channel, uploaded)
         except SlackApiError as e:
             await self._cannot_post(job, channel, e)
             raise
+        # Shared: delivered from here on, whatever happens next (a stop while the message id is
+        # looked for must not post it again after the restart).
+        await a.service.record_shown(job.id)
+        await a.status.retire(job)
         file_ids = [f["id"] for f in resp.get("files") or []]
         ts = await self._share_ts(file_ids, channel, resp.get("files") or [])
         if ts is None:
-            await a.status.show(job, DONE, messages.done_text(job), post=False)
-            log.warning(
-                "slack: job %s: no message found for files %s; reactions won't work on it", job.id, file_ids
+            log.info(
+                "slack: job %s: the share of %s is not shown yet; looking on in the background",
+                job.id,
+                file_ids,
             )
+            task = asyncio.create_task(
+                self._find_late_share(job, channel, file_ids), name=f"slack share {job.id}"
+            )
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
             return
         await self._shown(job, channel, ts)
 
+    async def _share(self, job: JobView, channel: str, uploaded: list[tuple[str, str]]) -> AsyncSlackResponse:
+        """`files.completeUploadExternal` with the result's text and buttons as blocks; with the
+        text alone if Slack refuses those blocks (reactions still work then)."""
+        client = self._adapter.client
+        files: list[dict[str, str | None]] = [{"id": file_id, "title": title} for file_id, title in uploaded]
+        thread_ts = job.delivery.get("thread_ts")
+        try:
+            return await client.files_completeUploadExternal(
+                files=files, channel_id=channel, thread_ts=thread_ts,
+                blocks=json.dumps(messages.result_blocks(job)),
+            )  # fmt: skip
+        except SlackApiError as e:
+            if e.response.get("error") not in ("invalid_blocks", "invalid_blocks_format"):
+                raise
+            log.warning(
+                "slack: job %s: Slack refused the result's buttons (%s); sharing it without",
+                job.id,
+                e.response.get("error"),
+            )
+        return await client.files_completeUploadExternal(
+            files=files, channel_id=channel, thread_ts=thread_ts, initial_comment=messages.result_comment(job)
+        )
+
+    async def _find_late_share(self, job: JobView, channel: str, file_ids: list[str]) -> None:
+        for delay in LATE_SHARE_DELAYS_S:
+            await asyncio.sleep(delay)
+            ts = await self._share_ts(file_ids, channel, [], delays=(0.0,))
+            if ts is not None:
+                log.info("slack: job %s: its share showed up late (%s)", job.id, ts)
+                try:
+                    await self._shown(job, channel, ts)
+                except Exception:
+                    log.warning("slack: job %s: could not record its late share", job.id, exc_info=True)
+                return
+        log.warning(
+            "slack: job %s: no message shows files %s; a reaction on it is resolved by them", job.id, file_ids
+        )
+
+    async def close(self) -> None:
+        """Stop looking for late shares (at shutdown; a reaction resolves them by their files)."""
+        tasks = list(self._late)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _shown(self, job: JobView, channel: str, ts: str) -> None:
-        """The result is in message `ts`: close the status, record the message, add the controls."""
+        """The result is in message `ts`: record it (reactions resolve through it), add the hints."""
         a = self._adapter
-        await a.status.show(job, DONE, messages.done_text(job), post=False)
         await a.service.attach_result_message(job.id, message_id(channel, ts), channel_id=channel)
         if a.cfg.add_reaction_hints:
             await self._add_hints(job, channel, ts)
@@ -537,7 +803,7 @@ class SlackDelivery:
         a = self._adapter
         text = messages.failed_text(job, message)
         if a.status.has_message(job):
-            await a.status.show(job, DONE, text)
+            await a.status.show(job, DONE, text)  # the status message becomes the failure
             return
         await self._tell_user(job, text)
 
@@ -567,13 +833,17 @@ class SlackDelivery:
             log.warning("slack: job %s: response_url failed: %r", job.id, e)
 
     async def _share_ts(
-        self, file_ids: list[str], channel: str, files: list[Mapping[str, Any]]
+        self,
+        file_ids: list[str],
+        channel: str,
+        files: list[Mapping[str, Any]],
+        delays: Sequence[float] | None = None,
     ) -> str | None:
         """The ts of the message that shows the uploaded files (Slack shares them asynchronously)."""
         if not file_ids:
             return None
         first: Mapping[str, Any] = files[0] if files else {}
-        for delay in SHARE_POLL_DELAYS_S:
+        for delay in SHARE_POLL_DELAYS_S if delays is None else delays:
             ts = _ts_in_shares(first.get("shares") or {}, channel)
             if ts:
                 return ts

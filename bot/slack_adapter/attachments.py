@@ -1,4 +1,5 @@
-"""Turning the files of a Slack message into inpainting input (image, optional mask).
+"""Turning the files of a Slack message into input: an image to inpaint (with an optional mask) or to
+start an image-to-image job from.
 
 The adapter checks only what it can see from Slack's file objects and the download (type, count,
 size, that the bytes arrived); whether the pixels make a valid image/mask is the core's call, which
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -72,6 +74,16 @@ NO_IMAGE = (
 )
 
 
+def pick_image(files: Sequence[Mapping[str, Any]], max_bytes: int) -> SlackFile:
+    """The one image a message carries to start an image-to-image job from."""
+    image, mask = pick_image_and_mask(files, max_bytes)
+    if mask is not None:
+        raise AttachmentError(
+            "Attach one image to start from; with an image and a mask, say `inpaint <prompt>`."
+        )
+    return image
+
+
 def pick_image_and_mask(
     files: Sequence[Mapping[str, Any]], max_bytes: int
 ) -> tuple[SlackFile, SlackFile | None]:
@@ -102,8 +114,32 @@ def pick_image_and_mask(
     return first, second
 
 
-async def download(http: aiohttp.ClientSession, token: str, f: SlackFile, max_bytes: int) -> bytes:
-    """Fetch a url_private file with the bot token (files:read scope)."""
+def origin(url: str) -> str:
+    """scheme://host[:port] of `url`, lower case, the default port left out ("" if unparsable)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ""
+    if not parts.scheme or not parts.hostname:
+        return ""
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    where = parts.hostname.lower() + (f":{port}" if port is not None and port != default else "")
+    return f"{parts.scheme.lower()}://{where}"
+
+
+async def download(
+    http: aiohttp.ClientSession, token: str, f: SlackFile, max_bytes: int, allowed_hosts: Sequence[str]
+) -> bytes:
+    """Fetch a url_private file with the bot token (files:read scope), from Slack's file hosts only
+    (`allowed_hosts`, origins): the token is never sent anywhere else (aiohttp drops the
+    Authorization header when a redirect leaves the origin)."""
+    allowed = {origin(h) for h in allowed_hosts}
+    if origin(f.url) not in allowed:
+        host = urlsplit(f.url).hostname or "an unknown place"
+        raise AttachmentError(
+            f"`{f.name}` is not stored in Slack (it links to {host}); upload the image file itself."
+        )
     try:
         async with http.get(f.url, headers={"Authorization": f"Bearer {token}"}) as resp:
             if resp.status != 200:

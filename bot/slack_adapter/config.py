@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from bot.settings import ConfigError
 
@@ -35,8 +36,13 @@ class SlackConfig:
     inpaint_shortcut_callback_id: str = "imagine_inpaint"
     # Largest attachment the bot downloads for inpainting, in bytes.
     max_attachment_bytes: int = 10 * 1024 * 1024
-    # The bot reacts to its own results with the controls (🔁, 1️⃣-4️⃣) so users can click them.
-    add_reaction_hints: bool = True
+    # The bot also reacts to its own results with the reaction controls (🔁, 1️⃣-4️⃣). Off: the
+    # buttons under each result say what is possible, and each hint is a rate-limited call.
+    add_reaction_hints: bool = False
+    # Where files may be downloaded from with the bot token (scheme://host[:port]): Slack's own
+    # file hosts. A file linking anywhere else (a remote file, a crafted event) is refused, so the
+    # token never reaches another server.
+    file_hosts: tuple[str, ...] = ("https://files.slack.com",)
     # How often a rate-limited (429) Web API call is retried after its Retry-After.
     rate_limit_retries: int = 3
     # Slack Web API base URL; change only for GovSlack (https://slack-gov.com/api/) or a test fake.
@@ -77,6 +83,12 @@ class SlackConfig:
             )
         if not 1 <= len(self.inpaint_shortcut_callback_id) <= 255:  # Slack's limit for a callback_id
             raise ConfigError("[slack] inpaint_shortcut_callback_id: must be 1 to 255 characters")
+        for origin in self.file_hosts:
+            parsed = urlsplit(origin)
+            if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.path not in ("", "/"):
+                raise ConfigError(
+                    f"[slack] file_hosts: {origin!r} is not an origin like 'https://files.slack.com'"
+                )
         if not self.api_base_url.endswith("/"):
             # slack_sdk appends the method name directly: without the slash it builds ".../apiauth.test".
             raise ConfigError(f"[slack] api_base_url: must end with '/', got {self.api_base_url!r}")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from typing import Any
 
 from bot.core.api import BadParameters, CoreError, JobView, QuotaExceeded, QuotaView, StatsView
+from bot.core.controls import Control, result_controls, status_controls
+from bot.core.describe import kind_label
 
 log = logging.getLogger("bot.slack")
 
@@ -61,11 +64,9 @@ def describe_params(job: JobView) -> str:
     return " · ".join(parts)
 
 
-_KIND_LABEL = {"imagine": "", "inpaint": "inpaint ", "variation": "variation ", "reroll": "re-roll "}
-
-
 def headline(job: JobView) -> str:
-    return f"<@{job.user_id}> {_KIND_LABEL.get(job.kind, '')}*{escape(job.prompt)}*"
+    label = kind_label(job)
+    return f"<@{job.user_id}> {label + ' ' if label else ''}*{escape(job.prompt)}*"
 
 
 def queued_text(job: JobView, position: int | None) -> str:
@@ -81,23 +82,63 @@ def progress_text(job: JobView, step: int, total: int) -> str:
     return f":art: {headline(job)} — {bar} step {step}/{total}"
 
 
-def done_text(job: JobView) -> str:
-    return f":white_check_mark: {headline(job)} — done, the image is below."
-
-
 def failed_text(job: JobView, message: str) -> str:
     return f":x: {headline(job)} — failed: {escape(message)}"
 
 
 def result_comment(job: JobView) -> str:
-    controls = "React :repeat: to re-roll"
-    if job.params.n > 1:
-        controls += (
-            ", :one:–" + [":one:", ":two:", ":three:", ":four:"][job.params.n - 1] + " for a variation"
-        )
-    else:
-        controls += ", :art: for a variation"
-    return f"{headline(job)}\n{describe_params(job)}\n_{controls}._"
+    """The text of a result: who asked for what, with which parameters (the buttons say the rest)."""
+    return f"{headline(job)}\n{describe_params(job)} · job #{job.id}"
+
+
+def cancelled_text(job: JobView) -> str:
+    return f":no_entry_sign: {headline(job)} — cancelled (nothing was charged)."
+
+
+def not_cancelled_text(job: JobView) -> str:
+    if job.state == "succeeded":
+        return f":warning: Job #{job.id} has finished already: too late to cancel."
+    return f":warning: Job #{job.id} is {job.state} already: there is nothing to cancel."
+
+
+# Slack allows 75 characters of button text and 25 elements per actions block.
+_STYLE = {"primary": "primary", "danger": "danger"}
+
+
+def _button(control: Control, job_id: int) -> dict[str, Any]:
+    text = f"{control.emoji} {control.label}".strip() if control.emoji else control.label
+    button: dict[str, Any] = {
+        "type": "button",
+        "text": {"type": "plain_text", "text": text[:75], "emoji": True},
+        "action_id": control.id_for(job_id),
+        "value": control.id_for(job_id),
+    }
+    if control.style in _STYLE:
+        button["style"] = _STYLE[control.style]
+    return button
+
+
+def _actions(rows: list[list[Control]], job_id: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "actions",
+            "block_id": f"imagine_controls_{r}",
+            "elements": [_button(c, job_id) for c in row],
+        }
+        for r, row in enumerate(rows)
+    ]
+
+
+def result_blocks(job: JobView) -> list[dict[str, Any]]:
+    """A result's text and its buttons (U1-U4, V1-V4, vary, re-roll, remix, zoom out, pan)."""
+    section = {"type": "section", "text": {"type": "mrkdwn", "text": result_comment(job)[:3000]}}
+    return [section, *_actions(result_controls(job), job.id)]
+
+
+def status_blocks(job: JobView, text: str, active: bool) -> list[dict[str, Any]]:
+    """A status message's text, with its Cancel button while the job waits or runs."""
+    section = {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}
+    return [section, *(_actions(status_controls(job), job.id) if active else [])]
 
 
 def quota_text(q: QuotaView, who: str = "You") -> str:
@@ -123,13 +164,18 @@ def stats_text(s: StatsView) -> str:
 def imagine_help(command: str) -> str:
     return (
         f"*{command} <prompt> [flags]* — generate an image.\n"
-        "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G`\n"
+        "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G` "
+        "`--strength 0-1` (with an image to start from)\n"
         f"Example: `{command} a lighthouse at dusk, oil painting --ar 3:2 --n 2`\n"
         f"`{command} quota` shows what you have left today, `{command} history` your last jobs.\n"
+        "Start from your own picture: post it and mention me with the prompt "
+        "(`@imagine a watercolour version --strength 0.6`).\n"
         "Inpaint: post an image (transparent areas get repainted, or add a second image named "
         "`mask`: white = repaint) and mention me with `inpaint <prompt>`, or use the "
         "*Inpaint…* shortcut on a message with an image.\n"
-        "On a result: :repeat: re-roll, :one:–:four: or :art: a variation."
+        "Under a result: U1–U4 upscale, V1–V4 vary, re-roll, Remix (edit the prompt), and for one "
+        "image Vary (Strong/Subtle), Zoom Out 2x/1.5x and pan; Cancel on a waiting job. "
+        "Reactions :repeat:, :one:–:four: and :art: work too."
     )
 
 
@@ -149,7 +195,11 @@ def admin_help(command: str) -> str:
 def history_text(jobs: list[JobView]) -> str:
     if not jobs:
         return "You have no jobs yet."
-    lines = [f"• #{j.id} {j.kind} *{escape(j.prompt)}* — {j.state}" for j in jobs]
+    lines = [
+        f"• #{j.id} {kind_label(j) or 'imagine'}{f' of #{j.parent_id}' if j.parent_id else ''} "
+        f"*{escape(j.prompt)}* — {j.state}"
+        for j in jobs
+    ]
     return "Your latest jobs:\n" + "\n".join(lines)
 
 

@@ -71,6 +71,7 @@ async def run_slack(
         finally:
             service.unregister_delivery(PLATFORM)
             await adapter.status.close()
+            await adapter.delivery.close()
 
 
 async def _check_token(app: Any, client: AsyncWebClient) -> None:

@@ -1,4 +1,6 @@
-"""The per-job status message ("queued, position 2" -> "step 5/20" -> "done"), edited in place.
+"""The per-job status message ("queued, position 2" -> "step 5/20"), edited in place, with a Cancel
+button while the job waits or runs. When the job ends it becomes the failure (or the cancellation),
+or it is removed once the result is shared (`retire`): every job leaves one message.
 
 Its `ts` is known only once the first edit is posted, after the job row (and its `delivery`) was
 written, so it is kept here in memory and also added to the job's `delivery` (`status_ts`,
@@ -24,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -49,6 +52,7 @@ class _Posted:
 
 @dataclass
 class _Entry:
+    job: JobView | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     message: _Posted | None = None
     phase: int = 0
@@ -63,15 +67,22 @@ def job_channel(job: JobView) -> str | None:
 
 # Keeps a posted status message's ids with the job: (job id, {"status_ts": ..., "status_channel": ...}).
 Remember = Callable[[int, Mapping[str, str]], Awaitable[None]]
+# The Block Kit blocks of a status: its text and, while the job waits or runs, its Cancel button.
+Blocks = Callable[[JobView, str, bool], list[dict[str, Any]]]
 
 
 class StatusBoard:
     def __init__(
-        self, client: AsyncWebClient, min_interval_s: float, remember: Remember | None = None
+        self,
+        client: AsyncWebClient,
+        min_interval_s: float,
+        remember: Remember | None = None,
+        blocks: Blocks | None = None,
     ) -> None:
         self._client = client
         self._min_interval_s = min_interval_s
         self._remember = remember
+        self._blocks = blocks
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
 
     def _entry(self, job: JobView) -> _Entry:
@@ -80,7 +91,7 @@ class StatusBoard:
             # A message posted before a restart (or by another process) is edited, not posted again.
             ts, channel = job.delivery.get("status_ts"), job.delivery.get("status_channel")
             entry = self._entries[job.id] = _Entry(
-                message=None if ts is None or channel is None else _Posted(channel, ts)
+                job=job, message=None if ts is None or channel is None else _Posted(channel, ts)
             )
             while len(self._entries) > MAX_TRACKED_JOBS:
                 _, old = self._entries.popitem(last=False)
@@ -121,17 +132,23 @@ class StatusBoard:
                     return None
             return await self._write(job, entry, channel, phase, text, post)
 
+    def _blocks_for(self, job: JobView, text: str, phase: int) -> list[dict[str, Any]]:
+        return self._blocks(job, text, phase < DONE) if self._blocks is not None else []
+
     async def _write(
         self, job: JobView, entry: _Entry, channel: str, phase: int, text: str, post: bool
     ) -> str | None:
         entry.phase = phase
         entry.parked = None
+        blocks = self._blocks_for(job, text, phase)
         try:
             if entry.message is not None:
-                await self._client.chat_update(channel=entry.message.channel, ts=entry.message.ts, text=text)
+                await self._client.chat_update(
+                    channel=entry.message.channel, ts=entry.message.ts, text=text, blocks=blocks
+                )
             elif post:
                 resp = await self._client.chat_postMessage(
-                    channel=channel, text=text, thread_ts=job.delivery.get("thread_ts")
+                    channel=channel, text=text, blocks=blocks or None, thread_ts=job.delivery.get("thread_ts")
                 )
                 entry.message = _Posted(resp["channel"], resp["ts"])
                 await self._keep(job.id, entry.message)
@@ -153,12 +170,21 @@ class StatusBoard:
                 phase, text = parked
                 entry.phase = phase
                 try:
-                    await self._client.chat_update(channel=message.channel, ts=message.ts, text=text)
+                    await self._client.chat_update(
+                        channel=message.channel,
+                        ts=message.ts,
+                        text=text,
+                        blocks=self._blocks_for_id(job_id, text, phase),
+                    )
                     entry.last_edit = time.monotonic()
                 except SlackApiError as e:
                     log.warning("slack: status update for job %s failed: %s", job_id, e.response.get("error"))
         finally:
             entry.flusher = None
+
+    def _blocks_for_id(self, job_id: int, text: str, phase: int) -> list[dict[str, Any]]:
+        entry = self._entries.get(job_id)
+        return self._blocks_for(entry.job, text, phase) if entry is not None and entry.job is not None else []
 
     async def _keep(self, job_id: int, message: _Posted) -> None:
         if self._remember is None:
@@ -170,6 +196,22 @@ class StatusBoard:
 
     def has_message(self, job: JobView) -> bool:
         return self._entry(job).message is not None
+
+    async def retire(self, job: JobView) -> None:
+        """The job's result is shown in a message of its own: remove the status message (one
+        message per job), and show nothing more for it."""
+        entry = self._entry(job)
+        async with entry.lock:
+            entry.phase = DONE
+            entry.parked = None
+            message, entry.message = entry.message, None
+            if message is None:
+                return
+            try:
+                await self._client.chat_delete(channel=message.channel, ts=message.ts)
+            except SlackApiError as e:
+                # Gone already (deleted by someone, or by an earlier attempt before a restart).
+                log.info("slack: status message of job %s not removed: %s", job.id, e.response.get("error"))
 
     async def close(self) -> None:
         """Cancel parked updates (at shutdown)."""

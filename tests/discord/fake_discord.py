@@ -12,7 +12,14 @@ must respect on the real platform, so a test fails where real Discord would:
   messages) gets 413 / 40005;
 - injected failures (e.g. a 429 with `retry_after` and a `Via` header, as Discord sends them);
 - a channel message sent with a `nonce` and `enforce_nonce` within `nonce_window_s` of an earlier one
-  with the same nonce is not created again: the earlier message is returned, as Discord does.
+  with the same nonce is not created again: the earlier message is returned, as Discord does;
+- with `rate_limits=True`, Discord's per-channel limits on bot messages (5 per 5 s, creates and
+  edits of channel messages) and reactions (1 per 0.25 s): the rate-limit headers on every answer
+  of those routes, and 429 with `retry_after` (and `Via`, so discord.py retries) past them; every
+  429 is recorded in `rate_limited`.
+
+Buttons: a message keeps the `components` the bot sent; `click()` sends the component interaction a
+user's click makes, `submit_modal()` the submission of the dialog a click opened.
 
 The fake runs its own event loop in a daemon thread, so its clock (dispatch -> callback) and its
 heartbeat answers do not depend on the bot's loop being responsive: a bot that blocks its loop is
@@ -44,6 +51,10 @@ INTERACTION_TOKEN_TTL_S = 15 * 60
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # Discord's default per-file limit for bots
 # Discord checks an enforced nonce against the author's messages "in the past few minutes".
 NONCE_WINDOW_S = 5 * 60
+# Discord's per-channel limits for a bot (observed, as the community documents them): 5 messages
+# (created or edited) per 5 s, and one reaction per 0.25 s.
+CHANNEL_MESSAGES_PER_WINDOW, CHANNEL_MESSAGE_WINDOW_S = 5, 5.0
+REACTIONS_PER_WINDOW, REACTION_WINDOW_S = 1, 0.25
 JSON = "application/json"  # exactly this: discord.py ignores bodies with "; charset=utf-8"
 
 # Permission bits used by tests (Discord's documented values).
@@ -119,6 +130,8 @@ class Interaction:
     edits: list[dict] = field(default_factory=list)  # PATCHes of @original / followups (payloads)
     original: dict | None = None  # the message shown for the response (after a defer or reply)
     deleted_original: bool = False
+    message: dict | None = None  # the message a component interaction came from
+    modal: dict | None = None  # the dialog the bot opened in answer (callback type 9)
 
     @property
     def deferred(self) -> bool:
@@ -149,8 +162,11 @@ class Interaction:
 class FakeDiscord:
     """The fake platform. `await start()` / `await stop()`; see the module docstring."""
 
-    def __init__(self, *, heartbeat_interval_ms: int = 500):
+    def __init__(self, *, heartbeat_interval_ms: int = 500, rate_limits: bool = False):
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.rate_limits = rate_limits
+        self._windows: dict[tuple[str, int], tuple[float, int]] = {}  # (kind, channel) -> (start, used)
+        self.rate_limited: list[tuple[str, str]] = []  # (method, path) of each 429 for a limit
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self.app_id = self.new_id()
@@ -511,10 +527,16 @@ class FakeDiscord:
         if resolved:
             data["resolved"] = resolved
         iid = self.new_id(created_at)
-        payload = {
+        payload = self._interaction_payload(iid, 2, data, user, size_limit)
+        return Interaction(iid, payload["token"], name, user, self.channel_id, payload)
+
+    def _interaction_payload(
+        self, iid: int, kind: int, data: dict, user: FakeUser, size_limit: int | None = None
+    ) -> dict:
+        return {
             "id": str(iid),
             "application_id": str(self.app_id),
-            "type": 2,
+            "type": kind,
             "token": f"itoken-{iid}",
             "version": 1,
             "data": data,
@@ -537,7 +559,50 @@ class FakeDiscord:
             "context": 0,
             "attachment_size_limit": size_limit or self.upload_limit,
         }
-        return Interaction(iid, payload["token"], name, user, self.channel_id, payload)
+
+    def button_ids(self, message: dict) -> list[list[str]]:
+        """The custom ids of a message's buttons, row by row (as a user sees them)."""
+        return [
+            [c.get("custom_id", "") for c in row.get("components", [])]
+            for row in message.get("components") or []
+        ]
+
+    async def click(self, message: dict, custom_id: str, user: FakeUser) -> Interaction:
+        """A user clicks the button `custom_id` of `message` (a MESSAGE_COMPONENT interaction).
+        Like Discord, only a button the message has can be clicked."""
+        current = self.messages.get(int(message["id"]), message)
+        assert any(custom_id in row for row in self.button_ids(current)), (
+            custom_id,
+            self.button_ids(current),
+        )
+        iid = self.new_id()
+        payload = self._interaction_payload(iid, 3, {"custom_id": custom_id, "component_type": 2}, user)
+        payload["message"] = self._public(current)
+        record = Interaction(iid, payload["token"], f"button {custom_id}", user, self.channel_id, payload)
+        record.message = current
+        await self.send_interactions([record])
+        return record
+
+    async def submit_modal(
+        self, opened_by: Interaction, values: dict[str, str], user: FakeUser
+    ) -> Interaction:
+        """`user` submits the dialog the bot opened in answer to `opened_by`, with `values` by field."""
+        assert opened_by.modal is not None, "the bot opened no dialog"
+        rows = [
+            {"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in values.items()
+        ]
+        iid = self.new_id()
+        payload = self._interaction_payload(
+            iid, 5, {"custom_id": opened_by.modal["custom_id"], "components": rows}, user
+        )
+        if opened_by.message is not None:
+            payload["message"] = self._public(
+                self.messages.get(int(opened_by.message["id"]), opened_by.message)
+            )
+        record = Interaction(iid, payload["token"], "modal", user, self.channel_id, payload)
+        record.message = opened_by.message
+        await self.send_interactions([record])
+        return record
 
     async def send_interactions(self, records: list[Interaction]) -> None:
         """Send INTERACTION_CREATEs back to back from the fake's loop (a burst when there are many)."""
@@ -620,13 +685,56 @@ class FakeDiscord:
                 return self._error(f["status"], f["code"], "injected failure")
         if request.headers.get("Authorization") not in (None, f"Bot {self.token}"):
             return self._error(401, 0, "401: Unauthorized")
+        limit = self._limit_for(request.method, path)
+        headers: dict[str, str] = {}
+        if limit is not None:
+            refused, headers = self._take(*limit)
+            if refused is not None:
+                self.rate_limited.append((request.method, path))
+                return self._json(
+                    {"message": "You are being rate limited.", "retry_after": refused, "global": False},
+                    status=429,
+                    headers={"Via": "1.1 google", "Retry-After": str(refused), **headers},
+                )
         for method, pattern, handler in self._routes():
             if method != request.method:
                 continue
             m = re.fullmatch(pattern, path)
             if m:
-                return await handler(request, *m.groups())
+                response = await handler(request, *m.groups())
+                response.headers.update(headers)
+                return response
         return self._error(404, 0, f"fake Discord has no route {request.method} {path}")
+
+    def _limit_for(self, method: str, path: str) -> tuple[str, int, int, float] | None:
+        """(bucket kind, channel, allowed, window) of a rate-limited route, or None."""
+        if not self.rate_limits:
+            return None
+        if m := re.fullmatch(r"/channels/(\d+)/messages/\d+/reactions/[^/]+/@me", path):
+            return (
+                ("reaction", int(m[1]), REACTIONS_PER_WINDOW, REACTION_WINDOW_S) if method == "PUT" else None
+            )
+        if (m := re.fullmatch(r"/channels/(\d+)/messages(?:/\d+)?", path)) and method in ("POST", "PATCH"):
+            return ("message", int(m[1]), CHANNEL_MESSAGES_PER_WINDOW, CHANNEL_MESSAGE_WINDOW_S)
+        return None
+
+    def _take(
+        self, kind: str, channel: int, allowed: int, window_s: float
+    ) -> tuple[float | None, dict[str, str]]:
+        """Count one request in its window: (None, headers) when allowed, (retry_after, headers)
+        when the window is full. The headers are Discord's, so discord.py can wait on its own."""
+        now = time.monotonic()
+        start, used = self._windows.get((kind, channel), (now, 0))
+        if now - start >= window_s:
+            start, used = now, 0
+        reset_after = max(0.0, start + window_s - now)
+        bucket = {"X-RateLimit-Limit": str(allowed), "X-RateLimit-Bucket": f"{kind}-{channel}",
+                  "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+                  "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}"}  # fmt: skip
+        if used >= allowed:
+            return reset_after, {**bucket, "X-RateLimit-Remaining": "0", "X-RateLimit-Scope": "user"}
+        self._windows[(kind, channel)] = (start, used + 1)
+        return None, {**bucket, "X-RateLimit-Remaining": str(allowed - used - 1)}
 
     def _routes(self) -> list[tuple[str, str, Callable]]:
         return [
@@ -793,6 +901,7 @@ class FakeDiscord:
             "_seq": next(self._seq),
             "_files": [data for (_f, _n, data) in files],
             "_reference": payload.get("message_reference"),
+            "_allowed_mentions": payload.get("allowed_mentions"),
         }
         if interaction is not None:
             msg["webhook_id"] = str(self.app_id)
@@ -839,6 +948,23 @@ class FakeDiscord:
         rec.callback_at = time.monotonic()
         rec.callbacks.append({"status": 200, "body": body})
         data = body.get("data") or {}
+        kind = body.get("type")
+        if kind in (6, 7, 9):
+            if kind == 9:  # a dialog: nothing is posted
+                rec.modal = data
+            elif rec.message is not None:  # an update of the message the button is on
+                target = self.messages[int(rec.message["id"])]
+                if kind == 7:
+                    target = {**target, **{k: v for k, v in data.items() if k in ("content", "components")}}
+                    self.messages[int(target["id"])] = target
+                rec.original = target
+            response = {
+                "interaction": {"id": iid, "type": rec.payload["type"], "activity_instance_id": None},
+                "resource": {"type": kind},
+            }
+            if rec.original is not None and kind != 9:
+                response["resource"]["message"] = self._public(rec.original)
+            return self._json(response)
         msg = self._message(rec.channel_id, data, files, interaction=rec)
         if body.get("type") == 5:
             msg["flags"] = data.get("flags", 0) | 128  # "loading" until the first followup edits it
@@ -901,6 +1027,8 @@ class FakeDiscord:
             edited["content"] = body["content"] or ""
         if "embeds" in body:
             edited["embeds"] = body["embeds"] or []
+        if "components" in body:
+            edited["components"] = body["components"] or []
         if files or "attachments" in body:
             kept = [
                 a
@@ -992,6 +1120,8 @@ class FakeDiscord:
         edited = dict(target)
         if "content" in body:
             edited["content"] = body["content"] or ""
+        if "components" in body:
+            edited["components"] = body["components"] or []
         if files:
             edited["attachments"] = self._message(int(channel_id), body, files, message_id=int(message_id))[
                 "attachments"

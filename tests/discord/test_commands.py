@@ -79,9 +79,6 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
         result = await wait_result(fake_discord, rec)
         await wait_result(fake_discord, blocker)
         job = await result_job(app, result)
-        await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 5, what="reactions"
-        )
     # Deferred publicly ("thinking…") first: the core was only called after that.
     assert rec.callbacks[0]["status"] == 200 and rec.callbacks[0]["body"]["type"] == 5
     assert not rec.ephemeral
@@ -97,7 +94,20 @@ async def test_imagine_defers_shows_queue_progress_then_result(fake_discord: Fak
     content = result["content"]
     assert "a red fox in the snow" in content and "seed 1234" in content and "5 steps" in content
     assert f"<@{alice.id}>" in content and "4 images" in content
-    assert fake_discord.reactions_on(int(result["id"])) == ["🔁", "1️⃣", "2️⃣", "3️⃣", "4️⃣"]
+    # No hint reactions: the buttons say what the result can become (U1-U4, V1-V4, re-roll, remix).
+    assert fake_discord.reactions_on(int(result["id"])) == []
+    assert fake_discord.button_ids(result) == [
+        [f"imagine:up:{job.id}:{i}" for i in range(4)],
+        [f"imagine:var:{job.id}:{i}" for i in range(4)],
+        [f"imagine:reroll:{job.id}", f"imagine:remix:{job.id}"],
+    ]
+    # While it waited, its status carried a Cancel button.
+    assert any(
+        c.get("components") == [{"type": 1, "components": [c["components"][0]["components"][0]]}]
+        and c["components"][0]["components"][0]["custom_id"] == f"imagine:cancel:{job.id}"
+        for c in rec.edits
+        if c.get("components")
+    )
     assert job is not None and job.state == "succeeded" and job.params.seeds == (1234, 1235, 1236, 1237)
 
 
@@ -109,14 +119,11 @@ async def test_flags_inside_the_prompt(fake_discord: FakeDiscord, tmp_path):
         )
         result = await wait_result(fake_discord, rec)
         job = await result_job(app, result)
-        await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 3, what="reactions"
-        )
     assert "seed 42" in result["content"] and "ar 2:1" in result["content"] and "fog" in result["content"]
     assert job.prompt == "a lighthouse" and job.negative_prompt == "fog" and job.params.n == 2
     assert job.params.width > job.params.height  # 2:1
     assert image_size(result["_files"][0]) == (2 * job.params.width, job.params.height)  # side by side
-    assert fake_discord.reactions_on(int(result["id"])) == ["🔁", "1️⃣", "2️⃣"]
+    assert [len(row) for row in fake_discord.button_ids(result)] == [2, 2, 2]  # U1-U2, V1-V2, re-roll, remix
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ async def test_interaction_result_is_found_in_the_original_response(fake_discord
     async with App(fake_discord, config) as second:
         job = await result_job(second, shown)
         await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(shown["id"]))) == 3, what="reactions"
+            lambda: fake_discord.button_ids(fake_discord.messages[int(shown["id"])]), what="buttons"
         )
     assert job.id == 1 and (await job_row(config, 1)).delivery_attempts == 2
     uploads = [e for e in rec.edits if e["_files"]]
@@ -85,7 +85,7 @@ async def test_channel_result_is_found_in_the_history(fake_discord: FakeDiscord,
     async with App(fake_discord, config) as second:
         job = await result_job(second, shown)
         await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(shown["id"]))) == 2, what="reactions"
+            lambda: fake_discord.button_ids(fake_discord.messages[int(shown["id"])]), what="buttons"
         )
     assert job.state == "succeeded"
     assert [m["id"] for m in result_posts(fake_discord)] == [shown["id"]]
@@ -129,7 +129,7 @@ async def test_reaction_result_is_found_in_its_status_message(fake_discord: Fake
     async with App(fake_discord, config) as second:
         job = await result_job(second, shown)
         await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(shown["id"]))) == 3, what="reactions"
+            lambda: fake_discord.button_ids(fake_discord.messages[int(shown["id"])]), what="buttons"
         )
     assert (job.kind, job.user_id) == ("variation", str(carol.id))
     assert job.delivery["status_message_id"] == shown["id"]

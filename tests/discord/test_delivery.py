@@ -39,7 +39,7 @@ async def test_result_near_token_expiry_goes_to_the_channel(fake_discord: FakeDi
         )
         job = await result_job(app, message[0])
         await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(message[0]["id"]))) == 2, what="reactions"
+            lambda: fake_discord.button_ids(fake_discord.messages[int(message[0]["id"])]), what="buttons"
         )
     assert rec.deferred
     assert not rec.edits and not rec.followups  # nothing sent through the expiring token

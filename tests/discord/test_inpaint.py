@@ -39,14 +39,15 @@ async def test_inpaint_with_mask(fake_discord: FakeDiscord, tmp_path):
         result = await wait_result(fake_discord, rec)
         job = await result_job(app, result)
         await fake_discord.wait_for(
-            lambda: len(fake_discord.reactions_on(int(result["id"]))) == 2, what="reactions"
+            lambda: fake_discord.button_ids(fake_discord.messages[int(result["id"])]), what="buttons"
         )
     assert rec.callbacks[0]["body"]["type"] == 5  # deferred before downloading anything
     assert sorted(k.split("/")[-1] for k in fake_discord.downloads) == ["mask.png", "photo.png"]
     assert job.kind == "inpaint" and job.state == "succeeded"
     assert "a blue window" in result["content"] and "inpaint" in result["content"]
     assert image_size(result["_files"][0]) == (64, 64)
-    assert fake_discord.reactions_on(int(result["id"])) == ["🔁", "🎨"]
+    assert fake_discord.reactions_on(int(result["id"])) == []  # no hint reactions: buttons
+    assert len(fake_discord.button_ids(fake_discord.messages[int(result["id"])])) == 3  # one image: 3 rows
     sent = app.backend.succeeded[-1]
     assert sent.task == "inpaint" and sent.mask is not None
 
@@ -106,3 +107,27 @@ async def test_bad_attachments_get_a_clear_private_error(fake_discord: FakeDisco
     assert history == []
     if case in ("not an image", "too large"):
         assert fake_discord.downloads == []  # refused from the metadata, nothing downloaded
+
+
+async def test_imagine_from_an_attached_image(fake_discord: FakeDiscord, tmp_path):
+    """/imagine with `image`: image-to-image at `strength`; the size follows the image (3:2 here)."""
+    user = fake_discord.user("painter")
+    photo = fake_discord.add_attachment("photo.png", png((300, 200)), "image/png", width=300, height=200)
+    async with App(fake_discord, app_config(tmp_path, fake_discord)) as app:
+        rec = await fake_discord.slash(
+            "imagine", user, {"prompt": "an oil painting", "strength": 0.35}, attachments={"image": photo}
+        )
+        result = await wait_result(fake_discord, rec)
+        job = await result_job(app, result)
+        # --strength without an image is refused by name
+        bare = await fake_discord.slash("imagine", user, {"prompt": "a cat --strength 0.5"})
+        refusal = await wait_ephemeral(fake_discord, bare)
+    sync = {c["name"]: c for c in fake_discord.command_syncs[-1]["payload"]}["imagine"]
+    opts = {o["name"]: o["type"] for o in sync["options"]}
+    assert opts["image"] == 11 and opts["strength"] == 10
+    assert (job.kind, job.params.task, job.params.strength) == ("imagine", "img2img", 0.35)
+    assert image_size(result["_files"][0]) == (80, 56)
+    assert "image to image" in result["content"] and "strength 0.35" in result["content"]
+    sent = app.backend.succeeded[-1]
+    assert sent.task == "img2img" and image_size(sent.image) == (80, 56)
+    assert "--strength only applies when you start from an image" in refusal

@@ -19,7 +19,7 @@ async def test_reactions_start_a_variation_and_a_reroll(fake_discord: FakeDiscor
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a castle", "count": 4, "seed": 10})
         result = await wait_result(fake_discord, rec)
         mid = int(result["id"])
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(mid)) == 5, what="bot reactions")
+        await result_job(app, result)
 
         await fake_discord.react(mid, "2️⃣", bob)
         variation = await fake_discord.wait_for(
@@ -36,8 +36,8 @@ async def test_reactions_start_a_variation_and_a_reroll(fake_discord: FakeDiscor
         bob_quota = await app.service.quota(actor(bob), _place(fake_discord))
         alice_quota = await app.service.quota(actor(alice), _place(fake_discord))
         await fake_discord.wait_for(
-            lambda: all(len(fake_discord.reactions_on(int(m["id"]))) >= 2 for m in both),
-            what="reactions on the new results",
+            lambda: all(fake_discord.button_ids(fake_discord.messages[int(m["id"])]) for m in both),
+            what="buttons on the new results",
         )
     var_job = jobs[variation[0]["id"]]
     reroll_job = next(j for j in jobs.values() if j.id != var_job.id)
@@ -77,7 +77,7 @@ async def test_reactions_that_must_be_ignored(fake_discord: FakeDiscord, tmp_pat
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a tower"})
         result = await wait_result(fake_discord, rec)
         mid = int(result["id"])
-        await fake_discord.wait_for(lambda: len(fake_discord.reactions_on(mid)) == 2, what="bot reactions")
+        await result_job(app, result)
         # A plain message in the channel that is not a result.
         plain = await app_post_plain(fake_discord)
 
@@ -103,6 +103,7 @@ async def test_reactions_that_must_be_ignored(fake_discord: FakeDiscord, tmp_pat
     refusals = [
         m for m in fake_discord.channel_messages() if not m["attachments"] and m["content"].startswith("<@")
     ]
+    assert fake_discord.reactions == []  # the bot adds no reactions of its own
     # Only 4️⃣ on a one-image result deserved an answer (a refusal naming bob); the rest: silence.
     assert len(refusals) == 1 and str(bob.id) in refusals[0]["content"] and "⛔" in refusals[0]["content"]
 

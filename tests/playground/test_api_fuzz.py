@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bot.core.api import Actor
@@ -44,7 +44,13 @@ JSON_VALUES = st.recursive(
 # sometimes any JSON at all.
 ENDPOINTS = st.one_of(
     st.tuples(st.just("imagine"), st.one_of(st.tuples(TEXT).map(list), st.lists(JSON_VALUES, max_size=3))),
-    st.tuples(st.sampled_from(["reroll", "variation_1", "variation_4"]), st.lists(JSON_VALUES, max_size=2)),
+    st.tuples(
+        st.sampled_from(
+            ["reroll", "variation_1", "variation_4", "upscale_1", "zoom_out_2x", "pan_left", "vary_subtle"]
+        ),
+        st.lists(JSON_VALUES, max_size=2),
+    ),
+    st.tuples(st.just("remix"), st.one_of(st.tuples(TEXT).map(list), st.lists(JSON_VALUES, max_size=3))),
     st.tuples(
         st.sampled_from(["admin_usage", "admin_set_limit", "admin_grant", "admin_ban", "admin_unban"]),
         st.one_of(
@@ -91,6 +97,9 @@ async def test_api_calls_with_any_json_get_an_answer_and_lose_nothing(tmp_path, 
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         )
         @given(endpoint=ENDPOINTS)
+        # Always some real work among the hostile calls, whatever the draw: a job and a button on it.
+        @example(endpoint=("imagine", ["/imagine a kite --seed 1"]))
+        @example(endpoint=("upscale_1", []))
         def fuzz(endpoint: tuple[str, list[Any]]) -> None:
             api, data = endpoint
             with httpx.Client(timeout=60) as http:

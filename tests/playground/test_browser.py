@@ -47,6 +47,26 @@ async def test_type_a_prompt_get_images_then_reroll_and_vary(tmp_path, page):
         assert await page.locator("#history-gallery img").count() >= 6
 
 
+async def test_zoom_out_and_upscale_from_the_buttons(tmp_path, page):
+    async with running_playground(app_config(tmp_path)) as app:
+        await flows.open_playground(page, app.url)
+        await flows.imagine(page, "/imagine a tower on a hill --seed 3", job_id=1)
+        # one image: the single-image operations are on, the per-image ones past it off
+        assert await page.locator("#zoom-2").is_enabled() and await page.locator("#pan-left").is_enabled()
+        assert await page.locator("#u1").is_enabled() and await page.locator("#u2").is_disabled()
+        await flows.click_and_wait(page, "#zoom-2", job_id=2)
+        await flows.click_and_wait(page, "#u1", job_id=3)
+        assert await flows.wait_chat_images(page, 3) == 3
+        sizes = await page.locator("#chat img").evaluate_all(
+            "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])"
+        )
+        zoom, upscale = await app.service.get_job(2), await app.service.get_job(3)
+    # what the browser shows: the 64x64 original, its 2x zoom-out canvas, that canvas upscaled
+    assert sizes == [[64, 64], [128, 128], [256, 256]], sizes
+    assert (zoom.kind, zoom.parent_id, zoom.params.detail) == ("zoom", 1, "2x")
+    assert (upscale.kind, upscale.parent_id) == ("upscale", 2)
+
+
 async def test_the_original_app_a_prompt_typed_in_the_page_drawn_by_hugging_face(tmp_path, page):
     sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
     backends = {"kind": "huggingface", "hf_provider": "hf-inference", "hf_model": sdxl}

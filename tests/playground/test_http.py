@@ -7,6 +7,7 @@ this test's event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -98,6 +99,72 @@ async def test_reroll_and_variation_buttons_make_child_jobs(tmp_path):
         assert (variation.kind, variation.parent_id, variation.parent_image_index) == ("variation", 2, 2)
         assert variation.state == "succeeded"
         assert "variation" in chat_texts(last)[-1]
+
+
+async def test_upscale_zoom_pan_vary_and_remix_buttons(tmp_path):
+    async with running_playground(app_config(tmp_path)) as app:
+
+        def go() -> list[tuple[Any, ...]]:
+            c = client(app.url)
+            try:
+                c.predict("/imagine a harbour --n 2 --seed 5", api_name="/imagine")
+                up = c.predict(api_name="/upscale_2")  # job 2: one image, so the single-image buttons
+                return [
+                    up,
+                    c.predict(api_name="/zoom_out_2x"),  # of job 2
+                    c.predict(api_name="/pan_up"),  # of job 3
+                    c.predict(api_name="/vary_subtle"),  # of job 4
+                    c.predict("", api_name="/remix"),  # no text: says how, starts nothing
+                    c.predict("a stormy harbour --strength 0.5", api_name="/remix"),  # of job 5
+                ]
+            finally:
+                c.close()
+
+        outputs = await asyncio.to_thread(go)
+        jobs = [await app.service.get_job(i) for i in range(2, 7)]
+        calls = app.core.backend.calls
+    up, zoom, pan, vary, remix = jobs
+    assert (up.kind, up.parent_id, up.parent_image_index, up.params.width) == ("upscale", 1, 1, 128)
+    assert (zoom.kind, zoom.parent_id, zoom.params.width) == ("zoom", 2, 256)
+    assert (pan.kind, pan.parent_id, pan.params.detail, pan.params.height) == ("pan", 3, "up", 384)
+    assert (vary.kind, vary.parent_id, vary.params.detail) == ("variation", 4, "subtle")
+    assert (remix.kind, remix.parent_id, remix.prompt, remix.params.strength) == (
+        "remix",
+        5,
+        "a stormy harbour",
+        0.5,
+    )
+    assert all(j.state == "succeeded" for j in jobs)
+    assert "Type the prompt and flags to remix with" in field(outputs[4], "remix with")
+    assert [c.params.task for c in calls] == [
+        "txt2img",
+        "img2img",
+        "inpaint",
+        "inpaint",
+        "img2img",
+        "img2img",
+    ]
+
+
+async def test_cancel_stops_the_latest_waiting_job(tmp_path):
+    async with running_playground(app_config(tmp_path, backends={"kind": "fake", "fake_delay_s": 30})) as app:
+
+        def go() -> str:
+            c = client(app.url)
+            try:
+                c.submit("/imagine a very slow one", api_name="/imagine")
+                for _ in range(100):
+                    if app.core.backend.in_flight:
+                        break
+                    time.sleep(0.05)
+                return c.predict(api_name="/cancel")
+            finally:
+                c.close()
+
+        said = await asyncio.to_thread(go)
+        job = await app.service.get_job(1)
+        quota = await app.service.quota(Actor("web", "local"), Place("web"))
+    assert "Job #1 cancelled" in said and job.state == "cancelled" and quota.used_today == 0
 
 
 async def test_refusals_are_short_messages_and_create_no_job(tmp_path):

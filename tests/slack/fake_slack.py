@@ -10,7 +10,10 @@ including the parts that bite real bots:
   completion answer does not say in which message the file was shared: that shows up in files.info
   (`shares`), as on real Slack where sharing happens asynchronously;
 - `url_private` downloads need the bot token as a Bearer header;
-- a 429 with `Retry-After` can be injected per method; the default client does not retry it.
+- a 429 with `Retry-After` can be injected per method; the default client does not retry it;
+- a share can be made to show up late in files.info (`share_delay_s`), as Slack's sometimes do;
+- `files.completeUploadExternal` takes Block Kit `blocks` for the share message (buttons), or can be
+  made to refuse them (`refuse_upload_blocks`), and `chat.delete` removes the bot's messages.
 
 Every call is recorded (`calls`) so tests assert on what the bot really sent.
 """
@@ -53,6 +56,7 @@ class FakeFile:
     mimetype: str = "application/octet-stream"
     shares: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     hosted: bool = False  # a file "posted by a user" that the fake serves at url_private
+    shared_at: float = 0.0  # when files.info starts showing its shares (loop time)
 
 
 @dataclass
@@ -89,6 +93,10 @@ class FakeSlack:
         self.users: dict[str, dict[str, Any]] = {}
         self.base_url = ""
         self._rate_limits: dict[str, list[int]] = {}
+        # files.info shows a share this long after files.completeUploadExternal made it.
+        self.share_delay_s = 0.0
+        self.refuse_upload_blocks = False
+        self.deleted: list[FakeMessage] = []
         # Methods whose calls get no answer until `unstall()` (a bot dying mid-call never sees one).
         self.stalled: set[str] = set()
         self._unstalled = asyncio.Event()
@@ -186,6 +194,15 @@ class FakeSlack:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(0.05, remaining)):
                     await self._changed.wait()
+
+    def buttons(self, msg: FakeMessage) -> list[str]:
+        """The action ids of a message's buttons, in order."""
+        return [
+            e["action_id"]
+            for b in msg.blocks or []
+            if b.get("type") == "actions"
+            for e in b.get("elements", [])
+        ]
 
     def uploaded_files(self) -> list[FakeFile]:
         return [f for f in self.files.values() if not f.hosted and f.data is not None and f.shares]
@@ -379,21 +396,37 @@ class FakeSlack:
         channel = p.get("channel_id")
         if channel in self.not_member:
             return {"ok": False, "error": "not_in_channel"}
+        blocks = None if p.get("initial_comment") else self._json_param(p.get("blocks"))
+        if blocks is not None and self.refuse_upload_blocks:
+            return {"ok": False, "error": "invalid_blocks"}
         if channel:
             ts = self._new_ts()
+            # A message of blocks reads as their text (what Slack shows in notifications and search).
+            shown = p.get("initial_comment") or "\n".join(
+                b["text"]["text"] for b in blocks or [] if b.get("type") == "section"
+            )
             self.messages[(channel, ts)] = FakeMessage(
                 channel,
                 ts,
-                p.get("initial_comment") or "",
+                shown,
                 BOT_USER_ID,
+                blocks,
                 files=[f.id for f in found],
                 thread_ts=p.get("thread_ts"),
             )
             kind = "public" if channel.startswith("C") else "private"
             for f in found:
                 f.shares = {kind: {channel: [{"ts": ts, "channel_name": channel}]}}
+                f.shared_at = asyncio.get_running_loop().time() + self.share_delay_s
         # Like Slack: the answer lists the files but not (yet) where they were shared.
         return {"ok": True, "files": [{"id": f.id, "title": f.title} for f in found]}
+
+    def _m_chat_delete(self, p: dict[str, Any]) -> dict[str, Any]:
+        msg = self.messages.pop((p.get("channel"), p.get("ts")), None)
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        self.deleted.append(msg)
+        return {"ok": True, "channel": msg.channel, "ts": msg.ts}
 
     def _m_files_info(self, p: dict[str, Any]) -> dict[str, Any]:
         f = self.files.get(p.get("file"))
@@ -426,6 +459,6 @@ class FakeSlack:
             "url_private": f"{self.base_url}/files-pri/{f.id}/{f.filename}",
             "url_private_download": f"{self.base_url}/files-pri/{f.id}/{f.filename}",
         }
-        if f.shares:
+        if f.shares and asyncio.get_running_loop().time() >= f.shared_at:
             obj["shares"] = f.shares
         return obj

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot import slack_adapter
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
-from tests.slack.fake_slack import BOT_TOKEN, FakeMessage, FakeSlack
+from tests.slack.fake_slack import BOT_TOKEN, BOT_USER_ID, FakeMessage, FakeSlack
 from tests.slack.signed import SIGNING_SECRET, SlackSender
 
 ADMIN_ID = "UADMIN01"
@@ -68,6 +69,17 @@ def result_messages(fake: FakeSlack, channel: str = "CGENERAL1") -> list[FakeMes
     return [m for (c, _), m in fake.messages.items() if c == channel and m.files]
 
 
+def reaction(name: str, msg, user: str = "UBOB0001") -> dict:
+    return {
+        "type": "reaction_added",
+        "user": user,
+        "reaction": name,
+        "item_user": BOT_USER_ID,
+        "item": {"type": "message", "channel": msg.channel, "ts": msg.ts},
+        "event_ts": f"{time.time():.6f}",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,6 +100,8 @@ def make_config(
             "http_host": "127.0.0.1",
             "http_port": port,
             "admin_user_ids": [ADMIN_ID],
+            # the fake hosts users' files itself: its origin stands in for files.slack.com
+            "file_hosts": [fake.base_url],
             **slack,
         },
     }

@@ -158,6 +158,46 @@ class SlackSender:
         }
         return await self.interactive(payload), trigger_id
 
+    async def block_action(
+        self, message: Any, action_id: str, *, user_id: str = "UALICE01", trigger_id: str | None = None
+    ) -> tuple[Reply, str]:
+        """A click on the button `action_id` of `message` (a FakeMessage), as Slack posts it."""
+        trigger_id = trigger_id or self.next_id("trig.")
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user_id, "username": user_id.lower(), "name": user_id.lower(), "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy-verification-token",
+            "container": {
+                "type": "message",
+                "message_ts": message.ts,
+                "channel_id": message.channel,
+                "is_ephemeral": False,
+                **({"thread_ts": message.thread_ts} if message.thread_ts else {}),
+            },
+            "trigger_id": trigger_id,
+            "team": {"id": TEAM_ID, "domain": "test"},
+            "channel": {"id": message.channel, "name": "general"},
+            "message": {
+                "type": "message",
+                "ts": message.ts,
+                "text": message.text,
+                "blocks": message.blocks or [],
+            },
+            "response_url": f"{self.fake_base}/response/{trigger_id}",
+            "actions": [
+                {
+                    "action_id": action_id,
+                    "block_id": "imagine_controls_0",
+                    "value": action_id,
+                    "type": "button",
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+            "is_enterprise_install": False,
+        }
+        return await self.interactive(payload), trigger_id
+
     async def view_submission(
         self, view: dict[str, Any], values: dict[str, Any], *, user_id: str = "UALICE01"
     ) -> Reply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 
 import pytest
@@ -11,7 +12,14 @@ from PIL import Image
 
 from bot.core.api import Actor, Place
 from tests.slack.fake_slack import BOT_USER_ID, FakeMessage, FakeSlack
-from tests.slack.harness import ADMIN_ID, Running, postgres_database, result_messages, running_adapter
+from tests.slack.harness import (
+    ADMIN_ID,
+    Running,
+    postgres_database,
+    reaction,
+    result_messages,
+    running_adapter,
+)
 from tests.slack.images import mask_png, opaque_png, transparent_hole_png
 from tests.slack.signed import SIGNING_SECRET
 
@@ -76,20 +84,24 @@ async def test_imagine_acks_fast_then_uploads_result_with_prompt_seed_and_params
     for file_id in msg.files:
         img = Image.open(io.BytesIO(slack.fake.files[file_id].data))
         assert img.format == "PNG" and img.size == (64, 64)
-    # the status message showed the queue/progress and ends as "done"
-    await slack.fake.wait_for(lambda: any("done" in m.text for m in slack.fake.messages.values()))
-    status = [m for m in slack.fake.messages.values() if not m.files and "a red fox" in m.text]
-    assert len(status) == 1 and "done" in status[0].text
-    assert any("queued" in t or "started" in t or "step" in t for t in status[0].history[:-1]), status[
-        0
-    ].history
-    # the job row knows its result message, so reactions resolve to it (even after a restart)
+    # the status message showed the queue/progress (with a Cancel button), and is removed once the
+    # result is shared: the job leaves one message
+    await slack.fake.wait_for(lambda: slack.fake.deleted)
+    [status] = slack.fake.deleted
+    assert "a red fox" in status.text and not status.files
+    assert any("queued" in t or "started" in t or "step" in t for t in status.history), status.history
+    assert [m for m in slack.fake.messages.values() if "a red fox" in m.text] == [msg]
+    posted = slack.fake.calls_to("chat.postMessage")[0].params
+    assert "imagine:cancel:1" in json.dumps(posted["blocks"])
+    # the job row knows its result message, so reactions and buttons resolve to it (even after a restart)
     job = await attached_job(slack, msg)
     assert job.state == "succeeded" and job.params.seeds == (42, 43) and job.params.steps == 12
-    # the controls are offered as reactions on the result
-    await slack.fake.wait_for(lambda: len(slack.fake.reactions) >= 3)
-    assert [r["name"] for r in slack.fake.reactions] == ["repeat", "one", "two"]
-    assert {r["timestamp"] for r in slack.fake.reactions} == {msg.ts}
+    # the controls are buttons on the result; no hint reactions
+    assert slack.fake.buttons(msg) == [
+        "imagine:up:1:0", "imagine:up:1:1", "imagine:var:1:0", "imagine:var:1:1",
+        "imagine:reroll:1", "imagine:remix:1",
+    ]  # fmt: skip
+    assert slack.fake.reactions == []
     # the backend saw what the user asked for
     params = slack.backend.calls[0].params
     assert params.task == "txt2img" and params.prompt == "a red fox in snow" and params.seeds == (42, 43)
@@ -226,17 +238,6 @@ async def test_inpaint_shortcut_on_message_without_image(slack: Running):
     await slack.fake.wait_for(lambda: slack.fake.responses)
     assert "Attach an image" in slack.fake.responses[0]["text"]
     assert not slack.fake.views
-
-
-def reaction(name: str, msg, user: str = "UBOB0001") -> dict:
-    return {
-        "type": "reaction_added",
-        "user": user,
-        "reaction": name,
-        "item_user": BOT_USER_ID,
-        "item": {"type": "message", "channel": msg.channel, "ts": msg.ts},
-        "event_ts": f"{time.time():.6f}",
-    }
 
 
 async def test_reactions_start_a_variation_and_a_reroll(slack: Running):
@@ -412,9 +413,10 @@ async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: F
         assert "a phoenix" in msg.text and "seed 77" in msg.text and "<@UALICE01>" in msg.text
         job = await attached_job(second_run, msg)
         assert job.state == "succeeded" and job.attempts >= 1
-        # the status message posted before the restart is the one that ends "done": no second one
-        await fake_slack.wait_for(lambda: "done" in status_messages()[-1].text)
-        [status] = status_messages()
+        # the status message posted before the restart is the one removed: no second one
+        await fake_slack.wait_for(lambda: fake_slack.deleted)
+        [status] = fake_slack.deleted
+        assert status_messages() == [] and len(fake_slack.calls_to("chat.postMessage")) == 1
         assert job.delivery["status_ts"] == status.ts and job.delivery["status_channel"] == status.channel
 
 

@@ -20,19 +20,20 @@ import pytest
 
 from bot.slack_adapter import app as slack_app
 from tests.slack.fake_slack import FakeSlack
-from tests.slack.harness import result_messages, running_adapter
+from tests.slack.harness import reaction, result_messages, running_adapter
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def die_after_posting(service: Any) -> asyncio.Event:
+def die_in(service: Any, method: str) -> asyncio.Event:
+    """`service.<method>` never returns (the process dies there); the event says it was reached."""
     posted = asyncio.Event()
 
     async def never_returns(*_args: Any, **_kwargs: Any) -> None:
         posted.set()
         await asyncio.Event().wait()
 
-    service.attach_result_message = never_returns
+    setattr(service, method, never_returns)
     return posted
 
 
@@ -48,22 +49,45 @@ async def recorded_result(service: Any, job_id: int) -> Any:
 async def test_shared_result_is_found_through_its_files(
     fake_slack: FakeSlack, tmp_path: Path, http: aiohttp.ClientSession
 ):
+    """Killed after the share, before it was counted as delivered: the next process asks Slack
+    where the recorded files went, and records that message instead of posting again."""
     async with running_adapter(fake_slack, tmp_path, http) as first:
-        posted = die_after_posting(first.service)
+        posted = die_in(first.service, "record_shown")
         await first.sender.slash_command("/imagine", "a paper boat --n 2")
         await asyncio.wait_for(posted.wait(), 20)
     [shown] = result_messages(fake_slack)
 
     async with running_adapter(fake_slack, tmp_path, http) as second:
         job = await recorded_result(second.service, 1)
-        await fake_slack.wait_for(
-            lambda: len([r for r in fake_slack.reactions if r["timestamp"] == shown.ts]) == 3
-        )
     assert job.result_message_id == f"{shown.channel}:{shown.ts}"
     assert result_messages(fake_slack) == [shown]
     assert len(fake_slack.calls_to("files.completeUploadExternal")) == 1
     assert job.delivery["result_files"] == ",".join(shown.files)
-    assert any("done" in m.text for m in fake_slack.messages.values() if not m.files)
+    assert [m.text for m in fake_slack.messages.values() if not m.files] == []  # the status went
+
+
+async def test_a_result_recorded_as_shown_is_not_posted_again(
+    fake_slack: FakeSlack, tmp_path: Path, http: aiohttp.ClientSession
+):
+    """Stopped after the share was counted as delivered, while its message id was being recorded
+    (the window in which a SIGTERM used to post the result twice): the next process posts nothing;
+    a reaction on the result finds its job through the result's files."""
+    async with running_adapter(fake_slack, tmp_path, http) as first:
+        posted = die_in(first.service, "attach_result_message")
+        await first.sender.slash_command("/imagine", "a paper crane")
+        await asyncio.wait_for(posted.wait(), 20)
+    [shown] = result_messages(fake_slack)
+
+    async with running_adapter(fake_slack, tmp_path, http) as second:
+        await asyncio.sleep(0.5)  # the dispatcher has looked for work to take over by now
+        assert result_messages(fake_slack) == [shown]
+        await second.sender.event(reaction("repeat", shown))
+        await fake_slack.wait_for(lambda: len(result_messages(fake_slack)) == 2)
+        job = await recorded_result(second.service, 1)
+        reroll = await second.service.get_job(2)
+    assert len(fake_slack.calls_to("files.completeUploadExternal")) == 2  # the original once, the re-roll
+    assert job.result_message_id == f"{shown.channel}:{shown.ts}"
+    assert (reroll.kind, reroll.parent_id) == ("reroll", 1)
 
 
 async def test_files_never_shared_are_uploaded_again_once(

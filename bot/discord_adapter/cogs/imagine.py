@@ -1,14 +1,15 @@
-"""/imagine: text to image."""
+"""/imagine: text to image, or from an attached image (image-to-image at `strength`)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord_adapter.attachments import read_image
 from bot.discord_adapter.errors import defer
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class Imagine(commands.Cog):
         steps="Denoising steps (more is slower and finer)",
         aspect="Aspect ratio",
         guidance="How closely to follow the prompt (0-30)",
+        image="An image to start from (PNG, JPEG or WebP); the size follows it",
+        strength="With an image: how far the result may stray from it (0-1, default 0.6)",
     )
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS])
     @app_commands.guild_only()
@@ -45,6 +48,8 @@ class Imagine(commands.Cog):
         steps: app_commands.Range[int, 1, 150] | None = None,
         aspect: str | None = None,
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, 0.01, 1.0] | None = None,
     ) -> None:
         await defer(interaction, ephemeral=False)
         options = {
@@ -54,15 +59,19 @@ class Imagine(commands.Cog):
             "steps": steps,
             "ar": aspect,
             "guidance": guidance,
+            "strength": strength,
         }
-        job = await self.bot.service.imagine(
-            self.bot.actor(interaction),
-            self.bot.place(interaction),
-            prompt,
-            {k: v for k, v in options.items() if v is not None},
-            idempotency_key=self.bot.key(interaction),
-            delivery=self.bot.interaction_delivery(interaction),
-        )
+        given = {k: v for k, v in options.items() if v is not None}
+        common: dict[str, Any] = {
+            "idempotency_key": self.bot.key(interaction),
+            "delivery": self.bot.interaction_delivery(interaction),
+        }
+        actor, place = self.bot.actor(interaction), self.bot.place(interaction)
+        if image is not None:
+            data = await read_image("image", image, self.bot.config.max_attachment_bytes)
+            job = await self.bot.service.image_to_image(actor, place, prompt, data, given, **common)
+        else:
+            job = await self.bot.service.imagine(actor, place, prompt, given, **common)
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which ignores this if the job already started).
         log.info(
@@ -73,8 +82,7 @@ class Imagine(commands.Cog):
             "new" if job.created else "existing",
             job.position,
         )
-        if job.created and job.state == "queued":
-            await self.bot.delivery.on_queued(job, job.position)
+        await self.bot.show_queued(job)
 
 
 async def setup(bot: ImagineBot) -> None:

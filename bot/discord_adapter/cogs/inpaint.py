@@ -9,49 +9,18 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_adapter.errors import AttachmentError, defer
+from bot.discord_adapter.attachments import read_image
+from bot.discord_adapter.errors import defer
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from bot.discord_adapter.bot import ImagineBot
 
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}  # what the inference server decodes
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
 
 class Inpaint(commands.Cog):
     def __init__(self, bot: ImagineBot):
         self.bot = bot
-
-    async def _read(self, field: str, attachment: discord.Attachment) -> bytes:
-        """The attachment's bytes, or a clear refusal naming the option and the file."""
-        ctype = (attachment.content_type or "").split(";")[0].strip().lower()
-        if ctype not in IMAGE_TYPES and not (
-            not ctype and attachment.filename.lower().endswith(IMAGE_SUFFIXES)
-        ):
-            raise AttachmentError(
-                field,
-                f"`{attachment.filename}` ({field}) is not a PNG, JPEG or WebP image.",
-                attachment.filename,
-            )
-        limit = self.bot.config.max_attachment_bytes
-        if attachment.size > limit:
-            raise AttachmentError(
-                field,
-                f"`{attachment.filename}` ({field}) is {attachment.size / 2**20:.1f} MiB; "
-                f"the limit is {limit / 2**20:.1f} MiB.",
-                attachment.size,
-            )
-        try:
-            data = await attachment.read()
-        except discord.HTTPException as e:
-            raise AttachmentError(field, f"Could not download `{attachment.filename}` ({field}).") from e
-        if len(data) > limit:  # the declared size can lie
-            raise AttachmentError(
-                field, f"`{attachment.filename}` ({field}) is larger than {limit / 2**20:.1f} MiB.", len(data)
-            )
-        return data
 
     @app_commands.command(
         name="inpaint", description="Repaint part of an image (white in the mask, or its transparent pixels)."
@@ -72,8 +41,9 @@ class Inpaint(commands.Cog):
         seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
     ) -> None:
         await defer(interaction, ephemeral=False)
-        image_bytes = await self._read("image", image)
-        mask_bytes = await self._read("mask", mask) if mask is not None else None
+        limit = self.bot.config.max_attachment_bytes
+        image_bytes = await read_image("image", image, limit)
+        mask_bytes = await read_image("mask", mask, limit) if mask is not None else None
         job = await self.bot.service.inpaint(
             self.bot.actor(interaction),
             self.bot.place(interaction),
@@ -94,8 +64,7 @@ class Inpaint(commands.Cog):
             "new" if job.created else "existing",
             job.position,
         )
-        if job.created and job.state == "queued":
-            await self.bot.delivery.on_queued(job, job.position)
+        await self.bot.show_queued(job)
 
 
 async def setup(bot: ImagineBot) -> None:

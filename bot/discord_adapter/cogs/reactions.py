@@ -1,7 +1,8 @@
 """Reactions on a result: 🔁 re-roll, 1️⃣-4️⃣ / 🎨 variation, for the user who reacted.
 
 Resolved through the core (message id -> job row), so results posted before a restart still work.
-Reactions by bots (this one adds the emoji itself) and on other messages are ignored.
+Reactions by bots and on other messages are ignored. The bot adds no reactions of its own: the
+buttons under each result (`cogs/buttons.py`) say what is possible.
 """
 
 from __future__ import annotations
