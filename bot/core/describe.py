@@ -46,5 +46,7 @@ def describe(job: JobView) -> str:
         parts.append(f"strength {p.strength:g}")
     if p.model:
         parts.append(f"model {p.model}")
+    if p.loras:
+        parts.append("lora " + ", ".join(f"{lora.name}:{lora.weight:g}" for lora in p.loras))
     label = kind_label(job)
     return (f"{label} · " if label else "") + " · ".join(parts)
