@@ -244,7 +244,6 @@ class FakeBackend:
                     )
         return base, mask
 
-
     def _validate_model(self, params: GenerationParams) -> None:
         """The checks of a server with a models registry: the model and its LoRAs must exist."""
         if params.model is None and not params.loras:

@@ -192,7 +192,7 @@ class InferenceServerBackend:
         if not by_name:
             return None
         merged = []
-        for name, hosted in by_name.items():
+        for hosted in by_name.values():
             infos = [info for _, info in hosted]
             merged.append(
                 dataclasses.replace(

@@ -209,7 +209,9 @@ class ModelChoices:
             )
         missing = [x.name for x in loras if x.name not in info.loras]
         if missing:
-            raise BadParameters("lora", f"The LoRA {missing[0]} of that image is no longer offered.", missing[0])
+            raise BadParameters(
+                "lora", f"The LoRA {missing[0]} of that image is no longer offered.", missing[0]
+            )
 
     def capabilities(self, model: str | None) -> ModelCapabilities | None:
         """The capabilities a job on `model` is checked against (the default's for None or a model
@@ -271,7 +273,11 @@ class ModelChoices:
         names = _dedupe(self._model(catalog, m).name for m in _words("models", models))
         async with self.db.session() as s:
             row = await self._row_for_update(s, actor.platform, guild_id)
-            if names and row.default_model and row.default_model.casefold() not in {n.casefold() for n in names}:
+            if (
+                names
+                and row.default_model
+                and row.default_model.casefold() not in {n.casefold() for n in names}
+            ):
                 raise BadParameters(
                     "models",
                     f"The default model here, {row.default_model}, would not be allowed: "
@@ -330,7 +336,9 @@ class ModelChoices:
         info = catalog.get(name)
         if info is None:
             raise BadParameters(
-                "model", f"There is no model {name!r}. Models: {_names([m.name for m in catalog.models])}.", name
+                "model",
+                f"There is no model {name!r}. Models: {_names([m.name for m in catalog.models])}.",
+                name,
             )
         return info
 

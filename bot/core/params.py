@@ -249,7 +249,9 @@ def parse_lora(word: str) -> LoraSpec:
     name, colon, weight_text = word.rpartition(":") if ":" in word else (word, "", "")
     if not NAME_RE.fullmatch(name) or (colon and not weight_text):
         raise BadParameters(
-            "lora", f"--lora must look like NAME or NAME:WEIGHT (for example detail:0.8), got {word[:60]!r}.", word
+            "lora",
+            f"--lora must look like NAME or NAME:WEIGHT (for example detail:0.8), got {word[:60]!r}.",
+            word,
         )
     if not colon:
         return LoraSpec(name, 1.0)
