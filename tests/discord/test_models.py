@@ -4,8 +4,8 @@ re-roll button keeping the model and LoRAs, and the admins' default model and al
 
 from __future__ import annotations
 
-from bot.backends.fake import FakeBackend
 from bot.backends.base import LoraSpec
+from bot.backends.fake import FakeBackend
 from tests.core.test_models import SD15, SDXL
 from tests.discord.fake_discord import FakeDiscord
 from tests.discord.harness import App, app_config, result_job, wait_ephemeral, wait_result
