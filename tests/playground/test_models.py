@@ -74,5 +74,5 @@ async def test_the_model_list_in_the_browser(tmp_path, page) -> None:
         await page.locator("#send").click()
         await page.locator('#status [data-job="1"][data-state="succeeded"]').wait_for()
         assert (await app.service.get_job(1)).params.model == "sdxl-base"
-        await page.get_by_text("Models and LoRAs").click()
+        await page.get_by_role("button", name="Models and LoRAs").click()
         await page.locator("#models").get_by_text("pixel-art").wait_for()
