@@ -220,8 +220,10 @@ def model_request(text: str, options: Mapping[str, Any] | None) -> ModelRequest:
     lora_words = raw.get("lora", "").split()
     for key, value in (options or {}).items() if isinstance(options, Mapping) else ():
         name = OPTION_ALIASES.get(key, key) if isinstance(key, str) else None
+        if name in ("model", "lora") and value is not None and not isinstance(value, str):
+            raise BadParameters(key, f"Option {key!r} must be a name, got {type(value).__name__}.", value)
         if not isinstance(value, str) or not value.strip():
-            continue  # other types and empty values are parse_prompt's to refuse
+            continue  # empty values are no choice; the other options are parse_prompt's
         if name == "model":
             model = value.strip()
         elif name == "lora":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bot.backends.base import BackendRejected, GenerationParams, LoraSpec
+from bot.core.api import BadParameters
 from bot.backends.inference_server import InferenceServerBackend
 from tests.backends.fakes import TOKEN, FakeInferenceServer, error
 from tests.backends.test_capabilities import reported
@@ -134,3 +135,42 @@ async def test_a_server_whose_list_changed_hands_the_job_on_and_the_registrys_40
     with pytest.raises(BackendRejected, match="that LoRA can't be used this way") as e:
         await backend.generate(job("sdxl-base", LoraSpec("detail", 5.0)))
     assert e.value.field == "loras[0].weight"
+
+
+async def test_the_core_learns_the_models_and_routes_jobs_through_the_dispatcher(
+    inference_server: FakeInferenceServer, second_inference_server: FakeInferenceServer, tmp_path
+) -> None:
+    """End to end: ModelWatch reads both servers' lists into the core, which checks --model against
+    them; the dispatcher's job then runs only on the server that hosts the model."""
+    from tests.core.helpers import ALICE, GUILD, running_core
+
+    small = {"default_width": 64, "default_height": 64}
+    serve(inference_server, {"sd15-base": ["ink"]}, sd15() | small)
+    serve(second_inference_server, {"sdxl-base": []}, sdxl() | small)
+    inference_server.model_capabilities = {"sd15-base": sd15() | small}
+    second_inference_server.model_capabilities = {"sdxl-base": sdxl() | small | {"max_steps": 40}}
+    backend = InferenceServerBackend(
+        [inference_server.url, second_inference_server.url], token=TOKEN, max_retries=0
+    )
+    async with running_core(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tmp_path, backend=backend) as (
+        core,
+        _,
+    ):
+        s = core.service
+        assert [(m.name, m.servers) for m in s.catalog.models] == [
+            ("sd15-base", (inference_server.url,)),
+            ("sdxl-base", (second_inference_server.url,)),
+        ]
+        with pytest.raises(BadParameters, match="--steps must be from 1 to 40"):
+            await s.imagine(ALICE, GUILD, "a fox --model sdxl-base --steps 45", idempotency_key="a")
+        jobs = [
+            await s.imagine(ALICE, GUILD, f"a fox {i} --model sdxl-base --steps 3", idempotency_key=f"x{i}")
+            for i in range(3)
+        ]
+        jobs.append(await s.imagine(ALICE, GUILD, "a fox --lora ink:0.5 --steps 3", idempotency_key="y"))
+        done = [await s.wait_for_job(j.id, 30) for j in jobs]
+    assert all(j.state == "succeeded" for j in done), [j.error for j in done]
+    assert [x.body["model"] for x in second_inference_server.seen] == ["sdxl-base"] * 3
+    assert [(x.body["model"], x.body["loras"]) for x in inference_server.seen] == [
+        ("sd15-base", [{"name": "ink", "weight": 0.5}])
+    ]
