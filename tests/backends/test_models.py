@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from bot.backends.base import BackendRejected, GenerationParams, LoraSpec
-from bot.core.api import BadParameters
 from bot.backends.inference_server import InferenceServerBackend
+from bot.core.api import BadParameters
 from tests.backends.fakes import TOKEN, FakeInferenceServer, error
 from tests.backends.test_capabilities import reported
 
