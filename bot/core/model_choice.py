@@ -190,8 +190,10 @@ class ModelChoices:
         return _settings_of(row)
 
     async def choose(self, place: Place, request: ModelRequest) -> Choice:
-        settings = await self.settings(place) if place.guild_id is not None else GuildModels()
-        return choose(request, self.catalog(), settings, self.default_capabilities())
+        catalog = self.catalog()
+        # Servers without a registry offer no choice: no settings to read on the submit path.
+        settings = await self.settings(place) if catalog else GuildModels()
+        return choose(request, catalog, settings, self.default_capabilities())
 
     def known(self, model: str | None, loras: Sequence[LoraSpec]) -> None:
         """A follow-up's parent's model and LoRAs must still be offered: refuse now rather than fail
