@@ -74,10 +74,10 @@ class Operations:
         if existing is not None:
             return existing
         bot = self.config.bot
-        limits, model = await self.submissions.choose(place, text, options)
+        limits, chosen = await self.submissions.choose(place, text, options)
         limits.require_task("img2img", "image-to-image")
         parsed = parse_prompt(text, options, bot, limits=limits, rng=self.rng, allow_strength=True)
-        parsed = dataclasses.replace(parsed, model=model.model, loras=model.loras)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         _no_aspect(parsed, "when you start from an image")
         start = await asyncio.to_thread(
             prepare_start_image, image, max_bytes=bot.max_upload_bytes, limits=limits
@@ -204,10 +204,10 @@ class Operations:
         sets how far it may stray (default `[bot] variation_strength`). The size is the image's."""
         bot = self.config.bot
         # The remix's text carries the parent's --model and --lora (`remix_text`): kept unless edited.
-        limits, model = await self.submissions.choose(place, text, None)
+        limits, chosen = await self.submissions.choose(place, text, None)
         limits.require_task("img2img", "remix (image-to-image)")
         parsed = parse_prompt(text, None, bot, limits=limits, rng=self.rng, allow_strength=True)
-        parsed = dataclasses.replace(parsed, model=model.model, loras=model.loras)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         _no_aspect(parsed, "in a remix")
         start = await self._start(actor, place, job_id, message_id, idempotency_key, delivery, index)
         if isinstance(start, JobView):

@@ -94,10 +94,10 @@ class Submissions:
         actor, place = validate.actor_and_place(actor, place)
         validate.idempotency_key(idempotency_key)
         delivery = validate.delivery(delivery)
-        limits, model = await self.choose(place, text, options)
+        limits, chosen = await self.choose(place, text, options)
         limits.require_task("txt2img", "text-to-image")
         parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
-        parsed = dataclasses.replace(parsed, model=model.model, loras=model.loras)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         return await self.submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
         )
@@ -120,10 +120,10 @@ class Submissions:
         existing = await self.existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        limits, model = await self.choose(place, prompt_text, options)
+        limits, chosen = await self.choose(place, prompt_text, options)
         limits.require_task("inpaint", "inpainting")
         parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
-        parsed = dataclasses.replace(parsed, model=model.model, loras=model.loras)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         if parsed.aspect_ratio is not None:
             raise BadParameters(
                 "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
