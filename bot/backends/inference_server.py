@@ -210,7 +210,7 @@ class InferenceServerBackend:
 
     async def _server_models(self, server: _Server) -> list[ModelInfo] | None:
         """What one server's /v1/models lists; [] for a server from before the registry (no "data"
-        entries with capabilities); None when it can't be asked now."""
+        entries of the registry); None when it can't be asked now."""
         timeout = aiohttp.ClientTimeout(
             total=self._connect_timeout_s + CAPABILITIES_READ_S, connect=self._connect_timeout_s
         )
@@ -227,7 +227,7 @@ class InferenceServerBackend:
             return None if data is None else []
         infos = []
         for entry in entries:
-            if not isinstance(entry, dict) or "capabilities" not in entry:
+            if not isinstance(entry, dict) or not _registry_entry(entry):
                 continue  # an OpenAI-style entry of an older server: no choice offered through it
             try:
                 infos.append(ModelInfo.from_json(entry))
@@ -506,6 +506,13 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
             raise BackendRejected("inpainting needs a mask", "mask")
         body["mask"] = base64.b64encode(params.mask).decode("ascii")
     return body
+
+
+def _registry_entry(entry: dict[str, Any]) -> bool:
+    """An entry of the models registry: its capabilities, whether it is the default, its LoRAs.
+    Servers from before the registry list their one model OpenAI-style, with its capabilities too
+    but neither `default` nor `loras`, and refuse a request that names a model (unknown field)."""
+    return "capabilities" in entry and isinstance(entry.get("default"), bool) and "loras" in entry
 
 
 def merge_capabilities(found: Sequence[ModelCapabilities]) -> ModelCapabilities:
