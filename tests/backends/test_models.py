@@ -70,6 +70,26 @@ async def test_servers_from_before_the_registry_offer_no_choice(
         await backend.close()
 
 
+async def test_a_mixed_fleet_sends_named_models_only_to_the_registry_server(
+    inference_server: FakeInferenceServer, second_inference_server: FakeInferenceServer
+) -> None:
+    serve(inference_server, None)  # from before the registry: it would refuse a `model` field
+    serve(second_inference_server, {"sdxl-base": ["detail"]})
+    backend = InferenceServerBackend(
+        [inference_server.url, second_inference_server.url], token=TOKEN, max_retries=0, stream=False
+    )
+    try:
+        assert [m.name for m in await backend.models() or ()] == ["sdxl-base"]
+        for _ in range(3):
+            await backend.generate(job("sdxl-base", LoraSpec("detail")))
+        for _ in range(2):
+            await backend.generate(job())  # the default model: both, round-robin
+        assert [s.body.get("model") for s in inference_server.seen] == [None]
+        assert [s.body.get("model") for s in second_inference_server.seen] == ["sdxl-base"] * 3 + [None]
+    finally:
+        await backend.close()
+
+
 async def test_a_job_goes_only_to_the_servers_that_host_its_model_and_loras(two_models) -> None:
     backend, a, b = two_models
     await backend.models()
