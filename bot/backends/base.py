@@ -19,6 +19,14 @@ TASKS: tuple[Task, ...] = get_args(Task)
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA applied to a job at `weight` (the server's `loras: [{"name", "weight"}]`)."""
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Everything a backend needs for one job; `n` images use `seeds[i]` each (len(seeds) == n)."""
 
@@ -37,6 +45,8 @@ class GenerationParams:
     # A model the server should use instead of its default (e.g. an upscaler); None = the default.
     # Needs a server that serves several models (the models registry).
     model: str | None = None
+    # LoRAs the server applies for this request only (needs a server with a models registry).
+    loras: tuple[LoraSpec, ...] = ()
     timeout_s: float | None = None
 
     @property
@@ -168,6 +178,43 @@ class ModelCapabilities:
         )
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model the backend offers (an entry of the server's `GET /v1/models`): its capabilities,
+    the LoRAs that work with it, and the servers that host it (for listings and logs)."""
+
+    name: str
+    family: str
+    capabilities: ModelCapabilities
+    loras: tuple[str, ...] = ()
+    default: bool = False
+    loaded: bool = True
+    servers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelInfo:
+        """From one `/v1/models` entry; `ValueError` naming the key when it is missing or malformed."""
+        name = data.get("id")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"model id is missing or not text: {name!r}")
+        raw_caps = data.get("capabilities")
+        if not isinstance(raw_caps, Mapping):
+            raise ValueError(f"model {name!r}: capabilities missing")
+        caps = ModelCapabilities.from_json(raw_caps)
+        loras = data.get("loras") or []
+        if not isinstance(loras, list) or not all(isinstance(x, str) and x for x in loras):
+            raise ValueError(f"model {name!r}: loras is not a list of names: {loras!r}")
+        family = data.get("family")
+        return cls(
+            name=name,
+            family=family if isinstance(family, str) and family else caps.family,
+            capabilities=caps,
+            loras=tuple(dict.fromkeys(loras)),
+            default=data.get("default") is True,
+            loaded=data.get("loaded") is not False,
+        )
+
+
 @runtime_checkable
 class InferenceBackend(Protocol):
     name: str
@@ -175,6 +222,11 @@ class InferenceBackend(Protocol):
     async def capabilities(self) -> ModelCapabilities | None:
         """What the backend's model accepts now, or None when the backend doesn't say (the bot then
         uses `[bot]`'s settings). Never raises: an unreachable server is None too."""
+        ...
+
+    async def models(self) -> list[ModelInfo] | None:
+        """The models a job may name (`GenerationParams.model`), the default first; None when the
+        backend offers no choice (one model: `capabilities()`). Never raises."""
         ...
 
     async def generate(

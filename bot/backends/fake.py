@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -27,6 +27,7 @@ from .base import (
     GeneratedImage,
     GenerationParams,
     ModelCapabilities,
+    ModelInfo,
     Task,
     UnsupportedTask,
 )
@@ -63,6 +64,7 @@ class FakeBackend:
         concurrency: int | None = None,
         tasks: Iterable[Task] = ("txt2img", "img2img", "inpaint"),
         progress_events: bool = True,
+        models: Sequence[ModelInfo] | None = None,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
@@ -72,6 +74,8 @@ class FakeBackend:
         self.delay_s = delay_s
         self.tasks = frozenset(tasks)
         self.progress_events = progress_events
+        # The models it offers, as a server with a models registry would (None: no choice).
+        self.models_offered = list(models) if models is not None else None
         self.calls: list[FakeCall] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -133,6 +137,9 @@ class FakeBackend:
     async def capabilities(self) -> ModelCapabilities | None:
         """None: the fake has no model, so the bot uses `[bot]`'s sizes and defaults."""
         return None
+
+    async def models(self) -> list[ModelInfo] | None:
+        return None if self.models_offered is None else list(self.models_offered)
 
     async def close(self) -> None:
         self.closed = True
@@ -202,6 +209,7 @@ class FakeBackend:
             raise UnsupportedTask(f"{params.task} is not supported by the {self.name} backend", "task")
         if not params.prompt.strip():
             raise BackendRejected("prompt must not be empty", "prompt")
+        self._validate_model(params)
         if len(params.prompt) > MAX_PROMPT_CHARS:
             raise BackendRejected(
                 f"prompt is {len(params.prompt)} characters, the limit is {MAX_PROMPT_CHARS}", "prompt"
@@ -235,6 +243,18 @@ class FakeBackend:
                         "mask",
                     )
         return base, mask
+
+    def _validate_model(self, params: GenerationParams) -> None:
+        """The checks of a server with a models registry: the model and its LoRAs must exist."""
+        if params.model is None and not params.loras:
+            return
+        offered = {m.name: m for m in self.models_offered or ()}
+        model = offered.get(params.model) if params.model else next(iter(offered.values()), None)
+        if model is None:
+            raise BackendRejected(f"unknown model {params.model!r}", "model")
+        for i, lora in enumerate(params.loras):
+            if lora.name not in model.loras:
+                raise BackendRejected(f"unknown LoRA {lora.name!r} for {model.name}", f"loras[{i}].name")
 
 
 def _open_image(data: bytes | None, fld: str) -> Image.Image:

@@ -45,6 +45,7 @@ from .base import (
     GeneratedImage,
     GenerationParams,
     ModelCapabilities,
+    ModelInfo,
     UnsupportedTask,
     describe_wait,
 )
@@ -103,6 +104,10 @@ class HuggingFaceBackend:
 
     async def capabilities(self) -> ModelCapabilities | None:
         """None: Inference Providers don't describe their models' limits, so the bot uses `[bot]`'s sizes and defaults."""
+        return None
+
+    async def models(self) -> list[ModelInfo] | None:
+        """None: the configured Hub models are the only choice (`[backends.huggingface]`)."""
         return None
 
     async def close(self) -> None:

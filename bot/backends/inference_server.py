@@ -4,7 +4,9 @@ One `aiohttp.ClientSession` per backend, made on first use and closed by `close(
 can be configured: each job starts at the next server (round-robin) and fails over to the others
 when one is unreachable or overloaded. A server that refused a connection is tried last for a
 cool-off period. Rounds over all servers are separated by exponential backoff with jitter, or by the
-server's `Retry-After` when it gave one (capped). With streaming on, the server's NDJSON events
+server's `Retry-After` when it gave one (capped). A job that names a model (or LoRAs) goes only to
+the servers that host it, as their `GET /v1/models` last said (`models()`), in the same order and
+with the same failover among those. With streaming on, the server's NDJSON events
 become `BackendEvent`s. Every failure surfaces as a `BackendError` with a message fit for a user or
 a log line, never a traceback.
 """
@@ -35,7 +37,9 @@ from .base import (
     EventCallback,
     GeneratedImage,
     GenerationParams,
+    LoraSpec,
     ModelCapabilities,
+    ModelInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,15 @@ DEADLINE_GRACE_S = 2.0
 CAPABILITIES_READ_S = 5.0
 
 
+class _NotHosted(Exception):
+    """A server does not have the job's model or one of its LoRAs (400 unknown_model or
+    unknown_lora): another server may."""
+
+    def __init__(self, rejected: BackendRejected):
+        super().__init__(rejected.message)
+        self.rejected = rejected
+
+
 class _RetryableFailure(Exception):
     """A server could not take the job now; another server, or a later round, may."""
 
@@ -66,6 +79,20 @@ class _RetryableFailure(Exception):
 class _Server:
     url: str
     down_until: float = 0.0
+    # Model name -> its LoRAs, from the server's /v1/models; None until it has answered, {} for a
+    # server from before the models registry (only its default model, which has no name to ask by).
+    models: dict[str, frozenset[str]] | None = None
+
+    def hosts(self, model: str | None, loras: tuple[LoraSpec, ...]) -> bool | None:
+        """Whether this server can run a job on `model` with `loras` (None: not known yet)."""
+        if model is None and not loras:
+            return True
+        if self.models is None:
+            return None
+        if model is None:
+            return False  # LoRAs on an unnamed default model: the core names the model first
+        names = self.models.get(model)
+        return names is not None and all(lora.name in names for lora in loras)
 
 
 class InferenceServerBackend:
@@ -146,6 +173,68 @@ class InferenceServerBackend:
             )
         return merged
 
+    async def models(self) -> list[ModelInfo] | None:
+        """The models of every server's `GET /v1/models`, by name, the first server's default first;
+        None when no server offers a choice (all from before the registry, down or loading). A model
+        on several servers has what all of them accept (`merge_capabilities`) and the LoRAs any of
+        them has (a job with a LoRA goes only to servers that have it). Remembers which server hosts
+        what, for routing."""
+        if self._closed:
+            return None
+        found = await asyncio.gather(*(self._server_models(s) for s in self._servers))
+        by_name: dict[str, list[tuple[str, ModelInfo]]] = {}
+        for server, infos in zip(self._servers, found, strict=True):
+            if infos is None:
+                continue  # not reachable: keep what it said last
+            server.models = {m.name: frozenset(m.loras) for m in infos}
+            for info in infos:
+                by_name.setdefault(info.name, []).append((server.url, info))
+        if not by_name:
+            return None
+        merged = []
+        for hosted in by_name.values():
+            infos = [info for _, info in hosted]
+            merged.append(
+                dataclasses.replace(
+                    infos[0],
+                    capabilities=merge_capabilities([i.capabilities for i in infos]),
+                    loras=tuple(dict.fromkeys(lora for i in infos for lora in i.loras)),
+                    default=any(i.default for i in infos),
+                    loaded=any(i.loaded for i in infos),
+                    servers=tuple(url for url, _ in hosted),
+                )
+            )
+        # The default of the first server that has one leads: it is what a job without a model gets.
+        merged.sort(key=lambda m: not m.default)
+        return merged
+
+    async def _server_models(self, server: _Server) -> list[ModelInfo] | None:
+        """What one server's /v1/models lists; [] for a server from before the registry (no "data"
+        entries of the registry); None when it can't be asked now."""
+        timeout = aiohttp.ClientTimeout(
+            total=self._connect_timeout_s + CAPABILITIES_READ_S, connect=self._connect_timeout_s
+        )
+        try:
+            async with self._get_session().get(server.url + "/v1/models", timeout=timeout) as resp:
+                if resp.status in (404, 405):
+                    return []  # no registry: one model, described by /health
+                data = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.info("inference server %s: no model list (%s)", server.url, type(e).__name__)
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None if data is None else []
+        infos = []
+        for entry in entries:
+            if not isinstance(entry, dict) or not _registry_entry(entry):
+                continue  # an OpenAI-style entry of an older server: no choice offered through it
+            try:
+                infos.append(ModelInfo.from_json(entry))
+            except (ValueError, TypeError, AttributeError) as e:
+                log.warning("inference server %s lists a malformed model: %s", server.url, e)
+        return infos
+
     async def _server_capabilities(self, server: _Server) -> ModelCapabilities | None:
         timeout = aiohttp.ClientTimeout(
             total=self._connect_timeout_s + CAPABILITIES_READ_S, connect=self._connect_timeout_s
@@ -177,15 +266,27 @@ class InferenceServerBackend:
         # The job's deadline covers every attempt and every wait between them, not each one anew.
         deadline = None if params.timeout_s is None else self._clock() + params.timeout_s
         failures: dict[str, str] = {}
+        not_hosted: set[str] = set()
         rounds = self._max_retries + 1
         for round_no in range(rounds):
             retry_after: float | None = None
-            for server in self._server_order():
+            servers = self._servers_for(params)
+            for server in servers:
+                if server.url in not_hosted:
+                    continue
                 remaining = None if deadline is None else deadline - self._clock()
                 if remaining is not None and remaining <= 0:
                     break
                 try:
                     return await self._attempt(server, route, body, params, remaining, on_event)
+                except _NotHosted as f:
+                    # The server's list changed since we last asked (or was not known): not asked
+                    # again for this job; when no server has what it needs, that is the answer.
+                    failures[server.url] = f.rejected.message
+                    not_hosted.add(server.url)
+                    if all(s.url in not_hosted for s in servers):
+                        raise f.rejected from None
+                    continue
                 except _RetryableFailure as f:
                     failures[server.url] = f.reason
                     log.warning(
@@ -208,6 +309,23 @@ class InferenceServerBackend:
         )
 
     # --- internals ---------------------------------------------------------------------------------
+
+    def _servers_for(self, params: GenerationParams) -> list[_Server]:
+        """`_server_order()` kept to the servers that host the job's model and LoRAs; those not
+        heard from yet go last (they may host it). BackendRejected when none does."""
+        order = self._server_order()
+        if params.model is None and not params.loras:
+            return order
+        hosting = [s for s in order if s.hosts(params.model, params.loras)]
+        unknown = [s for s in order if s.hosts(params.model, params.loras) is None]
+        if not hosting and not unknown:
+            loras = ", ".join(lora.name for lora in params.loras)
+            raise BackendRejected(
+                f"no inference server has the model {params.model}"
+                + (f" with the LoRA(s) {loras}" if loras else ""),
+                "model",
+            )
+        return hosting + unknown
 
     def _server_order(self) -> list[_Server]:
         """Round-robin start; servers cooling off after a connection failure go last, not away."""
@@ -336,6 +454,9 @@ def _busy_reason(code: str, message: str) -> str:
 
 _STATUS_FOR_CODE = {
     "invalid_request": 400,
+    "unknown_model": 400,
+    "unknown_lora": 400,
+    "invalid_lora": 400,
     "unauthorized": 401,
     "not_found": 404,
     "payload_too_large": 413,
@@ -344,6 +465,15 @@ _STATUS_FOR_CODE = {
     "deadline_exceeded": 504,
     "internal": 500,
 }
+
+
+# The models registry's 400s, as users read them; the server's message names the model or LoRA.
+_MODEL_CODES = {
+    "unknown_model": "that model is not available",
+    "unknown_lora": "that LoRA is not available",
+    "invalid_lora": "that LoRA can't be used this way",
+}
+_NOT_HOSTED_CODES = ("unknown_model", "unknown_lora")
 
 
 def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
@@ -361,8 +491,11 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
         body["negative_prompt"] = params.negative_prompt
     if params.priority:
         body["priority"] = params.priority  # the continuous engine admits lower values first
+    # Sent only when set, so servers from before the models registry never see the fields.
     if params.model:
         body["model"] = params.model
+    if params.loras:
+        body["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in params.loras]
     if params.task in ("img2img", "inpaint"):
         if not params.image:
             raise BackendRejected(f"{params.task} needs an input image", "image")
@@ -373,6 +506,13 @@ def _request_body(params: GenerationParams, *, stream: bool) -> dict[str, Any]:
             raise BackendRejected("inpainting needs a mask", "mask")
         body["mask"] = base64.b64encode(params.mask).decode("ascii")
     return body
+
+
+def _registry_entry(entry: dict[str, Any]) -> bool:
+    """An entry of the models registry: its capabilities, whether it is the default, its LoRAs.
+    Servers from before the registry list their one model OpenAI-style, with its capabilities too
+    but neither `default` nor `loras`, and refuse a request that names a model (unknown field)."""
+    return "capabilities" in entry and isinstance(entry.get("default"), bool) and "loras" in entry
 
 
 def merge_capabilities(found: Sequence[ModelCapabilities]) -> ModelCapabilities:
@@ -441,6 +581,12 @@ async def _read_error(resp: aiohttp.ClientResponse) -> tuple[str, str, str | Non
 
 def _raise_error_body(status: int, code: str, message: str, fld: Any, origin: str) -> None:
     fld = fld if isinstance(fld, str) else None
+    if status == 400 and code in _MODEL_CODES:
+        message = message or _MODEL_CODES[code]
+        rejected = BackendRejected(f"{_MODEL_CODES[code]}: {message}", fld)
+        if code in _NOT_HOSTED_CODES:
+            raise _NotHosted(rejected)
+        raise rejected
     if status == 401:
         raise BackendRejected(
             f"the inference server at {origin} refused the API token (check INFERENCE_API_TOKEN)"

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from bot.backends.base import LoraSpec
+
 __all__ = [
     "Actor",
     "Place",
@@ -56,6 +58,9 @@ __all__ = [
     "StatsView",
     "UserStat",
     "AuditEntry",
+    "LoraSpec",
+    "ModelEntry",
+    "ModelListing",
     "Delivery",
     "ImageService",
     "CoreError",
@@ -121,7 +126,8 @@ class JobParams:
     `strength` applies to image-to-image and inpainting only. `task` is what the backend is asked
     for (txt2img, img2img, inpaint); `detail` names the operation's variant where it has one ("2x"
     for a zoom out, "left" for a pan, "subtle" / "strong" for a variation); `model` is the server
-    model asked for, when not the default (an upscaler).
+    model asked for, when not the default (`--model`, a guild's default model, an upscaler);
+    `loras` the LoRAs applied (`--lora`). Follow-ups keep their parent's model and LoRAs.
     """
 
     width: int
@@ -136,6 +142,7 @@ class JobParams:
     task: str = "txt2img"
     detail: str | None = None
     model: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,33 @@ class AuditEntry:
     action: str
     target: str
     details: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model users may pick in a place (`--model name`), with the LoRAs allowed with it there."""
+
+    name: str
+    label: str  # the family's name for people: "SDXL", "FLUX.1-schnell"
+    family: str
+    loras: tuple[str, ...]
+    default: bool  # what jobs here get when they name no model
+    loaded: bool  # in memory on a server now (others load on first use, which takes longer)
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """What `models(place)` answers: the models allowed in the place, the default first. `choice` is
+    False when the servers offer no choice of model (one model, no LoRAs); `restricted` when the
+    guild's/workspace's admins allow only some of what the servers offer."""
+
+    models: tuple[ModelEntry, ...]
+    choice: bool
+    restricted: bool = False
+
+    @property
+    def default(self) -> ModelEntry | None:
+        return next((m for m in self.models if m.default), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,4 +753,23 @@ class ImageService(Protocol):
 
     async def audit_log(self, actor: Actor, limit: int = 20) -> list[AuditEntry]:
         """The latest audit entries on the actor's platform, newest first."""
+        ...
+
+    # -- models and LoRAs -----------------------------------------------------------------------
+    async def models(self, place: Place) -> ModelListing:
+        """The models and LoRAs users may pick in `place` (anyone may ask; for listings and
+        autocomplete)."""
+        ...
+
+    async def set_default_model(self, actor: Actor, place: Place, model: str | None) -> ModelListing:
+        """Admin: the model jobs in the place's guild/workspace get when they name none (None: the
+        servers' default)."""
+        ...
+
+    async def allow_models(self, actor: Actor, place: Place, models: Sequence[str]) -> ModelListing:
+        """Admin: the models allowed in the place's guild/workspace (empty: all)."""
+        ...
+
+    async def allow_loras(self, actor: Actor, place: Place, loras: Sequence[str]) -> ModelListing:
+        """Admin: the LoRAs allowed in the place's guild/workspace (empty: all)."""
         ...

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bot.core.api import JobView
+from bot.core.api import JobView, ModelListing
+from bot.core.params import MAX_LORA_WEIGHT, MAX_LORAS, MIN_LORA_WEIGHT
 
 _KIND_LABEL = {
     "imagine": "",
@@ -46,5 +47,37 @@ def describe(job: JobView) -> str:
         parts.append(f"strength {p.strength:g}")
     if p.model:
         parts.append(f"model {p.model}")
+    if p.loras:
+        parts.append("lora " + ", ".join(f"{lora.name}:{lora.weight:g}" for lora in p.loras))
     label = kind_label(job)
     return (f"{label} · " if label else "") + " · ".join(parts)
+
+
+NO_MODEL_CHOICE = "The inference server offers one model and no LoRAs: there is nothing to choose."
+MODEL_USAGE = (
+    f"Pick one with --model NAME; add up to {MAX_LORAS} LoRAs with --lora NAME:WEIGHT "
+    f"(weight {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}, 1 when left out)."
+)
+
+
+def model_lines(listing: ModelListing) -> list[str]:
+    """One line per model: "sdxl-base — SDXL, default here; LoRAs: detail, pixel-art". Adapters add
+    their markup around the name (the text up to the first " — ")."""
+    lines = []
+    for m in listing.models:
+        notes = [m.label]
+        if m.default:
+            notes.append("default here")
+        if not m.loaded:
+            notes.append("loads on first use")
+        loras = ", ".join(m.loras) if m.loras else "none"
+        lines.append(f"{m.name} — {', '.join(notes)}; LoRAs: {loras}")
+    return lines
+
+
+def models_summary(listing: ModelListing) -> str:
+    """The models in a sentence, for /help: "sdxl-base (default), sd15-base. Pick one with ..."."""
+    if not listing.choice:
+        return NO_MODEL_CHOICE
+    names = [f"{m.name} (default)" if m.default else m.name for m in listing.models]
+    return f"{', '.join(names) or 'none allowed here'}. {MODEL_USAGE}"

@@ -331,6 +331,7 @@ class Dispatcher:
             priority=await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id)),
             timeout_s=self.config.job_timeout_s,
             model=p.model,
+            loras=p.loras,
         )
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
@@ -349,7 +350,7 @@ class Dispatcher:
         log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
         try:
             async with asyncio.timeout(self.config.job_timeout_s):
-                limits = self.service.limits()
+                limits = self.service.limits(p.model)
                 images = await tiling.generate(
                     self.backend,
                     params,

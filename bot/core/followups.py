@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.backends.base import Task
+from bot.backends.base import LoraSpec, Task
 from bot.config import CoreConfig
 from bot.core import validate
 from bot.core.api import REACTION_ACTIONS, Actor, BadParameters, JobView, NotFound, Place
@@ -34,7 +34,7 @@ class FollowUps:
         submissions: Submissions,
         *,
         rng: random.Random,
-        limits: Callable[[], Limits],
+        limits: Callable[[str | None], Limits],
     ):
         self.db = db
         self.config = config
@@ -152,6 +152,7 @@ class FollowUps:
     ) -> JobView:
         p = parent.params
         n = int(p["n"])
+        model, loras = self.model_of(parent)
         parsed = ParsedPrompt(
             parent.prompt,
             parent.negative_prompt,
@@ -162,6 +163,8 @@ class FollowUps:
             int(p["width"]),
             int(p["height"]),
             p.get("aspect_ratio"),
+            model=model,
+            loras=loras,
         )
         task: Task = p.get("task", "txt2img")
         return await self.submissions.submit(
@@ -177,8 +180,13 @@ class FollowUps:
             input_image_key=parent.input_image_key,
             mask_key=parent.mask_key,
             detail=p.get("detail"),
-            model=p.get("model"),
         )
+
+    def model_of(self, parent: Job) -> tuple[str | None, tuple[LoraSpec, ...]]:
+        """The parent's model and LoRAs, which a follow-up keeps (refused if no longer offered)."""
+        model, loras = job_model(parent)
+        self.submissions.choices.known(model, loras)
+        return model, loras
 
     async def source_image(self, parent: Job, index: int) -> ImageRow:
         """Image `index` (0-based) of a succeeded job, or BadParameters naming what it has."""
@@ -209,7 +217,8 @@ class FollowUps:
         *,
         subtle: bool = False,
     ) -> JobView:
-        self.limits().require_task("img2img", "variations (image-to-image)")
+        model, loras = self.model_of(parent)
+        self.limits(model).require_task("img2img", "variations (image-to-image)")
         source = await self.source_image(parent, index)
         bot = self.config.bot
         p = parent.params
@@ -224,6 +233,8 @@ class FollowUps:
             source.width,
             source.height,
             p.get("aspect_ratio"),
+            model=model,
+            loras=loras,
         )
         return await self.submissions.submit(
             actor,
@@ -239,6 +250,12 @@ class FollowUps:
             input_image_key=source.storage_key,
             detail="subtle" if subtle else "strong",
         )
+
+
+def job_model(job: Job) -> tuple[str | None, tuple[LoraSpec, ...]]:
+    """A job row's model and LoRAs (rows from before the column kept an upscaler in params)."""
+    loras = tuple(LoraSpec(str(x["name"]), float(x["weight"])) for x in job.loras or ())
+    return job.model or job.params.get("model"), loras
 
 
 def image_index(index: Any) -> int:

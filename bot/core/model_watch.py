@@ -6,6 +6,10 @@ multiple, default size, steps and guidance, tasks). The bot asks at start-up, th
 read it (`bot.core.params.Limits`). An answer of None (a backend that doesn't report, or no server
 reachable) keeps the last known capabilities: a server restarting must not turn the bot's flags
 back to another model's.
+
+The same refresh reads the models the servers offer (`backend.models()`, their `GET /v1/models`) into
+`CoreService.catalog`: which models and LoRAs `--model` and `--lora` may name, each model's
+capabilities, and (inside the backend) which server hosts what, for routing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import logging
 
 from bot.backends.base import InferenceBackend
+from bot.core.model_choice import ModelCatalog
 from bot.core.service import CoreService
 
 log = logging.getLogger("bot.core.model")
@@ -45,6 +50,7 @@ class ModelWatch:
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
+        await self._refresh_models()
         try:
             found = await self.backend.capabilities()
         except Exception:  # a backend bug must not stop the bot; the last known view stays
@@ -65,6 +71,28 @@ class ModelWatch:
             ", ".join(found.tasks),
         )
         self.service.model = found
+
+    async def _refresh_models(self) -> None:
+        try:
+            models = await self.backend.models()
+        except Exception:  # as above: the last known list stays
+            log.exception("asking the backend for its models failed")
+            return
+        if models is None:
+            return  # no server answered with a list (or none offers a choice): keep what we knew
+        catalog = ModelCatalog(models)
+        if catalog == self.service.catalog:
+            return
+        log.info(
+            "models: %s",
+            "; ".join(
+                f"{m.name} ({m.family}{', default' if m.default else ''}) on {len(m.servers) or 1} "
+                f"server(s), LoRAs: {', '.join(m.loras) or 'none'}"
+                for m in catalog.models
+            )
+            or "none offered",
+        )
+        self.service.catalog = catalog
 
     async def start(self) -> None:
         """A first refresh (bounded by FIRST_REFRESH_S), then one every `interval_s` in the background

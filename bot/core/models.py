@@ -172,6 +172,26 @@ class Job(Base):
     refunded: Mapped[bool] = mapped_column(Boolean, default=False)
     # Last queue position reported to the adapter (reported again only when it changes).
     notified_position: Mapped[int | None] = mapped_column(Integer)
+    # The server model the job runs on (None: the server's default) and its LoRAs as
+    # [{"name": ..., "weight": ...}]; follow-ups (re-roll, variations, ...) keep the parent's.
+    model: Mapped[str | None] = mapped_column(String(200))
+    loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
+
+
+class ModelSettings(Base):
+    """A guild's/workspace's model choices, set by its admins: the model its jobs get when they name
+    none, and the models and LoRAs allowed there (empty lists: all that the servers offer)."""
+
+    __tablename__ = "model_settings"
+    __table_args__ = (UniqueConstraint("platform", "guild_id", name="uq_model_settings_guild"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    guild_id: Mapped[str] = mapped_column(String(64))
+    default_model: Mapped[str | None] = mapped_column(String(200))
+    allowed_models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    allowed_loras: Mapped[list[str]] = mapped_column(JSON, default=list)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class ImageRow(Base):

@@ -38,7 +38,7 @@ class Operations:
         followups: FollowUps,
         *,
         rng: random.Random,
-        limits: Callable[[], Limits],
+        limits: Callable[[str | None], Limits],
     ):
         self.storage = storage
         self.config = config
@@ -47,9 +47,10 @@ class Operations:
         self.rng = rng
         self.limits = limits
 
-    def _canvas_limits(self, task: str, what: str) -> tuple[int, int]:
-        """(largest side, size multiple) of a canvas for the model, after checking it can do `task`."""
-        limits = self.limits()
+    def _canvas_limits(self, task: str, what: str, parent: Job) -> tuple[int, int]:
+        """(largest side, size multiple) of a canvas for the parent's model, after checking it can
+        do `task`."""
+        limits = self.limits(self.followups.model_of(parent)[0])
         limits.require_task(task, what)
         return min(self.config.bot.max_side, limits.max_side), limits.size_multiple
 
@@ -73,9 +74,10 @@ class Operations:
         if existing is not None:
             return existing
         bot = self.config.bot
-        limits = self.limits()
+        limits, chosen = await self.submissions.choose(place, text, options)
         limits.require_task("img2img", "image-to-image")
         parsed = parse_prompt(text, options, bot, limits=limits, rng=self.rng, allow_strength=True)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         _no_aspect(parsed, "when you start from an image")
         start = await asyncio.to_thread(
             prepare_start_image, image, max_bytes=bot.max_upload_bytes, limits=limits
@@ -114,7 +116,7 @@ class Operations:
             return start
         actor, place, delivery, parent, source, png = start
         bot = self.config.bot
-        _, multiple = self._canvas_limits("img2img", "upscaling (image-to-image)")
+        _, multiple = self._canvas_limits("img2img", "upscaling (image-to-image)", parent)
         canvas = await asyncio.to_thread(
             imageops.upscale_input, png, max_upscale_side=bot.max_upscale_side, multiple=multiple
         )
@@ -148,7 +150,7 @@ class Operations:
         if isinstance(start, JobView):
             return start
         actor, place, delivery, parent, source, png = start
-        max_side, multiple = self._canvas_limits("inpaint", "zoom out (inpainting)")
+        max_side, multiple = self._canvas_limits("inpaint", "zoom out (inpainting)", parent)
         canvas = await asyncio.to_thread(
             imageops.zoom_out, png, float(factor), max_side=max_side, multiple=multiple
         )
@@ -177,7 +179,7 @@ class Operations:
         if isinstance(start, JobView):
             return start
         actor, place, delivery, parent, source, png = start
-        max_side, multiple = self._canvas_limits("inpaint", "pan (inpainting)")
+        max_side, multiple = self._canvas_limits("inpaint", "pan (inpainting)", parent)
         canvas = await asyncio.to_thread(imageops.pan, png, direction, max_side=max_side, multiple=multiple)
         parsed = self._from_parent(parent, canvas)
         return await self._submit(
@@ -201,9 +203,11 @@ class Operations:
         with its flags (`remix_text(job)` is the parent's, to start the edit from); `--strength`
         sets how far it may stray (default `[bot] variation_strength`). The size is the image's."""
         bot = self.config.bot
-        limits = self.limits()
+        # The remix's text carries the parent's --model and --lora (`remix_text`): kept unless edited.
+        limits, chosen = await self.submissions.choose(place, text, None)
         limits.require_task("img2img", "remix (image-to-image)")
         parsed = parse_prompt(text, None, bot, limits=limits, rng=self.rng, allow_strength=True)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         _no_aspect(parsed, "in a remix")
         start = await self._start(actor, place, job_id, message_id, idempotency_key, delivery, index)
         if isinstance(start, JobView):
@@ -257,6 +261,7 @@ class Operations:
     ) -> ParsedPrompt:
         p = parent.params
         count = int(p["n"]) if n is None else n
+        model, loras = self.followups.model_of(parent)
         return ParsedPrompt(
             parent.prompt,
             parent.negative_prompt,
@@ -267,6 +272,8 @@ class Operations:
             canvas.width,
             canvas.height,
             None,
+            model=model,
+            loras=loras,
         )
 
     async def _submit(
@@ -321,6 +328,9 @@ def remix_text(job: JobView) -> str:
     if p.n > 1:
         parts.append(f"--n {p.n}")
     parts += [f"--steps {p.steps}", f"--guidance {p.guidance:g}"]
+    if p.model:
+        parts.append(f"--model {p.model}")
+    parts += [f"--lora {lora.name}:{lora.weight:g}" for lora in p.loras]
     if job.negative_prompt:
-        parts.append(f"--no {job.negative_prompt}")
+        parts.append(f"--no {job.negative_prompt}")  # last: --no takes the rest of the text
     return " ".join(parts)

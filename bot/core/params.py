@@ -2,9 +2,15 @@
 
     a red fox in the snow --ar 3:2 --n 2 --seed 42 --steps 30 --guidance 6 --no blurry, text
 
+`--model NAME` picks one of the models the inference servers offer; `--lora NAME[:WEIGHT]` (repeatable,
+weight 1 when left out) applies a LoRA. This module checks their syntax (`model_request`); which names
+exist, and which are allowed where, is `bot.core.model_choice`'s to say, since the model decides the
+limits the other flags are checked against.
+
 `--strength S` (0 < S <= 1) applies where a job starts from an image (an uploaded image, a remix):
 how far the result may stray from it. `--no` takes everything up to the next flag. Options from a slash command (a mapping with keys
-seed, steps, n, ar, guidance, negative) override flags. Errors name the flag and the bad value.
+seed, steps, n, ar, guidance, negative, model, lora) override flags (a `lora` option adds to the
+`--lora` flags). Errors name the flag and the bad value.
 Em/en dashes are accepted for `--` because phones "correct" `--ar` into `—ar`.
 
 What a flag may be and what it defaults to follow the model (`Limits`): the capabilities the
@@ -25,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.backends.base import ModelCapabilities
+from bot.backends.base import LoraSpec, ModelCapabilities
 from bot.config import BotConfig
 from bot.core.api import BadParameters
 from bot.core.validate import first_bad_char
@@ -127,8 +133,26 @@ class Limits:
             )
 
 
-FLAGS = ("seed", "steps", "n", "ar", "no", "guidance", "strength")
-OPTION_ALIASES = {"negative": "no", "negative_prompt": "no", "aspect_ratio": "ar", "aspect": "ar"}
+FLAGS = ("seed", "steps", "n", "ar", "no", "guidance", "strength", "model", "lora")
+# Flags that may be given more than once (each time one value).
+REPEATABLE = ("lora",)
+OPTION_ALIASES = {
+    "negative": "no",
+    "negative_prompt": "no",
+    "aspect_ratio": "ar",
+    "aspect": "ar",
+    "loras": "lora",
+}
+# LoRAs per job: each one is merged into the model's weights on the server for that request, which
+# costs memory and time per LoRA, and stacks of more than a few fight each other into noise; 4 keeps
+# the common style + subject + detail combinations.
+MAX_LORAS = 4
+# LoRA weights: past +-2 a LoRA overwhelms the model (noise, burnt colours); a negative weight pushes
+# away from the LoRA's style, which people use on purpose.
+MIN_LORA_WEIGHT = -2.0
+MAX_LORA_WEIGHT = 2.0
+# Model and LoRA names as servers list them (Hub-style ids may have "/", versions have ".").
+NAME_RE = re.compile(r"[\w][\w.+/-]{0,99}")
 
 _FLAG_RE = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014|\u2013)([A-Za-z][\w-]*)")
 
@@ -145,6 +169,9 @@ class ParsedPrompt:
     height: int
     aspect_ratio: str | None
     strength: float | None = None  # --strength, where the caller allows it
+    # The model and LoRAs, as resolved by `bot.core.model_choice` (None: the server's default model).
+    model: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -164,7 +191,7 @@ def split_flags(text: str) -> tuple[str, dict[str, str]]:
             raise BadParameters(
                 name, f"Unknown flag --{name}. Known flags: {', '.join('--' + f for f in FLAGS)}.", name
             )
-        if name in flags:
+        if name in flags and name not in REPEATABLE:
             raise BadParameters(name, f"--{name} is given twice.", value)
         if name != "no" and (not value or len(value.split()) > 1):
             # A value with spaces after a non-"no" flag means prompt text after the flags: refuse
@@ -172,8 +199,76 @@ def split_flags(text: str) -> tuple[str, dict[str, str]]:
             raise BadParameters(
                 name, f"--{name} needs one value (got {value!r}); put the prompt before the flags.", value
             )
-        flags[name] = value
+        # A repeated flag's values are kept space-separated: each is one word (checked above).
+        flags[name] = f"{flags[name]} {value}" if name in flags else value
     return " ".join(prompt.split()), flags
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """`--model` and `--lora` as the user gave them (syntax checked; existence not yet)."""
+
+    model: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
+
+
+def model_request(text: str, options: Mapping[str, Any] | None) -> ModelRequest:
+    """The `--model` and `--lora` flags of `text` and the `model`/`lora` options: names well formed,
+    weights in range, at most MAX_LORAS, none twice. BadParameters naming the flag otherwise."""
+    _, raw = split_flags("" if not isinstance(text, str) else text)
+    model = raw.get("model")
+    lora_words = raw.get("lora", "").split()
+    for key, value in (options or {}).items() if isinstance(options, Mapping) else ():
+        name = OPTION_ALIASES.get(key, key) if isinstance(key, str) else None
+        if name in ("model", "lora") and value is not None and not isinstance(value, str):
+            raise BadParameters(key, f"Option {key!r} must be a name, got {type(value).__name__}.", value)
+        if not isinstance(value, str) or not value.strip():
+            continue  # empty values are no choice; the other options are parse_prompt's
+        if name == "model":
+            model = value.strip()
+        elif name == "lora":
+            lora_words += value.replace(",", " ").split()
+    if model is not None:
+        _check_chars("model", model, "--model")
+        if not NAME_RE.fullmatch(model):
+            raise BadParameters(
+                "model", f"--model needs a model name (see /models), got {model[:60]!r}.", model
+            )
+    loras: list[LoraSpec] = []
+    for word in lora_words:
+        lora = parse_lora(word)
+        if any(seen.name.casefold() == lora.name.casefold() for seen in loras):
+            raise BadParameters("lora", f"--lora {lora.name} is given twice.", word)
+        loras.append(lora)
+    if len(loras) > MAX_LORAS:
+        raise BadParameters("lora", f"At most {MAX_LORAS} LoRAs per job (got {len(loras)}).", len(loras))
+    return ModelRequest(model, tuple(loras))
+
+
+def parse_lora(word: str) -> LoraSpec:
+    """`NAME` (weight 1) or `NAME:WEIGHT`."""
+    _check_chars("lora", word, "--lora")
+    name, colon, weight_text = word.rpartition(":") if ":" in word else (word, "", "")
+    if not NAME_RE.fullmatch(name) or (colon and not weight_text):
+        raise BadParameters(
+            "lora",
+            f"--lora must look like NAME or NAME:WEIGHT (for example detail:0.8), got {word[:60]!r}.",
+            word,
+        )
+    if not colon:
+        return LoraSpec(name, 1.0)
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        weight = math.nan
+    if not (math.isfinite(weight) and MIN_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT):
+        raise BadParameters(
+            "lora",
+            f"--lora {name}: the weight must be a number from {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}, "
+            f"got {weight_text[:20]!r}.",
+            word,
+        )
+    return LoraSpec(name, weight)
 
 
 def _check_chars(field: str, value: str, what: str) -> None:
@@ -284,6 +379,8 @@ def parse_prompt(
         if name == "prompt":
             prompt = " ".join(str(value).split())
             continue
+        if name in ("model", "lora"):
+            continue  # model_request's (their syntax) and model_choice's (their existence)
         raw[name] = value
     if require_prompt and not prompt:
         raise BadParameters("prompt", "The prompt is empty: describe the image you want.")

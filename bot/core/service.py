@@ -8,6 +8,7 @@ that does it:
 - `bot.core.operations`: image_to_image, upscale, zoom_out, pan, remix;
 - `bot.core.queries`: get_job, job_for_message, queue_position, history, quota, image_bytes, stats;
 - `bot.core.admin`: usage, limits, credits, usage resets, bans, audit_log;
+- `bot.core.model_choice`: models (the listing), set_default_model, allow_models, allow_loras;
 - `bot.core.results`: attach_result_message, record_shown, remember_delivery.
 
 The dispatcher uses `claims` (take, keep and hand back jobs), `results` (record outcomes and
@@ -35,6 +36,7 @@ from bot.core.claims import Claims
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.followups import FollowUps
+from bot.core.model_choice import ModelCatalog, ModelChoices
 from bot.core.models import utcnow
 from bot.core.operations import Operations
 from bot.core.params import Limits
@@ -68,6 +70,9 @@ class CoreService:
         # What the backend's model accepts, kept current by `bot.core.model_watch.ModelWatch`
         # (None until it reports, or when the backend doesn't): flags and defaults follow it.
         self.model: ModelCapabilities | None = None
+        # The models the servers offer (their /v1/models), kept current by the same watch (empty:
+        # servers that offer no choice).
+        self.catalog = ModelCatalog()
         self.deliveries: dict[str, Delivery] = {}
         self._wakers: list[Callable[[], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
@@ -78,6 +83,13 @@ class CoreService:
         self.queue = FairQueue(db, clock=clock)
         self.claims = Claims(db, self.queue, lease_s=config.bot.lease_s, clock=clock)
         self.results = Results(db, self.quotas, lease_s=config.bot.lease_s, clock=clock)
+        self.choices = ModelChoices(
+            db,
+            self.audit,
+            catalog=lambda: self.catalog,
+            default_capabilities=lambda: self.model,
+            clock=clock,
+        )
         submissions = Submissions(
             db,
             storage,
@@ -87,6 +99,7 @@ class CoreService:
             clock=clock,
             rng=rng,
             limits=self.limits,
+            choices=self.choices,
             on_queued=self.wake,
             on_changed=self.job_changed,
         )
@@ -123,13 +136,18 @@ class CoreService:
         self.ban = admin.ban
         self.unban = admin.unban
         self.audit_log = admin.audit_log
+        self.models = self.choices.listing
+        self.set_default_model = self.choices.set_default_model
+        self.allow_models = self.choices.allow_models
+        self.allow_loras = self.choices.allow_loras
         self.attach_result_message = self.results.attach_result_message
         self.record_shown = self.results.record_shown
         self.remember_delivery = self.results.remember_delivery
 
-    def limits(self) -> Limits:
-        """What a job may ask for now: the model's capabilities within `[bot]`'s settings."""
-        return Limits.of(self.config.bot, self.model)
+    def limits(self, model: str | None = None) -> Limits:
+        """What a job on `model` (None: the servers' default) may ask for now: that model's
+        capabilities within `[bot]`'s settings."""
+        return Limits.of(self.config.bot, self.choices.capabilities(model))
 
     async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
         view = await self._submissions.cancel(actor, job_id, place)

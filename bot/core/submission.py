@@ -36,9 +36,10 @@ from bot.core.api import (
 )
 from bot.core.audit import Audit
 from bot.core.db import Database
+from bot.core.model_choice import ModelChoices
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
-from bot.core.params import Limits, ParsedPrompt, parse_prompt
+from bot.core.params import Limits, ModelRequest, ParsedPrompt, model_request, parse_prompt
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
 from bot.core.uploads import prepare_inpaint
@@ -60,7 +61,8 @@ class Submissions:
         *,
         clock: Callable[[], dt.datetime],
         rng: random.Random,
-        limits: Callable[[], Limits],
+        limits: Callable[[str | None], Limits],
+        choices: ModelChoices,
         on_queued: Callable[[], None],
         on_changed: Callable[[int], None],
     ):
@@ -72,6 +74,7 @@ class Submissions:
         self.clock = clock
         self.rng = rng
         self.limits = limits
+        self.choices = choices
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
@@ -91,9 +94,10 @@ class Submissions:
         actor, place = validate.actor_and_place(actor, place)
         validate.idempotency_key(idempotency_key)
         delivery = validate.delivery(delivery)
-        limits = self.limits()
+        limits, chosen = await self.choose(place, text, options)
         limits.require_task("txt2img", "text-to-image")
         parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         return await self.submit(
             actor, place, "imagine", parsed, idempotency_key, delivery, task="txt2img", strength=None
         )
@@ -116,9 +120,10 @@ class Submissions:
         existing = await self.existing(actor, idempotency_key)
         if existing is not None:
             return existing
-        limits = self.limits()
+        limits, chosen = await self.choose(place, prompt_text, options)
         limits.require_task("inpaint", "inpainting")
         parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
+        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
         if parsed.aspect_ratio is not None:
             raise BadParameters(
                 "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
@@ -145,6 +150,14 @@ class Submissions:
             input_image_key=image_key,
             mask_key=mask_key,
         )
+
+    async def choose(
+        self, place: Place, text: str, options: Mapping[str, Any] | None
+    ) -> tuple[Limits, ModelRequest]:
+        """The model and LoRAs `text`'s flags and `options` ask for, checked against what the servers
+        offer and what the place allows, and the limits of that model (the other flags' bounds)."""
+        choice = await self.choices.choose(place, model_request(text, options))
+        return self.limits(choice.model), ModelRequest(choice.model, choice.loras)
 
     async def existing(self, actor: Actor, idempotency_key: str) -> JobView | None:
         """The job already submitted with this key, if any (BadParameters if someone else's)."""
@@ -184,7 +197,10 @@ class Submissions:
         model: str | None = None,
     ) -> JobView:
         """Queue a job whose parameters are resolved (`actor`, `place` and `delivery` checked).
-        `detail` names an operation's variant ("2x", "left", "subtle"); `model` a server model."""
+        `detail` names an operation's variant ("2x", "left", "subtle"); `model` a server model that
+        replaces `parsed.model` (an upscaler: then without the parsed LoRAs, made for another model)."""
+        loras = parsed.loras if model is None or model == parsed.model else ()
+        model = model if model is not None else parsed.model
         key = f"{actor.platform}:{idempotency_key}"
         now = self.clock()
         try:
@@ -223,8 +239,6 @@ class Submissions:
                 }
                 if detail is not None:
                     params["detail"] = detail
-                if model is not None:
-                    params["model"] = model
                 job = Job(
                     idempotency_key=key,
                     user_id=user.id,
@@ -241,6 +255,8 @@ class Submissions:
                     parent_image_index=parent_image_index,
                     input_image_key=input_image_key,
                     mask_key=mask_key,
+                    model=model,
+                    loras=[{"name": lora.name, "weight": lora.weight} for lora in loras],
                     state="queued",
                     attempts=0,
                     created_at=now,

@@ -7,6 +7,7 @@ from typing import cast
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.backends.base import LoraSpec
 from bot.core.api import ImageInfo, JobKind, JobParams, JobState, JobView
 from bot.core.models import ImageRow, Job, User
 
@@ -62,7 +63,9 @@ async def job_view(
             aspect_ratio=p.get("aspect_ratio"),
             task=str(p.get("task") or "txt2img"),
             detail=p.get("detail"),
-            model=p.get("model"),
+            # Rows from before the model column kept an upscaler model in params.
+            model=job.model or p.get("model"),
+            loras=tuple(LoraSpec(str(x["name"]), float(x["weight"])) for x in job.loras or ()),
         ),
         parent_id=job.parent_job_id,
         parent_image_index=job.parent_image_index,

@@ -64,9 +64,9 @@ class ImagineBot(commands.Bot):
         self.delivery = DiscordDelivery(self, config)
 
     async def setup_hook(self) -> None:
-        from bot.discord_adapter.cogs import account, admin, buttons, imagine, inpaint, reactions
+        from bot.discord_adapter.cogs import account, admin, buttons, imagine, inpaint, models, reactions
 
-        for module in (imagine, inpaint, reactions, buttons, account, admin):
+        for module in (imagine, inpaint, reactions, buttons, account, models, admin):
             await module.setup(self)
         # Buttons are matched by their custom id, on any message, also after a restart.
         self.add_dynamic_items(ControlButton)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from bot.core.api import JobView, QuotaView, StatsView
-from bot.core.describe import describe, kind_label, short
+from bot.core.api import JobView, ModelListing, QuotaView, StatsView
+from bot.core.describe import (
+    MODEL_USAGE,
+    NO_MODEL_CHOICE,
+    describe,
+    kind_label,
+    model_lines,
+    models_summary,
+    short,
+)
 
 CONTENT_LIMIT = 2000  # Discord's maximum message length
 PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must stay visible
@@ -107,10 +115,40 @@ def stats(s: StatsView) -> str:
     return "\n".join(lines)
 
 
+def models(listing: ModelListing) -> str:
+    """/models: every model allowed here with its LoRAs, the default first."""
+    if not listing.choice:
+        return NO_MODEL_CHOICE
+    if not listing.models:
+        return "No model is allowed here now: ask this server's admins (/admin allow-models)."
+    lines = [
+        "**Models you can use here**" + (" (chosen by this server's admins)" if listing.restricted else "")
+    ]
+    for line in model_lines(listing):
+        name, _, rest = line.partition(" — ")
+        lines.append(f"• **{name}** — {rest}")
+    lines.append(
+        MODEL_USAGE.replace("--model NAME", "`--model NAME`").replace(
+            "--lora NAME:WEIGHT", "`--lora NAME:WEIGHT`"
+        )
+    )
+    return short("\n".join(lines), CONTENT_LIMIT)
+
+
+def help_text(listing: ModelListing | None) -> str:
+    """/help, with the models available here (or without them when the core could not say)."""
+    if listing is None:
+        return HELP
+    return short(
+        HELP + "\n**Models**: " + models_summary(listing) + " **/models** lists their LoRAs.", CONTENT_LIMIT
+    )
+
+
 HELP = """\
 **/imagine** `prompt` — generate images. Options: `negative`, `count` (1-4), `seed`, `steps`, `aspect`, \
-`guidance`, and `image` to start from a picture of yours (with `strength`, 0-1: how far it may stray).
-The same flags also work inside the prompt: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry --strength 0.6`.
+`guidance`, `model`, `lora`, and `image` to start from a picture of yours (with `strength`, 0-1: how far it may stray).
+The same flags also work inside the prompt: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry --strength 0.6 \
+--model NAME --lora NAME:0.8`.
 **/inpaint** `image` `prompt` [`mask`] — repaint part of an image: white in the mask is repainted. \
 Without a mask, the image's transparent pixels are repainted.
 **/history** — your latest results with links. **/quota** — your usage today and when it resets.
@@ -118,4 +156,5 @@ Under a result: **U1-U4** upscale 2x, **V1-V4** a variation of that image, 🔁 
 ✏️ **Remix** (edit the prompt and flags, then vary); under a single image also **Vary (Strong/Subtle)**, \
 **Zoom Out 2x/1.5x** and ⬅️➡️⬆️⬇️ pan. **Cancel** on a waiting or running job. Reactions 🔁 and \
 1️⃣-4️⃣ (🎨 for one image) work too. A new job counts against the quota of whoever asks for it.
-**/admin** (Manage Server or an admin role) — limits, credits, usage reset, ban/unban, stats."""
+**/admin** (Manage Server or an admin role) — limits, credits, usage reset, ban/unban, stats, \
+this server's default model and allowed models and LoRAs."""

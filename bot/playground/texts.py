@@ -6,8 +6,16 @@ import html
 import logging
 from collections.abc import Sequence
 
-from bot.core.api import BadParameters, CoreError, JobView, QuotaView, StatsView
-from bot.core.describe import describe, kind_label, short
+from bot.core.api import BadParameters, CoreError, JobView, ModelListing, QuotaView, StatsView
+from bot.core.describe import (
+    MODEL_USAGE,
+    NO_MODEL_CHOICE,
+    describe,
+    kind_label,
+    model_lines,
+    models_summary,
+    short,
+)
 
 log = logging.getLogger("bot.playground")
 
@@ -16,12 +24,17 @@ PROMPT_SHOWN = 300  # prompt characters shown in a caption: the parameters must 
 HELP = """\
 **/imagine** `prompt` — generate images (typing just the prompt works too). The same flags as in \
 Discord and Slack: `--seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry`.
-**/quota** — your usage today · **/history** — your latest jobs · **/help** — this text.
+Pick a model in the **Model** list (it writes `--model NAME` into the box) and add LoRAs with \
+`--lora NAME:WEIGHT`; **/models** lists them.
+**/quota** — your usage today · **/history** — your latest jobs · **/models** — the models and LoRAs · \
+**/help** — this text.
 Under a result: **🔁 Re-roll** (same prompt, new seed), **V1-V4** (a variation of that image), \
 **U1-U4** (that image upscaled 2x), **✏️ Remix** (type the new prompt and flags in the box, then press \
 it); under a single image also **Vary (Strong/Subtle)**, **Zoom Out 2x/1.5x** and ⬅️➡️⬆️⬇️ pan. \
 **Cancel my job** stops your latest waiting or running job. The **Inpaint** tab repaints what you \
 paint over with the brush."""
+
+NO_MODELS_NOW = "The list of models can't be read right now; try again in a moment."
 
 REMIX_HOW = "Type the prompt and flags to remix with in the box (e.g. `a blue kite --strength 0.5`), then press Remix."
 
@@ -131,3 +144,17 @@ def stats(s: StatsView) -> str:
     if s.top_users:
         lines.append("Top today: " + ", ".join(f"`{u.user_id}` {u.images}" for u in s.top_users))
     return "\n\n".join(lines)
+
+
+def models(listing: ModelListing) -> str:
+    """/models and the Models panel: every model with its LoRAs, the default first."""
+    if not listing.choice:
+        return NO_MODEL_CHOICE
+    lines = [f"- **{name}** — {rest}" for name, _, rest in (x.partition(" — ") for x in model_lines(listing))]
+    return "\n".join(["**Models**", *lines, "", MODEL_USAGE])
+
+
+def help_text(listing: ModelListing | None) -> str:
+    if listing is None or not listing.choice:
+        return HELP
+    return f"{HELP}\n**Models**: {models_summary(listing)}"

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import io
 import logging
+import re
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -22,7 +23,7 @@ from typing import Any, cast
 import gradio as gr
 from PIL import Image
 
-from bot.core.api import Actor, BadParameters, CoreError, JobView, Place
+from bot.core.api import Actor, BadParameters, CoreError, JobView, ModelListing, Place
 from bot.core.controls import Pressed, press
 from bot.core.uploads import MAX_INPUT_PIXELS
 from bot.playground import texts
@@ -132,6 +133,28 @@ def parse_command(text: str) -> tuple[str, str]:
         return "imagine", t
     head, _, rest = t.partition(" ")
     return head[1:].lower(), rest.strip()
+
+
+_MODEL_FLAG = re.compile(r"(?:^|\s)(?:--|\u2014|\u2013)model(?:\s+\S+)?", re.IGNORECASE)
+_NO_FLAG = re.compile(r"(?:^|\s)(?:--|\u2014|\u2013)no(?=\s|$)", re.IGNORECASE)
+
+
+def with_model_flag(text: str, model: str | None) -> str:
+    """`text` with its `--model` replaced by `model` (removed for None). Put before a `--no`, which
+    takes the rest of the text."""
+    text = _MODEL_FLAG.sub("", text or "").strip()
+    if not model:
+        return text
+    flag = f"--model {model}"
+    no = _NO_FLAG.search(text)
+    if no is None:
+        return f"{text} {flag}".strip()
+    return f"{text[: no.start()].rstrip()} {flag} {text[no.start() :].lstrip()}".strip()
+
+
+def model_choices(listing: ModelListing) -> list[tuple[str, str]]:
+    """The Model list's entries: (label, name), the default first."""
+    return [(f"{m.name} ({m.label}{', default' if m.default else ''})", m.name) for m in listing.models]
 
 
 def mask_from_editor(value: Mapping[str, Any] | None) -> tuple[bytes, bytes | None]:
@@ -371,7 +394,10 @@ class PlaygroundUI:
                 except Exception as e:  # noqa: BLE001
                     reply = texts.error_text(e)
             elif command == "help":
-                reply = texts.HELP
+                reply = texts.help_text(await self._listing())
+            elif command == "models":
+                listing = await self._listing()
+                reply = texts.models(listing) if listing is not None else texts.NO_MODELS_NOW
             else:
                 reply = f"Unknown command `/{command}`.\n\n{texts.HELP}"
             chat = [*chat, {"role": "user", "content": text}, {"role": "assistant", "content": reply}]
@@ -517,17 +543,35 @@ class PlaygroundUI:
                 items.append((path, f"#{job.id} · {texts.short(job.prompt, 60)} · seed {info.seed}"))
         return items, texts.history(jobs)
 
+    # -- models --------------------------------------------------------------------------------
+
+    async def _listing(self) -> ModelListing | None:
+        try:
+            return await self.service.models(PLACE)
+        except CoreError as e:  # the database is away: the page still works without the list
+            log.warning("playground: no model list: %s", e.message)
+            return None
+
+    @staticmethod
+    def on_model_pick(model: str | None, text: str) -> str:
+        """A model picked in the list becomes the prompt's `--model` flag (what the API takes too)."""
+        return with_model_flag(text, model)
+
     # -- admin -----------------------------------------------------------------------------------
 
     async def on_load(self, request: gr.Request) -> tuple[Any, ...]:
-        """Page load: who am I, my quota, and whether the admin panel is shown."""
+        """Page load: who am I, my quota, whether the admin panel is shown, and the models."""
         actor = self.identity.actor(request)
         who = f"Signed in as **{actor.user_id}**" + (" (admin)" if actor.is_admin else "")
+        listing = await self._listing()
+        choice = listing is not None and listing.choice
         return (
             who,
             await self.quota_text(actor),
             gr.update(visible=actor.is_admin),
             gr.update(visible=not actor.is_admin),
+            gr.update(choices=model_choices(listing) if listing else [], visible=choice, value=None),
+            texts.models(listing) if listing is not None else texts.NO_MODELS_NOW,
         )
 
     def admin_handler(
@@ -613,7 +657,17 @@ class PlaygroundUI:
                             elem_id="prompt",
                             autofocus=True,
                         )
+                        model = gr.Dropdown(
+                            choices=[],
+                            value=None,
+                            label="Model",
+                            elem_id="model",
+                            scale=2,
+                            visible=False,  # shown at load when the servers offer a choice
+                        )
                         send = gr.Button("Generate", variant="primary", scale=1, elem_id="send")
+                    with gr.Accordion("Models and LoRAs", open=False):
+                        models_md = gr.Markdown(elem_id="models")
                     buttons: list[gr.Button] = []
                     for row in BUTTON_ROWS:
                         with gr.Row():
@@ -728,6 +782,13 @@ class PlaygroundUI:
                     self.admin_handler(op), inputs=[target, number, reason], outputs=[admin_out, quota],
                     api_name=op.__name__,
                 )  # fmt: skip
-            blocks.load(self.on_load, outputs=[who, quota, admin_panel, not_admin], api_visibility="private")
+            model.input(
+                self.on_model_pick, inputs=[model, prompt], outputs=[prompt], api_visibility="private"
+            )
+            blocks.load(
+                self.on_load,
+                outputs=[who, quota, admin_panel, not_admin, model, models_md],
+                api_visibility="private",
+            )
         blocks.queue(default_concurrency_limit=limit)
         return blocks

@@ -31,10 +31,13 @@ class AdminUsage(Exception):
 
 @dataclass(frozen=True)
 class AdminCommand:
-    action: str  # usage | limit_user | limit_workspace | credits | reset | ban | unban | stats | help
+    # usage | limit_user | limit_workspace | credits | reset | ban | unban | stats | help
+    # | default_model | allow_models | allow_loras
+    action: str
     user_id: str | None = None
     number: int | None = None
     reason: str = ""
+    names: tuple[str, ...] = ()  # models or LoRAs (empty: all; for default_model: the servers')
 
 
 def _user(token: str | None, what: str) -> str:
@@ -89,4 +92,13 @@ def parse(text: str) -> AdminCommand:
         return AdminCommand(
             "limit_user", user_id=uid, number=_limit(args[1] if len(args) > 1 else None, "limits @user")
         )
+    if verb in ("default-model", "allow-models", "allow-loras"):
+        # `none` / `all` clear the setting; names may be separated by spaces or commas.
+        names = tuple(n for n in " ".join(args).replace(",", " ").split() if n.lower() not in ("none", "all"))
+        if verb == "default-model" and len(names) > 1:
+            raise AdminUsage("`default-model` takes one model name, or `none`.")
+        if not args:
+            clear = "none" if verb == "default-model" else "all"
+            raise AdminUsage(f"`{verb}` needs model or LoRA names, or `{clear}`.")
+        return AdminCommand(verb.replace("-", "_"), names=names)
     raise AdminUsage(f"unknown subcommand `{verb}`.")

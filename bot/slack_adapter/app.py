@@ -27,7 +27,17 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.core import controls
-from bot.core.api import REACTION_ACTIONS, Actor, BadParameters, ImageService, JobView, Place, ResultImage
+from bot.core.api import (
+    REACTION_ACTIONS,
+    Actor,
+    BadParameters,
+    CoreError,
+    ImageService,
+    JobView,
+    ModelListing,
+    Place,
+    ResultImage,
+)
 from bot.core.operations import remix_text
 from bot.slack_adapter import admin, messages
 from bot.slack_adapter.attachments import (
@@ -200,7 +210,10 @@ class SlackAdapter:
         try:
             word = text.lower()
             if word in ("", "help", "--help"):
-                await tell(messages.imagine_help(self.cfg.imagine_command))
+                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
+                return
+            if word == "models":
+                await tell(messages.models_text(await self.service.models(place), self.cfg.imagine_command))
                 return
             actor = await self.actor(user, command.get("user_name", ""))
             if word == "quota":
@@ -221,6 +234,13 @@ class SlackAdapter:
             await tell(messages.error_text(e))
             return
         await self.announce(job, actor, tell)
+
+    async def _listing(self, place: Place) -> ModelListing | None:
+        """The models for help texts; None when the core can't say now (the help still helps)."""
+        try:
+            return await self.service.models(place)
+        except CoreError:
+            return None
 
     # -- mentions: "@imagine inpaint <prompt>" with an image, "@imagine <prompt>" --------------------
 
@@ -257,7 +277,7 @@ class SlackAdapter:
                         actor, place, prompt, None, idempotency_key=key, delivery=delivery
                     )
             else:
-                await tell(messages.imagine_help(self.cfg.imagine_command))
+                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
                 return
         except AttachmentError as e:
             await tell(f":frame_with_picture: {e.message}")
@@ -550,6 +570,17 @@ class SlackAdapter:
         if cmd.action == "unban":
             await s.unban(actor, uid)
             return f"{who} is no longer banned."
+        if cmd.action == "default_model":
+            model = cmd.names[0] if cmd.names else None
+            listing = await s.set_default_model(actor, place, model)
+            what = f"*{messages.escape(model)}*" if model else "the servers' default"
+            return f"Default model for this workspace: {what}.\n" + messages.models_text(listing)
+        if cmd.action == "allow_models":
+            listing = await s.allow_models(actor, place, list(cmd.names))
+            return "Allowed models updated.\n" + messages.models_text(listing)
+        if cmd.action == "allow_loras":
+            listing = await s.allow_loras(actor, place, list(cmd.names))
+            return "Allowed LoRAs updated.\n" + messages.models_text(listing)
         raise AssertionError(f"unhandled admin action {cmd.action}")
 
 

@@ -7,9 +7,9 @@ import re
 import uuid
 from typing import Any
 
-from bot.core.api import BadParameters, CoreError, JobView, QuotaExceeded, QuotaView, StatsView
+from bot.core.api import BadParameters, CoreError, JobView, ModelListing, QuotaExceeded, QuotaView, StatsView
 from bot.core.controls import Control, result_controls, status_controls
-from bot.core.describe import kind_label
+from bot.core.describe import MODEL_USAGE, NO_MODEL_CHOICE, kind_label, model_lines, models_summary
 
 log = logging.getLogger("bot.slack")
 
@@ -59,6 +59,10 @@ def describe_params(job: JobView) -> str:
         parts.append(f"{p.n} images")
     if p.strength is not None:
         parts.append(f"strength {p.strength:g}")
+    if p.model:
+        parts.append(f"model {escape(p.model)}")
+    if p.loras:
+        parts.append("lora " + escape(", ".join(f"{x.name}:{x.weight:g}" for x in p.loras)))
     if job.negative_prompt:
         parts.append(f"no: {escape(job.negative_prompt)}")
     return " · ".join(parts)
@@ -161,13 +165,33 @@ def stats_text(s: StatsView) -> str:
     )
 
 
-def imagine_help(command: str) -> str:
+def models_text(listing: ModelListing, command: str | None = None) -> str:
+    """`/imagine models`: every model allowed here with its LoRAs, the default first."""
+    if not listing.choice:
+        return NO_MODEL_CHOICE
+    if not listing.models:
+        return "No model is allowed here now: ask this workspace's admins."
+    lines = [
+        "*Models you can use here*" + (" (chosen by this workspace's admins)" if listing.restricted else "")
+    ]
+    for line in model_lines(listing):
+        name, _, rest = line.partition(" — ")
+        lines.append(f"• *{escape(name)}* — {escape(rest)}")
+    lines.append(MODEL_USAGE)
+    return "\n".join(lines)
+
+
+def imagine_help(command: str, listing: ModelListing | None = None) -> str:
+    models = ""
+    if listing is not None:
+        models = f"Models: {escape(models_summary(listing))} `{command} models` lists their LoRAs.\n"
     return (
         f"*{command} <prompt> [flags]* — generate an image.\n"
         "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G` "
-        "`--strength 0-1` (with an image to start from)\n"
-        f"Example: `{command} a lighthouse at dusk, oil painting --ar 3:2 --n 2`\n"
-        f"`{command} quota` shows what you have left today, `{command} history` your last jobs.\n"
+        "`--model NAME` `--lora NAME:WEIGHT` `--strength 0-1` (with an image to start from)\n"
+        + models
+        + f"Example: `{command} a lighthouse at dusk, oil painting --ar 3:2 --n 2`\n"
+        f"`{command} quota` shows what you have left today, `{command} history` your last jobs, `{command} models` the models.\n"
         "Start from your own picture: post it and mention me with the prompt "
         "(`@imagine a watercolour version --strength 0.6`).\n"
         "Inpaint: post an image (transparent areas get repainted, or add a second image named "
@@ -188,7 +212,10 @@ def admin_help(command: str) -> str:
         f"• `{command} credits @user <amount>` — grant bonus images\n"
         f"• `{command} reset @user` — reset today's usage\n"
         f"• `{command} ban @user [reason]` / `{command} unban @user`\n"
-        f"• `{command} stats` — jobs, images today, top users, queue depth"
+        f"• `{command} stats` — jobs, images today, top users, queue depth\n"
+        f"• `{command} default-model <name|none>` — the model this workspace's jobs get by default\n"
+        f"• `{command} allow-models <names…|all>` / `{command} allow-loras <names…|all>` — "
+        "allow only these models or LoRAs here"
     )
 
 

@@ -51,23 +51,78 @@ class FakeInferenceServer:
     url: str = ""
     # What /health reports as the model's capabilities (None: still loading, as the real server says).
     capabilities: dict[str, Any] | None = None
+    # The models registry (API contract of issue 18): name -> its LoRAs, the first the default, each
+    # with `capabilities` above (or `model_capabilities[name]`). None: a server from before the
+    # registry (GET /v1/models is 404 and a request naming a model is refused as unknown fields).
+    models: dict[str, list[str]] | None = None
+    model_capabilities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def app(self) -> web.Application:
         app = web.Application()
         for route in ("/v1/txt2img", "/v1/img2img", "/v1/inpaint"):
             app.router.add_post(route, self.handle)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.list_models)
         return app
+
+    @property
+    def default_model(self) -> str | None:
+        return next(iter(self.models), None) if self.models else None
 
     async def health(self, request: web.Request) -> web.Response:
         status = "loading" if self.capabilities is None else "ok"
-        return web.json_response({"status": status, "capabilities": self.capabilities})
+        body: dict[str, Any] = {"status": status, "capabilities": self.capabilities}
+        if self.models is not None:
+            body |= {"models": list(self.models), "default_model": self.default_model}
+        return web.json_response(body)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        if self.models is None:
+            return error(404, "not_found", "no such route")
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 1764633600,
+                "owned_by": "imagine",
+                "default": name == self.default_model,
+                "loaded": name == self.default_model,
+                "family": self.model_capabilities.get(name, self.capabilities or {}).get("family", "sd15"),
+                "capabilities": self.model_capabilities.get(name, self.capabilities),
+                "loras": loras,
+            }
+            for name, loras in self.models.items()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    def check_model(self, body: dict) -> web.Response | None:
+        """The registry's 400s for the request's `model` and `loras` (None: acceptable)."""
+        if self.models is None:
+            extra = [k for k in ("model", "loras") if k in body]
+            return error(400, "invalid_request", f"unknown field {extra[0]}", extra[0]) if extra else None
+        model = body.get("model", self.default_model)
+        if model not in self.models:
+            return error(400, "unknown_model", f"model {model!r} is not served here", "model")
+        for i, lora in enumerate(body.get("loras") or []):
+            if lora.get("name") not in self.models[model]:
+                return error(
+                    400,
+                    "unknown_lora",
+                    f"LoRA {lora.get('name')!r} is not available for {model}",
+                    f"loras[{i}].name",
+                )
+            if not -2 <= lora.get("weight", 1.0) <= 2:
+                return error(400, "invalid_lora", "weight must be from -2 to 2", f"loras[{i}].weight")
+        return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return error(401, "unauthorized", "missing or invalid bearer token")
         body = await request.json()
         self.seen.append(Seen(request.path, dict(request.headers), body))
+        refused = self.check_model(body)
+        if refused is not None:
+            return refused
         action = self.script.pop(0) if self.script else "ok"
         if action == "ok":
             return await success(request, body)
@@ -88,7 +143,7 @@ def result_body(body: dict) -> dict:
         "width": w,
         "height": h,
         "steps": body.get("steps", 20),
-        "model": "fake",
+        "model": body.get("model", "fake"),
         "timings": {"queue_s": 0.0, "run_s": 0.0, "total_s": 0.0},
         "batch_size": len(seeds),
     }

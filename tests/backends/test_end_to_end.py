@@ -134,3 +134,14 @@ async def test_fails_over_from_a_dead_server_to_the_real_one(real_server, refuse
         await backend.close()
     assert png_size(image.png) == (SIDE, SIDE)
     assert backend.servers_down() == [refused_url]
+
+
+async def test_the_real_server_of_today_offers_no_model_choice_and_jobs_go_out_as_before(client):
+    """A server from before the models registry (its /v1/models lists one OpenAI-style entry, with
+    capabilities but without `default` and `loras`, and its native routes refuse a `model` field):
+    the bot sees no choice, and a job without a model sends no model fields."""
+    assert await client.models() is None
+    images = await client.generate(
+        GenerationParams(task="txt2img", prompt="a fox", seeds=(1,), width=SIDE, height=SIDE, steps=2)
+    )
+    assert len(images) == 1

@@ -132,6 +132,7 @@ class Interaction:
     deleted_original: bool = False
     message: dict | None = None  # the message a component interaction came from
     modal: dict | None = None  # the dialog the bot opened in answer (callback type 9)
+    choices: list[dict] | None = None  # an autocomplete's answer (callback type 8)
 
     @property
     def deferred(self) -> bool:
@@ -529,6 +530,33 @@ class FakeDiscord:
         iid = self.new_id(created_at)
         payload = self._interaction_payload(iid, 2, data, user, size_limit)
         return Interaction(iid, payload["token"], name, user, self.channel_id, payload)
+
+    async def autocomplete(
+        self,
+        name: str,
+        user: FakeUser,
+        options: dict[str, Any],
+        focused: str,
+        *,
+        subcommand: list[str] | None = None,
+    ) -> Interaction:
+        """Dispatch an autocomplete interaction (type 4) while `user` types option `focused` of
+        command `name` (the other `options` as typed so far); the bot's suggestions arrive in the
+        record's `choices`."""
+        record = self.build_slash(name, user, options, subcommand=subcommand)
+        data = record.payload["data"]
+        opts = data["options"]
+        while opts and opts[0].get("type") == 1:  # into the subcommand
+            opts = opts[0]["options"]
+        for opt in opts:
+            if opt["name"] == focused:
+                opt["focused"] = True
+                opt["type"] = 3  # the text typed so far, whatever the option's type
+                opt["value"] = str(opt["value"])
+        payload = self._interaction_payload(record.id, 4, data, user)
+        record = Interaction(record.id, payload["token"], name, user, self.channel_id, payload)
+        await self.send_interactions([record])
+        return record
 
     def _interaction_payload(
         self, iid: int, kind: int, data: dict, user: FakeUser, size_limit: int | None = None
@@ -949,6 +977,11 @@ class FakeDiscord:
         rec.callbacks.append({"status": 200, "body": body})
         data = body.get("data") or {}
         kind = body.get("type")
+        if kind == 8:  # autocomplete suggestions: nothing is posted
+            rec.choices = list(data.get("choices") or [])
+            return self._json(
+                {"interaction": {"id": iid, "type": 4, "activity_instance_id": None}, "resource": {"type": 8}}
+            )
         if kind in (6, 7, 9):
             if kind == 9:  # a dialog: nothing is posted
                 rec.modal = data

@@ -15,12 +15,13 @@ async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
         sync = fake_discord.command_syncs[-1]
     assert sync["guild_id"] == fake_discord.guild_id  # guild sync: instant in development
     commands = {c["name"]: c for c in sync["payload"]}
-    assert set(commands) == {"imagine", "inpaint", "history", "quota", "help", "admin"}
+    assert set(commands) == {"imagine", "inpaint", "history", "quota", "help", "models", "admin"}
     opts = {o["name"]: o for o in commands["imagine"]["options"]}
     assert opts["prompt"]["type"] == 3 and opts["prompt"]["required"] is True
     assert opts["count"]["type"] == 4 and (opts["count"]["min_value"], opts["count"]["max_value"]) == (1, 4)
     assert opts["steps"]["max_value"] == 150 and opts["seed"]["max_value"] == 2**32 - 1
     assert opts["guidance"]["type"] == 10
+    assert opts["model"]["autocomplete"] is True and opts["lora"]["autocomplete"] is True
     assert {c["value"] for c in opts["aspect"]["choices"]} >= {"1:1", "3:2", "16:9"}
     inpaint = {o["name"]: o for o in commands["inpaint"]["options"]}
     assert inpaint["image"]["type"] == 11 and inpaint["image"]["required"] is True
@@ -36,6 +37,9 @@ async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
         "ban",
         "unban",
         "stats",
+        "default-model",
+        "allow-models",
+        "allow-loras",
     }
     assert all(o["type"] == 1 for o in admin["options"])  # subcommands
     assert commands["imagine"]["description"]  # Discord shows it to users

@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.core.api import CoreError
 from bot.discord_adapter import messages
 from bot.discord_adapter.errors import defer
 
@@ -33,7 +34,12 @@ class Account(commands.Cog):
 
     @app_commands.command(name="help", description="How to use the image bot.")
     async def help(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(messages.HELP, ephemeral=True)
+        await defer(interaction, ephemeral=True)
+        try:
+            listing = await self.bot.service.models(self.bot.place(interaction))
+        except CoreError:  # the database is away: help without the models still helps
+            listing = None
+        await interaction.followup.send(messages.help_text(listing), ephemeral=True)
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -1,4 +1,5 @@
-"""/admin: limits, credits, usage reset, bans and stats, for Manage Server or a configured role.
+"""/admin: limits, credits, usage reset, bans, stats, and the server's default model and allowed models
+and LoRAs, for Manage Server or a configured role.
 
 The adapter decides who is an admin (`Actor.is_admin`); the core enforces it and audits every call.
 The check below only saves a round trip and gives the same refusal earlier.
@@ -14,6 +15,7 @@ from discord.ext import commands
 
 from bot.core.api import NotAdmin
 from bot.discord_adapter import messages
+from bot.discord_adapter.cogs.models import complete_models
 from bot.discord_adapter.errors import defer
 
 if TYPE_CHECKING:
@@ -106,6 +108,46 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Image bot 
         actor = await self._start(interaction, "stats")
         s = await self.bot.service.stats(actor, self.bot.place(interaction))
         await self._done(interaction, messages.stats(s))
+
+    @app_commands.command(
+        name="default-model",
+        description="The model this server's jobs get when they name none (empty: the servers').",
+    )
+    async def default_model(
+        self, interaction: discord.Interaction, model: app_commands.Range[str, 1, 200] | None = None
+    ) -> None:
+        actor = await self._start(interaction, "default-model")
+        listing = await self.bot.service.set_default_model(actor, self.bot.place(interaction), model)
+        what = f"**{model}**" if model else "the servers' default"
+        await self._done(
+            interaction, f"✅ This server's default model is now {what}.\n" + messages.models(listing)
+        )
+
+    @default_model.autocomplete("model")
+    async def _default_model(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await complete_models(self.bot, interaction, current)
+
+    @app_commands.command(
+        name="allow-models", description="Only these models here, names separated by spaces (empty: all)."
+    )
+    async def allow_models(
+        self, interaction: discord.Interaction, models: app_commands.Range[str, 1, 1000] | None = None
+    ) -> None:
+        actor = await self._start(interaction, "allow-models")
+        listing = await self.bot.service.allow_models(actor, self.bot.place(interaction), models or [])
+        await self._done(interaction, "✅ Allowed models updated.\n" + messages.models(listing))
+
+    @app_commands.command(
+        name="allow-loras", description="Only these LoRAs here, names separated by spaces (empty: all)."
+    )
+    async def allow_loras(
+        self, interaction: discord.Interaction, loras: app_commands.Range[str, 1, 1000] | None = None
+    ) -> None:
+        actor = await self._start(interaction, "allow-loras")
+        listing = await self.bot.service.allow_loras(actor, self.bot.place(interaction), loras or [])
+        await self._done(interaction, "✅ Allowed LoRAs updated.\n" + messages.models(listing))
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_adapter.attachments import read_image
+from bot.discord_adapter.cogs.models import complete_loras, complete_models
 from bot.discord_adapter.errors import defer
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class Imagine(commands.Cog):
     @app_commands.command(name="imagine", description="Generate images from a text prompt.")
     @app_commands.describe(
         prompt="What to draw. Flags work here too: --seed 42 --n 4 --ar 3:2 --steps 30 --guidance 7 --no blurry",
+        model="The model to draw with (/models lists them)",
+        lora="A LoRA to apply, NAME or NAME:WEIGHT (-2 to 2); more with --lora in the prompt",
         negative="What to keep out of the image",
         count="How many images (1-4)",
         seed="Seed for reproducible results",
@@ -50,6 +53,8 @@ class Imagine(commands.Cog):
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.01, 1.0] | None = None,
+        model: app_commands.Range[str, 1, 200] | None = None,
+        lora: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         await defer(interaction, ephemeral=False)
         options = {
@@ -60,6 +65,8 @@ class Imagine(commands.Cog):
             "ar": aspect,
             "guidance": guidance,
             "strength": strength,
+            "model": model,
+            "lora": lora,
         }
         given = {k: v for k, v in options.items() if v is not None}
         common: dict[str, Any] = {
@@ -83,6 +90,14 @@ class Imagine(commands.Cog):
             job.position,
         )
         await self.bot.show_queued(job)
+
+    @imagine.autocomplete("model")
+    async def _model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await complete_models(self.bot, interaction, current)
+
+    @imagine.autocomplete("lora")
+    async def _lora(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return await complete_loras(self.bot, interaction, current)
 
 
 async def setup(bot: ImagineBot) -> None:
