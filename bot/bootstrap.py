@@ -17,22 +17,21 @@ import datetime as dt
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bot.backends.base import InferenceBackend
 from bot.config import CoreConfig, load_core_config
-from bot.core.api import StorageError
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
 from bot.core.model_watch import ModelWatch
 from bot.core.models import utcnow
 from bot.core.service import CoreService
-from bot.core.storage import ImageStorage, LocalImageStorage
+from bot.core.storage import ImageStorage, open_storage
 from bot.migrate import ensure_schema
-from bot.settings import ConfigError, read_toml
+from bot.settings import read_toml
 
 log = logging.getLogger("bot")
 
@@ -78,16 +77,13 @@ async def build_core(
     )
     db = Database(engine)
     own_backend = backend
+    exits = AsyncExitStack()  # the storage's client, closed after the dispatcher has stopped
     try:
         revision = await ensure_schema(engine, auto_migrate=cfg.database.auto_migrate)
         log.info(
             "database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision
         )
-        storage = LocalImageStorage(cfg.storage.dir)
-        try:
-            await storage.check_writable()
-        except StorageError as e:
-            raise ConfigError(e.message) from e
+        storage = await exits.enter_async_context(open_storage(cfg.storage, env))
         if own_backend is None:
             from bot.backends import build_backend
 
@@ -110,4 +106,5 @@ async def build_core(
                 await own_backend.close()
             except Exception:
                 log.exception("closing the backend failed")
+        await exits.aclose()
         await db.close()

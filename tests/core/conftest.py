@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot.config import normalize_database_url
 from bot.core.db import make_engine
 from bot.migrate import upgrade
+from tests.core.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures of the storage tests
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 TABLES = ("audit_log", "images", "jobs", "quota_usage", "quota_limits", "users")
