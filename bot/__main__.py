@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--sync-commands",
+        action="store_true",
+        help="sync Discord's slash commands at start-up even if they look unchanged "
+        "(sets [discord] force_sync_commands for this run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -133,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     # Alembic logs a dozen set-up lines at INFO on every start; bot.bootstrap says what matters.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     load_dotenv()
-    return asyncio.run(amain(str(config_path(args.config)), os.environ))
+    env: Mapping[str, str] = os.environ
+    if args.sync_commands:
+        env = {**os.environ, "IMAGINE_DISCORD_FORCE_SYNC_COMMANDS": "true"}
+    return asyncio.run(amain(str(config_path(args.config)), env))
 
 
 if __name__ == "__main__":

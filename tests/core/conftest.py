@@ -27,7 +27,7 @@ from bot.migrate import upgrade
 from tests.core.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures of the storage tests
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-TABLES = ("audit_log", "images", "jobs", "quota_usage", "quota_limits", "users")
+TABLES = ("audit_log", "images", "jobs", "publications", "quota_usage", "quota_limits", "users")
 
 
 def run_in_thread(coro_fn: Any) -> Any:
