@@ -16,10 +16,13 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot import discord_adapter, playground, slack_adapter
 from bot.core.api import ImageService
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 log = logging.getLogger("bot")
 
@@ -36,6 +39,7 @@ class Adapter(Protocol):
         config: Mapping[str, Any],
         env: Mapping[str, str],
         ready: asyncio.Event | None = None,
+        ops: Ops | None = None,
     ) -> None: ...
 
 
@@ -86,7 +90,9 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
         async with build_core(raw, env) as core:
             # Any: the adapters' tasks and the stopper below are awaited together.
             tasks: dict[asyncio.Task[Any], str] = {
-                asyncio.create_task(module.run(core.service, raw, env, None), name=f"adapter {name}"): name
+                asyncio.create_task(
+                    module.run(core.service, raw, env, None, ops=core.ops), name=f"adapter {name}"
+                ): name
                 for name, module in enabled
             }
             stopper = asyncio.create_task(stop.wait())

@@ -13,6 +13,8 @@ dispatcher (handing jobs in flight back to the queue), closes the backend and di
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -26,12 +28,15 @@ from bot.backends.base import InferenceBackend
 from bot.config import CoreConfig, load_core_config
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
+from bot.core.health import ReadinessCheck
+from bot.core.metrics import BotMetrics, instrument
 from bot.core.model_watch import ModelWatch
 from bot.core.models import utcnow
 from bot.core.service import CoreService
 from bot.core.storage import ImageStorage, open_storage
 from bot.migrate import ensure_schema
-from bot.settings import read_toml
+from bot.ops import Ops, serve_ops
+from bot.settings import ConfigError, read_toml
 
 log = logging.getLogger("bot")
 
@@ -46,6 +51,7 @@ class Core:
     service: CoreService
     dispatcher: Dispatcher
     model_watch: ModelWatch
+    ops: Ops  # /metrics and /readyz for whichever HTTP surface the process has
 
 
 @asynccontextmanager
@@ -89,12 +95,18 @@ async def build_core(
 
             own_backend = build_backend(raw, env)
         service = CoreService(db, storage, cfg, clock=clock)
-        dispatcher = Dispatcher(service, own_backend, owner=dispatcher_owner)
-        model_watch = ModelWatch(service, own_backend)
+        metrics = BotMetrics()
+        # The dispatcher gets the backend with its errors counted; Core.backend stays the backend.
+        metered_backend = instrument(service, own_backend, metrics)
+        ops = Ops(db, metrics, ReadinessCheck(db, own_backend))
+        dispatcher = Dispatcher(service, metered_backend, owner=dispatcher_owner)
+        model_watch = ModelWatch(service, metered_backend)
+        if cfg.bot.metrics_port:
+            await exits.enter_async_context(_serving_ops(ops, cfg.bot.metrics_host, cfg.bot.metrics_port))
         await model_watch.start()
         if start_dispatcher:
             dispatcher.start()
-        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch)
+        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch, ops)
         try:
             yield core
         finally:
@@ -108,3 +120,21 @@ async def build_core(
                 log.exception("closing the backend failed")
         await exits.aclose()
         await db.close()
+
+
+@asynccontextmanager
+async def _serving_ops(ops: Ops, host: str, port: int) -> AsyncIterator[None]:
+    """`serve_ops` in the background for the block; a port that cannot be bound stops the start."""
+    listening = asyncio.Event()
+    task = asyncio.create_task(serve_ops(ops, host, port, listening), name="ops-http")
+    waiter = asyncio.create_task(listening.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        raise ConfigError(str(task.exception() or "[bot] metrics_port: the server stopped"))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

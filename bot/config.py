@@ -82,6 +82,12 @@ class BotConfig:
     max_upscale_side: int = 2048
     # 10 MiB: Discord's default attachment limit; larger uploads are refused before decoding.
     max_upload_bytes: int = 10 * 1024 * 1024
+    # /metrics, /readyz and /healthz on a port of their own, for a process without an HTTP surface
+    # (the Discord bot; the Slack runner in HTTP mode and the playground serve them on theirs).
+    # 0: none.
+    metrics_port: int = 0
+    # 0.0.0.0 in a container, so that Prometheus and the orchestrator's probes reach it.
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(
@@ -147,6 +153,12 @@ class BotConfig:
             "[bot] base_size",
             "must be at most max_side",
         )
+        _check(
+            0 <= self.metrics_port <= 65535,
+            "[bot] metrics_port",
+            "must be a TCP port (1-65535) or 0 for none",
+        )
+        _check(bool(self.metrics_host.strip()), "[bot] metrics_host", "must be a host name or address")
         # 100 MiB: every upload is read into memory and decoded; chat platforms cap theirs lower.
         _check(
             1024 <= self.max_upload_bytes <= 100 * 1024 * 1024,
