@@ -236,3 +236,17 @@ class InferenceBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ServerFleet(Protocol):
+    """A backend in front of servers of its own (the project's inference servers), which can tell
+    them apart: failures are reported per server, and it can say which servers answer."""
+
+    def observe_server_errors(self, observer: Callable[[str, str], None]) -> None:
+        """Call `observer(server, kind)` for every failed attempt at one server."""
+        ...
+
+    async def reachable_servers(self) -> list[str]:
+        """The servers that answer their health check now. Never raises."""
+        ...

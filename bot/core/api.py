@@ -500,6 +500,16 @@ class ImageService(Protocol):
 
     def unregister_delivery(self, platform: str) -> None: ...
 
+    async def claim_publication(self, key: str, digest: str) -> bool:
+        """True for exactly one caller (of all processes) per new `digest` of `key`: that caller
+        publishes it (e.g. syncs Discord's command tree whose hash is `digest`). False when `digest`
+        is what was published last. A publisher that fails calls `publication_failed`."""
+        ...
+
+    async def publication_failed(self, key: str, digest: str) -> None:
+        """Forget a claimed `digest` that could not be published, so the next claim wins again."""
+        ...
+
     # -- submitting -----------------------------------------------------------------------------
     async def imagine(
         self,

@@ -220,3 +220,15 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(200), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Publication(Base):
+    """What was last published to a platform under a key (e.g. the digest of Discord's command tree),
+    so that of several processes starting at once exactly one publishes a change
+    (`bot.core.publications`)."""
+
+    __tablename__ = "publications"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

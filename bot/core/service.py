@@ -9,7 +9,8 @@ that does it:
 - `bot.core.queries`: get_job, job_for_message, queue_position, history, quota, image_bytes, stats;
 - `bot.core.admin`: usage, limits, credits, usage resets, bans, audit_log;
 - `bot.core.model_choice`: models (the listing), set_default_model, allow_models, allow_loras;
-- `bot.core.results`: attach_result_message, record_shown, remember_delivery.
+- `bot.core.results`: attach_result_message, record_shown, remember_delivery;
+- `bot.core.publications`: claim_publication, publication_failed (one process publishes a change).
 
 The dispatcher uses `claims` (take, keep and hand back jobs), `results` (record outcomes and
 deliveries), `queue` (fair order, positions to report), `storage`, `deliveries` and the signals
@@ -40,6 +41,7 @@ from bot.core.model_choice import ModelCatalog, ModelChoices
 from bot.core.models import utcnow
 from bot.core.operations import Operations
 from bot.core.params import Limits
+from bot.core.publications import Publications
 from bot.core.queries import Queries
 from bot.core.quotas import Quotas
 from bot.core.results import Results
@@ -143,6 +145,9 @@ class CoreService:
         self.attach_result_message = self.results.attach_result_message
         self.record_shown = self.results.record_shown
         self.remember_delivery = self.results.remember_delivery
+        publications = Publications(db, clock)
+        self.claim_publication = publications.claim
+        self.publication_failed = publications.release
 
     def limits(self, model: str | None = None) -> Limits:
         """What a job on `model` (None: the servers' default) may ask for now: that model's
