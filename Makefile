@@ -35,8 +35,11 @@ bot: setup
 migrate: setup
 	$(PY) -m bot.migrate
 
+# Two worker processes by default (pytest-xdist; a test file stays on one worker, since its fixtures
+# are shared): most tests wait on sockets, subprocesses and sleeps. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The continuous-batching bench is the long one (~15 min on 2 quiet cores: closed-loop saturation,
 # open-loop points at 50/70/90% of the request-level engine's saturation, 3 repetitions each, then
