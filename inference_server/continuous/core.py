@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
+Admission = Literal["always", "efficient"]
+# Seconds of one iteration of n images, or None when not known yet.
+IterationCost = Callable[[int], float | None]
+
+# Weight of the newest iteration in the measured cost of an iteration of n images ("efficient"
+# admission): recent enough to follow a change of sizes or load, smooth enough not to chase noise.
+COST_SMOOTHING = 0.2
 
 # Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
 # MB for SD-sized encoders, and one text-encoder call fewer per request that hits.
@@ -206,6 +213,10 @@ class ContinuousEngine:
         max_queue: int = 256,
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
+        # "always": waiting requests fill free slots at every step. "efficient": see _pays_to_join.
+        admission: Admission = "always",
+        # The cost of an iteration of n images for "efficient" admission; None = measured here.
+        iteration_cost: IterationCost | None = None,
         # Decode finished latents on a second thread (see the module docstring). Off for MPS, whose
         # backend is not safe to drive from two threads.
         decode_thread: bool = True,
@@ -222,6 +233,11 @@ class ContinuousEngine:
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
+        if admission not in ("always", "efficient"):
+            raise ValueError(f"admission must be 'always' or 'efficient', got {admission!r}")
+        self.admission = admission
+        self._measured_cost: dict[int, float] = {}  # images per iteration -> seconds (smoothed)
+        self._iteration_cost = iteration_cost or self._measured_cost.get
         self._make_scheduler = scheduler_factory or default_scheduler_factory(pipe)
         self._on_iteration = on_iteration
         self._cond = threading.Condition()
@@ -434,6 +450,9 @@ class ContinuousEngine:
                 take = 1  # an image bigger than the budget still runs, alone
             if take == 0:
                 break  # waits, at the head, for pixels to free up
+            backlog = len(self._waiting) > free
+            if self.admission == "efficient" and not backlog and not self._pays_to_join(ticket, take, joiners):
+                break  # FIFO: nobody overtakes a deferred older request
             joiners.append((ticket, take))
             free -= take
             pixels_free -= take * per_image
@@ -442,6 +461,31 @@ class ContinuousEngine:
             else:
                 break  # still at the head, joins with the next free slot
         return joiners
+
+    def _pays_to_join(self, ticket: _Ticket, take: int, joiners: list[tuple[_Ticket, int]]) -> bool:
+        """"efficient" admission: join now only if the wait it saves the joiner pays for the slower
+        iterations it costs everyone it shares them with.
+
+        With n images running, joining now instead of at the next departure saves the joiner
+        `d * c(n)` (d: iterations until the first running image finishes) and costs each member
+        `c(n + k) - c(n)` for every iteration it shares with the k joining images. Where a step of
+        n images costs about n times one image's (SDXL, FLUX on a GPU; this CPU) early joining buys
+        little and slows everyone; where batching is nearly free it always pays. Unknown costs
+        (no iteration of that size yet) admit, which is how they get measured. Never applied with
+        a backlog (more requests waiting than free slots): then capacity matters more than order,
+        and the slots fill at once (tests/bench/des_model.py: deferring under load costs capacity).
+        """
+        lefts = [len(s.timesteps) - s.i for s in self._running]
+        lefts += [t.total_steps for t, _ in joiners]
+        if not lefts:
+            return True
+        n = len(self._running) + sum(k for _, k in joiners)
+        now_cost, joined_cost = self._iteration_cost(n), self._iteration_cost(n + take)
+        if now_cost is None or joined_cost is None:
+            return True
+        saved = min(lefts) * now_cost
+        slower = (joined_cost - now_cost) * sum(min(left, ticket.total_steps) for left in lefts)
+        return saved >= slower
 
     def _positions_changed(self) -> list[tuple[_Ticket, int]]:
         """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""
@@ -566,8 +610,12 @@ class ContinuousEngine:
                 self._decoder.submit(self._decode_on_thread, finished)
             else:
                 self._decode(finished)
+        seconds = time.perf_counter() - t0
+        if not failed:
+            old = self._measured_cost.get(batch)
+            self._measured_cost[batch] = seconds if old is None else old + COST_SMOOTHING * (seconds - old)
         if self._on_iteration is not None:
-            self._on_iteration(batch, time.perf_counter() - t0)
+            self._on_iteration(batch, seconds)
 
     def _predict_and_step(self, samples: list[_Sample]) -> bool:
         """One UNet call over `samples`, then their steps; True if a call failed.

@@ -205,6 +205,7 @@ class ContinuousBatchingEngine(EngineBase):
             max_batch_size=self.config.max_batch_size,
             max_batch_pixels=self.config.max_batch_pixels,
             max_queue=self.config.max_queue,
+            admission=self.config.admission,
             scheduler_factory=scheduler_factory(pipe),
             on_iteration=self._from_worker_iteration,
             decode_thread=self.runner.device != "mps" if self.decode_thread is None else self.decode_thread,
