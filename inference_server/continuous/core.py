@@ -451,7 +451,11 @@ class ContinuousEngine:
             if take == 0:
                 break  # waits, at the head, for pixels to free up
             backlog = len(self._waiting) > free
-            if self.admission == "efficient" and not backlog and not self._pays_to_join(ticket, take, joiners):
+            if (
+                self.admission == "efficient"
+                and not backlog
+                and not self._pays_to_join(ticket, take, joiners)
+            ):
                 break  # FIFO: nobody overtakes a deferred older request
             joiners.append((ticket, take))
             free -= take
@@ -463,7 +467,7 @@ class ContinuousEngine:
         return joiners
 
     def _pays_to_join(self, ticket: _Ticket, take: int, joiners: list[tuple[_Ticket, int]]) -> bool:
-        """"efficient" admission: join now only if the wait it saves the joiner pays for the slower
+        """ "efficient" admission: join now only if the wait it saves the joiner pays for the slower
         iterations it costs everyone it shares them with.
 
         With n images running, joining now instead of at the next departure saves the joiner
