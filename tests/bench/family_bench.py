@@ -3,6 +3,7 @@
     python -m tests.bench.family_bench --quick                       # every family, short (~10 min)
     python -m tests.bench.family_bench --families sdxl flux_schnell  # some of them
     python -m tests.bench.family_bench --admission always efficient  # both admission rules
+    python -m tests.bench.family_bench --parity-only                 # parity per task and sampler (~2 min)
 
 For each family, on its tiny random-weight pipeline (`inference_server/tiny_families.py`) at 32x32,
 one torch thread per engine thread, engines driven through the server's `Engine` interface:
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from inference_server.config import BatchingConfig, ModelConfig
 from inference_server.engine import GenerationRequest
@@ -80,7 +81,7 @@ def make_engine(kind: str, path: Path) -> Any:
     batching = BatchingConfig(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=10_000)
     if kind == "request-level":
         return DynamicBatchingEngine(runner, batching, Metrics())
-    admission = kind.split(" ", 1)[1] if " " in kind else "always"
+    admission: Literal["always", "efficient"] = "efficient" if kind.endswith("efficient") else "always"
     return ContinuousBatchingEngine(runner, dataclasses.replace(batching, admission=admission), Metrics())
 
 
@@ -102,8 +103,8 @@ async def saturation(engine: Any, family: TinyFamily, clients: int, total: int, 
     return des.steady_rate(sorted(done), clients)
 
 
-def parity(family: TinyFamily) -> float:
-    """The largest |continuous - diffusers| over the family's parity requests."""
+def parity(family: TinyFamily) -> dict[str, float]:
+    """The largest |continuous - diffusers| per task / sampler over the family's parity requests."""
     import numpy as np
 
     from inference_server.continuous.core import ContinuousEngine
@@ -120,11 +121,25 @@ def parity(family: TinyFamily) -> float:
         results = [t.future.result(600) for t in [engine.submit(r) for r in reqs]]
     finally:
         engine.stop()
-    return max(
-        float(np.abs(reference(pipes, factory, req, seed) - array).max())
-        for req, result in zip(reqs, results, strict=True)
-        for seed, array in zip(req.seeds, result.arrays, strict=True)
-    )
+    worst: dict[str, float] = {}
+    for req, result in zip(reqs, results, strict=True):
+        key = f"{req.task} / {req.scheduler}"
+        for seed, array in zip(req.seeds, result.arrays, strict=True):
+            diff = float(np.abs(reference(pipes, factory, req, seed) - array).max())
+            worst[key] = max(worst.get(key, 0.0), diff)
+    return worst
+
+
+def parity_table(families: list[TinyFamily]) -> list[str]:
+    """Family x task x sampler: the largest difference (pixels in [0, 1])."""
+    lines = ["| family | task / sampler | max abs difference |", "| --- | --- | --- |"]
+    overall = 0.0
+    for family in families:
+        worst = parity(family)
+        lines += [f"| {family} | {key} | {diff:.2e} |" for key, diff in worst.items()]
+        overall = max(overall, *worst.values())
+    lines.append(f"| **all** | | **{overall:.2e}** |")
+    return lines
 
 
 async def bench_family(family: TinyFamily, args: argparse.Namespace, folder: Path) -> list[str]:
@@ -190,7 +205,8 @@ async def bench_family(family: TinyFamily, args: argparse.Namespace, folder: Pat
     for engine in engines.values():
         await engine.stop(5.0)
     if not args.skip_parity:
-        lines += ["", f"parity: largest |continuous - diffusers| = {parity(family):.2e} (pixels in [0, 1])"]
+        worst = max(parity(family).values())
+        lines += ["", f"parity: largest |continuous - diffusers| = {worst:.2e} (pixels in [0, 1])"]
     return lines
 
 
@@ -207,6 +223,10 @@ async def main_async(args: argparse.Namespace) -> None:
         f"{args.saturation_requests} per saturation run\n",
         flush=True,
     )
+    if args.parity_only:
+        print("\n".join(parity_table(args.families)), flush=True)
+        print(f"\n(took {(time.perf_counter() - started) / 60:.1f} min; {load_averages()})")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             print("\n".join(await bench_family(family, args, Path(tmp))) + "\n", flush=True)
@@ -224,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=60, help="requests per load point (default 60)")
     parser.add_argument("--saturation-requests", type=int, default=64)
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument(
+        "--parity-only", action="store_true", help="only the parity table, per family, task and sampler"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.saturation_requests = 30, 40
