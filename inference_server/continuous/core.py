@@ -1,13 +1,13 @@
 """Continuous (iteration-level) batching for every model family the server serves.
 
 With request-level batching a request that arrives while a batch runs waits for every step of that
-batch. Here the unit of scheduling is one denoising step: every iteration makes one batched UNet call
-for all running samples (classifier-free guidance rows included) with a per-row timestep; each sample
-then steps its own scheduler on its own slice. Finished samples leave and are decoded, cancelled or
+batch. Here the unit of scheduling is one denoising step: every iteration makes one batched denoiser
+call for all running samples (guidance rows included) with a per-row timestep; each sample then
+steps its own scheduler on its own slice. Finished samples leave and are decoded, cancelled or
 expired ones leave at the next step, and waiting requests join at the next iteration, so samples with
 different step counts, schedulers, guidance scales, strengths and tasks share iterations. Only the
-image size must match for two samples to share a UNet call (different sizes run as separate calls in
-the same iteration).
+image size must match for two samples to share a denoiser call (different sizes run as separate
+calls in the same iteration).
 
 Each image of a request is one *sample* with its own `torch.Generator(seed)` and its own scheduler
 instance (schedulers are stateful and `set_timesteps` resets them), so every sample follows exactly the
@@ -205,7 +205,7 @@ class ContinuousEngine:
         pipe: Any,
         *,
         max_batch_size: int = 8,
-        # Sum of width x height over the images stepping together: bounds device memory per UNet
+        # Sum of width x height over the images stepping together: bounds device memory per denoiser
         # call when sizes differ (the server passes `[batching] max_batch_pixels`).
         max_batch_pixels: int = 8 * 512 * 512,
         # Waiting requests beyond this are refused at once (503 + Retry-After) rather than queued
@@ -575,7 +575,7 @@ class ContinuousEngine:
         )
 
     def _iteration(self) -> None:
-        """One UNet call per image size over the running samples, then each sample steps itself."""
+        """One denoiser call per image size over the running samples, then each sample steps itself."""
         t0 = time.perf_counter()
         active = self._running[: self._limit]
         # Samples of different sizes (or, for FLUX, text lengths) can't share a denoiser call: one
@@ -622,7 +622,7 @@ class ContinuousEngine:
             self._on_iteration(batch, seconds)
 
     def _predict_and_step(self, samples: list[_Sample]) -> bool:
-        """One UNet call over `samples`, then their steps; True if a call failed.
+        """One denoiser call over `samples`, then their steps; True if a call failed.
 
         A failure other than out-of-memory may come from one request's state, so with several
         requests in the call they retry as two halves (recursively) and only a request that fails
@@ -636,7 +636,7 @@ class ContinuousEngine:
                 self._on_unet_failure(samples, e)
                 return True
             log.warning(
-                "continuous: UNet call over %d requests failed (%s: %s); retrying them as two halves",
+                "continuous: denoiser call over %d requests failed (%s: %s); retrying them as two halves",
                 len(tickets),
                 type(e).__name__,
                 e,
@@ -651,7 +651,7 @@ class ContinuousEngine:
     def _on_unet_failure(self, samples: list[_Sample], error: Exception) -> None:
         """Out of memory: halve the running batch and retry; other errors fail these requests only.
 
-        A failed UNet call stepped nobody, so the samples' states are intact and simply retry.
+        A failed denoiser call stepped nobody, so the samples' states are intact and simply retry.
         """
         tickets = list({id(s.ticket): s.ticket for s in samples}.values())
         if _is_oom(error):
@@ -664,7 +664,7 @@ class ContinuousEngine:
             log.warning("continuous: out of memory on a single image; failing that request")
             failure: EngineError = OutOfMemory("out of device memory generating this image at this size")
         else:
-            log.error("continuous: UNet call failed", exc_info=error)
+            log.error("continuous: denoiser call failed", exc_info=error)
             failure = GenerationFailed(MODEL_FAILED)
         for ticket in tickets:
             self._remove_ticket(ticket)

@@ -5,10 +5,10 @@ Chosen with `[batching] engine = "continuous"`. Loading and warm-up go through t
 own worker thread (the runner's thread stays idle, so one thread still drives the device). Events and
 results come back to the event loop with `call_soon_threadsafe`; metrics are only touched there.
 
-It serves every family (SD 1.x/2.x, SDXL, SD 3.x, FLUX.1; see `families.py`). Models it can't run
-(a denoiser whose input isn't the plain latent: 9-channel inpainting UNets, FLUX Fill) fall back to the request-level `DynamicBatchingEngine` over the same, already
-loaded `PipelineRunner`, with a log line saying so; `name` (and so `/health` and `/metrics`) then
-says "dynamic".
+It serves every family (SD 1.x/2.x, SDXL, SD 3.x, FLUX.1; see `families.py`). Models it can't
+run (a denoiser whose input isn't the plain latent: 9-channel inpainting UNets, FLUX Fill) fall back
+to the request-level `DynamicBatchingEngine` over the same, already loaded `PipelineRunner`, with a
+log line saying so; `name` (and so `/health` and `/metrics`) then says "dynamic".
 
 torch is imported only when the engine starts: importing this module is cheap.
 """
