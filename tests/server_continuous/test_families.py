@@ -127,3 +127,23 @@ def test_sizes_the_family_cannot_make_are_refused_naming_the_multiple(
     multiple = 8 if name == "sdxl" else 16  # SD3: 8x VAE x 2x2 patches; FLUX: 8x VAE x 2x2 packing
     with pytest.raises(UnsupportedRequest, match=f"multiples of {multiple}"):
         engine.submit(replace(request(name, 2), width=FAMILY_SIZE + multiple // 2))
+
+
+def test_inpainting_checkpoints_whose_denoiser_takes_the_mask_fall_back() -> None:
+    """Every served family runs step by step; a denoiser that also takes the mask and masked image
+    (a 33-channel SD3 inpainting transformer, a FLUX Fill one) is left to the request-level engine."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from inference_server.continuous.families import unsupported_reason
+    from inference_server.tiny_families import TINY_FAMILIES, build_tiny_family
+
+    for name in TINY_FAMILIES:
+        assert unsupported_reason(build_tiny_family(name)) is None, name
+    sd3 = build_tiny_family("sd3_no_t5")
+    torch.manual_seed(0)
+    sd3.transformer = SD3Transformer2DModel.from_config({**sd3.transformer.config, "in_channels": 33})
+    assert "33 input channels" in (unsupported_reason(sd3) or "")
+    flux = build_tiny_family("flux_schnell")
+    flux.transformer = FluxTransformer2DModel.from_config({**flux.transformer.config, "in_channels": 384})
+    assert "Fill/Control" in (unsupported_reason(flux) or "")
