@@ -479,6 +479,8 @@ class ContinuousEngine:
         a backlog (more requests waiting than free slots): then capacity matters more than order,
         and the slots fill at once (tests/bench/des_model.py: deferring under load costs capacity).
         """
+        # Iterations left per running image; a joiner's are taken as its steps (a multi-evaluation
+        # sampler's are about twice that, unknown until its scheduler exists: an estimate suffices).
         lefts = [len(s.timesteps) - s.i for s in self._running]
         lefts += [t.total_steps for t, _ in joiners]
         if not lefts:

@@ -179,7 +179,8 @@ class SD3Denoiser(FlowDenoiser):
         x = repeat_latents(samples)
         return self.pipe.transformer(
             hidden_states=x,
-            timestep=row_times(samples, x.dtype).to(x.device),
+            # StableDiffusion3Pipeline passes the scheduler's float32 timesteps as they are.
+            timestep=row_times(samples).to(x.device),
             encoder_hidden_states=stack_rows(samples, "hidden"),
             pooled_projections=stack_rows(samples, "pooled"),
             return_dict=False,
