@@ -44,13 +44,16 @@ test: setup
 # The continuous-batching bench is the long one (~15 min on 2 quiet cores: closed-loop saturation,
 # open-loop points at 50/70/90% of the request-level engine's saturation, 3 repetitions each, then
 # the discrete-event model calibrated on this machine). A smoke run: CONTINUOUS_BENCH_ARGS=--quick.
+# The per-family comparison on the tiny pipelines runs short by default (FAMILY_BENCH_ARGS).
 CONTINUOUS_BENCH_ARGS ?=
+FAMILY_BENCH_ARGS ?= --quick
 bench: setup
 	$(PY) -m tests.bench.server_bench
 	$(PY) -m tests.openai.bench
 	$(PY) -m tests.bench.core_bench
 	$(PY) -m tests.bench.discord_bench
 	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
+	$(PY) -m tests.bench.family_bench $(FAMILY_BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -190,6 +190,9 @@ class BatchingConfig:
     max_batch_pixels: int = 8 * 512 * 512
     max_queue: int = 64
     retry_after_s: int = 5
+    # Continuous engine: "always" fills free slots at every step; "efficient" lets a joiner in only
+    # when the wait it saves pays for the slower steps it causes (see docs/continuous-batching.md).
+    admission: Literal["always", "efficient"] = "always"
 
     def __post_init__(self) -> None:
         s = "batching"
