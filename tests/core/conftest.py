@@ -26,7 +26,16 @@ from bot.core.db import make_engine
 from bot.migrate import upgrade
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-TABLES = ("audit_log", "channel_settings", "images", "jobs", "model_settings", "quota_usage", "quota_limits", "users")
+TABLES = (
+    "audit_log",
+    "channel_settings",
+    "images",
+    "jobs",
+    "model_settings",
+    "quota_usage",
+    "quota_limits",
+    "users",
+)
 
 
 def run_in_thread(coro_fn: Any) -> Any:
