@@ -166,6 +166,10 @@ async def test_private_mode_channel_wins_over_guild_and_marks_jobs(db_url, tmp_p
         # A follow-up in a private channel is private too.
         again = await s.reroll(ALICE, GUILD, job_id=public.id, idempotency_key="p3")
         assert again.private
+        # Reactions start no job in private mode (public, with no interaction to answer privately).
+        await s.attach_result_message(public.id, "msg-1")
+        assert await s.react(BOB, GUILD, "msg-1", "🔁", idempotency_key="p4") is None
+        assert (await s.react(BOB, ART, "msg-1", "🔁", idempotency_key="p5")) is not None
         listing = await s.set_private(ADMIN, GUILD, "art", None)  # back to the guild's
         assert listing.private_channels == {} and (await s.place_rules(ART)).private
         listing = await s.set_private(ADMIN, GUILD, None, False)
