@@ -37,6 +37,7 @@ from bot.core.api import (
     JobView,
     ModelListing,
     Place,
+    PlaceRules,
     ResultImage,
 )
 from bot.core.operations import remix_text
@@ -215,7 +216,11 @@ class SlackAdapter:
         try:
             word = text.lower()
             if word in ("", "help", "--help"):
-                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
+                await tell(
+                    messages.imagine_help(
+                        self.cfg.imagine_command, await self._listing(place), await self._rules(place)
+                    )
+                )
                 return
             if word == "models":
                 await tell(messages.models_text(await self.service.models(place), self.cfg.imagine_command))
@@ -239,6 +244,13 @@ class SlackAdapter:
             await tell(messages.error_text(e))
             return
         await self.announce(job, actor, tell)
+
+    async def _rules(self, place: Place) -> PlaceRules | None:
+        """The channel's rules for help texts; None when the core can't say now."""
+        try:
+            return await self.service.place_rules(place)
+        except CoreError:
+            return None
 
     async def _listing(self, place: Place) -> ModelListing | None:
         """The models for help texts; None when the core can't say now (the help still helps)."""
@@ -282,7 +294,11 @@ class SlackAdapter:
                         actor, place, prompt, None, idempotency_key=key, delivery=delivery
                     )
             else:
-                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
+                await tell(
+                    messages.imagine_help(
+                        self.cfg.imagine_command, await self._listing(place), await self._rules(place)
+                    )
+                )
                 return
         except AttachmentError as e:
             await tell(f":frame_with_picture: {e.message}")

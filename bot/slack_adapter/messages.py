@@ -12,6 +12,7 @@ from bot.core.api import (
     CoreError,
     JobView,
     ModelListing,
+    PlaceRules,
     PlaceSettings,
     QuotaExceeded,
     QuotaView,
@@ -190,10 +191,12 @@ def models_text(listing: ModelListing, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def imagine_help(command: str, listing: ModelListing | None = None) -> str:
+def imagine_help(command: str, listing: ModelListing | None = None, rules: PlaceRules | None = None) -> str:
     models = ""
     if listing is not None:
         models = f"Models: {escape(models_summary(listing))} `{command} models` lists their LoRAs.\n"
+    if rules is not None:
+        models += place_rules_text(rules)
     return (
         f"*{command} <prompt> [flags]* — generate an image.\n"
         "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G` "
@@ -233,6 +236,22 @@ def admin_help(command: str) -> str:
         f"• `{command} settings` — the channel settings of this workspace. Slack has no roles: "
         "limits are per user and per workspace"
     )
+
+
+def place_rules_text(rules: PlaceRules) -> str:
+    """What applies in this channel, for help: where allowed, private mode, the channel's defaults."""
+    lines = []
+    if not rules.allowed:
+        where = ", ".join(f"<#{c}>" for c in rules.allowed_channels)
+        lines.append(f"Image commands are not allowed here; use {where}.")
+    if rules.private:
+        lines.append("Private mode: results here go to your DM with me.")
+    d = rules.defaults
+    if not d.empty:
+        parts = [f"model {d.model}" if d.model else "", f"--ar {d.aspect_ratio}" if d.aspect_ratio else "",
+                 f"--steps {d.steps}" if d.steps else ""]  # fmt: skip
+        lines.append("Defaults here (flags override them): " + ", ".join(p for p in parts if p) + ".")
+    return "".join(line + "\n" for line in lines)
 
 
 PRIVATE_NOTE = "Private mode: the result will arrive in your DM with me."

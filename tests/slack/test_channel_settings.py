@@ -54,6 +54,10 @@ async def test_allowed_channels_refuse_elsewhere_privately(slack: Running):
     await fake.wait_for(lambda: result_messages(fake, "CART0001"))
     (job,) = await slack.service.history(Actor("slack", "UALICE01"))
     assert job.params.steps == 7 and job.channel_id == "CART0001"
+    before = len(fake.responses)
+    await slack.sender.slash_command("/imagine", "help", channel_id="CART0001")
+    await fake.wait_for(lambda: len(fake.responses) > before)
+    assert "Defaults here (flags override them): --steps 7." in fake.responses[-1]["text"]
 
 
 async def test_private_mode_sends_the_result_to_a_dm_and_nothing_to_the_channel(slack: Running):
