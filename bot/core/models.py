@@ -194,6 +194,29 @@ class ModelSettings(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class ChannelSettings(Base):
+    """A guild's/workspace's settings for one channel, or for the whole guild (`channel_id` "*"),
+    set by its admins: whether image commands are allowed in the channel (when some channel of the
+    guild has `allowed`, only those do), private mode (None: the guild's), and the channel's
+    defaults for jobs whose flags don't say (None: no default of its own)."""
+
+    __tablename__ = "channel_settings"
+    __table_args__ = (
+        UniqueConstraint("platform", "guild_id", "channel_id", name="uq_channel_settings_channel"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    guild_id: Mapped[str] = mapped_column(String(64))
+    channel_id: Mapped[str] = mapped_column(String(64))
+    allowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    private: Mapped[bool | None] = mapped_column(Boolean)
+    default_model: Mapped[str | None] = mapped_column(String(200))
+    default_aspect_ratio: Mapped[str | None] = mapped_column(String(16))
+    default_steps: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class ImageRow(Base):
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_images_job_index"),)

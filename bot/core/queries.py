@@ -151,7 +151,7 @@ class Queries:
     async def quota(self, actor: Actor, place: Place) -> QuotaView:
         actor, place = validate.actor_and_place(actor, place)
         async with self.db.read() as s:
-            return await self.quotas.view(s, actor.platform, actor.user_id, place.guild_id)
+            return await self.quotas.view(s, actor.platform, actor.user_id, place.guild_id, actor.role_ids)
 
     async def stats(self, actor: Actor, place: Place, top: int = 5) -> StatsView:
         actor, place = validate.actor_and_place(actor, place)

@@ -40,6 +40,7 @@ from bot.core.model_choice import ModelChoices
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
 from bot.core.params import Limits, ModelRequest, ParsedPrompt, model_request, parse_prompt
+from bot.core.place_settings import PlaceSettingsPart
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
 from bot.core.uploads import prepare_inpaint
@@ -63,6 +64,7 @@ class Submissions:
         rng: random.Random,
         limits: Callable[[str | None], Limits],
         choices: ModelChoices,
+        place_settings: PlaceSettingsPart,
         on_queued: Callable[[], None],
         on_changed: Callable[[int], None],
     ):
@@ -75,6 +77,7 @@ class Submissions:
         self.rng = rng
         self.limits = limits
         self.choices = choices
+        self.place_settings = place_settings
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
@@ -94,6 +97,7 @@ class Submissions:
         actor, place = validate.actor_and_place(actor, place)
         validate.idempotency_key(idempotency_key)
         delivery = validate.delivery(delivery)
+        options = await self.place_settings.with_defaults(place, text, options)  # the channel's
         limits, chosen = await self.choose(place, text, options)
         limits.require_task("txt2img", "text-to-image")
         parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
@@ -120,6 +124,7 @@ class Submissions:
         existing = await self.existing(actor, idempotency_key)
         if existing is not None:
             return existing
+        options = await self.place_settings.with_defaults(place, prompt_text, options, aspect_ratio=False)
         limits, chosen = await self.choose(place, prompt_text, options)
         limits.require_task("inpaint", "inpainting")
         parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
@@ -226,7 +231,8 @@ class Submissions:
                 ).scalar_one()
                 if queued >= self.config.bot.max_queued_jobs:
                     raise Overloaded()
-                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now)
+                rules = await self.place_settings.check(s, place)  # allowed here? private?
+                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now, actor.role_ids)
                 params: dict[str, Any] = {
                     "task": task,
                     "width": parsed.width,
@@ -239,6 +245,8 @@ class Submissions:
                 }
                 if detail is not None:
                     params["detail"] = detail
+                if rules.private:
+                    params["private"] = True
                 job = Job(
                     idempotency_key=key,
                     user_id=user.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -11,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.core.api import Actor, ImageService, JobView, Place
+from bot.core.api import Actor, ImageService, JobView, NotAllowedHere, Place, PlaceRules
 from bot.core.controls import Pressed
 from bot.discord_adapter import errors
 from bot.discord_adapter.config import DiscordConfig
@@ -21,6 +22,10 @@ from bot.discord_adapter.delivery import DiscordDelivery
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
+
+# How long a command waits for its channel's rules before it answers (Discord wants an answer
+# within 3 s); past that it answers privately, the side that leaks nothing.
+RULES_TIMEOUT_S = 1.5
 
 
 def intents() -> discord.Intents:
@@ -154,12 +159,28 @@ class ImagineBot(commands.Bot):
 
     # -- translation helpers used by the cogs -----------------------------------------------------
 
+    async def defer_job(self, interaction: discord.Interaction) -> None:
+        """Acknowledge a command or button that starts a job: refused at once (privately) where the
+        guild allows image commands only in other channels, else deferred privately in private mode
+        (the result then edits that private response) and publicly elsewhere."""
+        try:
+            async with asyncio.timeout(RULES_TIMEOUT_S):
+                rules = await self.service.place_rules(self.place(interaction))
+        except TimeoutError:
+            log.warning("channel rules of %s not read in time; answering privately", interaction.channel_id)
+            rules = PlaceRules(private=True)
+        if not rules.allowed:
+            raise NotAllowedHere(rules.allowed_channels)  # errors.report answers it privately
+        await errors.defer(interaction, ephemeral=rules.private)
+
     def actor(self, interaction: discord.Interaction) -> Actor:
         user = interaction.user
         admin = is_admin(
             user, interaction.permissions if interaction.guild_id else None, self.config.admin_roles
         )
-        return Actor(PLATFORM, str(user.id), user.display_name, admin)
+        # The member's roles (ids; @everyone's is the guild's): the core applies role limits.
+        roles = tuple(str(r.id) for r in getattr(user, "roles", ()))
+        return Actor(PLATFORM, str(user.id), user.display_name, admin, roles)
 
     @staticmethod
     def place(interaction: discord.Interaction) -> Place:

@@ -29,6 +29,7 @@ from tests.core.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures o
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 TABLES = (
     "audit_log",
+    "channel_settings",
     "images",
     "jobs",
     "model_settings",
