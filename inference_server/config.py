@@ -210,7 +210,7 @@ class RegistryConfig:
     load: Literal["lazy", "start"] = "lazy"
     # Weights held in memory (all models, in MB); past it the least recently used model other than
     # the default is unloaded before another loads. 0 = no limit.
-    memory_budget_mb: int = 0
+    memory_budget_mb: float = 0.0
     # A folder of LoRAs: `NAME.safetensors`, or `NAME/` holding `pytorch_lora_weights.safetensors`
     # (what diffusers' `save_lora_weights` writes). "" = no LoRAs.
     loras_dir: str = ""

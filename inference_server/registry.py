@@ -202,7 +202,7 @@ class ModelRegistry:
     async def _make_room(self, incoming: _Entry, incoming_bytes: int) -> None:
         """Unload least-recently-used idle models (never the default, never `incoming`) until the
         loaded weights plus `incoming_bytes` fit the budget, or nothing more can go."""
-        budget = self.settings.memory_budget_mb * 2**20
+        budget = int(self.settings.memory_budget_mb * 2**20)
         if not budget:
             return
         while self.loaded_bytes() + incoming_bytes > budget:
@@ -213,7 +213,7 @@ class ModelRegistry:
             ]
             if not candidates:
                 log.warning(
-                    "[registry] memory_budget_mb = %d: %.0f MB loaded and nothing idle to unload; going over",
+                    "[registry] memory_budget_mb = %g: %.0f MB loaded and nothing idle to unload; going over",
                     self.settings.memory_budget_mb,
                     (self.loaded_bytes() + incoming_bytes) / 2**20,
                 )
