@@ -155,6 +155,10 @@ def single_file_family(path: Path, configured: str | None) -> str:
     except Exception as e:  # a file diffusers can't read at all
         raise ModelLoadError(f"cannot tell what model {path} is ({e}); set family for it") from None
     family = SINGLE_FILE_FAMILIES.get(kind)
+    if family in ("sd", "sd-v", "sdxl") and not any(k.startswith("model.diffusion_model.") for k in shapes):
+        # diffusers reads any file without the keys it looks for as SD 1.x ("v1"): with no UNet in
+        # the original layout either, it is no checkpoint we can tell.
+        kind, family = "no UNet in the original layout (model.diffusion_model.*)", None
     if family is None:
         raise ModelLoadError(
             f"cannot tell the family of {path}: diffusers reads it as {kind!r}, which this server doesn't "
@@ -427,7 +431,7 @@ class PipelineRunner:
             return cls.from_single_file(
                 str(path), config=folder, local_files_only=True, dtype=getattr(torch, self.dtype), **absent
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except Exception as e:  # diffusers raises many kinds here (SingleFileComponentError, ...)
             raise ModelLoadError(
                 f"cannot load {path} as {family} with the configs of {folder}: {type(e).__name__}: {e}"
             ) from e
