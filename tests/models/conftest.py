@@ -40,9 +40,8 @@ def loras_dir(tmp_path_factory: pytest.TempPathFactory, sd15_path: Path, sdxl_pa
 
 def tiny_model(path: Path, **extra: Any) -> ModelConfig:
     # One thread (the 2 shared cores also run other jobs); 2 steps at 64x64: enough to compare images.
-    return ModelConfig(
-        path=str(path), width=64, height=64, steps=2, guidance=5.0, cpu_threads=1, warmup=False, **extra
-    )
+    options: dict[str, Any] = {"width": 64, "height": 64, "steps": 2, "guidance": 5.0, "cpu_threads": 1}
+    return ModelConfig(path=str(path), **{"warmup": False, **options, **extra})
 
 
 def registry_config(
