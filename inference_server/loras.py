@@ -205,7 +205,9 @@ class LoraLibrary:
         chosen: dict[str, float] = {}
         for i, item in enumerate(value):
             if not isinstance(item, dict):
-                raise _invalid(f"loras[{i}]", f'loras[{i}] must be an object {{"name": str, "weight": number}}')
+                raise _invalid(
+                    f"loras[{i}]", f'loras[{i}] must be an object {{"name": str, "weight": number}}'
+                )
             extra = sorted(set(item) - {"name", "weight"})
             if extra:
                 raise _invalid(f"loras[{i}].{extra[0]}", f"loras[{i}] has an unknown field {extra[0]!r}")

@@ -70,7 +70,10 @@ class Metrics:
             registry=registry,
         )
         self.model_load_failures = Counter(
-            "inference_model_load_failures_total", "Model loads that failed, by model.", ("model",), registry=registry
+            "inference_model_load_failures_total",
+            "Model loads that failed, by model.",
+            ("model",),
+            registry=registry,
         )
         self.model_evictions = Counter(
             "inference_model_evictions_total",

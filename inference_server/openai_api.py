@@ -46,11 +46,11 @@ from inference_server.engine import EngineError, GenerationResult, Progress, Que
 from inference_server.errors import RequestError
 from inference_server.families import ModelFamily
 from inference_server.handling import (
+    ModelChoice,
     capabilities,
+    choose_model,
     counted,
     end_stream_after_error,
-    ModelChoice,
-    choose_model,
     refuse_if_draining,
     wait_for_result,
 )
@@ -296,9 +296,16 @@ def _native(
     choice: ModelChoice | None = None,
 ) -> ParsedRequest:
     """`parse_generation` of the native fields; its width/height come from `size` here."""
-    model = {"model": choice.name, "loras": choice.loras} if choice is not None else {}
     try:
-        return parse_generation(task, body, server=server, family=family, files=files, **model)
+        return parse_generation(
+            task,
+            body,
+            server=server,
+            family=family,
+            files=files,
+            model=choice.name if choice is not None else "",
+            loras=choice.loras if choice is not None else (),
+        )
     except RequestError as e:
         if e.field in ("width", "height"):
             e.field = "size"
@@ -534,7 +541,13 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
 
     def parse() -> tuple[ParsedRequest, OutputOptions]:
         return parse_openai(
-            endpoint, body, files, from_form=from_form, server=config.server, family=choice.family, choice=choice
+            endpoint,
+            body,
+            files,
+            from_form=from_form,
+            server=config.server,
+            family=choice.family,
+            choice=choice,
         )
 
     # Decoding uploads is CPU work: keep it off the event loop.

@@ -98,7 +98,9 @@ def check_model_source(config: ModelConfig, *, allow_ckpt: bool = False, section
     p = Path(config.path).expanduser()
     looks_like_path = config.path.startswith((".", "/", "~")) or p.exists()
     if config.path != "embedded" and looks_like_path and not (p / "model_index.json").is_file():
-        raise ModelLoadError(f"[{section}] path: {p} is not a diffusers pipeline folder (no model_index.json)")
+        raise ModelLoadError(
+            f"[{section}] path: {p} is not a diffusers pipeline folder (no model_index.json)"
+        )
 
 
 # diffusers' name for a single file's model type (`infer_diffusers_model_type`) -> our family.
@@ -140,7 +142,9 @@ def check_single_file(config: ModelConfig, *, allow_ckpt: bool, section: str) ->
         )
     folder = Path(config.config).expanduser()
     if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(f"[{section}] config: {folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise ModelLoadError(
+            f"[{section}] config: {folder} is not a diffusers pipeline folder (no model_index.json)"
+        )
 
 
 def single_file_family(path: Path, configured: str | None) -> str:
@@ -302,7 +306,9 @@ class PipelineRunner:
         # One worker thread per device: see the module docstring. The registry passes one shared by
         # every model on the device, so the device still sees one call at a time.
         self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"pipeline-{self.device}"
+        )
         # LoRAs: the library they come from, the adapters loaded into this model (they stay loaded
         # and are switched with set_adapters), and the set active now ((name, weight), ...).
         self.loras = loras
@@ -529,7 +535,9 @@ class PipelineRunner:
         except Exception as e:  # a LoRA file that won't load fails this batch, not the server
             log.exception("applying LoRAs %s failed", batch[0].loras)
             for outcome in report.outcomes:
-                outcome.error = GenerationFailed(f"the LoRAs {[n for n, _ in batch[0].loras]} could not be applied: {e}")
+                outcome.error = GenerationFailed(
+                    f"the LoRAs {[n for n, _ in batch[0].loras]} could not be applied: {e}"
+                )
             return report
         self._run_split(batch, list(range(len(batch))), report, on_progress, should_stop)
         report.run_s = time.monotonic() - started
@@ -611,7 +619,9 @@ class PipelineRunner:
                 started = time.monotonic()
                 base.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name)
                 self._adapters.add(name)
-                log.info("LoRA %s loaded into %s in %.2f s", name, self.model_name, time.monotonic() - started)
+                log.info(
+                    "LoRA %s loaded into %s in %.2f s", name, self.model_name, time.monotonic() - started
+                )
         if not self._active_loras:
             base.enable_lora()
         base.set_adapters([n for n, _ in loras], adapter_weights=[w for _, w in loras])

@@ -65,7 +65,9 @@ class ModelRoutingEngine:
         await self.primary.wait_ready()
         await self.secondary.wait_ready()
 
-    def submit(self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None) -> Job:
+    def submit(
+        self, request: GenerationRequest, *, timeout_s: float, on_event: EventCallback | None = None
+    ) -> Job:
         return self._engine_for(request).submit(request, timeout_s=timeout_s, on_event=on_event)
 
     async def stop(self, grace_s: float) -> None:

@@ -216,6 +216,8 @@ Upload = Annotated[
         }
     ),
 ]
+
+
 def _form_json(value: Any, info: ValidationInfo) -> Any:
     # A form field holds text: `loras` comes as JSON there.
     if isinstance(value, str) and info.context and info.context.get("from_form"):
@@ -234,7 +236,10 @@ class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, description="a LoRA in [registry] loras_dir that fits the model")
     weight: Number = Field(
-        1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, description="0 = off, 1 = as trained; negative steers away"
+        1.0,
+        ge=-MAX_LORA_WEIGHT,
+        le=MAX_LORA_WEIGHT,
+        description="0 = off, 1 = as trained; negative steers away",
     )
 
 

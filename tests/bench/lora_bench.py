@@ -53,7 +53,9 @@ def generation(runner: PipelineRunner, request: GenerationRequest) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=("embedded", "tiny"), default="embedded")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -63,12 +65,15 @@ def main() -> None:
     switches, generations = (10, 2) if args.quick else (60, 7)
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = EMBEDDED_WEIGHTS if args.model == "embedded" else save_tiny_family("sd15", Path(tmp) / "sd15")
+        folder = (
+            EMBEDDED_WEIGHTS if args.model == "embedded" else save_tiny_family("sd15", Path(tmp) / "sd15")
+        )
         loras = Path(tmp) / "loras"
         for name, seed in (("a", 1), ("b", 2)):
             make_lora(folder, loras / name, seed=seed, rank=args.rank)
         runner = PipelineRunner(
-            ModelConfig(path=str(folder), warmup=True, cpu_threads=args.threads), loras=LoraLibrary(str(loras))
+            ModelConfig(path=str(folder), warmup=True, cpu_threads=args.threads),
+            loras=LoraLibrary(str(loras)),
         )
         import asyncio
 

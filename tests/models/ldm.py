@@ -76,7 +76,9 @@ def vae_to_ldm(state: dict[str, Any], config: Any) -> dict[str, Any]:
         new = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", new)
         new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", new)
         new = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{blocks - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{blocks - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(
+            r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{blocks - 1 - int(m[1])}.upsample.", new
+        )
         new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
         if ".mid_block.attentions.0." in f".{new}.":
             head, _, inner = new.partition("mid_block.attentions.0.")
@@ -117,5 +119,7 @@ def round_trip_problems(pipe: Any, checkpoint: dict[str, Any]) -> list[str]:
         own = getattr(pipe, name).state_dict()
         problems += [f"{name}: {k} missing" for k in own if k not in converted]
         problems += [f"{name}: {k} extra" for k in converted if k not in own]
-        problems += [f"{name}: {k} differs" for k in own if k in converted and not torch.equal(own[k], converted[k])]
+        problems += [
+            f"{name}: {k} differs" for k in own if k in converted and not torch.equal(own[k], converted[k])
+        ]
     return problems

@@ -17,9 +17,7 @@ def make_lora(pipeline_folder: Path, out: Path, *, seed: int, rank: int = 4) -> 
 
     pipe = DiffusionPipeline.from_pretrained(str(pipeline_folder))
     unet = pipe.unet
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    )
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     # PEFT starts lora_B at zero (the adapter changes nothing until trained): stand in for training.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

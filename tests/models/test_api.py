@@ -103,7 +103,12 @@ async def test_unknown_model_is_a_400_listing_the_names(server: Server) -> None:
 async def test_lora_errors_name_the_entry(server: Server) -> None:
     cases = [
         ([{"name": "nope", "weight": 1}], "unknown_lora", "loras[0].name", "style"),
-        ([{"name": "style", "weight": 1}, {"name": "xlstyle", "weight": 1}], "invalid_lora", "loras[1].name", "64-wide"),
+        (
+            [{"name": "style", "weight": 1}, {"name": "xlstyle", "weight": 1}],
+            "invalid_lora",
+            "loras[1].name",
+            "64-wide",
+        ),
         ([{"name": "style", "weight": 2.5}], "invalid_lora", "loras[0].weight", "-2 to 2"),
         ([{"name": "style", "weight": -3}], "invalid_lora", "loras[0].weight", "-2 to 2"),
         ([{"name": "style", "weight": "1"}], "invalid_lora", "loras[0].weight", "number"),

@@ -41,7 +41,8 @@ def test_named_models_and_the_default() -> None:
 
 def test_environment_overrides_a_named_model() -> None:
     config = load_config(
-        {"models": {"xl": {"path": "/m/xl"}}}, environ={"IMAGINE_MODELS_XL_STEPS": "12", "IMAGINE_REGISTRY_LOAD": "start"}
+        {"models": {"xl": {"path": "/m/xl"}}},
+        environ={"IMAGINE_MODELS_XL_STEPS": "12", "IMAGINE_REGISTRY_LOAD": "start"},
     )
     assert config.models["xl"].steps == 12 and config.registry.load == "start"
 

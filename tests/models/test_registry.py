@@ -71,7 +71,9 @@ async def loaded(server: Server) -> dict[str, bool]:
         return {m["id"]: m["loaded"] for m in (await r.json())["data"]}
 
 
-async def test_least_recently_used_model_is_unloaded_past_the_budget(sd15_path: Path, sdxl_path: Path) -> None:
+async def test_least_recently_used_model_is_unloaded_past_the_budget(
+    sd15_path: Path, sdxl_path: Path
+) -> None:
     sd15, xl = _bytes(sd15_path), _bytes(sdxl_path)
     # Room for the default and the larger of the two others, never for all three.
     budget_mb = (sd15 + max(sd15, xl) + min(sd15, xl) // 2) / 2**20
@@ -131,9 +133,13 @@ async def test_continuous_engine_routes_other_models_and_loras(models_server: Ca
         # LoRAs went to a second copy of the default model; the continuous engine's has none.
         assert registry.default_runner._adapters == set()
         assert registry.entry("sd15", loras=True).runner._adapters == {"style"}
-    images = [np.asarray(decode_png(r["images"][0]["png_base64"]), dtype=np.int16) for r in (base, styled, zero)]
+    images = [
+        np.asarray(decode_png(r["images"][0]["png_base64"]), dtype=np.int16) for r in (base, styled, zero)
+    ]
     assert xl["model"] == "xl"
     assert np.abs(images[1] - images[0]).mean() > 1
     # Weight 0 on the request-level copy: the base model's image, up to the two engines' own rounding.
     assert np.abs(images[2] - images[0]).max() <= 2
-    assert np.array_equal(np.asarray(decode_png(plain_again["images"][0]["png_base64"]), dtype=np.int16), images[0])
+    assert np.array_equal(
+        np.asarray(decode_png(plain_again["images"][0]["png_base64"]), dtype=np.int16), images[0]
+    )

@@ -47,7 +47,9 @@ async def test_a_single_file_serves_the_same_images_as_its_folder(
             result = await server.generate("txt2img", {"prompt": "a blue square", "seed": 5, "model": name})
             assert result["model"] == name
             images[name] = np.asarray(decode_png(result["images"][0]["png_base64"]))
-        async with server.session.get(f"{server.url}/v1/models/file", headers={"Authorization": "Bearer test-token"}) as r:
+        async with server.session.get(
+            f"{server.url}/v1/models/file", headers={"Authorization": "Bearer test-token"}
+        ) as r:
             entry = await r.json()
     assert entry["family"] == "sd" and entry["loaded"] is True
     assert np.array_equal(images["folder"], images["file"])
