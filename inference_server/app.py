@@ -231,6 +231,7 @@ async def openapi(request: web.Request) -> web.Response:
 def build_engine(config: Config, metrics: Metrics, registry: ModelRegistry) -> Engine:
     """The request-level engine over the model registry; or the continuous engine for the default
     model, with requests for other models or with LoRAs routed to a request-level one (`routing.py`)."""
+    # The registry has the runner interface the request-level engine uses (load, run, info, close).
     request_level = DynamicBatchingEngine(registry, config.batching, metrics)  # type: ignore[arg-type]
     if config.batching.engine == "continuous":
         primary = ContinuousBatchingEngine(registry.default_runner, config.batching, metrics)

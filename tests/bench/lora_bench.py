@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("embedded", "tiny"), default="embedded")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared machine a second one mostly waits at barriers (far slower under load).
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     args = parser.parse_args()
     switches, generations = (10, 2) if args.quick else (60, 7)

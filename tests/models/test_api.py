@@ -149,3 +149,23 @@ async def test_lora_weight_zero_is_the_base_image_and_loras_compose(server: Serv
     assert np.array_equal(again, base), "without loras the adapters are off again"
     # Switched, not reloaded: the adapters stayed loaded in the model.
     assert server.app[keys.REGISTRY].default_runner._adapters == {"style", "detail"}
+
+
+async def test_a_form_body_carries_model_and_loras_as_text(server: Server) -> None:
+    import aiohttp
+
+    async def form(**fields: str) -> aiohttp.ClientResponse:
+        data = aiohttp.FormData()
+        for name, value in {"prompt": "a red circle", "seed": "7", **fields}.items():
+            data.add_field(name, value)
+        return await server.session.post(f"{server.url}/v1/txt2img", data=data, headers=AUTH)
+
+    as_json = await server.generate(
+        "txt2img", {"prompt": "a red circle", "seed": 7, "loras": [{"name": "style", "weight": 1.0}]}
+    )
+    r = await form(model="sd15", loras='[{"name": "style", "weight": 1.0}]')
+    assert r.status == 200, await r.text()
+    assert np.array_equal(pixels(await r.json()), pixels(as_json))
+    r = await form(loras='[{"name": "style", "weight": 9}]')
+    assert r.status == 400
+    assert (await r.json())["error"]["field"] == "loras[0].weight"
