@@ -155,7 +155,7 @@ async def test_a_form_body_carries_model_and_loras_as_text(server: Server) -> No
     import aiohttp
 
     async def form(**fields: str) -> aiohttp.ClientResponse:
-        data = aiohttp.FormData()
+        data = aiohttp.FormData(default_to_multipart=True)
         for name, value in {"prompt": "a red circle", "seed": "7", **fields}.items():
             data.add_field(name, value)
         return await server.session.post(f"{server.url}/v1/txt2img", data=data, headers=AUTH)
