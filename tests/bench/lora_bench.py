@@ -97,10 +97,13 @@ def main() -> None:
 
         first_loads = [timed(runner, use("a")), timed(runner, use("b"))]
         switch = [timed(runner, use("a" if i % 2 else "b")) for i in range(switches)]
-        timed(runner, use())  # off
-        plain = [generation(runner, request) for _ in range(generations)]
-        timed(runner, use("a"))
-        with_lora = [generation(runner, request) for _ in range(generations)]
+        # Interleaved, so that a change in the machine's load hits both columns alike.
+        plain, with_lora = [], []
+        for _ in range(generations):
+            timed(runner, use())  # off
+            plain.append(generation(runner, request))
+            timed(runner, use("a"))
+            with_lora.append(generation(runner, request))
         runner.close()
 
     gen = statistics.median(plain)
