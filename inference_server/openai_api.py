@@ -592,8 +592,8 @@ def model_json(app: web.Application, name: str) -> dict[str, Any]:
         "owned_by": "imagine",
         "default": name == registry.default_name,
         "loaded": registry.is_loaded(name) if name != registry.default_name else app[keys.ENGINE].ready,
-        # Known once the model has been loaded (null for a lazy model no request has named yet).
-        "family": family.name if family is not None else None,
+        # Read from the model's config files until it has been loaded (null if they don't say).
+        "family": family.name if family is not None else registry.family_name(name),
         "capabilities": capabilities(app, name),
         "loras": registry.lora_names(name),
     }

@@ -148,6 +148,18 @@ class ModelRegistry:
         folder = model.config if model.single_file else model.resolved_path()
         return folder_target(Path(folder).expanduser()) if folder else None
 
+    def family_name(self, name: str) -> str | None:
+        """The model's family name: the loaded family's, else read from its config files (so
+        `/v1/models` says it before a lazy model's first request), else None."""
+        family = self.family(name)
+        if family is not None:
+            return family.name
+        model = self._entries[name].config
+        if model.family:
+            return model.family
+        folder = model.config if model.single_file else model.resolved_path()
+        return folder_family(Path(folder).expanduser()) if folder else None
+
     def lora_names(self, name: str) -> list[str]:
         self.loras.refresh()
         return self.loras.names_for(self.target(name))
@@ -295,6 +307,30 @@ class ModelRegistry:
             entry.runner.close()
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def folder_family(folder: Path) -> str | None:
+    """A diffusers folder's family from its config files alone (no weights read); None if unsure.
+    The loaded model's family (`families.detect_family`) is the authority; this only names it early."""
+    import json
+
+    def read(*parts: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads((folder.joinpath(*parts)).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    pipeline = read("model_index.json").get("_class_name")
+    if pipeline == "StableDiffusionXLPipeline":
+        return "sdxl"
+    if pipeline == "StableDiffusion3Pipeline":
+        return "sd3"
+    if pipeline == "FluxPipeline":
+        return "flux-dev" if read("transformer", "config.json").get("guidance_embeds") else "flux-schnell"
+    if pipeline == "StableDiffusionPipeline":
+        v = read("scheduler", "scheduler_config.json").get("prediction_type") == "v_prediction"
+        return "sd-v" if v else "sd"
+    return None
 
 
 def _disk_bytes(model: ModelConfig) -> int:

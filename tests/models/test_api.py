@@ -39,8 +39,8 @@ async def test_models_lists_both_with_their_loras(server: Server) -> None:
     # LoRAs are listed under the models they fit: the SDXL one only under the SDXL model.
     assert sd15["loras"] == ["detail", "style"]
     assert xl["loras"] == ["xlstyle"]
-    # The SDXL model loads lazily, on its first request.
-    assert (xl["default"], xl["loaded"], xl["family"], xl["capabilities"]) == (False, False, None, None)
+    # The SDXL model loads lazily, on its first request; its family is read from its config files.
+    assert (xl["default"], xl["loaded"], xl["family"], xl["capabilities"]) == (False, False, "sdxl", None)
 
     async with server.session.get(f"{server.url}/v1/models/xl", headers=AUTH) as r:
         assert r.status == 200 and (await r.json())["id"] == "xl"
