@@ -52,6 +52,7 @@ bench: setup
 	$(PY) -m tests.openai.bench
 	$(PY) -m tests.bench.core_bench
 	$(PY) -m tests.bench.discord_bench
+	$(PY) -m tests.bench.lora_bench
 	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
 	$(PY) -m tests.bench.family_bench $(FAMILY_BENCH_ARGS)
 
