@@ -185,7 +185,9 @@ class ModelInfo:
 
     name: str
     family: str
-    capabilities: ModelCapabilities
+    # None while a lazily loaded model has not been loaded yet (the server reads a family's details
+    # from the loaded pipeline): jobs on it are held to `[bot]`'s settings, the server checks the rest.
+    capabilities: ModelCapabilities | None
     loras: tuple[str, ...] = ()
     default: bool = False
     loaded: bool = True
@@ -198,20 +200,24 @@ class ModelInfo:
         if not isinstance(name, str) or not name:
             raise ValueError(f"model id is missing or not text: {name!r}")
         raw_caps = data.get("capabilities")
-        if not isinstance(raw_caps, Mapping):
+        loaded = data.get("loaded") is not False
+        if raw_caps is None and not loaded:
+            caps = None
+        elif isinstance(raw_caps, Mapping):
+            caps = ModelCapabilities.from_json(raw_caps)
+        else:
             raise ValueError(f"model {name!r}: capabilities missing")
-        caps = ModelCapabilities.from_json(raw_caps)
         loras = data.get("loras") or []
         if not isinstance(loras, list) or not all(isinstance(x, str) and x for x in loras):
             raise ValueError(f"model {name!r}: loras is not a list of names: {loras!r}")
         family = data.get("family")
         return cls(
             name=name,
-            family=family if isinstance(family, str) and family else caps.family,
+            family=family if isinstance(family, str) and family else (caps.family if caps else ""),
             capabilities=caps,
             loras=tuple(dict.fromkeys(loras)),
             default=data.get("default") is True,
-            loaded=data.get("loaded") is not False,
+            loaded=loaded,
         )
 
 

@@ -224,10 +224,11 @@ class InferenceServerBackend:
         merged = []
         for hosted in by_name.values():
             infos = [info for _, info in hosted]
+            known = [i.capabilities for i in infos if i.capabilities is not None]
             merged.append(
                 dataclasses.replace(
                     infos[0],
-                    capabilities=merge_capabilities([i.capabilities for i in infos]),
+                    capabilities=merge_capabilities(known) if known else None,
                     loras=tuple(dict.fromkeys(lora for i in infos for lora in i.loras)),
                     default=any(i.default for i in infos),
                     loaded=any(i.loaded for i in infos),
