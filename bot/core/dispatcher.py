@@ -55,6 +55,7 @@ from bot.core.claims import ClaimedJob
 from bot.core.db import retry_unavailable
 from bot.core.service import CoreService
 from bot.core.storage import content_key
+from bot.core.wakeup import JobListener
 
 log = logging.getLogger("bot.core.dispatcher")
 
@@ -90,12 +91,18 @@ class Dispatcher:
         self._delivering: set[int] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
-        self._last_heartbeat = 0.0
         self._last_positions = 0.0
         self._last_dead_check = -DEAD_OWNER_CHECK_S
         self._last_new_positions = 0.0
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
+        self._leases: asyncio.Task[None] | None = None
+        # PostgreSQL: woken by other processes' submissions too (LISTEN/NOTIFY); the poll remains.
+        self._listener = (
+            JobListener(service.db.engine.url, self._wake.set)
+            if service.db.is_postgres and service.config.database.notify
+            else None
+        )
         service.add_waker(self._wake.set)
         service.add_cancel_listener(self._abandon)
 
@@ -107,6 +114,7 @@ class Dispatcher:
         if self._main is None:
             self._stopping = False
             self._main = asyncio.create_task(self._run(), name=f"dispatcher {self.owner}")
+            self._leases = asyncio.create_task(self._keep_leases(), name=f"leases {self.owner}")
 
     async def stop(self) -> None:
         """Stop claiming, cancel jobs in flight and hand them back to the queue at once (so another
@@ -118,6 +126,13 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
             self._main = None
+        if self._leases is not None:
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leases
+            self._leases = None
+        if self._listener is not None:
+            await self._listener.close()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -143,6 +158,8 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
+                if self._listener is not None:
+                    await self._listener.ensure()
                 await self._tick()
             except asyncio.CancelledError:
                 raise
@@ -166,10 +183,6 @@ class Dispatcher:
         now_mono = time.monotonic()
         if self._db_trouble:
             await self._reassert_claims()
-            self._last_heartbeat = now_mono
-        if self._tasks and now_mono - self._last_heartbeat >= self.config.lease_s / 3:
-            await self._heartbeat()
-            self._last_heartbeat = now_mono
         if not platforms:
             return
         if now_mono - self._last_dead_check >= DEAD_OWNER_CHECK_S:
@@ -245,6 +258,27 @@ class Dispatcher:
         except DatabaseError:
             self._db_trouble = True
             raise
+
+    async def _keep_leases(self) -> None:
+        """Renew our leases every third of `lease_s`, in a task of its own: a tick that waits (a
+        busy database, a slow chat call reporting positions) must not let a running job's lease
+        lapse and another dispatcher take it over."""
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            if not self._tasks or self._db_trouble:
+                continue  # after a failure the tick re-asserts the claims (and renews them)
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except DatabaseError as e:
+                self._db_trouble = True
+                log.warning("renewing leases failed: %s; re-asserting them next tick", e.message)
+                self._wake.set()
+            except Exception:
+                self._db_trouble = True
+                log.exception("renewing leases failed; re-asserting them next tick")
+                self._wake.set()
 
     async def _heartbeat(self) -> None:
         ids = list(self._tasks)
