@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import socket
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot.backends.base import Task
 from bot.core.api import JobView
@@ -39,6 +41,8 @@ class ClaimedJob:
     strength: float | None
     image_key: str | None
     mask_key: str | None
+    # Read with the claim (see `Claims.priority`); None for a job taken over, asked for later.
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,26 @@ class Claims:
             ).scalars().all()
             if not taken:
                 return []
+            older = aliased(Job)
+            priority = (
+                select(func.count())
+                .where(older.user_id == Job.user_id, older.state == "running", older.id < Job.id)
+                .correlate(Job)
+                .scalar_subquery()
+            )
             rows = (
                 await s.execute(
-                    select(Job, User)
+                    select(Job, User, priority)
                     .join(User, Job.user_id == User.id)
                     .where(Job.id.in_(taken))
                     .order_by(Job.fair_round, Job.id)
                     .execution_options(populate_existing=True)
                 )
             ).all()
-            return [await _claimed_job(s, job, user) for job, user in rows]
+            return [
+                dataclasses.replace(await _claimed_job(s, job, user), priority=ahead)
+                for job, user, ahead in rows
+            ]
 
     async def take_over_expired(
         self, owner: str, platforms: Sequence[str], working_on: Collection[int]

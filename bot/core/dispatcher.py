@@ -146,6 +146,11 @@ class Dispatcher:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
 
     @property
+    def listening(self) -> bool:
+        """Woken by other processes' submissions (PostgreSQL LISTEN), not only by the poll."""
+        return self._listener is not None and self._listener.listening
+
+    @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
@@ -362,7 +367,11 @@ class Dispatcher:
             strength=job.strength if job.strength is not None else 0.6,
             image=image,
             mask=mask,
-            priority=await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id)),
+            priority=(
+                job.priority
+                if job.priority is not None
+                else await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id))
+            ),
             timeout_s=self.config.job_timeout_s,
             model=p.model,
         )
@@ -446,17 +455,18 @@ class Dispatcher:
             await self._fail(view, STORAGE_WRITE_FAILED)
             return
         infos = [r.info for r in stored]
-        finished_at = await self._recorded(
+        recorded = await self._recorded(
             view.id, "store the result", lambda: self.results.store(self.owner, view.id, infos)
         )
-        if finished_at is None:
+        if recorded is None:
             log.warning("job %s: finished but no longer ours; discarding this result", view.id)
             return
+        finished_at, attempt = recorded
         log.info("job %s succeeded: %d image(s)", view.id, len(stored))
         done = dataclasses.replace(
             view, state="succeeded", finished_at=finished_at, images=tuple(infos), error=None
         )
-        await self._deliver(done, stored)
+        await self._deliver(done, stored, attempt=attempt)
 
     async def _fail(self, view: JobView, message: str) -> None:
         if not await self._recorded(
@@ -466,22 +476,28 @@ class Dispatcher:
         view = await self._recorded(view.id, "read", lambda: self.service.get_job(view.id))
         await self._deliver(view)
 
-    async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
-        """Count the attempt, call on_succeeded / on_failed, then mark the job delivered (each step
-        only while we still hold the job). The job's dispatch slot is free meanwhile."""
+    async def _deliver(
+        self, view: JobView, images: list[ResultImage] | None = None, *, attempt: int | None = None
+    ) -> None:
+        """Count the attempt (unless `attempt` was counted with the result), call on_succeeded /
+        on_failed, then mark the job delivered (each step only while we still hold the job). The
+        job's dispatch slot is free meanwhile."""
         self._delivering.add(view.id)
         self._wake.set()  # a slot is free: claim the next job now
         try:
-            await self._deliver_outcome(view, images)
+            await self._deliver_outcome(view, images, attempt)
         finally:
             self._delivering.discard(view.id)
 
-    async def _deliver_outcome(self, view: JobView, images: list[ResultImage] | None) -> None:
-        attempt = await self._recorded(
-            view.id,
-            "count the delivery attempt",
-            lambda: self.results.count_delivery_attempt(self.owner, view.id),
-        )
+    async def _deliver_outcome(
+        self, view: JobView, images: list[ResultImage] | None, attempt: int | None
+    ) -> None:
+        if attempt is None:
+            attempt = await self._recorded(
+                view.id,
+                "count the delivery attempt",
+                lambda: self.results.count_delivery_attempt(self.owner, view.id),
+            )
         if attempt is None:
             log.info("job %s: delivered already or no longer ours; not delivering again", view.id)
             return

@@ -25,7 +25,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core.api import Overloaded
-from bot.core.db import Database, rows_matched
+from bot.core.db import Database
 from bot.core.models import Job
 
 # Queue positions are reported for the first jobs only: past this, "you are far back" is all a
@@ -143,7 +143,6 @@ class FairQueue:
                 ).first()
             if fresh is None:
                 return []
-        changed: list[tuple[int, int]] = []
         async with self.db.session() as s:
             first = self.first(None, MAX_REPORTED_POSITION).subquery()
             rows = (
@@ -153,19 +152,25 @@ class FairQueue:
                     .order_by(Job.fair_round, Job.id)
                 )
             ).all()
-            for position, (job_id, known) in enumerate(rows, start=1):
-                if known == position or (only_new and known is not None):
-                    continue
-                result = await s.execute(
-                    update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.state == "queued",
-                        Job.platform.in_(platforms),
-                        or_(Job.notified_position.is_(None), Job.notified_position != position),
-                    )
-                    .values(notified_position=position)
+            wanted = {
+                job_id: position
+                for position, (job_id, known) in enumerate(rows, start=1)
+                if known != position and not (only_new and known is not None)
+            }
+            if not wanted:
+                return []
+            # One statement for all of them; the condition makes each change one process's.
+            position = case(wanted, value=Job.id)
+            result = await s.execute(
+                update(Job)
+                .where(
+                    Job.id.in_(list(wanted)),
+                    Job.state == "queued",
+                    Job.platform.in_(platforms),
+                    or_(Job.notified_position.is_(None), Job.notified_position != position),
                 )
-                if rows_matched(result) == 1:
-                    changed.append((job_id, position))
-        return changed
+                .values(notified_position=position)
+                .returning(Job.id, Job.notified_position)
+            )
+            changed = [(job_id, int(pos)) for job_id, pos in result.tuples().all()]
+        return sorted(changed, key=lambda change: change[1])
