@@ -39,7 +39,9 @@ from bot.backends.fake import FakeBackend
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
 from bot.core.api import Actor, Place
+from bot.core.db import make_engine
 from bot.core.models import Job
+from bot.migrate import upgrade
 from tests.bench.stats import percentile
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -140,6 +142,13 @@ async def run_one(
     config = bench_config(url, workdir, total, per_submitter, concurrency)
     delivery = CountingDelivery(total)
     latencies: list[float] = []
+    if processes:
+        # Migrated here, once: processes migrating a fresh database at the same moment collide.
+        engine = make_engine(url, pool_size=1)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
     procs = await start_workers(url, workdir, processes, concurrency) if processes else []
     try:
         async with build_core(
