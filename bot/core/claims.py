@@ -32,6 +32,7 @@ from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
 from bot.core.views import job_view
 
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A job as its holder runs it: its view, and the inputs the view does not show."""
@@ -77,20 +78,24 @@ class Claims:
             picked = first.cte("picked")
         async with self.db.session() as s:
             taken = (
-                await s.execute(
-                    update(Job)
-                    .where(Job.id == picked.c.id, Job.state == "queued")
-                    .values(
-                        state="running",
-                        lease_owner=owner,
-                        lease_until=self._lease_until(),
-                        started_at=func.coalesce(Job.started_at, now),
-                        attempts=Job.attempts + 1,
-                        notified_position=None,
+                (
+                    await s.execute(
+                        update(Job)
+                        .where(Job.id == picked.c.id, Job.state == "queued")
+                        .values(
+                            state="running",
+                            lease_owner=owner,
+                            lease_until=self._lease_until(),
+                            started_at=func.coalesce(Job.started_at, now),
+                            attempts=Job.attempts + 1,
+                            notified_position=None,
+                        )
+                        .returning(Job.id)
                     )
-                    .returning(Job.id)
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not taken:
                 return []
             older = aliased(Job)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, func, literal, or_, select, tuple_, update
-from sqlalchemy.orm import aliased
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot.core.api import Overloaded
 from bot.core.db import Database
@@ -60,7 +61,7 @@ class FairQueue:
             conds.append(Job.platform.in_(platforms))
         return conds
 
-    def first(self, platforms: Sequence[str] | None, limit: int) -> Select[tuple[int]]:
+    def first(self, platforms: Sequence[str] | None, limit: int) -> Select[int]:
         """The ids of the first `limit` queued jobs due now, in dispatch order (an index range)."""
         return select(Job.id).where(*self._due(platforms)).order_by(Job.fair_round, Job.id).limit(limit)
 
@@ -87,7 +88,7 @@ class FairQueue:
             .where(Job.user_id == user_pk, Job.state.in_(("queued", "running")))
             .scalar_subquery()
         )
-        columns = [head, running, own]
+        columns: list[ColumnElement[Any]] = [head, running, own]
         if self.notify:
             columns.append(func.pg_notify(JOBS_CHANNEL, literal("")))
         row = (await s.execute(select(*columns))).one()
@@ -110,9 +111,7 @@ class FairQueue:
     async def position(self, s: AsyncSession, job_id: int) -> int | None:
         """The job's place in the fair order (1 = starts next), or None when it is not queued (or
         not due) or lies past `MAX_REPORTED_POSITION`. Reads at most that many index entries."""
-        row = (
-            await s.execute(select(Job.fair_round).where(Job.id == job_id, *self._due(None)))
-        ).first()
+        row = (await s.execute(select(Job.fair_round).where(Job.id == job_id, *self._due(None)))).first()
         if row is None:
             return None
         ahead = (
@@ -172,5 +171,5 @@ class FairQueue:
                 .values(notified_position=position)
                 .returning(Job.id, Job.notified_position)
             )
-            changed = [(job_id, int(pos)) for job_id, pos in result.tuples().all()]
+            changed = [(job_id, pos) for job_id, pos in result.tuples().all() if pos is not None]
         return sorted(changed, key=lambda change: change[1])

@@ -106,7 +106,9 @@ async def worker(url: str, workdir: Path, concurrency: int) -> None:
         await stop.wait()
 
 
-async def start_workers(url: str, workdir: Path, n: int, concurrency: int) -> list[asyncio.subprocess.Process]:
+async def start_workers(
+    url: str, workdir: Path, n: int, concurrency: int
+) -> list[asyncio.subprocess.Process]:
     procs = []
     for i in range(n):
         proc = await asyncio.create_subprocess_exec(

@@ -62,50 +62,56 @@ async def measure(log: StatementLog, op: Callable[[], Awaitable[Any]]) -> tuple[
 async def profile(label: str, url: str, work: Path, depths: list[int]) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     for depth in depths:
-        config = {
-            "database": {"url": url, "auto_migrate": True},
-            "storage": {"dir": str(work / f"images-{label}-{depth}")},
-            "quotas": {"daily_limit": 100_000},
-            "bot": {"max_queued_jobs": 1_000_000, "default_steps": 1},
-        }
-        async with build_core(
-            config, {}, backend=FakeBackend(progress_events=False), start_dispatcher=False
-        ) as core:
-            log = StatementLog()
-            event.listen(core.db.engine.sync_engine, "before_cursor_execute", log)
-            place = Place("bench", "guild", "channel")
-            service = core.service
-            n = 0
+        rows += await profile_at(label, url, work, depth)
+    return rows
 
-            async def submit(user: int) -> Any:
-                nonlocal n
-                n += 1
-                actor = Actor("bench", f"user{user}", "")
-                return await service.imagine(actor, place, f"p{n}", idempotency_key=f"{depth}-{n}")
 
-            # Fill the queue (50 users), plus the jobs the claims below take: they claim at `depth`.
-            await asyncio.gather(*[submit(i % 50) for i in range(depth + 4 * REPEAT)])
-            last = await submit(7)
-            submit_ms, submit_st = await measure(log, lambda: submit(999))
-            pos_ms, pos_st = await measure(log, lambda: service.queue_position(last.id))
-            report_ms, report_st = await measure(
-                log, lambda: service.queue.positions_to_report(["bench"], only_new=False)
-            )
-            claims = service.claims
+async def profile_at(label: str, url: str, work: Path, depth: int) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    config = {
+        "database": {"url": url, "auto_migrate": True},
+        "storage": {"dir": str(work / f"images-{label}-{depth}")},
+        "quotas": {"daily_limit": 100_000},
+        "bot": {"max_queued_jobs": 1_000_000, "default_steps": 1},
+    }
+    async with build_core(
+        config, {}, backend=FakeBackend(progress_events=False), start_dispatcher=False
+    ) as core:
+        log = StatementLog()
+        event.listen(core.db.engine.sync_engine, "before_cursor_execute", log)
+        place = Place("bench", "guild", "channel")
+        service = core.service
+        n = 0
 
-            async def claim() -> Any:
-                got = await claims.claim_queued("profile", ["bench"], 4)
-                assert len(got) == 4, got
-                return got
+        async def submit(user: int) -> Any:
+            nonlocal n
+            n += 1
+            actor = Actor("bench", f"user{user}", "")
+            return await service.imagine(actor, place, f"p{n}", idempotency_key=f"{depth}-{n}")
 
-            claim_ms, claim_st = await measure(log, claim)
-            for name, ms, st in (
-                ("submit", submit_ms, submit_st),
-                ("claim 4", claim_ms, claim_st),
-                ("queue_position", pos_ms, pos_st),
-                ("positions_to_report", report_ms, report_st),
-            ):
-                rows.append((label, depth, name, ms, st))
+        # Fill the queue (50 users), plus the jobs the claims below take: they claim at `depth`.
+        await asyncio.gather(*[submit(i % 50) for i in range(depth + 4 * REPEAT)])
+        last = await submit(7)
+        submit_ms, submit_st = await measure(log, lambda: submit(999))
+        pos_ms, pos_st = await measure(log, lambda: service.queue_position(last.id))
+        report_ms, report_st = await measure(
+            log, lambda: service.queue.positions_to_report(["bench"], only_new=False)
+        )
+        claims = service.claims
+
+        async def claim() -> Any:
+            got = await claims.claim_queued("profile", ["bench"], 4)
+            assert len(got) == 4, got
+            return got
+
+        claim_ms, claim_st = await measure(log, claim)
+        for name, ms, st in (
+            ("submit", submit_ms, submit_st),
+            ("claim 4", claim_ms, claim_st),
+            ("queue_position", pos_ms, pos_st),
+            ("positions_to_report", report_ms, report_st),
+        ):
+            rows.append((label, depth, name, ms, st))
     return rows
 
 
@@ -132,7 +138,7 @@ async def amain(args: argparse.Namespace) -> int:
                     await drop_pg(url)
     print(f"\ncore profile: median of {REPEAT}, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
-    print(f"| db | queued | operation | ms | statements | what |\n|---|---:|---|---:|---:|---|")
+    print("| db | queued | operation | ms | statements | what |\n|---|---:|---|---:|---:|---|")
     for label, depth, name, ms, st in rows:
         n = len([s for s in st if s not in ("BEGIN", "COMMIT", "ROLLBACK")])
         print(f"| {label} | {depth} | {name} | {ms:.2f} | {n} | {summary(st)} |")
@@ -140,7 +146,9 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.core_profile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.core_profile", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--depths", type=int, nargs="+", default=[10, 1000])
     args = parser.parse_args(argv)
