@@ -276,6 +276,7 @@ async def amain(args: argparse.Namespace) -> int:
                 results.append(
                     await run_one("sqlite", url, work / f"r{run}", submitters, args.jobs, args.concurrency, 0)
                 )
+                print_row(results[-1])
                 if "sqlite" not in solo:
                     solo["sqlite"] = await solo_submit_ms(url, work / f"r{run}")
             if args.db in ("postgres", "both") and not skipped:
@@ -291,6 +292,7 @@ async def amain(args: argparse.Namespace) -> int:
                                 processes,
                             )
                         )  # fmt: skip
+                        print_row(results[-1])
                         if "postgres" not in solo:
                             solo["postgres"] = await solo_submit_ms(url, work / f"r{run}")
                     finally:
@@ -307,16 +309,25 @@ async def amain(args: argparse.Namespace) -> int:
         f"{'submits/s':>11}{'jobs/s':>9}"
     )
     for r in results:
-        print(
-            f"{r['db']:<10}{r['dispatchers']:>9}{r['submitters']:>11}{r['jobs']:>6}{r['submit_p50_ms']:>15.1f}"
-            f"{r['submit_p99_ms']:>15.1f}{r['submits_per_s']:>11.0f}{r['jobs_per_s']:>9.0f}"
-            + (f"  ({r['failed']} failed or ran twice!)" if r["failed"] else "")
-        )
+        print(row(r))
     for db, ms in solo.items():
         print(f"{db}: a lone submission, p50 of {SOLO_SUBMISSIONS}: {ms:.1f} ms")
     for line in verdicts(results):
         print(line)
     return 1 if any(r["failed"] for r in results) else 0
+
+
+def row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['db']:<10}{r['dispatchers']:>9}{r['submitters']:>11}{r['jobs']:>6}{r['submit_p50_ms']:>15.1f}"
+        f"{r['submit_p99_ms']:>15.1f}{r['submits_per_s']:>11.0f}{r['jobs_per_s']:>9.0f}"
+        + (f"  ({r['failed']} failed or ran twice!)" if r["failed"] else "")
+    )
+
+
+def print_row(r: dict[str, Any]) -> None:
+    """As each run ends (the table comes again at the end): a long run shows its progress."""
+    print(f"done: {row(r)}  (load average {loadavg()})", flush=True)
 
 
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
