@@ -10,7 +10,11 @@ It decides when and what; the database side of each step is the service's (`Core
   server hears the fair order too: a job's `priority` is the number of its user's older jobs still
   running, so a server that admits by priority (the continuous engine) lets a newcomer's first job
   join its running batch before a heavy user's fifth.
-- Only jobs of platforms with a delivery registered in this process are claimed.
+- Only jobs of platforms with a delivery registered in this process are claimed, as many per
+  round trip as there are free slots.
+- It wakes when this process queues a job, on PostgreSQL when any process does (LISTEN/NOTIFY, see
+  `bot.core.wakeup`), and every `poll_interval_s` in any case. Leases are renewed by a task of
+  their own, never behind a slow tick.
 - A failed job is refunded before the adapter hears about it.
 - Each delivery attempt is counted in the job row before the adapter is called (`delivery_attempt`
   in its view), so an adapter that finds 2 or more knows a process may have died between posting
