@@ -11,7 +11,8 @@ queued job (see "Submit and dispatch" in docs/bot-core.md).
 
 Admission: `max_queued_jobs` is a limit on load, not a quota. The queue is counted at most every
 `queue_depth_check_s` (one count for all the submissions of that moment) and this process adds the
-jobs it queued since; submissions of other processes in between are seen at the next count.
+jobs it queued since; submissions of other processes in between are seen at the next count. A
+submission the estimate would refuse counts again first, so nobody is refused while there is room.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class FairQueue:
         else the fair round of the user's new job. On PostgreSQL the same round trip notifies the
         dispatchers, which hear of it when the submission commits (not at all if it rolls back)."""
         mono = time.monotonic()
-        if mono - self._counted_at >= self.depth_check_s:
+        # The estimate only grows between counts (jobs claimed since are still in it): one that
+        # says "full" is checked by a count before anyone is refused.
+        if self._depth >= self.max_queued or mono - self._counted_at >= self.depth_check_s:
             # Set first: submissions meanwhile use the last count instead of counting too.
             self._counted_at = mono
             capped = select(Job.id).where(Job.state == "queued").limit(self.max_queued).subquery()

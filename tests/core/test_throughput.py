@@ -219,3 +219,18 @@ async def test_a_submission_in_another_process_wakes_the_dispatcher_through_noti
     async with running_core(pg_session_url, tmp_path, database={"notify": False}) as (quiet, _):
         await asyncio.sleep(0.2)
         assert not quiet.dispatcher.listening  # notify off: no listener, the poll alone
+
+
+async def test_the_queue_limit_refuses_only_a_full_queue(db_url, tmp_path):
+    """The queue is counted now and then, not on every submission; a claim frees a place at once
+    all the same: a refusal is checked by a count first."""
+    from bot.core.api import Overloaded
+
+    async with running_core(db_url, tmp_path, start=False, bot={"max_queued_jobs": 1}) as (core, _):
+        alice, bob, carol = users(3)
+        await core.service.imagine(alice, GUILD, "first", idempotency_key="q1")
+        assert len(await core.service.claims.claim_queued("d", ["discord"], 1)) == 1
+        await core.service.imagine(bob, GUILD, "second", idempotency_key="q2")  # the place is free
+        with pytest.raises(Overloaded):
+            await core.service.imagine(carol, GUILD, "third", idempotency_key="q3")
+        assert (await core.service.quota(carol, GUILD)).used_today == 0  # refused: nothing charged
