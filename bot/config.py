@@ -61,6 +61,10 @@ class BotConfig:
     progress_interval_s: float = 2.0
     # Global admission limit: beyond this many queued jobs submissions get "overloaded".
     max_queued_jobs: int = 1000
+    # How often a process counts the queue for that limit (between counts it adds the jobs it
+    # queued itself): a count per submission would grow with the queue. Other processes'
+    # submissions of the last interval may overshoot the limit by that much.
+    queue_depth_check_s: float = 0.25
     # img2img strength of V1-V4, the variation reactions and Vary (Strong); Vary (Subtle) uses the
     # second, lower one (it keeps the composition and changes details).
     variation_strength: float = 0.6
@@ -123,6 +127,7 @@ class BotConfig:
         _seconds(self.job_timeout_s, "[bot] job_timeout_s", lo=0, lo_open=True)
         _seconds(self.progress_interval_s, "[bot] progress_interval_s", lo=0, hi=3600)
         _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")
+        _seconds(self.queue_depth_check_s, "[bot] queue_depth_check_s", lo=0, hi=60)
         _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")
         _check(0 < self.inpaint_strength <= 1, "[bot] inpaint_strength", "must be in (0, 1]")
         for key in ("subtle_variation_strength", "image_strength", "upscale_strength"):
@@ -178,6 +183,11 @@ class DatabaseConfig:
     echo: bool = False
     # SQLite waits this long for the write lock before failing with "database is locked".
     sqlite_busy_timeout_s: float = 30.0
+    # PostgreSQL: a submission NOTIFYs and every dispatcher LISTENs (one more connection per
+    # process), so a job queued in one process starts at once in another; the poll
+    # ([bot] poll_interval_s) stays as the fallback. Off behind a pooler that cannot LISTEN
+    # (PgBouncer in transaction mode). Ignored on SQLite.
+    notify: bool = True
 
     def __post_init__(self) -> None:
         _check(1 <= self.pool_size <= 200, "[database] pool_size", "must be from 1 to 200")

@@ -120,6 +120,10 @@ class Job(Base):
     __table_args__ = (
         # The dispatcher's scan: queued jobs of the platforms this process delivers, oldest first.
         Index("ix_jobs_state_platform", "state", "platform", "id"),
+        # The fair order (claims, queue positions): the first queued jobs are the first entries.
+        Index("ix_jobs_state_fair", "state", "fair_round", "id"),
+        # A submission's fair round: the last round its user holds among queued and running jobs.
+        Index("ix_jobs_user_state_fair", "user_id", "state", "fair_round"),
         Index("ix_jobs_result_message", "platform", "result_message_id"),
         Index("ix_jobs_user_created", "user_id", "created_at"),
     )
@@ -170,6 +174,9 @@ class Job(Base):
     quota_daily: Mapped[int] = mapped_column(Integer, default=0)
     quota_credits: Mapped[int] = mapped_column(Integer, default=0)
     refunded: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job's place in the fair order, fixed at submission (see `bot.core.fair_queue`): queued
+    # jobs run by (fair_round, id), so claims and queue positions read the first index entries.
+    fair_round: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Last queue position reported to the adapter (reported again only when it changes).
     notified_position: Mapped[int | None] = mapped_column(Integer)
     # The server model the job runs on (None: the server's default) and its LoRAs as

@@ -85,7 +85,13 @@ class CoreService:
 
         self.quotas = Quotas(db, config.quotas, clock)
         self.audit = Audit(db, clock)
-        self.queue = FairQueue(db, clock=clock)
+        self.queue = FairQueue(
+            db,
+            clock=clock,
+            max_queued=config.bot.max_queued_jobs,
+            depth_check_s=config.bot.queue_depth_check_s,
+            notify=config.database.notify,
+        )
         self.claims = Claims(db, self.queue, lease_s=config.bot.lease_s, clock=clock)
         self.results = Results(db, self.quotas, lease_s=config.bot.lease_s, clock=clock)
         self.choices = ModelChoices(
@@ -104,6 +110,7 @@ class CoreService:
             config,
             self.quotas,
             self.audit,
+            self.queue,
             clock=clock,
             rng=rng,
             limits=self.limits,

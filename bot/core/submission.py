@@ -3,7 +3,9 @@
 A submission is one transaction: the user row is locked (PostgreSQL: the upsert that creates it;
 SQLite transactions are `BEGIN IMMEDIATE`), the idempotency key is checked, then the ban, the
 moderation rules, the queue's size and the quota, and the quota is charged and the job row inserted
-before commit. The same key again returns the same job (`created=False`) and charges nothing.
+with its place in the fair order (`FairQueue.admit`) before commit: a constant number of
+statements, none of which reads more than a few index entries (see docs/bot-core.md). The same key
+again returns the same job (`created=False`) and charges nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.backends.base import Task
 from bot.config import CoreConfig
@@ -31,11 +33,11 @@ from bot.core.api import (
     Moderated,
     NotAdmin,
     NotFound,
-    Overloaded,
     Place,
 )
 from bot.core.audit import Audit
 from bot.core.db import Database
+from bot.core.fair_queue import FairQueue
 from bot.core.model_choice import ModelChoices
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
@@ -59,6 +61,7 @@ class Submissions:
         config: CoreConfig,
         quotas: Quotas,
         audit: Audit,
+        queue: FairQueue,
         *,
         clock: Callable[[], dt.datetime],
         rng: random.Random,
@@ -73,6 +76,7 @@ class Submissions:
         self.config = config
         self.quotas = quotas
         self.audit = audit
+        self.queue = queue
         self.clock = clock
         self.rng = rng
         self.limits = limits
@@ -226,12 +230,9 @@ class Submissions:
                     rule = self.moderator.check(parsed.prompt)
                     if rule is not None:
                         raise Moderated(rule.description)
-                queued = (
-                    await s.execute(select(func.count()).select_from(Job).where(Job.state == "queued"))
-                ).scalar_one()
-                if queued >= self.config.bot.max_queued_jobs:
-                    raise Overloaded()
                 rules = await self.place_settings.check(s, place)  # allowed here? private?
+                # Overloaded when the queue is full; else the job's place in the fair order.
+                fair_round = await self.queue.admit(s, user.id)
                 charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now, actor.role_ids)
                 params: dict[str, Any] = {
                     "task": task,
@@ -266,6 +267,7 @@ class Submissions:
                     model=model,
                     loras=[{"name": lora.name, "weight": lora.weight} for lora in loras],
                     state="queued",
+                    fair_round=fair_round,
                     attempts=0,
                     created_at=now,
                     delivery=dict(delivery or {}),
