@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from inference_server.config_loader import ConfigError, config_path, load_section, read_toml
 from inference_server.limits import MAX_GUIDANCE
+from inference_server.step_cache import level_problem
 
 # Where `[model] path = "embedded"` points: the project's own tiny model, shipped in the package.
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
@@ -142,9 +143,18 @@ class ModelConfig:
     # SD 3.x only: load without the T5 text encoder (text_encoder_3), most of the model's memory,
     # at some cost in prompt adherence. A pipeline folder saved without it loads without it anyway.
     drop_t5: bool = False
+    # Step caching for requests that don't ask (inference_server/step_cache.py, docs/performance.md):
+    # "off", "fast" or "faster". A request's `cache` field overrides it.
+    cache: str = "off"
+    # torch.compile the denoiser (compile time logged; a warm-up compiles each batch shape as it
+    # comes) and channels-last memory layout: they pay on CUDA, not on a small model on the CPU.
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         s = "model"
+        cache_problem = level_problem(self.cache)
+        _require(cache_problem is None, s, "cache", str(cache_problem))
         _require(bool(self.path.strip()), s, "path", "must not be empty")
         _require(
             bool(_DEVICE.match(self.device)),

@@ -49,6 +49,8 @@ class GenerationRequest:
     # Lower joins first (ties: arrival order); the bot passes its fairness order. Only the
     # continuous engine reorders by it; the dynamic engine is FIFO.
     priority: int = 0
+    # Step caching level (inference_server/step_cache.py): resolved from the request or [model] cache.
+    cache: str = "off"
 
     @property
     def n(self) -> int:
@@ -69,6 +71,7 @@ class GenerationRequest:
             self.strength,
             self.scheduler,
             self.true_cfg,
+            self.cache,  # a call caches at one level
         )
 
 

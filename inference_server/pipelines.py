@@ -27,6 +27,7 @@ from inference_server.config import EMBEDDED_WEIGHTS, ModelConfig
 from inference_server.config_loader import ConfigError
 from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
 from inference_server.families import SAMPLERS, ModelFamily, UnsupportedModel, detect_family
+from inference_server.step_cache import step_cache
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -512,7 +513,9 @@ class PipelineRunner:
             kwargs["strength"] = first.strength
         if first.task == "inpaint":
             kwargs["mask_image"] = [r.mask for r in batch for _ in r.seeds]
-        with torch.inference_mode():
+        # Step caching (step_cache.py): a batch shares one level, which is in the batch key.
+        steps = int(first.steps * first.strength) if first.strength is not None else first.steps
+        with torch.inference_mode(), step_cache(pipe, first.cache, steps):
             images = pipe(**kwargs).images
         if first.task == "inpaint" and output_type == "pil":
             # A 4-channel UNet inpaints by latent blending, which also alters pixels outside the mask

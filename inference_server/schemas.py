@@ -39,6 +39,7 @@ from inference_server.engine import Task
 from inference_server.errors import RequestError
 from inference_server.families import DDPM_SAMPLERS, DEFAULT_TRUE_CFG, SIZE_FLOOR, ModelFamily
 from inference_server.limits import MAX_GUIDANCE, PRIORITY_LIMIT, SEED_LIMIT
+from inference_server.step_cache import CACHE_LEVELS
 
 if TYPE_CHECKING:
     from inference_server.config import ServerConfig
@@ -251,6 +252,7 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
         ),
     ]
     words = _model_words(family)
+    CacheName = Annotated[str, OneOf(CACHE_LEVELS, what="the step-caching levels")]
     takes_true_cfg = family is not None and family.negative_prompt == "true_cfg"
     guidance_words = {
         None: "classifier-free guidance; default [model] guidance",
@@ -309,6 +311,11 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
                 f"(a second transformer pass per step; 1 = off); default {DEFAULT_TRUE_CFG:g} with a "
                 "negative prompt, off without",
             )
+        cache: CacheName | None = Field(
+            None,
+            description="step caching: off, fast or faster (reuse work across denoising steps; faster is "
+            "cheaper, further from the uncached image); default [model] cache",
+        )
         timeout_s: Number | None = Field(
             None,
             gt=0,

@@ -134,6 +134,7 @@ def parse_generation(
         mask=mask,
         priority=fields["priority"] or 0,
         true_cfg=true_cfg,
+        cache=fields["cache"] or family.default_cache,
     )
     timeout_s = fields["timeout_s"] if fields["timeout_s"] is not None else server.default_timeout_s
     return ParsedRequest(request=request, stream=bool(fields["stream"]), timeout_s=timeout_s)
