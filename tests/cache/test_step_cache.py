@@ -28,10 +28,10 @@ from inference_server.step_cache import (
 from inference_server.tiny_families import build_tiny_family
 
 # Mean absolute pixel difference (0-1 scale) to the uncached image that a level may not exceed on
-# these random or tiny models at 8 steps. Random weights make the deep features change more from
-# step to step than a trained model's, so this is a loose bound; the trained-model figures are in
-# docs/performance.md (`make eval-model`).
-MAX_MEAN_DIFF = 0.2
+# these random or tiny models at 8 steps (few steps: each reused step stands in for a big change).
+# A loose bound that catches a broken path (noise, a wrong skip connection: ~0.5 and more); the
+# embedded model's accuracy figures at 20 steps are in docs/performance.md (`make eval-model`).
+MAX_MEAN_DIFF = 0.35
 STEPS = 8
 
 
