@@ -263,7 +263,7 @@ def _time_unet(
             "time_ids": torch.randn(2 * batch, 6, device="cuda", dtype=torch.float16),
         }
     result = 0.0
-    for attempt in range(2):  # the first pass warms up (and compiles)
+    for _attempt in range(2):  # the first pass warms up (and compiles)
         torch.cuda.synchronize()
         started = time.perf_counter()
         with torch.inference_mode(), cache(holder, level, steps):

@@ -395,7 +395,7 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
 
     class OpenAIGenerationsRequest(OpenAIOptions, Prompted):
         """Unknown fields are refused (400, `param` names them). Extensions: negative_prompt, seed,
-        steps, guidance, scheduler, timeout_s, priority (as on /v1/txt2img)."""
+        steps, guidance, scheduler, timeout_s, priority, cache (as on /v1/txt2img)."""
 
         style: Ignored = None
         moderation: Ignored = None
