@@ -84,7 +84,7 @@ def cache_comparison(
     reference = np.stack([np.asarray(im, np.float32) for im in uncached])
     for level in levels:
         t = time.time()
-        with step_cache(pipe, level):
+        with step_cache(pipe, level, steps):
             images = generate(pipe, prompts, seeds, steps, guidance)
         got = np.stack([np.asarray(im, np.float32) for im in images])
         res = score(expected, images)

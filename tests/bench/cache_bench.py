@@ -4,7 +4,8 @@ The embedded model through the server's own `PipelineRunner` (the code a request
 20 steps, guidance 7.5, measured side by side in one run for caching off and each level
 (`inference_server/step_cache.py`): single requests one after another, and batches of 8 images in
 one call. Images/s and the median (p50) latency per call, and each level's images/s as a ratio of
-"off" in the same run. Every round runs every level once in a shuffled order so that load from
+"off" in the same run, and the CPU seconds per image of the batches (process CPU time, which a
+busy shared machine disturbs far less than wall time). Every round runs every level once in a shuffled order so that load from
 other jobs on a shared machine hits all of them alike; each figure is the median over rounds.
 `--compile` adds the uncached model with `[model] compile` and with `[model] channels_last`.
 
@@ -69,10 +70,17 @@ async def load(config: ModelConfig) -> PipelineRunner:
     return runner
 
 
+# CPU seconds this process spent per call (every torch thread): on a shared machine wall time
+# mostly measures the other jobs, while the work a call needs changes little with load.
+CPU_SECONDS: list[float] = []
+
+
 async def timed_call(runner: PipelineRunner, req: GenerationRequest) -> float:
+    cpu = time.process_time()
     started = time.perf_counter()
     report = await runner.run([req], None, lambda: False)
     elapsed = time.perf_counter() - started
+    CPU_SECONDS.append(time.process_time() - cpu)
     error = report.outcomes[0].error
     if error is not None:
         raise error
@@ -99,6 +107,7 @@ async def main() -> None:
         await timed_call(runner, request(level, tuple(range(args.batch)), args.steps))
     single: dict[str, list[float]] = {name: [] for name in runners}
     batched: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_per_image: dict[str, list[float]] = {name: [] for name in runners}
     single_rate: dict[str, list[float]] = {name: [] for name in runners}
     batch_rate: dict[str, list[float]] = {name: [] for name in runners}
     rng = random.Random(1)
@@ -118,6 +127,7 @@ async def main() -> None:
             t = await timed_call(runner, request(level, tuple(range(seed, seed + args.batch)), args.steps))
             batched[name].append(t)
             batch_rate[name].append(args.batch / t)
+            cpu_per_image[name].append(CPU_SECONDS[-1] / args.batch)
     load_avg = os.getloadavg()
     print(
         f"\nstep caching, embedded model 64x64, {args.steps} steps, guidance 7.5, {args.threads} threads, "
@@ -133,7 +143,8 @@ async def main() -> None:
         s_rate, b_rate = statistics.median(single_rate[name]), statistics.median(batch_rate[name])
         print(
             f"{name:<14} {s_rate:>10.2f} {percentile(single[name], 50):>7.3f} {s_rate / off_single:>6.2f}   "
-            f"{b_rate:>10.2f} {percentile(batched[name], 50):>7.3f} {b_rate / off_batch:>6.2f}"
+            f"{b_rate:>10.2f} {percentile(batched[name], 50):>7.3f} {b_rate / off_batch:>6.2f}   "
+            f"{statistics.median(cpu_per_image[name]):>19.3f} {off_cpu / statistics.median(cpu_per_image[name]):>6.2f}"
         )
     for label, rates, off in (("single", single_rate, off_single), ("batch of 8", batch_rate, off_batch)):
         ratio = statistics.median(rates[RECOMMENDED_LEVEL]) / off
