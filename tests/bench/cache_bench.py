@@ -135,8 +135,10 @@ async def main() -> None:
         f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f} on {os.cpu_count()} CPUs)"
     )
     print(
-        f"{'variant':<14} {'1 image/s':>10} {'p50 s':>7} {'x off':>6}   {'8 images/s':>10} {'p50 s':>7} {'x off':>6}"
+        f"{'variant':<14} {'1 image/s':>10} {'p50 s':>7} {'x off':>6}   {'8 images/s':>10} {'p50 s':>7} "
+        f"{'x off':>6}   {'CPU s/image (batch)':>19} {'x off':>6}"
     )
+    off_cpu = statistics.median(cpu_per_image["off"])
     off_single = statistics.median(single_rate["off"])
     off_batch = statistics.median(batch_rate["off"])
     for name in runners:
