@@ -13,7 +13,7 @@ EXTRAS ?= all,dev
 TORCH_PIP_ARGS ?= $(shell PYTHON=$(PYTHON) TORCH_INDEX=$(TORCH_INDEX) sh deploy/torch-index.sh)
 
 .PHONY: setup run test bench lint typecheck format migrate train-model eval-model serve bot docs docs-build clean \
-	install-check images deploy-test
+	install-check images deploy-test gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m tests.bench.core_bench
 	$(PY) -m tests.bench.discord_bench
 	$(PY) -m tests.bench.lora_bench
+	$(PY) -m tests.bench.cache_bench $(CACHE_BENCH_ARGS)
 	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
 	$(PY) -m tests.bench.family_bench $(FAMILY_BENCH_ARGS)
 
@@ -76,6 +77,12 @@ train-model: setup
 
 eval-model: setup
 	$(PY) -m inference_server.embedded.evaluate $(ARGS)
+	$(PY) -m tests.bench.cache_quality
+
+# On a machine with an NVIDIA GPU: precisions, attention backends, the OOM split, both engines and
+# the benchmark at real sizes (docs/performance.md). Elsewhere it says so and exits with status 2.
+gpu-check: setup
+	$(PY) deploy/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The documentation site (mkdocs.yml, docs/). The docs extra goes into the same virtualenv, once.
 # Never add -q to the build: ProperDocs then drops the warnings and a strict build passes anyway.

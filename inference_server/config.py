@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from inference_server.config_loader import ConfigError, config_path, load_section, read_toml
 from inference_server.limits import MAX_GUIDANCE
+from inference_server.step_cache import level_problem
 
 # Where `[model] path = "embedded"` points: the project's own tiny model, shipped in the package.
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
@@ -150,9 +151,18 @@ class ModelConfig:
     config: str = ""
     # In a `[models.NAME]` table: this entry is the default model (at most one may say so).
     default: bool = False
+    # Step caching for requests that don't ask (inference_server/step_cache.py, docs/performance.md):
+    # "off", "fast" or "faster". A request's `cache` field overrides it.
+    cache: str = "off"
+    # torch.compile the denoiser (compile time logged; a warm-up compiles each batch shape as it
+    # comes) and channels-last memory layout: they pay on CUDA, not on a small model on the CPU.
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         s = "model"
+        cache_problem = level_problem(self.cache)
+        _require(cache_problem is None, s, "cache", str(cache_problem))
         _require(bool(self.path.strip()), s, "path", "must not be empty")
         _require(
             bool(_DEVICE.match(self.device)),

@@ -53,6 +53,8 @@ class GenerationRequest:
     # ((name, weight), ...) sorted by name: requests batch only with the same model, set and weights.
     model: str = ""
     loras: tuple[tuple[str, float], ...] = ()
+    # Step caching level (inference_server/step_cache.py): resolved from the request or [model] cache.
+    cache: str = "off"
 
     @property
     def n(self) -> int:
@@ -75,6 +77,7 @@ class GenerationRequest:
             self.true_cfg,
             self.model,
             self.loras,
+            self.cache,  # a call caches at one level
         )
 
 

@@ -100,6 +100,8 @@ class ModelFamily:
     default_width: int = 0
     default_height: int = 0
     default_sampler: str = "default"
+    # `[model] cache`: the step-caching level of requests that don't ask (step_cache.py).
+    default_cache: str = "off"
 
     def __post_init__(self) -> None:
         if not self.default_width:
@@ -137,6 +139,7 @@ class ModelFamily:
             default_guidance=guidance,
             default_strength=config.strength or self.default_strength,
             default_sampler=config.scheduler,
+            default_cache=config.cache,
         )
 
     def size_problem(self, width: int, height: int) -> str | None:

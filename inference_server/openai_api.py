@@ -90,6 +90,7 @@ NATIVE_EXTENSIONS = (
     "timeout_s",
     "priority",
     "true_cfg",
+    "cache",
 )
 # HTTP status of each engine error kind as this API reports it (see `translate_error`).
 ENGINE_STATUS = {"overloaded": 429, "not_ready": 503, "shutting_down": 503, "deadline_exceeded": 504}

@@ -28,6 +28,7 @@ from inference_server.config_loader import ConfigError
 from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
 from inference_server.families import SAMPLERS, ModelFamily, UnsupportedModel, detect_family
 from inference_server.loras import LoraLibrary, LoraTarget, model_target
+from inference_server.step_cache import step_cache
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -401,6 +402,7 @@ class PipelineRunner:
             pipes[task].set_progress_bar_config(disable=True)
         # After from_pipe: offloading hooks go on the shared modules once and serve every pipeline.
         self._place(base)
+        self._speed_up(base)
         self._pipes = pipes
         self._takes_size = {
             task: {"width", "height"} <= set(inspect.signature(pipe.__call__).parameters)
@@ -455,6 +457,21 @@ class PipelineRunner:
         else:
             pipe.enable_sequential_cpu_offload(device=self.device)
 
+    def _speed_up(self, pipe: Any) -> None:
+        """`[model] channels_last` and `[model] compile` on the denoiser (docs/performance.md)."""
+        import torch
+
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None:
+            return
+        if self.config.channels_last:
+            denoiser.to(memory_format=torch.channels_last)
+        if self.config.compile:
+            # In place, so the pipelines built with from_pipe share the compiled module. The
+            # compilation itself happens on the first call of each input shape: the warm-up pays
+            # it for the default size, and the log says how long it took.
+            denoiser.compile()
+
     def _configure_attention(self, pipe: Any) -> str:
         wanted = self.config.attention
         if wanted == "sdpa":
@@ -496,7 +513,11 @@ class PipelineRunner:
             mask=PILImage.new("L", size, 255) if task == "inpaint" else None,
         )
         self._call(self._pipes[task], [req], lambda step, total: None, lambda: False)
-        log.info("warm-up generation took %.2f s", time.monotonic() - started)
+        log.info(
+            "warm-up generation took %.2f s%s",
+            time.monotonic() - started,
+            " (including torch.compile of the denoiser for this shape)" if self.config.compile else "",
+        )
 
     # -- running -----------------------------------------------------------------------------
 
@@ -707,7 +728,9 @@ class PipelineRunner:
             kwargs["strength"] = first.strength
         if first.task == "inpaint":
             kwargs["mask_image"] = [r.mask for r in batch for _ in r.seeds]
-        with torch.inference_mode():
+        # Step caching (step_cache.py): a batch shares one level, which is in the batch key.
+        steps = int(first.steps * first.strength) if first.strength is not None else first.steps
+        with torch.inference_mode(), step_cache(pipe, first.cache, steps):
             images = pipe(**kwargs).images
         if first.task == "inpaint" and output_type == "pil":
             # A 4-channel UNet inpaints by latent blending, which also alters pixels outside the mask

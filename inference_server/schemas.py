@@ -40,6 +40,7 @@ from inference_server.errors import RequestError
 from inference_server.families import DDPM_SAMPLERS, DEFAULT_TRUE_CFG, SIZE_FLOOR, ModelFamily
 from inference_server.limits import MAX_GUIDANCE, PRIORITY_LIMIT, SEED_LIMIT
 from inference_server.loras import MAX_LORA_WEIGHT
+from inference_server.step_cache import CACHE_LEVELS
 
 if TYPE_CHECKING:
     from inference_server.config import ServerConfig
@@ -279,6 +280,7 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
         ),
     ]
     words = _model_words(family)
+    CacheName = Annotated[str, OneOf(CACHE_LEVELS, what="the step-caching levels")]
     takes_true_cfg = family is not None and family.negative_prompt == "true_cfg"
     guidance_words = {
         None: "classifier-free guidance; default [model] guidance",
@@ -337,6 +339,11 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
                 f"(a second transformer pass per step; 1 = off); default {DEFAULT_TRUE_CFG:g} with a "
                 "negative prompt, off without",
             )
+        cache: CacheName | None = Field(
+            None,
+            description="step caching: off, fast or faster (reuse work across denoising steps; faster is "
+            "cheaper, further from the uncached image); default [model] cache",
+        )
         timeout_s: Number | None = Field(
             None,
             gt=0,
@@ -428,7 +435,7 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
 
     class OpenAIGenerationsRequest(OpenAIOptions, Prompted):
         """Unknown fields are refused (400, `param` names them). Extensions: negative_prompt, seed,
-        steps, guidance, scheduler, timeout_s, priority (as on /v1/txt2img)."""
+        steps, guidance, scheduler, timeout_s, priority, cache (as on /v1/txt2img)."""
 
         style: Ignored = None
         moderation: Ignored = None

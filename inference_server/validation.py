@@ -141,6 +141,7 @@ def parse_generation(
         true_cfg=true_cfg,
         model=model,
         loras=loras,
+        cache=fields["cache"] or family.default_cache,
     )
     timeout_s = fields["timeout_s"] if fields["timeout_s"] is not None else server.default_timeout_s
     return ParsedRequest(request=request, stream=bool(fields["stream"]), timeout_s=timeout_s)

@@ -73,6 +73,31 @@ def generate(
     return images
 
 
+def cache_comparison(
+    pipe, levels: list[str], expected, prompts, seeds, steps: int, guidance: float, uncached
+) -> dict:
+    """Accuracy at each step-cache level and the mean pixel difference (0-255) to the uncached images
+    of the same prompts and seeds (`inference_server/step_cache.py`)."""
+    from inference_server.step_cache import step_cache
+
+    out = {}
+    reference = np.stack([np.asarray(im, np.float32) for im in uncached])
+    for level in levels:
+        t = time.time()
+        with step_cache(pipe, level, steps):
+            images = generate(pipe, prompts, seeds, steps, guidance)
+        got = np.stack([np.asarray(im, np.float32) for im in images])
+        res = score(expected, images)
+        res["mean_abs_pixel_diff_vs_off"] = round(float(np.abs(got - reference).mean()), 2)
+        res["generate_s"] = round(time.time() - t, 1)
+        out[level] = res
+        print(
+            f"  cache {level:>6}: background {res['background']:.1%}  shape colour {res['colour']:.1%}  "
+            f"shape kind {res['shape']:.1%}  mean |pixel diff| vs off {res['mean_abs_pixel_diff_vs_off']:.2f}/255"
+        )
+    return out
+
+
 def score(expected: list[tuple[str, str, str]], images: list[Image.Image]) -> dict:
     hits = Counter()
     confusions: Counter[str] = Counter()
@@ -225,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="one seed, no variants/inpaint/latency (for experiments)"
     )
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument(
+        "--cache",
+        default="fast,faster",
+        help="step-cache levels to compare with the uncached images, comma-separated ('' for none)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.weights / "model_index.json").exists():
@@ -252,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         f"shape kind {results['prompts']['shape']:.1%}  all three {results['prompts']['all']:.1%}"
     )
     print(f"  top confusions: {results['prompts']['top_confusions']}")
+    levels = [lv for lv in args.cache.split(",") if lv and lv != "off"]
+    if levels:
+        print("step caching (same prompts and seeds):")
+        results["cache"] = cache_comparison(
+            pipe, levels, expected, prompts, seeds, args.steps, args.guidance, images
+        )
     first_seed = images[::seeds_per]
     sheet = grid(first_seed, columns=16)
     sheet.save(args.out / "grid.png")

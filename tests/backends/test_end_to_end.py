@@ -136,12 +136,17 @@ async def test_fails_over_from_a_dead_server_to_the_real_one(real_server, refuse
     assert backend.servers_down() == [refused_url]
 
 
-async def test_the_real_server_of_today_offers_no_model_choice_and_jobs_go_out_as_before(client):
-    """A server from before the models registry (its /v1/models lists one OpenAI-style entry, with
-    capabilities but without `default` and `loras`, and its native routes refuse a `model` field):
-    the bot sees no choice, and a job without a model sends no model fields."""
-    assert await client.models() is None
+async def test_a_one_model_server_lists_its_model_and_jobs_without_a_model_go_out_as_before(client):
+    """A server of one `[model]` is a registry of one (named after its folder): the bot learns that
+    model as the default, a job naming it runs, and a job without a model sends no model fields."""
+    [info] = await client.models() or []
+    assert info.default and info.loaded and info.capabilities is not None and info.loras == ()
     images = await client.generate(
         GenerationParams(task="txt2img", prompt="a fox", seeds=(1,), width=SIDE, height=SIDE, steps=2)
     )
-    assert len(images) == 1
+    named = await client.generate(
+        GenerationParams(
+            task="txt2img", prompt="a fox", seeds=(1,), width=SIDE, height=SIDE, steps=2, model=info.name
+        )
+    )
+    assert len(images) == 1 and named[0].png == images[0].png

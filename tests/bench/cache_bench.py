@@ -1,0 +1,166 @@
+"""Step-caching benchmark: `python -m tests.bench.cache_bench` (part of `make bench`).
+
+The embedded model through the server's own `PipelineRunner` (the code a request runs), 64x64,
+20 steps, guidance 7.5, measured side by side in one run for caching off and each level
+(`inference_server/step_cache.py`): single requests one after another, and batches of 8 images in
+one call. Images/s and the median (p50) latency per call, and each level's images/s as a ratio of
+"off" in the same run, and the CPU seconds per image of the batches (process CPU time, which a
+busy shared machine disturbs far less than wall time). Every round runs every level once in a shuffled order so that load from
+other jobs on a shared machine hits all of them alike; each figure is the median over rounds.
+`--compile` adds the uncached model with `[model] compile` and with `[model] channels_last`.
+
+The verdict: images/s at the recommended level >= 1.8x "off" (issue 22's goal). Not a test: timings
+on shared machines are noisy, so nothing is asserted; the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import time
+from typing import Any
+
+from inference_server.config import ModelConfig
+from inference_server.engine import GenerationRequest
+from inference_server.pipelines import PipelineRunner
+from inference_server.step_cache import CACHE_LEVELS, RECOMMENDED_LEVEL
+from tests.bench.stats import percentile
+
+GOAL = 1.8
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every variant (default 3)")
+    p.add_argument("--singles", type=int, default=4, help="single requests per round and variant")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="1 round, 2 singles: a smoke run")
+    p.add_argument("--compile", action="store_true", help="also torch.compile and channels-last, uncached")
+    return p.parse_args()
+
+
+def request(level: str, seeds: tuple[int, ...], steps: int) -> GenerationRequest:
+    return GenerationRequest(
+        task="txt2img",
+        prompt=PROMPTS[seeds[0] % 2],
+        negative_prompt="",
+        seeds=seeds,
+        width=64,
+        height=64,
+        steps=steps,
+        guidance=7.5,
+        cache=level,
+    )
+
+
+async def load(config: ModelConfig) -> PipelineRunner:
+    runner = PipelineRunner(config)
+    started = time.monotonic()
+    await runner.load()
+    print(
+        f"  loaded {config.path} (compile={config.compile}, channels_last={config.channels_last}) "
+        f"with warm-up in {time.monotonic() - started:.1f} s"
+    )
+    return runner
+
+
+# CPU seconds this process spent per call (every torch thread): on a shared machine wall time
+# mostly measures the other jobs, while the work a call needs changes little with load.
+CPU_SECONDS: list[float] = []
+
+
+async def timed_call(runner: PipelineRunner, req: GenerationRequest) -> float:
+    cpu = time.process_time()
+    started = time.perf_counter()
+    report = await runner.run([req], None, lambda: False)
+    elapsed = time.perf_counter() - started
+    CPU_SECONDS.append(time.process_time() - cpu)
+    error = report.outcomes[0].error
+    if error is not None:
+        raise error
+    return elapsed
+
+
+async def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.rounds, args.singles = 1, 2
+    base = ModelConfig(path="embedded", device="cpu", cpu_threads=args.threads)
+    runners: dict[str, tuple[PipelineRunner, str]] = {}
+    plain = await load(base)
+    for level in CACHE_LEVELS:
+        runners[level] = (plain, level)
+    if args.compile:
+        runners["compile"] = (await load(ModelConfig(**{**base.__dict__, "compile": True})), "off")
+        runners["channels_last"] = (
+            await load(ModelConfig(**{**base.__dict__, "channels_last": True})),
+            "off",
+        )
+    # A batch-of-8 warm-up per variant (a compiled model compiles each new shape on first use).
+    for runner, level in runners.values():
+        await timed_call(runner, request(level, tuple(range(args.batch)), args.steps))
+    single: dict[str, list[float]] = {name: [] for name in runners}
+    batched: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_per_image: dict[str, list[float]] = {name: [] for name in runners}
+    single_rate: dict[str, list[float]] = {name: [] for name in runners}
+    batch_rate: dict[str, list[float]] = {name: [] for name in runners}
+    rng = random.Random(1)
+    seed = 0
+    for _ in range(args.rounds):
+        order = list(runners)
+        rng.shuffle(order)
+        for name in order:
+            runner, level = runners[name]
+            times = []
+            for _ in range(args.singles):
+                seed += 1
+                times.append(await timed_call(runner, request(level, (seed,), args.steps)))
+            single[name] += times
+            single_rate[name].append(len(times) / sum(times))
+            seed += args.batch
+            t = await timed_call(runner, request(level, tuple(range(seed, seed + args.batch)), args.steps))
+            batched[name].append(t)
+            batch_rate[name].append(args.batch / t)
+            cpu_per_image[name].append(CPU_SECONDS[-1] / args.batch)
+    load_avg = os.getloadavg()
+    print(
+        f"\nstep caching, embedded model 64x64, {args.steps} steps, guidance 7.5, {args.threads} threads, "
+        f"{args.rounds} rounds ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f} on {os.cpu_count()} CPUs)"
+    )
+    print(
+        f"{'variant':<14} {'1 image/s':>10} {'p50 s':>7} {'x off':>6}   {'8 images/s':>10} {'p50 s':>7} "
+        f"{'x off':>6}   {'CPU s/image (batch)':>19} {'x off':>6}"
+    )
+    off_cpu = statistics.median(cpu_per_image["off"])
+    off_single = statistics.median(single_rate["off"])
+    off_batch = statistics.median(batch_rate["off"])
+    for name in runners:
+        s_rate, b_rate = statistics.median(single_rate[name]), statistics.median(batch_rate[name])
+        print(
+            f"{name:<14} {s_rate:>10.2f} {percentile(single[name], 50):>7.3f} {s_rate / off_single:>6.2f}   "
+            f"{b_rate:>10.2f} {percentile(batched[name], 50):>7.3f} {b_rate / off_batch:>6.2f}   "
+            f"{statistics.median(cpu_per_image[name]):>19.3f} {off_cpu / statistics.median(cpu_per_image[name]):>6.2f}"
+        )
+    for label, rates, off in (("single", single_rate, off_single), ("batch of 8", batch_rate, off_batch)):
+        ratio = statistics.median(rates[RECOMMENDED_LEVEL]) / off
+        verdict = "MET" if ratio >= GOAL else "NOT MET"
+        print(
+            f"verdict ({label}): {RECOMMENDED_LEVEL} = {ratio:.2f}x images/s of off; goal >= {GOAL}x: {verdict}"
+        )
+    for runner in {id(r): r for r, _ in runners.values()}.values():
+        runner.close()
+
+
+def run() -> Any:
+    return asyncio.run(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,147 @@
+"""Step caching on real pipelines: the embedded model and a tiny random pipeline of every family.
+
+"off" leaves the network untouched (bit-identical images, hooks removed after a cached call); every
+level really skips work and stays close to the uncached image; DeepCache's shallow path computes
+exactly what the full UNet computes from the same deep features.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from inference_server.config import EMBEDDED_WEIGHTS
+from inference_server.step_cache import (
+    CACHE_LEVELS,
+    LEVELS,
+    deep_cache,
+    first_block_cache,
+    level_problem,
+    shallow_forward,
+    step_cache,
+)
+from inference_server.tiny_families import build_tiny_family
+
+# Mean absolute pixel difference (0-1 scale) to the uncached image that a level may not exceed on
+# these random or tiny models at 8 steps (few steps: each reused step stands in for a big change).
+# A loose bound that catches a broken path (noise, a wrong skip connection: ~0.5 and more); the
+# embedded model's accuracy figures at 20 steps are in docs/performance.md (`make eval-model`).
+MAX_MEAN_DIFF = 0.35
+STEPS = 8
+
+
+@functools.cache
+def pipeline(name: str) -> Any:
+    if name == "embedded":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_WEIGHTS), local_files_only=True)
+    else:
+        pipe = build_tiny_family(name)  # type: ignore[arg-type]
+        # Built from configs, the modules are in training mode (dropout); from_pretrained, as the
+        # server loads them, puts them in eval mode.
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler_prototype = copy.deepcopy(pipe.scheduler)
+    return pipe
+
+
+def generate(pipe: Any, level: str | None) -> np.ndarray:
+    kwargs: dict[str, Any] = {
+        "prompt": ["a red circle on a blue background", "a green square on a white background"],
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in (1, 2)],
+        "num_inference_steps": STEPS,
+        "output_type": "np",
+        "height": 64,
+        "width": 64,
+    }
+    # A fresh scheduler per call, as the server gives each call (some keep state between calls).
+    pipe.scheduler = copy.deepcopy(pipe.scheduler_prototype)
+    with torch.inference_mode():
+        if level is None:
+            return pipe(**kwargs).images
+        with step_cache(pipe, level, STEPS):
+            return pipe(**kwargs).images
+
+
+FAMILIES = ["embedded", "sd15", "sd2v", "sdxl", "sd3", "flux_dev"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_off_is_bit_identical_and_levels_stay_close(name: str) -> None:
+    torch.set_num_threads(1)
+    pipe = pipeline(name)
+    before = generate(pipe, None)
+    assert np.array_equal(generate(pipe, "off"), before)
+    for level in CACHE_LEVELS[1:]:
+        cached = generate(pipe, level)
+        diff = float(np.abs(cached - before).mean())
+        assert diff < MAX_MEAN_DIFF, f"{name} at {level}: mean pixel difference {diff:.3f}"
+        assert np.isfinite(cached).all()
+    # The hooks went away with the call: the network is exactly as before.
+    assert np.array_equal(generate(pipe, None), before)
+
+
+@pytest.mark.parametrize("name", ["embedded", "sd15", "sdxl"])
+def test_deep_cache_skips_steps_and_its_shallow_path_is_exact(name: str) -> None:
+    pipe = pipeline(name)
+    unet = pipe.unet
+    size = 16 if name == "embedded" else 8
+    torch.manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, size, size)
+    context = torch.randn(2, 4, unet.config.cross_attention_dim)
+    extra: dict[str, Any] = {}
+    if name == "sdxl":
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
+            "time_ids": torch.randn(2, 6),
+        }
+    t = torch.tensor(500)
+    with torch.inference_mode(), deep_cache(unet, interval=3, warmup_steps=1) as state:
+        full = unet(x, t, encoder_hidden_states=context, **extra).sample
+        # From the features of this very step the shallow path must give the full step's output.
+        shallow = shallow_forward(unet, state.deep, x, t, context, **extra).sample
+        assert torch.equal(full, shallow)
+        for _ in range(5):
+            unet(x, t, encoder_hidden_states=context, **extra)
+    assert (state.full_steps, state.shallow_steps) == (2, 4)  # steps 0 and 3 in full
+
+
+def test_first_block_cache_skips_blocks_when_the_first_block_barely_changes() -> None:
+    pipe = pipeline("flux_dev")
+    transformer = pipe.transformer
+    with first_block_cache(transformer, threshold=10.0) as state:  # everything counts as "barely"
+        generate_flux(pipe)
+    # The first step computes everything; every later one reuses the cached residual.
+    assert (state.full_steps, state.cached_steps) == (1, STEPS - 1)
+    with first_block_cache(transformer, threshold=0.0) as state:  # nothing does
+        generate_flux(pipe)
+    assert (state.full_steps, state.cached_steps) == (STEPS, 0)
+
+
+def generate_flux(pipe: Any) -> None:
+    with torch.inference_mode():
+        pipe(
+            prompt="a red circle",
+            generator=torch.Generator("cpu").manual_seed(1),
+            num_inference_steps=STEPS,
+            output_type="np",
+            height=64,
+            width=64,
+        )
+
+
+def test_level_names() -> None:
+    assert CACHE_LEVELS == ("off", "fast", "faster")
+    assert level_problem("fast") is None
+    assert level_problem("fastest") == "must be one of off, fast, faster, got 'fastest'"
+    # Cheaper levels cache more.
+    assert LEVELS["fast"].unet_interval < LEVELS["faster"].unet_interval
+    assert LEVELS["fast"].transformer_threshold < LEVELS["faster"].transformer_threshold
