@@ -26,6 +26,7 @@ from inference_server.batcher import DynamicBatchingEngine
 from inference_server.config import BatchingConfig
 from inference_server.engine import (
     EngineError,
+    EngineLoad,
     EngineState,
     EventCallback,
     GenerationRequest,
@@ -97,6 +98,10 @@ class ContinuousBatchingEngine(EngineBase):
         if self._fallback is not None:
             return self._fallback.queue_depth
         return self._core.queue_depth if self._core is not None else 0
+
+    @property
+    def load(self) -> EngineLoad:
+        return self._fallback.load if self._fallback is not None else super().load
 
     @property
     def running(self) -> int:
