@@ -16,7 +16,15 @@ import logging
 from abc import ABC, abstractmethod
 
 from inference_server.config import BatchingConfig
-from inference_server.engine import EngineInfo, EngineLoad, EngineState, Job, NotReady, Overloaded, ShuttingDown
+from inference_server.engine import (
+    EngineInfo,
+    EngineLoad,
+    EngineState,
+    Job,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+)
 from inference_server.metrics import Metrics
 from inference_server.pipelines import PipelineRunner
 

@@ -195,7 +195,8 @@ async def test_load_is_reported_in_health_and_on_every_response(server_factory: 
         running = asyncio.ensure_future(server.generate("txt2img", {"prompt": "a", "steps": 2}))
         await gate.wait_entered()
         queued = [
-            asyncio.ensure_future(server.generate("txt2img", {"prompt": f"q{i}", "steps": 2})) for i in range(2)
+            asyncio.ensure_future(server.generate("txt2img", {"prompt": f"q{i}", "steps": 2}))
+            for i in range(2)
         ]
 
         async def queue_full() -> bool:
