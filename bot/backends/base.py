@@ -62,9 +62,11 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class BackendEvent:
-    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress'."""
+    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress',
+    or 'waiting' (no server can be reached: the job waits for one to come back; `extra` has
+    `waited_s` and `reason`)."""
 
-    kind: Literal["queued", "started", "progress"]
+    kind: Literal["queued", "started", "progress", "waiting"]
     position: int | None = None
     step: int | None = None
     total: int | None = None
@@ -227,6 +229,11 @@ class InferenceBackend(Protocol):
     async def models(self) -> list[ModelInfo] | None:
         """The models a job may name (`GenerationParams.model`), the default first; None when the
         backend offers no choice (one model: `capabilities()`). Never raises."""
+        ...
+
+    def capacity(self) -> int | None:
+        """Images the backend runs at once (the sum of its servers' batch sizes), as last reported;
+        None when it doesn't say. The dispatcher sizes its concurrency from it."""
         ...
 
     async def generate(
