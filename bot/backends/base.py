@@ -94,6 +94,17 @@ class BackendUnavailable(BackendError):
     retryable = True
 
 
+class BackendOutage(BackendUnavailable):
+    """No server has been reachable for the whole outage horizon: the job already waited that long,
+    so it fails now rather than being tried again. `waited_s`: how long it waited."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, waited_s: float):
+        super().__init__(message)
+        self.waited_s = waited_s
+
+
 class BackendRejected(BackendError):
     """The backend refused this job's input (a 4xx): retrying the same job cannot succeed."""
 

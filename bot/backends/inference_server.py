@@ -37,6 +37,7 @@ from aiohttp.http_exceptions import LineTooLong
 from .base import (
     BackendError,
     BackendEvent,
+    BackendOutage,
     BackendRejected,
     BackendUnavailable,
     EventCallback,
@@ -382,9 +383,10 @@ class InferenceServerBackend:
                 # restarting or their host is rebooting, and the job has not run anywhere yet.
                 waited = now - outage_since
                 if waited >= self._outage_horizon_s:
-                    raise BackendUnavailable(
+                    raise BackendOutage(
                         f"no inference server has been reachable for {waited:.0f} s "
-                        f"(outage_horizon_s); tried {_tried(failures)}"
+                        f"(outage_horizon_s); tried {_tried(failures)}",
+                        waited_s=waited,
                     )
                 await self._sleep(
                     min(self._delay_before_round(round_no, retry_after), self._outage_horizon_s - waited)

@@ -43,6 +43,7 @@ from PIL import Image
 from bot.backends.base import (
     BackendError,
     BackendEvent,
+    BackendOutage,
     BackendRejected,
     GeneratedImage,
     GenerationParams,
@@ -52,6 +53,7 @@ from bot.backends.base import (
 from bot.core import tiling
 from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
 from bot.core.claims import ClaimedJob
+from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
 from bot.core.service import CoreService
 from bot.core.storage import content_key
@@ -139,7 +141,7 @@ class Dispatcher:
     # ------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        log.info("dispatcher %s started (concurrency %d)", self.owner, self.config.dispatch_concurrency)
+        log.info("dispatcher %s started (concurrency %d)", self.owner, self._concurrency())
         while not self._stopping:
             self._wake.clear()
             try:
@@ -186,7 +188,7 @@ class Dispatcher:
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
             self._spawn(job_id)
         while self._free():
-            want = self.config.dispatch_concurrency - (len(self._tasks) - len(self._delivering))
+            want = self._concurrency() - (len(self._tasks) - len(self._delivering))
             claimed = await self.claims.claim_queued(self.owner, platforms, want)
             for job in claimed:
                 self._spawn(job.view.id, job)
@@ -202,7 +204,10 @@ class Dispatcher:
             await self._report_positions(platforms, only_new=True)
 
     def _free(self) -> bool:
-        return len(self._tasks) - len(self._delivering) < self.config.dispatch_concurrency
+        return len(self._tasks) - len(self._delivering) < self._concurrency()
+
+    def _concurrency(self) -> int:
+        return dispatch_concurrency(self.config, self.backend.capacity())
 
     def _abandon(self, job_id: int) -> None:
         """The job was cancelled while it ran (its claim is gone): stop our run of it."""
@@ -336,8 +341,16 @@ class Dispatcher:
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
 
+        job_timeout = asyncio.timeout(self.config.job_timeout_s)
+
         async def on_event(event: BackendEvent) -> None:
             nonlocal last_progress
+            if event.kind == "waiting":
+                # No server is reachable: the backend waits one out (up to its outage horizon), and
+                # the wait is not the job's run time.
+                job_timeout.reschedule(asyncio.get_running_loop().time() + self.config.job_timeout_s)
+                await self._call(view, "on_waiting", view, waiting_message(event))
+                return
             if event.kind != "progress" or event.step is None or event.total is None:
                 return
             now = time.monotonic()
@@ -349,7 +362,7 @@ class Dispatcher:
 
         log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
         try:
-            async with asyncio.timeout(self.config.job_timeout_s):
+            async with job_timeout:
                 limits = self.service.limits(p.model)
                 images = await tiling.generate(
                     self.backend,
@@ -364,6 +377,11 @@ class Dispatcher:
                 return
             if isinstance(e, BackendRejected):
                 message = f"The image backend refused this job: {e.message}. Your quota was refunded."
+            elif isinstance(e, BackendOutage):
+                message = (
+                    f"No image server has been reachable for {describe_wait(e.waited_s)}; your quota "
+                    "was refunded. Please try again later."
+                )
             elif e.retry_after_s is not None:
                 message = (
                     "The image server is busy right now; your quota was refunded. "
@@ -484,3 +502,10 @@ def _image_size(png: bytes) -> tuple[int, int] | None:
             return img.size
     except (OSError, ValueError):
         return None
+
+
+def waiting_message(event: BackendEvent) -> str:
+    """What a user reads while their job waits out a server outage."""
+    waited = float(event.extra.get("waited_s") or 0.0)
+    since = f" (none reachable for {describe_wait(waited)})" if waited >= 1 else ""
+    return f"waiting for an image server{since}; the job runs as soon as one is back"

@@ -706,6 +706,9 @@ class SlackDelivery:
     async def on_queued(self, job: JobView, position: int) -> None:
         await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position), throttle=True)
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        await self._adapter.status.show(job, RUNNING, messages.waiting_text(job, message), throttle=True)
+
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         text = messages.progress_text(job, step, total)
         await self._adapter.status.show(job, RUNNING, text, throttle=True)
