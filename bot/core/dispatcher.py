@@ -55,6 +55,7 @@ from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, Storage
 from bot.core.claims import ClaimedJob
 from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
+from bot.core.heartbeats import Heartbeats
 from bot.core.service import CoreService
 from bot.core.storage import content_key
 
@@ -63,8 +64,6 @@ log = logging.getLogger("bot.core.dispatcher")
 # New jobs learn their queue position within this delay; batching them keeps a burst of
 # submissions from costing one queue scan each.
 NEW_POSITION_INTERVAL_S = 0.25
-# How often to look for claims held by dead processes on this host (see Claims.expire_dead_local_owners).
-DEAD_OWNER_CHECK_S = 30.0
 T = TypeVar("T")
 
 STORAGE_WRITE_FAILED = (
@@ -94,7 +93,15 @@ class Dispatcher:
         self._stopping = False
         self._last_heartbeat = 0.0
         self._last_positions = 0.0
-        self._last_dead_check = -DEAD_OWNER_CHECK_S
+        # Liveness: this dispatcher's heartbeat, and the takeover of dead ones' claims.
+        self.heartbeats = Heartbeats(
+            service.db,
+            service.clock,
+            owner=self.owner,
+            lease_s=self.config.lease_s,
+            poll_interval_s=self.config.poll_interval_s,
+        )
+        self._last_dead_check = -self.heartbeats.interval_s
         self._last_new_positions = 0.0
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
@@ -129,6 +136,7 @@ class Dispatcher:
         self._tasks.clear()
         try:
             await self.claims.release_all(self.owner)
+            await self.heartbeats.forget()
         except Exception:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
 
@@ -172,13 +180,14 @@ class Dispatcher:
         if self._tasks and now_mono - self._last_heartbeat >= self.config.lease_s / 3:
             await self._heartbeat()
             self._last_heartbeat = now_mono
+        if now_mono - self._last_dead_check >= self.heartbeats.interval_s:
+            self._last_dead_check = now_mono
+            await self.heartbeats.beat()
+            dead = await self.heartbeats.expire_dead_owners()
+            if dead:
+                log.warning("claims of dispatcher(s) %s expire now (no heartbeat)", ", ".join(dead))
         if not platforms:
             return
-        if now_mono - self._last_dead_check >= DEAD_OWNER_CHECK_S:
-            self._last_dead_check = now_mono
-            dead = await self.claims.expire_dead_local_owners(self.owner)
-            if dead:
-                log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
         # Taken-over work first: it has waited longest.
         while self._free():
             taken = await self.claims.take_over_expired(self.owner, platforms, self._tasks)
