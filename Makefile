@@ -47,6 +47,7 @@ bench: setup
 	$(PY) -m tests.openai.bench
 	$(PY) -m tests.bench.core_bench
 	$(PY) -m tests.bench.routing_bench
+	$(PY) -m tests.bench.takeover_bench
 	$(PY) -m tests.bench.discord_bench
 	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
 
