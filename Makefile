@@ -35,13 +35,18 @@ bot: setup
 migrate: setup
 	$(PY) -m bot.migrate
 
+# Two worker processes by default (pytest-xdist; a test file stays on one worker, since its fixtures
+# are shared): most tests wait on sockets, subprocesses and sleeps. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The continuous-batching bench is the long one (~15 min on 2 quiet cores: closed-loop saturation,
 # open-loop points at 50/70/90% of the request-level engine's saturation, 3 repetitions each, then
 # the discrete-event model calibrated on this machine). A smoke run: CONTINUOUS_BENCH_ARGS=--quick.
+# The per-family comparison on the tiny pipelines runs short by default (FAMILY_BENCH_ARGS).
 CONTINUOUS_BENCH_ARGS ?=
+FAMILY_BENCH_ARGS ?= --quick
 bench: setup
 	$(PY) -m tests.bench.server_bench
 	$(PY) -m tests.openai.bench
@@ -49,7 +54,9 @@ bench: setup
 	$(PY) -m tests.bench.routing_bench
 	$(PY) -m tests.bench.takeover_bench
 	$(PY) -m tests.bench.discord_bench
+	$(PY) -m tests.bench.lora_bench
 	$(PY) -m tests.bench.continuous_bench $(CONTINUOUS_BENCH_ARGS)
+	$(PY) -m tests.bench.family_bench $(FAMILY_BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -16,10 +16,13 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot import discord_adapter, playground, slack_adapter
 from bot.core.api import ImageService
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 log = logging.getLogger("bot")
 
@@ -36,6 +39,7 @@ class Adapter(Protocol):
         config: Mapping[str, Any],
         env: Mapping[str, str],
         ready: asyncio.Event | None = None,
+        ops: Ops | None = None,
     ) -> None: ...
 
 
@@ -86,7 +90,9 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
         async with build_core(raw, env) as core:
             # Any: the adapters' tasks and the stopper below are awaited together.
             tasks: dict[asyncio.Task[Any], str] = {
-                asyncio.create_task(module.run(core.service, raw, env, None), name=f"adapter {name}"): name
+                asyncio.create_task(
+                    module.run(core.service, raw, env, None, ops=core.ops), name=f"adapter {name}"
+                ): name
                 for name, module in enabled
             }
             stopper = asyncio.create_task(stop.wait())
@@ -126,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="config file (default $IMAGINE_CONFIG or ./config.toml)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--sync-commands",
+        action="store_true",
+        help="sync Discord's slash commands at start-up even if they look unchanged "
+        "(sets [discord] force_sync_commands for this run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -133,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     # Alembic logs a dozen set-up lines at INFO on every start; bot.bootstrap says what matters.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     load_dotenv()
-    return asyncio.run(amain(str(config_path(args.config)), os.environ))
+    env: Mapping[str, str] = os.environ
+    if args.sync_commands:
+        env = {**os.environ, "IMAGINE_DISCORD_FORCE_SYNC_COMMANDS": "true"}
+    return asyncio.run(amain(str(config_path(args.config)), env))
 
 
 if __name__ == "__main__":

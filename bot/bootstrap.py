@@ -13,25 +13,29 @@ dispatcher (handing jobs in flight back to the queue), closes the backend and di
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bot.backends.base import InferenceBackend
 from bot.config import CoreConfig, load_core_config
-from bot.core.api import StorageError
 from bot.core.db import Database, make_engine
 from bot.core.dispatcher import Dispatcher
+from bot.core.health import ReadinessCheck
+from bot.core.metrics import BotMetrics, instrument
 from bot.core.model_watch import ModelWatch
 from bot.core.models import utcnow
 from bot.core.service import CoreService
-from bot.core.storage import ImageStorage, LocalImageStorage
+from bot.core.storage import ImageStorage, open_storage
 from bot.migrate import ensure_schema
+from bot.ops import Ops, serve_ops
 from bot.settings import ConfigError, read_toml
 
 log = logging.getLogger("bot")
@@ -47,6 +51,7 @@ class Core:
     service: CoreService
     dispatcher: Dispatcher
     model_watch: ModelWatch
+    ops: Ops  # /metrics and /readyz for whichever HTTP surface the process has
 
 
 @asynccontextmanager
@@ -78,27 +83,30 @@ async def build_core(
     )
     db = Database(engine)
     own_backend = backend
+    exits = AsyncExitStack()  # the storage's client, closed after the dispatcher has stopped
     try:
         revision = await ensure_schema(engine, auto_migrate=cfg.database.auto_migrate)
         log.info(
             "database %s at schema revision %s", engine.url.render_as_string(hide_password=True), revision
         )
-        storage = LocalImageStorage(cfg.storage.dir)
-        try:
-            await storage.check_writable()
-        except StorageError as e:
-            raise ConfigError(e.message) from e
+        storage = await exits.enter_async_context(open_storage(cfg.storage, env))
         if own_backend is None:
             from bot.backends import build_backend
 
             own_backend = build_backend(raw, env)
         service = CoreService(db, storage, cfg, clock=clock)
-        dispatcher = Dispatcher(service, own_backend, owner=dispatcher_owner)
-        model_watch = ModelWatch(service, own_backend)
+        metrics = BotMetrics()
+        # The dispatcher gets the backend with its errors counted; Core.backend stays the backend.
+        metered_backend = instrument(service, own_backend, metrics)
+        ops = Ops(db, metrics, ReadinessCheck(db, own_backend))
+        dispatcher = Dispatcher(service, metered_backend, owner=dispatcher_owner)
+        model_watch = ModelWatch(service, metered_backend)
+        if cfg.bot.metrics_port:
+            await exits.enter_async_context(_serving_ops(ops, cfg.bot.metrics_host, cfg.bot.metrics_port))
         await model_watch.start()
         if start_dispatcher:
             dispatcher.start()
-        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch)
+        core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch, ops)
         try:
             yield core
         finally:
@@ -110,4 +118,23 @@ async def build_core(
                 await own_backend.close()
             except Exception:
                 log.exception("closing the backend failed")
+        await exits.aclose()
         await db.close()
+
+
+@asynccontextmanager
+async def _serving_ops(ops: Ops, host: str, port: int) -> AsyncIterator[None]:
+    """`serve_ops` in the background for the block; a port that cannot be bound stops the start."""
+    listening = asyncio.Event()
+    task = asyncio.create_task(serve_ops(ops, host, port, listening), name="ops-http")
+    waiter = asyncio.create_task(listening.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        raise ConfigError(str(task.exception() or "[bot] metrics_port: the server stopped"))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from bot.settings import ConfigError, load_section, read_toml
 
@@ -63,6 +65,10 @@ class BotConfig:
     progress_interval_s: float = 2.0
     # Global admission limit: beyond this many queued jobs submissions get "overloaded".
     max_queued_jobs: int = 1000
+    # How often a process counts the queue for that limit (between counts it adds the jobs it
+    # queued itself): a count per submission would grow with the queue. Other processes'
+    # submissions of the last interval may overshoot the limit by that much.
+    queue_depth_check_s: float = 0.25
     # img2img strength of V1-V4, the variation reactions and Vary (Strong); Vary (Subtle) uses the
     # second, lower one (it keeps the composition and changes details).
     variation_strength: float = 0.6
@@ -84,6 +90,12 @@ class BotConfig:
     max_upscale_side: int = 2048
     # 10 MiB: Discord's default attachment limit; larger uploads are refused before decoding.
     max_upload_bytes: int = 10 * 1024 * 1024
+    # /metrics, /readyz and /healthz on a port of their own, for a process without an HTTP surface
+    # (the Discord bot; the Slack runner in HTTP mode and the playground serve them on theirs).
+    # 0: none.
+    metrics_port: int = 0
+    # 0.0.0.0 in a container, so that Prometheus and the orchestrator's probes reach it.
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(
@@ -128,6 +140,7 @@ class BotConfig:
         _seconds(self.job_timeout_s, "[bot] job_timeout_s", lo=0, lo_open=True)
         _seconds(self.progress_interval_s, "[bot] progress_interval_s", lo=0, hi=3600)
         _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")
+        _seconds(self.queue_depth_check_s, "[bot] queue_depth_check_s", lo=0, hi=60)
         _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")
         _check(0 < self.inpaint_strength <= 1, "[bot] inpaint_strength", "must be in (0, 1]")
         for key in ("subtle_variation_strength", "image_strength", "upscale_strength"):
@@ -158,6 +171,12 @@ class BotConfig:
             "[bot] base_size",
             "must be at most max_side",
         )
+        _check(
+            0 <= self.metrics_port <= 65535,
+            "[bot] metrics_port",
+            "must be a TCP port (1-65535) or 0 for none",
+        )
+        _check(bool(self.metrics_host.strip()), "[bot] metrics_host", "must be a host name or address")
         # 100 MiB: every upload is read into memory and decoded; chat platforms cap theirs lower.
         _check(
             1024 <= self.max_upload_bytes <= 100 * 1024 * 1024,
@@ -177,6 +196,11 @@ class DatabaseConfig:
     echo: bool = False
     # SQLite waits this long for the write lock before failing with "database is locked".
     sqlite_busy_timeout_s: float = 30.0
+    # PostgreSQL: a submission NOTIFYs and every dispatcher LISTENs (one more connection per
+    # process), so a job queued in one process starts at once in another; the poll
+    # ([bot] poll_interval_s) stays as the fallback. Off behind a pooler that cannot LISTEN
+    # (PgBouncer in transaction mode). Ignored on SQLite.
+    notify: bool = True
 
     def __post_init__(self) -> None:
         _check(1 <= self.pool_size <= 200, "[database] pool_size", "must be from 1 to 200")
@@ -197,13 +221,55 @@ class DatabaseConfig:
             )
 
 
+# S3's rules for a bucket name (3-63 lowercase letters, digits, dots and hyphens, starting and ending
+# with a letter or digit): checked here so that a typo is a start-up error naming the key, not an
+# opaque 400 from the object store later.
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    backend: Literal["local"] = "local"
+    # "local": files under `dir` (one host, or a shared file system); "s3": an S3-compatible object
+    # store (AWS S3, MinIO, Ceph, R2...), which bots on several hosts share. Credentials of "s3" come
+    # from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the AWS SDK's chain).
+    backend: Literal["local", "s3"] = "local"
     dir: str = "data/images"
+    bucket: str = ""
+    # Prepended to every object key ("imagine/" keeps the bot's images apart in a shared bucket).
+    prefix: str = ""
+    # Empty: AWS's own endpoint for `region`; set it for MinIO and other S3-compatible stores.
+    endpoint_url: str = ""
+    region: str = ""
+    # "path" for stores that have no per-bucket host names (MinIO, most self-hosted ones).
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.dir.strip()) and "\x00" not in self.dir, "[storage] dir", "must be a directory path")
+        if self.backend == "s3":
+            _check(bool(self.bucket), "[storage] bucket", 'must be set when backend = "s3"')
+            _check(
+                _BUCKET_RE.fullmatch(self.bucket) is not None and ".." not in self.bucket,
+                "[storage] bucket",
+                f"must be an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens), got {self.bucket!r}",
+            )
+        # 200: object keys are at most 1024 bytes; the prefix is a folder name, not a path of its own.
+        _check(
+            len(self.prefix) <= 200 and not self.prefix.startswith("/") and "\x00" not in self.prefix,
+            "[storage] prefix",
+            f"must be at most 200 characters and not start with '/', got {self.prefix!r}",
+        )
+        if self.endpoint_url:
+            url = urlsplit(self.endpoint_url)
+            _check(
+                url.scheme in ("http", "https") and bool(url.netloc),
+                "[storage] endpoint_url",
+                f"must be an http:// or https:// URL, got {self.endpoint_url!r}",
+            )
+        _check(
+            re.fullmatch(r"[a-z0-9-]{0,40}", self.region) is not None,
+            "[storage] region",
+            f"must be a region name such as us-east-1, got {self.region!r}",
+        )
 
 
 @dataclass(frozen=True)

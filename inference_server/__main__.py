@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        check_model_source(config.model)
+        # Every model of the registry, before anything loads: a missing folder or file, a .ckpt
+        # without allow_ckpt, a single file without its config folder fail here, naming the table.
+        for name, model in config.model_entries().items():
+            section = f"models.{name}" if name in config.models else "model"
+            check_model_source(model, allow_ckpt=config.registry.allow_ckpt, section=section)
         if args.check_config:
             print(
                 json.dumps(

@@ -25,18 +25,19 @@ from inference_server.handling import (
     DISCONNECT_POLL_S,
     auth_middleware,
     capabilities,
+    choose_model,
     client_gone,
     counted,
     end_stream_after_error,
     error_middleware,
-    loaded_family,
     refuse_if_draining,
     wait_for_result,
 )
 from inference_server.images import png_base64
 from inference_server.metrics import Metrics
 from inference_server.openapi import openapi_document
-from inference_server.pipelines import PipelineRunner
+from inference_server.registry import ModelRegistry
+from inference_server.routing import ModelRoutingEngine
 from inference_server.validation import ParsedRequest, parse_generation
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,19 @@ def result_json(result: GenerationResult) -> dict[str, Any]:
 
 async def parse_request(request: web.Request, task: Task) -> ParsedRequest:
     config = request.app[keys.CONFIG]
-    family = loaded_family(request.app)
     body, files, from_form = await read_body(request)
+    choice = await choose_model(request.app, body, from_form=from_form)
 
     def parse() -> ParsedRequest:
         return parse_generation(
-            task, body, server=config.server, family=family, files=files, from_form=from_form
+            task,
+            body,
+            server=config.server,
+            family=choice.family,
+            files=files,
+            from_form=from_form,
+            model=choice.name,
+            loras=choice.loras,
         )
 
     # Image decoding and resizing are CPU work: keep them off the event loop.
@@ -188,8 +196,11 @@ async def health(request: web.Request) -> web.Response:
         "max_batch_size": engine.max_batch_size,
         # What a router in front of several servers balances on (also in every response's headers).
         "load": engine.load.to_json(),
-        # What the model accepts and defaults to (null while it loads); the bot adapts to it.
+        # What the default model accepts and defaults to (null while it loads); the bot adapts to it.
         "capabilities": capabilities(request.app),
+        # The registry: every model a request may name (`model`), and the one it gets without.
+        "models": request.app[keys.REGISTRY].names,
+        "default_model": request.app[keys.REGISTRY].default_name,
     }
     return web.json_response(body)
 
@@ -219,11 +230,15 @@ async def openapi(request: web.Request) -> web.Response:
 # -- wiring ----------------------------------------------------------------------------------------
 
 
-def build_engine(config: Config, metrics: Metrics) -> Engine:
-    runner = PipelineRunner(config.model)
+def build_engine(config: Config, metrics: Metrics, registry: ModelRegistry) -> Engine:
+    """The request-level engine over the model registry; or the continuous engine for the default
+    model, with requests for other models or with LoRAs routed to a request-level one (`routing.py`)."""
+    # The registry has the runner interface the request-level engine uses (load, run, info, close).
+    request_level = DynamicBatchingEngine(registry, config.batching, metrics)  # type: ignore[arg-type]
     if config.batching.engine == "continuous":
-        return ContinuousBatchingEngine(runner, config.batching, metrics)
-    return DynamicBatchingEngine(runner, config.batching, metrics)
+        primary = ContinuousBatchingEngine(registry.default_runner, config.batching, metrics)
+        return ModelRoutingEngine(primary, request_level, registry)
+    return request_level
 
 
 def _api_token(config: Config, explicit: str | None) -> str:
@@ -297,7 +312,9 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.STATE] = keys.ServerState()
     app[keys.API_TOKEN] = _api_token(config, api_token)
-    app[keys.ENGINE] = engine or build_engine(config, metrics)
+    registry = ModelRegistry(config, metrics, exclusive_default=config.batching.engine == "continuous")
+    app[keys.REGISTRY] = registry
+    app[keys.ENGINE] = engine or build_engine(config, metrics, registry)
     metrics.gauge(
         "inference_queue_depth", "Requests waiting for a batch.", lambda: app[keys.ENGINE].queue_depth
     )

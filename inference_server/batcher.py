@@ -237,7 +237,7 @@ class DynamicBatchingEngine(EngineBase):
                     width=req.width,
                     height=req.height,
                     steps=req.steps,
-                    model=self.runner.model_name,
+                    model=req.model or self.runner.model_name,
                     batch_size=outcome.batch_images,
                     queue_s=started - job.enqueued_at,
                     run_s=finished - started,

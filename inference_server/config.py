@@ -142,6 +142,14 @@ class ModelConfig:
     # SD 3.x only: load without the T5 text encoder (text_encoder_3), most of the model's memory,
     # at some cost in prompt adherence. A pipeline folder saved without it loads without it anyway.
     drop_t5: bool = False
+    # Single-file checkpoints (`path` = a .safetensors file): the model's family when it can't be
+    # told from the file's keys, and a local folder holding the configs of a diffusers pipeline of
+    # that family (model_index.json and each component's config; weights not needed): the server
+    # never downloads, so diffusers can't fetch them itself. See docs/models.md.
+    family: Literal["sd", "sd-v", "sdxl", "sd3", "flux-dev", "flux-schnell"] | None = None
+    config: str = ""
+    # In a `[models.NAME]` table: this entry is the default model (at most one may say so).
+    default: bool = False
 
     def __post_init__(self) -> None:
         s = "model"
@@ -178,6 +186,45 @@ class ModelConfig:
         p = Path(self.path).expanduser()
         return str(p) if p.exists() else self.path
 
+    @property
+    def single_file(self) -> bool:
+        """Whether `path` names one checkpoint file (the original layout) rather than a folder."""
+        return self.path.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+# Checkpoints in the original (not diffusers) layout, loaded with `from_single_file`. `.ckpt` is a
+# pickle: loading one runs code it carries unless torch's weights-only unpickler refuses it, so it
+# needs `[registry] allow_ckpt = true` as well.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """`[registry]`: the models a server holds (`[model]` and `[models.NAME]`), and its LoRAs."""
+
+    # The model requests without `model` get: a `[models.NAME]` name, or "" for the entry with
+    # `default = true`, else `[model]`.
+    default_model: str = ""
+    # "lazy": a model loads on its first request (the default model always loads at start);
+    # "start": every model loads at start.
+    load: Literal["lazy", "start"] = "lazy"
+    # Weights held in memory (all models, in MB); past it the least recently used model other than
+    # the default is unloaded before another loads. 0 = no limit.
+    memory_budget_mb: float = 0.0
+    # A folder of LoRAs: `NAME.safetensors`, or `NAME/` holding `pytorch_lora_weights.safetensors`
+    # (what diffusers' `save_lora_weights` writes). "" = no LoRAs.
+    loras_dir: str = ""
+    # Each active adapter adds two small matrix products to every layer it targets, and a request
+    # with many is more likely a mistake than a style; 4 covers a style plus a character or two.
+    max_loras_per_request: int = 4
+    # `.ckpt` checkpoints are pickles (see SINGLE_FILE_SUFFIXES): off unless the files are trusted.
+    allow_ckpt: bool = False
+
+    def __post_init__(self) -> None:
+        s = "registry"
+        _require(self.memory_budget_mb >= 0, s, "memory_budget_mb", "must be >= 0 (0 = no limit)")
+        _require(1 <= self.max_loras_per_request <= 16, s, "max_loras_per_request", "must be 1-16")
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -190,6 +237,9 @@ class BatchingConfig:
     max_batch_pixels: int = 8 * 512 * 512
     max_queue: int = 64
     retry_after_s: int = 5
+    # Continuous engine: "always" fills free slots at every step; "efficient" lets a joiner in only
+    # when the wait it saves pays for the slower steps it causes (see docs/continuous-batching.md).
+    admission: Literal["always", "efficient"] = "always"
 
     def __post_init__(self) -> None:
         s = "batching"
@@ -207,6 +257,42 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # `[models.NAME]` tables, by name (`[model]` is `model`; `model_entries()` joins them).
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    # Whether the file had a `[model]` section: with `[models.NAME]` tables and no `[model]`, the
+    # registry holds only the named models (no implicit embedded one).
+    model_section: bool = True
+
+    def model_entries(self) -> dict[str, ModelConfig]:
+        """Every model this server holds, by the name requests use (`model`)."""
+        from inference_server.pipelines import public_model_name
+
+        entries: dict[str, ModelConfig] = {}
+        if self.model_section or not self.models:
+            entries[public_model_name(self.model.path)] = self.model
+        for name, entry in self.models.items():
+            if name in entries:
+                raise ConfigError(
+                    f"[models.{name}]: the name is taken by [model] (path {self.model.path!r}); rename one"
+                )
+            entries[name] = entry
+        return entries
+
+    def default_model(self) -> str:
+        """The name of the model a request without `model` gets (checked at start-up)."""
+        entries = self.model_entries()
+        if self.registry.default_model:
+            if self.registry.default_model not in entries:
+                raise ConfigError(
+                    f"[registry] default_model: no model named {self.registry.default_model!r} "
+                    f"(models: {', '.join(entries)})"
+                )
+            return self.registry.default_model
+        flagged = [name for name, entry in entries.items() if entry.default]
+        if len(flagged) > 1:
+            raise ConfigError(f"default = true on several models ({', '.join(flagged)}); keep one")
+        return flagged[0] if flagged else next(iter(entries))
 
     def replace(self, **sections: Any) -> Config:
         """A copy with some fields of some sections changed: `cfg.replace(model={"path": p})`."""
@@ -225,8 +311,32 @@ def load_config(
     if source is None:
         source = config_path()
     data = source if isinstance(source, Mapping) else read_toml(source)
-    return Config(
+    tables = data.get("models", {})
+    if not isinstance(tables, Mapping) or not all(isinstance(t, Mapping) for t in tables.values()):
+        raise ConfigError("[models] holds one table per model: [models.NAME] with path = ...")
+    models = {name: _model_table(data, name, environ) for name in tables}
+    config = Config(
         server=load_section(data, "inference_server", ServerConfig, environ=environ),
         model=load_section(data, "model", ModelConfig, environ=environ),
         batching=load_section(data, "batching", BatchingConfig, environ=environ),
+        registry=load_section(data, "registry", RegistryConfig, environ=environ),
+        models=models,
+        model_section="model" in data,
     )
+    config.default_model()  # names a model, and only one says default = true
+    return config
+
+
+# A model name goes into URLs (/v1/models/NAME) and chat commands: no spaces or slashes.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _model_table(data: Mapping[str, Any], name: str, environ: Mapping[str, str] | None) -> ModelConfig:
+    section = f"models.{name}"
+    if not _MODEL_NAME.match(name):
+        raise ConfigError(f"[{section}]: a model name is 1-64 letters, digits, '.', '_' or '-'")
+    try:
+        return load_section({section: data["models"][name]}, section, ModelConfig, environ=environ)
+    except ConfigError as e:
+        # ModelConfig's own checks name the section [model]; here it is this table.
+        raise ConfigError(str(e).replace("[model]", f"[{section}]")) from None

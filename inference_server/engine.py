@@ -49,6 +49,10 @@ class GenerationRequest:
     # Lower joins first (ties: arrival order); the bot passes its fairness order. Only the
     # continuous engine reorders by it; the dynamic engine is FIFO.
     priority: int = 0
+    # The registry's name of the model to run ("" = the default) and the LoRAs to apply to it,
+    # ((name, weight), ...) sorted by name: requests batch only with the same model, set and weights.
+    model: str = ""
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def n(self) -> int:
@@ -69,6 +73,8 @@ class GenerationRequest:
             self.strength,
             self.scheduler,
             self.true_cfg,
+            self.model,
+            self.loras,
         )
 
 

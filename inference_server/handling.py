@@ -9,6 +9,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -135,10 +136,53 @@ def loaded_family(app: web.Application) -> ModelFamily:
     return family
 
 
-def capabilities(app: web.Application) -> dict[str, Any] | None:
-    """What the loaded model accepts and defaults to, for /health and /v1/models (None while loading),
-    with the server's own limits on the same requests."""
-    family = app[keys.ENGINE].info.family
+# OpenAI's image models: a client written for OpenAI sends one of these, meaning "the model".
+OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a request names (the registry's name), its family and the request's LoRAs."""
+
+    name: str
+    family: ModelFamily
+    loras: tuple[tuple[str, float], ...]
+
+
+async def choose_model(
+    app: web.Application, body: Mapping[str, Any], *, from_form: bool, openai: bool = False
+) -> ModelChoice:
+    """Read a request's `model` and `loras` against the registry: a 400 naming the field for an
+    unknown model or a LoRA that is unknown, doesn't fit the model or has a weight out of range;
+    503 while the default model loads. A model that isn't loaded yet is loaded here (its family
+    is what the rest of the request is checked against)."""
+    registry = app[keys.REGISTRY]
+    value = body.get("model")
+    if value == "" or (openai and isinstance(value, str) and value.lower().startswith(OPENAI_MODEL_PREFIXES)):
+        value = None
+    name = registry.resolve(value)
+    if name == registry.default_name:
+        family = loaded_family(app)
+    else:
+        family = await registry.family_for(name)
+    loras = registry.loras.check(
+        body.get("loras"),
+        model=name,
+        target=registry.target(name),
+        limit=registry.settings.max_loras_per_request,
+        from_form=from_form,
+    )
+    return ModelChoice(name=name, family=family, loras=loras)
+
+
+def capabilities(app: web.Application, model: str | None = None) -> dict[str, Any] | None:
+    """What a model (default: the default one) accepts and defaults to, for /health and /v1/models
+    (None while it isn't loaded), with the server's own limits on the same requests."""
+    registry = app[keys.REGISTRY]
+    if model is None or model == registry.default_name:
+        family = app[keys.ENGINE].info.family
+    else:
+        family = registry.family(model)
     if family is None:
         return None
     server = app[keys.CONFIG].server

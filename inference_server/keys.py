@@ -10,6 +10,7 @@ from aiohttp import web
 from inference_server.config import Config
 from inference_server.engine import Engine
 from inference_server.metrics import Metrics
+from inference_server.registry import ModelRegistry
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ServerState:
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
+REGISTRY = web.AppKey("registry", ModelRegistry)
 STATE = web.AppKey("state", ServerState)
 API_TOKEN = web.AppKey("api_token", str)  # "" when auth is disabled for local development
 # Called with the exception when the model fails to load; `main()` uses it to exit non-zero.

@@ -15,6 +15,8 @@ from prometheus_client.exposition import choose_encoder
 
 # Seconds: from a tiny CPU model (tens of ms) up to SD-size GPU batches and long CPU queues.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Seconds to load a model: a tiny test model (tens of ms) up to a FLUX checkpoint from a slow disk.
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # Images per pipeline call: powers of two up to the largest batch anyone configures in practice.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -57,6 +59,26 @@ class Metrics:
             "inference_run_seconds",
             "Wall time of the pipeline call(s) that ran a request.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+        self.model_load_seconds = Histogram(
+            "inference_model_load_seconds",
+            "Time to load (and warm up) a model, by registry name.",
+            ("model",),
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.model_load_failures = Counter(
+            "inference_model_load_failures_total",
+            "Model loads that failed, by model.",
+            ("model",),
+            registry=registry,
+        )
+        self.model_evictions = Counter(
+            "inference_model_evictions_total",
+            "Models unloaded to stay within [registry] memory_budget_mb, by model.",
+            ("model",),
             registry=registry,
         )
 

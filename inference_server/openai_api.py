@@ -46,10 +46,11 @@ from inference_server.engine import EngineError, GenerationResult, Progress, Que
 from inference_server.errors import RequestError
 from inference_server.families import ModelFamily
 from inference_server.handling import (
+    ModelChoice,
     capabilities,
+    choose_model,
     counted,
     end_stream_after_error,
-    loaded_family,
     refuse_if_draining,
     wait_for_result,
 )
@@ -287,11 +288,24 @@ def _upload(fields: Mapping[str, Any], names: tuple[str, ...], param: str) -> by
 
 
 def _native(
-    task: Task, body: dict[str, Any], server: ServerConfig, family: ModelFamily, files: Mapping[str, bytes]
+    task: Task,
+    body: dict[str, Any],
+    server: ServerConfig,
+    family: ModelFamily,
+    files: Mapping[str, bytes],
+    choice: ModelChoice | None = None,
 ) -> ParsedRequest:
     """`parse_generation` of the native fields; its width/height come from `size` here."""
     try:
-        return parse_generation(task, body, server=server, family=family, files=files)
+        return parse_generation(
+            task,
+            body,
+            server=server,
+            family=family,
+            files=files,
+            model=choice.name if choice is not None else "",
+            loras=choice.loras if choice is not None else (),
+        )
     except RequestError as e:
         if e.field in ("width", "height"):
             e.field = "size"
@@ -306,8 +320,10 @@ def parse_openai(
     from_form: bool,
     server: ServerConfig,
     family: ModelFamily,
+    choice: ModelChoice | None = None,
 ) -> tuple[ParsedRequest, OutputOptions]:
-    """Validate an OpenAI request and turn it into the native `ParsedRequest` (pure; no aiohttp)."""
+    """Validate an OpenAI request and turn it into the native `ParsedRequest` (pure; no aiohttp).
+    `choice` is the registry's reading of `model` and `loras` (`handling.choose_model`)."""
     schema = request_models(server, family).openai[endpoint]
     fields = validate(
         schema, {**body, **files}, from_form=from_form, unknown=lambda name: _unknown(name, family)
@@ -320,7 +336,7 @@ def parse_openai(
 
     if endpoint == "generations":
         return _native(
-            "txt2img", _native_body(fields, server, family, prompt=True), server, family, {}
+            "txt2img", _native_body(fields, server, family, prompt=True), server, family, {}, choice
         ), options
 
     image = _upload(fields, ("image", "image[]"), "image")
@@ -330,7 +346,7 @@ def parse_openai(
     if endpoint == "variations":
         native = _native_body(fields, server, family, prompt=False)
         native["prompt"] = "variation"  # placeholder: parse_generation requires one; replaced below
-        parsed = _native("img2img", native, server, family, {"image": image})
+        parsed = _native("img2img", native, server, family, {"image": image}, choice)
         # No prompt: the model varies the picture unconditioned, which is what a variation is.
         return dataclasses.replace(
             parsed, request=dataclasses.replace(parsed.request, prompt=fields["prompt"])
@@ -351,9 +367,9 @@ def parse_openai(
     if repaint is None or repaint.getbbox() is None:
         # No mask and no transparent pixel in the image (RGB, or RGBA fully opaque): edit the whole
         # picture (image-to-image), as GPT image models do.
-        return _native("img2img", native, server, family, {"image": image}), options
+        return _native("img2img", native, server, family, {"image": image}, choice), options
     native.setdefault("strength", 1.0)  # the transparent area is repainted from scratch
-    parsed = _native("inpaint", native, server, family, {"image": image, "mask": encode_png(repaint)})
+    parsed = _native("inpaint", native, server, family, {"image": image, "mask": encode_png(repaint)}, choice)
     return parsed, options
 
 
@@ -520,11 +536,19 @@ _NO_USAGE = {
 
 async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
-    family = loaded_family(request.app)
     body, files, from_form = await read_body(request)
+    choice = await choose_model(request.app, body, from_form=from_form, openai=True)
 
     def parse() -> tuple[ParsedRequest, OutputOptions]:
-        return parse_openai(endpoint, body, files, from_form=from_form, server=config.server, family=family)
+        return parse_openai(
+            endpoint,
+            body,
+            files,
+            from_form=from_form,
+            server=config.server,
+            family=choice.family,
+            choice=choice,
+        )
 
     # Decoding uploads is CPU work: keep it off the event loop.
     parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
@@ -553,35 +577,44 @@ def make_handler(endpoint: str) -> Any:
 
 
 def model_id(app: web.Application) -> str:
-    """The loaded model's name, as `/health` shows it (no file-system path: `public_model_name`)."""
-    return app[keys.ENGINE].info.model
+    """The default model's name, as `/health` shows it (no file-system path: `public_model_name`)."""
+    return app[keys.REGISTRY].default_name
 
 
-def _model_json(app: web.Application) -> dict[str, Any]:
+def model_json(app: web.Application, name: str) -> dict[str, Any]:
+    """One model as `/v1/models` lists it: OpenAI's fields, then ours (OpenAI clients ignore them)."""
+    registry = app[keys.REGISTRY]
+    family = registry.family(name) if name != registry.default_name else app[keys.ENGINE].info.family
     return {
-        "id": model_id(app),
+        "id": name,
         "object": "model",
         "created": app[STARTED_AT],
-        "owned_by": "imagine-bot",
-        # An extension (OpenAI clients ignore unknown keys): the family and what it accepts.
-        "capabilities": capabilities(app),
+        "owned_by": "imagine",
+        "default": name == registry.default_name,
+        "loaded": registry.is_loaded(name) if name != registry.default_name else app[keys.ENGINE].ready,
+        # Read from the model's config files until it has been loaded (null if they don't say).
+        "family": family.name if family is not None else registry.family_name(name),
+        "capabilities": capabilities(app, name),
+        "loras": registry.lora_names(name),
     }
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_json(request.app)]})
+    names = request.app[keys.REGISTRY].names
+    return web.json_response({"object": "list", "data": [model_json(request.app, name) for name in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     wanted = request.match_info["model"]
-    if wanted != model_id(request.app):
+    registry = request.app[keys.REGISTRY]
+    if wanted not in registry.names:
         raise RequestError(
             404,
             "model_not_found",
             "model",
-            f"the model {wanted!r} does not exist; this server serves {model_id(request.app)!r}",
+            f"the model {wanted[:64]!r} does not exist; this server has: {', '.join(registry.names)}",
         )
-    return web.json_response(_model_json(request.app))
+    return web.json_response(model_json(request.app, wanted))
 
 
 async def get_file(request: web.Request) -> web.Response:

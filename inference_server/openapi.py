@@ -55,6 +55,11 @@ def openapi_document(server: ServerConfig, family: ModelFamily | None = None) ->
     for path, (model, media_types) in request_bodies(request_models(server, family)).items():
         name = model.__name__
         schemas[name] = model_schema(model)
+        # Nested models (LoraRef) are shared components, which the $refs already point at.
+        for nested, schema in schemas[name].pop("$defs", {}).items():
+            for prop in schema.get("properties", {}).values():
+                prop.pop("title", None)
+            schemas[nested] = schema
         content: dict[str, Any] = {}
         for media_type in media_types:
             content[media_type] = {"schema": {"$ref": f"#/components/schemas/{name}"}}

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from inference_server.config import EMBEDDED_WEIGHTS, ModelConfig
+from inference_server.config import EMBEDDED_WEIGHTS, SINGLE_FILE_SUFFIXES, ModelConfig
 from inference_server.config_loader import ConfigError
 from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
 from inference_server.families import SAMPLERS, ModelFamily, UnsupportedModel, detect_family
+from inference_server.loras import LoraLibrary, LoraTarget, model_target
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,6 +69,8 @@ def public_model_name(path: str) -> str:
     """
     if path == "embedded":
         return path
+    if path.lower().endswith(SINGLE_FILE_SUFFIXES):  # one checkpoint file: its name without suffix
+        return PureWindowsPath(path).stem if "\\" in path else Path(path).stem
     if "\\" in path or ":" in path:  # a Windows path ("C:\\models\\sd", "C:/models/sd")
         return PureWindowsPath(path).name or path
     local = Path(path).expanduser()
@@ -81,8 +84,11 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says why and what to do."""
 
 
-def check_model_source(config: ModelConfig) -> None:
+def check_model_source(config: ModelConfig, *, allow_ckpt: bool = False, section: str = "model") -> None:
     """Fail fast (before the server starts) when the configured model plainly isn't there."""
+    if config.single_file:
+        check_single_file(config, allow_ckpt=allow_ckpt, section=section)
+        return
     if config.path == "embedded" and not (EMBEDDED_WEIGHTS / "model_index.json").is_file():
         raise ModelLoadError(
             f'[model] path = "embedded" but {EMBEDDED_WEIGHTS} holds no trained pipeline '
@@ -92,7 +98,91 @@ def check_model_source(config: ModelConfig) -> None:
     p = Path(config.path).expanduser()
     looks_like_path = config.path.startswith((".", "/", "~")) or p.exists()
     if config.path != "embedded" and looks_like_path and not (p / "model_index.json").is_file():
-        raise ModelLoadError(f"[model] path: {p} is not a diffusers pipeline folder (no model_index.json)")
+        raise ModelLoadError(
+            f"[{section}] path: {p} is not a diffusers pipeline folder (no model_index.json)"
+        )
+
+
+# diffusers' name for a single file's model type (`infer_diffusers_model_type`) -> our family.
+SINGLE_FILE_FAMILIES = {
+    "v1": "sd",
+    "v2": "sd-v",
+    "xl_base": "sdxl",
+    "playground-v2-5": "sdxl",
+    "sd3": "sd3",
+    "sd35_medium": "sd3",
+    "sd35_large": "sd3",
+    "flux-dev": "flux-dev",
+    "flux-schnell": "flux-schnell",
+}
+# Our family -> the diffusers pipeline class that loads a single file of it.
+FAMILY_PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sd-v": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+}
+
+
+def check_single_file(config: ModelConfig, *, allow_ckpt: bool, section: str) -> None:
+    p = Path(config.path).expanduser()
+    if not p.is_file():
+        raise ModelLoadError(f"[{section}] path: {p} is not a file")
+    if p.suffix.lower() == ".ckpt" and not allow_ckpt:
+        raise ModelLoadError(
+            f"[{section}] path: {p} is a .ckpt (a pickle, which can run code when loaded); convert it to "
+            ".safetensors, or set [registry] allow_ckpt = true if you trust the file"
+        )
+    if not config.config:
+        raise ModelLoadError(
+            f"[{section}] config: {p.name} is a single-file checkpoint; set config to a local folder with "
+            "the configs of a diffusers pipeline of its family (the server never downloads them)"
+        )
+    folder = Path(config.config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"[{section}] config: {folder} is not a diffusers pipeline folder (no model_index.json)"
+        )
+
+
+def single_file_family(path: Path, configured: str | None) -> str:
+    """The family of a single-file checkpoint: the configured one, else read from its keys."""
+    if configured:
+        return configured
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    shapes = _checkpoint_shapes(path)
+    try:
+        kind = infer_diffusers_model_type(shapes)
+    except Exception as e:  # a file diffusers can't read at all
+        raise ModelLoadError(f"cannot tell what model {path} is ({e}); set family for it") from None
+    family = SINGLE_FILE_FAMILIES.get(kind)
+    if family in ("sd", "sd-v", "sdxl") and not any(k.startswith("model.diffusion_model.") for k in shapes):
+        # diffusers reads any file without the keys it looks for as SD 1.x ("v1"): with no UNet in
+        # the original layout either, it is no checkpoint we can tell.
+        kind, family = "no UNet in the original layout (model.diffusion_model.*)", None
+    if family is None:
+        raise ModelLoadError(
+            f"cannot tell the family of {path}: diffusers reads it as {kind!r}, which this server doesn't "
+            f"serve as one of {', '.join(FAMILY_PIPELINES)}; set family for it if it is one of them"
+        )
+    return family
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, Any]:
+    """The checkpoint's tensors as shape-only (meta) tensors: enough to tell its kind, no weights read."""
+    import torch
+
+    if path.suffix.lower() != ".safetensors":
+        from diffusers.models.model_loading_utils import load_state_dict
+
+        return dict(load_state_dict(str(path)))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}  # noqa: SIM118
 
 
 def choose_device(preference: str) -> str:
@@ -194,16 +284,39 @@ MODEL_FAILED = "the model failed on this request (see the server log)"
 class PipelineRunner:
     """Loads the model and runs batches on its own thread. Construct cheaply; `load()` does the work."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        name: str | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        loras: LoraLibrary | None = None,
+        allow_ckpt: bool = False,
+        section: str = "model",
+    ) -> None:
         self.config = config
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
         self.attention = "sdpa"
         # What responses and /health call the model: never a file-system path (see `public_model_name`).
-        self.model_name = public_model_name(config.path)
+        self.model_name = name or public_model_name(config.path)
         self.loaded = False
-        # One worker thread per device: see the module docstring.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.device}")
+        self.allow_ckpt = allow_ckpt
+        self.section = section  # "model" or "models.NAME": where its config errors point
+        # One worker thread per device: see the module docstring. The registry passes one shared by
+        # every model on the device, so the device still sees one call at a time.
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"pipeline-{self.device}"
+        )
+        # LoRAs: the library they come from, the adapters loaded into this model (they stay loaded
+        # and are switched with set_adapters), and the set active now ((name, weight), ...).
+        self.loras = loras
+        self.lora_target: LoraTarget | None = None
+        self._adapters: set[str] = set()
+        self._active_loras: tuple[tuple[str, float], ...] = ()
+        # Bytes of weights the loaded model holds (the registry's memory budget counts them).
+        self.size_bytes = 0
         self._pipes: dict[str, Any] = {}
         self._make_scheduler: Callable[[str | None], Any] | None = None
         # What the loaded model is and accepts (None until loaded); see families.py.
@@ -246,22 +359,27 @@ class PipelineRunner:
 
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
-        check_model_source(self.config)
-        source = self.config.resolved_path()
+        check_model_source(self.config, allow_ckpt=self.allow_ckpt, section=self.section)
         started = time.monotonic()
-        index = model_index(source)
-        self.dtype = choose_dtype(self.config.dtype, self.device, index.get("_class_name"))
-        absent = absent_components(index, self.config)
-        try:
-            base = AutoPipelineForText2Image.from_pretrained(
-                source, dtype=getattr(torch, self.dtype), local_files_only=True, **absent
-            )
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}") from e
+        if self.config.single_file:
+            base = self._load_single_file()
+        else:
+            source = self.config.resolved_path()
+            index = model_index(source)
+            self.dtype = choose_dtype(self.config.dtype, self.device, index.get("_class_name"))
+            absent = absent_components(index, self.config)
+            try:
+                base = AutoPipelineForText2Image.from_pretrained(
+                    source, dtype=getattr(torch, self.dtype), local_files_only=True, **absent
+                )
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"cannot load model {self.config.path!r} ({source}): {e}") from e
         try:
             family = detect_family(base)
         except UnsupportedModel as e:
-            raise ModelLoadError(f"[model] path: {e}") from None
+            raise ModelLoadError(f"[{self.section}] path: {e}") from None
+        self.lora_target = model_target(base)
+        self.size_bytes = pipeline_bytes(base)
         base.set_progress_bar_config(disable=True)
         # Decoding a whole batch at once is the memory peak of a call on a GPU; slicing flattens it.
         # On the CPU memory is plentiful and per-image decoding only costs throughput.
@@ -301,6 +419,28 @@ class PipelineRunner:
             "" if self.config.offload == "none" else f", {self.config.offload} offload",
             time.monotonic() - started,
         )
+
+    def _load_single_file(self) -> Any:
+        """A checkpoint in the original layout, through diffusers' `from_single_file`, offline: the
+        component configs come from `config` (a local diffusers folder of the same family)."""
+        import diffusers
+        import torch
+
+        path = Path(self.config.path).expanduser()
+        family = single_file_family(path, self.config.family)
+        cls = getattr(diffusers, FAMILY_PIPELINES[family])
+        folder = str(Path(self.config.config).expanduser())
+        index = model_index(folder)
+        self.dtype = choose_dtype(self.config.dtype, self.device, cls.__name__)
+        absent = absent_components(index, self.config)
+        try:
+            return cls.from_single_file(
+                str(path), config=folder, local_files_only=True, dtype=getattr(torch, self.dtype), **absent
+            )
+        except Exception as e:  # diffusers raises many kinds here (SingleFileComponentError, ...)
+            raise ModelLoadError(
+                f"cannot load {path} as {family} with the configs of {folder}: {type(e).__name__}: {e}"
+            ) from e
 
     def _place(self, pipe: Any) -> None:
         """Put the weights on the device, or set up offloading to it."""
@@ -390,6 +530,15 @@ class PipelineRunner:
     ) -> BatchReport:
         started = time.monotonic()
         report = BatchReport(outcomes=[Outcome() for _ in batch])
+        try:
+            self._use_loras(batch[0].loras)
+        except Exception as e:  # a LoRA file that won't load fails this batch, not the server
+            log.exception("applying LoRAs %s failed", batch[0].loras)
+            for outcome in report.outcomes:
+                outcome.error = GenerationFailed(
+                    f"the LoRAs {[n for n, _ in batch[0].loras]} could not be applied: {e}"
+                )
+            return report
         self._run_split(batch, list(range(len(batch))), report, on_progress, should_stop)
         report.run_s = time.monotonic() - started
         return report
@@ -447,6 +596,52 @@ class PipelineRunner:
         for req, i in zip(batch, index, strict=True):
             report.outcomes[i] = Outcome(images=images[pos : pos + req.n], batch_images=size)
             pos += req.n
+
+    def _use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Make `loras` ((name, weight), ...) the active adapters of this model, on the worker thread.
+
+        An adapter is loaded once (`load_lora_weights(adapter_name=...)`) and stays loaded; after
+        that a request with another set only switches (`set_adapters`), which costs a fraction of
+        a generation (tests/bench/lora_bench.py). Without LoRAs the adapters are disabled, so the
+        model computes exactly what it did before any was loaded."""
+        if loras == self._active_loras:
+            return
+        base = self._pipes["txt2img"]
+        if not loras:
+            base.disable_lora()
+            self._active_loras = ()
+            return
+        for name, _ in loras:
+            if name not in self._adapters:
+                lora = self.loras.get(name) if self.loras is not None else None
+                if lora is None:
+                    raise ValueError(f"no LoRA named {name!r}")
+                started = time.monotonic()
+                base.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name)
+                self._adapters.add(name)
+                log.info(
+                    "LoRA %s loaded into %s in %.2f s", name, self.model_name, time.monotonic() - started
+                )
+        if not self._active_loras:
+            base.enable_lora()
+        base.set_adapters([n for n, _ in loras], adapter_weights=[w for _, w in loras])
+        self._active_loras = loras
+
+    async def unload(self) -> None:
+        """Drop the pipelines (the registry evicts a model this way); `load()` brings them back."""
+        async with self._load_lock:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._unload_sync)
+
+    def _unload_sync(self) -> None:
+        import gc
+
+        self._pipes = {}
+        self._adapters = set()
+        self._active_loras = ()
+        self._make_scheduler = None
+        self.loaded = False
+        gc.collect()
+        self._empty_cache()
 
     def generate_arrays(self, batch: Sequence[GenerationRequest]) -> Any:
         """One pipeline call's raw float output (N, H, W, 3) in [0, 1], before the inpaint paste-back.
@@ -533,7 +728,24 @@ class PipelineRunner:
             torch.mps.empty_cache()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    """Bytes of the weights (parameters and buffers) of a pipeline's torch modules."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _image_and_mask(request: GenerationRequest) -> tuple[Image.Image, Image.Image]:

@@ -39,6 +39,7 @@ from inference_server.engine import Task
 from inference_server.errors import RequestError
 from inference_server.families import DDPM_SAMPLERS, DEFAULT_TRUE_CFG, SIZE_FLOOR, ModelFamily
 from inference_server.limits import MAX_GUIDANCE, PRIORITY_LIMIT, SEED_LIMIT
+from inference_server.loras import MAX_LORA_WEIGHT
 
 if TYPE_CHECKING:
     from inference_server.config import ServerConfig
@@ -215,6 +216,33 @@ Upload = Annotated[
         }
     ),
 ]
+
+
+def _form_json(value: Any, info: ValidationInfo) -> Any:
+    # A form field holds text: `loras` comes as JSON there.
+    if isinstance(value, str) and info.context and info.context.get("from_form"):
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+class LoraRef(BaseModel):
+    """One LoRA of a request: a name from GET /v1/models (`loras`), and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="a LoRA in [registry] loras_dir that fits the model")
+    weight: Number = Field(
+        1.0,
+        ge=-MAX_LORA_WEIGHT,
+        le=MAX_LORA_WEIGHT,
+        description="0 = off, 1 = as trained; negative steers away",
+    )
+
+
 # Accepted for compatibility and ignored (see the OpenAI models' descriptions).
 Ignored = Annotated[Any, Field(description="accepted and ignored")]
 
@@ -321,6 +349,11 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
             le=PRIORITY_LIMIT,
             description="lower joins the running batch first (continuous engine; the dynamic engine is FIFO)",
         )
+        loras: Annotated[list[LoraRef], BeforeValidator(_form_json)] | None = Field(
+            None,
+            description="LoRAs to apply, each with its weight (-2..2): names from GET /v1/models; at most "
+            "[registry] max_loras_per_request",
+        )
 
     class Count(BaseModel):
         model_config = _CONFIG
@@ -331,6 +364,9 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
     class Txt2ImgRequest(Count, Extensions, Prompted):
         """Unknown fields are refused (400 naming them); null means "not given"."""
 
+        model: str | None = Field(
+            None, description="a model's name from GET /v1/models; default: the server's default model"
+        )
         width: int | None = side_field("width")
         height: int | None = side_field("height")
         seeds: Annotated[list[Seed], BeforeValidator(_form_list)] | None = Field(
@@ -359,7 +395,11 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
         return value
 
     class OpenAIOptions(Count, Extensions):
-        model: Annotated[Any, Field(description="accepted and ignored (one model is loaded)")] = None
+        model: str | None = Field(
+            None,
+            description="a model's name from GET /v1/models; OpenAI's names (dall-e-2, dall-e-3, gpt-image-*) "
+            "and no model mean the server's default model",
+        )
         size: Annotated[str, AfterValidator(_size)] | None = Field(
             None,
             description=f"WIDTHxHEIGHT (multiples of {multiple}, {min_side}..{max_side}) or auto "

@@ -320,8 +320,15 @@ def build_tiny_family(name: TinyFamily) -> Any:
         builder = _BUILDERS[name]
     except KeyError:
         raise ValueError(f"unknown tiny family {name!r}; one of {', '.join(TINY_FAMILIES)}") from None
+    import torch
+
     pipe = builder()
     pipe.set_progress_bar_config(disable=True)
+    # Built modules start in training mode (T5's dropout then makes every call random);
+    # `from_pretrained` puts them in eval mode, so do the same here.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     return pipe
 
 

@@ -46,8 +46,13 @@ def parse_generation(
     family: ModelFamily,
     files: Mapping[str, bytes] | None = None,
     from_form: bool = False,
+    model: str = "",
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> ParsedRequest:
-    """Validate a `/v1/<task>` body. Images come base64 in `body` (JSON) or raw in `files` (multipart)."""
+    """Validate a `/v1/<task>` body. Images come base64 in `body` (JSON) or raw in `files` (multipart).
+
+    `model` and `loras` are the registry's reading of the body's own (`handling.choose_model`), which
+    picked `family`; here they go into the request, where they are part of the batch key."""
     if task not in family.tasks:
         raise RequestError(
             400,
@@ -134,6 +139,8 @@ def parse_generation(
         mask=mask,
         priority=fields["priority"] or 0,
         true_cfg=true_cfg,
+        model=model,
+        loras=loras,
     )
     timeout_s = fields["timeout_s"] if fields["timeout_s"] is not None else server.default_timeout_s
     return ParsedRequest(request=request, stream=bool(fields["stream"]), timeout_s=timeout_s)

@@ -198,7 +198,9 @@ class ModelInfo:
 
     name: str
     family: str
-    capabilities: ModelCapabilities
+    # None while a lazily loaded model has not been loaded yet (the server reads a family's details
+    # from the loaded pipeline): jobs on it are held to `[bot]`'s settings, the server checks the rest.
+    capabilities: ModelCapabilities | None
     loras: tuple[str, ...] = ()
     default: bool = False
     loaded: bool = True
@@ -211,20 +213,24 @@ class ModelInfo:
         if not isinstance(name, str) or not name:
             raise ValueError(f"model id is missing or not text: {name!r}")
         raw_caps = data.get("capabilities")
-        if not isinstance(raw_caps, Mapping):
+        loaded = data.get("loaded") is not False
+        if raw_caps is None and not loaded:
+            caps = None
+        elif isinstance(raw_caps, Mapping):
+            caps = ModelCapabilities.from_json(raw_caps)
+        else:
             raise ValueError(f"model {name!r}: capabilities missing")
-        caps = ModelCapabilities.from_json(raw_caps)
         loras = data.get("loras") or []
         if not isinstance(loras, list) or not all(isinstance(x, str) and x for x in loras):
             raise ValueError(f"model {name!r}: loras is not a list of names: {loras!r}")
         family = data.get("family")
         return cls(
             name=name,
-            family=family if isinstance(family, str) and family else caps.family,
+            family=family if isinstance(family, str) and family else (caps.family if caps else ""),
             capabilities=caps,
             loras=tuple(dict.fromkeys(loras)),
             default=data.get("default") is True,
-            loaded=data.get("loaded") is not False,
+            loaded=loaded,
         )
 
 
@@ -254,3 +260,17 @@ class InferenceBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ServerFleet(Protocol):
+    """A backend in front of servers of its own (the project's inference servers), which can tell
+    them apart: failures are reported per server, and it can say which servers answer."""
+
+    def observe_server_errors(self, observer: Callable[[str, str], None]) -> None:
+        """Call `observer(server, kind)` for every failed attempt at one server."""
+        ...
+
+    async def reachable_servers(self) -> list[str]:
+        """The servers that answer their health check now. Never raises."""
+        ...

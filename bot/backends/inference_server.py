@@ -179,6 +179,8 @@ class InferenceServerBackend:
         self._next_server = 0
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Told of every failed attempt at one server (the bot's metrics: errors by server).
+        self._error_observers: list[Callable[[str, str], None]] = []
 
     # --- introspection, for logs and tests ---------------------------------------------------------
 
@@ -199,6 +201,34 @@ class InferenceServerBackend:
     def outstanding(self) -> dict[str, float]:
         """Each server's outstanding work in batches, as routing sees it (for logs and tests)."""
         return {s.url: s.outstanding() for s in self._servers}
+
+    # --- ServerFleet: per-server errors and reachability (bot metrics and readiness) ----------------
+
+    def observe_server_errors(self, observer: Callable[[str, str], None]) -> None:
+        self._error_observers.append(observer)
+
+    def _report(self, server: _Server, kind: str) -> None:
+        for observer in self._error_observers:
+            observer(server.url, kind)
+
+    async def reachable_servers(self) -> list[str]:
+        """The servers whose `/health` answers 200 now (loading or not: they take jobs into their
+        queue)."""
+        if self._closed:
+            return []
+        timeout = aiohttp.ClientTimeout(
+            total=self._connect_timeout_s + CAPABILITIES_READ_S, connect=self._connect_timeout_s
+        )
+
+        async def answers(server: _Server) -> bool:
+            try:
+                async with self._get_session().get(server.url + "/health", timeout=timeout) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        found = await asyncio.gather(*(answers(s) for s in self._servers))
+        return [s.url for s, ok in zip(self._servers, found, strict=True) if ok]
 
     # --- protocol ----------------------------------------------------------------------------------
 
@@ -247,10 +277,11 @@ class InferenceServerBackend:
         merged = []
         for hosted in by_name.values():
             infos = [info for _, info in hosted]
+            known = [i.capabilities for i in infos if i.capabilities is not None]
             merged.append(
                 dataclasses.replace(
                     infos[0],
-                    capabilities=merge_capabilities([i.capabilities for i in infos]),
+                    capabilities=merge_capabilities(known) if known else None,
                     loras=tuple(dict.fromkeys(lora for i in infos for lora in i.loras)),
                     default=any(i.default for i in infos),
                     loaded=any(i.loaded for i in infos),
@@ -353,7 +384,11 @@ class InferenceServerBackend:
                     if all(s.url in not_hosted for s in servers):
                         raise f.rejected from None
                     continue
+                except BackendError as e:
+                    self._report(server, type(e).__name__)
+                    raise
                 except _RetryableFailure as f:
+                    self._report(server, "unreachable" if f.server_down else "overloaded")
                     failures[server.url] = f.reason
                     tried += 1
                     outage = outage and f.outage

@@ -18,7 +18,7 @@ from bot.core.api import Actor, AuditEntry, BadParameters, Place, QuotaView
 from bot.core.audit import Audit
 from bot.core.db import Database
 from bot.core.models import QuotaLimit
-from bot.core.quotas import Quotas
+from bot.core.quotas import Quotas, role_scope_id
 
 MAX_GRANT = 10_000  # a typo guard: nobody means to grant a million images
 MAX_DAILY_LIMIT = 100_000  # the same guard for limits
@@ -62,6 +62,28 @@ class Admin:
         async with self.db.session() as s:
             await self._set_limit(s, actor.platform, "guild", guild_id, daily_limit)
             self.audit.record(s, actor, "set_guild_limit", f"guild:{guild_id}", {"daily_limit": daily_limit})
+
+    async def set_role_limit(self, actor: Actor, place: Place, role_id: str, daily_limit: int | None) -> None:
+        """A role's daily limit in the place's guild (None removes it). Users get the highest limit
+        of their roles; a per-user limit wins over it (see `Quotas.limit_for`)."""
+        actor, place = validate.actor_and_place(actor, place)
+        role_id = validate.ident("role", role_id)
+        if place.guild_id is None:
+            raise BadParameters("guild", "Role limits belong to a server: use this command in one.")
+        await self.audit.require_admin(actor, "set_role_limit", f"role:{role_id}")
+        _check_limit(daily_limit)
+        scope_id = role_scope_id(place.guild_id, role_id)
+        if len(scope_id) > validate.MAX_ID_CHARS:
+            raise BadParameters("role", f"The role id {role_id[:40]!r} is too long.", role_id)
+        async with self.db.session() as s:
+            await self._set_limit(s, actor.platform, "role", scope_id, daily_limit)
+            self.audit.record(
+                s,
+                actor,
+                "set_role_limit",
+                f"role:{role_id}",
+                {"guild_id": place.guild_id, "daily_limit": daily_limit},
+            )
 
     async def grant_credits(self, actor: Actor, target_user_id: str, amount: int) -> QuotaView:
         actor = validate.actor(actor)

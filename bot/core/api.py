@@ -61,6 +61,9 @@ __all__ = [
     "LoraSpec",
     "ModelEntry",
     "ModelListing",
+    "ChannelDefaults",
+    "PlaceRules",
+    "PlaceSettings",
     "Delivery",
     "ImageService",
     "CoreError",
@@ -69,6 +72,7 @@ __all__ = [
     "Moderated",
     "Banned",
     "NotAdmin",
+    "NotAllowedHere",
     "Overloaded",
     "NotFound",
     "BackendUnavailable",
@@ -80,8 +84,9 @@ __all__ = [
 
 JobKind = Literal["imagine", "inpaint", "variation", "reroll", "upscale", "zoom", "pan", "remix"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-# Where a user's daily limit comes from: a per-user override, the guild/workspace default, the config.
-LimitSource = Literal["user", "guild", "global"]
+# Where a user's daily limit comes from: a per-user override, the highest limit of the user's roles
+# (Discord roles) in the guild, the guild/workspace default, the config.
+LimitSource = Literal["user", "role", "guild", "global"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,12 +100,15 @@ class Actor:
 
     `is_admin` is decided by the adapter (Discord: Manage Server or a configured role; Slack:
     configured user ids or workspace admins) and enforced by the core for admin operations.
+    `role_ids` are the user's roles in the place's guild (Discord role ids; empty on platforms
+    without roles): the highest daily limit an admin set for one of them applies.
     """
 
     platform: str
     user_id: str
     display_name: str = ""
     is_admin: bool = False
+    role_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,9 @@ class JobView:
     # have posted the result and then died before it was recorded: look for that post before posting
     # again. 0 outside those two callbacks.
     delivery_attempt: int = 0
+    # Submitted where private mode is on: show the result to the requester only (Discord: ephemeral
+    # follow-ups; Slack: ephemeral notices and the images in a DM), never in the channel.
+    private: bool = False
 
     @property
     def done(self) -> bool:
@@ -222,7 +233,9 @@ class JobView:
 @dataclass(frozen=True)
 class QuotaView:
     """A user's quota right now. `limit_source` says where `daily_limit` comes from: "user" (a per-
-    user override), "guild" (the guild/workspace default) or "global" (`[quotas] daily_limit`).
+    user override),
+    "role" (the highest limit of the user's roles), "guild" (the guild/workspace default) or
+    "global" (`[quotas] daily_limit`).
     `remaining` = what can still be generated now = remaining_today + bonus_credits."""
 
     platform: str
@@ -294,6 +307,46 @@ class ModelListing:
     @property
     def default(self) -> ModelEntry | None:
         return next((m for m in self.models if m.default), None)
+
+
+@dataclass(frozen=True)
+class ChannelDefaults:
+    """What a channel's jobs get when their prompt's flags and the command's options don't say:
+    a model, an aspect ratio (`--ar`), a number of steps. None: the guild's / servers' default."""
+
+    model: str | None = None
+    aspect_ratio: str | None = None
+    steps: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.model is None and self.aspect_ratio is None and self.steps is None
+
+
+@dataclass(frozen=True)
+class PlaceRules:
+    """What applies to jobs in one place (`ImageService.place_rules`, anyone may ask): whether image
+    commands are allowed in its channel (`allowed_channels` empty: everywhere), whether results are
+    private there, and the channel's defaults."""
+
+    allowed: bool = True
+    allowed_channels: tuple[str, ...] = ()
+    private: bool = False
+    defaults: ChannelDefaults = ChannelDefaults()
+
+
+@dataclass(frozen=True)
+class PlaceSettings:
+    """Every setting of a guild/workspace, for an admin's listing: the channels image commands are
+    allowed in (empty: all), private mode for the whole guild and per channel (a channel's own
+    setting wins), channel defaults, and daily limits per role (role id -> limit)."""
+
+    guild_id: str
+    allowed_channels: tuple[str, ...]
+    private_guild: bool
+    private_channels: Mapping[str, bool]
+    defaults: Mapping[str, ChannelDefaults]
+    role_limits: Mapping[str, int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +422,18 @@ class NotAdmin(CoreError):
     def __init__(self, operation: str):
         super().__init__(f"Only admins can use {operation}.")
         self.operation = operation
+
+
+class NotAllowedHere(CoreError):
+    """Image commands are not allowed in this channel; `.channels` are the ones they are allowed in
+    (the message names them as `<#id>`, which Discord and Slack both show as channel links)."""
+
+    code = "not_allowed_here"
+
+    def __init__(self, channels: Sequence[str]):
+        where = ", ".join(f"<#{c}>" for c in channels)
+        super().__init__(f"Image commands are not allowed in this channel. Use them in {where}.")
+        self.channels = tuple(channels)
 
 
 class Overloaded(CoreError):
@@ -504,6 +569,16 @@ class ImageService(Protocol):
         ...
 
     def unregister_delivery(self, platform: str) -> None: ...
+
+    async def claim_publication(self, key: str, digest: str) -> bool:
+        """True for exactly one caller (of all processes) per new `digest` of `key`: that caller
+        publishes it (e.g. syncs Discord's command tree whose hash is `digest`). False when `digest`
+        is what was published last. A publisher that fails calls `publication_failed`."""
+        ...
+
+    async def publication_failed(self, key: str, digest: str) -> None:
+        """Forget a claimed `digest` that could not be published, so the next claim wins again."""
+        ...
 
     # -- submitting -----------------------------------------------------------------------------
     async def imagine(
@@ -777,4 +852,38 @@ class ImageService(Protocol):
 
     async def allow_loras(self, actor: Actor, place: Place, loras: Sequence[str]) -> ModelListing:
         """Admin: the LoRAs allowed in the place's guild/workspace (empty: all)."""
+        ...
+
+    # -- channel and role settings (bot.core.place_settings) -----------------------------------
+    async def place_rules(self, place: Place) -> PlaceRules:
+        """What applies in `place` (allowed here, private mode, channel defaults): anyone may ask;
+        adapters read it before answering a command to know whether to answer privately."""
+        ...
+
+    async def place_settings(self, actor: Actor, place: Place) -> PlaceSettings:
+        """Admin: every setting of the place's guild/workspace."""
+        ...
+
+    async def allow_channels(self, actor: Actor, place: Place, channel_ids: Sequence[str]) -> PlaceSettings:
+        """Admin: image commands only in these channels of the guild (empty: everywhere)."""
+        ...
+
+    async def set_channel_defaults(
+        self, actor: Actor, place: Place, channel_id: str, defaults: ChannelDefaults
+    ) -> PlaceSettings:
+        """Admin: a channel's defaults (model, aspect ratio, steps); all None removes them."""
+        ...
+
+    async def set_private(
+        self, actor: Actor, place: Place, channel_id: str | None, private: bool | None
+    ) -> PlaceSettings:
+        """Admin: private mode for a channel (None: for the whole guild); `private` None removes a
+        channel's own setting (the guild's applies)."""
+        ...
+
+    async def set_role_limit(
+        self, actor: Actor, place: Place, role_id: str, daily_limit: int | None
+    ) -> PlaceSettings:
+        """Admin: the daily limit of a role in the guild (None removes it). A user gets the highest
+        limit of their roles; a per-user limit wins over it."""
         ...

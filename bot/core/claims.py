@@ -1,8 +1,10 @@
 """Claims on jobs: how a dispatcher takes a job, keeps it, and hands it back.
 
-- A claim is atomic. PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` on the chosen row, then a
-  conditional `UPDATE ... WHERE state = 'queued'`; SQLite: the claim transaction is `BEGIN IMMEDIATE`.
-  Several processes (Discord, Slack, playground, replicas) can share one database.
+- A claim is atomic and takes several jobs in one round trip: `UPDATE ... WHERE id IN (the first
+  queued jobs in fair order) AND state = 'queued' RETURNING id`; PostgreSQL locks the chosen rows
+  `FOR UPDATE SKIP LOCKED` (concurrent claims take different jobs, none waits), SQLite runs the claim
+  transaction `BEGIN IMMEDIATE`. Several processes (Discord, Slack, playground, replicas, extra
+  dispatchers) can share one database.
 - A claim is a lease (`lease_owner`, `lease_until`), renewed while the job runs. A job whose holder
   died (lease expired) is taken over by anyone; so is a finished job whose outcome was not delivered
   yet, which its new holder delivers.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import socket
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot.backends.base import Task
 from bot.core.api import JobView
@@ -27,9 +31,6 @@ from bot.core.db import Database, rows_matched
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
 from bot.core.views import job_view
-
-# Candidates read per claim attempt; others may be taking the first ones at the same moment.
-CLAIM_CANDIDATES = 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class ClaimedJob:
     strength: float | None
     image_key: str | None
     mask_key: str | None
+    # Read with the claim (see `Claims.priority`); None for a job taken over, asked for later.
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,55 +65,59 @@ class Claims:
         return self.clock() + dt.timedelta(seconds=self.lease_s)
 
     async def claim_queued(self, owner: str, platforms: Sequence[str], want: int) -> list[ClaimedJob]:
-        """Claim up to `want` queued jobs of `platforms` in fair order, in one transaction."""
-        claimed: list[int] = []
+        """Claim up to `want` queued jobs of `platforms` in fair order: one `UPDATE ... RETURNING`
+        over the first entries of the fair-order index (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so
+        dispatchers claiming at the same moment take different jobs), then one read of the views."""
+        now = self.clock()
+        first = self.queue.first(platforms, want)
+        if self.db.is_postgres:
+            # MATERIALIZED: the locking SELECT runs once. As a plain subquery the planner may run
+            # it again per row, each time skipping the rows it locked before: it took them all.
+            picked = first.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        else:
+            picked = first.cte("picked")
         async with self.db.session() as s:
-            candidates = await self.queue.order(s, platforms, max(CLAIM_CANDIDATES, want))
-            for job_id in candidates:
-                if len(claimed) >= want:
-                    break
-                if self.db.is_postgres:
-                    locked = (
-                        await s.execute(
-                            select(Job.id)
-                            .where(Job.id == job_id, Job.state == "queued")
-                            .with_for_update(skip_locked=True)
+            taken = (
+                (
+                    await s.execute(
+                        update(Job)
+                        .where(Job.id == picked.c.id, Job.state == "queued")
+                        .values(
+                            state="running",
+                            lease_owner=owner,
+                            lease_until=self._lease_until(),
+                            started_at=func.coalesce(Job.started_at, now),
+                            attempts=Job.attempts + 1,
+                            notified_position=None,
                         )
-                    ).scalar_one_or_none()
-                    if locked is None:
-                        continue  # another dispatcher is taking it right now
-                now = self.clock()
-                result = await s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == "queued")
-                    .values(
-                        state="running",
-                        lease_owner=owner,
-                        lease_until=self._lease_until(),
-                        started_at=func.coalesce(Job.started_at, now),
-                        attempts=Job.attempts + 1,
-                        notified_position=None,
+                        .returning(Job.id)
                     )
                 )
-                if rows_matched(result) == 1:
-                    await s.execute(
-                        update(User)
-                        .where(User.id == select(Job.user_id).where(Job.id == job_id).scalar_subquery())
-                        .values(last_dispatched_at=now)
-                    )
-                    claimed.append(job_id)
-            if not claimed:
+                .scalars()
+                .all()
+            )
+            if not taken:
                 return []
+            older = aliased(Job)
+            priority = (
+                select(func.count())
+                .where(older.user_id == Job.user_id, older.state == "running", older.id < Job.id)
+                .correlate(Job)
+                .scalar_subquery()
+            )
             rows = (
                 await s.execute(
-                    select(Job, User)
+                    select(Job, User, priority)
                     .join(User, Job.user_id == User.id)
-                    .where(Job.id.in_(claimed))
+                    .where(Job.id.in_(taken))
+                    .order_by(Job.fair_round, Job.id)
                     .execution_options(populate_existing=True)
                 )
             ).all()
-            loaded = {job.id: await _claimed_job(s, job, user) for job, user in rows}
-        return [loaded[job_id] for job_id in claimed]
+            return [
+                dataclasses.replace(await _claimed_job(s, job, user), priority=ahead)
+                for job, user, ahead in rows
+            ]
 
     async def take_over_expired(
         self, owner: str, platforms: Sequence[str], working_on: Collection[int]
@@ -193,6 +200,7 @@ class Claims:
                     lease_owner=None,
                     lease_until=None,
                     not_before=self.clock() + dt.timedelta(seconds=delay_s),
+                    fair_round=self.queue.front(),
                 )
             )
 
@@ -215,8 +223,10 @@ class Claims:
             requeued = await s.execute(
                 update(Job)
                 .where(*mine, Job.state == "running")
-                .values(state="queued", lease_owner=None, lease_until=None)
+                .values(state="queued", lease_owner=None, lease_until=None, fair_round=self.queue.front())
             )
+            if rows_matched(requeued):
+                await self.queue.announce(s)
             to_deliver = await s.execute(
                 update(Job)
                 .where(*mine, Job.state.in_(("succeeded", "failed")), Job.delivered_at.is_(None))
@@ -228,11 +238,19 @@ class Claims:
         """On a clean stop: running jobs back to the queue at once (the attempt does not count),
         undelivered outcomes free for anyone to deliver now."""
         async with self.db.session() as s:
-            await s.execute(
+            released = await s.execute(
                 update(Job)
                 .where(Job.lease_owner == owner, Job.state == "running")
-                .values(state="queued", lease_owner=None, lease_until=None, attempts=Job.attempts - 1)
+                .values(
+                    state="queued",
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=Job.attempts - 1,
+                    fair_round=self.queue.front(),
+                )
             )
+            if rows_matched(released):
+                await self.queue.announce(s)
             await s.execute(
                 update(Job)
                 .where(Job.lease_owner == owner, Job.delivered_at.is_(None))

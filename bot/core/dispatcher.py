@@ -10,7 +10,11 @@ It decides when and what; the database side of each step is the service's (`Core
   server hears the fair order too: a job's `priority` is the number of its user's older jobs still
   running, so a server that admits by priority (the continuous engine) lets a newcomer's first job
   join its running batch before a heavy user's fifth.
-- Only jobs of platforms with a delivery registered in this process are claimed.
+- Only jobs of platforms with a delivery registered in this process are claimed, as many per
+  round trip as there are free slots.
+- It wakes when this process queues a job, on PostgreSQL when any process does (LISTEN/NOTIFY, see
+  `bot.core.wakeup`), and every `poll_interval_s` in any case. Leases are renewed by a task of
+  their own, never behind a slow tick.
 - A failed job is refunded before the adapter hears about it.
 - Each delivery attempt is counted in the job row before the adapter is called (`delivery_attempt`
   in its view), so an adapter that finds 2 or more knows a process may have died between posting
@@ -58,6 +62,7 @@ from bot.core.db import retry_unavailable
 from bot.core.heartbeats import Heartbeats
 from bot.core.service import CoreService
 from bot.core.storage import content_key
+from bot.core.wakeup import JobListener
 
 log = logging.getLogger("bot.core.dispatcher")
 
@@ -91,7 +96,6 @@ class Dispatcher:
         self._delivering: set[int] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
-        self._last_heartbeat = 0.0
         self._last_positions = 0.0
         # Liveness: this dispatcher's heartbeat, and the takeover of dead ones' claims.
         self.heartbeats = Heartbeats(
@@ -105,6 +109,13 @@ class Dispatcher:
         self._last_new_positions = 0.0
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
+        self._leases: asyncio.Task[None] | None = None
+        # PostgreSQL: woken by other processes' submissions too (LISTEN/NOTIFY); the poll remains.
+        self._listener = (
+            JobListener(service.db.engine.url, self._wake.set)
+            if service.db.is_postgres and service.config.database.notify
+            else None
+        )
         service.add_waker(self._wake.set)
         service.add_cancel_listener(self._abandon)
 
@@ -116,6 +127,7 @@ class Dispatcher:
         if self._main is None:
             self._stopping = False
             self._main = asyncio.create_task(self._run(), name=f"dispatcher {self.owner}")
+            self._leases = asyncio.create_task(self._keep_leases(), name=f"leases {self.owner}")
 
     async def stop(self) -> None:
         """Stop claiming, cancel jobs in flight and hand them back to the queue at once (so another
@@ -127,6 +139,13 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
             self._main = None
+        if self._leases is not None:
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leases
+            self._leases = None
+        if self._listener is not None:
+            await self._listener.close()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -141,6 +160,11 @@ class Dispatcher:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
 
     @property
+    def listening(self) -> bool:
+        """Woken by other processes' submissions (PostgreSQL LISTEN), not only by the poll."""
+        return self._listener is not None and self._listener.listening
+
+    @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
@@ -153,6 +177,8 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
+                if self._listener is not None:
+                    await self._listener.ensure()
                 await self._tick()
             except asyncio.CancelledError:
                 raise
@@ -176,10 +202,6 @@ class Dispatcher:
         now_mono = time.monotonic()
         if self._db_trouble:
             await self._reassert_claims()
-            self._last_heartbeat = now_mono
-        if self._tasks and now_mono - self._last_heartbeat >= self.config.lease_s / 3:
-            await self._heartbeat()
-            self._last_heartbeat = now_mono
         if now_mono - self._last_dead_check >= self.heartbeats.interval_s:
             self._last_dead_check = now_mono
             await self.heartbeats.beat()
@@ -259,6 +281,27 @@ class Dispatcher:
         except DatabaseError:
             self._db_trouble = True
             raise
+
+    async def _keep_leases(self) -> None:
+        """Renew our leases every third of `lease_s`, in a task of its own: a tick that waits (a
+        busy database, a slow chat call reporting positions) must not let a running job's lease
+        lapse and another dispatcher take it over."""
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            if not self._tasks or self._db_trouble:
+                continue  # after a failure the tick re-asserts the claims (and renews them)
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except DatabaseError as e:
+                self._db_trouble = True
+                log.warning("renewing leases failed: %s; re-asserting them next tick", e.message)
+                self._wake.set()
+            except Exception:
+                self._db_trouble = True
+                log.exception("renewing leases failed; re-asserting them next tick")
+                self._wake.set()
 
     async def _heartbeat(self) -> None:
         ids = list(self._tasks)
@@ -342,7 +385,11 @@ class Dispatcher:
             strength=job.strength if job.strength is not None else 0.6,
             image=image,
             mask=mask,
-            priority=await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id)),
+            priority=(
+                job.priority
+                if job.priority is not None
+                else await self._recorded(view.id, "priority", lambda: self.claims.priority(view.id))
+            ),
             timeout_s=self.config.job_timeout_s,
             model=p.model,
             loras=p.loras,
@@ -440,17 +487,18 @@ class Dispatcher:
             await self._fail(view, STORAGE_WRITE_FAILED)
             return
         infos = [r.info for r in stored]
-        finished_at = await self._recorded(
+        recorded = await self._recorded(
             view.id, "store the result", lambda: self.results.store(self.owner, view.id, infos)
         )
-        if finished_at is None:
+        if recorded is None:
             log.warning("job %s: finished but no longer ours; discarding this result", view.id)
             return
+        finished_at, attempt = recorded
         log.info("job %s succeeded: %d image(s)", view.id, len(stored))
         done = dataclasses.replace(
             view, state="succeeded", finished_at=finished_at, images=tuple(infos), error=None
         )
-        await self._deliver(done, stored)
+        await self._deliver(done, stored, attempt=attempt)
 
     async def _fail(self, view: JobView, message: str) -> None:
         if not await self._recorded(
@@ -460,22 +508,28 @@ class Dispatcher:
         view = await self._recorded(view.id, "read", lambda: self.service.get_job(view.id))
         await self._deliver(view)
 
-    async def _deliver(self, view: JobView, images: list[ResultImage] | None = None) -> None:
-        """Count the attempt, call on_succeeded / on_failed, then mark the job delivered (each step
-        only while we still hold the job). The job's dispatch slot is free meanwhile."""
+    async def _deliver(
+        self, view: JobView, images: list[ResultImage] | None = None, *, attempt: int | None = None
+    ) -> None:
+        """Count the attempt (unless `attempt` was counted with the result), call on_succeeded /
+        on_failed, then mark the job delivered (each step only while we still hold the job). The
+        job's dispatch slot is free meanwhile."""
         self._delivering.add(view.id)
         self._wake.set()  # a slot is free: claim the next job now
         try:
-            await self._deliver_outcome(view, images)
+            await self._deliver_outcome(view, images, attempt)
         finally:
             self._delivering.discard(view.id)
 
-    async def _deliver_outcome(self, view: JobView, images: list[ResultImage] | None) -> None:
-        attempt = await self._recorded(
-            view.id,
-            "count the delivery attempt",
-            lambda: self.results.count_delivery_attempt(self.owner, view.id),
-        )
+    async def _deliver_outcome(
+        self, view: JobView, images: list[ResultImage] | None, attempt: int | None
+    ) -> None:
+        if attempt is None:
+            attempt = await self._recorded(
+                view.id,
+                "count the delivery attempt",
+                lambda: self.results.count_delivery_attempt(self.owner, view.id),
+            )
         if attempt is None:
             log.info("job %s: delivered already or no longer ours; not delivering again", view.id)
             return

@@ -1,67 +1,130 @@
-"""The queue's order, and the queue positions users are told.
+"""The queue's order, its admission limit, and the queue positions users are told.
 
-Fair order: a queued job's rank is (jobs of its user now running) + (its place among its user's
-queued jobs); lowest rank first, then the user served least recently, then the oldest job. One
-user's burst of 20 therefore interleaves with everybody else's jobs instead of starving them.
+Fair order: every job gets a round when it is submitted, `jobs.fair_round`, and queued jobs run by
+(round, id). A job's round is the round being served now (the lowest queued round, or the highest
+running one) unless its user already has a job queued or running in that round or later, in which
+case it is the round after that user's last one. One user's burst of 20 therefore takes 20 rounds
+and interleaves with everybody else's jobs instead of starving them: each user's first job runs
+before anybody's second. Because the key is fixed at submission and indexed, a claim, a queue
+position and the first positions to report read the first index entries instead of ranking every
+queued job (see "Submit and dispatch" in docs/bot-core.md).
+
+Admission: `max_queued_jobs` is a limit on load, not a quota. The queue is counted at most every
+`queue_depth_check_s` (one count for all the submissions of that moment) and this process adds the
+jobs it queued since; submissions of other processes in between are seen at the next count. A
+submission the estimate would refuse counts again first, so nobody is refused while there is room.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, Select, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
-from bot.core.db import Database, rows_matched
-from bot.core.models import Job, User
+from bot.core.api import Overloaded
+from bot.core.db import Database
+from bot.core.models import Job
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # Queue positions are reported for the first jobs only: past this, "you are far back" is all a
 # user can use, and each report is a database write and a chat message edit.
 MAX_REPORTED_POSITION = 50
+# The PostgreSQL channel a submission notifies and dispatchers LISTEN on (bot.core.wakeup).
+JOBS_CHANNEL = "imagine_jobs"
 
 
 class FairQueue:
-    def __init__(self, db: Database, *, clock: Callable[[], dt.datetime]):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        clock: Callable[[], dt.datetime],
+        max_queued: int = 1000,
+        depth_check_s: float = 0.25,
+        notify: bool = True,
+    ):
         self.db = db
         self.clock = clock
+        self.max_queued = max_queued
+        self.depth_check_s = depth_check_s
+        self.notify = notify and db.is_postgres
+        self._depth = 0  # queued jobs at the last count, plus the ones this process queued since
+        self._counted_at = -float("inf")
 
-    async def order(self, s: AsyncSession, platforms: Sequence[str] | None, limit: int) -> list[int]:
-        """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
+    def _due(self, platforms: Sequence[str] | None) -> list[ColumnElement[bool]]:
         now = self.clock()
-        running = (
-            select(Job.user_id.label("user_id"), func.count().label("n"))
-            .where(Job.state == "running")
-            .group_by(Job.user_id)
-            .subquery()
-        )
         conds = [Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)]
         if platforms is not None:
             conds.append(Job.platform.in_(platforms))
-        queued = (
-            select(
-                Job.id.label("id"),
-                Job.user_id.label("user_id"),
-                func.row_number().over(partition_by=Job.user_id, order_by=Job.id).label("rn"),
-            )
-            .where(*conds)
+        return conds
+
+    def first(self, platforms: Sequence[str] | None, limit: int) -> Select[int]:
+        """The ids of the first `limit` queued jobs due now, in dispatch order (an index range)."""
+        return select(Job.id).where(*self._due(platforms)).order_by(Job.fair_round, Job.id).limit(limit)
+
+    async def order(self, s: AsyncSession, platforms: Sequence[str] | None, limit: int) -> list[int]:
+        """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
+        return list((await s.execute(self.first(platforms, limit))).scalars().all())
+
+    async def admit(self, s: AsyncSession, user_pk: int) -> int:
+        """In a submission's transaction (the user's lock held): Overloaded when the queue is full,
+        else the fair round of the user's new job. On PostgreSQL the same round trip notifies the
+        dispatchers, which hear of it when the submission commits (not at all if it rolls back)."""
+        mono = time.monotonic()
+        # The estimate only grows between counts (jobs claimed since are still in it): one that
+        # says "full" is checked by a count before anyone is refused.
+        if self._depth >= self.max_queued or mono - self._counted_at >= self.depth_check_s:
+            # Set first: submissions meanwhile use the last count instead of counting too.
+            self._counted_at = mono
+            capped = select(Job.id).where(Job.state == "queued").limit(self.max_queued).subquery()
+            self._depth = (await s.execute(select(func.count()).select_from(capped))).scalar_one()
+        if self._depth >= self.max_queued:
+            raise Overloaded()
+        head = select(func.min(Job.fair_round)).where(Job.state == "queued").scalar_subquery()
+        running = select(func.max(Job.fair_round)).where(Job.state == "running").scalar_subquery()
+        own = (
+            select(func.max(Job.fair_round))
+            .where(Job.user_id == user_pk, Job.state.in_(("queued", "running")))
+            .scalar_subquery()
+        )
+        columns: list[ColumnElement[Any]] = [head, running, own]
+        if self.notify:
+            columns.append(func.pg_notify(JOBS_CHANNEL, literal("")))
+        row = (await s.execute(select(*columns))).one()
+        serving = max(row[0] or 0, row[1] or 0)
+        self._depth += 1  # counted before commit: a refused charge only makes the estimate cautious
+        return serving if row[2] is None else max(serving, row[2] + 1)
+
+    def front(self) -> ColumnElement[int]:
+        """The round of a job handed back to the queue (a retry, a released claim): the round being
+        served, where its old id puts it first; its own round if that is lower still."""
+        queued = aliased(Job)
+        head = select(func.min(queued.fair_round)).where(queued.state == "queued").scalar_subquery()
+        return case((head < Job.fair_round, head), else_=Job.fair_round)
+
+    async def announce(self, s: AsyncSession) -> None:
+        """Tell other processes' dispatchers (at commit) that jobs went back to the queue."""
+        if self.notify:
+            await s.execute(select(func.pg_notify(JOBS_CHANNEL, literal(""))))
+
+    async def position(self, s: AsyncSession, job_id: int) -> int | None:
+        """The job's place in the fair order (1 = starts next), or None when it is not queued (or
+        not due) or lies past `MAX_REPORTED_POSITION`. Reads at most that many index entries."""
+        row = (await s.execute(select(Job.fair_round).where(Job.id == job_id, *self._due(None)))).first()
+        if row is None:
+            return None
+        ahead = (
+            select(Job.id)
+            .where(*self._due(None), tuple_(Job.fair_round, Job.id) < tuple_(row[0], job_id))
+            .limit(MAX_REPORTED_POSITION)
             .subquery()
         )
-        rank = queued.c.rn + func.coalesce(running.c.n, 0)
-        # Among equal ranks, the user served least recently goes first (never served: first of all).
-        served = func.coalesce(User.last_dispatched_at, EPOCH)
-        q = (
-            select(queued.c.id)
-            .select_from(
-                queued.outerjoin(running, running.c.user_id == queued.c.user_id).join(
-                    User, User.id == queued.c.user_id
-                )
-            )
-            .order_by(rank, served, queued.c.id)
-            .limit(limit)
-        )
-        return list((await s.execute(q)).scalars().all())
+        position = (await s.execute(select(func.count()).select_from(ahead))).scalar_one() + 1
+        return position if position <= MAX_REPORTED_POSITION else None
 
     async def positions_to_report(self, platforms: Sequence[str], *, only_new: bool) -> list[tuple[int, int]]:
         """(job id, position) of the jobs of `platforms` among the first `MAX_REPORTED_POSITION`
@@ -82,30 +145,34 @@ class FairQueue:
                 ).first()
             if fresh is None:
                 return []
-        changed: list[tuple[int, int]] = []
         async with self.db.session() as s:
-            order = await self.order(s, None, MAX_REPORTED_POSITION)
-            if not order:
-                return []
-            current = dict(
-                (await s.execute(select(Job.id, Job.notified_position).where(Job.id.in_(order))))
-                .tuples()
-                .all()
-            )
-            for position, job_id in enumerate(order, start=1):
-                known = current.get(job_id)
-                if known == position or (only_new and known is not None):
-                    continue
-                result = await s.execute(
-                    update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.state == "queued",
-                        Job.platform.in_(platforms),
-                        or_(Job.notified_position.is_(None), Job.notified_position != position),
-                    )
-                    .values(notified_position=position)
+            first = self.first(None, MAX_REPORTED_POSITION).subquery()
+            rows = (
+                await s.execute(
+                    select(Job.id, Job.notified_position)
+                    .join(first, first.c.id == Job.id)
+                    .order_by(Job.fair_round, Job.id)
                 )
-                if rows_matched(result) == 1:
-                    changed.append((job_id, position))
-        return changed
+            ).all()
+            wanted = {
+                job_id: position
+                for position, (job_id, known) in enumerate(rows, start=1)
+                if known != position and not (only_new and known is not None)
+            }
+            if not wanted:
+                return []
+            # One statement for all of them; the condition makes each change one process's.
+            position = case(wanted, value=Job.id)
+            result = await s.execute(
+                update(Job)
+                .where(
+                    Job.id.in_(list(wanted)),
+                    Job.state == "queued",
+                    Job.platform.in_(platforms),
+                    or_(Job.notified_position.is_(None), Job.notified_position != position),
+                )
+                .values(notified_position=position)
+                .returning(Job.id, Job.notified_position)
+            )
+            changed = [(job_id, pos) for job_id, pos in result.tuples().all() if pos is not None]
+        return sorted(changed, key=lambda change: change[1])

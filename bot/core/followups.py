@@ -60,6 +60,10 @@ class FollowUps:
         if action is None:
             return None
         delivery = validate.delivery(delivery)
+        if (await self.submissions.place_settings.rules(place)).private:
+            # A reaction is public and has no interaction to answer privately: in private mode
+            # only commands and buttons start jobs.
+            return None
         existing = await self.submissions.existing(actor, idempotency_key)
         if existing is not None:
             return existing

@@ -231,7 +231,7 @@ class ModelChoices:
         entries = tuple(
             ModelEntry(
                 name=m.name,
-                label=m.capabilities.label,
+                label=m.capabilities.label if m.capabilities is not None else m.family or m.name,
                 family=m.family,
                 loras=tuple(x for x in m.loras if settings.lora_allowed(x)),
                 default=m is default,

@@ -120,6 +120,10 @@ class Job(Base):
     __table_args__ = (
         # The dispatcher's scan: queued jobs of the platforms this process delivers, oldest first.
         Index("ix_jobs_state_platform", "state", "platform", "id"),
+        # The fair order (claims, queue positions): the first queued jobs are the first entries.
+        Index("ix_jobs_state_fair", "state", "fair_round", "id"),
+        # A submission's fair round: the last round its user holds among queued and running jobs.
+        Index("ix_jobs_user_state_fair", "user_id", "state", "fair_round"),
         Index("ix_jobs_result_message", "platform", "result_message_id"),
         Index("ix_jobs_user_created", "user_id", "created_at"),
     )
@@ -170,6 +174,9 @@ class Job(Base):
     quota_daily: Mapped[int] = mapped_column(Integer, default=0)
     quota_credits: Mapped[int] = mapped_column(Integer, default=0)
     refunded: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job's place in the fair order, fixed at submission (see `bot.core.fair_queue`): queued
+    # jobs run by (fair_round, id), so claims and queue positions read the first index entries.
+    fair_round: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Last queue position reported to the adapter (reported again only when it changes).
     notified_position: Mapped[int | None] = mapped_column(Integer)
     # The server model the job runs on (None: the server's default) and its LoRAs as
@@ -191,6 +198,29 @@ class ModelSettings(Base):
     default_model: Mapped[str | None] = mapped_column(String(200))
     allowed_models: Mapped[list[str]] = mapped_column(JSON, default=list)
     allowed_loras: Mapped[list[str]] = mapped_column(JSON, default=list)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ChannelSettings(Base):
+    """A guild's/workspace's settings for one channel, or for the whole guild (`channel_id` "*"),
+    set by its admins: whether image commands are allowed in the channel (when some channel of the
+    guild has `allowed`, only those do), private mode (None: the guild's), and the channel's
+    defaults for jobs whose flags don't say (None: no default of its own)."""
+
+    __tablename__ = "channel_settings"
+    __table_args__ = (
+        UniqueConstraint("platform", "guild_id", "channel_id", name="uq_channel_settings_channel"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    guild_id: Mapped[str] = mapped_column(String(64))
+    channel_id: Mapped[str] = mapped_column(String(64))
+    allowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    private: Mapped[bool | None] = mapped_column(Boolean)
+    default_model: Mapped[str | None] = mapped_column(String(200))
+    default_aspect_ratio: Mapped[str | None] = mapped_column(String(16))
+    default_steps: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
@@ -230,3 +260,15 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(200), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Publication(Base):
+    """What was last published to a platform under a key (e.g. the digest of Discord's command tree),
+    so that of several processes starting at once exactly one publishes a change
+    (`bot.core.publications`)."""
+
+    __tablename__ = "publications"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -74,6 +74,9 @@ class Operations:
         if existing is not None:
             return existing
         bot = self.config.bot
+        options = await self.submissions.place_settings.with_defaults(
+            place, text, options, aspect_ratio=False
+        )
         limits, chosen = await self.submissions.choose(place, text, options)
         limits.require_task("img2img", "image-to-image")
         parsed = parse_prompt(text, options, bot, limits=limits, rng=self.rng, allow_strength=True)

@@ -11,7 +11,7 @@ from bot.core import validate
 from bot.core.api import Actor, JobView, NotFound, Place, QuotaView, StatsView, UserStat
 from bot.core.audit import Audit
 from bot.core.db import Database
-from bot.core.fair_queue import MAX_REPORTED_POSITION, FairQueue
+from bot.core.fair_queue import FairQueue
 from bot.core.models import ImageRow, Job, User
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
@@ -81,8 +81,7 @@ class Queries:
         status message an adapter shows; later changes come through `Delivery.on_queued`."""
         job_id = validate.job_id(job_id)
         async with self.db.read() as s:
-            order = await self.queue.order(s, None, MAX_REPORTED_POSITION)
-        return order.index(job_id) + 1 if job_id in order else None
+            return await self.queue.position(s, job_id)
 
     async def unattached_results(
         self, platform: str, channel_id: str, *, within_s: float = UNATTACHED_WINDOW_S, limit: int = 10
@@ -151,7 +150,7 @@ class Queries:
     async def quota(self, actor: Actor, place: Place) -> QuotaView:
         actor, place = validate.actor_and_place(actor, place)
         async with self.db.read() as s:
-            return await self.quotas.view(s, actor.platform, actor.user_id, place.guild_id)
+            return await self.quotas.view(s, actor.platform, actor.user_id, place.guild_id, actor.role_ids)
 
     async def stats(self, actor: Actor, place: Place, top: int = 5) -> StatsView:
         actor, place = validate.actor_and_place(actor, place)

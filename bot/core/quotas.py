@@ -2,15 +2,17 @@
 
 Every change to a user's quota (a submission's charge, a refund, an admin's reset or credits) runs
 in a transaction that holds the user's lock (`lock_user`), so the quota is exact under any
-concurrency. A user's allowance is the per-user limit an admin set, else the guild/workspace
-default, else `[quotas] daily_limit`; bonus credits are spent after it.
+concurrency. A user's allowance is the per-user limit an admin set, else the highest limit set for
+one of the user's roles in the guild (the roles the adapter sent with the request), else the
+guild/workspace default, else `[quotas] daily_limit`; bonus credits are spent after it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy import or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,6 +23,12 @@ from bot.config import QuotaConfig
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
+
+
+def role_scope_id(guild_id: str, role_id: str) -> str:
+    """A role limit's `QuotaLimit.scope_id`: roles belong to a guild (on Discord the guild's id is
+    also its @everyone role's id)."""
+    return f"{guild_id}/{role_id}"
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,21 @@ class Quotas:
         return (await s.execute(query)).scalar_one()
 
     async def limit_for(
-        self, s: AsyncSession, platform: str, user_id: str, guild_id: str | None
+        self,
+        s: AsyncSession,
+        platform: str,
+        user_id: str,
+        guild_id: str | None,
+        role_ids: Sequence[str] = (),
     ) -> tuple[int, LimitSource]:
+        """The user's daily limit: the per-user override, else the highest limit of their roles in
+        the guild, else the guild's default, else `[quotas] daily_limit`."""
         conds = [(QuotaLimit.scope == "user") & (QuotaLimit.scope_id == user_id)]
         if guild_id is not None:
             conds.append((QuotaLimit.scope == "guild") & (QuotaLimit.scope_id == guild_id))
+            if role_ids:
+                keys = [role_scope_id(guild_id, r) for r in role_ids]
+                conds.append((QuotaLimit.scope == "role") & QuotaLimit.scope_id.in_(keys))
         rows = (
             await s.execute(
                 select(QuotaLimit.scope, QuotaLimit.daily_limit).where(
@@ -91,11 +109,13 @@ class Quotas:
                 )
             )
         ).all()
-        by_scope = {scope: limit for scope, limit in rows}
-        if "user" in by_scope:
-            return by_scope["user"], "user"
-        if "guild" in by_scope:
-            return by_scope["guild"], "guild"
+        by_scope: dict[str, int] = {}
+        for scope, limit in rows:
+            # Several roles: the highest limit wins (a role grants an allowance, never takes one).
+            by_scope[scope] = max(limit, by_scope.get(scope, limit))
+        for scope in ("user", "role", "guild"):
+            if scope in by_scope:
+                return by_scope[scope], cast(LimitSource, scope)
         return self.config.daily_limit, "global"
 
     async def usage_in(self, s: AsyncSession, user_pk: int, period: dt.date) -> QuotaUsage | None:
@@ -109,12 +129,18 @@ class Quotas:
         ).scalar_one_or_none()
 
     async def charge(
-        self, s: AsyncSession, user: User, guild_id: str | None, images: int, now: dt.datetime
+        self,
+        s: AsyncSession,
+        user: User,
+        guild_id: str | None,
+        images: int,
+        now: dt.datetime,
+        role_ids: Sequence[str] = (),
     ) -> Charge:
         """Charge `images` to `user` (whose lock the caller holds): the daily allowance first, then
         bonus credits. QuotaExceeded, charging nothing, when both together fall short."""
         period, _, reset_at = self.period_for(now)
-        limit, _source = await self.limit_for(s, user.platform, user.platform_user_id, guild_id)
+        limit, _source = await self.limit_for(s, user.platform, user.platform_user_id, guild_id, role_ids)
         usage = await self.usage_in(s, user.id, period)
         used = usage.images_used if usage else 0
         remaining_today = max(0, limit - used)
@@ -143,7 +169,14 @@ class Quotas:
         if job.quota_credits:
             user.bonus_credits += job.quota_credits
 
-    async def view(self, s: AsyncSession, platform: str, user_id: str, guild_id: str | None) -> QuotaView:
+    async def view(
+        self,
+        s: AsyncSession,
+        platform: str,
+        user_id: str,
+        guild_id: str | None,
+        role_ids: Sequence[str] = (),
+    ) -> QuotaView:
         period, _, reset_at = self.period_for(self.clock())
         user = (
             await s.execute(
@@ -152,7 +185,7 @@ class Quotas:
                 .execution_options(populate_existing=True)
             )
         ).scalar_one_or_none()
-        limit, source = await self.limit_for(s, platform, user_id, guild_id)
+        limit, source = await self.limit_for(s, platform, user_id, guild_id, role_ids)
         used = 0
         credits = 0
         banned = False

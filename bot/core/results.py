@@ -37,18 +37,31 @@ class Results:
 
     # -- the claim holder's records ------------------------------------------------------------
 
-    async def store(self, owner: str, job_id: int, images: Sequence[ImageInfo]) -> dt.datetime | None:
-        """Mark the running job succeeded with `images` (already in the image storage); the claim
-        is kept for the delivery. Returns the finish time, or None when `owner` no longer holds
-        the job (its result is then someone else's to make)."""
+    async def store(
+        self, owner: str, job_id: int, images: Sequence[ImageInfo]
+    ) -> tuple[dt.datetime, int] | None:
+        """Mark the running job succeeded with `images` (already in the image storage) and count
+        the first attempt at delivering it, which its holder makes next (one transaction where
+        `count_delivery_attempt` would be a second); the claim is kept for the delivery. Returns
+        (the finish time, the delivery attempt), or None when `owner` no longer holds the job (its
+        result is then someone else's to make)."""
         now = self.clock()
         async with self.db.session() as s:
-            result = await s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
-                .values(state="succeeded", finished_at=now, error=None, lease_until=self._lease_until())
-            )
-            if rows_matched(result) != 1:
+            attempt = (
+                await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                    .values(
+                        state="succeeded",
+                        finished_at=now,
+                        error=None,
+                        lease_until=self._lease_until(),
+                        delivery_attempts=Job.delivery_attempts + 1,
+                    )
+                    .returning(Job.delivery_attempts)
+                )
+            ).scalar_one_or_none()
+            if attempt is None:
                 return None
             for i in images:
                 s.add(
@@ -64,7 +77,7 @@ class Results:
                         created_at=now,
                     )
                 )
-        return now
+        return now, attempt
 
     async def fail(self, owner: str, job_id: int, message: str) -> bool:
         """Mark the job failed with `message` (short, for the user) and refund its quota, in one

@@ -9,7 +9,10 @@ that does it:
 - `bot.core.queries`: get_job, job_for_message, queue_position, history, quota, image_bytes, stats;
 - `bot.core.admin`: usage, limits, credits, usage resets, bans, audit_log;
 - `bot.core.model_choice`: models (the listing), set_default_model, allow_models, allow_loras;
-- `bot.core.results`: attach_result_message, record_shown, remember_delivery.
+- `bot.core.place_settings`: place_rules, place_settings (the listing), allow_channels,
+  set_channel_defaults, set_private (and set_role_limit, with `admin`);
+- `bot.core.results`: attach_result_message, record_shown, remember_delivery;
+- `bot.core.publications`: claim_publication, publication_failed (one process publishes a change).
 
 The dispatcher uses `claims` (take, keep and hand back jobs), `results` (record outcomes and
 deliveries), `queue` (fair order, positions to report), `storage`, `deliveries` and the signals
@@ -30,7 +33,7 @@ from bot.backends.base import ModelCapabilities
 from bot.config import CoreConfig
 from bot.core import validate
 from bot.core.admin import Admin
-from bot.core.api import Actor, Delivery, JobView, Place
+from bot.core.api import Actor, Delivery, JobView, Place, PlaceSettings
 from bot.core.audit import Audit
 from bot.core.claims import Claims
 from bot.core.db import Database
@@ -40,6 +43,8 @@ from bot.core.model_choice import ModelCatalog, ModelChoices
 from bot.core.models import utcnow
 from bot.core.operations import Operations
 from bot.core.params import Limits
+from bot.core.place_settings import PlaceSettingsPart
+from bot.core.publications import Publications
 from bot.core.queries import Queries
 from bot.core.quotas import Quotas
 from bot.core.results import Results
@@ -80,7 +85,13 @@ class CoreService:
 
         self.quotas = Quotas(db, config.quotas, clock)
         self.audit = Audit(db, clock)
-        self.queue = FairQueue(db, clock=clock)
+        self.queue = FairQueue(
+            db,
+            clock=clock,
+            max_queued=config.bot.max_queued_jobs,
+            depth_check_s=config.bot.queue_depth_check_s,
+            notify=config.database.notify,
+        )
         self.claims = Claims(db, self.queue, lease_s=config.bot.lease_s, clock=clock)
         self.results = Results(db, self.quotas, lease_s=config.bot.lease_s, clock=clock)
         self.choices = ModelChoices(
@@ -90,16 +101,21 @@ class CoreService:
             default_capabilities=lambda: self.model,
             clock=clock,
         )
+        self.places = PlaceSettingsPart(
+            db, self.audit, bot=config.bot, choices=self.choices, limits=self.limits, clock=clock
+        )
         submissions = Submissions(
             db,
             storage,
             config,
             self.quotas,
             self.audit,
+            self.queue,
             clock=clock,
             rng=rng,
             limits=self.limits,
             choices=self.choices,
+            place_settings=self.places,
             on_queued=self.wake,
             on_changed=self.job_changed,
         )
@@ -140,14 +156,29 @@ class CoreService:
         self.set_default_model = self.choices.set_default_model
         self.allow_models = self.choices.allow_models
         self.allow_loras = self.choices.allow_loras
+        self.place_rules = self.places.rules
+        self.place_settings = self.places.listing
+        self.allow_channels = self.places.allow_channels
+        self.set_channel_defaults = self.places.set_channel_defaults
+        self.set_private = self.places.set_private
+        self._admin = admin
         self.attach_result_message = self.results.attach_result_message
         self.record_shown = self.results.record_shown
         self.remember_delivery = self.results.remember_delivery
+        publications = Publications(db, clock)
+        self.claim_publication = publications.claim
+        self.publication_failed = publications.release
 
     def limits(self, model: str | None = None) -> Limits:
         """What a job on `model` (None: the servers' default) may ask for now: that model's
         capabilities within `[bot]`'s settings."""
         return Limits.of(self.config.bot, self.choices.capabilities(model))
+
+    async def set_role_limit(
+        self, actor: Actor, place: Place, role_id: str, daily_limit: int | None
+    ) -> PlaceSettings:
+        await self._admin.set_role_limit(actor, place, role_id, daily_limit)
+        return await self.places.listing(actor, place)
 
     async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
         view = await self._submissions.cancel(actor, job_id, place)

@@ -5,15 +5,19 @@ interface so that an object store (S3 and the like) can be added without touchin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import tempfile
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from bot.config import StorageConfig
 from bot.core.api import StorageError
+from bot.settings import ConfigError
 
 log = logging.getLogger("bot.core.storage")
 
@@ -36,6 +40,10 @@ class ImageStorage(Protocol):
         ...
 
     async def exists(self, key: str) -> bool: ...
+
+    async def check_writable(self) -> None:
+        """At start-up: StorageError naming the config key when an image could not be stored."""
+        ...
 
 
 def content_key(data: bytes) -> str:
@@ -109,3 +117,30 @@ class LocalImageStorage:
         except OSError as e:
             log.error("image storage: cannot look up %s: %s", key, e)
             raise StorageError(READ_FAILED) from e
+
+
+@contextlib.asynccontextmanager
+async def open_storage(config: StorageConfig, env: Mapping[str, str]) -> AsyncIterator[ImageStorage]:
+    """The storage `[storage]` describes, checked writable (ConfigError naming the key if not), open
+    for the block."""
+    if config.backend == "s3":
+        try:
+            from bot.core.s3_storage import open_s3_storage
+        except ImportError as e:  # a role installed without the extra: say which one
+            raise ConfigError(
+                f"[storage] backend = \"s3\" needs the s3 extra (pip install 'imagine-bot[s3]'): {e}"
+            ) from None
+        async with open_s3_storage(config, env) as s3:
+            await _checked(s3)
+            yield s3
+        return
+    local = LocalImageStorage(config.dir)
+    await _checked(local)
+    yield local
+
+
+async def _checked(storage: ImageStorage) -> None:
+    try:
+        await storage.check_writable()
+    except StorageError as e:
+        raise ConfigError(e.message) from e

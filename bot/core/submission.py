@@ -3,7 +3,9 @@
 A submission is one transaction: the user row is locked (PostgreSQL: the upsert that creates it;
 SQLite transactions are `BEGIN IMMEDIATE`), the idempotency key is checked, then the ban, the
 moderation rules, the queue's size and the quota, and the quota is charged and the job row inserted
-before commit. The same key again returns the same job (`created=False`) and charges nothing.
+with its place in the fair order (`FairQueue.admit`) before commit: a constant number of
+statements, none of which reads more than a few index entries (see docs/bot-core.md). The same key
+again returns the same job (`created=False`) and charges nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.backends.base import Task
 from bot.config import CoreConfig
@@ -31,15 +33,16 @@ from bot.core.api import (
     Moderated,
     NotAdmin,
     NotFound,
-    Overloaded,
     Place,
 )
 from bot.core.audit import Audit
 from bot.core.db import Database
+from bot.core.fair_queue import FairQueue
 from bot.core.model_choice import ModelChoices
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
 from bot.core.params import Limits, ModelRequest, ParsedPrompt, model_request, parse_prompt
+from bot.core.place_settings import PlaceSettingsPart
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
 from bot.core.uploads import prepare_inpaint
@@ -58,11 +61,13 @@ class Submissions:
         config: CoreConfig,
         quotas: Quotas,
         audit: Audit,
+        queue: FairQueue,
         *,
         clock: Callable[[], dt.datetime],
         rng: random.Random,
         limits: Callable[[str | None], Limits],
         choices: ModelChoices,
+        place_settings: PlaceSettingsPart,
         on_queued: Callable[[], None],
         on_changed: Callable[[int], None],
     ):
@@ -71,10 +76,12 @@ class Submissions:
         self.config = config
         self.quotas = quotas
         self.audit = audit
+        self.queue = queue
         self.clock = clock
         self.rng = rng
         self.limits = limits
         self.choices = choices
+        self.place_settings = place_settings
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
@@ -94,6 +101,7 @@ class Submissions:
         actor, place = validate.actor_and_place(actor, place)
         validate.idempotency_key(idempotency_key)
         delivery = validate.delivery(delivery)
+        options = await self.place_settings.with_defaults(place, text, options)  # the channel's
         limits, chosen = await self.choose(place, text, options)
         limits.require_task("txt2img", "text-to-image")
         parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=self.rng)
@@ -120,6 +128,7 @@ class Submissions:
         existing = await self.existing(actor, idempotency_key)
         if existing is not None:
             return existing
+        options = await self.place_settings.with_defaults(place, prompt_text, options, aspect_ratio=False)
         limits, chosen = await self.choose(place, prompt_text, options)
         limits.require_task("inpaint", "inpainting")
         parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
@@ -221,12 +230,10 @@ class Submissions:
                     rule = self.moderator.check(parsed.prompt)
                     if rule is not None:
                         raise Moderated(rule.description)
-                queued = (
-                    await s.execute(select(func.count()).select_from(Job).where(Job.state == "queued"))
-                ).scalar_one()
-                if queued >= self.config.bot.max_queued_jobs:
-                    raise Overloaded()
-                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now)
+                rules = await self.place_settings.check(s, place)  # allowed here? private?
+                # Overloaded when the queue is full; else the job's place in the fair order.
+                fair_round = await self.queue.admit(s, user.id)
+                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now, actor.role_ids)
                 params: dict[str, Any] = {
                     "task": task,
                     "width": parsed.width,
@@ -239,6 +246,8 @@ class Submissions:
                 }
                 if detail is not None:
                     params["detail"] = detail
+                if rules.private:
+                    params["private"] = True
                 job = Job(
                     idempotency_key=key,
                     user_id=user.id,
@@ -258,6 +267,7 @@ class Submissions:
                     model=model,
                     loras=[{"name": lora.name, "weight": lora.weight} for lora in loras],
                     state="queued",
+                    fair_round=fair_round,
                     attempts=0,
                     created_at=now,
                     delivery=dict(delivery or {}),

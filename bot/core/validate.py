@@ -137,15 +137,28 @@ def count(field: str, value: Any, lo: int, hi: int) -> int:
     return max(lo, min(int(value), hi))
 
 
+# A Discord member has at most 250 roles (the guild's maximum).
+MAX_ROLES = 250
+
+
 def actor(value: Actor) -> Actor:
     if not isinstance(value, Actor):
         raise TypeError(f"expected an Actor, got {type(value).__name__}")
     platform = ident("platform", value.platform, max_chars=MAX_PLATFORM_CHARS)
     user_id = ident("user", value.user_id)
     name = label(value.display_name, max_chars=MAX_DISPLAY_NAME_CHARS)
-    if (platform, user_id, name) == (value.platform, value.user_id, value.display_name):
+    roles = value.role_ids
+    if not isinstance(roles, (tuple, list)) or len(roles) > MAX_ROLES:
+        raise BadParameters("roles", f"At most {MAX_ROLES} role ids, as a list.", type(roles).__name__)
+    roles = tuple(ident("role", r) for r in roles)
+    if (platform, user_id, name, roles) == (
+        value.platform,
+        value.user_id,
+        value.display_name,
+        value.role_ids,
+    ):
         return value
-    return Actor(platform, user_id, name, bool(value.is_admin))
+    return Actor(platform, user_id, name, bool(value.is_admin), roles)
 
 
 def place(value: Place) -> Place:

@@ -78,4 +78,5 @@ async def job_view(
         images=images,
         attempts=job.attempts,
         created=created,
+        private=bool(p.get("private")),
     )

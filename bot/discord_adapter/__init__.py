@@ -11,9 +11,12 @@ import contextlib
 import importlib.util
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.core.api import ImageService
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,10 @@ async def run(
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,
+    ops: Ops | None = None,
 ) -> None:
-    """Run the bot until cancelled; close the gateway and unregister the delivery on the way out."""
+    """Run the bot until cancelled; close the gateway and unregister the delivery on the way out.
+    `ops` is unused: the Discord bot serves no HTTP ([bot] metrics_port serves /metrics and /readyz)."""
     import discord
 
     from bot.discord_adapter.bot import ImagineBot

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 
@@ -9,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.core.api import Actor, ImageService, JobView, Place
+from bot.core.api import Actor, ImageService, JobView, NotAllowedHere, Place, PlaceRules
 from bot.core.controls import Pressed
 from bot.discord_adapter import errors
 from bot.discord_adapter.config import DiscordConfig
@@ -19,6 +22,10 @@ from bot.discord_adapter.delivery import DiscordDelivery
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
+
+# How long a command waits for its channel's rules before it answers (Discord wants an answer
+# within 3 s); past that it answers privately, the side that leaks nothing.
+RULES_TIMEOUT_S = 1.5
 
 
 def intents() -> discord.Intents:
@@ -75,22 +82,49 @@ class ImagineBot(commands.Bot):
             await self.sync_commands()
 
     async def sync_commands(self) -> None:
-        if self.config.guild_ids:
-            for gid in self.config.guild_ids:
-                guild = discord.Object(gid)
+        """Sync the command tree to each guild of `guild_ids` (or globally) whose payload changed
+        since the last sync by any process (the core keeps its hash); `force_sync_commands` syncs
+        regardless."""
+        targets: list[discord.Object | None] = [discord.Object(g) for g in self.config.guild_ids] or [None]
+        for guild in targets:
+            if guild is not None:
                 self.tree.copy_global_to(guild=guild)
-                try:
-                    synced = await self.tree.sync(guild=guild)
-                except discord.Forbidden as e:
-                    raise RuntimeError(
-                        f"[discord] guild_ids: cannot sync commands to guild {gid} ({e.text}): the bot is "
-                        "not in that server, or was invited without the applications.commands scope "
-                        "(invite it again with the URL from the README)"
-                    ) from None
-                log.info("synced %d commands to guild %s", len(synced), gid)
-        else:
-            synced = await self.tree.sync()
-            log.info("synced %d global commands (Discord may take a while to show changes)", len(synced))
+            where = f"guild {guild.id}" if guild is not None else "global"
+            key = f"discord:commands:{self.application_id}:{where.replace(' ', ':')}"
+            digest = self.command_digest(guild)
+            claimed = await self.service.claim_publication(key, digest)
+            if not claimed and not self.config.force_sync_commands:
+                log.info("commands (%s) unchanged since the last sync: not syncing", where)
+                continue
+            try:
+                synced = await self.tree.sync(guild=guild)
+            except discord.Forbidden as e:
+                await self._sync_failed(key, digest)
+                raise RuntimeError(
+                    f"[discord] guild_ids: cannot sync commands to guild {guild and guild.id} ({e.text}): the "
+                    "bot is not in that server, or was invited without the applications.commands scope "
+                    "(invite it again with the URL from the README)"
+                ) from None
+            except BaseException:
+                await self._sync_failed(key, digest)
+                raise
+            if guild is not None:
+                log.info("synced %d commands to guild %s", len(synced), guild.id)
+            else:
+                log.info("synced %d global commands (Discord may take a while to show changes)", len(synced))
+
+    def command_digest(self, guild: discord.abc.Snowflake | None) -> str:
+        """The sha256 of what `tree.sync(guild=guild)` would send (the commands' JSON payload)."""
+        payload = [command.to_dict(self.tree) for command in self.tree.get_commands(guild=guild)]
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    async def _sync_failed(self, key: str, digest: str) -> None:
+        # The next start must try again rather than take the tree for synced.
+        try:
+            await self.service.publication_failed(key, digest)
+        except Exception:
+            log.exception("could not record the failed command sync; the next start may not sync")
 
     async def close(self) -> None:
         self.service.unregister_delivery(PLATFORM)
@@ -125,12 +159,28 @@ class ImagineBot(commands.Bot):
 
     # -- translation helpers used by the cogs -----------------------------------------------------
 
+    async def defer_job(self, interaction: discord.Interaction) -> None:
+        """Acknowledge a command or button that starts a job: refused at once (privately) where the
+        guild allows image commands only in other channels, else deferred privately in private mode
+        (the result then edits that private response) and publicly elsewhere."""
+        try:
+            async with asyncio.timeout(RULES_TIMEOUT_S):
+                rules = await self.service.place_rules(self.place(interaction))
+        except TimeoutError:
+            log.warning("channel rules of %s not read in time; answering privately", interaction.channel_id)
+            rules = PlaceRules(private=True)
+        if not rules.allowed:
+            raise NotAllowedHere(rules.allowed_channels)  # errors.report answers it privately
+        await errors.defer(interaction, ephemeral=rules.private)
+
     def actor(self, interaction: discord.Interaction) -> Actor:
         user = interaction.user
         admin = is_admin(
             user, interaction.permissions if interaction.guild_id else None, self.config.admin_roles
         )
-        return Actor(PLATFORM, str(user.id), user.display_name, admin)
+        # The member's roles (ids; @everyone's is the guild's): the core applies role limits.
+        roles = tuple(str(r.id) for r in getattr(user, "roles", ()))
+        return Actor(PLATFORM, str(user.id), user.display_name, admin, roles)
 
     @staticmethod
     def place(interaction: discord.Interaction) -> Place:

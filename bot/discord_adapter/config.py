@@ -16,8 +16,13 @@ class DiscordConfig:
     # Guilds to sync the slash commands to (instant; for development and private bots). Empty: sync
     # globally (every server the bot is in; Discord may take a while to show changes).
     guild_ids: tuple[int, ...] = ()
-    # Sync the command tree at start-up. Off when several processes run the same bot.
+    # Sync the command tree at start-up when it changed since the last sync (its hash is kept in the
+    # database, so of several processes starting at once one syncs, and a restart with the same
+    # commands syncs nothing). Off: never sync (the commands are managed elsewhere).
     sync_commands: bool = True
+    # Sync at start-up even when the tree looks unchanged (commands deleted by hand in Discord's
+    # developer portal, another bot sharing the token). `python -m bot --sync-commands` sets it once.
+    force_sync_commands: bool = False
     # Besides members with the Manage Server permission, members with one of these roles (names,
     # case-insensitive, or role ids) may use the /admin commands.
     admin_roles: tuple[str, ...] = ()

@@ -23,6 +23,11 @@ and the channel's history since the job was made (a bot message carrying `imagin
 Channel messages are sent with a nonce made from the job id and `enforce_nonce`, so Discord itself
 answers a repeated send with the message it already has, for a few minutes.
 
+Private mode (`job.private`, decided by the core for the job's place): the command was deferred
+ephemerally, so editing the interaction's original response shows the status and the result to the
+requester only; nothing is ever sent to the channel. A private job that finishes after the
+interaction token's 15 minutes is not shown (logged), rather than shown publicly.
+
 What remains: a channel-mode result (one sent with the bot token: a reaction's job, or a token near
 its 15-minute end) whose post reached Discord just before the bot died, when the restart comes later
 than Discord's nonce window (a few minutes) and the bot cannot read the channel's history (no Read
@@ -72,6 +77,11 @@ ORIGINAL = "@original"
 
 # Status phases only move forward: a late "queued" report never hides "generating".
 QUEUED, RUNNING = 0, 1
+
+
+class PrivateExpired(Exception):
+    """A private job's result can't be shown privately any more (its interaction token expired or
+    its response is gone); it is not posted in the channel."""
 
 
 def result_filename_prefix(job_id: int) -> str:
@@ -144,7 +154,13 @@ class DiscordDelivery:
                     limit,
                 )
             upload = (f"{result_filename_prefix(job.id)}{ext}", data)
-            message = await self._post_until_delivered(job, messages.caption(job), upload, result_view(job))
+            try:
+                message = await self._post_until_delivered(
+                    job, messages.caption(job), upload, result_view(job)
+                )
+            except PrivateExpired:
+                self._private_expired(job)
+                return
             # Shown: from here on a failure must not post the result a second time.
             self.finished(job.id)
             await self.bot.service.attach_result_message(job.id, str(message.id), str(message.channel.id))
@@ -153,8 +169,20 @@ class DiscordDelivery:
         async with self._lock(job.id):
             if job.id in self._finished:
                 return
-            await self._post_until_delivered(job, messages.failed(job, message), None, None)
+            try:
+                await self._post_until_delivered(job, messages.failed(job, message), None, None)
+            except PrivateExpired:
+                self._private_expired(job)
+                return
             self.finished(job.id)
+
+    def _private_expired(self, job: JobView) -> None:
+        # Its place is in private mode: the channel must not see it, and no other private way to
+        # the user is left (a DM would need the user to accept DMs from the server's members).
+        log.warning(
+            "job %s: private result not shown: the interaction token expired before it finished", job.id
+        )
+        self.finished(job.id)
 
     def finished(self, job_id: int) -> None:
         """The job is answered (its result, failure or cancellation is shown): no status after it."""
@@ -306,7 +334,9 @@ class DiscordDelivery:
             try:
                 if self._token_usable(job):
                     await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
-                elif job.delivery.get("mode") == "channel" and self._status_id(job) is None:
+                elif (
+                    job.delivery.get("mode") == "channel" and self._status_id(job) is None and not job.private
+                ):
                     # One status message, edited only into the result: channel messages share
                     # Discord's per-channel limit (5 per 5 s) with every other job's.
                     sent = await self._send(job, self._channel(job), text, view=kwargs["view"])
@@ -379,6 +409,14 @@ class DiscordDelivery:
         kwargs: dict[str, Any] = {"content": text, "view": view, "allowed_mentions": self._mentions(job)}
         if file is not None:
             kwargs["attachments"] = [file]
+        if job.private:
+            # Private mode: only the interaction's own response (deferred ephemerally) may show it.
+            if not self._token_usable(job):
+                raise PrivateExpired(job.id)
+            try:
+                return await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
+            except discord.NotFound:
+                raise PrivateExpired(job.id) from None
         if self._token_usable(job) and job.id not in self._gone:
             try:
                 return await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]

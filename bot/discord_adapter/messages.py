@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from bot.core.api import JobView, ModelListing, QuotaView, StatsView
+from bot.core.api import (
+    ChannelDefaults,
+    JobView,
+    ModelListing,
+    PlaceRules,
+    PlaceSettings,
+    QuotaView,
+    StatsView,
+)
 from bot.core.describe import (
     MODEL_USAGE,
     NO_MODEL_CHOICE,
@@ -75,9 +83,12 @@ def failed(job: JobView, message: str) -> str:
 
 
 def quota(q: QuotaView) -> str:
-    source = {"user": "your own limit", "guild": "this server's limit", "global": "the default limit"}[
-        q.limit_source
-    ]
+    source = {
+        "user": "your own limit",
+        "role": "your roles' highest limit",
+        "guild": "this server's limit",
+        "global": "the default limit",
+    }[q.limit_source]
     lines = [
         f"You have used **{q.used_today}** of **{q.daily_limit}** images today ({source}).",
         f"Left now: **{q.remaining}**"
@@ -139,13 +150,64 @@ def models(listing: ModelListing) -> str:
     return short("\n".join(lines), CONTENT_LIMIT)
 
 
-def help_text(listing: ModelListing | None) -> str:
-    """/help, with the models available here (or without them when the core could not say)."""
-    if listing is None:
-        return HELP
-    return short(
-        HELP + "\n**Models**: " + models_summary(listing) + " **/models** lists their LoRAs.", CONTENT_LIMIT
-    )
+def help_text(listing: ModelListing | None, rules: PlaceRules | None = None) -> str:
+    """/help, with the models available here and this channel's rules (or without them when the
+    core could not say)."""
+    text = HELP
+    if listing is not None:
+        text += "\n**Models**: " + models_summary(listing) + " **/models** lists their LoRAs."
+    if rules is not None:
+        text += "\n" + place_rules(rules)
+    return short(text, CONTENT_LIMIT)
+
+
+def place_rules(rules: PlaceRules) -> str:
+    """What applies in this channel, for /help."""
+    lines = []
+    if not rules.allowed:
+        lines.append("Image commands are not allowed here; use " + _channels(rules.allowed_channels) + ".")
+    if rules.private:
+        lines.append("**Private mode**: results here are shown only to whoever asked.")
+    d = rules.defaults
+    if not d.empty:
+        lines.append("**Defaults here** (flags override them): " + _defaults(d) + ".")
+    return "\n".join(lines)
+
+
+def settings(s: PlaceSettings) -> str:
+    """/admin settings: every channel and role setting of the server."""
+    lines = [
+        "**Image commands allowed in**: "
+        + (_channels(s.allowed_channels) if s.allowed_channels else "every channel"),
+        "**Private mode**: "
+        + ("on for the whole server" if s.private_guild else "off for the server")
+        + "".join(f"; <#{c}> {'on' if on else 'off'}" for c, on in s.private_channels.items()),
+    ]
+    for channel, d in s.defaults.items():
+        lines.append(f"**Defaults in <#{channel}>**: {_defaults(d)}")
+    if s.role_limits:
+        lines.append(
+            "**Role limits** (a member gets their roles' highest; a user limit wins): "
+            + ", ".join(f"<@&{role}> {limit}/day" for role, limit in s.role_limits.items())
+        )
+    else:
+        lines.append("**Role limits**: none")
+    return short("\n".join(lines), CONTENT_LIMIT)
+
+
+def _channels(ids: tuple[str, ...]) -> str:
+    return ", ".join(f"<#{c}>" for c in ids)
+
+
+def _defaults(d: ChannelDefaults) -> str:
+    parts = []
+    if d.model:
+        parts.append(f"model `{d.model}`")
+    if d.aspect_ratio:
+        parts.append(f"`--ar {d.aspect_ratio}`")
+    if d.steps:
+        parts.append(f"`--steps {d.steps}`")
+    return ", ".join(parts)
 
 
 HELP = """\
@@ -161,4 +223,5 @@ Under a result: **U1-U4** upscale 2x, **V1-V4** a variation of that image, 🔁 
 **Zoom Out 2x/1.5x** and ⬅️➡️⬆️⬇️ pan. **Cancel** on a waiting or running job. Reactions 🔁 and \
 1️⃣-4️⃣ (🎨 for one image) work too. A new job counts against the quota of whoever asks for it.
 **/admin** (Manage Server or an admin role) — limits, credits, usage reset, ban/unban, stats, \
-this server's default model and allowed models and LoRAs."""
+this server's default model and allowed models and LoRAs, allowed channels, channel defaults, private mode, \
+role limits (**/admin settings** lists them)."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.core.api import ImageService
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 __all__ = ["adapter_status", "run"]
 
@@ -35,8 +38,9 @@ async def run(
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,
+    ops: Ops | None = None,
 ) -> None:
     """Serve the playground until cancelled; `ready` is set once it answers HTTP."""
     from bot.playground.server import run_playground
 
-    await run_playground(service, config, env, ready)
+    await run_playground(service, config, env, ready, ops)

@@ -18,11 +18,14 @@ import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.playground.config import PLATFORM, PlaygroundConfig, load_playground_config
 from bot.playground.delivery import WebDelivery
 from bot.playground.limits import BodyLimit
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 log = logging.getLogger("bot.playground")
 
@@ -76,7 +79,12 @@ def _import_ui_modules() -> None:
 
 
 def build_app(
-    service: Any, cfg: PlaygroundConfig, env: Mapping[str, str], delivery: WebDelivery, media: Path
+    service: Any,
+    cfg: PlaygroundConfig,
+    env: Mapping[str, str],
+    delivery: WebDelivery,
+    media: Path,
+    ops: Ops | None = None,
 ) -> Any:
     """The FastAPI app with the playground mounted at `/`."""
     import gradio as gr
@@ -92,6 +100,22 @@ def build_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if ops is not None:
+        from fastapi.responses import JSONResponse, Response
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        # response_model=None, -> Any: FastAPI reads endpoint annotations from the module's globals,
+        # where these locally imported classes are not.
+        @app.get("/metrics", response_model=None)
+        async def metrics() -> Any:
+            return Response(await ops.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/readyz", response_model=None)
+        async def readyz() -> Any:
+            state = await ops.ready()
+            body = {"status": "ready" if state.ready else "not ready", "reason": state.reason}
+            return JSONResponse(body, status_code=200 if state.ready else 503)
 
     # System fonts: the default theme would fetch web fonts, and the playground must work offline.
     theme = gr.themes.Soft(
@@ -130,7 +154,11 @@ def _no_signals() -> Iterator[None]:
 
 
 async def run_playground(
-    service: Any, raw_config: Mapping[str, Any], env: Mapping[str, str], ready: asyncio.Event | None = None
+    service: Any,
+    raw_config: Mapping[str, Any],
+    env: Mapping[str, str],
+    ready: asyncio.Event | None = None,
+    ops: Ops | None = None,
 ) -> None:
     cfg = load_playground_config(raw_config, env)
     if not cfg.enabled:
@@ -160,7 +188,7 @@ async def run_playground(
     app: Any = None
     task: asyncio.Task[None] | None = None
     try:
-        app = build_app(service, cfg, env, delivery, media)
+        app = build_app(service, cfg, env, delivery, media, ops)
         server = Server(
             uvicorn.Config(
                 app,

@@ -109,9 +109,12 @@ def status_html(state: str, text: str, job_id: int | None = None, step: int = 0,
 
 
 def quota(q: QuotaView) -> str:
-    source = {"user": "your own limit", "guild": "the workspace limit", "global": "the default limit"}[
-        q.limit_source
-    ]
+    source = {
+        "user": "your own limit",
+        "role": "your roles' limit",
+        "guild": "the workspace limit",
+        "global": "the default limit",
+    }[q.limit_source]
     line = (
         f"**{q.remaining}** image(s) left · used **{q.used_today}** of **{q.daily_limit}** today "
         f"({source}) · resets {q.reset_at:%Y-%m-%d %H:%M} UTC"

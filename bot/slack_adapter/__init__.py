@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.core.api import ImageService
+
+if TYPE_CHECKING:
+    from bot.ops import Ops
 
 __all__ = ["adapter_status", "run"]
 
@@ -46,8 +49,9 @@ async def run(
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,
+    ops: Ops | None = None,
 ) -> None:
     """Serve Slack until cancelled; `ready` is set once requests are accepted."""
     from bot.slack_adapter.runner import run_slack
 
-    await run_slack(service, config, env, ready)
+    await run_slack(service, config, env, ready, ops)

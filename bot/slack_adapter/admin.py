@@ -9,6 +9,9 @@ from dataclasses import dataclass
 # bare ids.
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
 
+# Channels as Slack escapes them in slash commands (<#C123|name>), or bare ids.
+_CHANNEL = re.compile(r"^<#([CGD][A-Z0-9]+)(?:\|[^>]*)?>$|^([CGD][A-Z0-9]{2,})$")
+
 # Bonus credits per grant, as the core's documented bound.
 MAX_CREDITS = 10_000
 # A daily limit, as the core's bound.
@@ -32,12 +35,21 @@ class AdminUsage(Exception):
 @dataclass(frozen=True)
 class AdminCommand:
     # usage | limit_user | limit_workspace | credits | reset | ban | unban | stats | help
-    # | default_model | allow_models | allow_loras
+    # | default_model | allow_models | allow_loras | channels | channel_defaults | private | settings
     action: str
     user_id: str | None = None
     number: int | None = None
     reason: str = ""
     names: tuple[str, ...] = ()  # models or LoRAs (empty: all; for default_model: the servers')
+    channels: tuple[str, ...] = ()  # channel ids (`channels`: empty = everywhere; else the one meant)
+    defaults: tuple[tuple[str, str], ...] = ()  # channel-defaults: (model|ar|steps, value)
+    private: bool | None = None  # private: on / off / None (a channel: as the workspace)
+    workspace: bool = False  # private: for the whole workspace
+
+
+def _channel(token: str) -> str | None:
+    m = _CHANNEL.match(token)
+    return (m.group(1) or m.group(2)) if m else None
 
 
 def _user(token: str | None, what: str) -> str:
@@ -101,4 +113,49 @@ def parse(text: str) -> AdminCommand:
             clear = "none" if verb == "default-model" else "all"
             raise AdminUsage(f"`{verb}` needs model or LoRA names, or `{clear}`.")
         return AdminCommand(verb.replace("-", "_"), names=names)
+    if verb == "settings":
+        return AdminCommand("settings")
+    if verb == "channels":
+        if not args:
+            raise AdminUsage("`channels` needs channels (#name ...) or `all`.")
+        if len(args) == 1 and args[0].lower() in ("all", "none", "everywhere"):
+            return AdminCommand("channels")
+        ids = [_channel(a) for a in args]
+        bad = next((a for a, i in zip(args, ids, strict=True) if i is None), None)
+        if bad is not None:
+            raise AdminUsage(f"`{bad[:40]}` is not a channel: write #name so Slack turns it into a link.")
+        return AdminCommand("channels", channels=tuple(i for i in ids if i))
+    if verb == "channel-defaults":
+        rest = list(args)
+        channel = _channel(rest[0]) if rest else None
+        if channel is not None:
+            rest = rest[1:]
+        if rest == ["none"]:
+            return AdminCommand("channel_defaults", channels=(channel,) if channel else ())
+        pairs = []
+        for word in rest:
+            key, eq, value = word.partition("=")
+            if not eq or key.lower() not in ("model", "ar", "steps") or not value:
+                raise AdminUsage(
+                    f"`channel-defaults` takes model=NAME ar=W:H steps=N (or `none`), got `{word[:40]}`."
+                )
+            pairs.append((key.lower(), value))
+        if not pairs:
+            raise AdminUsage("`channel-defaults` needs model=NAME, ar=W:H or steps=N, or `none`.")
+        return AdminCommand("channel_defaults", channels=(channel,) if channel else (), defaults=tuple(pairs))
+    if verb == "private":
+        mode = arg.lower() if arg else ""
+        if mode not in ("on", "off", "default"):
+            raise AdminUsage("`private` takes `on`, `off` or `default`, then #channel or `workspace`.")
+        where = args[1] if len(args) > 1 else None
+        workspace = where is not None and where.lower() in ("workspace", "team")
+        channel = None if where is None or workspace else _channel(where)
+        if where is not None and not workspace and channel is None:
+            raise AdminUsage(f"`{where[:40]}` is not a channel: write #name, or `workspace`.")
+        return AdminCommand(
+            "private",
+            channels=(channel,) if channel else (),
+            private={"on": True, "off": False}.get(mode),
+            workspace=workspace,
+        )
     raise AdminUsage(f"unknown subcommand `{verb}`.")

@@ -31,11 +31,13 @@ from bot.core.api import (
     REACTION_ACTIONS,
     Actor,
     BadParameters,
+    ChannelDefaults,
     CoreError,
     ImageService,
     JobView,
     ModelListing,
     Place,
+    PlaceRules,
     ResultImage,
 )
 from bot.core.operations import remix_text
@@ -190,6 +192,10 @@ class SlackAdapter:
         except Exception:  # the status shows without it; the core reports it shortly
             log.warning("slack: job %s: queue position unavailable", job.id, exc_info=True)
             position = None
+        if job.private:
+            # Private mode: no status message in the channel; one private note, the result in a DM.
+            await tell(messages.queued_text(job, position) + " " + messages.PRIVATE_NOTE)
+            return
         error = await self.status.show(job, QUEUED, messages.queued_text(job, position), edit=False)
         if error not in CANNOT_POST:
             return
@@ -210,7 +216,11 @@ class SlackAdapter:
         try:
             word = text.lower()
             if word in ("", "help", "--help"):
-                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
+                await tell(
+                    messages.imagine_help(
+                        self.cfg.imagine_command, await self._listing(place), await self._rules(place)
+                    )
+                )
                 return
             if word == "models":
                 await tell(messages.models_text(await self.service.models(place), self.cfg.imagine_command))
@@ -234,6 +244,13 @@ class SlackAdapter:
             await tell(messages.error_text(e))
             return
         await self.announce(job, actor, tell)
+
+    async def _rules(self, place: Place) -> PlaceRules | None:
+        """The channel's rules for help texts; None when the core can't say now."""
+        try:
+            return await self.service.place_rules(place)
+        except CoreError:
+            return None
 
     async def _listing(self, place: Place) -> ModelListing | None:
         """The models for help texts; None when the core can't say now (the help still helps)."""
@@ -277,7 +294,11 @@ class SlackAdapter:
                         actor, place, prompt, None, idempotency_key=key, delivery=delivery
                     )
             else:
-                await tell(messages.imagine_help(self.cfg.imagine_command, await self._listing(place)))
+                await tell(
+                    messages.imagine_help(
+                        self.cfg.imagine_command, await self._listing(place), await self._rules(place)
+                    )
+                )
                 return
         except AttachmentError as e:
             await tell(f":frame_with_picture: {e.message}")
@@ -581,6 +602,25 @@ class SlackAdapter:
         if cmd.action == "allow_loras":
             listing = await s.allow_loras(actor, place, list(cmd.names))
             return "Allowed LoRAs updated.\n" + messages.models_text(listing)
+        if cmd.action == "settings":
+            return messages.settings_text(await s.place_settings(actor, place))
+        if cmd.action == "channels":
+            settings = await s.allow_channels(actor, place, list(cmd.channels))
+            return "Allowed channels updated.\n" + messages.settings_text(settings)
+        here = cmd.channels[0] if cmd.channels else place.channel_id or ""
+        if cmd.action == "channel_defaults":
+            d = dict(cmd.defaults)
+            steps = d.get("steps")
+            if steps is not None and (not steps.isascii() or not steps.isdigit() or len(steps) > 4):
+                return f":warning: steps must be a whole number, got `{messages.escape(steps[:20])}`."
+            defaults = ChannelDefaults(d.get("model"), d.get("ar"), int(steps) if steps else None)
+            settings = await s.set_channel_defaults(actor, place, here, defaults)
+            return f"Defaults of <#{here}> updated.\n" + messages.settings_text(settings)
+        if cmd.action == "private":
+            settings = await s.set_private(actor, place, None if cmd.workspace else here, cmd.private)
+            where = "this workspace" if cmd.workspace else f"<#{here}>"
+            mode = {True: "on", False: "off", None: "as the workspace"}[cmd.private]
+            return f"Private mode of {where}: {mode}.\n" + messages.settings_text(settings)
         raise AssertionError(f"unhandled admin action {cmd.action}")
 
 
@@ -704,12 +744,16 @@ class SlackDelivery:
         self._late: set[asyncio.Task[None]] = set()
 
     async def on_queued(self, job: JobView, position: int) -> None:
+        if job.private:  # no status message in the channel (Slack can't edit an ephemeral one)
+            return
         await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position), throttle=True)
 
     async def on_waiting(self, job: JobView, message: str) -> None:
         await self._adapter.status.show(job, RUNNING, messages.waiting_text(job, message), throttle=True)
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
+        if job.private:
+            return
         text = messages.progress_text(job, step, total)
         await self._adapter.status.show(job, RUNNING, text, throttle=True)
 
@@ -719,6 +763,11 @@ class SlackDelivery:
         if channel is None:
             log.error("slack: job %s has no channel to deliver to", job.id)
             return
+        if job.private:
+            # Slack can't attach files to an ephemeral message: a private result goes to the
+            # requester's DM with the bot (the same double-post checks apply there).
+            opened = await a.client.conversations_open(users=job.delivery.get("user") or job.user_id)
+            channel = opened["channel"]["id"]
         earlier = [f for f in (job.delivery.get("result_files") or "").split(",") if f]
         if job.delivery_attempt > 1 and earlier:
             ts = await self._share_ts(earlier, channel, [])
@@ -755,13 +804,15 @@ class SlackDelivery:
             task.add_done_callback(self._late.discard)
             return
         await self._shown(job, channel, ts)
+        if job.private:
+            await self._tell_user(job, messages.PRIVATE_DELIVERED)
 
     async def _share(self, job: JobView, channel: str, uploaded: list[tuple[str, str]]) -> AsyncSlackResponse:
         """`files.completeUploadExternal` with the result's text and buttons as blocks; with the
         text alone if Slack refuses those blocks (reactions still work then)."""
         client = self._adapter.client
         files: list[dict[str, str | None]] = [{"id": file_id, "title": title} for file_id, title in uploaded]
-        thread_ts = job.delivery.get("thread_ts")
+        thread_ts = None if job.private else job.delivery.get("thread_ts")  # private: in the DM
         try:
             return await client.files_completeUploadExternal(
                 files=files, channel_id=channel, thread_ts=thread_ts,

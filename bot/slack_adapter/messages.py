@@ -7,7 +7,17 @@ import re
 import uuid
 from typing import Any
 
-from bot.core.api import BadParameters, CoreError, JobView, ModelListing, QuotaExceeded, QuotaView, StatsView
+from bot.core.api import (
+    BadParameters,
+    CoreError,
+    JobView,
+    ModelListing,
+    PlaceRules,
+    PlaceSettings,
+    QuotaExceeded,
+    QuotaView,
+    StatsView,
+)
 from bot.core.controls import Control, result_controls, status_controls
 from bot.core.describe import MODEL_USAGE, NO_MODEL_CHOICE, kind_label, model_lines, models_summary
 
@@ -185,10 +195,12 @@ def models_text(listing: ModelListing, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def imagine_help(command: str, listing: ModelListing | None = None) -> str:
+def imagine_help(command: str, listing: ModelListing | None = None, rules: PlaceRules | None = None) -> str:
     models = ""
     if listing is not None:
         models = f"Models: {escape(models_summary(listing))} `{command} models` lists their LoRAs.\n"
+    if rules is not None:
+        models += place_rules_text(rules)
     return (
         f"*{command} <prompt> [flags]* — generate an image.\n"
         "Flags: `--seed N` `--n 1-4` `--ar W:H` `--no <negative prompt>` `--steps N` `--guidance G` "
@@ -219,8 +231,51 @@ def admin_help(command: str) -> str:
         f"• `{command} stats` — jobs, images today, top users, queue depth\n"
         f"• `{command} default-model <name|none>` — the model this workspace's jobs get by default\n"
         f"• `{command} allow-models <names…|all>` / `{command} allow-loras <names…|all>` — "
-        "allow only these models or LoRAs here"
+        "allow only these models or LoRAs here\n"
+        f"• `{command} channels <#channel…|all>` — image commands only in these channels (`all`: everywhere)\n"
+        f"• `{command} channel-defaults [#channel] model=NAME ar=W:H steps=N` (or `none`) — "
+        "a channel's defaults; flags in a prompt override them\n"
+        f"• `{command} private <on|off|default> [#channel|workspace]` — results only to whoever asked "
+        "(they arrive in a DM with the bot)\n"
+        f"• `{command} settings` — the channel settings of this workspace. Slack has no roles: "
+        "limits are per user and per workspace"
     )
+
+
+def place_rules_text(rules: PlaceRules) -> str:
+    """What applies in this channel, for help: where allowed, private mode, the channel's defaults."""
+    lines = []
+    if not rules.allowed:
+        where = ", ".join(f"<#{c}>" for c in rules.allowed_channels)
+        lines.append(f"Image commands are not allowed here; use {where}.")
+    if rules.private:
+        lines.append("Private mode: results here go to your DM with me.")
+    d = rules.defaults
+    if not d.empty:
+        parts = [f"model {d.model}" if d.model else "", f"--ar {d.aspect_ratio}" if d.aspect_ratio else "",
+                 f"--steps {d.steps}" if d.steps else ""]  # fmt: skip
+        lines.append("Defaults here (flags override them): " + ", ".join(p for p in parts if p) + ".")
+    return "".join(line + "\n" for line in lines)
+
+
+PRIVATE_NOTE = "Private mode: the result will arrive in your DM with me."
+PRIVATE_DELIVERED = ":lock: Your result is in your DM with me (private mode)."
+
+
+def settings_text(s: PlaceSettings) -> str:
+    """`/imagine-admin settings`: the workspace's channel settings (no roles on Slack)."""
+    allowed = ", ".join(f"<#{c}>" for c in s.allowed_channels) or "every channel"
+    private = (
+        ("on" if s.private_guild else "off")
+        + " for the workspace"
+        + "".join(f"; <#{c}> {'on' if on else 'off'}" for c, on in s.private_channels.items())
+    )
+    lines = [f"*Image commands allowed in*: {allowed}", f"*Private mode*: {private}"]
+    for channel, d in s.defaults.items():
+        parts = [f"model {d.model}" if d.model else "", f"--ar {d.aspect_ratio}" if d.aspect_ratio else "",
+                 f"--steps {d.steps}" if d.steps else ""]  # fmt: skip
+        lines.append(f"*Defaults in <#{channel}>*: " + ", ".join(p for p in parts if p))
+    return "\n".join(lines)
 
 
 def history_text(jobs: list[JobView]) -> str:

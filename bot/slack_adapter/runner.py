@@ -18,6 +18,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.api import ImageService
+from bot.ops import Ops, add_ops_routes
 from bot.settings import ConfigError, load_section
 from bot.slack_adapter import adapter_status
 from bot.slack_adapter.app import PLATFORM, SlackAdapter
@@ -50,6 +51,7 @@ async def run_slack(
     config: Mapping[str, Any],
     env: Mapping[str, str],
     ready: asyncio.Event | None = None,
+    ops: Ops | None = None,
 ) -> None:
     on, why = adapter_status(env)
     if not on:
@@ -67,7 +69,7 @@ async def run_slack(
             if socket_mode:
                 await _serve_socket_mode(app, app_token, client, ready)
             else:
-                await _serve_http(app, cfg, ready)
+                await _serve_http(app, cfg, ready, ops)
         finally:
             service.unregister_delivery(PLATFORM)
             await adapter.status.close()
@@ -98,13 +100,15 @@ async def _check_token(app: Any, client: AsyncWebClient) -> None:
             middleware.auth_test_result = result
 
 
-async def _serve_http(app: Any, cfg: SlackConfig, ready: asyncio.Event | None) -> None:
+async def _serve_http(app: Any, cfg: SlackConfig, ready: asyncio.Event | None, ops: Ops | None) -> None:
     web_app = app.web_app(path=cfg.http_path, port=cfg.http_port)
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "adapter": "slack", "mode": "http"})
 
     web_app.router.add_get("/healthz", health)
+    if ops is not None:
+        add_ops_routes(web_app, ops)  # /metrics, /readyz (Socket Mode: [bot] metrics_port serves them)
     runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:

@@ -1,18 +1,20 @@
-"""Continuous (iteration-level) batching for Stable Diffusion UNet pipelines.
+"""Continuous (iteration-level) batching for every model family the server serves.
 
 With request-level batching a request that arrives while a batch runs waits for every step of that
-batch. Here the unit of scheduling is one denoising step: every iteration makes one batched UNet call
-for all running samples (classifier-free guidance rows included) with a per-row timestep; each sample
-then steps its own scheduler on its own slice. Finished samples leave and are decoded, cancelled or
+batch. Here the unit of scheduling is one denoising step: every iteration makes one batched denoiser
+call for all running samples (guidance rows included) with a per-row timestep; each sample then
+steps its own scheduler on its own slice. Finished samples leave and are decoded, cancelled or
 expired ones leave at the next step, and waiting requests join at the next iteration, so samples with
 different step counts, schedulers, guidance scales, strengths and tasks share iterations. Only the
-image size must match for two samples to share a UNet call (different sizes run as separate calls in
-the same iteration).
+image size must match for two samples to share a denoiser call (different sizes run as separate
+calls in the same iteration).
 
 Each image of a request is one *sample* with its own `torch.Generator(seed)` and its own scheduler
 instance (schedulers are stateful and `set_timesteps` resets them), so every sample follows exactly the
 computation and random stream of a diffusers pipeline call for a batch of one with that seed, whatever
-else shares its iterations. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
+else shares its iterations. What differs between model families (SD 1.x/2.x and SDXL UNets, SD 3.x
+and FLUX.1 flow-matching transformers) is in a per-family `Denoiser` (`denoiser.py`, `unet.py`,
+`flow.py`); this module decides who runs and never looks inside the model. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
 keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
 
 The denoising loop runs on one dedicated worker thread (schedulers and tokenizers are not
@@ -28,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import heapq
-import inspect
 import itertools
 import logging
 import threading
@@ -36,10 +37,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from inference_server.continuous.denoiser import Blend, Denoiser, Prompt
 from inference_server.engine import (
     TASKS,
     DeadlineExceeded,
@@ -57,6 +59,13 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
+Admission = Literal["always", "efficient"]
+# Seconds of one iteration of n images, or None when not known yet.
+IterationCost = Callable[[int], float | None]
+
+# Weight of the newest iteration in the measured cost of an iteration of n images ("efficient"
+# admission): recent enough to follow a change of sizes or load, smooth enough not to chase noise.
+COST_SMOOTHING = 0.2
 
 # Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
 # MB for SD-sized encoders, and one text-encoder call fewer per request that hits.
@@ -75,6 +84,10 @@ class UnsupportedRequest(EngineError):
     kind = "invalid_request"
 
 
+class UnsupportedModel(UnsupportedRequest):
+    """The continuous engine can't run this model at all (the server falls back to request level)."""
+
+
 @dataclass(frozen=True)
 class ContinuousRequest:
     """One generation request: `len(seeds)` images of one prompt; image i uses `seeds[i]`."""
@@ -91,6 +104,8 @@ class ContinuousRequest:
     strength: float = 1.0  # img2img / inpaint: how far back into the noise schedule to start
     image: Any = None  # PIL image for img2img / inpaint, already width x height
     mask: Any = None  # PIL mask for inpaint: white = repaint, black = keep
+    # FLUX: true classifier-free guidance at this scale when > 1 and a negative prompt is given.
+    true_cfg: float | None = None
     # Lower joins first (ties: arrival order). The bot passes its fairness order here.
     priority: float = 0.0
     deadline: float | None = None  # time.monotonic() after which the request is dropped
@@ -106,24 +121,6 @@ class ContinuousResult:
     total_s: float
     batch_size: int  # largest number of samples that shared an iteration with this request
     iterations: int  # iterations this request took part in
-
-
-@dataclass(frozen=True, eq=False)
-class _Prompt:
-    """A request's prompt embeddings as the UNet takes them."""
-
-    rows: torch.Tensor  # encoder_hidden_states rows: [uncond, cond] with guidance, else [cond]
-    cfg: bool  # classifier-free guidance (there is an unconditional row)
-
-
-@dataclass(frozen=True, eq=False)
-class _Blend:
-    """Inpainting with a 4-channel UNet: outside the mask, the original noised to the next timestep
-    replaces the prediction (as StableDiffusionInpaintPipeline does)."""
-
-    image_latents: torch.Tensor
-    noise: torch.Tensor
-    mask: torch.Tensor
 
 
 @dataclass(eq=False)  # identity: tickets hold tensors and futures
@@ -143,7 +140,7 @@ class _Ticket:
     last_position: int = -1
     max_batch: int = 0
     iterations: int = 0
-    prompt: _Prompt | None = None  # encoded once, when the request is first admitted
+    prompt: Prompt | None = None  # encoded once, when the request is first admitted
 
     @property
     def sort_key(self) -> tuple[float, int]:
@@ -168,11 +165,11 @@ class _Sample:
     num_steps: int  # pipeline steps (progress units); len(timesteps) = evaluations
     warmup: int
     latents: torch.Tensor
-    prompt: _Prompt
+    prompt: Prompt
     guidance: float
     step_kwargs: dict[str, Any]
-    timestep_cond: torch.Tensor | None = None
-    blend: _Blend | None = None
+    blend: Blend | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # the family's per-sample conditioning
     i: int = 0  # next entry of `timesteps`
     steps_done: int = 0
 
@@ -193,20 +190,12 @@ def default_scheduler_factory(pipe: Any) -> SchedulerFactory:
     return make
 
 
-def effective_steps(steps: int, strength: float, task: Task) -> int:
-    """Steps the pipeline really runs: img2img and inpaint skip the first (1 - strength) of them."""
-    if task == "txt2img":
-        return steps
-    init_timestep = min(int(steps * strength), steps)
-    return steps - max(steps - init_timestep, 0)
-
-
 class ContinuousEngine:
-    """Iteration-level scheduler for a StableDiffusionPipeline-like object (UNet2DConditionModel).
+    """Iteration-level scheduler over a diffusers pipeline of any served family.
 
-    `pipe` needs `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`, `image_processor`,
-    `mask_processor` (inpainting) and `encode_prompt` (a StableDiffusionPipeline, or the img2img /
-    inpaint pipelines made from it with `from_pipe`: they share modules).
+    `pipe` is the family's inpainting pipeline (made with `from_pipe`, it shares every module with the
+    text-to-image and image-to-image ones and has every processor the three tasks need); a
+    text-to-image SD pipeline works too. `families.denoiser_for` says which models it can run.
     """
 
     name = "continuous"
@@ -216,7 +205,7 @@ class ContinuousEngine:
         pipe: Any,
         *,
         max_batch_size: int = 8,
-        # Sum of width x height over the images stepping together: bounds device memory per UNet
+        # Sum of width x height over the images stepping together: bounds device memory per denoiser
         # call when sizes differ (the server passes `[batching] max_batch_pixels`).
         max_batch_pixels: int = 8 * 512 * 512,
         # Waiting requests beyond this are refused at once (503 + Retry-After) rather than queued
@@ -224,35 +213,31 @@ class ContinuousEngine:
         max_queue: int = 256,
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
+        # "always": waiting requests fill free slots at every step. "efficient": see _pays_to_join.
+        admission: Admission = "always",
+        # The cost of an iteration of n images for "efficient" admission; None = measured here.
+        iteration_cost: IterationCost | None = None,
         # Decode finished latents on a second thread (see the module docstring). Off for MPS, whose
         # backend is not safe to drive from two threads.
         decode_thread: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-            # 9-channel inpainting checkpoints take mask and masked image as extra input channels;
-            # they stay on the request-level engine.
-            raise UnsupportedRequest(
-                f"UNet with {pipe.unet.config.in_channels} input channels: the continuous engine runs"
-                f" UNets whose input is the {pipe.vae.config.latent_channels}-channel latent"
-            )
-        self.pipe = pipe
-        if getattr(pipe, "mask_processor", None) is None:
-            # A text-to-image pipeline has no mask processor; make the inpainting pipeline's one.
-            from diffusers.image_processor import VaeImageProcessor
+        from inference_server.continuous.families import denoiser_for, unsupported_reason
 
-            self.mask_processor = VaeImageProcessor(
-                vae_scale_factor=pipe.vae_scale_factor,
-                do_normalize=False,
-                do_binarize=True,
-                do_convert_grayscale=True,
-            )
-        else:
-            self.mask_processor = pipe.mask_processor
+        reason = unsupported_reason(pipe)
+        if reason is not None:
+            raise UnsupportedModel(reason)
+        self.pipe = pipe
+        self.denoiser: Denoiser = denoiser_for(pipe)
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
+        if admission not in ("always", "efficient"):
+            raise ValueError(f"admission must be 'always' or 'efficient', got {admission!r}")
+        self.admission = admission
+        self._measured_cost: dict[int, float] = {}  # images per iteration -> seconds (smoothed)
+        self._iteration_cost = iteration_cost or self._measured_cost.get
         self._make_scheduler = scheduler_factory or default_scheduler_factory(pipe)
         self._on_iteration = on_iteration
         self._cond = threading.Condition()
@@ -264,8 +249,8 @@ class ContinuousEngine:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._step_kwarg_names: dict[type, set[str]] = {}
-        self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # text -> embeddings
+        # text -> the family's embeddings of it
+        self._embed_cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self._decode_thread = decode_thread
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         # Counters for /metrics and the bench; written by the worker, read anywhere.
@@ -326,15 +311,18 @@ class ContinuousEngine:
             raise UnsupportedRequest("seeds: at least one seed is needed")
         if request.steps < 1:
             raise UnsupportedRequest("steps must be >= 1")
-        f = self.pipe.vae_scale_factor
+        f = self.denoiser.size_multiple
         if request.width % f or request.height % f:
             raise UnsupportedRequest(f"width and height must be multiples of {f}")
+        problem = self.denoiser.check(request)
+        if problem is not None:
+            raise UnsupportedRequest(problem)
         if request.task != "txt2img":
             if request.image is None:
                 raise UnsupportedRequest("image is required for img2img and inpaint")
             if not 0.0 < request.strength <= 1.0:
                 raise UnsupportedRequest("strength must be in (0, 1]")
-            if effective_steps(request.steps, request.strength, request.task) < 1:
+            if self.denoiser.effective_steps(request.steps, request.strength, request.task) < 1:
                 raise UnsupportedRequest(
                     f"strength {request.strength} x steps {request.steps} leaves no denoising step"
                 )
@@ -357,7 +345,7 @@ class ContinuousEngine:
                 seq=next(self._seq),
                 future=concurrent.futures.Future(),
                 on_event=on_event,
-                total_steps=effective_steps(request.steps, request.strength, request.task),
+                total_steps=self.denoiser.effective_steps(request.steps, request.strength, request.task),
                 submitted=time.monotonic(),
             )
             position = sum(1 for key, _ in self._waiting if key < ticket.sort_key)
@@ -462,6 +450,13 @@ class ContinuousEngine:
                 take = 1  # an image bigger than the budget still runs, alone
             if take == 0:
                 break  # waits, at the head, for pixels to free up
+            backlog = len(self._waiting) > free
+            if (
+                self.admission == "efficient"
+                and not backlog
+                and not self._pays_to_join(ticket, take, joiners)
+            ):
+                break  # FIFO: nobody overtakes a deferred older request
             joiners.append((ticket, take))
             free -= take
             pixels_free -= take * per_image
@@ -470,6 +465,33 @@ class ContinuousEngine:
             else:
                 break  # still at the head, joins with the next free slot
         return joiners
+
+    def _pays_to_join(self, ticket: _Ticket, take: int, joiners: list[tuple[_Ticket, int]]) -> bool:
+        """ "efficient" admission: join now only if the wait it saves the joiner pays for the slower
+        iterations it costs everyone it shares them with.
+
+        With n images running, joining now instead of at the next departure saves the joiner
+        `d * c(n)` (d: iterations until the first running image finishes) and costs each member
+        `c(n + k) - c(n)` for every iteration it shares with the k joining images. Where a step of
+        n images costs about n times one image's (SDXL, FLUX on a GPU; this CPU) early joining buys
+        little and slows everyone; where batching is nearly free it always pays. Unknown costs
+        (no iteration of that size yet) admit, which is how they get measured. Never applied with
+        a backlog (more requests waiting than free slots): then capacity matters more than order,
+        and the slots fill at once (tests/bench/des_model.py: deferring under load costs capacity).
+        """
+        # Iterations left per running image; a joiner's are taken as its steps (a multi-evaluation
+        # sampler's are about twice that, unknown until its scheduler exists: an estimate suffices).
+        lefts = [len(s.timesteps) - s.i for s in self._running]
+        lefts += [t.total_steps for t, _ in joiners]
+        if not lefts:
+            return True
+        n = len(self._running) + sum(k for _, k in joiners)
+        now_cost, joined_cost = self._iteration_cost(n), self._iteration_cost(n + take)
+        if now_cost is None or joined_cost is None:
+            return True
+        saved = min(lefts) * now_cost
+        slower = (joined_cost - now_cost) * sum(min(left, ticket.total_steps) for left in lefts)
+        return saved >= slower
 
     def _positions_changed(self) -> list[tuple[_Ticket, int]]:
         """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""
@@ -484,9 +506,7 @@ class ContinuousEngine:
         try:
             if ticket.prompt is None:
                 ticket.started = time.monotonic()
-                cond, uncond = self._encode_prompt(ticket.request)
-                rows = torch.cat([uncond, cond]) if uncond is not None else cond
-                ticket.prompt = _Prompt(rows=rows, cfg=uncond is not None)
+                ticket.prompt = self.denoiser.encode(ticket.request, self._embed_text)
             for _ in range(count):
                 index = ticket.next_sample
                 ticket.next_sample += 1
@@ -521,124 +541,50 @@ class ContinuousEngine:
                 self._remove_ticket(ticket)
                 _set_exception(ticket.future, RequestCancelled("request cancelled"))
 
-    def _encode_prompt(self, request: ContinuousRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pipe = self.pipe
-        cfg = request.guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        cond = self._embed_text(request.prompt)
-        # The pipelines encode the negative prompt ("" when absent) exactly as a prompt: same
-        # padding to the tokenizer's length, same encoder call, so one cache serves both.
-        return cond, self._embed_text(request.negative_prompt or "") if cfg else None
-
-    def _embed_text(self, text: str) -> torch.Tensor:
+    def _embed_text(self, text: str) -> tuple[torch.Tensor, ...]:
         cached = self._embed_cache.get(text)
         if cached is not None:
             self._embed_cache.move_to_end(text)
             return cached
-        pipe = self.pipe
-        embeds = pipe.encode_prompt(text, pipe._execution_device, 1, False)[0]
+        embeds = self.denoiser.encode_text(text)
         self._embed_cache[text] = embeds
         if len(self._embed_cache) > EMBED_CACHE_SIZE:
             self._embed_cache.popitem(last=False)
         return embeds
 
-    def _step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
-        # As the pipelines' prepare_extra_step_kwargs: eta=0.0 and the generator when accepted.
-        names = self._step_kwarg_names.get(type(scheduler))
-        if names is None:
-            names = set(inspect.signature(scheduler.step).parameters)
-            self._step_kwarg_names[type(scheduler)] = names
-        kwargs: dict[str, Any] = {}
-        if "eta" in names:
-            kwargs["eta"] = 0.0
-        if "generator" in names:
-            kwargs["generator"] = generator
-        return kwargs
-
-    def _prepare_sample(self, ticket: _Ticket, index: int, prompt: _Prompt) -> _Sample:
-        """Follow the diffusers pipeline's set-up for a batch of one, in the same random order."""
-        pipe, req = self.pipe, ticket.request
-        device = pipe._execution_device
-        dtype = prompt.rows.dtype
+    def _prepare_sample(self, ticket: _Ticket, index: int, prompt: Prompt) -> _Sample:
+        """The family's set-up of a batch of one, in the pipeline's random order."""
+        req = ticket.request
         # A CPU generator whatever the device, as the request-level runner: an image depends only on
         # its seed, on any device (diffusers draws on the CPU and moves the noise).
         generator = torch.Generator("cpu").manual_seed(int(req.seeds[index]))
         scheduler = self._make_scheduler(req.scheduler)
-        scheduler.set_timesteps(req.steps, device=device)
-        timesteps = scheduler.timesteps
-        num_steps = req.steps
-        if req.task != "txt2img":
-            # StableDiffusionImg2ImgPipeline.get_timesteps
-            init_timestep = min(int(req.steps * req.strength), req.steps)
-            t_start = max(req.steps - init_timestep, 0)
-            timesteps = scheduler.timesteps[t_start * scheduler.order :]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(t_start * scheduler.order)
-            num_steps = req.steps - t_start
-        f = pipe.vae_scale_factor
-        blend = None
-        if req.task == "txt2img":
-            shape = (1, pipe.unet.config.in_channels, req.height // f, req.width // f)
-            latents = _randn(shape, generator, device, dtype) * scheduler.init_noise_sigma
-        elif req.task == "img2img":
-            # StableDiffusionImg2ImgPipeline.prepare_latents: VAE sample, then noise, same generator.
-            image = pipe.image_processor.preprocess(req.image, height=req.height, width=req.width)
-            image = image.to(device=device, dtype=dtype)
-            init = pipe.vae.encode(image).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-            noise = _randn(init.shape, generator, device, dtype)
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(1))
-        else:
-            # StableDiffusionInpaintPipeline (4-channel UNet): image latents, noise, masked-image latents.
-            init_image = pipe.image_processor.preprocess(
-                req.image, height=req.height, width=req.width, crops_coords=None, resize_mode="default"
-            ).to(dtype=torch.float32)
-            image_latents = (
-                pipe.vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist.sample(generator)
-                * pipe.vae.config.scaling_factor
-            )
-            shape = (1, pipe.vae.config.latent_channels, req.height // f, req.width // f)
-            noise = _randn(shape, generator, device, dtype)
-            if req.strength == 1.0:
-                latents = noise * scheduler.init_noise_sigma
-            else:
-                latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(1))
-            mask_condition = self.mask_processor.preprocess(
-                req.mask, height=req.height, width=req.width, resize_mode="default", crops_coords=None
-            )
-            # The pipeline also VAE-encodes the masked image with the same generator; a 4-channel
-            # UNet never uses the result, but the draw advances the generator that stochastic
-            # samplers use later, so take the same draw without paying for the encoder.
-            _randn(image_latents.shape, generator, device, image_latents.dtype)
-            mask = torch.nn.functional.interpolate(mask_condition, size=(req.height // f, req.width // f))
-            blend = _Blend(image_latents=image_latents, noise=noise, mask=mask.to(device=device, dtype=dtype))
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            g = torch.tensor(req.guidance - 1).repeat(1)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                g, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=dtype)
+        start = self.denoiser.prepare(req, prompt, scheduler, generator)
         return _Sample(
             ticket=ticket,
             index=index,
             scheduler=scheduler,
             generator=generator,
-            timesteps=timesteps,
-            num_steps=num_steps,
-            warmup=len(timesteps) - num_steps * scheduler.order,
-            latents=latents,
+            timesteps=start.timesteps,
+            num_steps=start.num_steps,
+            warmup=len(start.timesteps) - start.num_steps * scheduler.order,
+            latents=start.latents,
             prompt=prompt,
             guidance=req.guidance,
-            step_kwargs=self._step_kwargs(scheduler, generator),
-            timestep_cond=timestep_cond,
-            blend=blend,
+            step_kwargs=self.denoiser.step_kwargs(scheduler, generator),
+            blend=start.blend,
+            extra=start.extra,
         )
 
     def _iteration(self) -> None:
-        """One UNet call per image size over the running samples, then each sample steps itself."""
+        """One denoiser call per image size over the running samples, then each sample steps itself."""
         t0 = time.perf_counter()
         active = self._running[: self._limit]
-        groups: dict[tuple[int, int], list[_Sample]] = {}
+        # Samples of different sizes (or, for FLUX, text lengths) can't share a denoiser call: one
+        # call per group, all in this iteration.
+        groups: dict[tuple[Any, ...], list[_Sample]] = {}
         for s in active:
-            groups.setdefault(s.size, []).append(s)
+            groups.setdefault(self.denoiser.group_key(s), []).append(s)
         batch = len(active)
         failed = False
         for samples in groups.values():
@@ -670,25 +616,29 @@ class ContinuousEngine:
                 self._decoder.submit(self._decode_on_thread, finished)
             else:
                 self._decode(finished)
+        seconds = time.perf_counter() - t0
+        if not failed:
+            old = self._measured_cost.get(batch)
+            self._measured_cost[batch] = seconds if old is None else old + COST_SMOOTHING * (seconds - old)
         if self._on_iteration is not None:
-            self._on_iteration(batch, time.perf_counter() - t0)
+            self._on_iteration(batch, seconds)
 
     def _predict_and_step(self, samples: list[_Sample]) -> bool:
-        """One UNet call over `samples`, then their steps; True if a call failed.
+        """One denoiser call over `samples`, then their steps; True if a call failed.
 
         A failure other than out-of-memory may come from one request's state, so with several
         requests in the call they retry as two halves (recursively) and only a request that fails
         alone fails. A failed call stepped nobody, so retried samples are exactly where they were.
         """
         try:
-            noise_pred = self._predict(samples)
+            noise_pred = self.denoiser.predict(samples)
         except Exception as e:
             tickets = list({id(s.ticket): s.ticket for s in samples}.values())
             if _is_oom(e) or len(tickets) == 1:
                 self._on_unet_failure(samples, e)
                 return True
             log.warning(
-                "continuous: UNet call over %d requests failed (%s: %s); retrying them as two halves",
+                "continuous: denoiser call over %d requests failed (%s: %s); retrying them as two halves",
                 len(tickets),
                 type(e).__name__,
                 e,
@@ -703,7 +653,7 @@ class ContinuousEngine:
     def _on_unet_failure(self, samples: list[_Sample], error: Exception) -> None:
         """Out of memory: halve the running batch and retry; other errors fail these requests only.
 
-        A failed UNet call stepped nobody, so the samples' states are intact and simply retry.
+        A failed denoiser call stepped nobody, so the samples' states are intact and simply retry.
         """
         tickets = list({id(s.ticket): s.ticket for s in samples}.values())
         if _is_oom(error):
@@ -716,39 +666,16 @@ class ContinuousEngine:
             log.warning("continuous: out of memory on a single image; failing that request")
             failure: EngineError = OutOfMemory("out of device memory generating this image at this size")
         else:
-            log.error("continuous: UNet call failed", exc_info=error)
+            log.error("continuous: denoiser call failed", exc_info=error)
             failure = GenerationFailed(MODEL_FAILED)
         for ticket in tickets:
             self._remove_ticket(ticket)
             _set_exception(ticket.future, failure)
 
-    def _predict(self, samples: list[_Sample]) -> torch.Tensor:
-        pipe = self.pipe
-        inputs, embeds, times, conds = [], [], [], []
-        for s in samples:
-            t = s.timesteps[s.i]
-            x = torch.cat([s.latents] * 2) if s.prompt.cfg else s.latents
-            x = s.scheduler.scale_model_input(x, t)
-            inputs.append(x)
-            embeds.append(s.prompt.rows)
-            rows = 2 if s.prompt.cfg else 1
-            # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()),
-            # so one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
-            times.append(torch.full((rows,), float(t), dtype=torch.float32))
-            if s.timestep_cond is not None:
-                conds.append(s.timestep_cond.repeat(rows, 1))
-        return pipe.unet(
-            torch.cat(inputs),
-            torch.cat(times).to(inputs[0].device),
-            encoder_hidden_states=torch.cat(embeds),
-            timestep_cond=torch.cat(conds) if conds else None,
-            return_dict=False,
-        )[0]
-
     def _step(self, samples: list[_Sample], noise_pred: torch.Tensor) -> None:
         row = 0
         for s in samples:
-            rows = 2 if s.prompt.cfg else 1
+            rows = s.prompt.rows
             try:
                 self._step_one(s, noise_pred[row : row + rows])
             except Exception:  # e.g. a scheduler rejecting its state: fail that request only
@@ -759,17 +686,13 @@ class ContinuousEngine:
 
     def _step_one(self, s: _Sample, noise_pred: torch.Tensor) -> None:
         t = s.timesteps[s.i]
-        if s.prompt.cfg:
-            uncond_pred, text_pred = noise_pred.chunk(2)
-            pred = uncond_pred + s.guidance * (text_pred - uncond_pred)
-        else:
-            pred = noise_pred
+        pred = self.denoiser.guide(s, noise_pred)
         s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
         if s.blend is not None:
             blend = s.blend
             proper = blend.image_latents
             if s.i < len(s.timesteps) - 1:
-                proper = s.scheduler.add_noise(proper, blend.noise, torch.tensor([s.timesteps[s.i + 1]]))
+                proper = self.denoiser.renoise(s.scheduler, proper, blend.noise, s.timesteps[s.i + 1])
             s.latents = (1 - blend.mask) * proper + blend.mask * s.latents
         # The pipelines' progress rule: a step is done every `order` evaluations and at the end.
         i = s.i
@@ -813,11 +736,8 @@ class ContinuousEngine:
         that fails by itself (its own latents, or memory at batch 1) fails its request."""
         pipe = self.pipe
         try:
-            latents = torch.cat([s.latents for s in samples])
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            arrays = pipe.image_processor.postprocess(
-                image, output_type="np", do_denormalize=[True] * image.shape[0]
-            )
+            latents = torch.cat([self.denoiser.vae_input(s) for s in samples])
+            arrays = self.denoiser.postprocess(self.denoiser.decode(latents))
         except Exception as e:
             if _is_oom(e):
                 _empty_cache(pipe)
@@ -856,10 +776,10 @@ class ContinuousEngine:
     def _complete(self, ticket: _Ticket) -> None:
         now = time.monotonic()
         arrays = [ticket.finished_arrays[i] for i in range(len(ticket.request.seeds))]
-        images = self.pipe.image_processor.numpy_to_pil(_stack(arrays))
+        images = self.denoiser.numpy_to_pil(_stack(arrays))
         req = ticket.request
         if req.task == "inpaint":
-            # As the request-level runner does: a 4-channel UNet inpaints by latent blending, which
+            # As the request-level runner does: a latent-input denoiser inpaints by blending, which
             # also alters pixels outside the mask (the VAE round trip), so paste the original back
             # where the mask is black ("keep").
             from PIL import Image as PILImage
@@ -883,14 +803,6 @@ class ContinuousEngine:
             ticket.reported_step = ticket.total_steps
             ticket.emit({"event": "progress", "step": ticket.total_steps, "total": ticket.total_steps})
         _set_result(ticket.future, result)
-
-
-def _randn(
-    shape: tuple[int, ...], generator: torch.Generator, device: Any, dtype: torch.dtype
-) -> torch.Tensor:
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
 
 
 def _stack(arrays: list[Any]) -> Any:

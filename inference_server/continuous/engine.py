@@ -5,10 +5,10 @@ Chosen with `[batching] engine = "continuous"`. Loading and warm-up go through t
 own worker thread (the runner's thread stays idle, so one thread still drives the device). Events and
 results come back to the event loop with `call_soon_threadsafe`; metrics are only touched there.
 
-Models the continuous engine can't run (a UNet whose input isn't the plain latent, e.g. 9-channel
-inpainting checkpoints) fall back to the request-level `DynamicBatchingEngine` over the same, already
-loaded `PipelineRunner`, with a log line saying so; `name` (and so `/health` and `/metrics`) then
-says "dynamic".
+It serves every family (SD 1.x/2.x, SDXL, SD 3.x, FLUX.1; see `families.py`). Models it can't
+run (a denoiser whose input isn't the plain latent: 9-channel inpainting UNets, FLUX Fill) fall back
+to the request-level `DynamicBatchingEngine` over the same, already loaded `PipelineRunner`, with a
+log line saying so; `name` (and so `/health` and `/metrics`) then says "dynamic".
 
 torch is imported only when the engine starts: importing this module is cheap.
 """
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference_server.batcher import DynamicBatchingEngine
 from inference_server.config import BatchingConfig
+from inference_server.continuous.families import unsupported_reason
 from inference_server.engine import (
     EngineError,
     EngineLoad,
@@ -136,6 +137,7 @@ class ContinuousBatchingEngine(EngineBase):
             guidance=request.guidance,
             scheduler=request.scheduler,
             strength=request.strength if request.strength is not None else 1.0,
+            true_cfg=request.true_cfg,
             image=request.image,
             mask=request.mask,
             priority=request.priority,  # the client's (the bot's fairness order); lower joins first
@@ -208,6 +210,7 @@ class ContinuousBatchingEngine(EngineBase):
             max_batch_size=self.config.max_batch_size,
             max_batch_pixels=self.config.max_batch_pixels,
             max_queue=self.config.max_queue,
+            admission=self.config.admission,
             scheduler_factory=scheduler_factory(pipe),
             on_iteration=self._from_worker_iteration,
             decode_thread=self.runner.device != "mps" if self.decode_thread is None else self.decode_thread,
@@ -294,18 +297,6 @@ class ContinuousBatchingEngine(EngineBase):
                 total_s=result.total_s,
             )
         )
-
-
-def unsupported_reason(pipe: Any) -> str | None:
-    """Why the continuous engine can't run `pipe`, or None when it can."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or type(unet).__name__ != "UNet2DConditionModel":
-        return f"{type(unet).__name__ if unet is not None else 'no'} UNet; needs UNet2DConditionModel"
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "SDXL-style UNet (needs added time ids)"
-    if unet.config.in_channels != pipe.vae.config.latent_channels:
-        return f"UNet takes {unet.config.in_channels} input channels (inpainting checkpoint)"
-    return None
 
 
 def scheduler_factory(pipe: Any) -> Any:

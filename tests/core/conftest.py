@@ -24,9 +24,21 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot.config import normalize_database_url
 from bot.core.db import make_engine
 from bot.migrate import upgrade
+from tests.core.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures of the storage tests
 
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-TABLES = ("audit_log", "images", "jobs", "model_settings", "quota_usage", "quota_limits", "users")
+TABLES = (
+    "audit_log",
+    "channel_settings",
+    "dispatcher_heartbeats",
+    "images",
+    "jobs",
+    "model_settings",
+    "publications",
+    "quota_usage",
+    "quota_limits",
+    "users",
+)
 
 
 def run_in_thread(coro_fn: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +83,13 @@ async def running_core(
     owner: str | None = None,
     start: bool = True,
     clock: Callable[[], dt.datetime] = utcnow,
+    env: Mapping[str, str] | None = None,
     **sections: dict[str, Any],
 ) -> AsyncIterator[tuple[Core, RecordingDelivery]]:
     delivery = RecordingDelivery()
     async with build_core(
         config_for(url, tmp_path, **sections),
-        {},
+        dict(env or {}),
         backend=backend or FakeBackend(),
         dispatcher_owner=owner,
         start_dispatcher=start,

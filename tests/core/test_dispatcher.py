@@ -245,15 +245,21 @@ async def test_killed_process_job_finishes_exactly_once_after_restart(db_url, tm
 
 
 async def test_a_job_longer_than_the_lease_is_not_taken_over(db_url, tmp_path):
-    """The holder renews its lease while the job runs, so a second dispatcher never steals it."""
-    b1, b2 = FakeBackend(delay_s=2.5), FakeBackend(delay_s=2.5)
+    """The holder renews its lease while the job runs, so a second dispatcher never steals it.
+
+    The job lasts 2.5 leases. The leases are renewed every third of a lease by a task of their own
+    (not behind the dispatcher's other database work); the lease is 2 s rather than 1 s so that a
+    loaded test machine, which can stall this process for most of a second, does not make a
+    legitimate takeover (the holder really went silent for a lease) look like a wrongful one."""
+    lease = {"lease_s": 2.0}
+    b1, b2 = FakeBackend(delay_s=5.0), FakeBackend(delay_s=5.0)
     async with (
-        running_core(db_url, tmp_path, backend=b1, owner="one", bot={"lease_s": 1.0}) as (core1, d1),
-        running_core(db_url, tmp_path, backend=b2, owner="two", bot={"lease_s": 1.0}) as (core2, d2),
+        running_core(db_url, tmp_path, backend=b1, owner="one", bot=lease) as (core1, d1),
+        running_core(db_url, tmp_path, backend=b2, owner="two", bot=lease) as (core2, d2),
     ):
         job = await core1.service.imagine(ALICE, GUILD, "slow --steps 5", idempotency_key="long")
         done = await core1.service.wait_for_job(job.id, 60)
         assert done.state == "succeeded" and done.attempts == 1
-        await asyncio.sleep(1.5)  # longer than a lease: a wrongful takeover would show now
+        await asyncio.sleep(2.5)  # longer than a lease: a wrongful takeover would show now
         assert len(b1.calls) + len(b2.calls) == 1
         assert len(d1.succeeded.get(job.id, [])) + len(d2.succeeded.get(job.id, [])) == 1

@@ -21,7 +21,18 @@ from bot.migrate import SchemaOutOfDate, current_revision, downgrade, ensure_sch
 from tests.core.helpers import config_for
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"users", "quota_limits", "quota_usage", "jobs", "images", "audit_log", "model_settings"}
+TABLES = {
+    "users",
+    "quota_limits",
+    "quota_usage",
+    "jobs",
+    "images",
+    "audit_log",
+    "model_settings",
+    "channel_settings",
+    "publications",
+    "dispatcher_heartbeats",
+}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -43,9 +43,10 @@ def test_each_role_has_its_extra_and_torch_is_pinned_exactly(project):
     assert requirement_names(extras["discord"]) == {"discord.py"}
     assert requirement_names(extras["slack"]) == {"slack-bolt", "slack-sdk"}
     assert requirement_names(extras["playground"]) == {"gradio"}
-    assert extras["all"] == ["imagine-bot[server,discord,slack,playground]"]
+    assert requirement_names(extras["s3"]) == {"aiobotocore"}
+    assert extras["all"] == ["imagine-bot[server,discord,slack,playground,s3]"]
     # Only the server extra brings torch: no chat extra may drag it in through a plain name.
-    for role in ("discord", "slack", "playground"):
+    for role in ("discord", "slack", "playground", "s3"):
         assert not requirement_names(extras[role]) & SERVER_ONLY, role
 
 

@@ -372,30 +372,7 @@ class FakeDiscord:
             "unavailable": False,
             "large": False,
             "member_count": 3,
-            "roles": [
-                {
-                    "id": str(self.guild_id),
-                    "name": "@everyone",
-                    "permissions": str(PERM_MEMBER_DEFAULT),
-                    "position": 0,
-                    "color": 0,
-                    "hoist": False,
-                    "managed": False,
-                    "mentionable": False,
-                    "flags": 0,
-                },
-                {
-                    "id": str(self.admin_role_id),
-                    "name": "Imagine Admin",
-                    "permissions": str(PERM_MEMBER_DEFAULT),
-                    "position": 1,
-                    "color": 0,
-                    "hoist": False,
-                    "managed": False,
-                    "mentionable": False,
-                    "flags": 0,
-                },
-            ],
+            "roles": self._roles(),
             "channels": [
                 {
                     "id": str(self.channel_id),
@@ -471,6 +448,33 @@ class FakeDiscord:
             obj["width"], obj["height"] = width, height
         return obj
 
+    def _roles(self) -> list[dict]:
+        """The guild's roles: @everyone (its id is the guild's) and the admin role."""
+        return [
+            {
+                "id": str(self.guild_id),
+                "name": "@everyone",
+                "permissions": str(PERM_MEMBER_DEFAULT),
+                "position": 0,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": False,
+                "flags": 0,
+            },
+            {
+                "id": str(self.admin_role_id),
+                "name": "Imagine Admin",
+                "permissions": str(PERM_MEMBER_DEFAULT),
+                "position": 1,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": False,
+                "flags": 0,
+            },
+        ]
+
     async def slash(
         self, name: str, user: FakeUser, options: dict[str, Any] | None = None, **kwargs: Any
     ) -> Interaction:
@@ -518,6 +522,10 @@ class FakeDiscord:
                 typ = 3
             if command_options and key in command_options:
                 typ = command_options[key]
+            if typ == 8:  # a role option: the guild's role of that id, resolved as Discord does
+                role = next(r for r in self._roles() if r["id"] == str(value))
+                resolved.setdefault("roles", {})[role["id"]] = role
+                value = role["id"]
             opts.append({"name": key, "type": typ, "value": value})
         for key, att in (attachments or {}).items():
             opts.append({"name": key, "type": 11, "value": att["id"]})

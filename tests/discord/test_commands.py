@@ -40,6 +40,11 @@ async def test_command_sync_payload(fake_discord: FakeDiscord, tmp_path):
         "default-model",
         "allow-models",
         "allow-loras",
+        "allow-channels",
+        "channel-defaults",
+        "private",
+        "role-limit",
+        "settings",
     }
     assert all(o["type"] == 1 for o in admin["options"])  # subcommands
     assert commands["imagine"]["description"]  # Discord shows it to users

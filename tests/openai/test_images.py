@@ -114,7 +114,7 @@ async def test_models(client: openai.AsyncOpenAI, server: Server) -> None:
     ids = [m.id for m in models.data]
     assert ids == ["pipe"]  # the tiny model's folder name, not its file-system path
     model = await client.models.retrieve("pipe")
-    assert model.id == "pipe" and model.owned_by == "imagine-bot"
+    assert model.id == "pipe" and model.owned_by == "imagine"
     try:
         await client.models.retrieve("dall-e-3")
     except openai.NotFoundError as e:

@@ -71,7 +71,7 @@ async def running_playground(
     env = dict(env or {})
     async with build_core(config, env) as core:
         ready = asyncio.Event()
-        task = asyncio.create_task(run(core.service, config, env, ready), name="playground")
+        task = asyncio.create_task(run(core.service, config, env, ready, ops=core.ops), name="playground")
         waiter = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait({task, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
         if task in done:

@@ -113,6 +113,10 @@ async def test_api_calls_with_any_json_get_an_answer_and_lose_nothing(tmp_path, 
         await asyncio.to_thread(fuzz)
         with httpx.Client() as http:
             assert (await asyncio.to_thread(http.get, f"{app.url}healthz")).status_code == 200
+            ready = await asyncio.to_thread(http.get, f"{app.url}readyz")
+            assert (ready.status_code, ready.json()) == (200, {"status": "ready", "reason": "ready"})
+            metrics = (await asyncio.to_thread(http.get, f"{app.url}metrics")).text
+            assert 'imagine_bot_submit_seconds_count{operation="imagine",outcome="accepted"}' in metrics
         unexpected = [r for r in caplog.records if "handler failed" in r.getMessage()]
         assert not unexpected, unexpected[0].exc_info
         # Every job a request made is a row that finished (the API call streamed it to its end).

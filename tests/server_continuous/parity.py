@@ -7,6 +7,7 @@ pipeline call for a batch of one with the same seed and scheduler.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,11 @@ def reference(pipes: dict[str, Any], factory: Any, req: ContinuousRequest, seed:
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
     )
-    if req.task in ("txt2img", "inpaint"):
+    if "width" in inspect.signature(pipe.__call__).parameters:
+        # SD/SDXL img2img take the input image's size; the others the requested one.
         kwargs.update(width=req.width, height=req.height)
+    if req.true_cfg is not None:
+        kwargs.update(true_cfg_scale=req.true_cfg)  # FLUX
     if req.task != "txt2img":
         kwargs.update(image=req.image, strength=req.strength)
     if req.task == "inpaint":

@@ -441,6 +441,13 @@ class FakeSlack:
         self.views.append({"trigger_id": p["trigger_id"], "view": view})
         return {"ok": True, "view": {"id": f"V{next(self._ids):05d}", **view}}
 
+    def _m_conversations_open(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A DM with one user: its channel id (D...), the same each time, as on Slack."""
+        users = str(p.get("users") or "")
+        if not users or "," in users:
+            return {"ok": False, "error": "invalid_arguments" if not users else "not_implemented"}
+        return {"ok": True, "channel": {"id": f"D{users}"}}
+
     def _m_users_info(self, p: dict[str, Any]) -> dict[str, Any]:
         user = self.users.get(p.get("user"))
         if user is None:

@@ -153,7 +153,9 @@ async def running_adapter(
     try:
         async with build_core(config, dict(env or ENV)) as core:
             ready = asyncio.Event()
-            task = asyncio.create_task(slack_adapter.run(core.service, config, dict(env or ENV), ready))
+            task = asyncio.create_task(
+                slack_adapter.run(core.service, config, dict(env or ENV), ready, ops=core.ops)
+            )
             waiter = asyncio.create_task(ready.wait())
             done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
             if task in done:

@@ -394,6 +394,11 @@ async def test_url_verification_and_health(slack: Running, http):
     base = slack.sender.url.rsplit("/slack/events", 1)[0]
     async with http.get(f"{base}/healthz") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    # The operations endpoints on the same web app (docs/deployment.md#bot-metrics).
+    async with http.get(f"{base}/readyz") as resp:
+        assert resp.status == 200 and await resp.json() == {"status": "ready", "reason": "ready"}
+    async with http.get(f"{base}/metrics") as resp:
+        assert resp.status == 200 and "imagine_bot_queue_depth 0.0" in await resp.text()
 
 
 async def test_job_accepted_before_a_restart_is_delivered_after_it(fake_slack: FakeSlack, tmp_path, http):

@@ -35,11 +35,13 @@ class Account(commands.Cog):
     @app_commands.command(name="help", description="How to use the image bot.")
     async def help(self, interaction: discord.Interaction) -> None:
         await defer(interaction, ephemeral=True)
+        place = self.bot.place(interaction)
         try:
-            listing = await self.bot.service.models(self.bot.place(interaction))
+            listing = await self.bot.service.models(place)
+            rules = await self.bot.service.place_rules(place)
         except CoreError:  # the database is away: help without the models still helps
-            listing = None
-        await interaction.followup.send(messages.help_text(listing), ephemeral=True)
+            listing, rules = None, None
+        await interaction.followup.send(messages.help_text(listing, rules), ephemeral=True)
 
 
 async def setup(bot: ImagineBot) -> None:

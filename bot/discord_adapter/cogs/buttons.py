@@ -22,7 +22,7 @@ from bot.core.controls import Pressed, press
 from bot.core.operations import remix_text
 from bot.discord_adapter import messages
 from bot.discord_adapter.controls import REMIX_FORM, REMIX_IMAGE, REMIX_TEXT, RemixModal, modal_values
-from bot.discord_adapter.errors import defer, report
+from bot.discord_adapter.errors import report
 
 if TYPE_CHECKING:
     from bot.discord_adapter.bot import ImagineBot
@@ -52,7 +52,7 @@ class Buttons(commands.Cog):
         return str(interaction.message.id) if interaction.message is not None else None
 
     async def _start(self, interaction: discord.Interaction, pressed: Pressed) -> None:
-        await defer(interaction, ephemeral=False)
+        await self.bot.defer_job(interaction)
         job = await press(
             self.bot.service,
             self.bot.actor(interaction),
@@ -111,7 +111,7 @@ class Buttons(commands.Cog):
         if match is None:
             return
         try:
-            await defer(interaction, ephemeral=False)
+            await self.bot.defer_job(interaction)
             values = modal_values(data)
             image = values.get(REMIX_IMAGE, "1").strip() or "1"
             if not image.isdigit() or not 1 <= int(image) <= 4:

@@ -11,7 +11,6 @@ from discord.ext import commands
 
 from bot.discord_adapter.attachments import read_image
 from bot.discord_adapter.cogs.models import complete_loras, complete_models
-from bot.discord_adapter.errors import defer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class Imagine(commands.Cog):
         model: app_commands.Range[str, 1, 200] | None = None,
         lora: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
-        await defer(interaction, ephemeral=False)
+        await self.bot.defer_job(interaction)
         options = {
             "negative": negative,
             "n": count,

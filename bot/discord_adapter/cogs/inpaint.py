@@ -10,7 +10,6 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_adapter.attachments import read_image
-from bot.discord_adapter.errors import defer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ class Inpaint(commands.Cog):
         mask: discord.Attachment | None = None,
         seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
     ) -> None:
-        await defer(interaction, ephemeral=False)
+        await self.bot.defer_job(interaction)
         limit = self.bot.config.max_attachment_bytes
         image_bytes = await read_image("image", image, limit)
         mask_bytes = await read_image("mask", mask, limit) if mask is not None else None

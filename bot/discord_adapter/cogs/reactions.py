@@ -46,6 +46,7 @@ class Reactions(commands.Cog):
             str(member.id),
             member.display_name,
             is_admin(member, member.guild_permissions, self.bot.config.admin_roles),
+            tuple(str(r.id) for r in member.roles),  # role limits apply to reactions' jobs too
         )
         place = Place(PLATFORM, str(payload.guild_id), str(payload.channel_id))
         delivery = {

@@ -1,8 +1,8 @@
 """Dispatcher heartbeats: dispatcher_heartbeats (owner, beat_at), for taking over the claims of a
 dispatcher that stopped beating (bot/core/heartbeats.py).
 
-Revision ID: 0005
-Revises: 0003 (the coordinator renumbers: 0004 once the throughput migration lands)
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-02
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0003"
+revision: str = "0007"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

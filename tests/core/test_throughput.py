@@ -1,0 +1,236 @@
+"""What makes the core fast, checked for what it must still be: queue positions told to users are
+right under concurrent submissions, a claim takes several jobs in fair order in one round trip,
+dispatchers in several processes share the work without running a job twice, and on PostgreSQL a
+dispatcher is woken by another process's submission (LISTEN/NOTIFY), not by its poll."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, func, select
+
+from bot.core.api import Actor
+from bot.core.models import Job
+from tests.core.helpers import GUILD, running_core
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def users(n: int) -> list[Actor]:
+    return [Actor("discord", f"u{i}", f"U{i}") for i in range(n)]
+
+
+async def test_positions_told_are_right_under_concurrent_submits(db_url, tmp_path):
+    """Two processes' worth of cores submit at once (12 users, 3 jobs each, each user's one after
+    the other): the positions users are told are 1..n, each once, and are the order claims take."""
+    async with (
+        running_core(db_url, tmp_path, start=False) as (one, _),
+        running_core(db_url, tmp_path, start=False) as (two, _),
+    ):
+
+        async def user_submits(i: int, actor: Actor) -> list[int]:
+            core = one if i % 2 else two
+            return [
+                (
+                    await core.service.imagine(
+                        actor, GUILD, f"{actor.user_id} {k}", idempotency_key=f"{i}-{k}"
+                    )
+                ).id
+                for k in range(3)
+            ]
+
+        per_user = await asyncio.gather(*[user_submits(i, a) for i, a in enumerate(users(12))])
+        jobs = [job for mine in per_user for job in mine]
+        told = {job: await one.service.queue_position(job) for job in jobs}
+        assert sorted(told.values()) == list(range(1, 37))  # 1..36, each once
+        # The positions reported through on_queued are the same.
+        reported = dict(await two.service.queue.positions_to_report(["discord"], only_new=False))
+        assert reported == told
+        # Fair: every user's first job before anybody's second, second before anybody's third.
+        for k in range(3):
+            assert {told[mine[k]] for mine in per_user} == set(range(12 * k + 1, 12 * k + 13))
+        # And they are the order the dispatchers take the jobs in.
+        taken = [c.view.id for c in await one.service.claims.claim_queued("a", ["discord"], 10)]
+        taken += [c.view.id for c in await two.service.claims.claim_queued("b", ["discord"], 100)]
+        assert taken == sorted(jobs, key=told.__getitem__)
+        assert await one.service.queue_position(jobs[0]) is None  # running: no place in the queue
+
+
+async def test_a_claim_takes_several_jobs_in_fair_order_in_one_round_trip(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, start=False) as (core, _):
+        alice, bob = users(2)
+        for k in range(4):
+            await core.service.imagine(alice, GUILD, f"alice {k}", idempotency_key=f"a{k}")
+        await core.service.imagine(bob, GUILD, "bob 0", idempotency_key="b0")
+        statements: list[str] = []
+
+        def record(conn, cursor, statement, *args):  # noqa: ANN001 - SQLAlchemy event signature
+            if statement.split()[0].upper() not in ("BEGIN", "COMMIT", "ROLLBACK"):
+                statements.append(statement)
+
+        event.listen(core.db.engine.sync_engine, "before_cursor_execute", record)
+        try:
+            first = await core.service.claims.claim_queued("one", ["discord"], 3)
+        finally:
+            event.remove(core.db.engine.sync_engine, "before_cursor_execute", record)
+        assert [c.view.prompt for c in first] == ["alice 0", "bob 0", "alice 1"]
+        # The claim itself (UPDATE ... RETURNING) and the read of the claimed jobs' views.
+        assert len(statements) == 2, statements
+        assert [c.priority for c in first] == [0, 0, 1]  # alice 1 has alice 0 running before it
+        assert all(c.view.state == "running" and c.view.attempts == 1 for c in first)
+        rest = await core.service.claims.claim_queued("two", ["discord"], 10)
+        assert [c.view.prompt for c in rest] == ["alice 2", "alice 3"]
+        assert await core.service.claims.claim_queued("three", ["discord"], 10) == []
+        async with core.db.read() as s:
+            owners = dict((await s.execute(select(Job.prompt, Job.lease_owner))).tuples().all())
+        assert owners == {
+            "alice 0": "one",
+            "bob 0": "one",
+            "alice 1": "one",
+            "alice 2": "two",
+            "alice 3": "two",
+        }
+
+
+async def test_concurrent_claims_never_take_the_same_job(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, start=False) as (core, _):
+        for i, actor in enumerate(users(40)):
+            await core.service.imagine(actor, GUILD, f"p{i}", idempotency_key=f"k{i}")
+        claims = core.service.claims
+        batches = await asyncio.gather(*[claims.claim_queued(f"d{i}", ["discord"], 3) for i in range(16)])
+        taken = [c.view.id for batch in batches for c in batch]
+        assert len(taken) == len(set(taken)) == 40
+
+
+DISPATCHER = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from bot.backends.fake import FakeBackend
+    from tests.core.helpers import running_core
+
+    class Recording:
+        def __init__(self, path):
+            self.path = path
+        async def on_queued(self, job, position):
+            pass
+        async def on_progress(self, job, step, total):
+            pass
+        async def on_succeeded(self, job, images):
+            with open(self.path, "a") as f:
+                f.write(f"{job.id}\\n")
+        async def on_failed(self, job, message):
+            with open(self.path, "a") as f:
+                f.write(f"failed {job.id}\\n")
+
+    async def main(url, tmp, out):
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        from pathlib import Path
+        async with running_core(url, Path(tmp), backend=FakeBackend(delay_s=0.02), deliver=(),
+                                bot={"dispatch_concurrency": 2}) as (core, _):
+            core.service.register_delivery("discord", Recording(out))
+            print("READY", flush=True)
+            await stop.wait()
+
+    asyncio.run(main(*sys.argv[1:4]))
+    """
+)
+
+
+async def undelivered(core) -> int:  # noqa: ANN001 - a bootstrap.Core
+    async with core.db.read() as s:
+        return (
+            await s.execute(select(func.count()).select_from(Job).where(Job.delivered_at.is_(None)))
+        ).scalar_one()
+
+
+async def test_dispatcher_processes_share_the_work_and_run_each_job_once(db_url, tmp_path):
+    """Three dispatcher processes and a submitting one: every job runs and is delivered once, and
+    the work is spread over the processes."""
+    outs = [tmp_path / f"delivered-{i}.txt" for i in range(3)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            DISPATCHER,
+            db_url,
+            str(tmp_path),
+            str(out),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        for out in outs
+    ]
+    try:
+        for proc in procs:
+            assert (await asyncio.wait_for(proc.stdout.readline(), 120)).strip() == b"READY"
+        async with running_core(db_url, tmp_path, start=False) as (core, _):
+            jobs = await asyncio.gather(
+                *[
+                    core.service.imagine(actor, GUILD, f"p{i}", idempotency_key=f"k{i}")
+                    for i, actor in enumerate(users(60))
+                ]
+            )
+            for job in jobs:
+                assert (await core.service.wait_for_job(job.id, 120)).state == "succeeded"
+            async with asyncio.timeout(60):  # delivered (marked so) just after it succeeded
+                # Another process writes it: nothing to wait on here but the row.
+                while await undelivered(core):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            async with core.db.read() as s:
+                assert (await s.execute(select(func.max(Job.attempts)))).scalar_one() == 1
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            await asyncio.wait_for(proc.wait(), 60)
+    delivered = [[int(line) for line in out.read_text().split()] if out.exists() else [] for out in outs]
+    every = [job for mine in delivered for job in mine]
+    assert sorted(every) == sorted(job.id for job in jobs)  # each job delivered once, by one process
+    assert sum(1 for mine in delivered if mine) >= 2  # the processes shared the work
+
+
+@pytest.mark.postgres
+async def test_a_submission_in_another_process_wakes_the_dispatcher_through_notify(pg_session_url, tmp_path):
+    """The dispatcher's poll is an hour: only the NOTIFY of the other core's submission (a
+    service of its own: its in-process wake-up does not reach this dispatcher) can start the job."""
+    from tests.core.conftest import truncate
+
+    await truncate(pg_session_url)
+    slow_poll = {"poll_interval_s": 3600.0}
+    async with (
+        running_core(pg_session_url, tmp_path, bot=slow_poll) as (dispatching, delivery),
+        running_core(pg_session_url, tmp_path, start=False) as (submitting, _),
+    ):
+        await delivery.wait_for(lambda: dispatching.dispatcher.listening, within_s=30)
+        await asyncio.sleep(0.2)  # let the tick the listener's start asked for go by
+        alice = users(1)[0]
+        job = await submitting.service.imagine(alice, GUILD, "woken", idempotency_key="n1")
+        assert (await submitting.service.wait_for_job(job.id, 60)).state == "succeeded"
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+    async with running_core(pg_session_url, tmp_path, database={"notify": False}) as (quiet, _):
+        await asyncio.sleep(0.2)
+        assert not quiet.dispatcher.listening  # notify off: no listener, the poll alone
+
+
+async def test_the_queue_limit_refuses_only_a_full_queue(db_url, tmp_path):
+    """The queue is counted now and then, not on every submission; a claim frees a place at once
+    all the same: a refusal is checked by a count first."""
+    from bot.core.api import Overloaded
+
+    async with running_core(db_url, tmp_path, start=False, bot={"max_queued_jobs": 1}) as (core, _):
+        alice, bob, carol = users(3)
+        await core.service.imagine(alice, GUILD, "first", idempotency_key="q1")
+        assert len(await core.service.claims.claim_queued("d", ["discord"], 1)) == 1
+        await core.service.imagine(bob, GUILD, "second", idempotency_key="q2")  # the place is free
+        with pytest.raises(Overloaded):
+            await core.service.imagine(carol, GUILD, "third", idempotency_key="q3")
+        assert (await core.service.quota(carol, GUILD)).used_today == 0  # refused: nothing charged

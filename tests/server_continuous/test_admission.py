@@ -1,0 +1,84 @@
+"""`admission = "efficient"`: a joiner joins only when the wait it saves pays for the slower steps.
+
+The cost of an iteration is injected (a made-up curve), so the decisions don't depend on this
+machine's timings: c(1) = 1, c(2) = 3 (a second image triples the step: joining rarely pays).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.server_continuous.test_scheduling import Recorder, request
+
+STEEP = {1: 1.0, 2: 3.0, 3: 5.0}
+
+
+def run_pair(
+    engine: Any, long_steps: int, late_steps: int, count: int = 1
+) -> tuple[Any, list[Any], Recorder]:
+    """A `long_steps` request; at its first step, `count` requests of `late_steps` arrive."""
+    late: list[Any] = []
+    late_events = Recorder()
+    events = Recorder(
+        at_step=1,
+        action=lambda: late.extend(engine.submit(request(late_steps), late_events) for _ in range(count)),
+    )
+    first = engine.submit(request(long_steps), events)
+    result = first.future.result(60)
+    return result, [t.future.result(60) for t in late], late_events
+
+
+def started_batches(events: Recorder) -> list[int]:
+    return [e["batch_size"] for e in events.events if e["event"] == "started"]
+
+
+def test_a_joiner_that_would_slow_a_nearly_finished_batch_waits_for_it(make_engine: Any) -> None:
+    # 3 iterations left for the running image: joining saves the newcomer 3 x c(1) = 3 and costs the
+    # member (c(2) - c(1)) x 3 = 6, so it waits and starts alone right after.
+    engine = make_engine(max_batch_size=4, admission="efficient", iteration_cost=STEEP.get)
+    first, (late,), events = run_pair(engine, long_steps=4, late_steps=10)
+    assert started_batches(events) == [1]
+    assert first.batch_size == 1 and late.batch_size == 1
+    assert engine.iterations == 4 + 10
+
+
+def test_a_joiner_that_saves_a_long_wait_joins(make_engine: Any) -> None:
+    # 19 left: joining saves 19 and costs (3 - 1) x min(19, 3) = 6.
+    engine = make_engine(max_batch_size=4, admission="efficient", iteration_cost=STEEP.get)
+    first, (late,), events = run_pair(engine, long_steps=20, late_steps=3)
+    assert started_batches(events) == [2]
+    assert engine.iterations == 20
+
+
+def test_always_admission_joins_at_once(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=4, iteration_cost=STEEP.get)  # "always", today's rule
+    _, (late,), events = run_pair(engine, long_steps=4, late_steps=10)
+    assert started_batches(events) == [2]
+    assert engine.iterations == 1 + 10
+
+
+def test_with_a_backlog_every_free_slot_fills(make_engine: Any) -> None:
+    # Three arrive for two free slots: capacity matters more than order, so the rule stands aside.
+    engine = make_engine(max_batch_size=3, admission="efficient", iteration_cost=STEEP.get)
+    _, late, events = run_pair(engine, long_steps=4, late_steps=10, count=3)
+    # Both free slots filled in one admission round (the "started" event counts as each joins).
+    assert started_batches(events)[:2] == [2, 3]
+    assert max(r.batch_size for r in late) == 3
+
+
+def test_an_unmeasured_batch_size_is_tried(make_engine: Any) -> None:
+    engine = make_engine(max_batch_size=4, admission="efficient", iteration_cost={1: 1.0}.get)
+    _, _, events = run_pair(engine, long_steps=4, late_steps=10)
+    assert started_batches(events) == [2]
+
+
+def test_the_config_key_is_checked_at_start_up() -> None:
+    import pytest
+
+    from inference_server.config import load_config
+    from inference_server.config_loader import ConfigError
+
+    assert load_config({"batching": {"admission": "efficient"}}).batching.admission == "efficient"
+    assert load_config({}).batching.admission == "always"
+    with pytest.raises(ConfigError, match=r"\[batching\] admission: must be one of 'always', 'efficient'"):
+        load_config({"batching": {"admission": "eager"}})
