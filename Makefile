@@ -51,6 +51,8 @@ bench: setup
 	$(PY) -m tests.bench.server_bench
 	$(PY) -m tests.openai.bench
 	$(PY) -m tests.bench.core_bench
+	$(PY) -m tests.bench.routing_bench
+	$(PY) -m tests.bench.takeover_bench
 	$(PY) -m tests.bench.discord_bench
 	$(PY) -m tests.bench.lora_bench
 	$(PY) -m tests.bench.cache_bench $(CACHE_BENCH_ARGS)

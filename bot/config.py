@@ -47,8 +47,12 @@ class BotConfig:
     default_n: int = 1
     # Prompts longer than this are refused: CLIP reads 77 tokens anyway, and rows stay small.
     max_prompt_chars: int = 1000
-    # Jobs sent to the backend at once by one process; the backend batches them.
-    dispatch_concurrency: int = 4
+    # Jobs sent to the backend at once by one process; the backend batches them. Unset: twice the
+    # servers' reported capacity (sum of their batch sizes; 4 while unknown), see bot/core/concurrency.py.
+    dispatch_concurrency: int | None = None
+    # The most that capacity-following concurrency goes to (each job in flight is a task and an
+    # open request; 64 is sixteen servers of batch 2, or four of batch 8).
+    max_dispatch_concurrency: int = 64
     # How often an idle dispatcher looks for work submitted by other processes (it is woken at once
     # for work submitted in its own process).
     poll_interval_s: float = 0.5
@@ -119,7 +123,16 @@ class BotConfig:
         _check(self.base_size is None or self.base_size <= 4096, "[bot] base_size", "must be at most 4096")
         # 10000: far beyond what a text encoder reads (77 tokens), and prompts stay small rows.
         _check(1 <= self.max_prompt_chars <= 10_000, "[bot] max_prompt_chars", "must be from 1 to 10000")
-        _check(1 <= self.dispatch_concurrency <= 256, "[bot] dispatch_concurrency", "must be from 1 to 256")
+        _check(
+            self.dispatch_concurrency is None or 1 <= self.dispatch_concurrency <= 256,
+            "[bot] dispatch_concurrency",
+            "must be from 1 to 256",
+        )
+        _check(
+            1 <= self.max_dispatch_concurrency <= 256,
+            "[bot] max_dispatch_concurrency",
+            "must be from 1 to 256",
+        )
         _seconds(self.poll_interval_s, "[bot] poll_interval_s", lo=0, hi=3600, lo_open=True)
         _seconds(self.lease_s, "[bot] lease_s", lo=1)
         _check(1 <= self.max_attempts <= 100, "[bot] max_attempts", "must be from 1 to 100")

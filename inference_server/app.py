@@ -194,6 +194,8 @@ async def health(request: web.Request) -> web.Response:
         "queue_depth": engine.queue_depth,
         "engine": engine.name,
         "max_batch_size": engine.max_batch_size,
+        # What a router in front of several servers balances on (also in every response's headers).
+        "load": engine.load.to_json(),
         # What the default model accepts and defaults to (null while it loads); the bot adapts to it.
         "capabilities": capabilities(request.app),
         # The registry: every model a request may name (`model`), and the one it gets without.
@@ -264,6 +266,12 @@ SERVER_HEADER = "imagine-inference"
 
 async def _set_server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_HEADER
+    # The engine's load on every response (docs/inference-server.md, "Load"): a bot routing over
+    # several servers learns it for free with each answer, without polling /health.
+    load = request.app[keys.ENGINE].load
+    response.headers["X-Queue-Depth"] = str(load.queued)
+    response.headers["X-Running"] = str(load.running)
+    response.headers["X-Max-Batch"] = str(load.capacity)
 
 
 def _hide_server_version() -> None:

@@ -210,6 +210,20 @@ class Job:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """How busy an engine is, in requests: what a router in front of several servers balances on.
+    `capacity` is the largest batch (images per pipeline call): a server with twice the capacity
+    clears a queue about twice as fast, so routers compare (queued + running) / capacity."""
+
+    queued: int
+    running: int
+    capacity: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"queued": self.queued, "running": self.running, "max_batch_size": self.capacity}
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     device: str
     dtype: str
@@ -237,6 +251,11 @@ class Engine(Protocol):
 
     @property
     def max_batch_size(self) -> int: ...
+
+    @property
+    def load(self) -> EngineLoad:
+        """Requests queued and running now, and the batch capacity (cheap: read on every response)."""
+        ...
 
     @property
     def info(self) -> EngineInfo: ...

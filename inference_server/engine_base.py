@@ -16,7 +16,15 @@ import logging
 from abc import ABC, abstractmethod
 
 from inference_server.config import BatchingConfig
-from inference_server.engine import EngineInfo, EngineState, Job, NotReady, Overloaded, ShuttingDown
+from inference_server.engine import (
+    EngineInfo,
+    EngineLoad,
+    EngineState,
+    Job,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+)
 from inference_server.metrics import Metrics
 from inference_server.pipelines import PipelineRunner
 
@@ -62,6 +70,12 @@ class EngineBase(ABC):
     @property
     def max_batch_size(self) -> int:
         return self.config.max_batch_size
+
+    @property
+    def load(self) -> EngineLoad:
+        queued = self.queue_depth
+        # `_pending` holds queued and running jobs alike: the rest of it is what runs now.
+        return EngineLoad(queued, max(0, len(self._pending()) - queued), self.max_batch_size)
 
     @property
     def info(self) -> EngineInfo:

@@ -13,7 +13,15 @@ from __future__ import annotations
 import asyncio
 
 from inference_server.batcher import DynamicBatchingEngine
-from inference_server.engine import Engine, EngineInfo, EngineState, EventCallback, GenerationRequest, Job
+from inference_server.engine import (
+    Engine,
+    EngineInfo,
+    EngineLoad,
+    EngineState,
+    EventCallback,
+    GenerationRequest,
+    Job,
+)
 from inference_server.registry import ModelRegistry
 
 
@@ -56,6 +64,13 @@ class ModelRoutingEngine:
     @property
     def max_batch_size(self) -> int:
         return self.primary.max_batch_size
+
+    @property
+    def load(self) -> EngineLoad:
+        """Both engines' requests; the capacity of the primary (the secondary serves the odd
+        request on another model or LoRA set, on the same device)."""
+        a, b = self.primary.load, self.secondary.load
+        return EngineLoad(a.queued + b.queued, a.running + b.running, self.max_batch_size)
 
     @property
     def info(self) -> EngineInfo:

@@ -87,6 +87,8 @@ def build_backend(
             backoff_max_s=cfg.backoff_max_s,
             retry_after_max_s=cfg.retry_after_max_s,
             server_cooloff_s=cfg.server_cooloff_s,
+            outage_horizon_s=cfg.outage_horizon_s,
+            routing=cfg.routing,
             stream=cfg.stream,
         )
     if cfg.kind == "huggingface":

@@ -62,9 +62,11 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class BackendEvent:
-    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress'."""
+    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress',
+    or 'waiting' (no server can be reached: the job waits for one to come back; `extra` has
+    `waited_s` and `reason`)."""
 
-    kind: Literal["queued", "started", "progress"]
+    kind: Literal["queued", "started", "progress", "waiting"]
     position: int | None = None
     step: int | None = None
     total: int | None = None
@@ -90,6 +92,17 @@ class BackendUnavailable(BackendError):
     """No server answered, or every server is overloaded (after the backend's own retries)."""
 
     retryable = True
+
+
+class BackendOutage(BackendUnavailable):
+    """No server has been reachable for the whole outage horizon: the job already waited that long,
+    so it fails now rather than being tried again. `waited_s`: how long it waited."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, waited_s: float):
+        super().__init__(message)
+        self.waited_s = waited_s
 
 
 class BackendRejected(BackendError):
@@ -233,6 +246,11 @@ class InferenceBackend(Protocol):
     async def models(self) -> list[ModelInfo] | None:
         """The models a job may name (`GenerationParams.model`), the default first; None when the
         backend offers no choice (one model: `capabilities()`). Never raises."""
+        ...
+
+    def capacity(self) -> int | None:
+        """Images the backend runs at once (the sum of its servers' batch sizes), as last reported;
+        None when it doesn't say. The dispatcher sizes its concurrency from it."""
         ...
 
     async def generate(

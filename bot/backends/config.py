@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from bot.settings import ConfigError
 
 BackendKind = Literal["inference_server", "huggingface", "fake"]
+Routing = Literal["least_work", "round_robin"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class BackendsConfig:
     retry_after_max_s: float = 30.0
     # After a connection failure a server is tried last for this long.
     server_cooloff_s: float = 30.0
+    # Where a job starts: the server with the least outstanding work per unit of capacity (its last
+    # reported queue and running requests plus this bot's jobs sent since, over its batch size), or
+    # the next one in turn. Both fail over the same way.
+    routing: Routing = "least_work"
+    # While no server is reachable (an outage, a restart) jobs wait this long for one to come back
+    # before they fail (refunded): 10 minutes covers a host reboot or a model reload.
+    outage_horizon_s: float = 600.0
     # Ask the server to stream queue position and step progress (NDJSON) so users see progress.
     stream: bool = True
     # Hugging Face Inference Providers (kind = "huggingface"), through huggingface_hub's client.
@@ -58,6 +66,10 @@ class BackendsConfig:
             raise ConfigError("[backends] urls: at least one inference server URL is required")
         for i, url in enumerate(self.urls):
             _check_url(url, f"[backends] urls[{i}]")
+        if self.routing not in get_args(Routing):
+            raise ConfigError(
+                f"[backends] routing: must be one of {', '.join(get_args(Routing))}, got {self.routing!r}"
+            )
         if self.hf_base_url:
             _check_url(self.hf_base_url, "[backends] hf_base_url")
         if not self.hf_model.strip():
@@ -77,6 +89,7 @@ class BackendsConfig:
             "backoff_base_s",
             "retry_after_max_s",
             "server_cooloff_s",
+            "outage_horizon_s",
             "fake_delay_s",
         ):
             if getattr(self, name) < 0:

@@ -141,6 +141,10 @@ class FakeBackend:
     async def models(self) -> list[ModelInfo] | None:
         return None if self.models_offered is None else list(self.models_offered)
 
+    def capacity(self) -> int | None:
+        """None: the fake runs any number of jobs at once."""
+        return None
+
     async def close(self) -> None:
         self.closed = True
         self._released.set()

@@ -110,6 +110,10 @@ class HuggingFaceBackend:
         """None: the configured Hub models are the only choice (`[backends.huggingface]`)."""
         return None
 
+    def capacity(self) -> int | None:
+        """None: Inference Providers don't say how much they run at once."""
+        return None
+
     async def close(self) -> None:
         self._closed = True
         for client in self._clients.values():

@@ -1,10 +1,15 @@
 """Client of the project's inference server (HTTP API v1, docs/inference-server.md).
 
 One `aiohttp.ClientSession` per backend, made on first use and closed by `close()`. Several servers
-can be configured: each job starts at the next server (round-robin) and fails over to the others
+can be configured: each job starts at the server with the least outstanding work per unit of
+capacity (`routing = "least_work"`: its last reported queue and running requests, from the load
+headers of its every response or its `/health`, plus this bot's jobs sent there since, over its
+largest batch) or at the next one (`routing = "round_robin"`), and fails over to the others
 when one is unreachable or overloaded. A server that refused a connection is tried last for a
 cool-off period. Rounds over all servers are separated by exponential backoff with jitter, or by the
-server's `Retry-After` when it gave one (capped). A job that names a model (or LoRAs) goes only to
+server's `Retry-After` when it gave one (capped). While every server is unreachable (an outage, a
+restart) the job waits, telling the caller with a "waiting" event, for up to `outage_horizon_s`
+before it fails. A job that names a model (or LoRAs) goes only to
 the servers that host it, as their `GET /v1/models` last said (`models()`), in the same order and
 with the same failover among those. With streaming on, the server's NDJSON events
 become `BackendEvent`s. Every failure surfaces as a `BackendError` with a message fit for a user or
@@ -32,6 +37,7 @@ from aiohttp.http_exceptions import LineTooLong
 from .base import (
     BackendError,
     BackendEvent,
+    BackendOutage,
     BackendRejected,
     BackendUnavailable,
     EventCallback,
@@ -41,6 +47,7 @@ from .base import (
     ModelCapabilities,
     ModelInfo,
 )
+from .config import Routing
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +73,22 @@ class _NotHosted(Exception):
 
 
 class _RetryableFailure(Exception):
-    """A server could not take the job now; another server, or a later round, may."""
+    """A server could not take the job now; another server, or a later round, may. `outage`: the
+    server is not serving at all (down, restarting, loading), as opposed to busy."""
 
-    def __init__(self, reason: str, *, server_down: bool = False, retry_after: float | None = None):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        server_down: bool = False,
+        retry_after: float | None = None,
+        outage: bool | None = None,
+    ):
         super().__init__(reason)
         self.reason = reason
         self.server_down = server_down
         self.retry_after = retry_after
+        self.outage = server_down if outage is None else outage
 
 
 @dataclass
@@ -82,6 +98,28 @@ class _Server:
     # Model name -> its LoRAs, from the server's /v1/models; None until it has answered, {} for a
     # server from before the models registry (only its default model, which has no name to ask by).
     models: dict[str, frozenset[str]] | None = None
+    # Its load as it last reported it (response headers or /health): requests queued and running,
+    # and its largest batch. None until it has said.
+    reported: int | None = None
+    batch: int | None = None
+    # This bot's jobs there now: attempt number -> `sends` when it was sent. Those sent after the
+    # last report are not in `reported` yet.
+    in_flight: dict[int, int] = dataclasses.field(default_factory=dict)
+    sends: int = 0
+    reported_at_send: int = 0
+
+    def outstanding(self) -> float:
+        """Work ahead of a new job here, in batches: what the server last reported plus this bot's
+        jobs sent since, over its batch size (1 while unknown)."""
+        since = sum(1 for sent in self.in_flight.values() if sent > self.reported_at_send)
+        work = max(len(self.in_flight), (self.reported or 0) + since)
+        return work / (self.batch or 1)
+
+    def report(self, queued: int, running: int, batch: int | None) -> None:
+        self.reported = max(0, queued) + max(0, running)
+        if batch is not None and batch > 0:
+            self.batch = batch
+        self.reported_at_send = self.sends
 
     def hosts(self, model: str | None, loras: tuple[LoraSpec, ...]) -> bool | None:
         """Whether this server can run a job on `model` with `loras` (None: not known yet)."""
@@ -112,6 +150,8 @@ class InferenceServerBackend:
         backoff_max_s: float = 15.0,
         retry_after_max_s: float = 30.0,
         server_cooloff_s: float = 30.0,
+        outage_horizon_s: float = 600.0,
+        routing: Routing = "least_work",
         stream: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -128,6 +168,9 @@ class InferenceServerBackend:
         self._backoff_max_s = backoff_max_s
         self._retry_after_max_s = retry_after_max_s
         self._server_cooloff_s = server_cooloff_s
+        self._outage_horizon_s = outage_horizon_s
+        self._routing = routing
+        self._attempts = 0
         self._stream = stream
         # Injected so tests can check the delays chosen without waiting for them.
         self._sleep = sleep
@@ -148,6 +191,16 @@ class InferenceServerBackend:
     def servers_down(self) -> list[str]:
         now = self._clock()
         return [s.url for s in self._servers if s.down_until > now]
+
+    def capacity(self) -> int | None:
+        """The sum of the batch sizes the servers reported (those that have not: not counted);
+        None until one has."""
+        known = [s.batch for s in self._servers if s.batch is not None]
+        return sum(known) if known else None
+
+    def outstanding(self) -> dict[str, float]:
+        """Each server's outstanding work in batches, as routing sees it (for logs and tests)."""
+        return {s.url: s.outstanding() for s in self._servers}
 
     # --- ServerFleet: per-server errors and reachability (bot metrics and readiness) ----------------
 
@@ -272,10 +325,16 @@ class InferenceServerBackend:
         )
         try:
             async with self._get_session().get(server.url + "/health", timeout=timeout) as resp:
+                self._note_load(server, resp)
                 data = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             log.info("inference server %s: no capabilities (%s)", server.url, type(e).__name__)
+            if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                # A failed health check: jobs go elsewhere first until it answers again.
+                server.down_until = self._clock() + self._server_cooloff_s
             return None
+        if data is not None and server.down_until > self._clock():
+            server.down_until = 0.0  # it answers again: back in the rotation at once
         raw = data.get("capabilities") if isinstance(data, dict) else None
         if raw is None:
             return None  # loading, or a server from before capabilities were reported
@@ -294,19 +353,26 @@ class InferenceServerBackend:
         if route is None:
             raise BackendRejected(f"unknown task {params.task!r}", "task")
         body = _request_body(params, stream=self._stream and on_event is not None)
-        # The job's deadline covers every attempt and every wait between them, not each one anew.
+        # The job's deadline covers every attempt and every wait between them, not each one anew;
+        # time spent waiting out an outage doesn't count (the job has not run anywhere yet).
         deadline = None if params.timeout_s is None else self._clock() + params.timeout_s
         failures: dict[str, str] = {}
         not_hosted: set[str] = set()
         rounds = self._max_retries + 1
-        for round_no in range(rounds):
+        round_no = 0
+        outage_since: float | None = None
+        while True:
             retry_after: float | None = None
             servers = self._servers_for(params)
+            # An outage: every server tried this round was not serving (down, restarting, loading).
+            outage = True
+            tried = 0
             for server in servers:
                 if server.url in not_hosted:
                     continue
                 remaining = None if deadline is None else deadline - self._clock()
                 if remaining is not None and remaining <= 0:
+                    outage = False
                     break
                 try:
                     return await self._attempt(server, route, body, params, remaining, on_event)
@@ -324,6 +390,8 @@ class InferenceServerBackend:
                 except _RetryableFailure as f:
                     self._report(server, "unreachable" if f.server_down else "overloaded")
                     failures[server.url] = f.reason
+                    tried += 1
+                    outage = outage and f.outage
                     log.warning(
                         "inference server %s: %s (round %d/%d)", server.url, f.reason, round_no + 1, rounds
                     )
@@ -331,14 +399,43 @@ class InferenceServerBackend:
                         server.down_until = self._clock() + self._server_cooloff_s
                     if f.retry_after is not None:
                         retry_after = max(retry_after or 0.0, f.retry_after)
-            if round_no + 1 == rounds:
-                break
+            now = self._clock()
+            if outage and tried:
+                # No server is serving: an outage or a restart, not a refusal of this job.
+                outage_since = now if outage_since is None else outage_since
+                await _emit(
+                    on_event,
+                    BackendEvent(
+                        "waiting", extra={"waited_s": now - outage_since, "reason": _tried(failures)}
+                    ),
+                )
+            else:
+                outage_since = None
+            if round_no + 1 >= rounds:
+                if outage_since is None:
+                    break
+                # Past the usual rounds, an outage is waited out up to the horizon: the servers are
+                # restarting or their host is rebooting, and the job has not run anywhere yet.
+                waited = now - outage_since
+                if waited >= self._outage_horizon_s:
+                    raise BackendOutage(
+                        f"no inference server has been reachable for {waited:.0f} s "
+                        f"(outage_horizon_s); tried {_tried(failures)}",
+                        waited_s=waited,
+                    )
+                await self._sleep(
+                    min(self._delay_before_round(round_no, retry_after), self._outage_horizon_s - waited)
+                )
+                if params.timeout_s is not None:
+                    deadline = self._clock() + params.timeout_s  # the wait doesn't eat the job's time
+                continue
             delay = self._delay_before_round(round_no, retry_after)
             if deadline is not None and self._clock() + delay >= deadline:
                 raise BackendUnavailable(
                     f"no inference server could take the job before its deadline; tried {_tried(failures)}"
                 )
             await self._sleep(delay)
+            round_no += 1
         raise BackendUnavailable(
             f"no inference server could take the job after {rounds} attempt(s); tried {_tried(failures)}"
         )
@@ -363,11 +460,14 @@ class InferenceServerBackend:
         return hosting + unknown
 
     def _server_order(self) -> list[_Server]:
-        """Round-robin start; servers cooling off after a connection failure go last, not away."""
+        """Least outstanding work first (ties: round-robin), or plain round-robin; servers cooling
+        off after a connection failure or a failed health check go last, not away (fail-over)."""
         n = len(self._servers)
         start = self._next_server % n
         self._next_server = (start + 1) % n
         rotated = self._servers[start:] + self._servers[:start]
+        if self._routing == "least_work":
+            rotated.sort(key=_Server.outstanding)  # stable: equal loads keep the rotation
         now = self._clock()
         return [s for s in rotated if s.down_until <= now] + [s for s in rotated if s.down_until > now]
 
@@ -406,8 +506,13 @@ class InferenceServerBackend:
         timeout = aiohttp.ClientTimeout(total=total, connect=self._connect_timeout_s)
         headers = {"Accept": "application/x-ndjson"} if body.get("stream") else {"Accept": "application/json"}
         session = self._get_session()
+        self._attempts += 1
+        attempt = self._attempts
+        server.sends += 1
+        server.in_flight[attempt] = server.sends
         try:
             async with session.post(server.url + route, json=body, headers=headers, timeout=timeout) as resp:
+                self._note_load(server, resp)
                 if resp.status != 200:
                     await self._raise_for_status(resp)
                 if resp.content_type == "application/x-ndjson":
@@ -426,7 +531,16 @@ class InferenceServerBackend:
             ) from None
         except aiohttp.ClientError as e:
             raise BackendUnavailable(f"request to {server.url} failed: {type(e).__name__}") from None
+        finally:
+            del server.in_flight[attempt]
         return _images_from_result(result, params, server.url)
+
+    def _note_load(self, server: _Server, resp: aiohttp.ClientResponse) -> None:
+        """The server's load from its response headers (docs/inference-server.md), when it sends them."""
+        queued = _header_int(resp.headers.get("X-Queue-Depth"))
+        running = _header_int(resp.headers.get("X-Running"))
+        if queued is not None and running is not None:
+            server.report(queued, running, _header_int(resp.headers.get("X-Max-Batch")))
 
     async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
         code, message, fld = await _read_error(resp)
@@ -435,7 +549,9 @@ class InferenceServerBackend:
             raise _RetryableFailure("bad gateway (HTTP 502)", server_down=True)
         if resp.status in (503, 429):
             raise _RetryableFailure(
-                _busy_reason(code, message), retry_after=_parse_retry_after(resp.headers.get("Retry-After"))
+                _busy_reason(code, message),
+                retry_after=_parse_retry_after(resp.headers.get("Retry-After")),
+                outage=code in _OUTAGE_CODES,
             )
         _raise_error_body(resp.status, code, message, fld, str(resp.url.origin()))
 
@@ -465,7 +581,7 @@ class InferenceServerBackend:
                 code = str(err.get("code") or "internal")
                 message = str(err.get("message") or "")[:MAX_ERROR_MESSAGE_CHARS]
                 if code in _BUSY_REASONS:
-                    raise _RetryableFailure(_busy_reason(code, message))
+                    raise _RetryableFailure(_busy_reason(code, message), outage=code in _OUTAGE_CODES)
                 _raise_error_body(
                     _STATUS_FOR_CODE.get(code, 500), code, message, err.get("field"), str(resp.url.origin())
                 )
@@ -480,6 +596,25 @@ class InferenceServerBackend:
 
 # Server error codes that mean "not now": another server or a later round may take the job.
 _BUSY_REASONS = {"overloaded": "overloaded", "not_ready": "still loading", "shutting_down": "shutting down"}
+# Of those, the ones that mean the server is not serving at all (restarting): an outage, waited out.
+_OUTAGE_CODES = ("not_ready", "shutting_down")
+
+
+async def _emit(on_event: EventCallback | None, event: BackendEvent) -> None:
+    if on_event is None:
+        return
+    try:
+        await on_event(event)
+    except Exception:
+        # A failing status display must not cost the user their image.
+        log.exception("event callback failed for event %s", event.kind)
+
+
+def _header_int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _busy_reason(code: str, message: str) -> str:

@@ -509,6 +509,11 @@ class Delivery(Protocol):
         """The job runs: step 0 when it starts, then throttled to `[bot] progress_interval_s`."""
         ...
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        """The job waits for an image server to come back (none is reachable); `message` is short,
+        user-safe and says so. Then progress, a result or a failure follows as usual."""
+        ...
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         """Post the images, then call `ImageService.attach_result_message(job.id, message_id)`."""
         ...

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
-import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -257,44 +255,6 @@ class Claims:
                 .values(lease_until=self.clock())
             )
 
-    async def expire_dead_local_owners(self, owner: str) -> list[str]:
-        """Expire at once the leases of dispatchers that ran on this host and whose process is gone
-        (a bot restarted after a crash resumes its jobs now instead of after `lease_s`). Owners on
-        other hosts, or whose pid is alive (maybe reused), keep their lease until it expires.
-        Returns the owners found dead."""
-        host = socket.gethostname()
-        async with self.db.read() as s:
-            owners = (
-                await s.execute(
-                    select(Job.lease_owner)
-                    .where(
-                        Job.lease_owner.is_not(None), Job.lease_owner.startswith(f"{host}:", autoescape=True)
-                    )
-                    .distinct()
-                )
-            ).scalars()
-            dead = [o for o in owners if o is not None and o != owner and not _pid_alive(o)]
-        if not dead:
-            return []
-        async with self.db.session() as s:
-            now = self.clock()
-            # A dead owner's finished and delivered jobs (killed after the adapter recorded the
-            # result message, before the dispatcher released the job) need nobody: their claim goes.
-            await s.execute(
-                update(Job)
-                .where(
-                    Job.lease_owner.in_(dead), or_(Job.delivered_at.is_not(None), Job.state == "cancelled")
-                )
-                .values(lease_owner=None, lease_until=None)
-            )
-            # What still needs work (running, or an outcome to deliver) is free to take over now.
-            expired = await s.execute(
-                update(Job).where(Job.lease_owner.in_(dead), Job.lease_until > now).values(lease_until=now)
-            )
-        # Reported once: a dead owner whose leases expired already (on an earlier look, or by time)
-        # is not news, and its jobs are taken over as they come.
-        return dead if rows_matched(expired) else []
-
 
 async def _claimed_job(s: AsyncSession, job: Job, user: User | None = None) -> ClaimedJob:
     # Only a finished job has images; skip the query for the usual (queued/running) case.
@@ -306,18 +266,3 @@ async def _claimed_job(s: AsyncSession, job: Job, user: User | None = None) -> C
         job.input_image_key,
         job.mask_key,
     )
-
-
-def _pid_alive(owner: str) -> bool:
-    """For an owner id "host:pid:nonce" on this host: is that pid a running process?"""
-    try:
-        pid = int(owner.split(":")[1])
-    except (IndexError, ValueError):
-        return True  # not ours to judge: wait for the lease
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True

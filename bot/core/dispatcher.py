@@ -47,6 +47,7 @@ from PIL import Image
 from bot.backends.base import (
     BackendError,
     BackendEvent,
+    BackendOutage,
     BackendRejected,
     GeneratedImage,
     GenerationParams,
@@ -56,7 +57,9 @@ from bot.backends.base import (
 from bot.core import tiling
 from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
 from bot.core.claims import ClaimedJob
+from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
+from bot.core.heartbeats import Heartbeats
 from bot.core.service import CoreService
 from bot.core.storage import content_key
 from bot.core.wakeup import JobListener
@@ -66,8 +69,6 @@ log = logging.getLogger("bot.core.dispatcher")
 # New jobs learn their queue position within this delay; batching them keeps a burst of
 # submissions from costing one queue scan each.
 NEW_POSITION_INTERVAL_S = 0.25
-# How often to look for claims held by dead processes on this host (see Claims.expire_dead_local_owners).
-DEAD_OWNER_CHECK_S = 30.0
 T = TypeVar("T")
 
 STORAGE_WRITE_FAILED = (
@@ -96,7 +97,15 @@ class Dispatcher:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_positions = 0.0
-        self._last_dead_check = -DEAD_OWNER_CHECK_S
+        # Liveness: this dispatcher's heartbeat, and the takeover of dead ones' claims.
+        self.heartbeats = Heartbeats(
+            service.db,
+            service.clock,
+            owner=self.owner,
+            lease_s=self.config.lease_s,
+            poll_interval_s=self.config.poll_interval_s,
+        )
+        self._last_dead_check = -self.heartbeats.interval_s
         self._last_new_positions = 0.0
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
@@ -146,6 +155,7 @@ class Dispatcher:
         self._tasks.clear()
         try:
             await self.claims.release_all(self.owner)
+            await self.heartbeats.forget()
         except Exception:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
 
@@ -163,7 +173,7 @@ class Dispatcher:
     # ------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        log.info("dispatcher %s started (concurrency %d)", self.owner, self.config.dispatch_concurrency)
+        log.info("dispatcher %s started (concurrency %d)", self.owner, self._concurrency())
         while not self._stopping:
             self._wake.clear()
             try:
@@ -192,13 +202,14 @@ class Dispatcher:
         now_mono = time.monotonic()
         if self._db_trouble:
             await self._reassert_claims()
+        if now_mono - self._last_dead_check >= self.heartbeats.interval_s:
+            self._last_dead_check = now_mono
+            await self.heartbeats.beat()
+            dead = await self.heartbeats.expire_dead_owners()
+            if dead:
+                log.warning("claims of dispatcher(s) %s expire now (no heartbeat)", ", ".join(dead))
         if not platforms:
             return
-        if now_mono - self._last_dead_check >= DEAD_OWNER_CHECK_S:
-            self._last_dead_check = now_mono
-            dead = await self.claims.expire_dead_local_owners(self.owner)
-            if dead:
-                log.warning("claims of dead local process(es) %s expire now", ", ".join(dead))
         # Taken-over work first: it has waited longest.
         while self._free():
             taken = await self.claims.take_over_expired(self.owner, platforms, self._tasks)
@@ -208,7 +219,7 @@ class Dispatcher:
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
             self._spawn(job_id)
         while self._free():
-            want = self.config.dispatch_concurrency - (len(self._tasks) - len(self._delivering))
+            want = self._concurrency() - (len(self._tasks) - len(self._delivering))
             claimed = await self.claims.claim_queued(self.owner, platforms, want)
             for job in claimed:
                 self._spawn(job.view.id, job)
@@ -224,7 +235,10 @@ class Dispatcher:
             await self._report_positions(platforms, only_new=True)
 
     def _free(self) -> bool:
-        return len(self._tasks) - len(self._delivering) < self.config.dispatch_concurrency
+        return len(self._tasks) - len(self._delivering) < self._concurrency()
+
+    def _concurrency(self) -> int:
+        return dispatch_concurrency(self.config, self.backend.capacity())
 
     def _abandon(self, job_id: int) -> None:
         """The job was cancelled while it ran (its claim is gone): stop our run of it."""
@@ -383,8 +397,16 @@ class Dispatcher:
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
 
+        job_timeout = asyncio.timeout(self.config.job_timeout_s)
+
         async def on_event(event: BackendEvent) -> None:
             nonlocal last_progress
+            if event.kind == "waiting":
+                # No server is reachable: the backend waits one out (up to its outage horizon), and
+                # the wait is not the job's run time.
+                job_timeout.reschedule(asyncio.get_running_loop().time() + self.config.job_timeout_s)
+                await self._call(view, "on_waiting", view, waiting_message(event))
+                return
             if event.kind != "progress" or event.step is None or event.total is None:
                 return
             now = time.monotonic()
@@ -396,7 +418,7 @@ class Dispatcher:
 
         log.info("job %s: running on %s (attempt %d)", view.id, self.backend.name, view.attempts)
         try:
-            async with asyncio.timeout(self.config.job_timeout_s):
+            async with job_timeout:
                 limits = self.service.limits(p.model)
                 images = await tiling.generate(
                     self.backend,
@@ -411,6 +433,11 @@ class Dispatcher:
                 return
             if isinstance(e, BackendRejected):
                 message = f"The image backend refused this job: {e.message}. Your quota was refunded."
+            elif isinstance(e, BackendOutage):
+                message = (
+                    f"No image server has been reachable for {describe_wait(e.waited_s)}; your quota "
+                    "was refunded. Please try again later."
+                )
             elif e.retry_after_s is not None:
                 message = (
                     "The image server is busy right now; your quota was refunded. "
@@ -538,3 +565,10 @@ def _image_size(png: bytes) -> tuple[int, int] | None:
             return img.size
     except (OSError, ValueError):
         return None
+
+
+def waiting_message(event: BackendEvent) -> str:
+    """What a user reads while their job waits out a server outage."""
+    waited = float(event.extra.get("waited_s") or 0.0)
+    since = f" (none reachable for {describe_wait(waited)})" if waited >= 1 else ""
+    return f"waiting for an image server{since}; the job runs as soon as one is back"

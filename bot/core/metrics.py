@@ -162,6 +162,9 @@ class MeteredDelivery:
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         await self._call("on_progress", self.inner.on_progress(job, step, total))
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        await self._call("on_waiting", self.inner.on_waiting(job, message))
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         await self._call("on_succeeded", self.inner.on_succeeded(job, images))
         self._finished(job, "succeeded")
@@ -186,6 +189,9 @@ class MeteredBackend:
 
     async def models(self) -> list[ModelInfo] | None:
         return await self.inner.models()
+
+    def capacity(self) -> int | None:
+        return self.inner.capacity()
 
     async def generate(
         self, params: GenerationParams, on_event: EventCallback | None = None

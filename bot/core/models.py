@@ -224,6 +224,16 @@ class ChannelSettings(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class DispatcherHeartbeat(Base):
+    """A running dispatcher's last sign of life (bot/core/heartbeats.py): a claim whose owner's
+    beat is stale is taken over before its lease runs out."""
+
+    __tablename__ = "dispatcher_heartbeats"
+
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 class ImageRow(Base):
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_images_job_index"),)

@@ -190,7 +190,7 @@ class CoreService:
     # -- deliveries ------------------------------------------------------------------------------
 
     def register_delivery(self, platform: str, delivery: Delivery) -> None:
-        for name in ("on_queued", "on_progress", "on_succeeded", "on_failed"):
+        for name in ("on_queued", "on_progress", "on_waiting", "on_succeeded", "on_failed"):
             if not callable(getattr(delivery, name, None)):
                 raise TypeError(f"delivery for {platform!r} has no {name}() method")
         self.deliveries[platform] = delivery

@@ -124,6 +124,9 @@ class DiscordDelivery:
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         await self._status_update(job, messages.progress(job, step, total), RUNNING)
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        await self._status_update(job, messages.waiting(job, message), RUNNING)
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         images = sorted(images, key=lambda i: i.index)
         async with self._lock(job.id):

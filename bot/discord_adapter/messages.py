@@ -56,6 +56,10 @@ def queued(job: JobView, position: int | None) -> str:
     return f"⏳ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — queued, {ahead}."
 
 
+def waiting(job: JobView, message: str) -> str:
+    return f"⏳ <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — {message}"
+
+
 def progress(job: JobView, step: int, total: int) -> str:
     if total <= 0 or step <= 0:
         return f"🎨 <@{job.user_id}> **{short(job.prompt, PROMPT_SHOWN)}** — generating…"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.core.api import JobView, ResultImage
+from bot.playground import texts
 
 log = logging.getLogger("bot.playground")
 
@@ -65,6 +66,10 @@ class WebDelivery:
 
     async def on_queued(self, job: JobView, position: int) -> None:
         self._publish(JobEvent("queued", job, position=position))
+
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        # Shown like a queue position: the job waits, for a server rather than for its turn.
+        self._publish(JobEvent("queued", job, message=texts.waiting(job, message)))
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         self._publish(JobEvent("progress", job, step=step, total=total))

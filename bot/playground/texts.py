@@ -74,6 +74,10 @@ def queued(job: JobView, position: int | None) -> str:
     return f"⏳ **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} queued, {ahead}."
 
 
+def waiting(job: JobView, message: str) -> str:
+    return f"⏳ **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} {message}."
+
+
 def bar(step: int, total: int) -> str:
     filled = round(10 * step / total) if total > 0 else 0
     return "▰" * filled + "▱" * (10 - filled)

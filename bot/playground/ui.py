@@ -338,7 +338,7 @@ class PlaygroundUI:
         try:
             async for event in self.follow(job):
                 if event.kind == "queued":
-                    text = texts.queued(job, event.position)
+                    text = event.message or texts.queued(job, event.position)
                     chat[reply_at] = {"role": "assistant", "content": text}
                     yield list(chat), texts.status_html("queued", text, job.id), last_job, *idle, quota
                 elif event.kind == "progress":
@@ -498,7 +498,9 @@ class PlaygroundUI:
             async for event in self.follow(job):
                 if event.kind == "queued":
                     yield (
-                        texts.status_html("queued", texts.queued(job, event.position), job.id),
+                        texts.status_html(
+                            "queued", event.message or texts.queued(job, event.position), job.id
+                        ),
                         gr.update(),
                         quota,
                     )

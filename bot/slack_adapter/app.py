@@ -748,6 +748,9 @@ class SlackDelivery:
             return
         await self._adapter.status.show(job, QUEUED, messages.queued_text(job, position), throttle=True)
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        await self._adapter.status.show(job, RUNNING, messages.waiting_text(job, message), throttle=True)
+
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         if job.private:
             return

@@ -88,6 +88,10 @@ def queued_text(job: JobView, position: int | None) -> str:
     return f":hourglass_flowing_sand: {headline(job)} — {where}"
 
 
+def waiting_text(job: JobView, message: str) -> str:
+    return f":hourglass_flowing_sand: {headline(job)} — {message}"
+
+
 def progress_text(job: JobView, step: int, total: int) -> str:
     if step <= 0 or total <= 0:
         return f":art: {headline(job)} — started"

@@ -27,6 +27,7 @@ from inference_server.config import BatchingConfig
 from inference_server.continuous.families import unsupported_reason
 from inference_server.engine import (
     EngineError,
+    EngineLoad,
     EngineState,
     EventCallback,
     GenerationRequest,
@@ -98,6 +99,10 @@ class ContinuousBatchingEngine(EngineBase):
         if self._fallback is not None:
             return self._fallback.queue_depth
         return self._core.queue_depth if self._core is not None else 0
+
+    @property
+    def load(self) -> EngineLoad:
+        return self._fallback.load if self._fallback is not None else super().load
 
     @property
     def running(self) -> int:

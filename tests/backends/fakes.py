@@ -56,14 +56,25 @@ class FakeInferenceServer:
     # registry (GET /v1/models is 404 and a request naming a model is refused as unknown fields).
     models: dict[str, list[str]] | None = None
     model_capabilities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What its every response reports as its load (X-Queue-Depth, X-Running, X-Max-Batch; and
+    # /health's "load"): (queued, running, max batch). None: a server from before load reporting.
+    load: tuple[int, int, int] | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.on_response_prepare.append(self._load_headers)
         for route in ("/v1/txt2img", "/v1/img2img", "/v1/inpaint"):
             app.router.add_post(route, self.handle)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
         return app
+
+    async def _load_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.load is not None:
+            queued, running, batch = self.load
+            response.headers.update(
+                {"X-Queue-Depth": str(queued), "X-Running": str(running), "X-Max-Batch": str(batch)}
+            )
 
     @property
     def default_model(self) -> str | None:
@@ -72,6 +83,8 @@ class FakeInferenceServer:
     async def health(self, request: web.Request) -> web.Response:
         status = "loading" if self.capabilities is None else "ok"
         body: dict[str, Any] = {"status": status, "capabilities": self.capabilities}
+        if self.load is not None:
+            body["load"] = dict(zip(("queued", "running", "max_batch_size"), self.load, strict=True))
         if self.models is not None:
             body |= {"models": list(self.models), "default_model": self.default_model}
         return web.json_response(body)
@@ -180,11 +193,20 @@ async def start(app: web.Application) -> TestServer:
 
 
 class RecordingSleep:
-    """Stands in for asyncio.sleep in the backends: records the delays chosen, waits for none."""
+    """Stands in for asyncio.sleep in the backends: records the delays chosen, waits for none, and
+    moves its fake clock (`now`, to pass as the backend's `clock`) on by each."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
+        self.now = 0.0
+        self.on_sleep: Callable[[float], None] | None = None
 
     async def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
+        self.now += seconds
+        if self.on_sleep is not None:
+            self.on_sleep(self.now)
         await asyncio.sleep(0)
+
+    def clock(self) -> float:
+        return self.now

@@ -30,6 +30,8 @@ async def make_backend(sleeps):
         kw.setdefault("token", TOKEN)
         kw.setdefault("max_retries", 2)
         kw.setdefault("sleep", sleeps)
+        # The usual rounds only (outages are waited out in test_outages.py, on a fake clock).
+        kw.setdefault("outage_horizon_s", 0.0)
         backend = InferenceServerBackend(urls, **kw)
         made.append(backend)
         return backend

@@ -65,6 +65,9 @@ class CountingDelivery:
     async def on_queued(self, job, position):  # noqa: ANN001 - Delivery protocol
         pass
 
+    async def on_waiting(self, job, message):  # noqa: ANN001 - Delivery protocol
+        pass
+
     async def on_progress(self, job, step, total):  # noqa: ANN001
         pass
 

@@ -30,6 +30,7 @@ PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 TABLES = (
     "audit_log",
     "channel_settings",
+    "dispatcher_heartbeats",
     "images",
     "jobs",
     "model_settings",

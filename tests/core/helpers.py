@@ -40,6 +40,10 @@ class RecordingDelivery:
         self.events.append(("queued", job.id, position))
         self._changed.set()
 
+    async def on_waiting(self, job: JobView, message: str) -> None:
+        self.events.append(("waiting", job.id, message))
+        self._changed.set()
+
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         self.events.append(("progress", job.id, step, total))
         self._changed.set()

@@ -124,6 +124,9 @@ async def test_readiness_and_backend_errors_by_inference_server(sqlite_url, tmp_
         "urls": [dead, live.url],
         "max_retries": 0,
         "backoff_base_s": 0.01,
+        # No cool-off: the dead server's failed /health at start-up would otherwise send the job
+        # straight to the live one, and this test wants the dead one tried (and its error counted).
+        "server_cooloff_s": 0,
     }
     try:
         config = config_for(sqlite_url, tmp_path, bot={"metrics_port": port}, backends=backends)

@@ -31,6 +31,7 @@ TABLES = {
     "model_settings",
     "channel_settings",
     "publications",
+    "dispatcher_heartbeats",
 }
 
 

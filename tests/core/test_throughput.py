@@ -121,6 +121,8 @@ DISPATCHER = textwrap.dedent(
             pass
         async def on_progress(self, job, step, total):
             pass
+        async def on_waiting(self, job, message):
+            pass
         async def on_succeeded(self, job, images):
             with open(self.path, "a") as f:
                 f.write(f"{job.id}\\n")

@@ -182,3 +182,33 @@ async def test_stream_reports_a_deadline_as_an_error_event(server: Server) -> No
         "event": "error",
         "error": {"code": "deadline_exceeded", "message": events[-1]["error"]["message"], "field": None},
     }
+
+
+async def test_load_is_reported_in_health_and_on_every_response(server_factory: Any) -> None:
+    async with server_factory(batching={"max_queue": 2, "max_batch_size": 1}) as server:
+        async with server.session.get(f"{server.url}/health") as resp:
+            idle = await resp.json()
+            assert (resp.headers["X-Queue-Depth"], resp.headers["X-Running"]) == ("0", "0")
+            assert resp.headers["X-Max-Batch"] == "1"
+        assert idle["load"] == {"queued": 0, "running": 0, "max_batch_size": 1}
+        gate = DeviceGate(server)
+        running = asyncio.ensure_future(server.generate("txt2img", {"prompt": "a", "steps": 2}))
+        await gate.wait_entered()
+        queued = [
+            asyncio.ensure_future(server.generate("txt2img", {"prompt": f"q{i}", "steps": 2}))
+            for i in range(2)
+        ]
+
+        async def queue_full() -> bool:
+            return metric(await server.metrics(), "inference_queue_depth") == 2
+
+        await wait_for(queue_full)
+        async with server.session.get(f"{server.url}/health") as resp:
+            busy = await resp.json()
+        assert busy["load"] == {"queued": 2, "running": 1, "max_batch_size": 1}
+        # Errors carry it too: a refused request tells the router how full this server is.
+        async with await server.post("txt2img", {"prompt": "one too many"}) as resp:
+            assert resp.status == 503
+            assert (resp.headers["X-Queue-Depth"], resp.headers["X-Running"]) == ("2", "1")
+        gate.open()
+        await asyncio.gather(running, *queued)

@@ -1,0 +1,117 @@
+"""The core over a fleet of inference servers (loopback fakes of the server's API): dispatch
+concurrency that follows the servers' capacity, and jobs that wait out an outage (shown to the
+user) up to `outage_horizon_s`, then fail with a refund. No timings: counts and messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+from bot.backends.inference_server import InferenceServerBackend
+from bot.config import BotConfig
+from bot.core.concurrency import dispatch_concurrency
+from tests.backends.fakes import TOKEN, FakeInferenceServer, error, start
+from tests.core.helpers import ALICE, GUILD, running_core
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: FakeInferenceServer) -> AsyncIterator[FakeInferenceServer]:
+    server = await start(fake.app())
+    fake.url = str(server.make_url("")).rstrip("/")
+    try:
+        yield fake
+    finally:
+        await server.close()
+
+
+def refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_concurrency_follows_capacity_unless_set():
+    assert dispatch_concurrency(BotConfig(), None) == 4  # nothing reported yet
+    assert dispatch_concurrency(BotConfig(), 3) == 6  # a running batch and the next one
+    assert dispatch_concurrency(BotConfig(max_dispatch_concurrency=10), 16) == 10
+    assert dispatch_concurrency(BotConfig(dispatch_concurrency=2), 16) == 2
+
+
+async def test_the_dispatcher_sends_as_many_jobs_as_the_servers_can_batch(db_url, tmp_path):
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    async def held(request, body):
+        arrived.append(body["prompt"])
+        await release.wait()
+        return error(503, "overloaded", "never mind")  # replaced below by a success
+
+    a, b = FakeInferenceServer(load=(0, 0, 2)), FakeInferenceServer(load=(0, 0, 1))
+    async with serving(a), serving(b):
+        a.script, b.script = [held] * 20, [held] * 20
+        backend = InferenceServerBackend([a.url, b.url], token=TOKEN, max_retries=0)
+        async with running_core(db_url, tmp_path, backend=backend, quotas={"daily_limit": 50}) as (
+            core,
+            delivery,
+        ):
+            assert backend.capacity() == 3  # read from both servers' /health at start-up
+            for i in range(10):
+                await core.service.imagine(ALICE, GUILD, f"p{i}", idempotency_key=f"k{i}")
+            await delivery.wait_for(lambda: len(arrived) >= 6)
+            await asyncio.sleep(0.5)  # room for a seventh, which must not come (no timing asserted)
+            assert len(arrived) == 6  # 2 x (2 + 1), not the old fixed 4
+            # Least outstanding work per capacity: a (batch 2) got two for each of b's.
+            assert (len(a.seen), len(b.seen)) == (4, 2)
+            a.script.clear()
+            b.script.clear()
+            release.set()
+
+
+async def test_an_outage_longer_than_the_retry_budget_fails_no_job(db_url, tmp_path):
+    async def restarting(request, body):
+        return error(503, "not_ready", "the model is loading", headers={"Retry-After": "0"})
+
+    fake = FakeInferenceServer()
+    async with serving(fake):
+        # Ten refusals: twice the 5 attempts of the usual rounds (max_retries = 4).
+        fake.script = [restarting] * 10
+        backend = InferenceServerBackend(
+            [fake.url],
+            token=TOKEN,
+            max_retries=4,
+            backoff_base_s=0.01,
+            backoff_max_s=0.02,
+            outage_horizon_s=600,
+        )
+        async with running_core(db_url, tmp_path, backend=backend, bot={"progress_interval_s": 0}) as (
+            core,
+            delivery,
+        ):
+            job = await core.service.imagine(ALICE, GUILD, "patient", idempotency_key="o1")
+            done = await core.service.wait_for_job(job.id, 60)
+            assert done.state == "succeeded" and done.attempts == 1
+            assert len(fake.seen) == 11
+            waiting = [e for e in delivery.events if e[0] == "waiting" and e[1] == job.id]
+            assert waiting and "waiting for an image server" in waiting[0][2]
+
+
+async def test_an_outage_past_the_horizon_fails_the_job_with_a_refund(db_url, tmp_path):
+    backend = InferenceServerBackend(
+        [refused_url()],
+        token=TOKEN,
+        max_retries=1,
+        backoff_base_s=0.05,
+        backoff_max_s=0.1,
+        outage_horizon_s=1.0,
+    )
+    async with running_core(db_url, tmp_path, backend=backend, quotas={"daily_limit": 1}) as (core, delivery):
+        job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="h1")
+        done = await core.service.wait_for_job(job.id, 60)
+        assert done.state == "failed" and done.attempts == 1  # waited once; not requeued to wait again
+        await delivery.wait_for(lambda: job.id in delivery.failed)
+        message = delivery.failed[job.id][0][1]
+        assert message.startswith("No image server has been reachable for") and "refunded" in message
+        assert any(e[0] == "waiting" and e[1] == job.id for e in delivery.events)
+        assert (await core.service.quota(ALICE, GUILD)).remaining == 1
