@@ -62,9 +62,10 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class BackendEvent:
-    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress'."""
+    """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress',
+    'preview' (step, total; `extra` holds `index`, the image's place, and `png`, a small PNG)."""
 
-    kind: Literal["queued", "started", "progress"]
+    kind: Literal["queued", "started", "progress", "preview"]
     position: int | None = None
     step: int | None = None
     total: int | None = None

@@ -54,7 +54,7 @@ from bot.backends.base import (
     describe_wait,
 )
 from bot.core import tiling
-from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
+from bot.core.api import DatabaseError, ImageInfo, JobView, PreviewDelivery, ResultImage, StorageError
 from bot.core.claims import ClaimedJob
 from bot.core.db import retry_unavailable
 from bot.core.service import CoreService
@@ -382,10 +382,29 @@ class Dispatcher:
         )
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
+        last_preview: float | None = None
+        delivery = self.service.deliveries.get(view.platform)
+        # A metered delivery forwards on_preview; whether previews go anywhere is its inner one's say.
+        previews = self.config.preview_interval_s > 0 and isinstance(
+            getattr(delivery, "inner", delivery), PreviewDelivery
+        )
 
         async def on_event(event: BackendEvent) -> None:
-            nonlocal last_progress
-            if event.kind != "progress" or event.step is None or event.total is None:
+            nonlocal last_progress, last_preview
+            if event.step is None or event.total is None:
+                return
+            if event.kind == "preview":
+                # The first image's only (one picture per status message), throttled like progress:
+                # each one is a message edit with an upload.
+                now = time.monotonic()
+                if not previews or event.extra.get("index") != 0:
+                    return
+                if last_preview is not None and now - last_preview < self.config.preview_interval_s:
+                    return
+                last_preview = now
+                await self._call(view, "on_preview", view, event.step, event.total, event.extra["png"])
+                return
+            if event.kind != "progress":
                 return
             now = time.monotonic()
             final = event.step >= event.total

@@ -162,6 +162,10 @@ class MeteredDelivery:
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         await self._call("on_progress", self.inner.on_progress(job, step, total))
 
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        # Only called when `inner` implements it (the dispatcher looks through `.inner`).
+        await self._call("on_preview", self.inner.on_preview(job, step, total, png))  # type: ignore[attr-defined]
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         await self._call("on_succeeded", self.inner.on_succeeded(job, images))
         self._finished(job, "succeeded")
