@@ -19,7 +19,7 @@ from bot.core.api import JobView, ResultImage
 
 log = logging.getLogger("bot.playground")
 
-EventKind = Literal["queued", "progress", "succeeded", "failed"]
+EventKind = Literal["queued", "progress", "preview", "succeeded", "failed"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class JobEvent:
     total: int = 0
     images: Sequence[ResultImage] = ()
     message: str = ""
+    png: bytes = b""  # a "preview": the first image as it forms
 
     @property
     def final(self) -> bool:
@@ -68,6 +69,9 @@ class WebDelivery:
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         self._publish(JobEvent("progress", job, step=step, total=total))
+
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        self._publish(JobEvent("preview", job, step=step, total=total, png=png))
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         # The "message" showing the result is the job itself; recording it lets `react` (and the
