@@ -49,8 +49,9 @@ class ServerConfig:
     progress_interval_s: float = 0.2
     # Streaming clients get a cheap preview of each image every this many steps (0 = off). A preview
     # is a linear latent-to-RGB projection and a 256-px PNG (inference_server/previews.py), no VAE
-    # decode: far cheaper than the denoising step it follows. 5 gives a chat status message a few
-    # pictures over a typical 20-30 step run without flooding it (the bot throttles edits anyway).
+    # decode; the PNG encode is most of its cost, on the thread that runs the model, so a preview
+    # every step would slow streaming requests. 5 gives a chat status message a few pictures over a
+    # typical 20-30 step run without flooding it (the bot throttles edits anyway).
     preview_every_steps: int = 5
     log_level: str = "INFO"
     # Slow clients: a complete request header must arrive within header_timeout_s of connecting (or

@@ -115,7 +115,9 @@ class Previewer:
             scale = PREVIEW_MAX_SIDE / max(h, w)
             img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
             buf = io.BytesIO()
-            img.save(buf, format="PNG")
+            # Fastest zlib level: the encode is most of a preview's cost (noisy early latents
+            # compress badly); the bytes matter less than the time on the device thread.
+            img.save(buf, format="PNG", compress_level=1)
             out.append(buf.getvalue())
         return out
 
