@@ -63,6 +63,9 @@ class BotConfig:
     retry_backoff_s: float = 5.0
     job_timeout_s: float = 600.0
     progress_interval_s: float = 2.0
+    # At most one live preview (the server's `preview` events) per job this often: each is a status
+    # message edit with an image upload, heavier than a progress line. 0 = no previews.
+    preview_interval_s: float = 2.0
     # Global admission limit: beyond this many queued jobs submissions get "overloaded".
     max_queued_jobs: int = 1000
     # How often a process counts the queue for that limit (between counts it adds the jobs it
@@ -139,6 +142,7 @@ class BotConfig:
         _seconds(self.retry_backoff_s, "[bot] retry_backoff_s", lo=0, hi=3600)
         _seconds(self.job_timeout_s, "[bot] job_timeout_s", lo=0, lo_open=True)
         _seconds(self.progress_interval_s, "[bot] progress_interval_s", lo=0, hi=3600)
+        _seconds(self.preview_interval_s, "[bot] preview_interval_s", lo=0, hi=3600)
         _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")
         _seconds(self.queue_depth_check_s, "[bot] queue_depth_check_s", lo=0, hi=60)
         _check(0 < self.variation_strength <= 1, "[bot] variation_strength", "must be in (0, 1]")

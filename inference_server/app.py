@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -124,7 +125,9 @@ async def _stream(request: web.Request, engine: Engine, parsed: ParsedRequest) -
     interval = request.app[keys.CONFIG].server.progress_interval_s
     events: asyncio.Queue[Any] = asyncio.Queue()
     done = object()
-    job: Job = engine.submit(parsed.request, timeout_s=parsed.timeout_s, on_event=events.put_nowait)
+    every = request.app[keys.CONFIG].server.preview_every_steps
+    submitted = dataclasses.replace(parsed.request, preview_every=every)
+    job: Job = engine.submit(submitted, timeout_s=parsed.timeout_s, on_event=events.put_nowait)
     # Admission succeeded: from here on errors travel as an "error" event inside a 200 stream.
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     waiter = asyncio.ensure_future(job.wait())

@@ -24,13 +24,14 @@ from inference_server.engine import (
     GenerationRequest,
     GenerationResult,
     Job,
+    Preview,
     Progress,
     Queued,
     Started,
 )
 from inference_server.engine_base import EngineBase
 from inference_server.metrics import Metrics
-from inference_server.pipelines import PipelineRunner
+from inference_server.pipelines import PipelineRunner, RequestPreviews
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,14 @@ class DynamicBatchingEngine(EngineBase):
             job.emit(Started(size))
         self._announce_positions()
 
-        def on_progress(step: int, total: int) -> None:
+        def on_progress(step: int, total: int, previews: RequestPreviews | None = None) -> None:
             for job in batch:
                 job.emit(Progress(step, total))
+            for request, pngs in previews or ():
+                for job in batch:
+                    if job.request is request:
+                        for index, png in enumerate(pngs):
+                            job.emit(Preview(step, total, index, png))
 
         # Progress crosses threads (a wake-up of the event loop per step, competing for the GIL with
         # the pipeline thread): only pay for it when a streaming client listens.

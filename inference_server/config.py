@@ -47,6 +47,12 @@ class ServerConfig:
     max_timeout_s: float = 3600.0
     shutdown_grace_s: float = 30.0
     progress_interval_s: float = 0.2
+    # Streaming clients get a cheap preview of each image every this many steps (0 = off). A preview
+    # is a linear latent-to-RGB projection and a 256-px PNG (inference_server/previews.py), no VAE
+    # decode; the PNG encode is most of its cost, on the thread that runs the model, so a preview
+    # every step would slow streaming requests. 5 gives a chat status message a few pictures over a
+    # typical 20-30 step run without flooding it (the bot throttles edits anyway).
+    preview_every_steps: int = 5
     log_level: str = "INFO"
     # Slow clients: a complete request header must arrive within header_timeout_s of connecting (or
     # of the previous response on a keep-alive connection), and the whole body within body_timeout_s
@@ -80,6 +86,7 @@ class ServerConfig:
         )
         _require(self.shutdown_grace_s >= 0, s, "shutdown_grace_s", "must be >= 0")
         _require(self.progress_interval_s >= 0, s, "progress_interval_s", "must be >= 0")
+        _require(0 <= self.preview_every_steps <= 1000, s, "preview_every_steps", "must be 0-1000 (0 = off)")
         _require(self.openai_url_ttl_s > 0, s, "openai_url_ttl_s", "must be > 0")
         _require(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),

@@ -55,6 +55,9 @@ class GenerationRequest:
     loras: tuple[tuple[str, float], ...] = ()
     # Step caching level (inference_server/step_cache.py): resolved from the request or [model] cache.
     cache: str = "off"
+    # Send a preview every this many steps (0 = none): set for streaming clients from
+    # [inference_server] preview_every_steps (or OpenAI's partial_images); not in the batch key.
+    preview_every: int = 0
 
     @property
     def n(self) -> int:
@@ -121,7 +124,28 @@ class Progress:
         return {"event": "progress", "step": self.step, "total": self.total}
 
 
-Event = Queued | Started | Progress
+@dataclass(frozen=True)
+class Preview:
+    """A cheap preview (inference_server/previews.py) of image `index` of the request after `step`."""
+
+    step: int
+    total: int
+    index: int
+    png: bytes = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        import base64
+
+        return {
+            "event": "preview",
+            "step": self.step,
+            "total": self.total,
+            "index": self.index,
+            "png_base64": base64.b64encode(self.png).decode(),
+        }
+
+
+Event = Queued | Started | Progress | Preview
 EventCallback = Callable[[Event], None]
 
 

@@ -9,8 +9,8 @@ Routes (added by `setup(app)`, which `app.create_app` calls):
 - `GET /v1/models`, `GET /v1/models/{id}` -> the loaded model
 - `GET /images/files/{name}` -> images returned as `response_format: "url"`
 
-`stream: true` (generations, edits) answers with OpenAI's server-sent events: one `*.completed`
-event per image, no partial previews (see `stream_job`).
+`stream: true` (generations, edits) answers with OpenAI's server-sent events: up to `partial_images`
+`*.partial_image` previews per image, then one `*.completed` event per image (see `stream_job`).
 
 This module only translates: the OpenAI fields (declared, with the native extensions, in
 `schemas.request_models`) become the native fields `validation.parse_generation` takes (so limits
@@ -42,7 +42,7 @@ from PIL import Image
 from inference_server import keys
 from inference_server.bodies import read_body
 from inference_server.config import ServerConfig
-from inference_server.engine import EngineError, GenerationResult, Progress, Queued, Task
+from inference_server.engine import EngineError, GenerationResult, Preview, Progress, Queued, Task
 from inference_server.errors import RequestError
 from inference_server.families import ModelFamily
 from inference_server.handling import (
@@ -239,6 +239,7 @@ class OutputOptions:
     quality: int  # encoder quality for JPEG / WebP (100 = best)
     name: str  # output_format as echoed in the response
     stream: bool = False  # answer with server-sent events (see `stream_job`)
+    partial_images: int = 0  # previews per image to stream before it completes (0-3)
 
 
 def _output_options(fields: Mapping[str, Any]) -> OutputOptions:
@@ -255,6 +256,7 @@ def _output_options(fields: Mapping[str, Any]) -> OutputOptions:
         quality=100 if compression is None else compression,
         name="jpeg" if name == "jpg" else name,
         stream=bool(fields["stream"]),
+        partial_images=fields["partial_images"] or 0,
     )
 
 
@@ -459,8 +461,9 @@ async def stream_job(
 ) -> web.StreamResponse:
     """`stream: true`: server-sent events as OpenAI sends them, one `*.completed` event per image.
 
-    No `*.partial_image` previews are sent (OpenAI allows fewer partials than asked for): they need
-    intermediate latents, which the engine's events do not carry. While the request waits and runs,
+    With `partial_images` = k, each image gets up to k `*.partial_image` events (the engine's cheap
+    previews, PNG, longest side 256; fewer when the request has too few steps, as OpenAI allows),
+    numbered 0..k-1 per image by `partial_image_index`. While the request waits and runs,
     SSE comment lines (ignored by clients) report the queue position and the steps, which also
     keeps proxies from closing an idle connection. Admission errors (full queue, bad fields) are
     still plain JSON errors; after the 200, an error travels as an `error` event.
@@ -476,9 +479,26 @@ async def stream_job(
     waiter.add_done_callback(lambda _: events.put_nowait(done))
     kind = "image_generation" if endpoint == "generations" else "image_edit"
     last_progress = 0.0
+    partials_sent: dict[int, int] = {}  # image index -> partial images sent
+    req = parsed.request
     try:
         await response.prepare(request)
         while (event := await events.get()) is not done:
+            if isinstance(event, Preview):
+                sent = partials_sent.get(event.index, 0)
+                if sent < options.partial_images:
+                    partials_sent[event.index] = sent + 1
+                    partial = {
+                        "type": f"{kind}.partial_image",
+                        "b64_json": base64.b64encode(event.png).decode("ascii"),
+                        "background": "opaque",
+                        "created_at": int(time.time()),
+                        "output_format": "png",  # previews are PNG whatever the final format
+                        "partial_image_index": sent,
+                        "quality": "auto",
+                        "size": f"{req.width}x{req.height}",
+                    }
+                    await response.write(_sse(partial, f"{kind}.partial_image"))
             if isinstance(event, Progress):
                 now = time.monotonic()
                 if event.step < event.total and now - last_progress < interval:
@@ -554,6 +574,12 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     # Decoding uploads is CPU work: keep it off the event loop.
     parsed, options = await asyncio.to_thread(parse) if files or endpoint != "generations" else parse()
     if options.stream:
+        if options.partial_images:
+            # k evenly spaced previews before the last step: every ceil(steps / (k + 1)) steps.
+            every = -(-parsed.request.steps // (options.partial_images + 1))
+            parsed = dataclasses.replace(
+                parsed, request=dataclasses.replace(parsed.request, preview_every=every)
+            )
         return await stream_job(request, parsed, options, endpoint)
     base = public_base(request) if options.response_format == "url" else None
     if options.response_format == "url" and base is None:

@@ -21,13 +21,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inference_server.config import EMBEDDED_WEIGHTS, SINGLE_FILE_SUFFIXES, ModelConfig
 from inference_server.config_loader import ConfigError
 from inference_server.engine import EngineInfo, GenerationFailed, GenerationRequest, OutOfMemory
 from inference_server.families import SAMPLERS, ModelFamily, UnsupportedModel, detect_family
 from inference_server.loras import LoraLibrary, LoraTarget, model_target
+from inference_server.previews import Previewer, due, pipeline_latents_to_vae, previewer_for, safe_pngs
 from inference_server.step_cache import step_cache
 
 if TYPE_CHECKING:
@@ -277,7 +278,14 @@ class BatchReport:
     run_s: float = 0.0
 
 
-ProgressCallback = Callable[[int, int], None]
+# A preview: the request it belongs to (by identity) and one PNG per image of it, in seed order.
+RequestPreviews = list[tuple[GenerationRequest, list[bytes]]]
+
+
+class ProgressCallback(Protocol):
+    def __call__(self, step: int, total: int, previews: RequestPreviews | None = None) -> None: ...
+
+
 # What a client hears when the model fails on its request; the exception goes to the log only.
 MODEL_FAILED = "the model failed on this request (see the server log)"
 
@@ -320,6 +328,7 @@ class PipelineRunner:
         self.size_bytes = 0
         self._pipes: dict[str, Any] = {}
         self._make_scheduler: Callable[[str | None], Any] | None = None
+        self._previewer: Previewer | None = None  # made on the first preview (it may fit one)
         # What the loaded model is and accepts (None until loaded); see families.py.
         self.family: ModelFamily | None = None
         # Which pipeline __call__ takes width/height (SD/SDXL img2img take the image's size instead).
@@ -512,7 +521,7 @@ class PipelineRunner:
             image=None if task == "txt2img" else PILImage.new("RGB", size, (128, 128, 128)),
             mask=PILImage.new("L", size, 255) if task == "inpaint" else None,
         )
-        self._call(self._pipes[task], [req], lambda step, total: None, lambda: False)
+        self._call(self._pipes[task], [req], _no_progress, lambda: False)
         log.info(
             "warm-up generation took %.2f s%s",
             time.monotonic() - started,
@@ -534,11 +543,11 @@ class PipelineRunner:
         """
         loop = asyncio.get_running_loop()
 
-        def post_progress(step: int, total: int) -> None:
+        def post_progress(step: int, total: int, previews: RequestPreviews | None = None) -> None:
             if on_progress is None:
                 return
             try:
-                loop.call_soon_threadsafe(on_progress, step, total)
+                loop.call_soon_threadsafe(on_progress, step, total, previews)
             except RuntimeError:  # the loop closed while the call was finishing
                 pass
 
@@ -660,6 +669,7 @@ class PipelineRunner:
         self._adapters = set()
         self._active_loras = ()
         self._make_scheduler = None
+        self._previewer = None
         self.loaded = False
         gc.collect()
         self._empty_cache()
@@ -670,7 +680,7 @@ class PipelineRunner:
         For determinism checks and benchmarks; runs on the worker thread like every other call.
         """
         future = self._executor.submit(
-            self._call, self._pipes[batch[0].task], list(batch), lambda s, t: None, lambda: False, "np"
+            self._call, self._pipes[batch[0].task], list(batch), _no_progress, lambda: False, "np"
         )
         return future.result()
 
@@ -691,7 +701,8 @@ class PipelineRunner:
         pipe.scheduler = self._make_scheduler(first.scheduler)
 
         def on_step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            on_progress(step + 1, int(getattr(p, "num_timesteps", first.steps) or first.steps))
+            total = int(getattr(p, "num_timesteps", first.steps) or first.steps)
+            on_progress(step + 1, total, self._previews(p, batch, step + 1, total, callback_kwargs))
             if should_stop():
                 p._interrupt = True  # diffusers' own flag: skip the remaining steps
             return callback_kwargs
@@ -742,6 +753,34 @@ class PipelineRunner:
             ]
         return images
 
+    def _previews(
+        self, pipe: Any, batch: list[GenerationRequest], step: int, total: int, kwargs: dict[str, Any]
+    ) -> RequestPreviews | None:
+        """Previews after `step` for the requests of `batch` that want one now (streaming clients, every
+        `preview_every` steps); None when none does or making them failed (logged: never fatal)."""
+        wanting = [r for r in batch if due(step, total, r.preview_every)]
+        if not wanting or "latents" not in kwargs:
+            return None
+        try:
+            if self._previewer is None:
+                self._previewer = previewer_for(pipe.vae)
+                log.info("previews: %s latent-to-RGB projection", self._previewer.source)
+            first = batch[0]
+            latents = pipeline_latents_to_vae(pipe, kwargs["latents"], first.height, first.width)
+        except Exception:
+            log.warning("making a preview failed; skipping it", exc_info=True)
+            return None
+        out: RequestPreviews = []
+        offset = 0
+        for r in batch:
+            if any(r is w for w in wanting):
+                pngs = safe_pngs(self._previewer, latents[offset : offset + r.n])
+                if pngs is None:
+                    return None
+                out.append((r, pngs))
+            offset += r.n
+        return out
+
     def _empty_cache(self) -> None:
         import torch
 
@@ -753,6 +792,10 @@ class PipelineRunner:
     def close(self) -> None:
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _no_progress(step: int, total: int, previews: RequestPreviews | None = None) -> None:
+    pass
 
 
 def pipeline_bytes(pipe: Any) -> int:

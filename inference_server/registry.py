@@ -285,7 +285,7 @@ class ModelRegistry:
     async def run(
         self,
         batch: Sequence[GenerationRequest],
-        on_progress: Callable[[int, int], None] | None,
+        on_progress: ProgressCallback | None,
         should_stop: Callable[[], bool],
     ) -> BatchReport:
         first = batch[0]

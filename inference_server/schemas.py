@@ -422,11 +422,16 @@ def request_models(server: ServerConfig, family: ModelFamily | None = None) -> R
         background: Background | None = Field(None, description="transparent is refused")
         stream: bool | None = Field(
             None,
-            description="text/event-stream: one *.completed event per image (no partial previews); "
+            description="text/event-stream: up to partial_images *.partial_image previews per image, then "
+            "one *.completed event per image; "
             "SSE comments report progress; later errors as an error event",
         )
         partial_images: int | None = Field(
-            None, ge=0, le=MAX_PARTIAL_IMAGES, description="checked; no previews are sent"
+            None,
+            ge=0,
+            le=MAX_PARTIAL_IMAGES,
+            description="with stream: previews per image (PNG, longest side 256) sent as *.partial_image "
+            "events, evenly spaced over the steps; fewer when there are too few steps; default 0",
         )
         quality: Ignored = None
         complexity: Ignored = None

@@ -64,9 +64,10 @@ class GeneratedImage:
 class BackendEvent:
     """Progress reported while a job waits or runs: kind 'queued' (position), 'started', 'progress',
     or 'waiting' (no server can be reached: the job waits for one to come back; `extra` has
-    `waited_s` and `reason`)."""
+    `waited_s` and `reason`), or 'preview' (step, total; `extra` holds `index`, the image's place,
+    and `png`, a small PNG)."""
 
-    kind: Literal["queued", "started", "progress", "waiting"]
+    kind: Literal["queued", "started", "progress", "waiting", "preview"]
     position: int | None = None
     step: int | None = None
     total: int | None = None

@@ -65,6 +65,7 @@ class FakeBackend:
         tasks: Iterable[Task] = ("txt2img", "img2img", "inpaint"),
         progress_events: bool = True,
         models: Sequence[ModelInfo] | None = None,
+        preview_every: int = 0,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
@@ -74,6 +75,8 @@ class FakeBackend:
         self.delay_s = delay_s
         self.tasks = frozenset(tasks)
         self.progress_events = progress_events
+        # A "preview" event per image every this many steps (0 = none), as the inference server sends.
+        self.preview_every = preview_every
         # The models it offers, as a server with a models registry would (None: no choice).
         self.models_offered = list(models) if models is not None else None
         self.calls: list[FakeCall] = []
@@ -174,6 +177,11 @@ class FakeBackend:
                 if per_step:
                     await asyncio.sleep(per_step)
                 await emit(BackendEvent("progress", step=step, total=params.steps))
+                if self.preview_every and step % self.preview_every == 0 and step < params.steps:
+                    for index, seed in enumerate(params.seeds):
+                        png = _preview_png(colour_for(params, seed))
+                        extra = {"index": index, "png": png}
+                        await emit(BackendEvent("preview", step=step, total=params.steps, extra=extra))
             return [GeneratedImage(png=render(params, seed, base, mask), seed=seed) for seed in params.seeds]
         finally:
             self._release_slot()
@@ -259,6 +267,12 @@ class FakeBackend:
         for i, lora in enumerate(params.loras):
             if lora.name not in model.loras:
                 raise BackendRejected(f"unknown LoRA {lora.name!r} for {model.name}", f"loras[{i}].name")
+
+
+def _preview_png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _open_image(data: bytes | None, fld: str) -> Image.Image:

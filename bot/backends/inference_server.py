@@ -719,7 +719,15 @@ def _to_backend_event(event: dict[str, Any]) -> BackendEvent | None:
             return BackendEvent("started", extra=extra)
         if kind == "progress":
             return BackendEvent("progress", step=int(event["step"]), total=int(event["total"]))
-    except (KeyError, TypeError, ValueError):
+        if kind == "preview":
+            png = base64.b64decode(event["png_base64"], validate=True)
+            return BackendEvent(
+                "preview",
+                step=int(event["step"]),
+                total=int(event["total"]),
+                extra={"index": int(event["index"]), "png": png},
+            )
+    except (KeyError, TypeError, ValueError, binascii.Error):
         log.warning("ignoring malformed %s event from the inference server", kind)
         return None
     return None  # events added to the API later are not errors for an older client

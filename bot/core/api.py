@@ -17,7 +17,8 @@ Life of a job, as an adapter sees it:
    same job with `job.created == False` (a Slack retry or a double click is not a second job).
 3. Later the core calls the delivery: `on_queued(job, position)` when the queue position changes,
    `on_progress(job, step, total)` (at most once per `[bot] progress_interval_s` per job, plus
-   `step == 0` when the job starts), then exactly one of `on_succeeded(job, images)` or
+   `step == 0` when the job starts), `on_preview(job, step, total, png)` if the delivery implements
+   `PreviewDelivery` (at most once per `[bot] preview_interval_s`), then exactly one of `on_succeeded(job, images)` or
    `on_failed(job, message)`. Quota is refunded by the core before `on_failed` is called.
 4. After posting the result: `await service.attach_result_message(job.id, message_id)`, so that
    reactions and buttons on that message resolve to the job row (they survive restarts).
@@ -520,6 +521,16 @@ class Delivery(Protocol):
 
     async def on_failed(self, job: JobView, message: str) -> None:
         """The job failed for good (quota already refunded); `message` is short and user-safe."""
+        ...
+
+
+@runtime_checkable
+class PreviewDelivery(Protocol):
+    """Optional for a `Delivery`: an adapter that implements it also gets live previews."""
+
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        """A small PNG of the first image as it forms after `step` of `total`, at most once per
+        `[bot] preview_interval_s` per job; never after `on_succeeded`."""
         ...
 
 

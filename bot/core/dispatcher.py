@@ -55,7 +55,7 @@ from bot.backends.base import (
     describe_wait,
 )
 from bot.core import tiling
-from bot.core.api import DatabaseError, ImageInfo, JobView, ResultImage, StorageError
+from bot.core.api import DatabaseError, ImageInfo, JobView, PreviewDelivery, ResultImage, StorageError
 from bot.core.claims import ClaimedJob
 from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
@@ -396,18 +396,37 @@ class Dispatcher:
         )
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
+        last_preview: float | None = None
+        delivery = self.service.deliveries.get(view.platform)
+        # A metered delivery forwards on_preview; whether previews go anywhere is its inner one's say.
+        previews = self.config.preview_interval_s > 0 and isinstance(
+            getattr(delivery, "inner", delivery), PreviewDelivery
+        )
 
         job_timeout = asyncio.timeout(self.config.job_timeout_s)
 
         async def on_event(event: BackendEvent) -> None:
-            nonlocal last_progress
+            nonlocal last_progress, last_preview
             if event.kind == "waiting":
                 # No server is reachable: the backend waits one out (up to its outage horizon), and
                 # the wait is not the job's run time.
                 job_timeout.reschedule(asyncio.get_running_loop().time() + self.config.job_timeout_s)
                 await self._call(view, "on_waiting", view, waiting_message(event))
                 return
-            if event.kind != "progress" or event.step is None or event.total is None:
+            if event.step is None or event.total is None:
+                return
+            if event.kind == "preview":
+                # The first image's only (one picture per status message), throttled like progress:
+                # each one is a message edit with an upload.
+                now = time.monotonic()
+                if not previews or event.extra.get("index") != 0:
+                    return
+                if last_preview is not None and now - last_preview < self.config.preview_interval_s:
+                    return
+                last_preview = now
+                await self._call(view, "on_preview", view, event.step, event.total, event.extra["png"])
+                return
+            if event.kind != "progress":
                 return
             now = time.monotonic()
             final = event.step >= event.total

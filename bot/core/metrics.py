@@ -165,6 +165,10 @@ class MeteredDelivery:
     async def on_waiting(self, job: JobView, message: str) -> None:
         await self._call("on_waiting", self.inner.on_waiting(job, message))
 
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        # Only called when `inner` implements it (the dispatcher looks through `.inner`).
+        await self._call("on_preview", self.inner.on_preview(job, step, total, png))  # type: ignore[attr-defined]
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         await self._call("on_succeeded", self.inner.on_succeeded(job, images))
         self._finished(job, "succeeded")

@@ -46,7 +46,7 @@ async def generate(
                 return
             if event.kind == "progress" and event.step is not None:
                 await on_event(dataclasses.replace(event, step=done + event.step, total=total))
-            elif event.kind != "progress" and done == 0:
+            elif event.kind not in ("progress", "preview") and done == 0:
                 await on_event(event)  # queued/started of the first tile only: the job's own
 
         images = await backend.generate(tile, on_tile_event)

@@ -74,6 +74,7 @@ RETRY_MAX_S = 60.0
 # The message id of an interaction's first response, in webhook routes. discord.py types message
 # ids as int, hence the `type: ignore`s where it is passed.
 ORIGINAL = "@original"
+PREVIEW_FILENAME = "preview.png"
 
 # Status phases only move forward: a late "queued" report never hides "generating".
 QUEUED, RUNNING = 0, 1
@@ -106,7 +107,9 @@ class DiscordDelivery:
         self.config = config
         self._last_edit: dict[int, float] = {}
         self._shown: dict[int, str] = {}  # job id -> status text last shown (no edit to the same)
-        self._parked: dict[int, tuple[JobView, str, int]] = {}  # a throttled update, shown later
+        # A throttled update (status text, phase, preview PNG or None), shown later.
+        self._parked: dict[int, tuple[JobView, str, int, bytes | None]] = {}
+        self._previewed: set[int] = set()  # jobs whose status message carries a preview image
         self._flushers: dict[int, asyncio.Task[None]] = {}
         self._status: dict[int, int] = {}  # job id -> channel status message id (channel mode)
         self._phase: dict[int, int] = {}  # job id -> QUEUED / RUNNING as last shown
@@ -126,6 +129,11 @@ class DiscordDelivery:
 
     async def on_waiting(self, job: JobView, message: str) -> None:
         await self._status_update(job, messages.waiting(job, message), RUNNING)
+
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        """The status message shows the image forming: the progress line with the preview attached,
+        through the same throttled status edit (a newer preview replaces a parked one)."""
+        await self._status_update(job, messages.progress(job, step, total), RUNNING, png)
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         images = sorted(images, key=lambda i: i.index)
@@ -192,6 +200,7 @@ class DiscordDelivery:
         self._last_edit.pop(job_id, None)
         self._shown.pop(job_id, None)
         self._parked.pop(job_id, None)
+        self._previewed.discard(job_id)
         flusher = self._flushers.pop(job_id, None)
         if flusher is not None and flusher is not asyncio.current_task():
             flusher.cancel()
@@ -285,7 +294,7 @@ class DiscordDelivery:
         guild = self.bot.get_guild(int(job.guild_id)) if job.guild_id else None
         return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
-    async def _status_update(self, job: JobView, text: str, phase: int) -> None:
+    async def _status_update(self, job: JobView, text: str, phase: int, preview: bytes | None = None) -> None:
         """Show `text` as the job's status (queue position, progress), at most one edit per
         `progress_edit_interval_s`: an update that comes sooner is parked and shown when the
         interval is over (the latest one wins), so the message never lags behind for long."""
@@ -294,13 +303,16 @@ class DiscordDelivery:
         last = self._last_edit.get(job.id)
         wait = 0.0 if last is None else last + self.config.progress_edit_interval_s - time.monotonic()
         if wait > 0:
-            self._parked[job.id] = (job, text, phase)
+            parked = self._parked.get(job.id)
+            if preview is None and parked is not None and parked[3] is not None:
+                preview = parked[3]  # a text-only update keeps the parked picture
+            self._parked[job.id] = (job, text, phase, preview)
             if job.id not in self._flushers:
                 self._flushers[job.id] = asyncio.create_task(
                     self._flush_later(job.id, wait), name=f"discord status {job.id}"
                 )
             return
-        await self._write_status(job, text, phase)
+        await self._write_status(job, text, phase, preview)
 
     async def _flush_later(self, job_id: int, wait: float) -> None:
         try:
@@ -317,13 +329,13 @@ class DiscordDelivery:
             if self._flushers.get(job_id) is asyncio.current_task():
                 self._flushers.pop(job_id, None)
 
-    async def _write_status(self, job: JobView, text: str, phase: int) -> None:
+    async def _write_status(self, job: JobView, text: str, phase: int, preview: bytes | None = None) -> None:
         self._last_edit[job.id] = time.monotonic()
         self._parked.pop(job.id, None)
         async with self._lock(job.id):
             if job.id in self._finished or job.id in self._gone or self._phase.get(job.id, QUEUED) > phase:
                 return
-            if self._shown.get(job.id) == text:
+            if self._shown.get(job.id) == text and preview is None:
                 return
             self._phase[job.id] = phase
             kwargs: dict[str, Any] = {
@@ -331,6 +343,13 @@ class DiscordDelivery:
                 "view": status_view(job),
                 "allowed_mentions": self._mentions(job),
             }
+            if preview is not None:
+                # Only the interaction's own message is edited with previews: a channel status
+                # message shares the channel's edit budget with every other job's.
+                if not self._token_usable(job):
+                    return
+                kwargs["attachments"] = [discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME)]
+                self._previewed.add(job.id)
             try:
                 if self._token_usable(job):
                     await self._webhook(job).edit_message(ORIGINAL, **kwargs)  # type: ignore[call-overload]
@@ -409,6 +428,8 @@ class DiscordDelivery:
         kwargs: dict[str, Any] = {"content": text, "view": view, "allowed_mentions": self._mentions(job)}
         if file is not None:
             kwargs["attachments"] = [file]
+        elif job.id in self._previewed:
+            kwargs["attachments"] = []  # a failure message must not keep the last preview
         if job.private:
             # Private mode: only the interaction's own response (deferred ephemerally) may show it.
             if not self._token_usable(job):

@@ -20,7 +20,7 @@ from bot.playground import texts
 
 log = logging.getLogger("bot.playground")
 
-EventKind = Literal["queued", "progress", "succeeded", "failed"]
+EventKind = Literal["queued", "progress", "preview", "succeeded", "failed"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class JobEvent:
     total: int = 0
     images: Sequence[ResultImage] = ()
     message: str = ""
+    png: bytes = b""  # a "preview": the first image as it forms
 
     @property
     def final(self) -> bool:
@@ -73,6 +74,9 @@ class WebDelivery:
 
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         self._publish(JobEvent("progress", job, step=step, total=total))
+
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        self._publish(JobEvent("preview", job, step=step, total=total, png=png))
 
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         # The "message" showing the result is the job itself; recording it lets `react` (and the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 from collections.abc import Sequence
@@ -93,14 +94,20 @@ def failed(job: JobView, message: str) -> str:
     return f"❌ **{short(job.prompt, PROMPT_SHOWN)}** — job #{job.id} failed: {message}"
 
 
-def status_html(state: str, text: str, job_id: int | None = None, step: int = 0, total: int = 0) -> str:
-    """The status panel: a real <progress> bar while a job runs (data-state is for the tests)."""
+def status_html(
+    state: str, text: str, job_id: int | None = None, step: int = 0, total: int = 0, preview: bytes = b""
+) -> str:
+    """The status panel: a real <progress> bar while a job runs (data-state is for the tests), and
+    the live preview of the first image when the server sent one (an inline PNG of a few KB)."""
     meter = ""
     if state == "running":
         if total > 0:
             meter = f'<progress value="{step}" max="{total}" style="width:100%"></progress>'
         else:
             meter = '<progress style="width:100%"></progress>'
+    if state == "running" and preview:
+        data = base64.b64encode(preview).decode("ascii")
+        meter += f'<img class="job-preview" alt="preview" width="128" src="data:image/png;base64,{data}">'
     job_attr = f' data-job="{job_id}"' if job_id is not None else ""
     return (
         f'<div class="job-status" data-state="{html.escape(state)}"{job_attr}>'

@@ -335,16 +335,18 @@ class PlaygroundUI:
         quota = await self.quota_text(actor)
         reply_at = len(chat)
         chat.append({"role": "assistant", "content": texts.queued(job, job.position)})
+        preview = b""
         try:
             async for event in self.follow(job):
                 if event.kind == "queued":
                     text = event.message or texts.queued(job, event.position)
                     chat[reply_at] = {"role": "assistant", "content": text}
                     yield list(chat), texts.status_html("queued", text, job.id), last_job, *idle, quota
-                elif event.kind == "progress":
+                elif event.kind in ("progress", "preview"):
+                    preview = event.png or preview  # a progress line keeps the last preview shown
                     text = texts.progress(job, event.step, event.total)
                     chat[reply_at] = {"role": "assistant", "content": text}
-                    status = texts.status_html("running", text, job.id, event.step, event.total)
+                    status = texts.status_html("running", text, job.id, event.step, event.total, preview)
                     yield list(chat), status, last_job, *idle, quota
                 elif event.kind == "succeeded":
                     done = await self.service.get_job(job.id)
@@ -494,6 +496,7 @@ class PlaygroundUI:
             yield texts.status_html("error", texts.error_text(e)), gr.update(), await self.quota_text(actor)
             return
         quota = await self.quota_text(actor)
+        preview = b""
         try:
             async for event in self.follow(job):
                 if event.kind == "queued":
@@ -504,10 +507,11 @@ class PlaygroundUI:
                         gr.update(),
                         quota,
                     )
-                elif event.kind == "progress":
+                elif event.kind in ("progress", "preview"):
+                    preview = event.png or preview
                     text = texts.progress(job, event.step, event.total)
                     yield (
-                        texts.status_html("running", text, job.id, event.step, event.total),
+                        texts.status_html("running", text, job.id, event.step, event.total, preview),
                         gr.update(),
                         quota,
                     )

@@ -54,6 +54,7 @@ from inference_server.engine import (
 )
 from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
+from inference_server.previews import Previewer, due, previewer_for, safe_pngs
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class ContinuousRequest:
     # Lower joins first (ties: arrival order). The bot passes its fairness order here.
     priority: float = 0.0
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    preview_every: int = 0  # a "preview" event per image every this many steps (0 = none)
 
 
 @dataclass
@@ -230,6 +232,7 @@ class ContinuousEngine:
             raise UnsupportedModel(reason)
         self.pipe = pipe
         self.denoiser: Denoiser = denoiser_for(pipe)
+        self._previewer: Previewer | None = None  # made on the first preview (it may fit one)
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
@@ -772,6 +775,26 @@ class ContinuousEngine:
         if step > ticket.reported_step:
             ticket.reported_step = step
             ticket.emit({"event": "progress", "step": step, "total": ticket.total_steps})
+            if due(step, ticket.total_steps, ticket.request.preview_every):
+                self._report_previews(ticket, step)
+
+    def _report_previews(self, ticket: _Ticket, step: int) -> None:
+        """A preview of each image of `ticket` (all admitted: `step` is their least); a failure is
+        logged and skipped, never the request's."""
+        try:
+            if self._previewer is None:
+                self._previewer = previewer_for(self.pipe.vae)
+                log.info("continuous: previews: %s latent-to-RGB projection", self._previewer.source)
+            samples = sorted(ticket.samples, key=lambda s: s.index)
+            latents = torch.cat([self.denoiser.vae_input(s) for s in samples])
+        except Exception:
+            log.warning("continuous: making a preview failed; skipping it", exc_info=True)
+            return
+        pngs = safe_pngs(self._previewer, latents)
+        for s, png in zip(samples, pngs or (), strict=False):
+            ticket.emit(
+                {"event": "preview", "step": step, "total": ticket.total_steps, "index": s.index, "png": png}
+            )
 
     def _complete(self, ticket: _Ticket) -> None:
         now = time.monotonic()

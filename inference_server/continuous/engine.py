@@ -34,6 +34,7 @@ from inference_server.engine import (
     GenerationResult,
     Job,
     Overloaded,
+    Preview,
     Progress,
     Queued,
     ShuttingDown,
@@ -142,6 +143,7 @@ class ContinuousBatchingEngine(EngineBase):
             mask=request.mask,
             priority=request.priority,  # the client's (the bot's fairness order); lower joins first
             deadline=job.deadline,
+            preview_every=request.preview_every,
         )
 
         def from_worker(event: dict[str, Any]) -> None:
@@ -257,6 +259,8 @@ class ContinuousBatchingEngine(EngineBase):
             job.emit(Started(event["batch_size"]))
         elif kind == "progress":
             job.emit(Progress(event["step"], event["total"]))
+        elif kind == "preview":
+            job.emit(Preview(event["step"], event["total"], event["index"], event["png"]))
 
     def _on_core_done(self, job: Job, future: Any) -> None:
         self._count_iterations()

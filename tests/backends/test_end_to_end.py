@@ -92,6 +92,20 @@ async def test_txt2img_streams_progress_and_returns_seeded_images(client):
         assert max(high for _, high in ImageChops.difference(pa, pb).getextrema()) <= 2
 
 
+async def test_the_servers_previews_reach_the_bot_as_preview_events(client):
+    events: list[BackendEvent] = []
+
+    async def on_event(e: BackendEvent) -> None:
+        events.append(e)
+
+    # The server's default preview_every_steps (5): previews after steps 5 and 10 of 11, per image.
+    params = GenerationParams("txt2img", "a red square", seeds=(1, 2), width=SIDE, height=SIDE, steps=11)
+    await client.generate(params, on_event)
+    previews = [e for e in events if e.kind == "preview"]
+    assert sorted((e.step, e.extra["index"]) for e in previews) == [(5, 0), (5, 1), (10, 0), (10, 1)]
+    assert all(e.total == 11 and png_size(e.extra["png"]) == (SIDE, SIDE) for e in previews)
+
+
 async def test_img2img_and_inpaint_round_trip(client):
     source = io.BytesIO()
     Image.new("RGB", (SIDE, SIDE), (0, 128, 255)).save(source, format="PNG")

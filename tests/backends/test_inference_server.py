@@ -126,6 +126,36 @@ async def test_streaming_maps_ndjson_events_to_backend_events(inference_server, 
     assert Image.open(io.BytesIO(images[0].png)).size == (64, 64)
 
 
+async def test_preview_events_carry_their_png_and_malformed_ones_are_skipped(inference_server, make_backend):
+    preview = png_bytes(colour=(9, 8, 7))
+
+    async def with_previews(request, body):
+        return await stream(
+            request,
+            [
+                {"event": "progress", "step": 1, "total": 2},
+                {
+                    "event": "preview",
+                    "step": 1,
+                    "total": 2,
+                    "index": 0,
+                    "png_base64": base64.b64encode(preview).decode(),
+                },
+                {"event": "preview", "step": 1, "total": 2, "index": 1, "png_base64": "not base64!"},
+                {"event": "progress", "step": 2, "total": 2},
+                {"event": "result", **result_body(body)},
+            ],
+        )
+
+    inference_server.script = [with_previews]
+    backend = make_backend([inference_server.url])
+    events, on_event = recorder()
+    images = await backend.generate(GenerationParams("txt2img", "x", steps=2), on_event)
+    assert len(images) == 1
+    assert [(e.kind, e.step) for e in events] == [("progress", 1), ("preview", 1), ("progress", 2)]
+    assert events[1].extra == {"index": 0, "png": preview} and events[1].total == 2
+
+
 async def test_a_failing_progress_callback_does_not_lose_the_images(inference_server, make_backend):
     backend = make_backend([inference_server.url])
 

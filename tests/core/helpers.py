@@ -48,6 +48,9 @@ class RecordingDelivery:
         self.events.append(("progress", job.id, step, total))
         self._changed.set()
 
+    async def on_preview(self, job: JobView, step: int, total: int, png: bytes) -> None:
+        self.events.append(("preview", job.id, step, total, png))
+
     async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
         self.events.append(("succeeded", job.id))
         self.succeeded.setdefault(job.id, []).append((job, images))

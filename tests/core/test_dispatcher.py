@@ -98,6 +98,35 @@ async def test_progress_is_throttled(sqlite_url, tmp_path):
         assert steps == [0, 30]  # start and the final step; the 29 in between were throttled
 
 
+async def test_previews_are_throttled_and_only_the_first_images(sqlite_url, tmp_path):
+    backend = FakeBackend(delay_s=0.3, preview_every=1)  # 30 steps, a preview of each image per step
+    async with running_core(sqlite_url, tmp_path, backend=backend, bot={"preview_interval_s": 60.0}) as (
+        core,
+        delivery,
+    ):
+        job = await core.service.imagine(ALICE, GUILD, "x --steps 30 --n 2", idempotency_key="p")
+        await core.service.wait_for_job(job.id, 30)
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        previews = [e for e in delivery.events if e[0] == "preview"]
+        # The first preview goes out; the other 57 (28 steps x 2 images, and image 1's) wait 60 s.
+        assert [(e[2], e[3]) for e in previews] == [(1, 30)]
+        assert previews[0][4].startswith(b"\x89PNG")
+        kinds = [e[0] for e in delivery.events if e[1] == job.id]
+        assert kinds.index("preview") < kinds.index("succeeded")
+
+
+async def test_previews_off_when_the_interval_is_zero(sqlite_url, tmp_path):
+    backend = FakeBackend(preview_every=1)
+    async with running_core(sqlite_url, tmp_path, backend=backend, bot={"preview_interval_s": 0}) as (
+        core,
+        delivery,
+    ):
+        job = await core.service.imagine(ALICE, GUILD, "x --steps 5", idempotency_key="p0")
+        await core.service.wait_for_job(job.id, 30)
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        assert [e for e in delivery.events if e[0] == "preview"] == []
+
+
 async def test_only_platforms_with_a_delivery_are_claimed(db_url, tmp_path):
     async with running_core(db_url, tmp_path, deliver=("slack",)) as (core, delivery):
         discord_job = await core.service.imagine(ALICE, GUILD, "d", idempotency_key="d")

@@ -25,12 +25,18 @@ async def test_streamed_generation_ends_with_completed_images(client: openai.Asy
         prompt="a boat", n=2, stream=True, partial_images=2, extra_body=extras
     )
     events = [event async for event in stream]
-    # No previews (the engine does not hand out latents); one completed event per image.
-    assert [e.type for e in events] == ["image_generation.completed"] * 2
-    assert all(e.size == "32x32" and e.output_format == "png" for e in events)
+    # 3 steps, 2 partials: a preview of each image after steps 1 and 2, then one completed per image.
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert [e.type for e in events[-2:]] == ["image_generation.completed"] * 2 and len(events) == 6
+    assert sorted(e.partial_image_index for e in partials) == [0, 0, 1, 1]
+    for e in partials:
+        preview = Image.open(io.BytesIO(base64.b64decode(e.b64_json)))
+        assert preview.format == "PNG" and preview.size == (32, 32) and e.size == "32x32"
+    assert all(e.size == "32x32" and e.output_format == "png" for e in completed)
     plain = await client.images.generate(prompt="a boat", n=2, extra_body=extras)
     # The same seeds give the same pictures as the non-streamed call.
-    for event, item in zip(events, plain.data, strict=True):
+    for event, item in zip(completed, plain.data, strict=True):
         assert (pixels(event.b64_json) == pixels(item.b64_json)).all()
 
 
@@ -43,8 +49,28 @@ async def test_streamed_edit(client: openai.AsyncOpenAI) -> None:
         image=("s.png", buf.getvalue(), "image/png"), prompt="sky", stream=True, output_format="webp"
     )
     events = [event async for event in stream]
+    # No partial_images asked for (OpenAI's default is 0): no previews.
     assert [e.type for e in events] == ["image_edit.completed"]
     assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).format == "WEBP"
+
+
+async def test_partial_images_capped_at_the_number_asked_for(client: openai.AsyncOpenAI) -> None:
+    stream = await client.images.edit(
+        image=("s.png", _opaque_png(), "image/png"),
+        prompt="sky",
+        stream=True,
+        partial_images=1,
+        extra_body={"steps": 6, "strength": 1.0, "seed": 4},
+    )
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert events[0].partial_image_index == 0
+
+
+def _opaque_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (30, 60, 200)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 async def test_error_after_admission_arrives_as_an_error_event(

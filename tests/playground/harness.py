@@ -63,13 +63,13 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_playground(
-    config: Mapping[str, Any], env: Mapping[str, str] | None = None
+    config: Mapping[str, Any], env: Mapping[str, str] | None = None, backend: Any = None
 ) -> AsyncIterator[Running]:
     from bot.bootstrap import build_core
     from bot.playground import run
 
     env = dict(env or {})
-    async with build_core(config, env) as core:
+    async with build_core(config, env, backend=backend) as core:
         ready = asyncio.Event()
         task = asyncio.create_task(run(core.service, config, env, ready, ops=core.ops), name="playground")
         waiter = asyncio.create_task(ready.wait())

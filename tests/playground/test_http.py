@@ -43,6 +43,29 @@ def chat_files(outputs: tuple[Any, ...]) -> list[str]:
     return [item["image"]["path"] for g in galleries for item in g["value"]]
 
 
+async def test_the_status_panel_shows_the_live_preview(tmp_path):
+    from bot.backends.fake import FakeBackend
+
+    backend = FakeBackend(delay_s=0.3, preview_every=2)
+    config = app_config(tmp_path, bot={"preview_interval_s": 0.001})
+    async with running_playground(config, backend=backend) as app:
+
+        def go() -> list[tuple[Any, ...]]:
+            c = client(app.url)
+            try:
+                job = c.submit("/imagine a red fox --seed 42 --steps 5", api_name="/imagine")
+                job.result(timeout=60)
+                return list(job.outputs())
+            finally:
+                c.close()
+
+        updates = await asyncio.to_thread(go)
+    panels = [field(u, 'class="job-status"') for u in updates]
+    shown = [p for p in panels if 'class="job-preview"' in p]
+    assert shown and all('data-state="running"' in p and "data:image/png;base64," in p for p in shown)
+    assert 'class="job-preview"' not in panels[-1] and 'data-state="succeeded"' in panels[-1]
+
+
 async def test_imagine_streams_queue_and_progress_then_images(tmp_path):
     async with running_playground(app_config(tmp_path)) as app:
 
