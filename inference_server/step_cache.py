@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +37,12 @@ from typing import Any
 @dataclass(frozen=True)
 class CacheLevel:
     name: str
-    # UNet (DeepCache): a full step every `unet_interval` steps (1 = every step: no caching), after
-    # the first `unet_warmup` of the steps, which all run in full.
+    # UNet (DeepCache): which steps run the whole network, the others the shallow path
+    # (`unet_full_step`): the first `unet_warmup` of the steps, then one step in `unet_interval`
+    # (1 = every step: no caching), and the last `unet_final` steps.
     unet_interval: int
     unet_warmup: float
+    unet_final: int
     # Transformers (first-block cache): skip the other blocks while the first block's residual
     # changed by less than this fraction since the last full step (0 = never skip).
     transformer_threshold: float
@@ -52,21 +54,26 @@ class CacheLevel:
 # FLUX.1). On the embedded model at 20 steps they are not: `make eval-model` measures the loss
 # (docs/performance.md), which is why `[model] cache` defaults to "off".
 LEVELS: dict[str, CacheLevel] = {
-    "off": CacheLevel("off", 1, 0.0, 0.0, "every step runs the whole network (bit-identical to no caching)"),
+    "off": CacheLevel(
+        "off", 1, 0.0, 0, 0.0, "every step runs the whole network (bit-identical to no caching)"
+    ),
     "fast": CacheLevel(
         "fast",
         2,
         0.3,
+        0,
         0.08,
-        "UNet: a full step every 2 steps, the shallow path in between; transformer: skip the "
-        "other blocks while the first block's residual changed by < 8%",
+        "UNet: the first 30% of the steps in full, then a full step every 2 steps, the shallow path "
+        "in between; transformer: skip the other blocks while the first block's residual changed by < 8%",
     ),
     "faster": CacheLevel(
         "faster",
         3,
         0.3,
+        0,
         0.15,
-        "UNet: a full step every 3 steps; transformer: skip while the change is < 15%",
+        "UNet: the first 30% of the steps in full, then a full step every 3 steps; transformer: skip "
+        "while the change is < 15%",
     ),
 }
 CACHE_LEVELS: tuple[str, ...] = tuple(LEVELS)
@@ -95,13 +102,36 @@ def step_cache(pipe: Any, level: str, steps: int) -> Iterator[None]:
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
     if unet is not None:
-        with deep_cache(unet, spec.unet_interval, warmup_steps(spec, steps)):
+        with deep_cache(unet, lambda step: unet_full_step(level, step, steps)):
             yield
     elif transformer is not None:
         with first_block_cache(transformer, spec.transformer_threshold):
             yield
     else:
         raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer to cache")
+
+
+def unet_full_step(level: str, step: int, steps: int) -> bool:
+    """Whether step `step` (0-based) of a `steps`-step denoising runs the whole UNet at `level` (else
+    the shallow path, from the deep features of the last full step).
+
+    A plain function of the step and the step count, so that a caller holding many samples at
+    different steps (the continuous engine) can ask it per sample. Step 0 always runs in full:
+    nothing is cached yet.
+    """
+    spec = LEVELS[level]
+    warm = warmup_steps(spec, steps)
+    return (
+        step < warm
+        or step >= steps - spec.unet_final
+        # the warm-up's last step counts as the first full step of the cycle
+        or (step - warm + 1) % spec.unet_interval == 0
+    )
+
+
+def full_steps(level: str, steps: int) -> int:
+    """How many of `steps` steps run the whole UNet at `level`."""
+    return sum(unet_full_step(level, step, steps) for step in range(steps))
 
 
 def warmup_steps(spec: CacheLevel, steps: int) -> int:
@@ -115,8 +145,7 @@ def warmup_steps(spec: CacheLevel, steps: int) -> int:
 class DeepCacheState:
     """One pipeline call's DeepCache state: the step counter and the cached deep features."""
 
-    def __init__(self, interval: int) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
         self.calls = 0
         self.deep: Any = None  # the last up block's input on the last full step
         self.full_steps = 0
@@ -124,9 +153,10 @@ class DeepCacheState:
 
 
 @contextlib.contextmanager
-def deep_cache(unet: Any, interval: int, warmup_steps: int = 1) -> Iterator[DeepCacheState]:
-    """Run `unet` with DeepCache for the duration of the block (see the module docstring)."""
-    state = DeepCacheState(interval)
+def deep_cache(unet: Any, full_step: Callable[[int], bool]) -> Iterator[DeepCacheState]:
+    """Run `unet` with DeepCache for the duration of the block (see the module docstring):
+    its n-th call (0-based: the step) runs in full when `full_step(n)` says so or nothing is cached."""
+    state = DeepCacheState()
 
     def keep_input(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state.deep = args[0] if args else kwargs["hidden_states"]
@@ -134,13 +164,7 @@ def deep_cache(unet: Any, interval: int, warmup_steps: int = 1) -> Iterator[Deep
     original = unet.forward
 
     def forward(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        full = (
-            state.deep is None
-            or state.calls < warmup_steps
-            # the warm-up's last step counts as the first full step of the cycle
-            or (state.calls - warmup_steps + 1) % state.interval == 0
-            or not _plain_call(args, kwargs)
-        )
+        full = state.deep is None or full_step(state.calls) or not _plain_call(args, kwargs)
         state.calls += 1
         if full:
             state.full_steps += 1
