@@ -39,10 +39,9 @@ class CacheLevel:
     name: str
     # UNet (DeepCache): which steps run the whole network, the others the shallow path
     # (`unet_full_step`): the first `unet_warmup` of the steps, then one step in `unet_interval`
-    # (1 = every step: no caching), and the last `unet_final` steps.
+    # (1 = every step: no caching).
     unet_interval: int
     unet_warmup: float
-    unet_final: int
     # Transformers (first-block cache): skip the other blocks while the first block's residual
     # changed by less than this fraction since the last full step (0 = never skip).
     transformer_threshold: float
@@ -54,14 +53,11 @@ class CacheLevel:
 # FLUX.1). On the embedded model at 20 steps they are not: `make eval-model` measures the loss
 # (docs/performance.md), which is why `[model] cache` defaults to "off".
 LEVELS: dict[str, CacheLevel] = {
-    "off": CacheLevel(
-        "off", 1, 0.0, 0, 0.0, "every step runs the whole network (bit-identical to no caching)"
-    ),
+    "off": CacheLevel("off", 1, 0.0, 0.0, "every step runs the whole network (bit-identical to no caching)"),
     "fast": CacheLevel(
         "fast",
         2,
         0.3,
-        0,
         0.08,
         "UNet: the first 30% of the steps in full, then a full step every 2 steps, the shallow path "
         "in between; transformer: skip the other blocks while the first block's residual changed by < 8%",
@@ -70,7 +66,6 @@ LEVELS: dict[str, CacheLevel] = {
         "faster",
         3,
         0.3,
-        0,
         0.15,
         "UNet: the first 30% of the steps in full, then a full step every 3 steps; transformer: skip "
         "while the change is < 15%",
@@ -123,7 +118,6 @@ def unet_full_step(level: str, step: int, steps: int) -> bool:
     warm = warmup_steps(spec, steps)
     return (
         step < warm
-        or step >= steps - spec.unet_final
         # the warm-up's last step counts as the first full step of the cycle
         or (step - warm + 1) % spec.unet_interval == 0
     )
