@@ -1,4 +1,5 @@
-"""The search behind the step-cache levels: `python -m tests.bench.cache_search [NAME ...]`.
+"""The search behind the step-cache levels: `python -m tests.bench.cache_search [NAME ...]`
+(`--costs`: what a cached step costs against a full one).
 
 Runs schedule and method variants of step caching on the embedded model and prints, for each, the
 accuracy read back by the analyser (background, shape colour, shape kind) and the mean pixel
@@ -139,14 +140,63 @@ def variant(pipe: Any, full: set[int], method: str, depth: int) -> Iterator[None
         del unet.forward
 
 
+def costs(pipe: Any, repeats: int = 20) -> None:
+    """CPU seconds of one UNet call in full and of the shallow path at depth 1 and 2 (median of
+    `repeats`, interleaved), at 2 rows (one image with CFG) and 16 (eight): the share of a full
+    step that a cached step still costs, which bounds the speed-up of any schedule."""
+    import functools
+    import statistics
+
+    unet = pipe.unet
+    for rows in (2, 16):
+        x = torch.randn(rows, 4, 16, 16)
+        context = torch.randn(rows, 16, unet.config.cross_attention_dim)
+        t = torch.tensor(500)
+        deep = {}
+        for depth in (1, 2):
+            box: dict[str, Any] = {}
+
+            def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], box: dict = box) -> None:
+                box["deep"] = args[0] if args else kwargs["hidden_states"]
+
+            handle = unet.up_blocks[-depth].register_forward_pre_hook(keep, with_kwargs=True)
+            unet(x, t, encoder_hidden_states=context)
+            handle.remove()
+            deep[depth] = box["deep"]
+        calls = {
+            "full": functools.partial(unet, x, t, encoder_hidden_states=context),
+            "depth 1": functools.partial(shallow, unet, deep[1], 1, x, t, context),
+            "depth 2": functools.partial(shallow, unet, deep[2], 2, x, t, context),
+        }
+        cpu: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, call in calls.items():
+                started = time.process_time()
+                call()
+                cpu[name].append(time.process_time() - started)
+        full = statistics.median(cpu["full"])
+        print(
+            f"{rows:>2} rows: "
+            + "  ".join(
+                f"{name} {statistics.median(v) * 1000:.0f} ms CPU ({statistics.median(v) / full:.2f})"
+                for name, v in cpu.items()
+            )
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help=f"variants (default all): {', '.join(VARIANTS)}")
     p.add_argument("--seed", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--costs", action="store_true", help="only the CPU cost of a cached step vs a full one")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(EMBEDDED_WEIGHTS)
+    if args.costs:
+        with torch.inference_mode():
+            costs(pipe)
+        return
     expected = eval_prompts()
     prompts = [dataset.caption(*e) for e in expected]
     seeds = [args.seed] * len(expected)
