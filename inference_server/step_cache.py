@@ -51,7 +51,10 @@ class CacheLevel:
 # The levels, cheapest last. Intervals and thresholds are in the range the DeepCache and FBCache
 # authors report as near-lossless (2-3 for DeepCache on 50-step SD 1.5; 0.08-0.12 for FBCache on
 # FLUX.1). On the embedded model at 20 steps they are not: `make eval-model` measures the loss
-# (docs/performance.md), which is why `[model] cache` defaults to "off".
+# (docs/performance.md), which is why `[model] cache` defaults to "off". No other schedule found
+# does much better there (`tests/bench/cache_search.py`: full steps early or late, the last ones
+# refreshed, extrapolated features, whole-output reuse): a cached step still costs 35-40% of a
+# full one on that small UNet, and 13 of 20 full steps already lose colour and shape.
 LEVELS: dict[str, CacheLevel] = {
     "off": CacheLevel("off", 1, 0.0, 0.0, "every step runs the whole network (bit-identical to no caching)"),
     "fast": CacheLevel(
