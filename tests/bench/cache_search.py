@@ -43,6 +43,11 @@ def _shipped(level: str) -> set[int]:
     return {step for step in range(STEPS) if unet_full_step(level, step, STEPS)}
 
 
+def _every(warm: int, interval: int) -> set[int]:
+    """The first `warm` steps, then one every `interval` (the shipped levels' form)."""
+    return {step for step in range(STEPS) if step < warm or (step - warm + 1) % interval == 0}
+
+
 # name -> (full steps, method, depth)
 VARIANTS: dict[str, tuple[set[int], str, int]] = {
     "fast": (_shipped("fast"), "deep", 1),
@@ -55,6 +60,14 @@ VARIANTS: dict[str, tuple[set[int], str, int]] = {
     "9-full-last": ({0, 1, 2, 3, 4, 7, 10, 13, 19}, "deep", 1),
     "9-full-taylor": ({0, 1, 2, 3, 5, 8, 11, 14, 17}, "taylor", 1),
     "9-full-depth2": ({0, 1, 2, 3, 5, 8, 11, 14, 17}, "deep", 2),
+    "depth2-w6-every3": (_every(6, 3), "deep", 2),
+    "depth2-w6-every4": (_every(6, 4), "deep", 2),
+    "depth2-w4-every3": (_every(4, 3), "deep", 2),
+    "depth2-w4-every4": (_every(4, 4), "deep", 2),
+    "depth2-w3-every5": (_every(3, 5), "deep", 2),
+    "depth2-w2-every4": (_every(2, 4), "deep", 2),
+    "depth2-w2-every6": (_every(2, 6), "deep", 2),
+    "depth2-first-only": ({0}, "deep", 2),
     "10-full-eps": ({0, 1, 2, 3, 5, 7, 9, 11, 14, 17}, "eps", 1),
     "10-full-x0": ({0, 1, 2, 3, 5, 7, 9, 11, 14, 17}, "x0", 1),
     "12-full-x0": ({0, 1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18}, "x0", 1),
