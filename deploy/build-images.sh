@@ -26,7 +26,9 @@ BOT_IMAGE=${BOT_IMAGE:-localhost/imagine-bot:latest}
 S3_IMAGE=${S3_IMAGE:-localhost/imagine-s3:latest}
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 
-say() { echo "build-images: $*" >&2; }
+# Each line says how long the build has run (seconds), so a slow step shows.
+t0=$(date +%s)
+say() { echo "build-images: [$(($(date +%s) - t0)) s] $*" >&2; }
 
 have_image() { podman image exists "$1"; }
 pull() { have_image "$1" || podman pull -q "$1" >/dev/null 2>&1; }
@@ -99,6 +101,7 @@ say "building $S3_IMAGE (deploy/s3)"
 podman build -q -f deploy/s3/Containerfile --build-arg BASE_IMAGE="$BASE_IMAGE" $build_args \
     -t "$S3_IMAGE" deploy/s3 >/dev/null
 
+say "done"
 for image in "$SERVER_IMAGE" "$BOT_IMAGE" "$POSTGRES_IMAGE" "$S3_IMAGE"; do
     say "$image: $(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%d MB", $1/1e6}')"
 done
