@@ -423,7 +423,7 @@ def check_shared_storage(fleet: Fleet, results: list[Submission], steps: int) ->
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(parents)) as pool:
         outcomes = list(pool.map(vary, parents))
-    log(f"{len(parents)} variations answered in {time.monotonic() - started:.0f} s")
+    log(f"{len(parents)} variation(s) answered in {time.monotonic() - started:.0f} s")
     made = made_by(fleet)
     for parent, outcome in zip(parents, outcomes, strict=True):
         parent_id = job_of[parent.tag]
@@ -450,7 +450,7 @@ def check_shared_storage(fleet: Fleet, results: list[Submission], steps: int) ->
             failures.append(f"variation {job_id}: made by {made.get(int(job_id))}, not bot-1 alone")
     failures += [f"image {k} is not in the bucket" for k in missing_objects(fleet)]
     if not failures:
-        log(f"shared storage: {len(parents)} images made by bot-2 varied by bot-1 through the bucket")
+        log(f"shared storage: {len(parents)} image(s) made by bot-2 varied by bot-1 through the bucket")
     fleet.podman("start", fleet.container("bot-2"), check=False)  # as it was, for --keep
     for parent in parents:
         if parent not in results:  # the extra submissions' sessions (run_check closes the rest)
@@ -470,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if not shutil.which("podman"):
-        print("deploy-test: podman is not installed (apt-get install podman)", file=sys.stderr)
+        print(
+            "deploy-test: podman is not installed (Debian/Ubuntu: apt-get install -y podman runc debootstrap)",
+            file=sys.stderr,
+        )
         return 2
 
     begun = time.monotonic()
