@@ -51,7 +51,8 @@ class SampleCache:
     # The denoising steps the schedule counts, as the request-level runner passes `step_cache`
     # (`int(steps * strength)`), so both engines warm up for the same number of steps.
     steps: int
-    deep: torch.Tensor | None = None  # UNet: the last up block's input (this sample's rows) on its last full step
+    # UNet: the last up block's input (this sample's rows) on its last full step
+    deep: torch.Tensor | None = None
     streams: list[Stream] = field(default_factory=list)  # transformers
     full_steps: int = 0
     reused_steps: int = 0
@@ -138,7 +139,9 @@ def first_block_splice(transformer: Any, units: list[Unit]) -> Iterator[Callable
             start += n
         sub_encoder = encoder[keep] if encoder is not None else None
         sub_hidden = hidden[keep]
-        call.update(keep=keep, out=(out_encoder, out_hidden), head=(sub_encoder, sub_hidden), sub_rows=sub_rows)
+        call.update(
+            keep=keep, out=(out_encoder, out_hidden), head=(sub_encoder, sub_hidden), sub_rows=sub_rows
+        )
         return sub_encoder, sub_hidden
 
     def wrap(block: Any, is_tail: bool) -> Any:
@@ -160,7 +163,9 @@ def first_block_splice(transformer: Any, units: list[Unit]) -> Iterator[Callable
                 encoder_rest = (
                     None if encoder is None or head_encoder is None else encoder[rows] - head_encoder[rows]
                 )
-                pending.append(_setter(u.stream, "tail_residual", (hidden[rows] - head_hidden[rows], encoder_rest)))
+                pending.append(
+                    _setter(u.stream, "tail_residual", (hidden[rows] - head_hidden[rows], encoder_rest))
+                )
             if keep is None:
                 return encoder, hidden
             out_encoder, out_hidden = call["out"]

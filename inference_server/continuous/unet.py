@@ -174,7 +174,8 @@ class UNetDenoiser(Denoiser):
         """`predict` with DeepCache per sample (continuous/caching.py): the samples due a full step
         (or uncached) run the whole UNet, keeping the deep features of those that cache; the others
         run the shallow path from their own cached features."""
-        full, reuse = [], []
+        full: list[_Sample] = []
+        reuse: list[_Sample] = []
         for s in samples:
             c = s.cache
             due = c is None or c.deep is None or unet_full_step(c.level, s.i, c.steps)
@@ -207,7 +208,9 @@ class UNetDenoiser(Denoiser):
                 row = rows.stop
         if reuse:
             args, kwargs = self.unet_inputs(reuse)
-            cached = torch.cat([s.cache.deep for s in reuse if s.cache is not None])
+            cached = torch.cat(
+                [s.cache.deep for s in reuse if s.cache is not None and s.cache.deep is not None]
+            )
             out = shallow_forward(unet, cached, *args, **kwargs)[0]
             row = 0
             for s in reuse:

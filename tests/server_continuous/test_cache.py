@@ -77,7 +77,7 @@ def family(request: pytest.FixtureRequest, torch_one_thread: None) -> tuple[str,
 
 @pytest.fixture
 def reusing_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"fast" reuses on every transformer step after the first (threshold 10: any change counts as
+    """The "fast" level reuses on every transformer step after the first (threshold 10: any change counts as
     small): on random weights the residuals change too much for the shipped thresholds ever to
     skip, which would leave the splice untested ("faster" keeps its threshold: samples that hold a
     cache yet compute every step). Both engines read the same table."""
@@ -202,7 +202,9 @@ def test_a_cancelled_sample_drops_its_cache_and_the_others_keep_theirs(
     assert float(np.abs(result.arrays[0] - want).max()) < TOLERANCE
 
 
-def test_unknown_level_is_refused_naming_the_field(family: tuple[str, dict[str, Any]], engine_of: Any) -> None:
+def test_unknown_level_is_refused_naming_the_field(
+    family: tuple[str, dict[str, Any]], engine_of: Any
+) -> None:
     from inference_server.continuous.core import UnsupportedRequest
 
     engine = engine_of()
