@@ -30,7 +30,7 @@ from typing import Any
 from inference_server.config import ModelConfig
 from inference_server.engine import GenerationRequest
 from inference_server.pipelines import PipelineRunner
-from inference_server.step_cache import CACHE_LEVELS, RECOMMENDED_LEVEL
+from inference_server.step_cache import CACHE_LEVELS, RECOMMENDED_LEVEL, unet_full_step
 from tests.bench.stats import percentile
 
 GOAL = 1.8
@@ -236,6 +236,47 @@ def continuous(runner: PipelineRunner, args: argparse.Namespace) -> None:
             f"{cpu:>11.3f} {off_cpu / cpu:>6.2f}"
         )
     print(f"  sample-steps reused / run in full: {engine.cache_reused_steps} / {engine.cache_full_steps}")
+    full_s, shallow_s = unet_call_costs(pipe, 2 * args.batch)
+    print(
+        f"  one UNet call over {2 * args.batch} rows (8 images with guidance), least CPU s of 30: full "
+        f"{full_s:.4f}, shallow path {shallow_s:.4f} ({full_s / shallow_s:.2f}x cheaper); so the UNet's"
+        " share of an image falls at most:"
+    )
+    for level in CACHE_LEVELS:
+        full_steps = sum(unet_full_step(level, i, args.steps) for i in range(args.steps))
+        cost = full_steps * full_s + (args.steps - full_steps) * shallow_s
+        print(
+            f"    {level:<7} {full_steps} full + {args.steps - full_steps} shallow steps: {args.steps * full_s / cost:.2f}x"
+        )
+
+
+def unet_call_costs(pipe: Any, rows: int) -> tuple[float, float]:
+    """CPU seconds of one full UNet call and one DeepCache shallow call over `rows` rows of 64x64's
+    latents (the least of 30 tries: the figure least disturbed by other jobs)."""
+    import torch
+
+    from inference_server.step_cache import deep_cache, shallow_forward
+
+    unet = pipe.unet
+    side = 64 // pipe.vae_scale_factor
+    x = torch.randn(rows, unet.config.in_channels, side, side)
+    context = torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    t = torch.full((rows,), 500.0)
+    with torch.inference_mode():
+        with deep_cache(unet, interval=2) as state:
+            unet(x, t, encoder_hidden_states=context)  # keeps this call's deep features
+        deep = state.deep
+        calls = {
+            "full": lambda: unet(x, t, encoder_hidden_states=context),
+            "shallow": lambda: shallow_forward(unet, deep, x, t, context),
+        }
+        best = dict.fromkeys(calls, float("inf"))
+        for _ in range(30):
+            for name, call in calls.items():
+                cpu = time.process_time()
+                call()
+                best[name] = min(best[name], time.process_time() - cpu)
+    return best["full"], best["shallow"]
 
 
 def run() -> Any:
