@@ -4,8 +4,8 @@ Per family (a tiny SD UNet, SDXL, a 3-block SD 3 and FLUX dev with true CFG), re
 level and uncached share iterations, one joining while the others run, and each image equals the
 request-level engine's image at its level for its seed (diffusers' pipeline for a batch of one
 under `step_cache`, which is what that engine runs) within the engines' parity tolerance; uncached
-images stay diffusers' own. Caches really skip work (counters), and a sample's cache is dropped
-when it finishes or is cancelled.
+images stay diffusers' own. Caches really skip work (counters), a sample's cache is dropped when it
+finishes or is cancelled, and a failed call (retried at a smaller batch) changes no cache.
 """
 
 from __future__ import annotations
@@ -216,3 +216,50 @@ def _picture(req: ContinuousRequest) -> Any:
     from tests.server_continuous.parity import sample_picture
 
     return sample_picture(req.width)
+
+
+def test_a_failed_call_leaves_every_cache_as_it_was(
+    family: tuple[str, dict[str, Any]],
+    engine_of: Any,
+    reusing_transformers: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of memory in a call where some samples reuse their caches: the engine halves the batch
+    and retries, and since a failed call changed no cache state the images are still exact."""
+    import inference_server.continuous.caching as caching
+    import inference_server.continuous.unet as unet
+
+    name, pipes = family
+    failures = {"left": 1}
+
+    def failing_once(original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)  # the state-changing work runs, then the call fails
+            if failures["left"]:
+                failures["left"] -= 1
+                raise torch.OutOfMemoryError("out of memory (test)")
+            return result
+
+        return call
+
+    if name in ("sd", "sdxl"):
+        monkeypatch.setattr(unet, "shallow_forward", failing_once(unet.shallow_forward))
+    else:
+        monkeypatch.setattr(caching, "transformer_reuses", failing_once(caching.transformer_reuses))
+    engine = engine_of(max_batch_size=4)
+    reqs = [request(name, 8, "fast"), request(name, 9, "faster"), request(name, 10, "off")]
+    tickets = [engine.submit(r) for r in reqs]
+    results = [t.future.result(300) for t in tickets]
+    assert failures["left"] == 0 and engine._limit < 4  # it failed, and the batch was halved
+    if name in ("sd", "sdxl"):  # and counted no step: the retry's is the only one
+        cached = [r for r in reqs if r.cache != "off"]
+        assert engine.cache_reused_steps == sum(
+            not unet_full_step(r.cache, i, r.steps) for r in cached for i in range(r.steps)
+        )
+        assert engine.cache_full_steps == sum(
+            unet_full_step(r.cache, i, r.steps) for r in cached for i in range(r.steps)
+        )
+    factory = scheduler_factory(pipes["inpaint"])
+    for req, result in zip(reqs, results, strict=True):
+        diff = float(np.abs(result.arrays[0] - request_level(pipes, factory, req)).max())
+        assert diff < TOLERANCE, f"{name} {req.cache} seed {req.seeds[0]}: {diff}"
