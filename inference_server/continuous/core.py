@@ -14,7 +14,9 @@ instance (schedulers are stateful and `set_timesteps` resets them), so every sam
 computation and random stream of a diffusers pipeline call for a batch of one with that seed, whatever
 else shares its iterations. What differs between model families (SD 1.x/2.x and SDXL UNets, SD 3.x
 and FLUX.1 flow-matching transformers) is in a per-family `Denoiser` (`denoiser.py`, `unet.py`,
-`flow.py`); this module decides who runs and never looks inside the model. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
+`flow.py`); this module decides who runs and never looks inside the model. Step caching is per
+sample too: a request's level gives each of its samples a `SampleCache` (`caching.py`), and the
+family's `predict_cached` decides per sample, at every step, what it recomputes. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
 keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
 
 The denoising loop runs on one dedicated worker thread (schedulers and tokenizers are not
@@ -656,7 +658,8 @@ class ContinuousEngine:
 
         A failure other than out-of-memory may come from one request's state, so with several
         requests in the call they retry as two halves (recursively) and only a request that fails
-        alone fails. A failed call stepped nobody, so retried samples are exactly where they were.
+        alone fails. A failed call stepped nobody and changed no sample's cache, so retried samples
+        are exactly where they were.
         """
         try:
             if any(s.cache is not None for s in samples):
