@@ -13,9 +13,12 @@ decision "compute this step in full or reuse" is made per sample at every step.
   rather than one spliced forward: the FLOPs are the same (the shallow layers run once per sample
   either way), the full step stays diffusers' own forward, and the shallow one is the very
   `shallow_forward` the request-level engine runs. The price is a second, smaller call in the
-  iterations that mix both kinds: on the embedded model (2 CPU cores) 8 full + 8 shallow rows as
-  two calls cost 0.029 CPU s against 0.026 s for the same rows at one call's per-row rate (~11%);
-  a spliced forward would win part of that back, more on a launch-bound GPU (not measured).
+  iterations that mix both kinds: on the embedded model (2 shared CPU cores) 8 full + 8 shallow
+  rows as two calls cost 11-40% more CPU than at a 16-row call's per-row rate (cache_bench
+  --continuous-only; docs/performance.md). A spliced forward would win back the shallow layers'
+  share of that (the deep layers run on the full rows alone either way), at the cost of a second
+  copy of the UNet's forward between its first down block and last up block to keep in step with
+  diffusers; worth doing if a GPU measurement shows mixed iterations matter.
 - Transformers (`first_block_splice`): one forward; after the first block each sample's residual
   decides for that sample, and the other blocks run only on the rows of the samples that compute,
   the others get the residual those blocks added on their last full step.
