@@ -334,3 +334,26 @@ def _patched(forwards: dict[Any, Any]) -> Iterator[None]:
 
 def _relative_change(now: Any, before: Any) -> float:
     return float(((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item())
+
+
+# -- per-sample schedules (the continuous engine keeps one cache state per image) -----------------
+
+
+def unet_full_step(level: str, call: int, steps: int) -> bool:
+    """Whether DeepCache at `level` runs the whole UNet on the `call`-th UNet evaluation (0-based) of
+    a call of `steps` denoising steps: `deep_cache`'s schedule, for callers that keep the cached
+    features themselves (`continuous/caching.py`). A caller with nothing cached yet runs in full
+    whatever this says."""
+    if level == "off":
+        return True
+    spec = LEVELS[level]
+    warmup = warmup_steps(spec, steps)
+    # the warm-up's last step counts as the first full step of the cycle
+    return call < warmup or (call - warmup + 1) % spec.unet_interval == 0
+
+
+def transformer_reuses(level: str, residual: Any, cached_residual: Any) -> bool:
+    """Whether the first-block cache at `level` skips the other blocks, given the first block's
+    residual now and on the last fully computed step (the rule `first_block_cache` applies)."""
+    threshold = LEVELS[level].transformer_threshold
+    return threshold > 0 and _relative_change(residual, cached_residual) < threshold

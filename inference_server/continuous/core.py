@@ -14,7 +14,9 @@ instance (schedulers are stateful and `set_timesteps` resets them), so every sam
 computation and random stream of a diffusers pipeline call for a batch of one with that seed, whatever
 else shares its iterations. What differs between model families (SD 1.x/2.x and SDXL UNets, SD 3.x
 and FLUX.1 flow-matching transformers) is in a per-family `Denoiser` (`denoiser.py`, `unet.py`,
-`flow.py`); this module decides who runs and never looks inside the model. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
+`flow.py`); this module decides who runs and never looks inside the model. Step caching is per
+sample too: a request's level gives each of its samples a `SampleCache` (`caching.py`), and the
+family's `predict_cached` decides per sample, at every step, what it recomputes. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
 keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
 
 The denoising loop runs on one dedicated worker thread (schedulers and tokenizers are not
@@ -41,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from inference_server.continuous.caching import SampleCache
 from inference_server.continuous.denoiser import Blend, Denoiser, Prompt
 from inference_server.engine import (
     TASKS,
@@ -55,6 +58,7 @@ from inference_server.engine import (
 from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 from inference_server.previews import Previewer, due, previewer_for, safe_pngs
+from inference_server.step_cache import level_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,9 @@ class ContinuousRequest:
     priority: float = 0.0
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     preview_every: int = 0  # a "preview" event per image every this many steps (0 = none)
+    # Step caching level (step_cache.py): each image keeps its own cache state (caching.py), so
+    # images at any level, or none, share iterations.
+    cache: str = "off"
 
 
 @dataclass
@@ -172,6 +179,7 @@ class _Sample:
     step_kwargs: dict[str, Any]
     blend: Blend | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the family's per-sample conditioning
+    cache: SampleCache | None = None  # step-cache state; None = uncached (or finished: dropped)
     i: int = 0  # next entry of `timesteps`
     steps_done: int = 0
 
@@ -261,6 +269,9 @@ class ContinuousEngine:
         self.samples_done = 0
         self.requests_done = 0
         self.busy_s = 0.0
+        # Step caching: sample-steps that ran the whole network / reused cached work (finished samples).
+        self.cache_full_steps = 0
+        self.cache_reused_steps = 0
 
     # ----- lifecycle ---------------------------------------------------------------------------
 
@@ -331,6 +342,9 @@ class ContinuousEngine:
                 )
         if request.task == "inpaint" and request.mask is None:
             raise UnsupportedRequest("mask is required for inpaint")
+        cache_problem = level_problem(request.cache)
+        if cache_problem is not None:
+            raise UnsupportedRequest(f"cache {cache_problem}")
 
     def submit(self, request: ContinuousRequest, on_event: EventSink | None = None) -> _Ticket:
         """Queue `request`; returns a ticket whose `future` resolves to a ContinuousResult.
@@ -527,6 +541,8 @@ class ContinuousEngine:
     def _remove_ticket(self, ticket: _Ticket) -> None:
         ticket.cancelled.set()
         self._running = [s for s in self._running if s.ticket is not ticket]
+        for s in ticket.samples:
+            self._drop_cache(s)
         with self._cond:
             self._waiting = [(k, t) for k, t in self._waiting if t is not ticket]
             heapq.heapify(self._waiting)
@@ -543,6 +559,13 @@ class ContinuousEngine:
             if ticket.cancelled.is_set():
                 self._remove_ticket(ticket)
                 _set_exception(ticket.future, RequestCancelled("request cancelled"))
+
+    def _drop_cache(self, sample: _Sample) -> None:
+        """A sample that left frees its cached features (the ticket outlives it until decoded)."""
+        if sample.cache is not None:
+            self.cache_full_steps += sample.cache.full_steps
+            self.cache_reused_steps += sample.cache.reused_steps
+            sample.cache = None
 
     def _embed_text(self, text: str) -> tuple[torch.Tensor, ...]:
         cached = self._embed_cache.get(text)
@@ -577,6 +600,8 @@ class ContinuousEngine:
             step_kwargs=self.denoiser.step_kwargs(scheduler, generator),
             blend=start.blend,
             extra=start.extra,
+            # The steps the request-level runner hands `step_cache` (so both warm up alike).
+            cache=None if req.cache == "off" else SampleCache(req.cache, int(req.steps * req.strength)),
         )
 
     def _iteration(self) -> None:
@@ -615,6 +640,8 @@ class ContinuousEngine:
             self._report_progress(t)
         if finished:
             self._running = [s for s in self._running if s.i < len(s.timesteps)]
+            for s in finished:
+                self._drop_cache(s)
             if self._decoder is not None:
                 self._decoder.submit(self._decode_on_thread, finished)
             else:
@@ -631,10 +658,14 @@ class ContinuousEngine:
 
         A failure other than out-of-memory may come from one request's state, so with several
         requests in the call they retry as two halves (recursively) and only a request that fails
-        alone fails. A failed call stepped nobody, so retried samples are exactly where they were.
+        alone fails. A failed call stepped nobody and changed no sample's cache, so retried samples
+        are exactly where they were.
         """
         try:
-            noise_pred = self.denoiser.predict(samples)
+            if any(s.cache is not None for s in samples):
+                noise_pred = self.denoiser.predict_cached(samples)
+            else:  # nobody caches: the plain call, exactly as without step caching
+                noise_pred = self.denoiser.predict(samples)
         except Exception as e:
             tickets = list({id(s.ticket): s.ticket for s in samples}.values())
             if _is_oom(e) or len(tickets) == 1:

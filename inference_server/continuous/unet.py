@@ -25,6 +25,7 @@ from inference_server.continuous.denoiser import (
     row_times,
     stack_rows,
 )
+from inference_server.step_cache import shallow_forward, unet_full_step
 
 if TYPE_CHECKING:
     from inference_server.continuous.core import ContinuousRequest, _Sample
@@ -147,6 +148,11 @@ class UNetDenoiser(Denoiser):
     # -- steps --------------------------------------------------------------------------------
 
     def predict(self, samples: list[_Sample]) -> torch.Tensor:
+        args, kwargs = self.unet_inputs(samples)
+        return self.pipe.unet(*args, **kwargs)[0]
+
+    def unet_inputs(self, samples: list[_Sample]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The UNet's arguments for one batched call over `samples` at their timesteps."""
         inputs, conds = [], []
         for s in samples:
             x = torch.cat([s.latents] * 2) if s.prompt.rows == 2 else s.latents
@@ -155,14 +161,71 @@ class UNetDenoiser(Denoiser):
                 conds.append(s.extra["timestep_cond"].repeat(s.prompt.rows, 1))
         # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()), so
         # one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
-        return self.pipe.unet(
-            torch.cat(inputs),
-            row_times(samples).to(inputs[0].device),
+        args = (torch.cat(inputs), row_times(samples).to(inputs[0].device))
+        kwargs = dict(
             encoder_hidden_states=stack_rows(samples, "hidden"),
             timestep_cond=torch.cat(conds) if conds else None,
             added_cond_kwargs=self.added_cond_kwargs(samples),
             return_dict=False,
-        )[0]
+        )
+        return args, kwargs
+
+    def predict_cached(self, samples: list[_Sample]) -> torch.Tensor:
+        """`predict` with DeepCache per sample (continuous/caching.py): the samples due a full step
+        (or uncached) run the whole UNet, keeping the deep features of those that cache; the others
+        run the shallow path from their own cached features."""
+        full: list[_Sample] = []
+        reuse: list[_Sample] = []
+        for s in samples:
+            c = s.cache
+            due = c is None or c.deep is None or unet_full_step(c.level, s.i, c.steps)
+            (full if due else reuse).append(s)
+        unet = self.pipe.unet
+        preds: dict[int, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {}
+        if full:
+            args, kwargs = self.unet_inputs(full)
+            deep: list[torch.Tensor] = []
+            handle = None
+            if any(s.cache is not None for s in full):
+
+                def keep_input(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                    deep.append(args[0] if args else kwargs["hidden_states"])
+
+                handle = unet.up_blocks[-1].register_forward_pre_hook(keep_input, with_kwargs=True)
+            try:
+                out = unet(*args, **kwargs)[0]
+            finally:
+                if handle is not None:
+                    handle.remove()
+            row = 0
+            for s in full:
+                rows = slice(row, row + s.prompt.rows)
+                preds[id(s)] = out[rows]
+                if s.cache is not None:
+                    # A copy: a view would keep the whole call's features alive.
+                    kept[id(s)] = deep[0][rows].clone()
+                row = rows.stop
+        if reuse:
+            args, kwargs = self.unet_inputs(reuse)
+            cached = torch.cat(
+                [s.cache.deep for s in reuse if s.cache is not None and s.cache.deep is not None]
+            )
+            out = shallow_forward(unet, cached, *args, **kwargs)[0]
+            row = 0
+            for s in reuse:
+                preds[id(s)] = out[row : row + s.prompt.rows]
+                row += s.prompt.rows
+        # The call succeeded: now the samples' states move on.
+        for s in samples:
+            if s.cache is None:
+                continue
+            if id(s) in kept:
+                s.cache.deep = kept[id(s)]
+                s.cache.full_steps += 1
+            else:
+                s.cache.reused_steps += 1
+        return torch.cat([preds[id(s)] for s in samples])
 
     def added_cond_kwargs(self, samples: list[_Sample]) -> dict[str, torch.Tensor] | None:
         return None

@@ -24,6 +24,8 @@ from inference_server.step_cache import (
     level_problem,
     shallow_forward,
     step_cache,
+    unet_full_step,
+    warmup_steps,
 )
 from inference_server.tiny_families import build_tiny_family
 
@@ -145,3 +147,21 @@ def test_level_names() -> None:
     # Cheaper levels cache more.
     assert LEVELS["fast"].unet_interval < LEVELS["faster"].unet_interval
     assert LEVELS["fast"].transformer_threshold < LEVELS["faster"].transformer_threshold
+
+
+@pytest.mark.parametrize("level", CACHE_LEVELS)
+@pytest.mark.parametrize("steps", [4, 8, 20])
+def test_unet_full_step_is_deep_caches_schedule(level: str, steps: int) -> None:
+    """The continuous engine's per-sample schedule (`unet_full_step`) is the one `deep_cache` runs."""
+    pipe = pipeline("sd15")
+    unet = pipe.unet
+    x = torch.randn(1, unet.config.in_channels, 8, 8)
+    context = torch.randn(1, 4, unet.config.cross_attention_dim)
+    spec = LEVELS[level]
+    ran_full = []
+    with torch.inference_mode(), deep_cache(unet, spec.unet_interval, warmup_steps(spec, steps)) as state:
+        for _ in range(steps):
+            before = state.full_steps
+            unet(x, torch.tensor(500), encoder_hidden_states=context)
+            ran_full.append(state.full_steps > before)
+    assert ran_full == [unet_full_step(level, i, steps) for i in range(steps)]
