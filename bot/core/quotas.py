@@ -317,17 +317,15 @@ class QuotaBook:
     async def write(self, s: AsyncSession) -> None:
         """The batch's charges: one upsert of the usage rows, one update of the credits spent."""
         if self._usage_changed:
-            insert = pg_insert if self.quotas.db.is_postgres else sqlite_insert
-            values = insert(QuotaUsage).values(
-                [
-                    {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
-                    for pk, period in sorted(self._usage_changed)
-                ]
-            )
+            values = (pg_insert if self.quotas.db.is_postgres else sqlite_insert)(QuotaUsage)
             await s.execute(
                 values.on_conflict_do_update(
                     index_elements=["user_id", "period"], set_={"images_used": values.excluded.images_used}
-                )
+                ),
+                [
+                    {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
+                    for pk, period in sorted(self._usage_changed)
+                ],
             )
         if self._credits_changed:
             users = cast(Table, User.__table__)

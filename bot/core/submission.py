@@ -256,6 +256,10 @@ class Submissions:
             "quota_credits": 0,
             "refunded": False,
             "delivery_attempts": 0,
+            "error": None,
+            "started_at": None,
+            "finished_at": None,
+            "result_message_id": None,
         }
         try:
             view = await self._batches(PendingJob(actor, place, key, now, parsed.n, row))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import cast
 
 from sqlalchemy import select
@@ -42,9 +43,15 @@ async def job_view(
 
 
 def view_of(
-    job: Job, owner_id: str, owner_name: str, *, created: bool = True, images: tuple[ImageInfo, ...] = ()
+    job: Job | SimpleNamespace,
+    owner_id: str,
+    owner_name: str,
+    *,
+    created: bool = True,
+    images: tuple[ImageInfo, ...] = (),
 ) -> JobView:
-    """The view of `job`, whose owner and images the caller knows (no database read)."""
+    """The view of `job`, whose owner and images the caller knows (no database read). `job` may be
+    a row just inserted, with the columns as attributes."""
     p = job.params
     return JobView(
         id=job.id,
