@@ -43,19 +43,23 @@ class GroupCommit(Generic[T, R]):
         self._drainer: asyncio.Task[None] | None = None
 
     async def __call__(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, future))
-        if self._drainer is None or self._drainer.done():
+        drainer = self._drainer
+        if drainer is None or drainer.done() or drainer.get_loop() is not loop:
             # Started on demand and gone when the queue is empty: nothing to start or stop.
             self._drainer = asyncio.create_task(self._drain(), name=f"group commit {self.name}")
         return await future
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
-            # A caller that gave up (cancelled) before its batch started has nothing written.
-            batch = [(item, future) for item, future in batch if not future.done()]
+            # A caller that gave up (cancelled) before its batch started has nothing written; one
+            # of an event loop that has ended (a test's) has nobody waiting.
+            batch = [(item, f) for item, f in batch if not f.done() and f.get_loop() is loop]
             if not batch:
                 continue
             try:

@@ -77,7 +77,8 @@ class PlaceSettingsPart:
         # at once cost one round trip, not 200. A read that started before a caller arrived
         # answers it too, as a read finishing just before its call would have.
         reading = self._reading.get(guild)
-        if reading is None:
+        # A read done (its callback may not have run yet) or of another event loop is no read.
+        if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
             reading = self._reading[guild] = asyncio.ensure_future(self._read_rows(*guild))
             reading.add_done_callback(lambda _: self._reading.pop(guild, None))
         return _rules(await asyncio.shield(reading), place.channel_id)

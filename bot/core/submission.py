@@ -1,11 +1,12 @@
 """Submitting and cancelling jobs.
 
-A submission is one transaction: the user row is locked (PostgreSQL: the upsert that creates it;
-SQLite transactions are `BEGIN IMMEDIATE`), the idempotency key is checked, then the ban, the
-moderation rules, the queue's size and the quota, and the quota is charged and the job row inserted
-with its place in the fair order (`FairQueue.admit`) before commit: a constant number of
-statements, none of which reads more than a few index entries (see docs/bot-core.md). The same key
-again returns the same job (`created=False`) and charges nothing.
+A submission's parameters (flags, the channel's defaults, the model) are resolved here; then it
+joins the next batch of the process's submit writer (`bot.core.submit_batch`), which writes every
+submission waiting in one transaction of a constant number of statements: the users locked, the
+idempotency keys checked, then per submission the ban, the moderation rules, the place, the
+queue's room and the quota, and the jobs inserted with their place in the fair order (see "Submit
+and dispatch" in docs/bot-core.md). The same key again returns the same job (`created=False`) and
+charges nothing.
 """
 
 from __future__ import annotations
