@@ -1,8 +1,8 @@
 """The quota ledger: periods, limits, charges and refunds.
 
 Every change to a user's quota (a submission's charge, a refund, an admin's reset or credits) runs
-in a transaction that holds the user's lock (`lock_user`), so the quota is exact under any
-concurrency. A user's allowance is the per-user limit an admin set, else the highest limit set for
+in a transaction that holds the user's lock (`lock_user`; a batch of submissions locks all its
+users at once, `bot.core.submit_batch`), so the quota is exact under any concurrency. A user's allowance is the per-user limit an admin set, else the highest limit set for
 one of the user's roles in the guild (the roles the adapter sent with the request), else the
 guild/workspace default, else `[quotas] daily_limit`; bonus credits are spent after it.
 """
@@ -132,33 +132,6 @@ class Quotas:
             )
         ).scalar_one_or_none()
 
-    async def charge(
-        self,
-        s: AsyncSession,
-        user: User,
-        guild_id: str | None,
-        images: int,
-        now: dt.datetime,
-        role_ids: Sequence[str] = (),
-    ) -> Charge:
-        """Charge `images` to `user` (whose lock the caller holds): the daily allowance first, then
-        bonus credits. QuotaExceeded, charging nothing, when both together fall short."""
-        period, _, reset_at = self.period_for(now)
-        limit, _source = await self.limit_for(s, user.platform, user.platform_user_id, guild_id, role_ids)
-        usage = await self.usage_in(s, user.id, period)
-        used = usage.images_used if usage else 0
-        remaining_today = max(0, limit - used)
-        if images > remaining_today + user.bonus_credits:
-            raise QuotaExceeded(reset_at, images, remaining_today + user.bonus_credits, limit)
-        daily = min(images, remaining_today)
-        credits = images - daily
-        if usage is None:
-            s.add(QuotaUsage(user_id=user.id, period=period, images_used=daily))
-        else:
-            usage.images_used = used + daily
-        user.bonus_credits -= credits
-        return Charge(period, daily, credits)
-
     async def book(
         self,
         s: AsyncSession,
@@ -169,7 +142,7 @@ class Quotas:
         """The quota state of a batch of submissions (`bot.core.submit_batch`), read in two
         statements whatever the batch's size: the limits that concern its users and their usage in
         `periods`. `credits`: each user's bonus credits, read with the user's lock, which the caller
-        holds for every user of `asks` (their charges are then exact, as `charge`'s are)."""
+        holds for every user of `asks` (their charges are then exact)."""
         pks = {a.user_pk for a in asks}
         platforms = {a.platform for a in asks}
         conds = [(QuotaLimit.scope == "user") & QuotaLimit.scope_id.in_({a.user_id for a in asks})]
@@ -266,8 +239,9 @@ class QuotaAsk:
 
 
 class QuotaBook:
-    """A batch's quotas (`Quotas.book`): charged in Python in the batch's order, exactly as
-    `Quotas.charge` would one after the other, then written in two statements (`write`)."""
+    """A batch's quotas (`Quotas.book`): charged in Python in the batch's order, each submission
+    exactly as if it were alone after the ones before it, then written in two statements
+    (`write`)."""
 
     def __init__(
         self,
@@ -296,8 +270,8 @@ class QuotaBook:
         return self.quotas._pick_limit(rows)[0]
 
     def charge(self, ask: QuotaAsk, images: int, now: dt.datetime) -> Charge:
-        """`Quotas.charge` for one submission of the batch: QuotaExceeded, charging nothing, when
-        the daily allowance and the credits together fall short."""
+        """Charge `images` to the user of `ask`: the daily allowance first, then bonus credits.
+        QuotaExceeded, charging nothing, when both together fall short."""
         period, _, reset_at = self.quotas.period_for(now)
         limit = self.limit_for(ask)
         used = self.usage.get((ask.user_pk, period), 0)
