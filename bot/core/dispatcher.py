@@ -110,6 +110,7 @@ class Dispatcher:
         # each beat.
         self._dispatchers = 1
         self._last_new_positions = 0.0
+        self._last_takeover = -float("inf")
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
         self._leases: asyncio.Task[None] | None = None
@@ -220,10 +221,12 @@ class Dispatcher:
                 )  # fmt: skip
         if not platforms:
             return
-        # Taken-over work first: it has waited longest.
-        while self._free():
+        # Taken-over work first: it has waited longest. Looked for once per poll interval, not on
+        # every tick: a tick follows every finished job, and a lease expires in tens of seconds.
+        while self._free() and now_mono - self._last_takeover >= self.config.poll_interval_s:
             taken = await self.claims.take_over_expired(self.owner, platforms, self._tasks)
             if taken is None:
+                self._last_takeover = now_mono
                 break
             job_id, previous = taken
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
