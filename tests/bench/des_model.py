@@ -684,6 +684,11 @@ def policy_table(
 
 SWEEP_RATIOS = (0.0, 0.04, 0.2, 0.5, 1.0, 1.4, 2.0, 4.0, 8.0, 16.0, 1000.0)
 SWEEP_CAPS = (1, 2, 3, 4, 6)
+SWEEP_HEADER = (
+    "| a/b | batch 8 vs 1 (images/s) | load | always | efficient | capped | best fixed cap | "
+    "lower bound (any FIFO engine) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+)
 
 
 def sweep_table(
@@ -692,6 +697,7 @@ def sweep_table(
     loads: Sequence[float] = GOAL_LOADS,
     n: int = 6000,
     seeds: Sequence[int] = (1, 2, 3),
+    on_line: Callable[[str], None] | None = None,
 ) -> list[str]:
     """For affine curves c(n) = a + b n of each a / b, all requests 20 steps: continuous p95 over
     request-level p95 at each load with the engine's rules, the best fixed cap on the running batch
@@ -703,11 +709,7 @@ def sweep_table(
         ("capped", Capped(cfg.max_batch)),
     ]
     caps = [(f"cap {k}", FixedCap(k)) for k in SWEEP_CAPS]
-    lines = [
-        "| a/b | batch 8 vs 1 (images/s) | load | always | efficient | capped | best fixed cap | "
-        "lower bound (any FIFO engine) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = list(SWEEP_HEADER)
     for ratio in ratios:
         costs = affine_gpu(ratio)
         speedup = cfg.max_batch * costs.iteration(1) / costs.iteration(cfg.max_batch)
@@ -738,6 +740,8 @@ def sweep_table(
                 + " | ".join(cell(cells[k]) for k in ("always", "efficient", "capped"))
                 + f" | {cell(cells['cap'])} (k = {', '.join(best_caps)}) | {cell(cells['bound'])} |"
             )
+            if on_line is not None:
+                on_line(lines[-1])
     return lines
 
 
@@ -846,7 +850,8 @@ def main(argv: list[str] | None = None) -> None:
             "arrivals per point, median (range) over 3 arrival sequences; loads are fractions of the "
             "request-level engine's saturation on the same curve\n"
         )
-        print("\n".join(sweep_table(cfg, loads=args.loads, n=n)))
+        print("\n".join(SWEEP_HEADER), flush=True)
+        sweep_table(cfg, loads=args.loads, n=n, on_line=lambda line: print(line, flush=True))
         print(f"\n(took {time.perf_counter() - started:.0f} s)")
         return
     curves = GPU_CURVES
