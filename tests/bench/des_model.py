@@ -840,6 +840,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the affine-curve sweep: which a/b reach 0.75x, with the lower bound (~10 min)",
     )
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(SWEEP_RATIOS), help="a/b for --sweep")
     args = parser.parse_args(argv)
     cfg = EngineConfig(max_batch=args.max_batch)
     if args.sweep:
@@ -851,7 +852,7 @@ def main(argv: list[str] | None = None) -> None:
             "request-level engine's saturation on the same curve\n"
         )
         print("\n".join(SWEEP_HEADER), flush=True)
-        sweep_table(cfg, loads=args.loads, n=n, on_line=lambda line: print(line, flush=True))
+        sweep_table(cfg, args.ratios, args.loads, n, on_line=lambda line: print(line, flush=True))
         print(f"\n(took {time.perf_counter() - started:.0f} s)")
         return
     curves = GPU_CURVES
