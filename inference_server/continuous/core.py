@@ -69,9 +69,10 @@ IterationCost = Callable[[int], float | None]
 # admission): recent enough to follow a change of sizes or load, smooth enough not to chase noise.
 COST_SMOOTHING = 0.2
 # "capped" admission: the running batch stops growing at the smallest size whose measured images per
-# second are within this fraction of the best measured size's. Past it a joiner buys (almost) no
-# throughput and slows every member by its own share; 2% is where tests/bench/des_model.py found the
-# cap helping on nearly proportional curves (SDXL, FLUX) without costing capacity at 90% load.
+# second are within this fraction of the best measured size's (the fraction shrinks as the queue
+# grows past a full batch). Past it a joiner buys (almost) no throughput and slows every member by
+# its own share; 2% is where tests/bench/des_model.py found the cap helping on nearly proportional
+# curves (SDXL, FLUX) without costing capacity at 90% load.
 CAP_THROUGHPUT_SLACK = 0.02
 
 # Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
@@ -509,27 +510,28 @@ class ContinuousEngine:
         """ "capped" admission: may `take` more images join the running ones (and `joiners`)?
 
         Yes while the batch stays within the cap: the smallest measured batch size whose images per
-        second (n / c(n)) are within CAP_THROUGHPUT_SLACK of the best measured size's. Where a step
-        of n images costs about n times one image's (SDXL, FLUX on a GPU) that is 1-3 images, and
-        the engine runs the oldest requests nearly one after another instead of sharing the device
-        among all of them: the same throughput, but each finishes sooner (processor sharing delays
-        everyone to the end). Where batching is cheap the cap is the max batch and nothing changes.
-        A batch size never measured joins (that is how it gets measured). More images waiting than
-        a full batch lift the cap (every free slot fills): a queue that deep needs every bit of
-        capacity, and the sizes above the cap get measured again under load.
+        second (n / c(n)) are within a slack of the best measured size's. Where a step of n images
+        costs about n times one image's (SDXL, FLUX on a GPU) that is 1-3 images, and the engine runs
+        the oldest requests nearly one after another instead of sharing the device among all of them:
+        the same throughput, but each finishes sooner (sharing delays everyone to the end). Where
+        batching is cheap the cap is the max batch and nothing changes. The slack is
+        CAP_THROUGHPUT_SLACK while at most a full batch of images waits and shrinks in proportion as
+        more do (16 waiting for a max batch of 8: 1%): the deeper the queue, the less capacity the cap
+        may give up, so it grows toward the most efficient size. A batch size never measured yet joins
+        (that is how it gets measured).
         """
         n = len(self._running) + sum(k for _, k in joiners)
         if n == 0:
             return True
-        waiting_images = sum(len(t.request.seeds) - t.next_sample for _, t in self._waiting)
-        if waiting_images > self.max_batch_size:
-            return True
         if self._iteration_cost(n + take) is None:
             return True
-        return n + take <= self._cap()
+        waiting = sum(len(t.request.seeds) - t.next_sample for _, t in self._waiting)
+        return n + take <= self._cap(
+            CAP_THROUGHPUT_SLACK * self.max_batch_size / max(waiting, self.max_batch_size)
+        )
 
-    def _cap(self) -> int:
-        """The smallest batch size within CAP_THROUGHPUT_SLACK of the best measured images/s."""
+    def _cap(self, slack: float = CAP_THROUGHPUT_SLACK) -> int:
+        """The smallest batch size within `slack` of the best measured images per second."""
         rates: dict[int, float] = {}
         for size in range(1, self.max_batch_size + 1):
             seconds = self._iteration_cost(size)
@@ -538,7 +540,7 @@ class ContinuousEngine:
         if not rates:
             return self.max_batch_size
         best = max(rates.values())
-        return min(size for size, rate in rates.items() if rate >= (1 - CAP_THROUGHPUT_SLACK) * best)
+        return min(size for size, rate in rates.items() if rate >= (1 - slack) * best)
 
     def _positions_changed(self) -> list[tuple[_Ticket, int]]:
         """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""

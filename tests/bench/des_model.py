@@ -369,27 +369,24 @@ class PaysUnlessBacklog(PaysForItself):
 
 class Capped(Policy):
     """The engine's `admission = "capped"` (continuous/core.py): FIFO, and the running batch grows
-    only up to the smallest size whose images/s (n / iter(n)) are within `slack` of the best size's,
-    unless more than `max_batch` requests wait (then every free slot fills). The model knows the
-    curve; the engine measures it (a size never measured yet joins)."""
+    only up to the smallest size whose images/s (n / iter(n)) are within a slack of the best size's:
+    `slack` while at most `max_batch` requests wait, shrinking in proportion as more do (the deeper
+    the queue, the less capacity the cap may give up). The model knows the curve; the engine
+    measures it (a size never measured yet joins)."""
 
     def __init__(self, max_batch: int = 8, slack: float = 0.02):
         self.max_batch, self.slack = max_batch, slack
-        self._cap: dict[str, int] = {}
 
-    def cap(self, costs: Costs) -> int:
-        if costs.name not in self._cap:
-            rates = {n: n / costs.iteration(n) for n in range(1, self.max_batch + 1)}
-            best = max(rates.values())
-            self._cap[costs.name] = min(n for n, r in rates.items() if r >= (1 - self.slack) * best)
-        return self._cap[costs.name]
+    def cap(self, costs: Costs, waiting: int = 0) -> int:
+        slack = self.slack * self.max_batch / max(waiting, self.max_batch)
+        rates = {n: n / costs.iteration(n) for n in range(1, self.max_batch + 1)}
+        best = max(rates.values())
+        return min(n for n, r in rates.items() if r >= (1 - slack) * best)
 
     def pick(
         self, now: float, waiting: list[Request], running: list[Running], free: int, costs: Costs
     ) -> list[Request]:
-        if len(waiting) > self.max_batch:
-            return waiting[:free]
-        return waiting[: max(0, min(free, self.cap(costs) - len(running)))]
+        return waiting[: max(0, min(free, self.cap(costs, len(waiting)) - len(running)))]
 
 
 class FixedCap(Policy):
