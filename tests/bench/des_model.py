@@ -2,6 +2,8 @@
 
     python -m tests.bench.des_model                 # the GPU-like curves (~40 s)
     python -m tests.bench.des_model --quick         # fewer simulated requests (seconds)
+    python -m tests.bench.des_model --sweep --loads 0.7 0.9   # affine curves a/b = 0..flat, with the
+                                                    # lower bound: which shapes reach 0.75x (~8 min)
     python -m tests.bench.continuous_bench --model-only   # the same, plus this CPU's measured curve
 
 Both engines are modelled as the code in `inference_server/` runs them, one device doing one thing
