@@ -64,13 +64,20 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
-Admission = Literal["always", "efficient"]
+Admission = Literal["always", "efficient", "capped"]
+ADMISSIONS: tuple[Admission, ...] = ("always", "efficient", "capped")
 # Seconds of one iteration of n images, or None when not known yet.
 IterationCost = Callable[[int], float | None]
 
 # Weight of the newest iteration in the measured cost of an iteration of n images ("efficient"
 # admission): recent enough to follow a change of sizes or load, smooth enough not to chase noise.
 COST_SMOOTHING = 0.2
+# "capped" admission: the running batch stops growing at the smallest size whose measured images per
+# second are within this fraction of the best measured size's (the fraction shrinks as the queue
+# grows past a full batch). Past it a joiner buys (almost) no throughput and slows every member by
+# its own share; 2% is where tests/bench/des_model.py found the cap helping on nearly proportional
+# curves (SDXL, FLUX) without costing capacity at 90% load.
+CAP_THROUGHPUT_SLACK = 0.02
 
 # Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
 # MB for SD-sized encoders, and one text-encoder call fewer per request that hits.
@@ -224,8 +231,9 @@ class ContinuousEngine:
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
         # "always": waiting requests fill free slots at every step. "efficient": see _pays_to_join.
+        # "capped": see _under_cap.
         admission: Admission = "always",
-        # The cost of an iteration of n images for "efficient" admission; None = measured here.
+        # The cost of an iteration of n images for "efficient" and "capped"; None = measured here.
         iteration_cost: IterationCost | None = None,
         # Decode finished latents on a second thread (see the module docstring). Off for MPS, whose
         # backend is not safe to drive from two threads.
@@ -244,8 +252,8 @@ class ContinuousEngine:
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
-        if admission not in ("always", "efficient"):
-            raise ValueError(f"admission must be 'always' or 'efficient', got {admission!r}")
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
         self.admission = admission
         self._measured_cost: dict[int, float] = {}  # images per iteration -> seconds (smoothed)
         self._iteration_cost = iteration_cost or self._measured_cost.get
@@ -474,6 +482,8 @@ class ContinuousEngine:
                 and not self._pays_to_join(ticket, take, joiners)
             ):
                 break  # FIFO: nobody overtakes a deferred older request
+            if self.admission == "capped" and not self._under_cap(take, joiners):
+                break  # FIFO, as above
             joiners.append((ticket, take))
             free -= take
             pixels_free -= take * per_image
@@ -509,6 +519,42 @@ class ContinuousEngine:
         saved = min(lefts) * now_cost
         slower = (joined_cost - now_cost) * sum(min(left, ticket.total_steps) for left in lefts)
         return saved >= slower
+
+    def _under_cap(self, take: int, joiners: list[tuple[_Ticket, int]]) -> bool:
+        """ "capped" admission: may `take` more images join the running ones (and `joiners`)?
+
+        Yes while the batch stays within the cap: the smallest measured batch size whose images per
+        second (n / c(n)) are within a slack of the best measured size's. Where a step of n images
+        costs about n times one image's (SDXL, FLUX on a GPU) that is 1-3 images, and the engine runs
+        the oldest requests nearly one after another instead of sharing the device among all of them:
+        the same throughput, but each finishes sooner (sharing delays everyone to the end). Where
+        batching is cheap the cap is the max batch and nothing changes. The slack is
+        CAP_THROUGHPUT_SLACK while at most a full batch of images waits and shrinks in proportion as
+        more do (16 waiting for a max batch of 8: 1%): the deeper the queue, the less capacity the cap
+        may give up, so it grows toward the most efficient size. A batch size never measured yet joins
+        (that is how it gets measured).
+        """
+        n = len(self._running) + sum(k for _, k in joiners)
+        if n == 0:
+            return True
+        if self._iteration_cost(n + take) is None:
+            return True
+        waiting = sum(len(t.request.seeds) - t.next_sample for _, t in self._waiting)
+        return n + take <= self._cap(
+            CAP_THROUGHPUT_SLACK * self.max_batch_size / max(waiting, self.max_batch_size)
+        )
+
+    def _cap(self, slack: float = CAP_THROUGHPUT_SLACK) -> int:
+        """The smallest batch size within `slack` of the best measured images per second."""
+        rates: dict[int, float] = {}
+        for size in range(1, self.max_batch_size + 1):
+            seconds = self._iteration_cost(size)
+            if seconds is not None and seconds > 0:
+                rates[size] = size / seconds
+        if not rates:
+            return self.max_batch_size
+        best = max(rates.values())
+        return min(size for size, rate in rates.items() if rate >= (1 - slack) * best)
 
     def _positions_changed(self) -> list[tuple[_Ticket, int]]:
         """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""
