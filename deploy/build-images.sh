@@ -1,6 +1,6 @@
 #!/bin/sh
-# Builds the images of deploy/Containerfile (server and bot) and makes sure a PostgreSQL image is
-# there, with podman (`make images`; run from the repository root). Prints at the end the lines to
+# Builds the images of deploy/Containerfile (server and bot) and the stand-in S3 server (deploy/s3),
+# and makes sure a PostgreSQL image is there, with podman (`make images`; run from the repository root). Prints at the end the lines to
 # put in deploy/.env so that deploy/compose.yaml uses them.
 #
 # Works out from the host, where nothing is set:
@@ -23,9 +23,12 @@ POSTGRES_IMAGE=${POSTGRES_IMAGE:-docker.io/library/postgres:16}
 LOCAL_POSTGRES_IMAGE=localhost/imagine-postgres:15
 SERVER_IMAGE=${SERVER_IMAGE:-localhost/imagine-server:latest}
 BOT_IMAGE=${BOT_IMAGE:-localhost/imagine-bot:latest}
+S3_IMAGE=${S3_IMAGE:-localhost/imagine-s3:latest}
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 
-say() { echo "build-images: $*" >&2; }
+# Each line says how long the build has run (seconds), so a slow step shows.
+t0=$(date +%s)
+say() { echo "build-images: [$(($(date +%s) - t0)) s] $*" >&2; }
 
 have_image() { podman image exists "$1"; }
 pull() { have_image "$1" || podman pull -q "$1" >/dev/null 2>&1; }
@@ -92,12 +95,20 @@ else
     POSTGRES_IMAGE=$LOCAL_POSTGRES_IMAGE
 fi
 
-for image in "$SERVER_IMAGE" "$BOT_IMAGE" "$POSTGRES_IMAGE"; do
+# moto's S3 server for the compose file's `s3` service (production uses a real store: deploy/s3).
+say "building $S3_IMAGE (deploy/s3)"
+# shellcheck disable=SC2086
+podman build -q -f deploy/s3/Containerfile --build-arg BASE_IMAGE="$BASE_IMAGE" $build_args \
+    -t "$S3_IMAGE" deploy/s3 >/dev/null
+
+say "done"
+for image in "$SERVER_IMAGE" "$BOT_IMAGE" "$POSTGRES_IMAGE" "$S3_IMAGE"; do
     say "$image: $(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%d MB", $1/1e6}')"
 done
 echo "SERVER_IMAGE=$SERVER_IMAGE"
 echo "BOT_IMAGE=$BOT_IMAGE"
 echo "POSTGRES_IMAGE=$POSTGRES_IMAGE"
+echo "S3_IMAGE=$S3_IMAGE"
 if [ -n "${CONTAINERS_CONF:-}" ]; then
     echo "CONTAINERS_CONF=$CONTAINERS_CONF"
 fi

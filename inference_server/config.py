@@ -255,8 +255,9 @@ class BatchingConfig:
     max_queue: int = 64
     retry_after_s: int = 5
     # Continuous engine: "always" fills free slots at every step; "efficient" lets a joiner in only
-    # when the wait it saves pays for the slower steps it causes (see docs/continuous-batching.md).
-    admission: Literal["always", "efficient"] = "always"
+    # when the wait it saves pays for the slower steps it causes; "capped" stops the batch growing
+    # where a bigger one buys no throughput (see docs/continuous-batching.md#admission).
+    admission: Literal["always", "efficient", "capped"] = "always"
 
     def __post_init__(self) -> None:
         s = "batching"

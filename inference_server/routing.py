@@ -1,8 +1,8 @@
 """`ModelRoutingEngine`: the continuous engine for the default model, a request-level engine for the rest.
 
-The step-level scheduler (`continuous/`) runs one pipeline: the default model's, without LoRAs.
-Requests for another model, with LoRAs, or with step caching (`cache` other than "off") go to a
-`DynamicBatchingEngine` over the model registry,
+The step-level scheduler (`continuous/`) runs one pipeline: the default model's, without LoRAs, at
+any step-cache level (each image keeps its own cache state: `continuous/caching.py`). Requests for
+another model or with LoRAs go to a `DynamicBatchingEngine` over the model registry,
 which groups them by (model, LoRA set) like any request-level batch and, for LoRAs on the default
 model, uses a second copy of it (see `registry.py`). `/health` and `/ready` follow the continuous
 engine: it serves the default model, which is what a server without `model` in its requests uses.
@@ -35,10 +35,7 @@ class ModelRoutingEngine:
 
     def _engine_for(self, request: GenerationRequest) -> Engine:
         default = not request.model or request.model == self.registry.default_name
-        # Step caching keeps per-call state the step-level scheduler doesn't have yet: a cached
-        # request runs on the request-level engine (same weights), never silently uncached.
-        plain = not request.loras and request.cache == "off"
-        return self.primary if default and plain else self.secondary
+        return self.primary if default and not request.loras else self.secondary
 
     @property
     def runner(self) -> object:

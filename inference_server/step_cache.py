@@ -397,3 +397,13 @@ def _patched(forwards: dict[Any, Any]) -> Iterator[None]:
 
 def _relative_change(now: Any, before: Any) -> float:
     return float(((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item())
+
+
+# -- per-sample schedules (the continuous engine keeps one cache state per image) -----------------
+
+
+def transformer_reuses(level: str, residual: Any, cached_residual: Any) -> bool:
+    """Whether the first-block cache at `level` skips the other blocks, given the first block's
+    residual now and on the last fully computed step (the rule `first_block_cache` applies)."""
+    threshold = LEVELS[level].transformer_threshold
+    return threshold > 0 and _relative_change(residual, cached_residual) < threshold

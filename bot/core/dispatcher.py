@@ -106,7 +106,11 @@ class Dispatcher:
             poll_interval_s=self.config.poll_interval_s,
         )
         self._last_dead_check = -self.heartbeats.interval_s
+        # Dispatchers sharing the servers' capacity (this one and the busy live ones), counted at
+        # each beat.
+        self._dispatchers = 1
         self._last_new_positions = 0.0
+        self._last_takeover = -float("inf")
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
         self._leases: asyncio.Task[None] | None = None
@@ -208,12 +212,21 @@ class Dispatcher:
             dead = await self.heartbeats.expire_dead_owners()
             if dead:
                 log.warning("claims of dispatcher(s) %s expire now (no heartbeat)", ", ".join(dead))
+            dispatchers = await self.heartbeats.sharing_dispatchers()
+            if dispatchers != self._dispatchers:
+                self._dispatchers = dispatchers
+                log.debug(
+                    "dispatcher %s: %d busy dispatcher(s) share the servers; concurrency %d",
+                    self.owner, dispatchers, self._concurrency(),
+                )  # fmt: skip
         if not platforms:
             return
-        # Taken-over work first: it has waited longest.
-        while self._free():
+        # Taken-over work first: it has waited longest. Looked for once per poll interval, not on
+        # every tick: a tick follows every finished job, and a lease expires in tens of seconds.
+        while self._free() and now_mono - self._last_takeover >= self.config.poll_interval_s:
             taken = await self.claims.take_over_expired(self.owner, platforms, self._tasks)
             if taken is None:
+                self._last_takeover = now_mono
                 break
             job_id, previous = taken
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
@@ -238,7 +251,12 @@ class Dispatcher:
         return len(self._tasks) - len(self._delivering) < self._concurrency()
 
     def _concurrency(self) -> int:
-        return dispatch_concurrency(self.config, self.backend.capacity())
+        return dispatch_concurrency(self.config, self.backend.capacity(), self._dispatchers)
+
+    @property
+    def concurrency(self) -> int:
+        """Jobs this dispatcher sends to the backend at once now (its share of the servers)."""
+        return self._concurrency()
 
     def _abandon(self, job_id: int) -> None:
         """The job was cancelled while it ran (its claim is gone): stop our run of it."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, func, literal, or_, select, tuple_, update
@@ -70,34 +70,33 @@ class FairQueue:
         """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
         return list((await s.execute(self.first(platforms, limit))).scalars().all())
 
-    async def admit(self, s: AsyncSession, user_pk: int) -> int:
-        """In a submission's transaction (the user's lock held): Overloaded when the queue is full,
-        else the fair round of the user's new job. On PostgreSQL the same round trip notifies the
-        dispatchers, which hear of it when the submission commits (not at all if it rolls back)."""
+    async def admission(self, s: AsyncSession, user_pks: Collection[int], wanted: int) -> Admission:
+        """In a batch of submissions' transaction (its users' locks held): what `Admission.admit`
+        needs to refuse a submission when the queue is full or give its job a fair round, read in
+        two statements whatever the batch's size. On PostgreSQL the first also notifies the
+        dispatchers, which hear of it when the batch commits (not at all if it rolls back)."""
         mono = time.monotonic()
         # The estimate only grows between counts (jobs claimed since are still in it): one that
         # says "full" is checked by a count before anyone is refused.
-        if self._depth >= self.max_queued or mono - self._counted_at >= self.depth_check_s:
-            # Set first: submissions meanwhile use the last count instead of counting too.
+        if self._depth + wanted > self.max_queued or mono - self._counted_at >= self.depth_check_s:
+            # Set first: batches meanwhile use the last count instead of counting too.
             self._counted_at = mono
             capped = select(Job.id).where(Job.state == "queued").limit(self.max_queued).subquery()
             self._depth = (await s.execute(select(func.count()).select_from(capped))).scalar_one()
-        if self._depth >= self.max_queued:
-            raise Overloaded()
         head = select(func.min(Job.fair_round)).where(Job.state == "queued").scalar_subquery()
         running = select(func.max(Job.fair_round)).where(Job.state == "running").scalar_subquery()
-        own = (
-            select(func.max(Job.fair_round))
-            .where(Job.user_id == user_pk, Job.state.in_(("queued", "running")))
-            .scalar_subquery()
-        )
-        columns: list[ColumnElement[Any]] = [head, running, own]
+        columns: list[ColumnElement[Any]] = [head, running]
         if self.notify:
             columns.append(func.pg_notify(JOBS_CHANNEL, literal("")))
         row = (await s.execute(select(*columns))).one()
-        serving = max(row[0] or 0, row[1] or 0)
-        self._depth += 1  # counted before commit: a refused charge only makes the estimate cautious
-        return serving if row[2] is None else max(serving, row[2] + 1)
+        own = (
+            await s.execute(
+                select(Job.user_id, func.max(Job.fair_round))
+                .where(Job.user_id.in_(set(user_pks)), Job.state.in_(("queued", "running")))
+                .group_by(Job.user_id)
+            )
+        ).tuples()
+        return Admission(self, max(row[0] or 0, row[1] or 0), dict(own.all()))
 
     def front(self) -> ColumnElement[int]:
         """The round of a job handed back to the queue (a retry, a released claim): the round being
@@ -176,3 +175,26 @@ class FairQueue:
             )
             changed = [(job_id, pos) for job_id, pos in result.tuples().all() if pos is not None]
         return sorted(changed, key=lambda change: change[1])
+
+
+class Admission:
+    """A batch's admissions (`FairQueue.admission`), decided in Python in the batch's order."""
+
+    def __init__(self, queue: FairQueue, serving: int, own: dict[int, int]):
+        self.queue = queue
+        self.serving = serving
+        self.own = own  # each user's last round among its queued and running jobs
+
+    def check_room(self) -> None:
+        """Overloaded when the queue is full."""
+        if self.queue._depth >= self.queue.max_queued:
+            raise Overloaded()
+
+    def admit(self, user_pk: int) -> int:
+        """The fair round of the user's new job (the round after its last one, or the round being
+        served), once nothing refuses it: a refused submission takes no round and no room."""
+        self.queue._depth += 1  # counted before commit: a failed commit only makes it cautious
+        last = self.own.get(user_pk)
+        fair_round = self.serving if last is None else max(self.serving, last + 1)
+        self.own[user_pk] = fair_round
+        return fair_round

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 
 from bot.core.db import Database, rows_matched
 from bot.core.models import DispatcherHeartbeat, Job
@@ -59,6 +59,22 @@ class Heartbeats:
             )
             if not rows_matched(done):
                 await s.execute(insert(DispatcherHeartbeat).values(owner=self.owner, beat_at=now))
+
+    async def sharing_dispatchers(self) -> int:
+        """Dispatchers sharing the servers now: this one, and every other one with a fresh heartbeat
+        that is running jobs (bot/core/concurrency.py). An idle one (a process whose platforms have
+        no traffic) takes no share, so it does not halve the others'."""
+        cutoff = self.clock() - dt.timedelta(seconds=self.stale_s)
+        alive = select(DispatcherHeartbeat.owner).where(DispatcherHeartbeat.beat_at >= cutoff)
+        async with self.db.read() as s:
+            others = (
+                await s.execute(
+                    select(func.count(Job.lease_owner.distinct())).where(
+                        Job.state == "running", Job.lease_owner != self.owner, Job.lease_owner.in_(alive)
+                    )
+                )
+            ).scalar_one()
+        return 1 + int(others)
 
     async def forget(self) -> None:
         """At a clean stop (after the claims are released): nobody needs to judge us any more."""

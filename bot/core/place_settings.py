@@ -12,6 +12,7 @@ model no longer offered, or no longer allowed, is skipped rather than refusing u
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +63,7 @@ class PlaceSettingsPart:
         self.choices = choices
         self.limits = limits
         self.clock = clock
+        self._reading: dict[tuple[str, str], asyncio.Future[list[ChannelSettings]]] = {}
 
     # -- at submit time ----------------------------------------------------------------------------
 
@@ -70,8 +72,20 @@ class PlaceSettingsPart:
         place = validate.place(place)
         if place.guild_id is None:
             return PlaceRules()
+        guild = (place.platform, place.guild_id)
+        # Concurrent submissions in one guild share one read (every submission asks): 200 of them
+        # at once cost one round trip, not 200. A read that started before a caller arrived
+        # answers it too, as a read finishing just before its call would have.
+        reading = self._reading.get(guild)
+        # A read done (its callback may not have run yet) or of another event loop is no read.
+        if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
+            reading = self._reading[guild] = asyncio.ensure_future(self._read_rows(*guild))
+            reading.add_done_callback(lambda _: self._reading.pop(guild, None))
+        return _rules(await asyncio.shield(reading), place.channel_id)
+
+    async def _read_rows(self, platform: str, guild_id: str) -> list[ChannelSettings]:
         async with self.db.read() as s:
-            return _rules(await self._rows(s, place.platform, place.guild_id), place.channel_id)
+            return await self._rows(s, platform, guild_id)
 
     async def check(self, s: AsyncSession, place: Place) -> PlaceRules:
         """`rules` inside the caller's transaction, refusing a place where image commands are not

@@ -1,8 +1,8 @@
 """The quota ledger: periods, limits, charges and refunds.
 
 Every change to a user's quota (a submission's charge, a refund, an admin's reset or credits) runs
-in a transaction that holds the user's lock (`lock_user`), so the quota is exact under any
-concurrency. A user's allowance is the per-user limit an admin set, else the highest limit set for
+in a transaction that holds the user's lock (`lock_user`; a batch of submissions locks all its
+users at once, `bot.core.submit_batch`), so the quota is exact under any concurrency. A user's allowance is the per-user limit an admin set, else the highest limit set for
 one of the user's roles in the guild (the roles the adapter sent with the request), else the
 guild/workspace default, else `[quotas] daily_limit`; bonus credits are spent after it.
 """
@@ -10,11 +10,11 @@ guild/workspace default, else `[quotas] daily_limit`; bonus credits are spent af
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import or_, select
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -109,6 +109,10 @@ class Quotas:
                 )
             )
         ).all()
+        return self._pick_limit(rows)
+
+    def _pick_limit(self, rows: Iterable[tuple[str, int]]) -> tuple[int, LimitSource]:
+        """The limit that applies among the (scope, limit) rows that concern one user."""
         by_scope: dict[str, int] = {}
         for scope, limit in rows:
             # Several roles: the highest limit wins (a role grants an allowance, never takes one).
@@ -128,32 +132,46 @@ class Quotas:
             )
         ).scalar_one_or_none()
 
-    async def charge(
+    async def book(
         self,
         s: AsyncSession,
-        user: User,
-        guild_id: str | None,
-        images: int,
-        now: dt.datetime,
-        role_ids: Sequence[str] = (),
-    ) -> Charge:
-        """Charge `images` to `user` (whose lock the caller holds): the daily allowance first, then
-        bonus credits. QuotaExceeded, charging nothing, when both together fall short."""
-        period, _, reset_at = self.period_for(now)
-        limit, _source = await self.limit_for(s, user.platform, user.platform_user_id, guild_id, role_ids)
-        usage = await self.usage_in(s, user.id, period)
-        used = usage.images_used if usage else 0
-        remaining_today = max(0, limit - used)
-        if images > remaining_today + user.bonus_credits:
-            raise QuotaExceeded(reset_at, images, remaining_today + user.bonus_credits, limit)
-        daily = min(images, remaining_today)
-        credits = images - daily
-        if usage is None:
-            s.add(QuotaUsage(user_id=user.id, period=period, images_used=daily))
-        else:
-            usage.images_used = used + daily
-        user.bonus_credits -= credits
-        return Charge(period, daily, credits)
+        asks: Sequence[QuotaAsk],
+        credits: Mapping[int, int],
+        periods: Iterable[dt.date],
+    ) -> QuotaBook:
+        """The quota state of a batch of submissions (`bot.core.submit_batch`), read in two
+        statements whatever the batch's size: the limits that concern its users and their usage in
+        `periods`. `credits`: each user's bonus credits, read with the user's lock, which the caller
+        holds for every user of `asks` (their charges are then exact)."""
+        pks = {a.user_pk for a in asks}
+        platforms = {a.platform for a in asks}
+        conds = [(QuotaLimit.scope == "user") & QuotaLimit.scope_id.in_({a.user_id for a in asks})]
+        guilds = {a.guild_id for a in asks if a.guild_id is not None}
+        if guilds:
+            conds.append((QuotaLimit.scope == "guild") & QuotaLimit.scope_id.in_(guilds))
+        roles = {role_scope_id(a.guild_id, r) for a in asks if a.guild_id is not None for r in a.role_ids}
+        if roles:
+            conds.append((QuotaLimit.scope == "role") & QuotaLimit.scope_id.in_(roles))
+        limits = (
+            await s.execute(
+                select(
+                    QuotaLimit.platform, QuotaLimit.scope, QuotaLimit.scope_id, QuotaLimit.daily_limit
+                ).where(QuotaLimit.platform.in_(platforms), or_(*conds))
+            )
+        ).all()
+        usage = (
+            await s.execute(
+                select(QuotaUsage.user_id, QuotaUsage.period, QuotaUsage.images_used).where(
+                    QuotaUsage.user_id.in_(pks), QuotaUsage.period.in_(set(periods))
+                )
+            )
+        ).all()
+        return QuotaBook(
+            self,
+            {(platform, scope, scope_id): limit for platform, scope, scope_id, limit in limits},
+            {(pk, period): used for pk, period, used in usage},
+            dict(credits),
+        )
 
     async def refund(self, s: AsyncSession, job: Job, user: User) -> None:
         """Give back what the job was charged (caller holds the user lock). Once per job; the daily
@@ -207,3 +225,85 @@ class Quotas:
             reset_at=reset_at,
             banned=banned,
         )
+
+
+@dataclass(frozen=True)
+class QuotaAsk:
+    """Who a submission of a batch charges, and where (the limits that may apply)."""
+
+    user_pk: int
+    platform: str
+    user_id: str
+    guild_id: str | None
+    role_ids: tuple[str, ...] = ()
+
+
+class QuotaBook:
+    """A batch's quotas (`Quotas.book`): charged in Python in the batch's order, each submission
+    exactly as if it were alone after the ones before it, then written in two statements
+    (`write`)."""
+
+    def __init__(
+        self,
+        quotas: Quotas,
+        limits: dict[tuple[str, str, str], int],
+        usage: dict[tuple[int, dt.date], int],
+        credits: dict[int, int],
+    ):
+        self.quotas = quotas
+        self.limits = limits
+        self.usage = usage
+        self.credits = credits
+        self._usage_changed: set[tuple[int, dt.date]] = set()
+        self._credits_changed: set[int] = set()
+
+    def limit_for(self, ask: QuotaAsk) -> int:
+        keys = [("user", ask.user_id)]
+        if ask.guild_id is not None:
+            keys.append(("guild", ask.guild_id))
+            keys += [("role", role_scope_id(ask.guild_id, r)) for r in ask.role_ids]
+        rows = [
+            (scope, self.limits[(ask.platform, scope, scope_id)])
+            for scope, scope_id in keys
+            if (ask.platform, scope, scope_id) in self.limits
+        ]
+        return self.quotas._pick_limit(rows)[0]
+
+    def charge(self, ask: QuotaAsk, images: int, now: dt.datetime) -> Charge:
+        """Charge `images` to the user of `ask`: the daily allowance first, then bonus credits.
+        QuotaExceeded, charging nothing, when both together fall short."""
+        period, _, reset_at = self.quotas.period_for(now)
+        limit = self.limit_for(ask)
+        used = self.usage.get((ask.user_pk, period), 0)
+        bonus = self.credits[ask.user_pk]
+        remaining_today = max(0, limit - used)
+        if images > remaining_today + bonus:
+            raise QuotaExceeded(reset_at, images, remaining_today + bonus, limit)
+        daily = min(images, remaining_today)
+        credits = images - daily
+        self.usage[(ask.user_pk, period)] = used + daily
+        self._usage_changed.add((ask.user_pk, period))
+        if credits:
+            self.credits[ask.user_pk] = bonus - credits
+            self._credits_changed.add(ask.user_pk)
+        return Charge(period, daily, credits)
+
+    async def write(self, s: AsyncSession) -> None:
+        """The batch's charges: one upsert of the usage rows, one update of the credits spent."""
+        if self._usage_changed:
+            values = (pg_insert if self.quotas.db.is_postgres else sqlite_insert)(QuotaUsage)
+            await s.execute(
+                values.on_conflict_do_update(
+                    index_elements=["user_id", "period"], set_={"images_used": values.excluded.images_used}
+                ),
+                [
+                    {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
+                    for pk, period in sorted(self._usage_changed)
+                ],
+            )
+        if self._credits_changed:
+            users = cast(Table, User.__table__)
+            await s.execute(
+                update(users).where(users.c.id == bindparam("pk")).values(bonus_credits=bindparam("credits")),
+                [{"pk": pk, "credits": self.credits[pk]} for pk in sorted(self._credits_changed)],
+            )

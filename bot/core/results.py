@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 
 from bot.core import validate
 from bot.core.api import ImageInfo, NotFound
 from bot.core.db import Database, retry_unavailable, rows_matched
+from bot.core.group_commit import GroupCommit
 from bot.core.models import ImageRow, Job, User
 from bot.core.quotas import Quotas
+
+IMAGES = cast(Table, ImageRow.__table__)
+# Results recorded in one transaction at most: a dispatcher's slots finish at most this many at once.
+MAX_BATCH = 256
 
 
 class Results:
@@ -31,6 +36,12 @@ class Results:
         self.quotas = quotas
         self.lease_s = lease_s
         self.clock = clock
+        self._stores: GroupCommit[tuple[str, int, tuple[ImageInfo, ...]], tuple[dt.datetime, int] | None] = (
+            GroupCommit("store results", self._store_batch, max_batch=MAX_BATCH)
+        )
+        self._deliveries: GroupCommit[tuple[str, int, bool], None] = GroupCommit(
+            "mark delivered", self._mark_delivered_batch, max_batch=MAX_BATCH
+        )
 
     def _lease_until(self) -> dt.datetime:
         return self.clock() + dt.timedelta(seconds=self.lease_s)
@@ -44,13 +55,23 @@ class Results:
         the first attempt at delivering it, which its holder makes next (one transaction where
         `count_delivery_attempt` would be a second); the claim is kept for the delivery. Returns
         (the finish time, the delivery attempt), or None when `owner` no longer holds the job (its
-        result is then someone else's to make)."""
+        result is then someone else's to make). Results finished at the same moment share the
+        transaction (`bot.core.group_commit`)."""
+        return await self._stores((owner, job_id, tuple(images)))
+
+    async def _store_batch(
+        self, batch: list[tuple[str, int, tuple[ImageInfo, ...]]]
+    ) -> list[tuple[dt.datetime, int] | None]:
         now = self.clock()
+        attempts: dict[int, int] = {}
         async with self.db.session() as s:
-            attempt = (
-                await s.execute(
+            by_owner: dict[str, list[int]] = {}
+            for owner, job_id, _ in batch:
+                by_owner.setdefault(owner, []).append(job_id)
+            for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
+                result = await s.execute(
                     update(Job)
-                    .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                    .where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.state == "running")
                     .values(
                         state="succeeded",
                         finished_at=now,
@@ -58,26 +79,28 @@ class Results:
                         lease_until=self._lease_until(),
                         delivery_attempts=Job.delivery_attempts + 1,
                     )
-                    .returning(Job.delivery_attempts)
+                    .returning(Job.id, Job.delivery_attempts)
                 )
-            ).scalar_one_or_none()
-            if attempt is None:
-                return None
-            for i in images:
-                s.add(
-                    ImageRow(
-                        job_id=job_id,
-                        index=i.index,
-                        seed=i.seed,
-                        storage_key=i.storage_key,
-                        sha256=i.sha256,
-                        size_bytes=i.size_bytes,
-                        width=i.width,
-                        height=i.height,
-                        created_at=now,
-                    )
-                )
-        return now, attempt
+                attempts.update(result.tuples().all())
+            rows = [
+                {
+                    "job_id": job_id,
+                    "index": i.index,
+                    "seed": i.seed,
+                    "storage_key": i.storage_key,
+                    "sha256": i.sha256,
+                    "size_bytes": i.size_bytes,
+                    "width": i.width,
+                    "height": i.height,
+                    "created_at": now,
+                }
+                for _, job_id, images in batch
+                if job_id in attempts
+                for i in images
+            ]
+            if rows:
+                await s.execute(insert(IMAGES), rows)
+        return [(now, attempts[job_id]) if job_id in attempts else None for _, job_id, _ in batch]
 
     async def fail(self, owner: str, job_id: int, message: str) -> bool:
         """Mark the job failed with `message` (short, for the user) and refund its quota, in one
@@ -111,20 +134,29 @@ class Results:
             return result.scalar_one_or_none()
 
     async def mark_delivered(self, owner: str, job_id: int, *, ok: bool) -> None:
-        """The delivery callback returned (`ok`) or raised: the job is delivered, and released."""
+        """The delivery callback returned (`ok`) or raised: the job is delivered, and released.
+        Deliveries finished at the same moment share the transaction."""
+        await self._deliveries((owner, job_id, ok))
+
+    async def _mark_delivered_batch(self, batch: list[tuple[str, int, bool]]) -> list[None]:
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for owner, job_id, ok in batch:
+            groups.setdefault((owner, ok), []).append(job_id)
         async with self.db.session() as s:
-            await s.execute(
-                update(Job)
-                # delivered_at may already be set by attach_result_message (the adapter posted the
-                # result); the lease check alone makes this the one holder's update.
-                .where(Job.id == job_id, Job.lease_owner == owner)
-                .values(
-                    delivered_at=func.coalesce(Job.delivered_at, self.clock()),
-                    delivery_error=None if ok else "delivery callback failed (see log)",
-                    lease_owner=None,
-                    lease_until=None,
+            for (owner, ok), job_ids in groups.items():
+                await s.execute(
+                    update(Job)
+                    # delivered_at may already be set by attach_result_message (the adapter posted
+                    # the result); the lease check alone makes this the one holder's update.
+                    .where(Job.id.in_(job_ids), Job.lease_owner == owner)
+                    .values(
+                        delivered_at=func.coalesce(Job.delivered_at, self.clock()),
+                        delivery_error=None if ok else "delivery callback failed (see log)",
+                        lease_owner=None,
+                        lease_until=None,
+                    )
                 )
-            )
+        return [None] * len(batch)
 
     # -- the adapters' records -----------------------------------------------------------------
 

@@ -1,11 +1,12 @@
 """Submitting and cancelling jobs.
 
-A submission is one transaction: the user row is locked (PostgreSQL: the upsert that creates it;
-SQLite transactions are `BEGIN IMMEDIATE`), the idempotency key is checked, then the ban, the
-moderation rules, the queue's size and the quota, and the quota is charged and the job row inserted
-with its place in the fair order (`FairQueue.admit`) before commit: a constant number of
-statements, none of which reads more than a few index entries (see docs/bot-core.md). The same key
-again returns the same job (`created=False`) and charges nothing.
+A submission's parameters (flags, the channel's defaults, the model) are resolved here; then it
+joins the next batch of the process's submit writer (`bot.core.submit_batch`), which writes every
+submission waiting in one transaction of a constant number of statements: the users locked, the
+idempotency keys checked, then per submission the ban, the moderation rules, the place, the
+queue's room and the quota, and the jobs inserted with their place in the fair order (see "Submit
+and dispatch" in docs/bot-core.md). The same key again returns the same job (`created=False`) and
+charges nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ from bot.core import validate
 from bot.core.api import (
     Actor,
     BadParameters,
-    Banned,
     DatabaseError,
     JobKind,
     JobView,
-    Moderated,
     NotAdmin,
     NotFound,
     Place,
@@ -38,6 +37,7 @@ from bot.core.api import (
 from bot.core.audit import Audit
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
+from bot.core.group_commit import GroupCommit
 from bot.core.model_choice import ModelChoices
 from bot.core.models import Job, User
 from bot.core.moderation import Moderator
@@ -45,12 +45,11 @@ from bot.core.params import Limits, ModelRequest, ParsedPrompt, model_request, p
 from bot.core.place_settings import PlaceSettingsPart
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
+from bot.core.submit_batch import KEY_USED_BY_OTHER, MAX_BATCH, PendingJob, SubmitWriter
 from bot.core.uploads import prepare_inpaint
 from bot.core.views import job_view
 
 log = logging.getLogger("bot.core")
-
-KEY_USED_BY_OTHER = "This request id was already used by someone else."
 
 
 class Submissions:
@@ -85,6 +84,11 @@ class Submissions:
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
+        self.writer = SubmitWriter(db, quotas, queue, place_settings, self.moderator)
+        # Concurrent submissions share a transaction (see bot.core.submit_batch).
+        self._batches: GroupCommit[PendingJob, JobView] = GroupCommit(
+            "submit", self._write_batch, max_batch=MAX_BATCH
+        )
 
     async def imagine(
         self,
@@ -212,73 +216,54 @@ class Submissions:
         model = model if model is not None else parsed.model
         key = f"{actor.platform}:{idempotency_key}"
         now = self.clock()
+        params: dict[str, Any] = {
+            "task": task,
+            "width": parsed.width,
+            "height": parsed.height,
+            "steps": parsed.steps,
+            "guidance": parsed.guidance,
+            "n": parsed.n,
+            "strength": strength,
+            "aspect_ratio": parsed.aspect_ratio,
+        }
+        if detail is not None:
+            params["detail"] = detail
+        # Every column, the ones the batch decides included: a multi-row INSERT takes rows alike.
+        row: dict[str, Any] = {
+            "idempotency_key": key,
+            "user_id": None,
+            "platform": actor.platform,
+            "guild_id": place.guild_id,
+            "channel_id": place.channel_id,
+            "kind": kind,
+            "prompt": parsed.prompt,
+            "negative_prompt": parsed.negative_prompt,
+            "params": params,
+            "seed": parsed.seed,
+            "seeds": list(parsed.seeds),
+            "parent_job_id": parent.id if parent else None,
+            "parent_image_index": parent_image_index,
+            "input_image_key": input_image_key,
+            "mask_key": mask_key,
+            "model": model,
+            "loras": [{"name": lora.name, "weight": lora.weight} for lora in loras],
+            "state": "queued",
+            "fair_round": None,
+            "attempts": 0,
+            "created_at": now,
+            "delivery": dict(delivery or {}),
+            "quota_period": None,
+            "quota_daily": 0,
+            "quota_credits": 0,
+            "refunded": False,
+            "delivery_attempts": 0,
+            "error": None,
+            "started_at": None,
+            "finished_at": None,
+            "result_message_id": None,
+        }
         try:
-            async with self.db.session() as s:
-                user = await self.quotas.lock_user(s, actor.platform, actor.user_id, actor.display_name)
-                user.is_admin = actor.is_admin
-                # Checked again under the user lock: two deliveries of one event race to here.
-                existing = (
-                    await s.execute(select(Job).where(Job.idempotency_key == key))
-                ).scalar_one_or_none()
-                if existing is not None:
-                    if existing.user_id != user.id:
-                        raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
-                    return await job_view(s, existing, user, created=False)
-                if user.banned:
-                    raise Banned(user.ban_reason)
-                if kind in ("imagine", "inpaint", "remix"):  # the kinds whose prompt is new
-                    rule = self.moderator.check(parsed.prompt)
-                    if rule is not None:
-                        raise Moderated(rule.description)
-                rules = await self.place_settings.check(s, place)  # allowed here? private?
-                # Overloaded when the queue is full; else the job's place in the fair order.
-                fair_round = await self.queue.admit(s, user.id)
-                charge = await self.quotas.charge(s, user, place.guild_id, parsed.n, now, actor.role_ids)
-                params: dict[str, Any] = {
-                    "task": task,
-                    "width": parsed.width,
-                    "height": parsed.height,
-                    "steps": parsed.steps,
-                    "guidance": parsed.guidance,
-                    "n": parsed.n,
-                    "strength": strength,
-                    "aspect_ratio": parsed.aspect_ratio,
-                }
-                if detail is not None:
-                    params["detail"] = detail
-                if rules.private:
-                    params["private"] = True
-                job = Job(
-                    idempotency_key=key,
-                    user_id=user.id,
-                    platform=actor.platform,
-                    guild_id=place.guild_id,
-                    channel_id=place.channel_id,
-                    kind=kind,
-                    prompt=parsed.prompt,
-                    negative_prompt=parsed.negative_prompt,
-                    params=params,
-                    seed=parsed.seed,
-                    seeds=list(parsed.seeds),
-                    parent_job_id=parent.id if parent else None,
-                    parent_image_index=parent_image_index,
-                    input_image_key=input_image_key,
-                    mask_key=mask_key,
-                    model=model,
-                    loras=[{"name": lora.name, "weight": lora.weight} for lora in loras],
-                    state="queued",
-                    fair_round=fair_round,
-                    attempts=0,
-                    created_at=now,
-                    delivery=dict(delivery or {}),
-                    quota_period=charge.period,
-                    quota_daily=charge.daily,
-                    quota_credits=charge.credits,
-                    refunded=False,
-                )
-                s.add(job)
-                await s.flush()
-                view = await job_view(s, job, user, images=())
+            view = await self._batches(PendingJob(actor, place, key, now, parsed.n, row))
         except DatabaseError as e:
             if e.kind != "conflict":
                 raise
@@ -288,13 +273,19 @@ class Submissions:
             if existing_view is None:
                 raise
             return existing_view
-        log.info(
-            "job %s queued: %s by %s:%s n=%d %dx%d steps=%d (daily %d, credits %d)",
-            view.id, kind, actor.platform, actor.user_id, parsed.n, parsed.width, parsed.height,
-            parsed.steps, charge.daily, charge.credits,
-        )  # fmt: skip
-        self.on_queued()
+        if view.created:
+            log.info(
+                "job %s queued: %s by %s:%s n=%d %dx%d steps=%d",
+                view.id, kind, actor.platform, actor.user_id, parsed.n, parsed.width, parsed.height,
+                parsed.steps,
+            )  # fmt: skip
         return view
+
+    async def _write_batch(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
+        outcomes = await self.writer.write(batch)
+        if any(isinstance(o, JobView) and o.created for o in outcomes):
+            self.on_queued()  # once per batch: one wake-up for all its jobs
+        return outcomes
 
     async def cancel(self, actor: Actor, job_id: int, place: Place | None = None) -> JobView:
         actor, place = validate.actor_and_place(actor, place or Place(actor.platform))

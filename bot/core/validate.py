@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
@@ -43,9 +44,18 @@ MAX_JOB_ID = 2**63 - 1
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
+# Every character the loop below may refuse (control characters are \x00-\x1f and \x7f-\x9f,
+# surrogates \ud800-\udfff; `\s` is `str.isspace`): one regex search clears the usual text, where
+# the loop's per-character Unicode lookups cost a submission more than its database work.
+_MAYBE_BAD = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_MAYBE_BAD_OR_SPACE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\\s]")
+
+
 def first_bad_char(text: str, *, allow_space: bool = True) -> str | None:
     """The first character that may not be stored (a control character, a lone surrogate, or
     whitespace where `allow_space` is False), described for an error message; None if all is well."""
+    if (_MAYBE_BAD if allow_space else _MAYBE_BAD_OR_SPACE).search(text) is None:
+        return None
     for i, ch in enumerate(text):
         category = unicodedata.category(ch)
         if category == "Cs":

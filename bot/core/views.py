@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import cast
 
 from sqlalchemy import select
@@ -38,6 +39,19 @@ async def job_view(
         assert user is not None, f"job {job.id} has no user row"  # a foreign key guarantees one
     if images is None:
         images = await image_infos(s, job.id)
+    return view_of(job, user.platform_user_id, user.display_name, created=created, images=images)
+
+
+def view_of(
+    job: Job | SimpleNamespace,
+    owner_id: str,
+    owner_name: str,
+    *,
+    created: bool = True,
+    images: tuple[ImageInfo, ...] = (),
+) -> JobView:
+    """The view of `job`, whose owner and images the caller knows (no database read). `job` may be
+    a row just inserted, with the columns as attributes."""
     p = job.params
     return JobView(
         id=job.id,
@@ -45,8 +59,8 @@ async def job_view(
         kind=cast(JobKind, job.kind),
         state=cast(JobState, job.state),
         platform=job.platform,
-        user_id=user.platform_user_id,
-        display_name=user.display_name,
+        user_id=owner_id,
+        display_name=owner_name,
         guild_id=job.guild_id,
         channel_id=job.channel_id,
         prompt=job.prompt,

@@ -14,6 +14,10 @@ if podman image exists "$IMAGE"; then
     echo "base image $IMAGE exists"
     exit 0
 fi
+if ! command -v debootstrap >/dev/null; then
+    echo "debootstrap is not installed (Debian/Ubuntu: apt-get install -y debootstrap)" >&2
+    exit 1
+fi
 rootfs=$(mktemp -d /var/tmp/imagine-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT INT TERM
 echo "debootstrap bookworm into $rootfs (about a minute)"

@@ -14,7 +14,9 @@ instance (schedulers are stateful and `set_timesteps` resets them), so every sam
 computation and random stream of a diffusers pipeline call for a batch of one with that seed, whatever
 else shares its iterations. What differs between model families (SD 1.x/2.x and SDXL UNets, SD 3.x
 and FLUX.1 flow-matching transformers) is in a per-family `Denoiser` (`denoiser.py`, `unet.py`,
-`flow.py`); this module decides who runs and never looks inside the model. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
+`flow.py`); this module decides who runs and never looks inside the model. Step caching is per
+sample too: a request's level gives each of its samples a `SampleCache` (`caching.py`), and the
+family's `predict_cached` decides per sample, at every step, what it recomputes. Multi-evaluation samplers (Heun, KDPM2) work unchanged: their scheduler
 keeps the sub-step state and each entry of its `timesteps` is one model evaluation, i.e. one iteration.
 
 The denoising loop runs on one dedicated worker thread (schedulers and tokenizers are not
@@ -41,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from inference_server.continuous.caching import SampleCache
 from inference_server.continuous.denoiser import Blend, Denoiser, Prompt
 from inference_server.engine import (
     TASKS,
@@ -55,18 +58,26 @@ from inference_server.engine import (
 from inference_server.pipelines import MODEL_FAILED
 from inference_server.pipelines import scheduler_factory as named_scheduler_factory
 from inference_server.previews import Previewer, due, previewer_for, safe_pngs
+from inference_server.step_cache import level_problem
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 SchedulerFactory = Callable[[str | None], Any]
-Admission = Literal["always", "efficient"]
+Admission = Literal["always", "efficient", "capped"]
+ADMISSIONS: tuple[Admission, ...] = ("always", "efficient", "capped")
 # Seconds of one iteration of n images, or None when not known yet.
 IterationCost = Callable[[int], float | None]
 
 # Weight of the newest iteration in the measured cost of an iteration of n images ("efficient"
 # admission): recent enough to follow a change of sizes or load, smooth enough not to chase noise.
 COST_SMOOTHING = 0.2
+# "capped" admission: the running batch stops growing at the smallest size whose measured images per
+# second are within this fraction of the best measured size's (the fraction shrinks as the queue
+# grows past a full batch). Past it a joiner buys (almost) no throughput and slows every member by
+# its own share; 2% is where tests/bench/des_model.py found the cap helping on nearly proportional
+# curves (SDXL, FLUX) without costing capacity at 90% load.
+CAP_THROUGHPUT_SLACK = 0.02
 
 # Prompt embeddings kept for reuse (re-rolls, variations and the empty negative prompt repeat): a few
 # MB for SD-sized encoders, and one text-encoder call fewer per request that hits.
@@ -111,6 +122,9 @@ class ContinuousRequest:
     priority: float = 0.0
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     preview_every: int = 0  # a "preview" event per image every this many steps (0 = none)
+    # Step caching level (step_cache.py): each image keeps its own cache state (caching.py), so
+    # images at any level, or none, share iterations.
+    cache: str = "off"
 
 
 @dataclass
@@ -172,6 +186,7 @@ class _Sample:
     step_kwargs: dict[str, Any]
     blend: Blend | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the family's per-sample conditioning
+    cache: SampleCache | None = None  # step-cache state; None = uncached (or finished: dropped)
     i: int = 0  # next entry of `timesteps`
     steps_done: int = 0
 
@@ -216,8 +231,9 @@ class ContinuousEngine:
         scheduler_factory: SchedulerFactory | None = None,
         on_iteration: Callable[[int, float], None] | None = None,
         # "always": waiting requests fill free slots at every step. "efficient": see _pays_to_join.
+        # "capped": see _under_cap.
         admission: Admission = "always",
-        # The cost of an iteration of n images for "efficient" admission; None = measured here.
+        # The cost of an iteration of n images for "efficient" and "capped"; None = measured here.
         iteration_cost: IterationCost | None = None,
         # Decode finished latents on a second thread (see the module docstring). Off for MPS, whose
         # backend is not safe to drive from two threads.
@@ -236,8 +252,8 @@ class ContinuousEngine:
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
-        if admission not in ("always", "efficient"):
-            raise ValueError(f"admission must be 'always' or 'efficient', got {admission!r}")
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
         self.admission = admission
         self._measured_cost: dict[int, float] = {}  # images per iteration -> seconds (smoothed)
         self._iteration_cost = iteration_cost or self._measured_cost.get
@@ -261,6 +277,9 @@ class ContinuousEngine:
         self.samples_done = 0
         self.requests_done = 0
         self.busy_s = 0.0
+        # Step caching: sample-steps that ran the whole network / reused cached work (finished samples).
+        self.cache_full_steps = 0
+        self.cache_reused_steps = 0
 
     # ----- lifecycle ---------------------------------------------------------------------------
 
@@ -331,6 +350,9 @@ class ContinuousEngine:
                 )
         if request.task == "inpaint" and request.mask is None:
             raise UnsupportedRequest("mask is required for inpaint")
+        cache_problem = level_problem(request.cache)
+        if cache_problem is not None:
+            raise UnsupportedRequest(f"cache {cache_problem}")
 
     def submit(self, request: ContinuousRequest, on_event: EventSink | None = None) -> _Ticket:
         """Queue `request`; returns a ticket whose `future` resolves to a ContinuousResult.
@@ -460,6 +482,8 @@ class ContinuousEngine:
                 and not self._pays_to_join(ticket, take, joiners)
             ):
                 break  # FIFO: nobody overtakes a deferred older request
+            if self.admission == "capped" and not self._under_cap(take, joiners):
+                break  # FIFO, as above
             joiners.append((ticket, take))
             free -= take
             pixels_free -= take * per_image
@@ -496,6 +520,42 @@ class ContinuousEngine:
         slower = (joined_cost - now_cost) * sum(min(left, ticket.total_steps) for left in lefts)
         return saved >= slower
 
+    def _under_cap(self, take: int, joiners: list[tuple[_Ticket, int]]) -> bool:
+        """ "capped" admission: may `take` more images join the running ones (and `joiners`)?
+
+        Yes while the batch stays within the cap: the smallest measured batch size whose images per
+        second (n / c(n)) are within a slack of the best measured size's. Where a step of n images
+        costs about n times one image's (SDXL, FLUX on a GPU) that is 1-3 images, and the engine runs
+        the oldest requests nearly one after another instead of sharing the device among all of them:
+        the same throughput, but each finishes sooner (sharing delays everyone to the end). Where
+        batching is cheap the cap is the max batch and nothing changes. The slack is
+        CAP_THROUGHPUT_SLACK while at most a full batch of images waits and shrinks in proportion as
+        more do (16 waiting for a max batch of 8: 1%): the deeper the queue, the less capacity the cap
+        may give up, so it grows toward the most efficient size. A batch size never measured yet joins
+        (that is how it gets measured).
+        """
+        n = len(self._running) + sum(k for _, k in joiners)
+        if n == 0:
+            return True
+        if self._iteration_cost(n + take) is None:
+            return True
+        waiting = sum(len(t.request.seeds) - t.next_sample for _, t in self._waiting)
+        return n + take <= self._cap(
+            CAP_THROUGHPUT_SLACK * self.max_batch_size / max(waiting, self.max_batch_size)
+        )
+
+    def _cap(self, slack: float = CAP_THROUGHPUT_SLACK) -> int:
+        """The smallest batch size within `slack` of the best measured images per second."""
+        rates: dict[int, float] = {}
+        for size in range(1, self.max_batch_size + 1):
+            seconds = self._iteration_cost(size)
+            if seconds is not None and seconds > 0:
+                rates[size] = size / seconds
+        if not rates:
+            return self.max_batch_size
+        best = max(rates.values())
+        return min(size for size, rate in rates.items() if rate >= (1 - slack) * best)
+
     def _positions_changed(self) -> list[tuple[_Ticket, int]]:
         """Waiting requests whose place in the queue moved (someone ahead joined); holds the lock."""
         moved = []
@@ -527,6 +587,8 @@ class ContinuousEngine:
     def _remove_ticket(self, ticket: _Ticket) -> None:
         ticket.cancelled.set()
         self._running = [s for s in self._running if s.ticket is not ticket]
+        for s in ticket.samples:
+            self._drop_cache(s)
         with self._cond:
             self._waiting = [(k, t) for k, t in self._waiting if t is not ticket]
             heapq.heapify(self._waiting)
@@ -543,6 +605,13 @@ class ContinuousEngine:
             if ticket.cancelled.is_set():
                 self._remove_ticket(ticket)
                 _set_exception(ticket.future, RequestCancelled("request cancelled"))
+
+    def _drop_cache(self, sample: _Sample) -> None:
+        """A sample that left frees its cached features (the ticket outlives it until decoded)."""
+        if sample.cache is not None:
+            self.cache_full_steps += sample.cache.full_steps
+            self.cache_reused_steps += sample.cache.reused_steps
+            sample.cache = None
 
     def _embed_text(self, text: str) -> tuple[torch.Tensor, ...]:
         cached = self._embed_cache.get(text)
@@ -577,6 +646,8 @@ class ContinuousEngine:
             step_kwargs=self.denoiser.step_kwargs(scheduler, generator),
             blend=start.blend,
             extra=start.extra,
+            # The steps the request-level runner hands `step_cache` (so both warm up alike).
+            cache=None if req.cache == "off" else SampleCache(req.cache, int(req.steps * req.strength)),
         )
 
     def _iteration(self) -> None:
@@ -615,6 +686,8 @@ class ContinuousEngine:
             self._report_progress(t)
         if finished:
             self._running = [s for s in self._running if s.i < len(s.timesteps)]
+            for s in finished:
+                self._drop_cache(s)
             if self._decoder is not None:
                 self._decoder.submit(self._decode_on_thread, finished)
             else:
@@ -631,10 +704,14 @@ class ContinuousEngine:
 
         A failure other than out-of-memory may come from one request's state, so with several
         requests in the call they retry as two halves (recursively) and only a request that fails
-        alone fails. A failed call stepped nobody, so retried samples are exactly where they were.
+        alone fails. A failed call stepped nobody and changed no sample's cache, so retried samples
+        are exactly where they were.
         """
         try:
-            noise_pred = self.denoiser.predict(samples)
+            if any(s.cache is not None for s in samples):
+                noise_pred = self.denoiser.predict_cached(samples)
+            else:  # nobody caches: the plain call, exactly as without step caching
+                noise_pred = self.denoiser.predict(samples)
         except Exception as e:
             tickets = list({id(s.ticket): s.ticket for s in samples}.values())
             if _is_oom(e) or len(tickets) == 1:

@@ -114,6 +114,11 @@ class Denoiser:
         """One denoiser call over `samples` (`prompt.rows` rows each, in order) at their timesteps."""
         raise NotImplementedError
 
+    def predict_cached(self, samples: list[_Sample]) -> torch.Tensor:
+        """`predict` where some samples step-cache: each reuses work per its own `cache` state and
+        level (`caching.py`); uncached samples (`cache` None) compute as in `predict`."""
+        raise NotImplementedError
+
     def guide(self, sample: _Sample, pred: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance over a sample's rows ([uncond, cond])."""
         if sample.prompt.rows == 1:

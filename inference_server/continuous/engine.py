@@ -144,6 +144,7 @@ class ContinuousBatchingEngine(EngineBase):
             priority=request.priority,  # the client's (the bot's fairness order); lower joins first
             deadline=job.deadline,
             preview_every=request.preview_every,
+            cache=request.cache,
         )
 
         def from_worker(event: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from inference_server.continuous.caching import Unit, first_block_splice
 from inference_server.continuous.denoiser import (
     Blend,
     Denoiser,
@@ -47,6 +48,27 @@ class FlowDenoiser(Denoiser):
         if task == "txt2img":
             return steps
         return steps - self._t_start(steps, strength)
+
+    # First-block cache decisions: per sample over all its rows (SD 3's pipeline passes a sample's
+    # unconditional and conditional rows in one call), or per row (FLUX's calls the transformer once
+    # per conditioning), as the request-level engine's first-block cache sees them.
+    cache_rows_apart = False
+
+    def predict_cached(self, samples: list[_Sample]) -> torch.Tensor:
+        """`predict` with a first-block cache per sample (continuous/caching.py)."""
+        units, row = [], 0
+        for s in samples:
+            c = s.cache
+            per_unit = 1 if self.cache_rows_apart else s.prompt.rows
+            for k in range(s.prompt.rows // per_unit):
+                rows = slice(row, row + per_unit)
+                stream = c.stream(k) if c is not None else None
+                units.append(Unit(rows=rows, level=c.level if c else "off", stream=stream, cache=c))
+                row += per_unit
+        with first_block_splice(self.pipe.transformer, units) as commit:
+            out = self.predict(samples)
+        commit()
+        return out
 
     @staticmethod
     def _t_start(steps: int, strength: float) -> int:
@@ -199,6 +221,7 @@ class FluxDenoiser(FlowDenoiser):
     """FLUX.1 dev and schnell: FluxTransformer2DModel over packed 2x2 latent tokens."""
 
     family = "flux"
+    cache_rows_apart = True
 
     @property
     def size_multiple(self) -> int:

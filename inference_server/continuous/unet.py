@@ -25,6 +25,7 @@ from inference_server.continuous.denoiser import (
     row_times,
     stack_rows,
 )
+from inference_server.step_cache import LEVELS, cached_block, shallow_forward, unet_full_step
 
 if TYPE_CHECKING:
     from inference_server.continuous.core import ContinuousRequest, _Sample
@@ -147,6 +148,11 @@ class UNetDenoiser(Denoiser):
     # -- steps --------------------------------------------------------------------------------
 
     def predict(self, samples: list[_Sample]) -> torch.Tensor:
+        args, kwargs = self.unet_inputs(samples)
+        return self.pipe.unet(*args, **kwargs)[0]
+
+    def unet_inputs(self, samples: list[_Sample]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The UNet's arguments for one batched call over `samples` at their timesteps."""
         inputs, conds = [], []
         for s in samples:
             x = torch.cat([s.latents] * 2) if s.prompt.rows == 2 else s.latents
@@ -155,14 +161,84 @@ class UNetDenoiser(Denoiser):
                 conds.append(s.extra["timestep_cond"].repeat(s.prompt.rows, 1))
         # Every timestep reaches the UNet's sinusoidal embedding as float32 (it calls .float()), so
         # one float32 tensor serves integer and fractional (Karras/Euler) timesteps alike.
-        return self.pipe.unet(
-            torch.cat(inputs),
-            row_times(samples).to(inputs[0].device),
+        args = (torch.cat(inputs), row_times(samples).to(inputs[0].device))
+        kwargs = dict(
             encoder_hidden_states=stack_rows(samples, "hidden"),
             timestep_cond=torch.cat(conds) if conds else None,
             added_cond_kwargs=self.added_cond_kwargs(samples),
             return_dict=False,
-        )[0]
+        )
+        return args, kwargs
+
+    def predict_cached(self, samples: list[_Sample]) -> torch.Tensor:
+        """`predict` with DeepCache per sample (continuous/caching.py): the samples due a full step
+        (or uncached) run the whole UNet, keeping the deep features of those that cache; the others
+        run the shallow path from their own cached features."""
+        full: list[_Sample] = []
+        reuse: list[_Sample] = []
+        for s in samples:
+            c = s.cache
+            due = c is None or c.deep is None or unet_full_step(c.level, s.i, c.steps)
+            (full if due else reuse).append(s)
+        unet = self.pipe.unet
+        preds: dict[int, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {}
+        if full:
+            args, kwargs = self.unet_inputs(full)
+            # The deep features each caching sample keeps: its level's cache depth says which up
+            # block's input (step_cache.cached_block); one hook per depth in use.
+            deep: dict[int, list[torch.Tensor]] = {
+                LEVELS[s.cache.level].unet_depth: [] for s in full if s.cache is not None
+            }
+            handles = []
+            for depth, store in deep.items():
+
+                def keep_input(
+                    module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], store: list = store
+                ) -> None:
+                    store.append(args[0] if args else kwargs["hidden_states"])
+
+                handles.append(
+                    cached_block(unet, depth).register_forward_pre_hook(keep_input, with_kwargs=True)
+                )
+            try:
+                out = unet(*args, **kwargs)[0]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            row = 0
+            for s in full:
+                rows = slice(row, row + s.prompt.rows)
+                preds[id(s)] = out[rows]
+                if s.cache is not None:
+                    # A copy: a view would keep the whole call's features alive.
+                    kept[id(s)] = deep[LEVELS[s.cache.level].unet_depth][0][rows].clone()
+                row = rows.stop
+        # The shallow path, one sub-batch per cache depth (levels of one depth share it).
+        by_depth: dict[int, list[_Sample]] = {}
+        for s in reuse:
+            assert s.cache is not None and s.cache.deep is not None
+            by_depth.setdefault(LEVELS[s.cache.level].unet_depth, []).append(s)
+        for depth, group in by_depth.items():
+            args, kwargs = self.unet_inputs(group)
+            cached = torch.cat(
+                [s.cache.deep for s in group if s.cache is not None and s.cache.deep is not None]
+            )
+            out = shallow_forward(unet, cached, *args, depth=depth, **kwargs)[0]
+            row = 0
+            for s in group:
+                preds[id(s)] = out[row : row + s.prompt.rows]
+                row += s.prompt.rows
+        # The call succeeded: now the samples' states move on.
+        for s in samples:
+            if s.cache is None:
+                continue
+            if id(s) in kept:
+                s.cache.deep = kept[id(s)]
+                s.cache.full_steps += 1
+            else:
+                s.cache.reused_steps += 1
+        return torch.cat([preds[id(s)] for s in samples])
 
     def added_cond_kwargs(self, samples: list[_Sample]) -> dict[str, torch.Tensor] | None:
         return None

@@ -1,9 +1,10 @@
 """Bot core benchmark: `python -m tests.bench.core_bench` (part of `make bench`).
 
 Concurrent submitters (one user each, closed loop: each submits its next job when the last one
-returned) submit jobs through `ImageService.imagine` while dispatchers run them on the instant
-FakeBackend and deliver them to a counting delivery: the backend costs nothing, so this is the
-core's own overhead. Side by side in one run, at 200 and at 1000 submitters:
+returned) submit jobs through `ImageService.imagine` while dispatchers run them on an instant
+backend (the FakeBackend without its drawing: one stored 1-pixel PNG per image) and deliver them
+to a counting delivery: the backend costs nothing, so this is the core's own overhead (the image
+storage's file writes included). Side by side in one run, at 200 and at 1000 submitters:
 
 - SQLite (a file), the dispatcher in the submitting process (the embedded default);
 - PostgreSQL (a fresh database on DATABASE_URL_TEST, default 127.0.0.1:5432; skipped with the
@@ -35,6 +36,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bot.backends.base import EventCallback, GeneratedImage, GenerationParams
 from bot.backends.fake import FakeBackend
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
@@ -51,8 +53,28 @@ POOL_SIZE = int(os.environ.get("BENCH_POOL_SIZE", "10"))  # [database] pool_size
 GOAL_PG_JOBS_S = 500.0  # PostgreSQL, 4 dispatcher processes
 GOAL_SQLITE_JOBS_S = 300.0
 GOAL_SUBMIT_P99_MS = 50.0
-# How often the submitting process counts delivered jobs when other processes dispatch.
-DONE_POLL_S = 0.02
+# How often the submitting process counts delivered jobs when other processes dispatch. The count
+# reads every job row: every 20 ms it took a visible share of the 2 cores from the dispatchers it
+# measures; 0.1 s adds at most that to a run of seconds.
+DONE_POLL_S = 0.1
+
+
+# A valid 1x1 PNG; each image appends its seed after IEND (readers stop there), so every image is
+# a file of its own in the storage, as real results are.
+PIXEL_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415408d763f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
+)
+
+
+class InstantBackend(FakeBackend):
+    """The FakeBackend (its bookkeeping) without drawing the image, which costs it ~2 ms
+    of CPU per image: with that, the bench measured the fake's PIL as much as the core."""
+
+    async def _generate(
+        self, params: GenerationParams, on_event: EventCallback | None
+    ) -> list[GeneratedImage]:
+        return [GeneratedImage(png=PIXEL_PNG + str(seed).encode(), seed=seed) for seed in params.seeds]
 
 
 class CountingDelivery:
@@ -103,10 +125,12 @@ async def worker(url: str, workdir: Path, concurrency: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     config = bench_config(url, workdir, 1, 1, concurrency)
-    async with build_core(config, {}, backend=FakeBackend(progress_events=False)) as core:
+    async with build_core(config, {}, backend=InstantBackend(progress_events=False)) as core:
         core.service.register_delivery("bench", CountingDelivery(sys.maxsize))
         print("ready", flush=True)
+        cpu = time.process_time()
         await stop.wait()
+    print(f"cpu {time.process_time() - cpu}", flush=True)  # the run's, for the CPU per job
 
 
 async def start_workers(
@@ -128,15 +152,24 @@ async def start_workers(
     return procs
 
 
-async def stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
+async def stop_workers(procs: list[asyncio.subprocess.Process]) -> float:
+    """Stop the dispatcher processes; the CPU seconds they spent since they were ready."""
     for proc in procs:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
+    cpu = 0.0
     for proc in procs:
         try:
+            assert proc.stdout is not None
+            said = await asyncio.wait_for(proc.stdout.read(), 60)
             await asyncio.wait_for(proc.wait(), 60)
         except TimeoutError:
             proc.kill()
+            continue
+        for line in said.decode().splitlines():
+            if line.startswith("cpu "):
+                cpu += float(line.split()[1])
+    return cpu
 
 
 async def run_one(
@@ -155,9 +188,10 @@ async def run_one(
         finally:
             await engine.dispose()
     procs = await start_workers(url, workdir, processes, concurrency) if processes else []
+    cpu = 0.0
     try:
         async with build_core(
-            config, {}, backend=FakeBackend(progress_events=False), start_dispatcher=not processes
+            config, {}, backend=InstantBackend(progress_events=False), start_dispatcher=not processes
         ) as core:
             if not processes:
                 core.service.register_delivery("bench", delivery)
@@ -187,11 +221,12 @@ async def run_one(
                         return
                     await asyncio.sleep(DONE_POLL_S)
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             await asyncio.gather(*[submitter(i) for i in range(submitters)])
             submitted = time.perf_counter() - start
             await asyncio.wait_for(all_delivered(), 600)
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
             async with core.db.read() as s:
                 failed = (
                     await s.execute(select(func.count()).select_from(Job).where(Job.state != "succeeded"))
@@ -200,7 +235,7 @@ async def run_one(
                     await s.execute(select(func.count()).select_from(Job).where(Job.attempts != 1))
                 ).scalar_one()
     finally:
-        await stop_workers(procs)
+        cpu += await stop_workers(procs)
     return {
         "db": label,
         "dispatchers": f"{processes} proc" if processes else "in-proc",
@@ -212,6 +247,9 @@ async def run_one(
         "submit_p99_ms": percentile(latencies, 99) * 1000,
         "submits_per_s": total / submitted,
         "jobs_per_s": total / elapsed,
+        # The bot's processes' CPU per job (the database server's not included): unlike the rates,
+        # it barely moves with the machine's load.
+        "cpu_ms_per_job": cpu / total * 1000,
     }
 
 
@@ -220,7 +258,7 @@ async def solo_submit_ms(url: str, workdir: Path) -> float:
     solo: list[float] = []
     config = bench_config(url, workdir, SOLO_SUBMISSIONS, SOLO_SUBMISSIONS, 1)
     async with build_core(
-        config, {}, backend=FakeBackend(progress_events=False), start_dispatcher=False
+        config, {}, backend=InstantBackend(progress_events=False), start_dispatcher=False
     ) as core:
         actor, place = Actor("bench", "solo", "Solo"), Place("bench", "guild", "channel")
         for k in range(SOLO_SUBMISSIONS):
@@ -303,13 +341,13 @@ async def amain(args: argparse.Namespace) -> int:
     if skipped:
         print(f"core bench: PostgreSQL skipped: {skipped}")
     print(
-        f"\ncore bench: closed-loop submitters x {args.jobs} jobs each, instant FakeBackend, "
+        f"\ncore bench: closed-loop submitters x {args.jobs} jobs each, instant backend, "
         f"dispatch_concurrency {args.concurrency} per dispatcher, {os.cpu_count()} CPUs, "
         f"load average {load_before} before, {loadavg()} after"
     )
     print(
         f"{'db':<10}{'dispatch':>9}{'submitters':>11}{'jobs':>6}{'submit p50 ms':>15}{'submit p99 ms':>15}"
-        f"{'submits/s':>11}{'jobs/s':>9}"
+        f"{'submits/s':>11}{'jobs/s':>9}{'CPU ms/job':>12}"
     )
     for r in results:
         print(row(r))
@@ -324,7 +362,7 @@ def row(r: dict[str, Any]) -> str:
     return (
         f"{r['db']:<10}{r['dispatchers']:>9}{r['submitters']:>11}{r['jobs']:>6}{r['submit_p50_ms']:>15.1f}"
         f"{r['submit_p99_ms']:>15.1f}{r['submits_per_s']:>11.0f}{r['jobs_per_s']:>9.0f}"
-        + (f"  ({r['failed']} failed or ran twice!)" if r["failed"] else "")
+        f"{r['cpu_ms_per_job']:>12.2f}" + (f"  ({r['failed']} failed or ran twice!)" if r["failed"] else "")
     )
 
 
@@ -372,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent submitters, one run each (default 200 1000)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=5, help="jobs per submitter (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 jobs per submitter")
-    parser.add_argument("--concurrency", type=int, default=4,
-                        help="[bot] dispatch_concurrency of each dispatcher (default 4)")  # fmt: skip
+    # 64 is [bot] max_dispatch_concurrency's default: what a dispatcher runs against a fleet whose
+    # servers report batches of 32 or more, as one making hundreds of images a second does. With an
+    # instant backend a dispatcher of 4 slots measures 4 jobs per database round trip, not the core.
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="[bot] dispatch_concurrency of each dispatcher (default 64)")  # fmt: skip
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 4],
                         help="PostgreSQL dispatcher processes, one run each (default 1 4)")  # fmt: skip
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")

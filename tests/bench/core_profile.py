@@ -3,7 +3,8 @@
 For each database (SQLite file, PostgreSQL on DATABASE_URL_TEST), at a short and a long queue, it
 counts the statements (round trips) of one submission, one claim of 4 jobs, one queue position
 and one round of position reports, and times each (median of a few, no other load). A path whose
-time grows with the queue scans it.
+time grows with the queue scans it. Then 200 submissions at once: the statements and transactions
+they took together (the group commit batches them) and the process's CPU per submission.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.bench.core_bench import drop_pg, pg_database
 from tests.bench.stats import percentile
 
 REPEAT = 7  # median of 7: stable enough to tell constant from linear
+CONCURRENT = 200  # the submitters of core_bench's goals
 
 
 class StatementLog:
@@ -105,6 +107,14 @@ async def profile_at(label: str, url: str, work: Path, depth: int) -> list[tuple
             return got
 
         claim_ms, claim_st = await measure(log, claim)
+
+        # The same submission from `CONCURRENT` submitters at once (each its own user): batched
+        # by the group commit, so the statements per submission fall with the concurrency.
+        log.statements.clear()
+        t0, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*[submit(100_000 + i) for i in range(CONCURRENT)])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+        together = list(log.statements)
         for name, ms, st in (
             ("submit", submit_ms, submit_st),
             ("claim 4", claim_ms, claim_st),
@@ -112,6 +122,13 @@ async def profile_at(label: str, url: str, work: Path, depth: int) -> list[tuple
             ("positions_to_report", report_ms, report_st),
         ):
             rows.append((label, depth, name, ms, st))
+        per = {
+            "ms": wall * 1000,
+            # A batch inserts its jobs in one statement (PostgreSQL's BEGIN is not a statement).
+            "batches": together.count("INSERT jobs"),
+            "cpu_ms_per_submit": cpu / CONCURRENT * 1000,
+        }
+        rows.append((label, depth, f"{CONCURRENT} submits at once", per, together))
     return rows
 
 
@@ -141,6 +158,11 @@ async def amain(args: argparse.Namespace) -> int:
     print("| db | queued | operation | ms | statements | what |\n|---|---:|---|---:|---:|---|")
     for label, depth, name, ms, st in rows:
         n = len([s for s in st if s not in ("BEGIN", "COMMIT", "ROLLBACK")])
+        if isinstance(ms, dict):  # the concurrent submissions: totals, and per submission
+            print(f"| {label} | {depth} | {name} | {ms['ms']:.0f} in all | {n} in all, "
+                  f"{n / CONCURRENT:.2f} per submit, {ms['batches']} write transaction(s) | "
+                  f"{summary(st)}; CPU {ms['cpu_ms_per_submit']:.2f} ms per submit |")  # fmt: skip
+            continue
         print(f"| {label} | {depth} | {name} | {ms:.2f} | {n} | {summary(st)} |")
     return 0
 

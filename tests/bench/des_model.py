@@ -2,6 +2,8 @@
 
     python -m tests.bench.des_model                 # the GPU-like curves (~40 s)
     python -m tests.bench.des_model --quick         # fewer simulated requests (seconds)
+    python -m tests.bench.des_model --sweep --loads 0.7 0.9   # affine curves a/b = 0..flat, with the
+                                                    # lower bound: which shapes reach 0.75x (~8 min)
     python -m tests.bench.continuous_bench --model-only   # the same, plus this CPU's measured curve
 
 Both engines are modelled as the code in `inference_server/` runs them, one device doing one thing
@@ -38,6 +40,7 @@ import heapq
 import itertools
 import math
 import random
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -115,6 +118,32 @@ def gpu_like(
     points = [(1.0, step_1)] + [(float(n), n / s * step_1) for n, s in sorted(per_image_speedup.items())]
     decode = Curve.affine(0.0, decode_steps * step_1)
     return Costs(name=name, step=Curve(tuple(points)), rl_call_fixed=decode, decode=decode)
+
+
+def affine_gpu(ratio: float, step_1: float = 0.1, name: str | None = None) -> Costs:
+    """c(n) = a + b n with a / b = `ratio` and c(1) = `step_1`; decode and the rest as `gpu_like`.
+
+    The shape is all that matters to the ratios the model reports (every cost scales with step_1).
+    a / b is what a batch buys: batch n over batch 1 gives n (a + b) / (a + n b) the images/s, so
+    ratio 0 is a step proportional to the images (batching buys nothing), ratio -> infinity a flat
+    step (batch 8 = 8x). Fitted to the published figures: SD 1.5 on an A100 (batch 16 = 2.25x) 1.45,
+    SDXL on an A100 (batch 16 = 1.19x) 0.2, a FLUX-class DiT at 1024 px (batch 2 = 1.02x) 0.04.
+    """
+    b = step_1 / (1 + ratio)
+    a = ratio * b
+    decode = Curve.affine(0.0, step_1)
+    return Costs(
+        name=name or f"affine, a/b = {ratio:g}",
+        step=Curve.affine(a, b),
+        rl_call_fixed=decode,
+        decode=decode,
+    )
+
+
+def ratio_for_speedup(n: int, speedup: float) -> float:
+    """The a / b of an affine curve whose batch of n gives `speedup` x the images/s of batch 1."""
+    # n (a + b) / (a + n b) = s  =>  a (n - s) = b n (s - 1)
+    return n * (speedup - 1) / (n - speedup)
 
 
 # Published figures (docs/benchmarks.md and /work/shared/notes/serving.md cite their sources):
@@ -340,6 +369,40 @@ class PaysUnlessBacklog(PaysForItself):
         return super().pick(now, waiting, running, free, costs)
 
 
+class Capped(Policy):
+    """The engine's `admission = "capped"` (continuous/core.py): FIFO, and the running batch grows
+    only up to the smallest size whose images/s (n / iter(n)) are within a slack of the best size's:
+    `slack` while at most `max_batch` requests wait, shrinking in proportion as more do (the deeper
+    the queue, the less capacity the cap may give up). The model knows the curve; the engine
+    measures it (a size never measured yet joins)."""
+
+    def __init__(self, max_batch: int = 8, slack: float = 0.02):
+        self.max_batch, self.slack = max_batch, slack
+
+    def cap(self, costs: Costs, waiting: int = 0) -> int:
+        slack = self.slack * self.max_batch / max(waiting, self.max_batch)
+        rates = {n: n / costs.iteration(n) for n in range(1, self.max_batch + 1)}
+        best = max(rates.values())
+        return min(n for n, r in rates.items() if r >= (1 - slack) * best)
+
+    def pick(
+        self, now: float, waiting: list[Request], running: list[Running], free: int, costs: Costs
+    ) -> list[Request]:
+        return waiting[: max(0, min(free, self.cap(costs, len(waiting)) - len(running)))]
+
+
+class FixedCap(Policy):
+    """FIFO, at most `k` images running (a max batch of k for the continuous engine alone)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def pick(
+        self, now: float, waiting: list[Request], running: list[Running], free: int, costs: Costs
+    ) -> list[Request]:
+        return waiting[: max(0, min(free, self.k - len(running)))]
+
+
 class Cohorts(Policy):
     """Join only in groups: when `size` are waiting (or all free slots can be filled), or the oldest
     has waited `wait_s`, or nothing runs (request-level batching's rule, at step granularity)."""
@@ -401,6 +464,37 @@ def simulate_continuous(
                 r.done = done
                 source.completed(r)
             pending = []
+
+
+def fifo_lower_bound(schedule: Sequence[tuple[float, int]], costs: Costs, cfg: EngineConfig) -> list[float]:
+    """Per request, a latency no engine on `costs` can beat while finishing requests in arrival order.
+
+    Both engines finish equal-step requests in arrival order. Relax the device: let every image cost
+    what it costs in a full batch, `iter(N) / N` per step (N = max batch; iter(n) / n only falls
+    with n on these curves), at any batch size, with free admissions. Any schedule on the real device
+    runs on the relaxed one with no event later, and with equal work per request, serving them one at
+    a time in arrival order finishes the k-th as early as any schedule can: its latency is a lower
+    bound for the k-th request. So is the latency of the request alone on the real device:
+    S x iter(1) + decode(1). The bound is the larger of the two. (With unequal steps an engine may
+    reorder and the first part is only the best FIFO engine's, not a bound.)
+    """
+    per_step = costs.iteration(cfg.max_batch) / cfg.max_batch
+    # Decoding on the same device is device work; beside it (a second core), only latency.
+    on_device = 0.0 if costs.decode_parallel else costs.decode(1)
+    free_at, out = 0.0, []
+    for arrival, steps in schedule:
+        free_at = max(free_at, arrival) + steps * per_step + on_device
+        done = free_at + costs.decode(1) - on_device
+        floor = steps * costs.iteration(1) + costs.decode(1)
+        out.append(max(done - arrival, floor))
+    return out
+
+
+def bound_p95(
+    schedule: Sequence[tuple[float, int]], costs: Costs, cfg: EngineConfig, warmup: float = 0.1
+) -> float:
+    """p95 of `fifo_lower_bound` over the same steady part as `figures`."""
+    return percentile(fifo_lower_bound(schedule, costs, cfg)[int(warmup * len(schedule)) :], 95)
 
 
 # ---- measurements on the model --------------------------------------------------------------------
@@ -550,6 +644,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pays for itself", PaysForItself()),
     # The rule the engine runs with `[batching] admission = "efficient"` (continuous/core.py).
     Variant('pays for itself unless a backlog ("efficient")', PaysUnlessBacklog()),
+    # The rule the engine runs with `[batching] admission = "capped"` (continuous/core.py).
+    Variant('capped at 98% of the best images/s ("capped")', Capped()),
     Variant("cohorts of 4 or 50 ms", Cohorts(4, 0.05)),
     Variant("greedy, decode 4 at a time (or 100 ms)", Policy(), decode_batch=4),
 )
@@ -581,6 +677,91 @@ def policy_table(
                 ]
                 lines.append(
                     f"| {costs.name} | {label(load_name)} | {load:.0%} | " + " | ".join(cells) + " |"
+                )
+    return lines
+
+
+SWEEP_RATIOS = (0.0, 0.04, 0.2, 0.5, 1.0, 1.4, 2.0, 4.0, 8.0, 16.0, 1000.0)
+SWEEP_CAPS = (1, 2, 3, 4, 6)
+SWEEP_HEADER = (
+    "| a/b | batch 8 vs 1 (images/s) | load | always | efficient | capped | best fixed cap | "
+    "lower bound (any FIFO engine) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
+def sweep_table(
+    cfg: EngineConfig,
+    ratios: Sequence[float] = SWEEP_RATIOS,
+    loads: Sequence[float] = GOAL_LOADS,
+    n: int = 6000,
+    seeds: Sequence[int] = (1, 2, 3),
+    on_line: Callable[[str], None] | None = None,
+) -> list[str]:
+    """For affine curves c(n) = a + b n of each a / b, all requests 20 steps: continuous p95 over
+    request-level p95 at each load with the engine's rules, the best fixed cap on the running batch
+    (chosen per point, with hindsight) and the lower bound (`fifo_lower_bound`). Each cell is the
+    median over `seeds` (independent arrival sequences) with the range in brackets."""
+    policies: list[tuple[str, Policy]] = [
+        ("always", Policy()),
+        ("efficient", PaysUnlessBacklog()),
+        ("capped", Capped(cfg.max_batch)),
+    ]
+    caps = [(f"cap {k}", FixedCap(k)) for k in SWEEP_CAPS]
+    lines = list(SWEEP_HEADER)
+    for ratio in ratios:
+        costs = affine_gpu(ratio)
+        speedup = cfg.max_batch * costs.iteration(1) / costs.iteration(cfg.max_batch)
+        sat = saturation("request-level", costs, cfg, "20")
+        for load in loads:
+            cells: dict[str, list[float]] = {}
+            best_caps: list[str] = []
+            for seed in seeds:
+                schedule = poisson(load * sat, n, workload("20"), seed)
+                rl = figures(run("request-level", Arrivals(schedule), costs, cfg)).p95
+                for name, policy in policies:
+                    p95 = figures(run("continuous", Arrivals(schedule), costs, cfg, policy)).p95
+                    cells.setdefault(name, []).append(p95 / rl)
+                by_cap = {
+                    name: figures(run("continuous", Arrivals(schedule), costs, cfg, policy)).p95 / rl
+                    for name, policy in caps
+                }
+                best = min(by_cap, key=lambda k: by_cap[k])
+                best_caps.append(best.removeprefix("cap "))
+                cells.setdefault("cap", []).append(by_cap[best])
+                cells.setdefault("bound", []).append(bound_p95(schedule, costs, cfg) / rl)
+
+            def cell(xs: list[float]) -> str:
+                return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+
+            lines.append(
+                f"| {'flat' if ratio >= 1000 else f'{ratio:g}'} | {speedup:.2f}x | {load:.0%} | "
+                + " | ".join(cell(cells[k]) for k in ("always", "efficient", "capped"))
+                + f" | {cell(cells['cap'])} (k = {', '.join(best_caps)}) | {cell(cells['bound'])} |"
+            )
+            if on_line is not None:
+                on_line(lines[-1])
+    return lines
+
+
+def bound_table(
+    curves: Sequence[Costs], cfg: EngineConfig, loads: Sequence[float], workloads: Sequence[str], n: int
+) -> list[str]:
+    """The lower bound over request-level p95 for each curve and load (same arrivals as `compare`)."""
+    lines = [
+        "| curve | workload | load | lower bound / request-level p95 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for costs in curves:
+        for load_name in workloads:
+            sat_rl = saturation("request-level", costs, cfg, load_name)
+            for load in loads:
+                schedule = poisson(load * sat_rl, n, workload(load_name), 1)
+                rl = figures(run("request-level", Arrivals(schedule), costs, cfg)).p95
+                note = "" if load_name == "20" else " (best FIFO engine, not a bound)"
+                lines.append(
+                    f"| {costs.name} | {label(load_name)} | {load:.0%} | "
+                    f"{bound_p95(schedule, costs, cfg) / rl:.2f}x{note} |"
                 )
     return lines
 
@@ -625,6 +806,14 @@ def report(
         table += body if not table else body[2:]
         verdict_lines += verdicts(costs, rows, (goal or {}).get(costs.name, GOAL_RATIO))
     lines += table + [""] + verdict_lines
+    lines += [
+        "",
+        "lower bound on continuous p95 (fifo_lower_bound: every image at a full batch's cost per image, "
+        "one request at a time in arrival order, free admissions; and no faster than alone) over "
+        "request-level p95:",
+        "",
+    ]
+    lines += bound_table(curves, cfg, loads, workloads, n)
     if policies:
         lines += [
             "",
@@ -645,8 +834,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--no-policies", action="store_true", help="skip the admission-policy table")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only the affine-curve sweep: which a/b reach 0.75x, with the lower bound (~10 min)",
+    )
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(SWEEP_RATIOS), help="a/b for --sweep")
     args = parser.parse_args(argv)
     cfg = EngineConfig(max_batch=args.max_batch)
+    if args.sweep:
+        started = time.perf_counter()
+        n = 2000 if args.quick else 6000
+        print(
+            f"affine curves c(n) = a + b n, all requests 20 steps, max batch {cfg.max_batch}; {n} Poisson "
+            "arrivals per point, median (range) over 3 arrival sequences; loads are fractions of the "
+            "request-level engine's saturation on the same curve\n"
+        )
+        print("\n".join(SWEEP_HEADER), flush=True)
+        sweep_table(cfg, args.ratios, args.loads, n, on_line=lambda line: print(line, flush=True))
+        print(f"\n(took {time.perf_counter() - started:.0f} s)")
+        return
     curves = GPU_CURVES
     print(
         "\n".join(

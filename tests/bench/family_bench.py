@@ -27,27 +27,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from inference_server.config import BatchingConfig, ModelConfig
+from inference_server.config import ModelConfig
 from inference_server.engine import GenerationRequest
-from inference_server.metrics import Metrics
-from inference_server.pipelines import PipelineRunner
 from inference_server.tiny_families import TinyFamily, save_tiny_family
 from tests.bench import des_model as des
+from tests.bench import engines as variants
 from tests.bench.continuous_bench import PROMPTS, PointResult, commit, load_averages, run_point
 from tests.bench.stats import percentile
 
 SIZE = 32
-MAX_BATCH = 8
-MAX_WAIT_MS = 50.0
+MAX_BATCH = variants.MAX_BATCH
+MAX_WAIT_MS = variants.MAX_WAIT_MS
 FAMILIES: tuple[TinyFamily, ...] = ("sdxl", "sd3", "sd3_no_t5", "flux_dev", "flux_schnell")
 # Steps and guidance per family: the family's own kind of request, short enough for a quick run.
 STEPS = {"flux_schnell": 4}
@@ -69,20 +67,8 @@ def make_request(family: TinyFamily, rng: random.Random) -> GenerationRequest:
 
 
 def make_engine(kind: str, path: Path) -> Any:
-    from inference_server.batcher import DynamicBatchingEngine
-    from inference_server.continuous import ContinuousBatchingEngine
-
     model = ModelConfig(path=str(path), width=SIZE, height=SIZE, cpu_threads=1)
-    runner = PipelineRunner(model)
-    if kind == "sequential":
-        return DynamicBatchingEngine(
-            runner, BatchingConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=10_000), Metrics()
-        )
-    batching = BatchingConfig(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, max_queue=10_000)
-    if kind == "request-level":
-        return DynamicBatchingEngine(runner, batching, Metrics())
-    admission: Literal["always", "efficient"] = "efficient" if kind.endswith("efficient") else "always"
-    return ContinuousBatchingEngine(runner, dataclasses.replace(batching, admission=admission), Metrics())
+    return variants.make_engine(kind, model, MAX_BATCH, MAX_WAIT_MS)
 
 
 async def saturation(engine: Any, family: TinyFamily, clients: int, total: int, stagger: float) -> float:
@@ -144,7 +130,7 @@ def parity_table(families: list[TinyFamily]) -> list[str]:
 
 async def bench_family(family: TinyFamily, args: argparse.Namespace, folder: Path) -> list[str]:
     path = save_tiny_family(family, folder / family)
-    kinds = ["sequential", "request-level"] + [f"continuous {a}" for a in args.admission]
+    kinds = ["sequential", "request-level"] + [variants.continuous_variant(a) for a in args.admission]
     engines = {k: make_engine(k, path) for k in kinds}
     rng = random.Random(7)
     for engine in engines.values():
@@ -239,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests per point and saturation run")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--admission", nargs="+", choices=["always", "efficient"], default=["always"])
+    parser.add_argument("--admission", nargs="+", choices=variants.ADMISSIONS, default=["always"])
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--requests", type=int, default=60, help="requests per load point (default 60)")
     parser.add_argument("--saturation-requests", type=int, default=64)

@@ -5,14 +5,21 @@ import statistics
 import pytest
 
 from tests.bench.des_model import (
+    FLUX_LIKE,
+    SD15_A100,
+    SDXL_A100,
     Arrivals,
+    Capped,
     ClosedLoop,
     Costs,
     Curve,
     EngineConfig,
     PaysForItself,
     Policy,
+    affine_gpu,
+    fifo_lower_bound,
     poisson,
+    ratio_for_speedup,
     saturation,
     simulate_continuous,
     simulate_request_level,
@@ -136,3 +143,59 @@ def test_decode_batching_decodes_images_finished_apart_together() -> None:
     assert second.start == pytest.approx(2 * STEP)
     # the first finishes denoising at step 20 and waits for the second (step 22): one decode
     assert first.done == second.done == pytest.approx(22 * STEP + DECODE)
+
+
+def test_affine_curves_reproduce_the_published_batching_gains() -> None:
+    """The a/b fitted to a published batch-n speedup gives that speedup back; the published curves'
+    batch-8 gains sit between proportional (1x) and flat (8x) where the fits say."""
+    for n, speedup in ((16, 2.25), (16, 1.19), (2, 1.02)):
+        costs = affine_gpu(ratio_for_speedup(n, speedup))
+        assert n * costs.step(1) / costs.step(n) == pytest.approx(speedup)
+    assert ratio_for_speedup(16, 2.25) == pytest.approx(1.45, abs=0.01)  # SD 1.5, A100
+    assert ratio_for_speedup(16, 1.19) == pytest.approx(0.2, abs=0.01)  # SDXL, A100
+    assert ratio_for_speedup(2, 1.02) == pytest.approx(0.04, abs=0.001)  # Qwen-Image, H200
+
+    def gain(costs: Costs) -> float:
+        return 8 * costs.step(1) / costs.step(8)
+
+    assert 1.0 < gain(FLUX_LIKE) < gain(SDXL_A100) < gain(SD15_A100) < 8.0
+
+
+def test_capped_stops_the_batch_where_a_bigger_one_buys_no_throughput() -> None:
+    assert Capped().cap(affine_gpu(0.0)) == 1  # proportional: one at a time loses nothing
+    assert Capped().cap(affine_gpu(1000.0)) == 8  # flat: the whole batch
+    assert Capped().cap(SDXL_A100) in range(2, 8)
+    # with the cap at 1, a request arriving mid-run waits for the running one to finish
+    first, second = simulate_continuous(
+        Arrivals([(0.0, 20), (0.5, 20)]), affine_gpu(0.0), EngineConfig(max_batch=8), Capped()
+    )
+    assert second.start == pytest.approx(first.done)
+
+
+def test_capped_grows_toward_the_most_efficient_size_as_the_queue_deepens() -> None:
+    # batch 8 gives 3% more images/s than batch 1 (a/b = 0.04, FLUX-class): a short queue runs
+    # 2 at a time (within 2%), a queue of 32 (slack 0.5%) nearly the most efficient size
+    costs = affine_gpu(0.04)
+    assert Capped().cap(costs, waiting=0) == Capped().cap(costs, waiting=8) == 2
+    assert 2 < Capped().cap(costs, waiting=32) < 8
+    # exactly proportional: no queue makes a bigger batch worth it
+    assert Capped().cap(affine_gpu(0.0), waiting=100) == 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 1.4, 1000.0])
+def test_the_lower_bound_holds_for_every_request_of_both_engines(ratio: float) -> None:
+    """No engine finishes an equal-step request sooner than the bound says, under any policy."""
+    costs = affine_gpu(ratio)
+    cfg = EngineConfig(max_batch=8)
+    rate = 0.8 * saturation("request-level", costs, cfg, "20", total=400)
+    schedule = poisson(rate=rate, n=600, steps=workload("20"), seed=4)
+    bound = fifo_lower_bound(schedule, costs, cfg)
+    runs = [simulate_request_level(Arrivals(schedule), costs, cfg)]
+    runs += [
+        simulate_continuous(Arrivals(schedule), costs, cfg, p) for p in (Policy(), Capped(), PaysForItself())
+    ]
+    for requests in runs:
+        for b, r in zip(bound, requests, strict=True):
+            assert r.done - r.arrival >= b - 1e-9
+    # and it is not vacuous: at 80% load some requests queue beyond their service time
+    assert max(bound) > 20 * costs.step(1) + costs.decode(1)

@@ -187,3 +187,22 @@ def test_a_deep_cache_call_follows_its_schedule() -> None:
             patch.setattr(type(pipe.unet), "forward", counting)
             generate(pipe, level)
         assert full_calls == full_steps(level, STEPS), level
+
+
+@pytest.mark.parametrize("level", CACHE_LEVELS)
+@pytest.mark.parametrize("steps", [4, 8, 20])
+def test_unet_full_step_is_deep_caches_schedule(level: str, steps: int) -> None:
+    """The continuous engine's per-sample schedule (`unet_full_step`) is the one `deep_cache` runs."""
+    pipe = pipeline("sd15")
+    unet = pipe.unet
+    x = torch.randn(1, unet.config.in_channels, 8, 8)
+    context = torch.randn(1, 4, unet.config.cross_attention_dim)
+    spec = LEVELS[level]
+    ran_full = []
+    schedule = functools.partial(unet_full_step, level, steps=steps)
+    with torch.inference_mode(), deep_cache(unet, lambda i: schedule(step=i), spec.unet_depth) as state:
+        for _ in range(steps):
+            before = state.full_steps
+            unet(x, torch.tensor(500), encoder_hidden_states=context)
+            ran_full.append(state.full_steps > before)
+    assert ran_full == [unet_full_step(level, i, steps) for i in range(steps)]

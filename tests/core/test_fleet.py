@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import socket
 from collections.abc import AsyncIterator
+
+from sqlalchemy import update
 
 from bot.backends.inference_server import InferenceServerBackend
 from bot.config import BotConfig
 from bot.core.concurrency import dispatch_concurrency
+from bot.core.models import DispatcherHeartbeat, Job
 from tests.backends.fakes import TOKEN, FakeInferenceServer, error, start
 from tests.core.helpers import ALICE, GUILD, running_core
 
@@ -39,6 +43,16 @@ def test_concurrency_follows_capacity_unless_set():
     assert dispatch_concurrency(BotConfig(dispatch_concurrency=2), 16) == 2
 
 
+def test_busy_dispatchers_share_the_capacity():
+    assert dispatch_concurrency(BotConfig(), 3, dispatchers=2) == 3  # 6 in flight in all, not 12
+    assert dispatch_concurrency(BotConfig(), 3, dispatchers=4) == 2  # rounded up: 8, not 24
+    assert dispatch_concurrency(BotConfig(), 1, dispatchers=5) == 1  # never none
+    assert dispatch_concurrency(BotConfig(), None, dispatchers=3) == 4  # nothing to share yet
+    assert (
+        dispatch_concurrency(BotConfig(dispatch_concurrency=5), 16, dispatchers=4) == 5
+    )  # fixed: per process
+
+
 async def test_the_dispatcher_sends_as_many_jobs_as_the_servers_can_batch(db_url, tmp_path):
     release = asyncio.Event()
     arrived: list[str] = []
@@ -64,6 +78,57 @@ async def test_the_dispatcher_sends_as_many_jobs_as_the_servers_can_batch(db_url
             assert len(arrived) == 6  # 2 x (2 + 1), not the old fixed 4
             # Least outstanding work per capacity: a (batch 2) got two for each of b's.
             assert (len(a.seen), len(b.seen)) == (4, 2)
+            a.script.clear()
+            b.script.clear()
+            release.set()
+
+
+async def test_a_second_busy_dispatcher_halves_the_share_of_the_servers(db_url, tmp_path):
+    """Another live bot process running jobs on the same servers (its heartbeat and a running job,
+    written here as that process would) halves what this one sends; when it goes idle this one
+    takes the whole capacity again."""
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    async def held(request, body):
+        arrived.append(body["prompt"])
+        await release.wait()
+        return error(503, "overloaded", "never mind")
+
+    a, b = FakeInferenceServer(load=(0, 0, 2)), FakeInferenceServer(load=(0, 0, 1))
+    async with serving(a), serving(b):
+        a.script, b.script = [held] * 20, [held] * 20
+        backend = InferenceServerBackend([a.url, b.url], token=TOKEN, max_retries=0)
+        # A beat (and a count of the busy dispatchers) every 0.5 s.
+        fast = {"lease_s": 6.0, "poll_interval_s": 0.25}
+        async with running_core(db_url, tmp_path, backend=backend, bot=fast, quotas={"daily_limit": 50}) as (
+            core,
+            delivery,
+        ):
+            core.service.unregister_delivery("discord")  # the other process's job stays its own
+            theirs = await core.service.imagine(ALICE, GUILD, "theirs", idempotency_key="o0")
+            now = core.service.clock()
+            async with core.db.session() as s:
+                await s.execute(
+                    update(Job)
+                    .where(Job.id == theirs.id)
+                    .values(state="running", lease_owner="bot-2:1:x", lease_until=now + dt.timedelta(hours=1))
+                )
+                s.add(DispatcherHeartbeat(owner="bot-2:1:x", beat_at=now))
+            await delivery.wait_for(lambda: core.dispatcher.concurrency == 3)  # ceil(2 x 3 / 2)
+            core.service.register_delivery("discord", delivery)
+            for i in range(10):
+                await core.service.imagine(ALICE, GUILD, f"p{i}", idempotency_key=f"k{i}")
+            await delivery.wait_for(lambda: len(arrived) >= 3)
+            await asyncio.sleep(0.5)  # room for a fourth, which must not come (no timing asserted)
+            assert len(arrived) == 3
+            async with core.db.session() as s:  # the other process finished its job: idle now
+                await s.execute(
+                    update(Job).where(Job.id == theirs.id).values(state="succeeded", lease_owner=None)
+                )
+            await delivery.wait_for(lambda: len(arrived) >= 6)
+            await asyncio.sleep(0.5)
+            assert len(arrived) == 6 and core.dispatcher.concurrency == 6
             a.script.clear()
             b.script.clear()
             release.set()

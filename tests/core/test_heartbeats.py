@@ -98,3 +98,33 @@ async def test_dead_owners_are_reported_once_and_a_clean_stop_leaves_no_row(db_u
         await me.forget()
         async with core.db.read() as s:
             assert list((await s.execute(select(DispatcherHeartbeat))).scalars()) == []
+
+
+async def test_the_capacity_is_shared_with_the_live_dispatchers_that_run_jobs(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, start=False) as (core, _):
+        t = [core.service.clock()]
+        me = Heartbeats(core.db, lambda: t[0], owner="me:1:a", lease_s=60.0)
+        assert await me.sharing_dispatchers() == 1  # before any beat: this one alone
+        jobs = [await core.service.imagine(ALICE, GUILD, f"j{i}", idempotency_key=f"s{i}") for i in range(4)]
+        running = {
+            "busy:1:b": jobs[0].id,
+            "busy:1:c": jobs[1].id,
+            "dead:1:d": jobs[2].id,
+            "me:1:a": jobs[3].id,
+        }
+        async with core.db.session() as s:
+            for owner, job_id in running.items():
+                await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(state="running", lease_owner=owner, lease_until=t[0] + dt.timedelta(seconds=60))
+                )
+            s.add(DispatcherHeartbeat(owner="dead:1:d", beat_at=t[0] - dt.timedelta(seconds=60)))
+            s.add(DispatcherHeartbeat(owner="idle:1:e", beat_at=t[0]))  # alive, running nothing
+            s.add(DispatcherHeartbeat(owner="busy:1:b", beat_at=t[0]))
+            s.add(DispatcherHeartbeat(owner="busy:1:c", beat_at=t[0]))
+        await me.beat()
+        # Me and the two busy ones; not the idle one, nor the one whose heartbeat is stale.
+        assert await me.sharing_dispatchers() == 3
+        t[0] += dt.timedelta(seconds=30)  # every other heartbeat goes stale
+        assert await me.sharing_dispatchers() == 1

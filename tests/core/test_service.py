@@ -169,13 +169,16 @@ async def test_failure_refunds_quota_and_tells_the_adapter(db_url, tmp_path):
     backend.fail_next(1, BackendRejected("prompt has unsupported characters", "prompt"))
     # One job at a time: the injected failure goes to the next call, which must be the first job's.
     one_at_a_time = {"dispatch_concurrency": 1}
+    # The dispatcher starts after the charges are checked: else it may fail and refund the first
+    # job before the check.
     async with running_core(
-        db_url, tmp_path, backend=backend, quotas={"daily_limit": 4}, bot=one_at_a_time
+        db_url, tmp_path, backend=backend, quotas={"daily_limit": 4}, bot=one_at_a_time, start=False
     ) as (core, delivery):
         await core.service.grant_credits(ADMIN, "alice", 1)
         job = await core.service.imagine(ALICE, GUILD, "x --n 4", idempotency_key="f1")
         await core.service.imagine(ALICE, GUILD, "x", idempotency_key="f1b")  # 1 credit
         assert (await core.service.quota(ALICE, GUILD)).remaining == 0
+        core.dispatcher.start()
         done = await core.service.wait_for_job(job.id, 30)
         assert done.state == "failed" and "refused" in done.error
         await delivery.wait_for(lambda: job.id in delivery.failed)

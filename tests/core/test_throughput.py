@@ -236,3 +236,61 @@ async def test_the_queue_limit_refuses_only_a_full_queue(db_url, tmp_path):
         with pytest.raises(Overloaded):
             await core.service.imagine(carol, GUILD, "third", idempotency_key="q3")
         assert (await core.service.quota(carol, GUILD)).used_today == 0  # refused: nothing charged
+
+
+async def test_submissions_at_once_share_a_transaction_and_each_gets_its_own_outcome(db_url, tmp_path):
+    """Submissions arriving together are written in one transaction (group commit), yet each gets
+    its own answer: a refusal (quota, ban, moderation, a key someone else used) is that
+    submission's alone, a retried key returns its job uncharged, and the quotas stay exact."""
+    from bot.core.api import BadParameters, Banned, Moderated, QuotaExceeded
+
+    async with running_core(
+        db_url, tmp_path, start=False, quotas={"daily_limit": 2}, moderation={"banned_terms": ["gore"]}
+    ) as (core, _):
+        admin = Actor("discord", "root", "Root", is_admin=True)
+        crowd = users(30)
+        banned, greedy, retrier, thief = crowd[:4]
+        await core.service.ban(admin, banned.user_id, "spam")
+        inserts: list[str] = []
+
+        def record(conn, cursor, statement, *args):  # noqa: ANN001 - SQLAlchemy event signature
+            if statement.lstrip().upper().startswith("INSERT INTO JOBS"):
+                inserts.append(statement)
+
+        event.listen(core.db.engine.sync_engine, "before_cursor_execute", record)
+        try:
+            outcomes = await asyncio.gather(
+                core.service.imagine(banned, GUILD, "hello", idempotency_key="banned"),
+                core.service.imagine(greedy, GUILD, "one", idempotency_key="g1"),
+                core.service.imagine(greedy, GUILD, "two", idempotency_key="g2"),
+                core.service.imagine(greedy, GUILD, "three", idempotency_key="g3"),  # over the limit
+                core.service.imagine(retrier, GUILD, "once", idempotency_key="r1"),
+                core.service.imagine(retrier, GUILD, "once", idempotency_key="r1"),  # the same event
+                core.service.imagine(thief, GUILD, "mine", idempotency_key="r1"),  # someone else's key
+                core.service.imagine(crowd[4], GUILD, "some gore", idempotency_key="gore"),
+                *[
+                    core.service.imagine(actor, GUILD, f"fine {i}", idempotency_key=f"ok{i}")
+                    for i, actor in enumerate(crowd[5:])
+                ],
+                return_exceptions=True,
+            )
+        finally:
+            event.remove(core.db.engine.sync_engine, "before_cursor_execute", record)
+        banned_out, g1, g2, g3, r1, r1_again, stolen, gore, *fine = outcomes
+        assert isinstance(banned_out, Banned)
+        assert g1.created and g2.created and isinstance(g3, QuotaExceeded)
+        assert r1.created and r1_again.id == r1.id and not r1_again.created
+        assert isinstance(stolen, BadParameters) and stolen.field == "idempotency_key"
+        assert isinstance(gore, Moderated)
+        assert all(view.created for view in fine) and len({view.id for view in fine}) == 25
+        # 30 accepted-or-refused submissions, far fewer multi-row INSERTs.
+        assert 1 <= len(inserts) < 10, len(inserts)
+        assert (await core.service.quota(greedy, GUILD)).used_today == 2
+        assert (await core.service.quota(retrier, GUILD)).used_today == 1  # charged once
+        assert (await core.service.quota(thief, GUILD)).used_today == 0
+        assert (await core.service.quota(banned, GUILD)).used_today == 0
+        async with core.db.read() as s:
+            assert (await s.execute(select(func.count()).select_from(Job))).scalar_one() == 2 + 1 + 25
+        # Fair rounds as one at a time would give them: greedy's second job a round after its first.
+        positions = {v.id: await core.service.queue_position(v.id) for v in (g1, g2, *fine)}
+        assert positions[g2.id] > max(positions[v.id] for v in fine)

@@ -1,10 +1,12 @@
 """`make deploy-test`: the fleet of deploy/compose.yaml on this machine, with a server and a bot
-killed mid-run, and every job delivered once.
+killed mid-run, every job delivered once, and images shared between the bots through S3.
 
     python -m tests.deploy.compose_check [--jobs 24] [--keep] [--skip-build] [--compose-file FILE]
 
-1. Builds the images (deploy/build-images.sh: server, bot, and PostgreSQL when none can be pulled).
-2. Starts PostgreSQL, the migrations, two inference servers and two bots with podman-compose, in
+1. Builds the images (deploy/build-images.sh: server, bot, the stand-in S3 server, and PostgreSQL
+   when none can be pulled).
+2. Starts PostgreSQL and the S3 server, the migrations, two inference servers and two bots (no
+   shared folder: their images live in the bucket) with podman-compose, in
    dependency order, each stage when the previous one is healthy (the script runs the compose
    file's healthchecks itself: podman runs them on a systemd timer, and hosts without systemd have
    none).
@@ -15,7 +17,10 @@ killed mid-run, and every job delivered once.
 5. Waits for every job and checks: each submission ended in one job that succeeded, with its
    images, shown to its client; each job row is succeeded, delivered (delivered_at set, no lease
    left), with the images it asked for and no more.
-6. Prints PASS or FAIL with the figures, and removes the containers and volumes (--keep leaves
+6. Shared storage: every image row's object is in the bucket; then, with bot-2 stopped, bot-1 makes
+   variations of images bot-2 made (each through the session that made its parent), which it can
+   only read from the bucket.
+7. Prints PASS or FAIL with the figures, and removes the containers and volumes (--keep leaves
    them up for a look: `podman ps`).
 """
 
@@ -43,6 +48,10 @@ COMPOSE_FILES = [REPO / "deploy" / "compose.yaml", Path(__file__).resolve().pare
 # a busy 2-core machine starting two of them plus two bots can take a minute or two.
 STAGE_TIMEOUT_S = 300.0
 USERS = ("ada", "bob", "cyd", "dee")
+# Variations of bot-2's images made by bot-1 in the storage check: a few show the path; each costs a
+# job's run time.
+VARIATIONS = 3
+BUCKET = "imagine-images"
 
 
 def log(text: str) -> None:
@@ -165,6 +174,7 @@ def images_built_before() -> dict[str, str]:
             if exists("localhost/imagine-postgres:15")
             else "docker.io/library/postgres:16"
         ),
+        "S3_IMAGE": os.environ.get("S3_IMAGE", "localhost/imagine-s3:latest"),
     }
     missing = [image for image in images.values() if not exists(image)]
     if missing:
@@ -181,9 +191,9 @@ def images_built_before() -> dict[str, str]:
 
 def start(fleet: Fleet) -> None:
     fleet.compose("down", "-v", check=False)  # leftovers of an interrupted run
-    log("starting PostgreSQL")
-    fleet.compose("up", "-d", "--no-deps", "postgres")
-    fleet.wait_healthy("postgres")
+    log("starting PostgreSQL and the S3 server")
+    fleet.compose("up", "-d", "--no-deps", "postgres", "s3")
+    fleet.wait_healthy("postgres", "s3")
     log("running the migrations (one-shot service)")
     fleet.compose("up", "-d", "--no-deps", "migrate")
     migrate = fleet.container("migrate")
@@ -208,33 +218,50 @@ class Submission:
     states: list[str] = field(default_factory=list)
     images: int = 0
     error: str = ""
+    # Kept open until the end: the buttons (V1...) act on the last result of the session.
+    client: Any = None
+
+
+def shown(job: Any) -> tuple[list[str], list[int]]:
+    """What a playground call showed its client: the job states of its status panel, in order, and
+    the number of images of each result gallery in the chat (the session's, oldest first)."""
+    states = []
+    for outputs in job.outputs():
+        status = next((o for o in outputs if isinstance(o, str) and 'class="job-status"' in o), "")
+        if m := re.search(r'data-state="(\w+)"', status):
+            states.append(m.group(1))
+    final = job.outputs()[-1]
+    chat = next(o for o in final if isinstance(o, list))
+    galleries = [c for m in chat for c in m["content"] if c.get("component") == "gallery"]
+    return states, [len(g["value"]) for g in galleries]
 
 
 def submit(fleet: Fleet, sub: Submission, steps: int) -> Submission:
     from gradio_client import Client
 
     try:
-        client = Client(
+        sub.client = Client(
             fleet.playground_url, auth=(sub.user, fleet.password), verbose=False, download_files=False
         )
-        try:
-            job = client.submit(
-                f"/imagine a lighthouse {sub.tag} --n {sub.n} --steps {steps}", api_name="/imagine"
-            )
-            job.result(timeout=600)
-            for outputs in job.outputs():
-                status = next((o for o in outputs if isinstance(o, str) and 'class="job-status"' in o), "")
-                if m := re.search(r'data-state="(\w+)"', status):
-                    sub.states.append(m.group(1))
-            final = job.outputs()[-1]
-            chat = next(o for o in final if isinstance(o, list))
-            galleries = [c for m in chat for c in m["content"] if c.get("component") == "gallery"]
-            sub.images = sum(len(g["value"]) for g in galleries)
-        finally:
-            client.close()
+        job = sub.client.submit(
+            f"/imagine a lighthouse {sub.tag} --n {sub.n} --steps {steps}", api_name="/imagine"
+        )
+        job.result(timeout=600)
+        sub.states, galleries = shown(job)
+        sub.images = sum(galleries)
     except Exception as e:  # reported per submission; the check fails on it
         sub.error = f"{type(e).__name__}: {e}"
     return sub
+
+
+def vary(sub: Submission) -> tuple[list[str], list[int]] | str:
+    """V1 under the session's last result: what the client was shown, or the error."""
+    try:
+        job = sub.client.submit(api_name="/variation_1")
+        job.result(timeout=600)
+        return shown(job)
+    except Exception as e:  # reported per variation; the check fails on it
+        return f"{type(e).__name__}: {e}"
 
 
 def wait_for(fleet: Fleet, what: str, query: str, ok: Any, timeout: float) -> list[list[str]]:
@@ -323,6 +350,111 @@ def run_check(fleet: Fleet, jobs: int, steps: int) -> list[str]:
     restarts = {s: fleet.podman("inspect", "--format", "{{.RestartCount}}", fleet.container(s)).stdout.strip()
                 for s in ("bot-2", "server-1")}  # fmt: skip
     log(f"restarts after the kills (restart: unless-stopped): {restarts}")
+    if not failures:
+        failures += check_shared_storage(fleet, results, steps)
+    for sub in results:
+        if sub.client is not None:
+            sub.client.close()
+    return failures
+
+
+def bucket_objects(fleet: Fleet) -> set[str]:
+    """The object keys in the bucket, listed inside the S3 container (its port is not published)."""
+    script = (
+        "import boto3; c = boto3.client('s3', endpoint_url='http://127.0.0.1:9000', region_name='us-east-1',"
+        " aws_access_key_id='check', aws_secret_access_key='check')\n"
+        f"for page in c.get_paginator('list_objects_v2').paginate(Bucket='{BUCKET}'):\n"
+        "    for o in page.get('Contents', []): print(o['Key'])"
+    )
+    return set(fleet.podman("exec", fleet.container("s3"), "python", "-c", script).stdout.split())
+
+
+def missing_objects(fleet: Fleet) -> list[str]:
+    """Image rows whose object is not in the bucket (the bots' layout: <prefix>ab/<key>.png)."""
+    keys = [row[0] for row in fleet.sql("SELECT DISTINCT storage_key FROM images")]
+    objects = bucket_objects(fleet)
+    log(f"bucket {BUCKET}: {len(objects)} objects; image rows name {len(keys)} distinct keys")
+    return [k for k in keys if f"imagine/{k[:2]}/{k}.png" not in objects]
+
+
+def made_by(fleet: Fleet) -> dict[int, set[str]]:
+    """Which bot process stored each job's result, from the bots' logs ("job N succeeded: ...")."""
+    made: dict[int, set[str]] = {}
+    for service in ("bot-1", "bot-2"):
+        logs = fleet.podman("logs", fleet.container(service), check=False)
+        for m in re.finditer(r"job (\d+) succeeded: \d+ image", logs.stdout + logs.stderr):
+            made.setdefault(int(m.group(1)), set()).add(service)
+    return made
+
+
+def jobs_by_tag(fleet: Fleet) -> dict[str, int]:
+    """The job id of each submission's tag (t000... in its prompt)."""
+    rows = fleet.sql("SELECT id, prompt FROM jobs")
+    return {m.group(1): int(job_id) for job_id, prompt in rows if (m := re.search(r"\b(t\d{3})\b", prompt))}
+
+
+def check_shared_storage(fleet: Fleet, results: list[Submission], steps: int) -> list[str]:
+    """Every image is in the bucket, and bot-1 varies images that bot-2 made: the bots share no
+    folder, so bot-1 can read them only from the bucket."""
+    failures = [f"image {k} is not in the bucket" for k in missing_objects(fleet)]
+    job_of = jobs_by_tag(fleet)
+    made = made_by(fleet)
+    parents = [s for s in results if made.get(job_of.get(s.tag, -1)) == {"bot-2"}]
+    by_bot1 = sum(1 for m in made.values() if m == {"bot-1"})
+    log(f"jobs made by bot-2: {len(parents)} of the {len(results)} submissions; by bot-1: {by_bot1}")
+    # bot-2 came back late or claimed nothing: give it jobs until it has made one (it gets about
+    # half of what arrives while both run).
+    for attempt in range(8):
+        if parents:
+            break
+        sub = submit(fleet, Submission(tag=f"t{900 + attempt}", user=USERS[0], n=1), steps)
+        job_of = jobs_by_tag(fleet)
+        if not sub.error and made_by(fleet).get(job_of.get(sub.tag, -1)) == {"bot-2"}:
+            parents.append(sub)
+        elif sub.client is not None:
+            sub.client.close()
+    if not parents:
+        return [*failures, "bot-2 made no job to vary (see its logs)"]
+    parents = parents[:VARIATIONS]
+    # Stopped (not killed): it hands its claims back and the restart policy leaves it down, so every
+    # job from now on runs on bot-1.
+    fleet.podman("stop", "-t", "10", fleet.container("bot-2"), timeout=60)
+    log(f"stopped bot-2; bot-1 varies its jobs {[job_of[p.tag] for p in parents]} (V1)")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(parents)) as pool:
+        outcomes = list(pool.map(vary, parents))
+    log(f"{len(parents)} variation(s) answered in {time.monotonic() - started:.0f} s")
+    made = made_by(fleet)
+    for parent, outcome in zip(parents, outcomes, strict=True):
+        parent_id = job_of[parent.tag]
+        if isinstance(outcome, str):
+            failures.append(f"variation of job {parent_id}: the client got {outcome}")
+            continue
+        rows = fleet.sql(
+            "SELECT id, state, json_array_length(seeds), coalesce(error, ''),"
+            " (SELECT count(*) FROM images i WHERE i.job_id = j.id)"
+            f" FROM jobs j WHERE kind = 'variation' AND parent_job_id = {parent_id}"
+        )
+        if len(rows) != 1:
+            failures.append(f"variation of job {parent_id}: {len(rows)} job rows")
+            continue
+        job_id, state, n, error, images = rows[0]
+        states, galleries = outcome
+        if state != "succeeded" or int(images) != int(n):
+            failures.append(
+                f"variation {job_id} of job {parent_id}: {state} {error!r}, {images} images of {n}"
+            )
+        if not states or states[-1] != "succeeded" or galleries[-1:] != [int(n)]:
+            failures.append(f"variation {job_id}: the client saw {states[-3:]}, galleries {galleries}")
+        if made.get(int(job_id)) != {"bot-1"}:
+            failures.append(f"variation {job_id}: made by {made.get(int(job_id))}, not bot-1 alone")
+    failures += [f"image {k} is not in the bucket" for k in missing_objects(fleet)]
+    if not failures:
+        log(f"shared storage: {len(parents)} image(s) made by bot-2 varied by bot-1 through the bucket")
+    fleet.podman("start", fleet.container("bot-2"), check=False)  # as it was, for --keep
+    for parent in parents:
+        if parent not in results:  # the extra submissions' sessions (run_check closes the rest)
+            parent.client.close()
     return failures
 
 
@@ -338,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if not shutil.which("podman"):
-        print("deploy-test: podman is not installed (apt-get install podman)", file=sys.stderr)
+        print(
+            "deploy-test: podman is not installed (Debian/Ubuntu: apt-get install -y podman runc debootstrap)",
+            file=sys.stderr,
+        )
         return 2
 
     begun = time.monotonic()
@@ -354,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
             "INFERENCE_API_TOKEN": secrets.token_urlsafe(32),
             "PLAYGROUND_PASSWORD": password,
             "PLAYGROUND_PORT": str(free_port()),
+            # The compose file's own S3 server (moto accepts any keys; random ones show nothing
+            # depends on their values).
+            "S3_ENDPOINT_URL": "http://s3:9000",
+            "S3_BUCKET": BUCKET,
+            "S3_REGION": "us-east-1",
+            "S3_ACCESS_KEY_ID": secrets.token_hex(10),
+            "S3_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
         }
         # A developer's deploy/.env must not leak in: everything the compose file reads is set here.
         for key in (
@@ -383,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {failure}")
         return 1
     print(
-        f"\ndeploy-test: PASS in {took:.0f} s ({args.jobs} jobs, a bot and a server killed mid-run, each job delivered once)"
+        f"\ndeploy-test: PASS in {took:.0f} s ({args.jobs} jobs, a bot and a server killed mid-run, each job"
+        " delivered once; images in the bucket, bot-2's varied by bot-1)"
     )
     return 0
 

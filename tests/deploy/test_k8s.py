@@ -230,25 +230,44 @@ def compose() -> dict[str, Any]:
 
 def test_compose_has_the_fleet_and_runs_migrations_first(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "migrate", "server-1", "server-2", "bot-1", "bot-2"}
+    assert set(services) == {"postgres", "s3", "migrate", "server-1", "server-2", "bot-1", "bot-2"}
     for name in ("bot-1", "bot-2"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     assert services["migrate"]["command"] == ["python", "-m", "bot.migrate"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("postgres", "server-1", "server-2"):
+    for name in ("postgres", "s3", "server-1", "server-2"):
         assert "healthcheck" in services[name], name
-    # Two bot processes of one host must not look like one: their claims are judged by hostname.
+    # Liveness is by heartbeat, not hostname; distinct hostnames name each claim's holder in the
+    # jobs table (lease owners start with it), which `make deploy-test` reads.
     hostnames = [services[n]["hostname"] for n in ("bot-1", "bot-2", "server-1", "server-2")]
     assert len(set(hostnames)) == 4
-    assert services["bot-1"]["volumes"] == services["bot-2"]["volumes"], "the bots share the images"
+
+
+def test_compose_bots_share_images_through_s3_not_a_folder(compose):
+    services = compose["services"]
+    storage = [{k: v for k, v in services[n]["environment"].items() if k.startswith(("IMAGINE_STORAGE_", "AWS_"))}
+               for n in ("bot-1", "bot-2")]  # fmt: skip
+    assert storage[0] == storage[1] and storage[0]["IMAGINE_STORAGE_BACKEND"] == "s3"
+    assert "http://s3:9000" in storage[0]["IMAGINE_STORAGE_ENDPOINT_URL"]
+    for name in ("bot-1", "bot-2"):
+        assert services[name]["depends_on"]["s3"]["condition"] == "service_healthy"
+        assert not services[name].get("volumes"), "no shared folder: what works here works across hosts"
 
 
 def test_compose_takes_secrets_from_the_environment_only(compose):
     text = (REPO / "deploy" / "compose.yaml").read_text()
-    for secret in ("POSTGRES_PASSWORD", "INFERENCE_API_TOKEN", "PLAYGROUND_PASSWORD", "DISCORD_TOKEN"):
-        for value in re.findall(rf"^\s+{secret}: (.*)$", text, flags=re.M):
-            assert value.startswith("${" + secret), f"{secret} is not read from the environment: {value}"
+    secrets = {
+        **{
+            s: s for s in ("POSTGRES_PASSWORD", "INFERENCE_API_TOKEN", "PLAYGROUND_PASSWORD", "DISCORD_TOKEN")
+        },
+        "AWS_SECRET_ACCESS_KEY": "S3_SECRET_ACCESS_KEY",
+    }
+    for secret, variable in secrets.items():
+        values = re.findall(rf"^\s+{secret}: (.*)$", text, flags=re.M)
+        assert values, secret
+        for value in values:
+            assert value.startswith("${" + variable), f"{secret} is not read from the environment: {value}"
     assert "DISCORD_TOKEN" not in compose["services"]["bot-2"]["environment"], "one Discord connection"
 
 
@@ -256,7 +275,7 @@ def test_imagine_variables_of_the_compose_file_name_real_keys(compose):
     variables: dict[str, str] = {}
     for service in compose["services"].values():
         variables.update(compose_variables(service))
-    variables = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v) for k, v in variables.items()}
+    variables = {k: re.sub(r"\$\{[A-Z0-9_]+:?-([^}]*)\}", r"\1", v) for k, v in variables.items()}
     assert "IMAGINE_BACKENDS_URLS" in variables
     check_imagine_variables(variables)
 

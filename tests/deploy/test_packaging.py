@@ -197,3 +197,20 @@ def test_an_adapter_whose_extra_is_missing_is_off_and_names_the_extra(
     monkeypatch.setitem(sys.modules, module, None)
     on, why = importlib.import_module(adapter).adapter_status(env)
     assert not on and why.startswith("off:") and extra in why, why
+
+
+def test_the_image_build_context_holds_what_the_packages_link_to():
+    # bot/migrations links to migrations/: a build context without the target ships a dangling link
+    # and images without their Alembic scripts (found by `make deploy-test`: migrate failed).
+    allowed = {
+        line[1:].strip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    links = [p for pkg in ("bot", "inference_server") for p in (REPO / pkg).rglob("*") if p.is_symlink()]
+    assert links, "bot/migrations is a link"
+    containerfile = (REPO / "deploy" / "Containerfile").read_text()
+    for link in links:
+        target = link.resolve().relative_to(REPO).parts[0]
+        assert target in allowed, f"{link.relative_to(REPO)} -> {target}, which .dockerignore leaves out"
+        assert f"COPY {target} {target}" in containerfile, f"the Containerfile does not copy {target}"

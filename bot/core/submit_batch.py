@@ -1,0 +1,268 @@
+"""Submissions written together: one transaction for every submission waiting (group commit).
+
+`Submissions.submit` resolves a job's parameters, then hands it here (`bot.core.group_commit`); the
+batch's transaction runs a constant number of statements whatever its size:
+
+1. one upsert of the batch's users, which locks their rows (PostgreSQL: `INSERT ... ON CONFLICT DO
+   UPDATE`, in a fixed order so that two batches never wait for each other in a cycle; SQLite: the
+   transaction is `BEGIN IMMEDIATE`, the database's one write lock) and returns their bans and
+   credits;
+2. one read of the idempotency keys already used;
+3. the queue's admission (the fair round being served and each user's last round) and, on
+   PostgreSQL, the NOTIFY that wakes the dispatchers at commit;
+4. the quota limits and usage of the batch's users (`Quotas.book`);
+5. the place rules of each distinct place (usually one);
+6. one multi-row INSERT of the jobs, one upsert of the quota usage (and an update of the credits
+   spent, when some were).
+
+Between the reads and the writes every submission is decided in Python, in arrival order, with the
+same checks and the same order of refusals as one submission alone: the idempotency key, the ban,
+moderation, the place, the queue's room, the quota. Quotas stay exact because every user of the
+batch is locked for the whole of it; a refusal is that submission's alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+from sqlalchemy import Row, Table, case, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.core.api import (
+    Actor,
+    BadParameters,
+    Banned,
+    CoreError,
+    DatabaseError,
+    JobView,
+    Moderated,
+    Place,
+    PlaceRules,
+)
+from bot.core.db import Database
+from bot.core.fair_queue import FairQueue
+from bot.core.models import Job, User
+from bot.core.moderation import Moderator
+from bot.core.place_settings import PlaceSettingsPart
+from bot.core.quotas import QuotaAsk, Quotas
+from bot.core.views import image_infos, view_of
+
+KEY_USED_BY_OTHER = "This request id was already used by someone else."
+# The kinds whose prompt is new (the others reuse a prompt that passed moderation already).
+NEW_PROMPT_KINDS = ("imagine", "inpaint", "remix")
+# A batch's size bounds one transaction's statements (a 500-row INSERT is ~15k parameters, within
+# SQLite's limit) and how long the first submission of a batch waits for the last.
+MAX_BATCH = 500
+
+# Core tables, not ORM classes: a batch writes plain rows (no identity map, no unit of work).
+JOBS = cast(Table, Job.__table__)
+USERS = cast(Table, User.__table__)
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A submission whose parameters are resolved, waiting for its batch: the job row's columns
+    except those the batch decides (its user, fair round and quota charge)."""
+
+    actor: Actor
+    place: Place
+    key: str  # "<platform>:<idempotency key>"
+    now: dt.datetime
+    images: int
+    row: dict[str, Any] = field(hash=False)
+
+
+class SubmitWriter:
+    def __init__(
+        self,
+        db: Database,
+        quotas: Quotas,
+        queue: FairQueue,
+        place_settings: PlaceSettingsPart,
+        moderator: Moderator,
+    ):
+        self.db = db
+        self.quotas = quotas
+        self.queue = queue
+        self.place_settings = place_settings
+        self.moderator = moderator
+
+    async def write(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
+        """Each submission's view, or its refusal. A database error fails the batch; a conflict
+        (another process inserted one of the keys first) is sorted out one submission at a time,
+        the loser getting `DatabaseError("conflict")` as it would alone."""
+        try:
+            return await self._write(batch)
+        except DatabaseError as e:
+            if e.kind != "conflict" or len(batch) == 1:
+                raise
+        outcomes: list[JobView | BaseException] = []
+        for pending in batch:
+            try:
+                outcomes += await self._write([pending])
+            except DatabaseError as e:
+                outcomes.append(e)
+        return outcomes
+
+    async def _write(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
+        outcomes: list[JobView | BaseException | int] = []  # an int: the index of the batch's row
+        rows: list[dict[str, Any]] = []
+        async with self.db.session() as s:
+            users = await self._lock_users(s, batch)
+            keys = {p.key for p in batch}
+            existing = {
+                job.idempotency_key: job
+                for job in (await s.execute(select(Job).where(Job.idempotency_key.in_(keys)))).scalars()
+            }
+            admission = await self.queue.admission(s, {u.id for u in users.values()}, len(batch))
+            book = await self.quotas.book(
+                s,
+                [self._ask(p, users) for p in batch],
+                {u.id: u.bonus_credits for u in users.values()},
+                {self.quotas.period_for(p.now)[0] for p in batch},
+            )
+            rules: dict[Place, PlaceRules | CoreError] = {}
+            new_keys: dict[str, int] = {}  # keys inserted by this batch: the index of their row
+            for pending in batch:
+                user = users[(pending.actor.platform, pending.actor.user_id)]
+                try:
+                    job = existing.get(pending.key)
+                    if job is not None:
+                        # A retried event: the same job, charged nothing.
+                        if job.user_id != user.id:
+                            raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
+                        images = await image_infos(s, job.id)
+                        outcomes.append(
+                            view_of(
+                                job, user.platform_user_id, user.display_name, created=False, images=images
+                            )
+                        )
+                        continue
+                    if pending.key in new_keys:  # two deliveries of one event in one batch
+                        if rows[new_keys[pending.key]]["user_id"] != user.id:
+                            raise BadParameters("idempotency_key", KEY_USED_BY_OTHER)
+                        outcomes.append(-1 - new_keys[pending.key])  # the same job, not created
+                        continue
+                    if user.banned:
+                        raise Banned(user.ban_reason)
+                    if pending.row["kind"] in NEW_PROMPT_KINDS:
+                        rule = self.moderator.check(pending.row["prompt"])
+                        if rule is not None:
+                            raise Moderated(rule.description)
+                    place_rules = await self._rules(s, pending.place, rules)
+                    admission.check_room()
+                    charge = book.charge(self._ask(pending, users), pending.images, pending.now)
+                    row = dict(pending.row)
+                    if place_rules.private:
+                        row["params"] = {**row["params"], "private": True}
+                    row.update(
+                        user_id=user.id,
+                        fair_round=admission.admit(user.id),
+                        quota_period=charge.period,
+                        quota_daily=charge.daily,
+                        quota_credits=charge.credits,
+                    )
+                    new_keys[pending.key] = len(rows)
+                    outcomes.append(len(rows))
+                    rows.append(row)
+                except CoreError as e:
+                    outcomes.append(e)
+            ids: dict[str, int] = {}
+            if rows:
+                # Matched back by key: a multi-row INSERT's RETURNING order is not guaranteed.
+                inserted = await s.execute(insert(JOBS).returning(JOBS.c.id, JOBS.c.idempotency_key), rows)
+                ids = {key: job_id for job_id, key in inserted.tuples()}
+                await book.write(s)
+        owners = {user.id: user for user in users.values()}
+        views: list[JobView | BaseException] = []
+        for outcome in outcomes:
+            if isinstance(outcome, int):
+                row = rows[outcome if outcome >= 0 else -1 - outcome]
+                owner = owners[row["user_id"]]
+                # The row as the view reads it (an ORM object costs more to build than the insert).
+                inserted_job = SimpleNamespace(**row, id=ids[row["idempotency_key"]])
+                views.append(
+                    view_of(inserted_job, owner.platform_user_id, owner.display_name, created=outcome >= 0)
+                )
+            else:
+                views.append(outcome)
+        return views
+
+    async def _lock_users(
+        self, s: AsyncSession, batch: Sequence[PendingJob]
+    ) -> dict[tuple[str, str], Row[Any]]:
+        """Create the batch's users as needed and lock their rows, in one statement (see `Quotas.
+        lock_user`); the display name and admin flag are the last ones the batch sent."""
+        latest: dict[tuple[str, str], Actor] = {}
+        names: dict[tuple[str, str], str] = {}
+        for pending in batch:
+            actor = pending.actor
+            latest[(actor.platform, actor.user_id)] = actor
+            if actor.display_name:
+                names[(actor.platform, actor.user_id)] = actor.display_name
+        now = batch[0].now
+        rows = [
+            {
+                "platform": platform,
+                "platform_user_id": user_id,
+                "display_name": names.get((platform, user_id), ""),
+                "is_admin": bool(actor.is_admin),
+                "banned": False,
+                "ban_reason": "",
+                "bonus_credits": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            # Sorted: every batch locks users in the same order, so two never deadlock.
+            for (platform, user_id), actor in sorted(latest.items())
+        ]
+        # Executed with the rows as parameters, not as a VALUES list in the statement: the
+        # statement is then compiled once and cached ("insertmanyvalues" still sends one INSERT).
+        values = (pg_insert if self.db.is_postgres else sqlite_insert)(USERS)
+        upsert = values.on_conflict_do_update(
+            index_elements=["platform", "platform_user_id"],
+            set_={
+                # An empty name (the adapter sent none) keeps the one we have.
+                "display_name": case(
+                    (values.excluded.display_name == "", USERS.c.display_name),
+                    else_=values.excluded.display_name,
+                ),
+                "is_admin": values.excluded.is_admin,
+            },
+        ).returning(
+            USERS.c.id,
+            USERS.c.platform,
+            USERS.c.platform_user_id,
+            USERS.c.display_name,
+            USERS.c.banned,
+            USERS.c.ban_reason,
+            USERS.c.bonus_credits,
+        )
+        return {(u.platform, u.platform_user_id): u for u in (await s.execute(upsert, rows)).all()}
+
+    @staticmethod
+    def _ask(pending: PendingJob, users: dict[tuple[str, str], Row[Any]]) -> QuotaAsk:
+        actor = pending.actor
+        user = users[(actor.platform, actor.user_id)]
+        return QuotaAsk(user.id, actor.platform, actor.user_id, pending.place.guild_id, tuple(actor.role_ids))
+
+    async def _rules(
+        self, s: AsyncSession, place: Place, known: dict[Place, PlaceRules | CoreError]
+    ) -> PlaceRules:
+        """The place's rules (NotAllowedHere where image commands are not allowed), read once per
+        place and batch."""
+        if place not in known:
+            try:
+                known[place] = await self.place_settings.check(s, place)
+            except CoreError as e:
+                known[place] = e
+        rules = known[place]
+        if isinstance(rules, CoreError):
+            raise rules
+        return rules
