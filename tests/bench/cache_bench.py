@@ -270,7 +270,10 @@ def unet_call_costs(pipe: Any, rows: int) -> dict[str, float]:
     iteration makes them); the least of 30 tries, the figure least disturbed by other jobs."""
     import torch
 
-    from inference_server.step_cache import deep_cache, shallow_forward
+    from inference_server.step_cache import LEVELS, deep_cache, shallow_forward
+
+    # The levels' cache depth (all cached levels share one; step_cache.py)
+    depth = LEVELS["fast"].unet_depth
 
     unet = pipe.unet
     side = 64 // pipe.vae_scale_factor
@@ -279,15 +282,15 @@ def unet_call_costs(pipe: Any, rows: int) -> dict[str, float]:
     t = torch.full((rows,), 500.0)
     half = rows // 2
     with torch.inference_mode():
-        with deep_cache(unet, interval=2) as state:
+        with deep_cache(unet, lambda step: True, depth) as state:
             unet(x, t, encoder_hidden_states=context)  # keeps this call's deep features
         deep = state.deep
         calls = {
             "full": lambda: unet(x, t, encoder_hidden_states=context),
-            "shallow": lambda: shallow_forward(unet, deep, x, t, context),
+            "shallow": lambda: shallow_forward(unet, deep, x, t, context, depth=depth),
             "split": lambda: (
                 unet(x[:half], t[:half], encoder_hidden_states=context[:half]),
-                shallow_forward(unet, deep[half:], x[half:], t[half:], context[half:]),
+                shallow_forward(unet, deep[half:], x[half:], t[half:], context[half:], depth=depth),
             ),
         }
         best = dict.fromkeys(calls, float("inf"))
