@@ -4,12 +4,13 @@ Consecutive denoising steps change the network's deep features little, so part o
 step can stand in for the next. Two methods, one per kind of denoiser:
 
 - UNet models (the embedded model, SD 1.x/2.x, SDXL): DeepCache (Ma et al., 2023,
-  https://github.com/horseee/DeepCache). Every `interval` steps a full step runs and keeps the
-  input of the last layer of the last up block (the deep features that come up through the network,
-  before they meet the highest-resolution skip connection). The steps in between run only the
-  shallow path: the time embedding, `conv_in`, that last up-block layer (fed the cached deep
-  features and the fresh `conv_in` skip) and the output convolution. This is DeepCache's shallowest
-  branch (`cache_block_id=0`); on SD 1.5 the shallow path is a few percent of the UNet's cost.
+  https://github.com/horseee/DeepCache). On the steps a schedule names (`unet_full_step`) the whole
+  UNet runs and the input of one of its last up blocks is kept (the deep features that come up
+  through the network). The other steps run only the shallow path: the time embedding, `conv_in`,
+  the highest-resolution part of the down path, the last up blocks from the kept block on (fed the
+  cached deep features and fresh skip connections) and the output layers. The depth says how many
+  up blocks that is: 1 is DeepCache's shallowest branch (on SD 1.5 a few percent of the UNet's
+  cost); the levels use 2, which kept the embedded model's pictures far better (docs/performance.md).
 - Transformer models (SD 3.x, FLUX.1): first-block cache (FBCache, from ParaAttention; the idea of
   TeaCache, Liu et al., 2024). Every step runs the first transformer block; when its residual (output
   minus input) differs from the one of the last fully computed step by less than `threshold`
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,36 +38,48 @@ from typing import Any
 @dataclass(frozen=True)
 class CacheLevel:
     name: str
-    # UNet (DeepCache): a full step every `unet_interval` steps (1 = every step: no caching), after
-    # the first `unet_warmup` of the steps, which all run in full.
+    # UNet (DeepCache): which steps run the whole network, the others the shallow path
+    # (`unet_full_step`): the first `unet_warmup` of the steps, then one step in `unet_interval`
+    # (1 = every step: no caching). The shallow path runs the last `unet_depth` up blocks (and the
+    # down path that feeds them skip connections): 1 is DeepCache's shallowest branch.
     unet_interval: int
     unet_warmup: float
+    unet_depth: int
     # Transformers (first-block cache): skip the other blocks while the first block's residual
     # changed by less than this fraction since the last full step (0 = never skip).
     transformer_threshold: float
     summary: str
 
 
-# The levels, cheapest last. Intervals and thresholds are in the range the DeepCache and FBCache
-# authors report as near-lossless (2-3 for DeepCache on 50-step SD 1.5; 0.08-0.12 for FBCache on
-# FLUX.1). On the embedded model at 20 steps they are not: `make eval-model` measures the loss
-# (docs/performance.md), which is why `[model] cache` defaults to "off".
+# The levels, cheapest last. The transformer thresholds are in the range the FBCache authors report
+# as near-lossless on FLUX.1 (0.08-0.12). The UNet schedules come from a search on the embedded model
+# at 20 steps (`tests/bench/cache_search.py`, docs/performance.md): there DeepCache's shallowest
+# branch (depth 1) lost colour and shape even with 13 of 20 steps in full, while recomputing the two
+# highest-resolution levels (depth 2) kept them with 9; the first steps, where a picture's layout
+# and colours form, run in full. Neither level reaches issue 22's 1.8x on that small UNet (a cached
+# step still costs half a full one at depth 2), which is why `[model] cache` defaults to "off".
 LEVELS: dict[str, CacheLevel] = {
-    "off": CacheLevel("off", 1, 0.0, 0.0, "every step runs the whole network (bit-identical to no caching)"),
+    "off": CacheLevel(
+        "off", 1, 0.0, 1, 0.0, "every step runs the whole network (bit-identical to no caching)"
+    ),
     "fast": CacheLevel(
         "fast",
-        2,
+        4,
         0.3,
+        2,
         0.08,
-        "UNet: a full step every 2 steps, the shallow path in between; transformer: skip the "
-        "other blocks while the first block's residual changed by < 8%",
+        "UNet: the first 30% of the steps in full, then a full step every 4 steps, the two "
+        "highest-resolution levels only in between; transformer: skip the other blocks while the "
+        "first block's residual changed by < 8%",
     ),
     "faster": CacheLevel(
         "faster",
-        3,
-        0.3,
+        5,
         0.15,
-        "UNet: a full step every 3 steps; transformer: skip while the change is < 15%",
+        2,
+        0.15,
+        "UNet: the first 15% of the steps in full, then a full step every 5 steps; transformer: skip "
+        "while the change is < 15%",
     ),
 }
 CACHE_LEVELS: tuple[str, ...] = tuple(LEVELS)
@@ -95,13 +108,35 @@ def step_cache(pipe: Any, level: str, steps: int) -> Iterator[None]:
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
     if unet is not None:
-        with deep_cache(unet, spec.unet_interval, warmup_steps(spec, steps)):
+        with deep_cache(unet, lambda step: unet_full_step(level, step, steps), spec.unet_depth):
             yield
     elif transformer is not None:
         with first_block_cache(transformer, spec.transformer_threshold):
             yield
     else:
         raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer to cache")
+
+
+def unet_full_step(level: str, step: int, steps: int) -> bool:
+    """Whether step `step` (0-based) of a `steps`-step denoising runs the whole UNet at `level` (else
+    the shallow path, from the deep features of the last full step).
+
+    A plain function of the step and the step count, so that a caller holding many samples at
+    different steps (the continuous engine) can ask it per sample. Step 0 always runs in full:
+    nothing is cached yet.
+    """
+    spec = LEVELS[level]
+    warm = warmup_steps(spec, steps)
+    return (
+        step < warm
+        # the warm-up's last step counts as the first full step of the cycle
+        or (step - warm + 1) % spec.unet_interval == 0
+    )
+
+
+def full_steps(level: str, steps: int) -> int:
+    """How many of `steps` steps run the whole UNet at `level`."""
+    return sum(unet_full_step(level, step, steps) for step in range(steps))
 
 
 def warmup_steps(spec: CacheLevel, steps: int) -> int:
@@ -115,18 +150,19 @@ def warmup_steps(spec: CacheLevel, steps: int) -> int:
 class DeepCacheState:
     """One pipeline call's DeepCache state: the step counter and the cached deep features."""
 
-    def __init__(self, interval: int) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
         self.calls = 0
-        self.deep: Any = None  # the last up block's input on the last full step
+        self.deep: Any = None  # the cached up block's input on the last full step
         self.full_steps = 0
         self.shallow_steps = 0
 
 
 @contextlib.contextmanager
-def deep_cache(unet: Any, interval: int, warmup_steps: int = 1) -> Iterator[DeepCacheState]:
-    """Run `unet` with DeepCache for the duration of the block (see the module docstring)."""
-    state = DeepCacheState(interval)
+def deep_cache(unet: Any, full_step: Callable[[int], bool], depth: int = 1) -> Iterator[DeepCacheState]:
+    """Run `unet` with DeepCache for the duration of the block (see the module docstring):
+    its n-th call (0-based: the step) runs in full when `full_step(n)` says so or nothing is cached;
+    the others run `shallow_forward` at `depth`."""
+    state = DeepCacheState()
 
     def keep_input(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state.deep = args[0] if args else kwargs["hidden_states"]
@@ -134,23 +170,19 @@ def deep_cache(unet: Any, interval: int, warmup_steps: int = 1) -> Iterator[Deep
     original = unet.forward
 
     def forward(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        full = (
-            state.deep is None
-            or state.calls < warmup_steps
-            # the warm-up's last step counts as the first full step of the cycle
-            or (state.calls - warmup_steps + 1) % state.interval == 0
-            or not _plain_call(args, kwargs)
-        )
+        full = state.deep is None or full_step(state.calls) or not _plain_call(args, kwargs)
         state.calls += 1
         if full:
             state.full_steps += 1
-            handle = unet.up_blocks[-1].register_forward_pre_hook(keep_input, with_kwargs=True)
+            handle = cached_block(unet, depth).register_forward_pre_hook(keep_input, with_kwargs=True)
             try:
                 return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
             finally:
                 handle.remove()
         state.shallow_steps += 1
-        return shallow_forward(unet, state.deep, sample, timestep, encoder_hidden_states, **kwargs)
+        return shallow_forward(
+            unet, state.deep, sample, timestep, encoder_hidden_states, depth=depth, **kwargs
+        )
 
     with _patched({unet: forward}):
         yield state
@@ -179,6 +211,7 @@ def shallow_forward(
     timestep: Any,
     encoder_hidden_states: Any,
     *,
+    depth: int = 1,
     timestep_cond: Any = None,
     cross_attention_kwargs: dict[str, Any] | None = None,
     added_cond_kwargs: dict[str, Any] | None = None,
@@ -186,7 +219,10 @@ def shallow_forward(
     **_: Any,
 ) -> Any:
     """The UNet's output from cached deep features: `UNet2DConditionModel.forward` (diffusers 0.42)
-    with everything between the first down block and the last up block replaced by `deep`."""
+    with everything that feeds the `depth`-th last up block from below replaced by `deep` (that up
+    block's input on the step the features were kept, see `cached_block`). What runs: the time
+    embedding, `conv_in`, the down path as far as those up blocks take skip connections from, the
+    last `depth` up blocks and the output layers."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     if unet.config.center_input_sample:
@@ -202,28 +238,55 @@ def shallow_forward(
     encoder_hidden_states = unet.process_encoder_hidden_states(
         encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {}
     )
+    depth = min(depth, len(unet.up_blocks))
+    ups = list(unet.up_blocks)[-depth:]
+    # The up blocks that run take their skip connections from the end of the down path's outputs,
+    # which start at full resolution: run the down path until there are that many, no further.
+    needed = sum(len(block.resnets) for block in ups)
+    cross = dict(encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
     hidden = unet.conv_in(sample)
     skips: tuple[Any, ...] = (hidden,)
-    first, last = unet.down_blocks[0], unet.up_blocks[-1]
-    # The first down block without its down-sampler: only its full-resolution outputs feed the
-    # last up block (which takes the first len(last.resnets) skip connections).
-    cross = dict(encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
-    attentions = getattr(first, "attentions", None) or [None] * len(first.resnets)
-    for resnet, attention in zip(first.resnets, attentions, strict=True):
-        if len(skips) >= len(last.resnets):
-            break
-        hidden = resnet(hidden, emb)
-        if attention is not None:
-            hidden = attention(hidden, **cross, return_dict=False)[0]
-        skips += (hidden,)
-    if getattr(last, "has_cross_attention", False):
-        hidden = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips, **cross)
-    else:
-        hidden = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips)
+    for block in unet.down_blocks:
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for resnet, attention in zip(block.resnets, attentions, strict=True):
+            if len(skips) < needed:
+                hidden = resnet(hidden, emb)
+                if attention is not None:
+                    hidden = attention(hidden, **cross, return_dict=False)[0]
+                skips += (hidden,)
+        if len(skips) < needed and block.downsamplers is not None:
+            for downsampler in block.downsamplers:
+                hidden = downsampler(hidden)
+            skips += (hidden,)
+    # As UNet2DConditionModel.forward: up-sample to the skip connection's size when the latent's
+    # size is not a multiple of the UNet's overall down-sampling.
+    factor = 2**unet.num_upsamplers
+    odd_size = any(side % factor != 0 for side in sample.shape[-2:])
+    hidden = deep
+    for i, block in enumerate(ups):
+        res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+        upsample_size = skips[-1].shape[2:] if odd_size and i < len(ups) - 1 else None
+        if getattr(block, "has_cross_attention", False):
+            hidden = block(
+                hidden_states=hidden,
+                temb=emb,
+                res_hidden_states_tuple=res,
+                upsample_size=upsample_size,
+                **cross,
+            )
+        else:
+            hidden = block(
+                hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size
+            )
     if unet.conv_norm_out:
         hidden = unet.conv_act(unet.conv_norm_out(hidden))
     out = unet.conv_out(hidden)
     return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def cached_block(unet: Any, depth: int) -> Any:
+    """The up block whose input DeepCache keeps at `depth` (1 = the last up block)."""
+    return unet.up_blocks[-min(depth, len(unet.up_blocks))]
 
 
 # -- first-block cache for transformers (SD3Transformer2DModel, FluxTransformer2DModel) ------------
@@ -337,19 +400,6 @@ def _relative_change(now: Any, before: Any) -> float:
 
 
 # -- per-sample schedules (the continuous engine keeps one cache state per image) -----------------
-
-
-def unet_full_step(level: str, call: int, steps: int) -> bool:
-    """Whether DeepCache at `level` runs the whole UNet on the `call`-th UNet evaluation (0-based) of
-    a call of `steps` denoising steps: `deep_cache`'s schedule, for callers that keep the cached
-    features themselves (`continuous/caching.py`). A caller with nothing cached yet runs in full
-    whatever this says."""
-    if level == "off":
-        return True
-    spec = LEVELS[level]
-    warmup = warmup_steps(spec, steps)
-    # the warm-up's last step counts as the first full step of the cycle
-    return call < warmup or (call - warmup + 1) % spec.unet_interval == 0
 
 
 def transformer_reuses(level: str, residual: Any, cached_residual: Any) -> bool:

@@ -25,7 +25,7 @@ from inference_server.continuous.denoiser import (
     row_times,
     stack_rows,
 )
-from inference_server.step_cache import shallow_forward, unet_full_step
+from inference_server.step_cache import LEVELS, cached_block, shallow_forward, unet_full_step
 
 if TYPE_CHECKING:
     from inference_server.continuous.core import ContinuousRequest, _Sample
@@ -185,18 +185,26 @@ class UNetDenoiser(Denoiser):
         kept: dict[int, torch.Tensor] = {}
         if full:
             args, kwargs = self.unet_inputs(full)
-            deep: list[torch.Tensor] = []
-            handle = None
-            if any(s.cache is not None for s in full):
+            # The deep features each caching sample keeps: its level's cache depth says which up
+            # block's input (step_cache.cached_block); one hook per depth in use.
+            deep: dict[int, list[torch.Tensor]] = {
+                LEVELS[s.cache.level].unet_depth: [] for s in full if s.cache is not None
+            }
+            handles = []
+            for depth, store in deep.items():
 
-                def keep_input(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                    deep.append(args[0] if args else kwargs["hidden_states"])
+                def keep_input(
+                    module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], store: list = store
+                ) -> None:
+                    store.append(args[0] if args else kwargs["hidden_states"])
 
-                handle = unet.up_blocks[-1].register_forward_pre_hook(keep_input, with_kwargs=True)
+                handles.append(
+                    cached_block(unet, depth).register_forward_pre_hook(keep_input, with_kwargs=True)
+                )
             try:
                 out = unet(*args, **kwargs)[0]
             finally:
-                if handle is not None:
+                for handle in handles:
                     handle.remove()
             row = 0
             for s in full:
@@ -204,16 +212,21 @@ class UNetDenoiser(Denoiser):
                 preds[id(s)] = out[rows]
                 if s.cache is not None:
                     # A copy: a view would keep the whole call's features alive.
-                    kept[id(s)] = deep[0][rows].clone()
+                    kept[id(s)] = deep[LEVELS[s.cache.level].unet_depth][0][rows].clone()
                 row = rows.stop
-        if reuse:
-            args, kwargs = self.unet_inputs(reuse)
+        # The shallow path, one sub-batch per cache depth (levels of one depth share it).
+        by_depth: dict[int, list[_Sample]] = {}
+        for s in reuse:
+            assert s.cache is not None and s.cache.deep is not None
+            by_depth.setdefault(LEVELS[s.cache.level].unet_depth, []).append(s)
+        for depth, group in by_depth.items():
+            args, kwargs = self.unet_inputs(group)
             cached = torch.cat(
-                [s.cache.deep for s in reuse if s.cache is not None and s.cache.deep is not None]
+                [s.cache.deep for s in group if s.cache is not None and s.cache.deep is not None]
             )
-            out = shallow_forward(unet, cached, *args, **kwargs)[0]
+            out = shallow_forward(unet, cached, *args, depth=depth, **kwargs)[0]
             row = 0
-            for s in reuse:
+            for s in group:
                 preds[id(s)] = out[row : row + s.prompt.rows]
                 row += s.prompt.rows
         # The call succeeded: now the samples' states move on.

@@ -56,19 +56,30 @@ def load_pipeline(folder: Path):
 
 
 def generate(
-    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 8
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    batch: int = 8,
+    cache: str = "off",
 ) -> list[Image.Image]:
+    """Images in calls of `batch`; `cache` is the step-cache level of each call."""
+    from inference_server.step_cache import step_cache
+
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
-        out = pipe(
-            prompts[i : i + batch],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            height=64,
-            width=64,
-        )
+        # One cache per pipeline call, as the server does: cached features never cross calls.
+        with step_cache(pipe, cache, steps):
+            out = pipe(
+                prompts[i : i + batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                height=64,
+                width=64,
+            )
         images.extend(out.images)
     return images
 
@@ -78,14 +89,11 @@ def cache_comparison(
 ) -> dict:
     """Accuracy at each step-cache level and the mean pixel difference (0-255) to the uncached images
     of the same prompts and seeds (`inference_server/step_cache.py`)."""
-    from inference_server.step_cache import step_cache
-
     out = {}
     reference = np.stack([np.asarray(im, np.float32) for im in uncached])
     for level in levels:
         t = time.time()
-        with step_cache(pipe, level, steps):
-            images = generate(pipe, prompts, seeds, steps, guidance)
+        images = generate(pipe, prompts, seeds, steps, guidance, cache=level)
         got = np.stack([np.asarray(im, np.float32) for im in images])
         res = score(expected, images)
         res["mean_abs_pixel_diff_vs_off"] = round(float(np.abs(got - reference).mean()), 2)

@@ -4,8 +4,9 @@ The embedded model through the server's own `PipelineRunner` (the code a request
 20 steps, guidance 7.5, measured side by side in one run for caching off and each level
 (`inference_server/step_cache.py`): single requests one after another, and batches of 8 images in
 one call. Images/s and the median (p50) latency per call, and each level's images/s as a ratio of
-"off" in the same run, and the CPU seconds per image of the batches (process CPU time, which a
-busy shared machine disturbs far less than wall time). Every round runs every level once in a shuffled order so that load from
+"off" in the same run; the CPU seconds per image of single requests and of the batches (process
+CPU time, which a busy shared machine disturbs far less than wall time); how many of the steps run
+the whole UNet. Every round runs every level once in a shuffled order so that load from
 other jobs on a shared machine hits all of them alike; each figure is the median over rounds.
 `--compile` adds the uncached model with `[model] compile` and with `[model] channels_last`.
 `--continuous` (or `--continuous-only`) adds the continuous engine (`inference_server/continuous/`, each image with its own
@@ -30,7 +31,7 @@ from typing import Any
 from inference_server.config import ModelConfig
 from inference_server.engine import GenerationRequest
 from inference_server.pipelines import PipelineRunner
-from inference_server.step_cache import CACHE_LEVELS, RECOMMENDED_LEVEL, unet_full_step
+from inference_server.step_cache import CACHE_LEVELS, RECOMMENDED_LEVEL, full_steps, unet_full_step
 from tests.bench.stats import percentile
 
 GOAL = 1.8
@@ -118,6 +119,7 @@ async def main() -> None:
     single: dict[str, list[float]] = {name: [] for name in runners}
     batched: dict[str, list[float]] = {name: [] for name in runners}
     cpu_per_image: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_single: dict[str, list[float]] = {name: [] for name in runners}
     single_rate: dict[str, list[float]] = {name: [] for name in runners}
     batch_rate: dict[str, list[float]] = {name: [] for name in runners}
     rng = random.Random(1)
@@ -131,6 +133,7 @@ async def main() -> None:
             for _ in range(args.singles):
                 seed += 1
                 times.append(await timed_call(runner, request(level, (seed,), args.steps)))
+                cpu_single[name].append(CPU_SECONDS[-1])
             single[name] += times
             single_rate[name].append(len(times) / sum(times))
             seed += args.batch
@@ -146,17 +149,22 @@ async def main() -> None:
     )
     print(
         f"{'variant':<14} {'1 image/s':>10} {'p50 s':>7} {'x off':>6}   {'8 images/s':>10} {'p50 s':>7} "
-        f"{'x off':>6}   {'CPU s/image (batch)':>19} {'x off':>6}"
+        f"{'x off':>6}   {'CPU s/image (1, 8)':>18} {'x off':>11}   full UNet steps"
     )
     off_cpu = statistics.median(cpu_per_image["off"])
+    off_cpu_single = statistics.median(cpu_single["off"])
     off_single = statistics.median(single_rate["off"])
     off_batch = statistics.median(batch_rate["off"])
+    level_of = {name: level for name, (_, level) in runners.items()}
     for name in runners:
         s_rate, b_rate = statistics.median(single_rate[name]), statistics.median(batch_rate[name])
         print(
             f"{name:<14} {s_rate:>10.2f} {percentile(single[name], 50):>7.3f} {s_rate / off_single:>6.2f}   "
             f"{b_rate:>10.2f} {percentile(batched[name], 50):>7.3f} {b_rate / off_batch:>6.2f}   "
-            f"{statistics.median(cpu_per_image[name]):>19.3f} {off_cpu / statistics.median(cpu_per_image[name]):>6.2f}"
+            f"{statistics.median(cpu_single[name]):>8.3f} {statistics.median(cpu_per_image[name]):>9.3f} "
+            f"{off_cpu_single / statistics.median(cpu_single[name]):>5.2f} "
+            f"{off_cpu / statistics.median(cpu_per_image[name]):>5.2f}   "
+            f"{full_steps(level_of[name], args.steps)}/{args.steps}"
         )
     for label, rates, off in (("single", single_rate, off_single), ("batch of 8", batch_rate, off_batch)):
         ratio = statistics.median(rates[RECOMMENDED_LEVEL]) / off
@@ -262,7 +270,10 @@ def unet_call_costs(pipe: Any, rows: int) -> dict[str, float]:
     iteration makes them); the least of 30 tries, the figure least disturbed by other jobs."""
     import torch
 
-    from inference_server.step_cache import deep_cache, shallow_forward
+    from inference_server.step_cache import LEVELS, deep_cache, shallow_forward
+
+    # The levels' cache depth (all cached levels share one; step_cache.py)
+    depth = LEVELS["fast"].unet_depth
 
     unet = pipe.unet
     side = 64 // pipe.vae_scale_factor
@@ -271,15 +282,15 @@ def unet_call_costs(pipe: Any, rows: int) -> dict[str, float]:
     t = torch.full((rows,), 500.0)
     half = rows // 2
     with torch.inference_mode():
-        with deep_cache(unet, interval=2) as state:
+        with deep_cache(unet, lambda step: True, depth) as state:
             unet(x, t, encoder_hidden_states=context)  # keeps this call's deep features
         deep = state.deep
         calls = {
             "full": lambda: unet(x, t, encoder_hidden_states=context),
-            "shallow": lambda: shallow_forward(unet, deep, x, t, context),
+            "shallow": lambda: shallow_forward(unet, deep, x, t, context, depth=depth),
             "split": lambda: (
                 unet(x[:half], t[:half], encoder_hidden_states=context[:half]),
-                shallow_forward(unet, deep[half:], x[half:], t[half:], context[half:]),
+                shallow_forward(unet, deep[half:], x[half:], t[half:], context[half:], depth=depth),
             ),
         }
         best = dict.fromkeys(calls, float("inf"))

@@ -21,11 +21,11 @@ from inference_server.step_cache import (
     LEVELS,
     deep_cache,
     first_block_cache,
+    full_steps,
     level_problem,
     shallow_forward,
     step_cache,
     unet_full_step,
-    warmup_steps,
 )
 from inference_server.tiny_families import build_tiny_family
 
@@ -91,11 +91,14 @@ def test_off_is_bit_identical_and_levels_stay_close(name: str) -> None:
     assert np.array_equal(generate(pipe, None), before)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("name", ["embedded", "sd15", "sdxl"])
-def test_deep_cache_skips_steps_and_its_shallow_path_is_exact(name: str) -> None:
+def test_deep_cache_skips_steps_and_its_shallow_path_is_exact(name: str, depth: int) -> None:
     pipe = pipeline(name)
     unet = pipe.unet
-    size = 16 if name == "embedded" else 8
+    # 16: the embedded model's latent; 5: not a multiple of the tiny UNets' down-sampling, so the
+    # up blocks must up-sample to the skip connections' sizes as the full UNet does.
+    size = 16 if name == "embedded" else 5
     torch.manual_seed(0)
     x = torch.randn(2, unet.config.in_channels, size, size)
     context = torch.randn(2, 4, unet.config.cross_attention_dim)
@@ -106,11 +109,11 @@ def test_deep_cache_skips_steps_and_its_shallow_path_is_exact(name: str) -> None
             "time_ids": torch.randn(2, 6),
         }
     t = torch.tensor(500)
-    with torch.inference_mode(), deep_cache(unet, interval=3, warmup_steps=1) as state:
+    with torch.inference_mode(), deep_cache(unet, lambda step: step % 3 == 0, depth) as state:
         full = unet(x, t, encoder_hidden_states=context, **extra).sample
         # From the features of this very step the shallow path must give the full step's output.
-        shallow = shallow_forward(unet, state.deep, x, t, context, **extra).sample
-        assert torch.equal(full, shallow)
+        shallow = shallow_forward(unet, state.deep, x, t, context, depth=depth, **extra).sample
+        assert torch.allclose(full, shallow, atol=1e-6)
         for _ in range(5):
             unet(x, t, encoder_hidden_states=context, **extra)
     assert (state.full_steps, state.shallow_steps) == (2, 4)  # steps 0 and 3 in full
@@ -145,8 +148,45 @@ def test_level_names() -> None:
     assert level_problem("fast") is None
     assert level_problem("fastest") == "must be one of off, fast, faster, got 'fastest'"
     # Cheaper levels cache more.
-    assert LEVELS["fast"].unet_interval < LEVELS["faster"].unet_interval
+    assert 20 == full_steps("off", 20) > full_steps("fast", 20) > full_steps("faster", 20)
     assert LEVELS["fast"].transformer_threshold < LEVELS["faster"].transformer_threshold
+
+
+@pytest.mark.parametrize("level", CACHE_LEVELS)
+@pytest.mark.parametrize("steps", [1, 2, 8, 20, 50])
+def test_unet_schedule_is_a_function_of_step_and_step_count(level: str, steps: int) -> None:
+    schedule = [unet_full_step(level, step, steps) for step in range(steps)]
+    assert schedule[0]  # nothing cached yet
+    spec = LEVELS[level]
+    # The first steps, where a picture's layout and colours form, all run in full.
+    assert all(schedule[: max(1, round(spec.unet_warmup * steps))])
+    # Never more than interval - 1 shallow steps in a row.
+    run = longest = 0
+    for full in schedule:
+        run = 0 if full else run + 1
+        longest = max(longest, run)
+    assert longest <= spec.unet_interval - 1
+    # Asking again, or out of order (as the continuous engine does per sample), answers the same.
+    assert [unet_full_step(level, step, steps) for step in reversed(range(steps))] == schedule[::-1]
+
+
+def test_a_deep_cache_call_follows_its_schedule() -> None:
+    """step_cache runs exactly the steps unet_full_step names in full (counted on the embedded UNet)."""
+    pipe = pipeline("embedded")
+    full_calls = 0
+    original = type(pipe.unet).forward
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal full_calls
+        full_calls += 1
+        return original(self, *args, **kwargs)
+
+    for level in CACHE_LEVELS:
+        full_calls = 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(pipe.unet), "forward", counting)
+            generate(pipe, level)
+        assert full_calls == full_steps(level, STEPS), level
 
 
 @pytest.mark.parametrize("level", CACHE_LEVELS)
@@ -159,7 +199,8 @@ def test_unet_full_step_is_deep_caches_schedule(level: str, steps: int) -> None:
     context = torch.randn(1, 4, unet.config.cross_attention_dim)
     spec = LEVELS[level]
     ran_full = []
-    with torch.inference_mode(), deep_cache(unet, spec.unet_interval, warmup_steps(spec, steps)) as state:
+    schedule = functools.partial(unet_full_step, level, steps=steps)
+    with torch.inference_mode(), deep_cache(unet, lambda i: schedule(step=i), spec.unet_depth) as state:
         for _ in range(steps):
             before = state.full_steps
             unet(x, torch.tensor(500), encoder_hidden_states=context)
