@@ -10,8 +10,9 @@ parameter instead: an array compared with `= ANY(...)`, and rows as one JSON doc
 by `jsonb_populate_recordset`, so the text is the same for 1 row or 500 and the parameters are
 encoded by the json module's C encoder.
 
-SQLite has no prepare round trip and reads its parameters in-process: there `one_of` is the
-usual `IN` and `rows_as_json` is not used.
+SQLite has no prepare round trip: there `one_of` is the usual `IN` (SQLAlchemy expands it from
+one compiled statement) and rows go as rows. (Rows as JSON through `json_each` and `json_extract`
+measured no cheaper there: SQLite parses each row's JSON once per column.)
 """
 
 from __future__ import annotations
@@ -19,40 +20,51 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, Table, any_, bindparam, cast, func, literal_column, select
+from sqlalchemy import ColumnElement, Insert, Table, any_, bindparam, cast, func, literal_column, select
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.types import Text
 
-# The parameter that carries a batch's rows as JSON (`rows_from_json`, `rows_as_json`).
+InsertT = TypeVar("InsertT", bound=Insert)  # a dialect's Insert keeps its on_conflict_* methods
+
+# The parameter that carries a batch's rows as JSON on PostgreSQL (`from_rows`, `rows_param`).
 ROWS_PARAM = "rows"
 
 
-def one_of(column: ColumnElement[Any], values: Collection[Any], *, postgres: bool) -> ColumnElement[bool]:
+def one_of(
+    column: ColumnElement[Any] | QueryableAttribute[Any], values: Collection[Any], *, postgres: bool
+) -> ColumnElement[bool]:
     """`column IN values`; on PostgreSQL `column = ANY(:array)`, one parameter whatever the count."""
     if postgres:
-        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+        array = bindparam(None, list(values), type_=ARRAY(column.expression.type))
+        return column == any_(array)
     return column.in_(values)
 
 
-def rows_from_json(table: Table, names: Sequence[str]) -> Select[Any]:
-    """PostgreSQL: `SELECT names FROM jsonb_populate_recordset(NULL::table, :rows)`, the rows of a
-    batch from one JSON parameter (`rows_as_json`), typed by the table's own row type. For
-    `insert(table).from_select(names, ...)`; columns left out get their defaults."""
+def from_rows(statement: InsertT, table: Table, names: Sequence[str], *, postgres: bool) -> InsertT:
+    """`insert(table)` (`statement`) of a batch's rows, executed with `rows_param(rows)`. On
+    PostgreSQL the rows come from one JSON parameter: `INSERT ... SELECT names FROM
+    jsonb_populate_recordset(NULL::table, :rows)`, typed by the table's own row type (columns left
+    out get their defaults). On SQLite the statement is left as it is, executed with the rows."""
+    if not postgres:
+        return statement
     records = func.jsonb_populate_recordset(
         literal_column(f"NULL::{table.name}"), cast(bindparam(ROWS_PARAM, type_=Text), JSONB)
     ).table_valued(*names)
-    return select(*[records.c[name] for name in names])
+    return statement.from_select(names, select(*[records.c[name] for name in names]))
 
 
-def rows_as_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """The parameters of a `rows_from_json` statement. Datetimes must be timezone-aware (the
-    columns are `timestamptz`), as `UTCDateTime` requires anyway."""
-    return {ROWS_PARAM: json.dumps(rows, default=_json_value, separators=(",", ":"))}
+def rows_param(rows: Sequence[Mapping[str, Any]], *, postgres: bool) -> Any:
+    """The parameters of a `from_rows` statement: on PostgreSQL the rows as one JSON document
+    (datetimes must be timezone-aware, as `UTCDateTime` requires anyway); on SQLite the rows."""
+    if not postgres:
+        return rows
+    return {ROWS_PARAM: json.dumps(rows, default=_pg_value, separators=(",", ":"))}
 
 
-def _json_value(value: Any) -> str:
+def _pg_value(value: Any) -> str:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaConfig
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
-from bot.core.bulk import one_of, rows_as_json, rows_from_json
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
 
@@ -300,10 +300,8 @@ class QuotaBook:
                 {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
                 for pk, period in sorted(self._usage_changed)
             ]
-            if self.quotas.db.is_postgres:
-                await s.execute(_upsert_usage(True), rows_as_json(rows))
-            else:
-                await s.execute(_upsert_usage(False), rows)
+            pg = self.quotas.db.is_postgres
+            await s.execute(_upsert_usage(pg), rows_param(rows, postgres=pg))
         if self._credits_changed:
             users = cast(Table, User.__table__)
             await s.execute(
@@ -317,13 +315,11 @@ USAGE_ROW_COLUMNS = ("user_id", "period", "images_used")
 
 @functools.cache
 def _upsert_usage(postgres: bool) -> Any:
-    """A batch's usage rows written (`QuotaBook.write`); on PostgreSQL from one JSON parameter
-    (`bot.core.bulk`)."""
+    """A batch's usage rows written (`QuotaBook.write`; `bot.core.bulk`)."""
     usage = cast(Table, QuotaUsage.__table__)
-    if postgres:
-        values = pg_insert(usage).from_select(USAGE_ROW_COLUMNS, rows_from_json(usage, USAGE_ROW_COLUMNS))
-    else:
-        values = sqlite_insert(usage)
+    values = from_rows(
+        (pg_insert if postgres else sqlite_insert)(usage), usage, USAGE_ROW_COLUMNS, postgres=postgres
+    )
     return values.on_conflict_do_update(
         index_elements=["user_id", "period"], set_={"images_used": values.excluded.images_used}
     )

@@ -13,6 +13,7 @@ unavailable (`bot.core.db.retry_unavailable`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -20,6 +21,7 @@ from sqlalchemy import Table, func, insert, select, update
 
 from bot.core import validate
 from bot.core.api import ImageInfo, NotFound
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database, retry_unavailable, rows_matched
 from bot.core.group_commit import GroupCommit
 from bot.core.models import ImageRow, Job, User
@@ -63,6 +65,7 @@ class Results:
         self, batch: list[tuple[str, int, tuple[ImageInfo, ...]]]
     ) -> list[tuple[dt.datetime, int] | None]:
         now = self.clock()
+        pg = self.db.is_postgres
         attempts: dict[int, int] = {}
         async with self.db.session() as s:
             by_owner: dict[str, list[int]] = {}
@@ -71,7 +74,9 @@ class Results:
             for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
                 result = await s.execute(
                     update(Job)
-                    .where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.state == "running")
+                    .where(
+                        one_of(Job.id, job_ids, postgres=pg), Job.lease_owner == owner, Job.state == "running"
+                    )
                     .values(
                         state="succeeded",
                         finished_at=now,
@@ -99,7 +104,7 @@ class Results:
                 for i in images
             ]
             if rows:
-                await s.execute(insert(IMAGES), rows)
+                await s.execute(_insert_images(pg), rows_param(rows, postgres=pg))
         return [(now, attempts[job_id]) if job_id in attempts else None for _, job_id, _ in batch]
 
     async def fail(self, owner: str, job_id: int, message: str) -> bool:
@@ -148,7 +153,7 @@ class Results:
                     update(Job)
                     # delivered_at may already be set by attach_result_message (the adapter posted
                     # the result); the lease check alone makes this the one holder's update.
-                    .where(Job.id.in_(job_ids), Job.lease_owner == owner)
+                    .where(one_of(Job.id, job_ids, postgres=self.db.is_postgres), Job.lease_owner == owner)
                     .values(
                         delivered_at=func.coalesce(Job.delivered_at, self.clock()),
                         delivery_error=None if ok else "delivery callback failed (see log)",
@@ -221,3 +226,14 @@ class Results:
                 job.delivery = {**(job.delivery or {}), **merged}
 
         await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: remember delivery")
+
+
+IMAGE_ROW_COLUMNS = (
+    "job_id", "index", "seed", "storage_key", "sha256", "size_bytes", "width", "height", "created_at"
+)  # fmt: skip
+
+
+@functools.cache
+def _insert_images(postgres: bool) -> Any:
+    """A batch's image rows (`bot.core.bulk`)."""
+    return from_rows(insert(IMAGES), IMAGES, IMAGE_ROW_COLUMNS, postgres=postgres)

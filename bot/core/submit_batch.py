@@ -46,7 +46,7 @@ from bot.core.api import (
     Place,
     PlaceRules,
 )
-from bot.core.bulk import one_of, rows_as_json, rows_from_json
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
@@ -193,12 +193,7 @@ class SubmitWriter:
             ids: dict[str, int] = {}
             if rows:
                 # Matched back by key: a multi-row INSERT's RETURNING order is not guaranteed.
-                if pg:
-                    inserted = await s.execute(self._insert_jobs_pg(tuple(rows[0])), rows_as_json(rows))
-                else:
-                    inserted = await s.execute(
-                        insert(JOBS).returning(JOBS.c.id, JOBS.c.idempotency_key), rows
-                    )
+                inserted = await s.execute(self._insert_jobs(tuple(rows[0])), rows_param(rows, postgres=pg))
                 ids = {key: job_id for job_id, key in inserted.tuples()}
                 await book.write(s)
         owners = {user.id: user for user in users.values()}
@@ -244,31 +239,22 @@ class SubmitWriter:
             # Sorted: every batch locks users in the same order, so two never deadlock.
             for (platform, user_id), actor in sorted(latest.items())
         ]
-        if self.db.is_postgres:
-            result = await s.execute(self._upsert_users(), rows_as_json(rows))
-        else:
-            # Executed with the rows as parameters, not as a VALUES list in the statement: the
-            # statement is then compiled once and cached ("insertmanyvalues" still sends one INSERT).
-            result = await s.execute(self._upsert_users(), rows)
+        result = await s.execute(self._upsert_users(), rows_param(rows, postgres=self.db.is_postgres))
         return {(u.platform, u.platform_user_id): u for u in result.all()}
 
     @functools.cache  # noqa: B019 - one writer per service, which lives as long as the process
-    def _insert_jobs_pg(self, names: tuple[str, ...]) -> Any:
+    def _insert_jobs(self, names: tuple[str, ...]) -> Any:
         """The jobs of a batch from one JSON parameter (`bot.core.bulk`); `names`: the rows' keys
         (every row has the same: `Submissions.submit` writes every column)."""
-        return (
-            insert(JOBS)
-            .from_select(names, rows_from_json(JOBS, names))
-            .returning(JOBS.c.id, JOBS.c.idempotency_key)
+        return from_rows(insert(JOBS), JOBS, names, postgres=self.db.is_postgres).returning(
+            JOBS.c.id, JOBS.c.idempotency_key
         )
 
     @functools.cache  # noqa: B019 - as above
     def _upsert_users(self) -> Any:
         """Create the batch's users as needed and lock them, returning what the checks need."""
-        if self.db.is_postgres:
-            values = pg_insert(USERS).from_select(USER_ROW_COLUMNS, rows_from_json(USERS, USER_ROW_COLUMNS))
-        else:
-            values = sqlite_insert(USERS)
+        pg = self.db.is_postgres
+        values = from_rows((pg_insert if pg else sqlite_insert)(USERS), USERS, USER_ROW_COLUMNS, postgres=pg)
         upsert = values.on_conflict_do_update(
             index_elements=["platform", "platform_user_id"],
             set_={
