@@ -105,7 +105,12 @@ def _install_postgres_hooks(engine: AsyncEngine) -> None:
     # parameter: poolers (PgBouncer) refuse unknown startup parameters.
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.run_async(lambda conn: conn.execute("SET plan_cache_mode = force_custom_plan"))
+        try:
+            dbapi_connection.run_async(lambda conn: conn.execute("SET plan_cache_mode = force_custom_plan"))
+        except Exception as e:
+            # The driver's own error (not wrapped here): a connection that dies while it is set up
+            # is a database unavailable, as anywhere else.
+            raise sa_exc.DisconnectionError(f"a new connection failed while set up: {e!r}") from e
 
 
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
