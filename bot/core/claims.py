@@ -25,6 +25,7 @@ from sqlalchemy.orm import aliased
 
 from bot.backends.base import Task
 from bot.core.api import JobView
+from bot.core.bulk import one_of
 from bot.core.db import Database, rows_matched
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
@@ -107,7 +108,7 @@ class Claims:
                 await s.execute(
                     select(Job, User, priority)
                     .join(User, Job.user_id == User.id)
-                    .where(Job.id.in_(taken))
+                    .where(one_of(Job.id, taken, postgres=self.db.is_postgres))
                     .order_by(Job.fair_round, Job.id)
                     .execution_options(populate_existing=True)
                 )
@@ -177,14 +178,19 @@ class Claims:
         """Renew the leases of `job_ids`; returns those `owner` still holds (another dispatcher
         may have taken one over after a stall)."""
         ids = list(job_ids)
+        pg = self.db.is_postgres
         async with self.db.session() as s:
             await s.execute(
                 update(Job)
-                .where(Job.id.in_(ids), Job.lease_owner == owner)
+                .where(one_of(Job.id, ids, postgres=pg), Job.lease_owner == owner)
                 .values(lease_until=self._lease_until())
             )
             return set(
-                (await s.execute(select(Job.id).where(Job.id.in_(ids), Job.lease_owner == owner))).scalars()
+                (
+                    await s.execute(
+                        select(Job.id).where(one_of(Job.id, ids, postgres=pg), Job.lease_owner == owner)
+                    )
+                ).scalars()
             )
 
     async def requeue(self, owner: str, job_id: int, delay_s: float) -> None:

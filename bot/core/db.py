@@ -78,7 +78,7 @@ def make_engine(
         )
         _install_sqlite_hooks(engine)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         echo=echo,
         pool_size=pool_size,
@@ -89,6 +89,28 @@ def make_engine(
         pool_timeout=60,
         pool_pre_ping=True,
     )
+    if parsed.get_backend_name() == "postgresql":
+        _install_postgres_hooks(engine)
+    return engine
+
+
+def _install_postgres_hooks(engine: AsyncEngine) -> None:
+    # asyncpg prepares every statement, and PostgreSQL plans a prepared statement's sixth run
+    # without its parameters (a generic plan), kept while it looks no worse. The batches' statements
+    # take their values as arrays (`bot.core.bulk`), whose size and content a generic plan cannot
+    # see: on a table whose statistics are young it chose `Seq Scan on jobs` for the idempotency
+    # keys and a scan of every queued job for the users' rounds, and the sixth batch of a run took
+    # 2-3x as long. Custom plans cost a plan per statement (tens of microseconds), what a statement
+    # of a new text, as every batch's was before, costs anyway. A SET rather than a startup
+    # parameter: poolers (PgBouncer) refuse unknown startup parameters.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        try:
+            dbapi_connection.run_async(lambda conn: conn.execute("SET plan_cache_mode = force_custom_plan"))
+        except Exception as e:
+            # The driver's own error (not wrapped here): a connection that dies while it is set up
+            # is a database unavailable, as anywhere else.
+            raise sa_exc.DisconnectionError(f"a new connection failed while set up: {e!r}") from e
 
 
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot.core.api import Overloaded
+from bot.core.bulk import one_of
 from bot.core.db import Database
 from bot.core.models import Job
 
@@ -92,7 +93,10 @@ class FairQueue:
         own = (
             await s.execute(
                 select(Job.user_id, func.max(Job.fair_round))
-                .where(Job.user_id.in_(set(user_pks)), Job.state.in_(("queued", "running")))
+                .where(
+                    one_of(Job.user_id, set(user_pks), postgres=self.db.is_postgres),
+                    Job.state.in_(("queued", "running")),
+                )
                 .group_by(Job.user_id)
             )
         ).tuples()

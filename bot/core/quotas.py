@@ -10,9 +10,10 @@ guild/workspace default, else `[quotas] daily_limit`; bonus credits are spent af
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaConfig
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
 
@@ -143,26 +145,29 @@ class Quotas:
         statements whatever the batch's size: the limits that concern its users and their usage in
         `periods`. `credits`: each user's bonus credits, read with the user's lock, which the caller
         holds for every user of `asks` (their charges are then exact)."""
+        pg = self.db.is_postgres
         pks = {a.user_pk for a in asks}
         platforms = {a.platform for a in asks}
-        conds = [(QuotaLimit.scope == "user") & QuotaLimit.scope_id.in_({a.user_id for a in asks})]
+        users = {a.user_id for a in asks}
+        conds = [(QuotaLimit.scope == "user") & one_of(QuotaLimit.scope_id, users, postgres=pg)]
         guilds = {a.guild_id for a in asks if a.guild_id is not None}
         if guilds:
-            conds.append((QuotaLimit.scope == "guild") & QuotaLimit.scope_id.in_(guilds))
+            conds.append((QuotaLimit.scope == "guild") & one_of(QuotaLimit.scope_id, guilds, postgres=pg))
         roles = {role_scope_id(a.guild_id, r) for a in asks if a.guild_id is not None for r in a.role_ids}
         if roles:
-            conds.append((QuotaLimit.scope == "role") & QuotaLimit.scope_id.in_(roles))
+            conds.append((QuotaLimit.scope == "role") & one_of(QuotaLimit.scope_id, roles, postgres=pg))
         limits = (
             await s.execute(
                 select(
                     QuotaLimit.platform, QuotaLimit.scope, QuotaLimit.scope_id, QuotaLimit.daily_limit
-                ).where(QuotaLimit.platform.in_(platforms), or_(*conds))
+                ).where(one_of(QuotaLimit.platform, platforms, postgres=pg), or_(*conds))
             )
         ).all()
         usage = (
             await s.execute(
                 select(QuotaUsage.user_id, QuotaUsage.period, QuotaUsage.images_used).where(
-                    QuotaUsage.user_id.in_(pks), QuotaUsage.period.in_(set(periods))
+                    one_of(QuotaUsage.user_id, pks, postgres=pg),
+                    one_of(QuotaUsage.period, set(periods), postgres=pg),
                 )
             )
         ).all()
@@ -291,19 +296,30 @@ class QuotaBook:
     async def write(self, s: AsyncSession) -> None:
         """The batch's charges: one upsert of the usage rows, one update of the credits spent."""
         if self._usage_changed:
-            values = (pg_insert if self.quotas.db.is_postgres else sqlite_insert)(QuotaUsage)
-            await s.execute(
-                values.on_conflict_do_update(
-                    index_elements=["user_id", "period"], set_={"images_used": values.excluded.images_used}
-                ),
-                [
-                    {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
-                    for pk, period in sorted(self._usage_changed)
-                ],
-            )
+            rows = [
+                {"user_id": pk, "period": period, "images_used": self.usage[(pk, period)]}
+                for pk, period in sorted(self._usage_changed)
+            ]
+            pg = self.quotas.db.is_postgres
+            await s.execute(_upsert_usage(pg), rows_param(rows, postgres=pg))
         if self._credits_changed:
             users = cast(Table, User.__table__)
             await s.execute(
                 update(users).where(users.c.id == bindparam("pk")).values(bonus_credits=bindparam("credits")),
                 [{"pk": pk, "credits": self.credits[pk]} for pk in sorted(self._credits_changed)],
             )
+
+
+USAGE_ROW_COLUMNS = ("user_id", "period", "images_used")
+
+
+@functools.cache
+def _upsert_usage(postgres: bool) -> Any:
+    """A batch's usage rows written (`QuotaBook.write`; `bot.core.bulk`)."""
+    usage = cast(Table, QuotaUsage.__table__)
+    values = from_rows(
+        (pg_insert if postgres else sqlite_insert)(usage), usage, USAGE_ROW_COLUMNS, postgres=postgres
+    )
+    return values.on_conflict_do_update(
+        index_elements=["user_id", "period"], set_={"images_used": values.excluded.images_used}
+    )

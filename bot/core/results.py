@@ -13,13 +13,16 @@ unavailable (`bot.core.db.retry_unavailable`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import validate
 from bot.core.api import ImageInfo, NotFound
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database, retry_unavailable, rows_matched
 from bot.core.group_commit import GroupCommit
 from bot.core.models import ImageRow, Job, User
@@ -30,17 +33,36 @@ IMAGES = cast(Table, ImageRow.__table__)
 MAX_BATCH = 256
 
 
+class Stored(NamedTuple):
+    """A job's result to record (`Results.store`)."""
+
+    owner: str
+    job_id: int
+    images: tuple[ImageInfo, ...]
+
+
+class Delivered(NamedTuple):
+    """A job's delivery to record (`Results.mark_delivered`)."""
+
+    owner: str
+    job_id: int
+    ok: bool
+
+
+Record = Stored | Delivered
+
+
 class Results:
     def __init__(self, db: Database, quotas: Quotas, *, lease_s: float, clock: Callable[[], dt.datetime]):
         self.db = db
         self.quotas = quotas
         self.lease_s = lease_s
         self.clock = clock
-        self._stores: GroupCommit[tuple[str, int, tuple[ImageInfo, ...]], tuple[dt.datetime, int] | None] = (
-            GroupCommit("store results", self._store_batch, max_batch=MAX_BATCH)
-        )
-        self._deliveries: GroupCommit[tuple[str, int, bool], None] = GroupCommit(
-            "mark delivered", self._mark_delivered_batch, max_batch=MAX_BATCH
+        # Results and delivery marks share one group commit, so one transaction records both
+        # kinds finished at the same moment: with a fast backend, one job's result is stored while
+        # another's delivery is marked, and two group commits took a transaction each.
+        self._records: GroupCommit[Record, tuple[dt.datetime, int] | None] = GroupCommit(
+            "record results", self._record_batch, max_batch=MAX_BATCH
         )
 
     def _lease_until(self) -> dt.datetime:
@@ -57,49 +79,59 @@ class Results:
         (the finish time, the delivery attempt), or None when `owner` no longer holds the job (its
         result is then someone else's to make). Results finished at the same moment share the
         transaction (`bot.core.group_commit`)."""
-        return await self._stores((owner, job_id, tuple(images)))
+        return await self._records(Stored(owner, job_id, tuple(images)))
+
+    async def _record_batch(self, batch: list[Record]) -> list[tuple[dt.datetime, int] | None]:
+        stores = [r for r in batch if isinstance(r, Stored)]
+        deliveries = [r for r in batch if isinstance(r, Delivered)]
+        async with self.db.session() as s:
+            stored = await self._store_batch(s, stores) if stores else []
+            if deliveries:
+                await self._mark_delivered_batch(s, deliveries)
+        outcomes = iter(stored)
+        return [next(outcomes) if isinstance(r, Stored) else None for r in batch]
 
     async def _store_batch(
-        self, batch: list[tuple[str, int, tuple[ImageInfo, ...]]]
+        self, s: AsyncSession, batch: list[Stored]
     ) -> list[tuple[dt.datetime, int] | None]:
         now = self.clock()
+        pg = self.db.is_postgres
         attempts: dict[int, int] = {}
-        async with self.db.session() as s:
-            by_owner: dict[str, list[int]] = {}
-            for owner, job_id, _ in batch:
-                by_owner.setdefault(owner, []).append(job_id)
-            for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
-                result = await s.execute(
-                    update(Job)
-                    .where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.state == "running")
-                    .values(
-                        state="succeeded",
-                        finished_at=now,
-                        error=None,
-                        lease_until=self._lease_until(),
-                        delivery_attempts=Job.delivery_attempts + 1,
-                    )
-                    .returning(Job.id, Job.delivery_attempts)
+        by_owner: dict[str, list[int]] = {}
+        for owner, job_id, _ in batch:
+            by_owner.setdefault(owner, []).append(job_id)
+        for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
+            result = await s.execute(
+                update(Job)
+                .where(one_of(Job.id, job_ids, postgres=pg), Job.lease_owner == owner, Job.state == "running")
+                .values(
+                    state="succeeded",
+                    finished_at=now,
+                    error=None,
+                    lease_until=self._lease_until(),
+                    delivery_attempts=Job.delivery_attempts + 1,
                 )
-                attempts.update(result.tuples().all())
-            rows = [
-                {
-                    "job_id": job_id,
-                    "index": i.index,
-                    "seed": i.seed,
-                    "storage_key": i.storage_key,
-                    "sha256": i.sha256,
-                    "size_bytes": i.size_bytes,
-                    "width": i.width,
-                    "height": i.height,
-                    "created_at": now,
-                }
-                for _, job_id, images in batch
-                if job_id in attempts
-                for i in images
-            ]
-            if rows:
-                await s.execute(insert(IMAGES), rows)
+                .returning(Job.id, Job.delivery_attempts)
+            )
+            attempts.update(result.tuples().all())
+        rows = [
+            {
+                "job_id": job_id,
+                "index": i.index,
+                "seed": i.seed,
+                "storage_key": i.storage_key,
+                "sha256": i.sha256,
+                "size_bytes": i.size_bytes,
+                "width": i.width,
+                "height": i.height,
+                "created_at": now,
+            }
+            for _, job_id, images in batch
+            if job_id in attempts
+            for i in images
+        ]
+        if rows:
+            await s.execute(_insert_images(pg), rows_param(rows, postgres=pg))
         return [(now, attempts[job_id]) if job_id in attempts else None for _, job_id, _ in batch]
 
     async def fail(self, owner: str, job_id: int, message: str) -> bool:
@@ -136,27 +168,25 @@ class Results:
     async def mark_delivered(self, owner: str, job_id: int, *, ok: bool) -> None:
         """The delivery callback returned (`ok`) or raised: the job is delivered, and released.
         Deliveries finished at the same moment share the transaction."""
-        await self._deliveries((owner, job_id, ok))
+        await self._records(Delivered(owner, job_id, ok))
 
-    async def _mark_delivered_batch(self, batch: list[tuple[str, int, bool]]) -> list[None]:
+    async def _mark_delivered_batch(self, s: AsyncSession, batch: list[Delivered]) -> None:
         groups: dict[tuple[str, bool], list[int]] = {}
         for owner, job_id, ok in batch:
             groups.setdefault((owner, ok), []).append(job_id)
-        async with self.db.session() as s:
-            for (owner, ok), job_ids in groups.items():
-                await s.execute(
-                    update(Job)
-                    # delivered_at may already be set by attach_result_message (the adapter posted
-                    # the result); the lease check alone makes this the one holder's update.
-                    .where(Job.id.in_(job_ids), Job.lease_owner == owner)
-                    .values(
-                        delivered_at=func.coalesce(Job.delivered_at, self.clock()),
-                        delivery_error=None if ok else "delivery callback failed (see log)",
-                        lease_owner=None,
-                        lease_until=None,
-                    )
+        for (owner, ok), job_ids in groups.items():
+            await s.execute(
+                update(Job)
+                # delivered_at may already be set by attach_result_message (the adapter posted
+                # the result); the lease check alone makes this the one holder's update.
+                .where(one_of(Job.id, job_ids, postgres=self.db.is_postgres), Job.lease_owner == owner)
+                .values(
+                    delivered_at=func.coalesce(Job.delivered_at, self.clock()),
+                    delivery_error=None if ok else "delivery callback failed (see log)",
+                    lease_owner=None,
+                    lease_until=None,
                 )
-        return [None] * len(batch)
+            )
 
     # -- the adapters' records -----------------------------------------------------------------
 
@@ -221,3 +251,14 @@ class Results:
                 job.delivery = {**(job.delivery or {}), **merged}
 
         await retry_unavailable(write, within_s=self.lease_s, what=f"job {job_id}: remember delivery")
+
+
+IMAGE_ROW_COLUMNS = (
+    "job_id", "index", "seed", "storage_key", "sha256", "size_bytes", "width", "height", "created_at"
+)  # fmt: skip
+
+
+@functools.cache
+def _insert_images(postgres: bool) -> Any:
+    """A batch's image rows (`bot.core.bulk`)."""
+    return from_rows(insert(IMAGES), IMAGES, IMAGE_ROW_COLUMNS, postgres=postgres)

@@ -24,6 +24,7 @@ batch is locked for the whole of it; a refusal is that submission's alone.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -45,6 +46,7 @@ from bot.core.api import (
     Place,
     PlaceRules,
 )
+from bot.core.bulk import from_rows, one_of, rows_param
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
@@ -63,6 +65,18 @@ MAX_BATCH = 500
 # Core tables, not ORM classes: a batch writes plain rows (no identity map, no unit of work).
 JOBS = cast(Table, Job.__table__)
 USERS = cast(Table, User.__table__)
+# The columns of a user row `_lock_users` sends.
+USER_ROW_COLUMNS = (
+    "platform",
+    "platform_user_id",
+    "display_name",
+    "is_admin",
+    "banned",
+    "ban_reason",
+    "bonus_credits",
+    "created_at",
+    "updated_at",
+)
 
 
 @dataclass(frozen=True)
@@ -116,9 +130,12 @@ class SubmitWriter:
         async with self.db.session() as s:
             users = await self._lock_users(s, batch)
             keys = {p.key for p in batch}
+            pg = self.db.is_postgres
             existing = {
                 job.idempotency_key: job
-                for job in (await s.execute(select(Job).where(Job.idempotency_key.in_(keys)))).scalars()
+                for job in (
+                    await s.execute(select(Job).where(one_of(Job.idempotency_key, keys, postgres=pg)))
+                ).scalars()
             }
             admission = await self.queue.admission(s, {u.id for u in users.values()}, len(batch))
             book = await self.quotas.book(
@@ -176,7 +193,7 @@ class SubmitWriter:
             ids: dict[str, int] = {}
             if rows:
                 # Matched back by key: a multi-row INSERT's RETURNING order is not guaranteed.
-                inserted = await s.execute(insert(JOBS).returning(JOBS.c.id, JOBS.c.idempotency_key), rows)
+                inserted = await s.execute(self._insert_jobs(tuple(rows[0])), rows_param(rows, postgres=pg))
                 ids = {key: job_id for job_id, key in inserted.tuples()}
                 await book.write(s)
         owners = {user.id: user for user in users.values()}
@@ -222,9 +239,22 @@ class SubmitWriter:
             # Sorted: every batch locks users in the same order, so two never deadlock.
             for (platform, user_id), actor in sorted(latest.items())
         ]
-        # Executed with the rows as parameters, not as a VALUES list in the statement: the
-        # statement is then compiled once and cached ("insertmanyvalues" still sends one INSERT).
-        values = (pg_insert if self.db.is_postgres else sqlite_insert)(USERS)
+        result = await s.execute(self._upsert_users(), rows_param(rows, postgres=self.db.is_postgres))
+        return {(u.platform, u.platform_user_id): u for u in result.all()}
+
+    @functools.cache  # noqa: B019 - one writer per service, which lives as long as the process
+    def _insert_jobs(self, names: tuple[str, ...]) -> Any:
+        """The jobs of a batch from one JSON parameter (`bot.core.bulk`); `names`: the rows' keys
+        (every row has the same: `Submissions.submit` writes every column)."""
+        return from_rows(insert(JOBS), JOBS, names, postgres=self.db.is_postgres).returning(
+            JOBS.c.id, JOBS.c.idempotency_key
+        )
+
+    @functools.cache  # noqa: B019 - as above
+    def _upsert_users(self) -> Any:
+        """Create the batch's users as needed and lock them, returning what the checks need."""
+        pg = self.db.is_postgres
+        values = from_rows((pg_insert if pg else sqlite_insert)(USERS), USERS, USER_ROW_COLUMNS, postgres=pg)
         upsert = values.on_conflict_do_update(
             index_elements=["platform", "platform_user_id"],
             set_={
@@ -244,7 +274,7 @@ class SubmitWriter:
             USERS.c.ban_reason,
             USERS.c.bonus_credits,
         )
-        return {(u.platform, u.platform_user_id): u for u in (await s.execute(upsert, rows)).all()}
+        return upsert
 
     @staticmethod
     def _ask(pending: PendingJob, users: dict[tuple[str, str], Row[Any]]) -> QuotaAsk:
