@@ -41,17 +41,17 @@ def pipes(torch_one_thread: None) -> dict[str, Any]:
     return {"txt2img": base, "img2img": img2img, "inpaint": inpaint}
 
 
-@pytest.fixture
-def make_engine(pipes: dict[str, Any]) -> Iterator[Any]:
-    """Start continuous engines on the shared pipeline; they are stopped after the test."""
+def _engines_on(pipe: Any) -> Iterator[Any]:
+    """Yield a maker of continuous engines on `pipe` (its scheduler factory by default); every
+    engine it made is stopped afterwards."""
     from inference_server.continuous.core import ContinuousEngine
     from inference_server.continuous.engine import scheduler_factory
 
     engines = []
 
     def make(**kwargs: Any) -> ContinuousEngine:
-        kwargs.setdefault("scheduler_factory", scheduler_factory(pipes["inpaint"]))
-        engine = ContinuousEngine(pipes["inpaint"], **kwargs)
+        kwargs.setdefault("scheduler_factory", scheduler_factory(pipe))
+        engine = ContinuousEngine(pipe, **kwargs)
         engine.start()
         engines.append(engine)
         return engine
@@ -59,3 +59,16 @@ def make_engine(pipes: dict[str, Any]) -> Iterator[Any]:
     yield make
     for engine in engines:
         engine.stop()
+
+
+@pytest.fixture
+def make_engine(pipes: dict[str, Any]) -> Iterator[Any]:
+    """Start continuous engines on the shared pipeline; they are stopped after the test."""
+    yield from _engines_on(pipes["inpaint"])
+
+
+@pytest.fixture
+def engine_of(family: tuple[Any, dict[str, Any]]) -> Iterator[Any]:
+    """Continuous engines on the inpaint pipeline of the test module's `family` fixture (a name and
+    the family's pipelines by task)."""
+    yield from _engines_on(family[1]["inpaint"])

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from inference_server.continuous.core import ContinuousEngine, ContinuousRequest, RequestCancelled
+from inference_server.continuous.core import ContinuousRequest, RequestCancelled
 from inference_server.continuous.engine import scheduler_factory
 from inference_server.step_cache import LEVELS, step_cache, unet_full_step
 from tests.server_continuous.conftest import SIZE
@@ -82,22 +81,6 @@ def reusing_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     skip, which would leave the splice untested ("faster" keeps its threshold: samples that hold a
     cache yet compute every step). Both engines read the same table."""
     monkeypatch.setitem(LEVELS, "fast", dataclasses.replace(LEVELS["fast"], transformer_threshold=10.0))
-
-
-@pytest.fixture
-def engine_of(family: tuple[str, dict[str, Any]]) -> Iterator[Any]:
-    engines: list[ContinuousEngine] = []
-
-    def make(**kwargs: Any) -> ContinuousEngine:
-        pipe = family[1]["inpaint"]
-        engine = ContinuousEngine(pipe, scheduler_factory=scheduler_factory(pipe), **kwargs)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
 
 
 def request(name: str, seed: int, cache: str, **kw: Any) -> ContinuousRequest:

@@ -7,13 +7,12 @@ batch mid-flight and leave it first; a cancelled request leaves at the next step
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from inference_server.continuous.core import ContinuousEngine, ContinuousRequest, RequestCancelled
+from inference_server.continuous.core import ContinuousRequest, RequestCancelled
 from inference_server.continuous.engine import scheduler_factory
 from inference_server.tiny_families import TinyFamily
 from tests.server_continuous.family_parity import FAMILIES, FAMILY_SIZE, family_pipes, family_requests
@@ -28,22 +27,6 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request: pytest.FixtureRequest, torch_one_thread: None) -> tuple[TinyFamily, dict[str, Any]]:
     return request.param, family_pipes(request.param)
-
-
-@pytest.fixture
-def engine_of(family: tuple[TinyFamily, dict[str, Any]]) -> Iterator[Any]:
-    engines: list[ContinuousEngine] = []
-
-    def make(**kwargs: Any) -> ContinuousEngine:
-        pipe = family[1]["inpaint"]
-        engine = ContinuousEngine(pipe, scheduler_factory=scheduler_factory(pipe), **kwargs)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
 
 
 def request(name: str, steps: int, **kw: Any) -> ContinuousRequest:
