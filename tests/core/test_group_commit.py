@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from bot.core.api import DatabaseError
 from bot.core.group_commit import GroupCommit
 
 
@@ -71,3 +72,54 @@ async def test_a_caller_cancelled_before_its_batch_starts_is_left_out():
     gate.set()
     assert (await first, await kept) == (1, 3)
     assert seen == [[1], [3]]
+
+
+async def test_a_row_the_database_refuses_fails_its_caller_alone():
+    """A batch whose transaction fails as a whole is tried in halves down to the item that fails it:
+    one caller's bad row never fails the others queued beside it."""
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        batches.append(items)
+        await gate.wait()
+        if 13 in items:
+            raise DatabaseError("value out of range")  # the whole transaction rolled back
+        return [i * 10 for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit("test", run, max_batch=10)
+    first = asyncio.ensure_future(group(0))
+    await settle()
+    rest = [asyncio.ensure_future(group(i)) for i in (11, 12, 13, 14, 15)]
+    gate.set()
+    assert await first == 0
+    outcomes = await asyncio.gather(*rest, return_exceptions=True)
+    assert [o if isinstance(o, int) else str(o) for o in outcomes] == [
+        110,
+        120,
+        "value out of range",
+        140,
+        150,
+    ]
+    assert batches[1] == [11, 12, 13, 14, 15]  # tried together first
+    assert [13] in batches  # and the bad one ends up alone
+    assert len(batches) <= 1 + 2 * 5 - 1  # at most a binary split's worth of tries
+
+
+async def test_a_database_that_is_not_answering_fails_the_batch_at_once():
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def run(items: list[str]) -> list[str]:
+        calls.append(items)
+        await gate.wait()
+        raise DatabaseError("The bot's database is not answering", "unavailable")
+
+    group: GroupCommit[str, str] = GroupCommit("test", run, max_batch=10)
+    first = asyncio.ensure_future(group("a"))
+    await settle()
+    rest = [asyncio.ensure_future(group(x)) for x in "bcd"]
+    gate.set()
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert all(isinstance(o, DatabaseError) and o.kind == "unavailable" for o in outcomes)
+    assert calls == [["a"], ["b", "c", "d"]]  # no retries piece by piece
