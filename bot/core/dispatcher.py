@@ -110,6 +110,10 @@ class Dispatcher:
         # each beat.
         self._dispatchers = 1
         self._last_new_positions = 0.0
+        # Set when a tick came too soon after the last look for new jobs' positions: the loop then
+        # ticks again when the interval ends, so a job queued then learns its place within
+        # NEW_POSITION_INTERVAL_S rather than at the next poll (or whenever something else wakes us).
+        self._positions_due_at: float | None = None
         self._last_takeover = -float("inf")
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
@@ -197,8 +201,11 @@ class Dispatcher:
                 await asyncio.sleep(self.config.poll_interval_s)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
             # arrives as the event fires, and stop() would then wait for this loop forever.
+            wait_s = self.config.poll_interval_s
+            if self._positions_due_at is not None:
+                wait_s = min(wait_s, max(0.0, self._positions_due_at - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.poll_interval_s):
+                async with asyncio.timeout(wait_s):
                     await self._wake.wait()
 
     async def _tick(self) -> None:
@@ -240,12 +247,15 @@ class Dispatcher:
                 break
         # Positions of newly queued jobs go out at once; changes of known ones at most every
         # progress_interval_s (each one is a chat message edit, and the queue moves constantly).
+        self._positions_due_at = None
         if now_mono - self._last_positions >= self.config.progress_interval_s:
             self._last_positions = self._last_new_positions = now_mono
             await self._report_positions(platforms, only_new=False)
         elif now_mono - self._last_new_positions >= NEW_POSITION_INTERVAL_S:
             self._last_new_positions = now_mono
             await self._report_positions(platforms, only_new=True)
+        else:
+            self._positions_due_at = self._last_new_positions + NEW_POSITION_INTERVAL_S
 
     def _free(self) -> bool:
         return len(self._tasks) - len(self._delivering) < self._concurrency()

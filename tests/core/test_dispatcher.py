@@ -85,6 +85,33 @@ async def test_queue_positions_are_reported_when_they_change(db_url, tmp_path):
         assert {e[2] for e in delivery.events if e[0] == "queued" and e[1] == jobs[0].id} <= {1}
 
 
+async def test_jobs_queued_just_after_a_position_report_learn_theirs_without_waiting_for_the_poll(
+    db_url, tmp_path
+):
+    """New jobs' positions go out at most every NEW_POSITION_INTERVAL_S; a job queued inside that
+    window is told when it ends, not at the next poll (an hour here) or whenever a job finishes."""
+    backend = FakeBackend()
+    backend.hold()
+    async with running_core(
+        db_url,
+        tmp_path,
+        backend=backend,
+        bot={"dispatch_concurrency": 1, "poll_interval_s": 3600.0, "progress_interval_s": 3600.0},
+    ) as (core, delivery):
+        first = await core.service.imagine(ALICE, GUILD, "p0", idempotency_key="n0")
+        await delivery.wait_for(lambda: len(backend.calls) == 1)
+        # Two more at once: the second's wake-up comes inside the interval the first's report opened.
+        second = await core.service.imagine(ALICE, GUILD, "p1", idempotency_key="n1")
+        third = await core.service.imagine(ALICE, GUILD, "p2", idempotency_key="n2")
+        await delivery.wait_for(
+            lambda: {("queued", second.id, 1), ("queued", third.id, 2)} <= set(delivery.events), within_s=20
+        )
+        assert len(backend.calls) == 1  # told while the first job still runs
+        backend.release()
+        for job in (first, second, third):
+            assert (await core.service.wait_for_job(job.id, 30)).state == "succeeded"
+
+
 async def test_progress_is_throttled(sqlite_url, tmp_path):
     backend = FakeBackend(delay_s=0.3)  # 30 steps, one every 10 ms
     async with running_core(sqlite_url, tmp_path, backend=backend, bot={"progress_interval_s": 60.0}) as (
