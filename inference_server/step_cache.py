@@ -342,7 +342,7 @@ def first_block_cache(transformer: Any, threshold: float) -> Iterator[FirstBlock
         s.skip = (
             s.head_residual is not None
             and s.tail_residual is not None
-            and _relative_change(residual, s.head_residual) < state.threshold
+            and reuses_residual(state.threshold, residual, s.head_residual)
         )
         if s.skip:
             state.cached_steps += 1
@@ -399,11 +399,17 @@ def _relative_change(now: Any, before: Any) -> float:
     return float(((now - before).abs().mean() / before.abs().mean().clamp_min(1e-12)).item())
 
 
+def reuses_residual(threshold: float, residual: Any, cached_residual: Any) -> bool:
+    """The first-block cache's rule, in both engines: the other blocks are skipped when the first
+    block's residual changed by less than `threshold` since the last fully computed step (a
+    threshold of 0 never skips; a relative change is never negative)."""
+    return threshold > 0 and _relative_change(residual, cached_residual) < threshold
+
+
 # -- per-sample schedules (the continuous engine keeps one cache state per image) -----------------
 
 
 def transformer_reuses(level: str, residual: Any, cached_residual: Any) -> bool:
     """Whether the first-block cache at `level` skips the other blocks, given the first block's
     residual now and on the last fully computed step (the rule `first_block_cache` applies)."""
-    threshold = LEVELS[level].transformer_threshold
-    return threshold > 0 and _relative_change(residual, cached_residual) < threshold
+    return reuses_residual(LEVELS[level].transformer_threshold, residual, cached_residual)
