@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,13 +122,12 @@ async def warm_up(engine: Any) -> None:
         await asyncio.gather(*(job.wait() for job in jobs))
 
 
-async def saturation(
-    engine: Any, workload: str, clients: int, total: int, stagger: float, seed: int
+async def closed_loop_rate(
+    engine: Any, next_request: Callable[[], GenerationRequest], clients: int, total: int, stagger: float
 ) -> float:
-    """Closed-loop requests/s: `clients` clients, client i starting at i * stagger."""
+    """Closed-loop requests/s: `clients` clients, client i starting at i * stagger, each sending
+    `next_request()` as soon as its last one finished, `total` in all."""
     loop = asyncio.get_running_loop()
-    rng = random.Random(54321 + seed)
-    steps = des.workload(workload)
     issued = 0
     done: list[float] = []
 
@@ -136,11 +136,20 @@ async def saturation(
         await asyncio.sleep(i * stagger)
         while issued < total:
             issued += 1
-            await engine.submit(make_request(rng, steps(rng)), timeout_s=3600).wait()
+            await engine.submit(next_request(), timeout_s=3600).wait()
             done.append(loop.time())
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     return des.steady_rate(sorted(done), clients)
+
+
+async def saturation(
+    engine: Any, workload: str, clients: int, total: int, stagger: float, seed: int
+) -> float:
+    """Closed-loop requests/s of `workload`'s requests (`closed_loop_rate`)."""
+    rng = random.Random(54321 + seed)
+    steps = des.workload(workload)
+    return await closed_loop_rate(engine, lambda: make_request(rng, steps(rng)), clients, total, stagger)
 
 
 async def run_point(engine: Any, arrivals: list[tuple[float, GenerationRequest]]) -> PointResult:

@@ -40,7 +40,14 @@ from inference_server.engine import GenerationRequest
 from inference_server.tiny_families import TinyFamily, save_tiny_family
 from tests.bench import des_model as des
 from tests.bench import engines as variants
-from tests.bench.continuous_bench import PROMPTS, PointResult, commit, load_averages, run_point
+from tests.bench.continuous_bench import (
+    PROMPTS,
+    PointResult,
+    closed_loop_rate,
+    commit,
+    load_averages,
+    run_point,
+)
 from tests.bench.stats import percentile
 
 SIZE = 32
@@ -72,21 +79,8 @@ def make_engine(kind: str, path: Path) -> Any:
 
 
 async def saturation(engine: Any, family: TinyFamily, clients: int, total: int, stagger: float) -> float:
-    loop = asyncio.get_running_loop()
     rng = random.Random(54321)
-    issued = 0
-    done: list[float] = []
-
-    async def client(i: int) -> None:
-        nonlocal issued
-        await asyncio.sleep(i * stagger)
-        while issued < total:
-            issued += 1
-            await engine.submit(make_request(family, rng), timeout_s=3600).wait()
-            done.append(loop.time())
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return des.steady_rate(sorted(done), clients)
+    return await closed_loop_rate(engine, lambda: make_request(family, rng), clients, total, stagger)
 
 
 def parity(family: TinyFamily) -> dict[str, float]:
