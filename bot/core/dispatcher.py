@@ -583,6 +583,7 @@ class Dispatcher:
         view = dataclasses.replace(view, delivery_attempt=attempt)
         if attempt > 1:
             log.warning("job %s: delivery attempt %d (an earlier one did not finish)", view.id, attempt)
+        adapter = self.service.deliveries.get(view.platform)
         if view.state == "succeeded":
             if images is None:
                 try:
@@ -598,6 +599,14 @@ class Dispatcher:
                 ok = await self._call(view, "on_failed", view, RESULT_UNREADABLE)
         else:
             ok = await self._call(view, "on_failed", view, view.error or "The job failed.")
+        if not ok and (self._stopping or self.service.deliveries.get(view.platform) is not adapter):
+            # The adapter closed under the call (a shutdown closes the platform's HTTP session
+            # before the dispatcher stops): that is no verdict on the delivery. The job stays
+            # undelivered and is handed back, so the next process delivers it.
+            log.info(
+                "job %s: its %s adapter closed during delivery; left to deliver later", view.id, view.platform
+            )
+            return
         await self._recorded(
             view.id, "mark delivered", lambda: self.results.mark_delivered(self.owner, view.id, ok=ok)
         )

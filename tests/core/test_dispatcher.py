@@ -9,13 +9,14 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, update
 
 from bot.backends.fake import FakeBackend
-from bot.core.api import Actor, Place
+from bot.core.api import Actor, JobView, Place
 from bot.core.models import ImageRow, Job
-from tests.core.helpers import ALICE, BOB, GUILD, running_core
+from tests.core.helpers import ALICE, BOB, GUILD, RecordingDelivery, running_core
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -238,6 +239,41 @@ async def test_graceful_stop_hands_running_jobs_back(db_url, tmp_path):
     async with running_core(db_url, tmp_path) as (core, delivery):  # the next start finishes it
         assert (await core.service.wait_for_job(job.id, 30)).state == "succeeded"
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
+
+
+async def test_a_delivery_cut_off_by_its_adapter_closing_is_left_for_the_next_start(db_url, tmp_path):
+    """At shutdown the adapter closes its HTTP session before the dispatcher stops: a delivery
+    still retrying then fails with "Session is closed". That is no verdict on the delivery: the
+    job stays undelivered and the next process delivers it, once."""
+
+    class ClosingAdapter(RecordingDelivery):
+        def __init__(self, core: Any) -> None:
+            super().__init__()
+            self.core = core
+
+        async def on_succeeded(self, job: JobView, images: Any) -> None:
+            self.core.service.unregister_delivery("discord")  # what the adapter's close() does
+            self.events.append(("cut off", job.id))
+            self._changed.set()
+            raise RuntimeError("Session is closed")
+
+    async with running_core(db_url, tmp_path, deliver=()) as (core, _):
+        closing = ClosingAdapter(core)
+        core.service.register_delivery("discord", closing)
+        job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="cut")
+        await closing.wait_for(lambda: ("cut off", job.id) in closing.events)
+        await core.dispatcher.stop()
+        async with core.db.read() as s:
+            row = await s.get(Job, job.id)
+            assert row is not None and (row.state, row.delivered_at, row.delivery_error) == (
+                "succeeded",
+                None,
+                None,
+            )
+    async with running_core(db_url, tmp_path) as (core, delivery):  # the next start delivers it
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        await asyncio.sleep(0.3)
+        assert len(delivery.succeeded[job.id]) == 1 and len(core.backend.calls) == 0
 
 
 WORKER = textwrap.dedent(
