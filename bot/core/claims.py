@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import and_, case, func, or_, select, true, update
+from sqlalchemy import Table, and_, case, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from bot.backends.base import Task
 from bot.core.api import JobView
@@ -29,7 +28,10 @@ from bot.core.bulk import one_of
 from bot.core.db import Database, rows_matched
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
-from bot.core.views import job_view
+from bot.core.views import JobColumns, job_view, view_of
+
+JOBS = cast(Table, Job.__table__)
+USERS = cast(Table, User.__table__)
 
 
 @dataclass(frozen=True)
@@ -79,17 +81,17 @@ class Claims:
             taken = (
                 (
                     await s.execute(
-                        update(Job)
-                        .where(Job.id == picked.c.id, Job.state == "queued")
+                        update(JOBS)
+                        .where(JOBS.c.id == picked.c.id, JOBS.c.state == "queued")
                         .values(
                             state="running",
                             lease_owner=owner,
                             lease_until=self._lease_until(),
-                            started_at=func.coalesce(Job.started_at, now),
-                            attempts=Job.attempts + 1,
+                            started_at=func.coalesce(JOBS.c.started_at, now),
+                            attempts=JOBS.c.attempts + 1,
                             notified_position=None,
                         )
-                        .returning(Job.id)
+                        .returning(JOBS.c.id)
                     )
                 )
                 .scalars()
@@ -97,25 +99,31 @@ class Claims:
             )
             if not taken:
                 return []
-            older = aliased(Job)
+            # Core, not ORM: the claimed jobs are read once to build their views, and ORM objects
+            # (identity map, instance state) cost more to build than the views themselves.
+            older = JOBS.alias("older")
             priority = (
                 select(func.count())
-                .where(older.user_id == Job.user_id, older.state == "running", older.id < Job.id)
-                .correlate(Job)
+                .where(older.c.user_id == JOBS.c.user_id, older.c.state == "running", older.c.id < JOBS.c.id)
+                .correlate(JOBS)
                 .scalar_subquery()
             )
             rows = (
                 await s.execute(
-                    select(Job, User, priority)
-                    .join(User, Job.user_id == User.id)
-                    .where(one_of(Job.id, taken, postgres=self.db.is_postgres))
-                    .order_by(Job.fair_round, Job.id)
-                    .execution_options(populate_existing=True)
+                    select(
+                        *JOBS.c,
+                        USERS.c.platform_user_id.label("owner_id"),
+                        USERS.c.display_name.label("owner_name"),
+                        priority.label("ahead"),
+                    )
+                    .join(USERS, JOBS.c.user_id == USERS.c.id)
+                    .where(one_of(JOBS.c.id, taken, postgres=self.db.is_postgres))
+                    .order_by(JOBS.c.fair_round, JOBS.c.id)
                 )
             ).all()
             return [
-                dataclasses.replace(await _claimed_job(s, job, user), priority=ahead)
-                for job, user, ahead in rows
+                claimed_job(view_of(row, row.owner_id, row.owner_name), row, priority=row.ahead)
+                for row in rows
             ]
 
     async def take_over_expired(
@@ -265,10 +273,16 @@ class Claims:
 async def _claimed_job(s: AsyncSession, job: Job, user: User | None = None) -> ClaimedJob:
     # Only a finished job has images; skip the query for the usual (queued/running) case.
     view = await job_view(s, job, user, images=None if job.state == "succeeded" else ())
+    return claimed_job(view, job)
+
+
+def claimed_job(view: JobView, job: JobColumns, *, priority: int | None = None) -> ClaimedJob:
+    """`job` (an ORM row or a Core row of the jobs table) as its holder runs it."""
     return ClaimedJob(
         view,
         job.params.get("task", "txt2img"),
         job.params.get("strength"),
         job.input_image_key,
         job.mask_key,
+        priority,
     )

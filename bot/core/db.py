@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Result, event
 from sqlalchemy import exc as sa_exc
@@ -30,6 +30,13 @@ log = logging.getLogger("bot.core.db")
 # encode a value (the core's checks keep such values out; this is the net under them). OSError: a
 # connection refused or reset before SQLAlchemy could wrap it.
 _DRIVER_ERRORS = (sa_exc.SQLAlchemyError, UnicodeError, OSError)
+
+# Pooled connections idle this long are pinged before use (`_install_idle_ping`): a connection
+# idle for a second may have met a server restart or an idle timeout unnoticed; one in use
+# throughout would have failed its last statement instead. Under load connections cycle far faster,
+# so the ping costs nothing where round trips count.
+PING_IDLE_S = 1.0
+_IDLE_SINCE = "imagine_idle_since"
 
 
 def as_database_error(error: BaseException) -> DatabaseError:
@@ -87,11 +94,39 @@ def make_engine(
         # together.
         max_overflow=0,
         pool_timeout=60,
-        pool_pre_ping=True,
     )
+    _install_idle_ping(engine)
     if parsed.get_backend_name() == "postgresql":
         _install_postgres_hooks(engine)
     return engine
+
+
+def _install_idle_ping(engine: AsyncEngine) -> None:
+    """Ping a pooled connection before use only when it sat idle for `PING_IDLE_S` (the pool's own
+    `pool_pre_ping` pings at every checkout; asyncpg's ping is BEGIN, a statement and ROLLBACK, so
+    a one-statement transaction took six round trips instead of three). A connection that broke
+    while busy (the server restarted within the last second) fails its unit of work as a broken
+    connection does mid-transaction: the pool is invalidated and the caller's retry, or the user's,
+    gets a new one."""
+
+    @event.listens_for(engine.sync_engine.pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine.pool, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop(_IDLE_SINCE, None)  # None: a new connection
+        if idle_since is None or time.monotonic() - idle_since < PING_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as e:
+            if not engine.dialect.is_disconnect(cast(Any, e), dbapi_connection, None):
+                raise
+            alive = False
+        if not alive:
+            # As pool_pre_ping does: the server may have restarted, so every older connection goes.
+            raise sa_exc.InvalidatePoolError("pooled connection failed its ping")
 
 
 def _install_postgres_hooks(engine: AsyncEngine) -> None:

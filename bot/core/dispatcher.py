@@ -37,6 +37,7 @@ import io
 import logging
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -61,7 +62,6 @@ from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
 from bot.core.heartbeats import Heartbeats
 from bot.core.service import CoreService
-from bot.core.storage import content_key
 from bot.core.wakeup import JobListener
 
 log = logging.getLogger("bot.core.dispatcher")
@@ -78,6 +78,7 @@ STORAGE_WRITE_FAILED = (
 STORAGE_READ_FAILED = (
     "This job's input image could not be read from the bot's image storage. Your quota was refunded."
 )
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RESULT_UNREADABLE = "Your images were made but can no longer be read from the bot's image storage."
 
 
@@ -94,6 +95,7 @@ class Dispatcher:
         # Jobs whose task only delivers an outcome now: they hold no dispatch slot, so a slow or
         # retried post (a platform outage) never holds back generation.
         self._delivering: set[int] = set()
+        self._previews: dict[str, tuple[object, bool]] = {}  # see _takes_previews
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_positions = 0.0
@@ -425,11 +427,7 @@ class Dispatcher:
         await self._call(view, "on_progress", view, 0, p.steps)
         last_progress = time.monotonic()
         last_preview: float | None = None
-        delivery = self.service.deliveries.get(view.platform)
-        # A metered delivery forwards on_preview; whether previews go anywhere is its inner one's say.
-        previews = self.config.preview_interval_s > 0 and isinstance(
-            getattr(delivery, "inner", delivery), PreviewDelivery
-        )
+        previews = self.config.preview_interval_s > 0 and self._takes_previews(view.platform)
 
         job_timeout = asyncio.timeout(self.config.job_timeout_s)
 
@@ -507,6 +505,18 @@ class Dispatcher:
             return
         await self._succeed(view, images)
 
+    def _takes_previews(self, platform: str) -> bool:
+        """Whether the platform's delivery shows previews; remembered per delivery object (an
+        isinstance check against a runtime Protocol inspects every method, per job)."""
+        delivery = self.service.deliveries.get(platform)
+        known = self._previews.get(platform)
+        if known is not None and known[0] is delivery:
+            return known[1]
+        # A metered delivery forwards on_preview; whether previews go anywhere is its inner one's say.
+        takes = isinstance(getattr(delivery, "inner", delivery), PreviewDelivery)
+        self._previews[platform] = (delivery, takes)
+        return takes
+
     async def _requeue(self, view: JobView, error: BackendError) -> None:
         # A backend told how long to wait (a rate limit's Retry-After): retrying sooner would only
         # spend the attempt on the same refusal.
@@ -523,11 +533,10 @@ class Dispatcher:
         stored: list[ResultImage] = []
         try:
             for index, image in enumerate(images):
+                # The key is the sha256 of the bytes (content-addressed storage): not hashed twice.
                 key = await self.service.storage.put(image.png)
                 width, height = _image_size(image.png) or (view.params.width, view.params.height)
-                info = ImageInfo(
-                    index, int(image.seed), key, content_key(image.png), len(image.png), width, height
-                )
+                info = ImageInfo(index, int(image.seed), key, key, len(image.png), width, height)
                 stored.append(ResultImage(info, image.png))
         except StorageError:
             # Logged by the storage with the path and the cause; retrying would fail the same way.
@@ -615,7 +624,12 @@ class Dispatcher:
 
 def _image_size(png: bytes) -> tuple[int, int] | None:
     """The real size of a returned image (a hosted API may not honour the requested size);
-    reads the header only."""
+    reads the header only: a PNG's from its IHDR chunk directly (PIL's open costs more than the
+    rest of storing a result), anything else through PIL."""
+    if len(png) >= 24 and png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", png[16:24])
+        if width and height:
+            return width, height
     try:
         with Image.open(io.BytesIO(png)) as img:
             return img.size

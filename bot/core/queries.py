@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from bot.core import validate
 from bot.core.api import Actor, JobView, NotFound, Place, QuotaView, StatsView, UserStat
@@ -15,8 +16,10 @@ from bot.core.fair_queue import FairQueue
 from bot.core.models import ImageRow, Job, User
 from bot.core.quotas import Quotas
 from bot.core.storage import ImageStorage
-from bot.core.views import job_view
+from bot.core.views import job_view, view_of
 
+JOBS = cast(Table, Job.__table__)
+USERS = cast(Table, User.__table__)
 MAX_HISTORY = 100  # one page of history is plenty for a chat message; bigger asks are capped
 MAX_TOP_USERS = 25  # a chat message lists them one a line
 # Results without a recorded message are looked for among those of the last day: reactions on older
@@ -54,12 +57,15 @@ class Queries:
         """Views of several jobs in one query (without images: for queued jobs)."""
         job_ids = [validate.job_id(j) for j in job_ids]
         async with self.db.read() as s:
+            # Core rows, not ORM objects: each is read to build its view, nothing more.
             rows = (
                 await s.execute(
-                    select(Job, User).join(User, Job.user_id == User.id).where(Job.id.in_(job_ids))
+                    select(*JOBS.c, USERS.c.platform_user_id, USERS.c.display_name)
+                    .join(USERS, JOBS.c.user_id == USERS.c.id)
+                    .where(JOBS.c.id.in_(job_ids))
                 )
             ).all()
-            return {job.id: await job_view(s, job, user, images=()) for job, user in rows}
+        return {row.id: view_of(row, row.platform_user_id, row.display_name) for row in rows}
 
     async def job_for_message(self, platform: str, message_id: str) -> JobView | None:
         platform = validate.ident("platform", platform, max_chars=validate.MAX_PLATFORM_CHARS)

@@ -29,6 +29,9 @@ from bot.core.models import ImageRow, Job, User
 from bot.core.quotas import Quotas
 
 IMAGES = cast(Table, ImageRow.__table__)
+# Core, not ORM, for the batches' updates: an ORM UPDATE first evaluates its criteria against the
+# session's objects (synchronize_session), work a batch of plain rows does not need.
+JOBS = cast(Table, Job.__table__)
 # Results recorded in one transaction at most: a dispatcher's slots finish at most this many at once.
 MAX_BATCH = 256
 
@@ -102,16 +105,20 @@ class Results:
             by_owner.setdefault(owner, []).append(job_id)
         for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
             result = await s.execute(
-                update(Job)
-                .where(one_of(Job.id, job_ids, postgres=pg), Job.lease_owner == owner, Job.state == "running")
+                update(JOBS)
+                .where(
+                    one_of(JOBS.c.id, job_ids, postgres=pg),
+                    JOBS.c.lease_owner == owner,
+                    JOBS.c.state == "running",
+                )
                 .values(
                     state="succeeded",
                     finished_at=now,
                     error=None,
                     lease_until=self._lease_until(),
-                    delivery_attempts=Job.delivery_attempts + 1,
+                    delivery_attempts=JOBS.c.delivery_attempts + 1,
                 )
-                .returning(Job.id, Job.delivery_attempts)
+                .returning(JOBS.c.id, JOBS.c.delivery_attempts)
             )
             attempts.update(result.tuples().all())
         rows = [
@@ -176,12 +183,12 @@ class Results:
             groups.setdefault((owner, ok), []).append(job_id)
         for (owner, ok), job_ids in groups.items():
             await s.execute(
-                update(Job)
+                update(JOBS)
                 # delivered_at may already be set by attach_result_message (the adapter posted
                 # the result); the lease check alone makes this the one holder's update.
-                .where(one_of(Job.id, job_ids, postgres=self.db.is_postgres), Job.lease_owner == owner)
+                .where(one_of(JOBS.c.id, job_ids, postgres=self.db.is_postgres), JOBS.c.lease_owner == owner)
                 .values(
-                    delivered_at=func.coalesce(Job.delivered_at, self.clock()),
+                    delivered_at=func.coalesce(JOBS.c.delivered_at, self.clock()),
                     delivery_error=None if ok else "delivery callback failed (see log)",
                     lease_owner=None,
                     lease_until=None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,6 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.backends.base import LoraSpec
 from bot.core.api import ImageInfo, JobKind, JobParams, JobState, JobView
 from bot.core.models import ImageRow, Job, User
+
+# A job's columns as attributes: a `Job`, a Core row of the jobs table, or a row just inserted (a
+# SimpleNamespace of the INSERT's values and its id).
+JobColumns = Job | SimpleNamespace | Any
 
 
 async def image_infos(s: AsyncSession, job_id: int) -> tuple[ImageInfo, ...]:
@@ -43,7 +47,7 @@ async def job_view(
 
 
 def view_of(
-    job: Job | SimpleNamespace,
+    job: JobColumns,
     owner_id: str,
     owner_name: str,
     *,
@@ -51,7 +55,7 @@ def view_of(
     images: tuple[ImageInfo, ...] = (),
 ) -> JobView:
     """The view of `job`, whose owner and images the caller knows (no database read). `job` may be
-    a row just inserted, with the columns as attributes."""
+    a row just inserted, with the columns as attributes, or a Core row of the jobs table."""
     p = job.params
     return JobView(
         id=job.id,

@@ -16,7 +16,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot.backends.fake import FakeBackend
+from bot.core import db as db_module
 from bot.core.api import DatabaseError, StorageError
+from bot.core.db import Database, make_engine
 from bot.core.models import Job
 from tests.core.conftest import truncate
 from tests.core.helpers import ALICE, GUILD, running_core
@@ -159,3 +161,56 @@ async def test_unwritable_storage_stops_the_start_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"\[storage\] dir: .*images is not writable"):
         async with build_core(config_for(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", tmp_path), {}):
             pass
+
+
+async def _backend_pid(db: Database) -> int:
+    async with db.read() as s:
+        return int((await s.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def _terminate(url: str, pid: int) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_connection_idle_past_the_ping_threshold_is_pinged_and_replaced(pg_session_url, monkeypatch):
+    """A pooled connection that sat idle (here: any, the threshold is 0) is pinged before use, so one
+    whose server process is gone is replaced and the unit of work never sees it."""
+    monkeypatch.setattr(db_module, "PING_IDLE_S", 0.0)
+    db = Database(make_engine(pg_session_url, pool_size=1))
+    try:
+        pid = await _backend_pid(db)
+        await _terminate(pg_session_url, pid)
+        assert await _backend_pid(db) != pid
+    finally:
+        await db.close()
+
+
+@pytest.mark.postgres
+async def test_a_busy_connection_is_not_pinged_and_a_dead_one_costs_one_unit_of_work(
+    pg_session_url, monkeypatch
+):
+    """Within the threshold a connection goes to work without a ping (three round trips saved per
+    transaction); one that died meanwhile fails that unit of work as `unavailable`, as a connection
+    lost mid-transaction does, and the next one gets a new connection."""
+    monkeypatch.setattr(db_module, "PING_IDLE_S", 3600.0)
+    db = Database(make_engine(pg_session_url, pool_size=1))
+    pings = []
+    real_ping = db.engine.dialect.do_ping
+    monkeypatch.setattr(db.engine.dialect, "do_ping", lambda conn: pings.append(1) or real_ping(conn))
+    try:
+        pid = await _backend_pid(db)
+        assert await _backend_pid(db) == pid and pings == []
+        await _terminate(pg_session_url, pid)
+        with pytest.raises(DatabaseError) as err:
+            await _backend_pid(db)
+        assert err.value.kind == "unavailable"
+        assert await _backend_pid(db) != pid
+        assert pings == []
+    finally:
+        await db.close()
