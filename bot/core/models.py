@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -126,6 +127,15 @@ class Job(Base):
         Index("ix_jobs_user_state_fair", "user_id", "state", "fair_round"),
         Index("ix_jobs_result_message", "platform", "result_message_id"),
         Index("ix_jobs_user_created", "user_id", "created_at"),
+        # The jobs holding a lease (running, or finished and not yet delivered): a dispatcher's
+        # look for expired leases reads these instead of every job ever made.
+        Index(
+            "ix_jobs_leased",
+            "platform",
+            "lease_until",
+            postgresql_where=text("lease_until IS NOT NULL"),
+            sqlite_where=text("lease_until IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

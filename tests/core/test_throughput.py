@@ -294,3 +294,29 @@ async def test_submissions_at_once_share_a_transaction_and_each_gets_its_own_out
         # Fair rounds as one at a time would give them: greedy's second job a round after its first.
         positions = {v.id: await core.service.queue_position(v.id) for v in (g1, g2, *fine)}
         assert positions[g2.id] > max(positions[v.id] for v in fine)
+
+
+async def test_the_look_for_expired_leases_reads_the_leased_jobs_only(sqlite_url, tmp_path):
+    """A dispatcher looks for expired leases once per poll interval; it must read the jobs holding a
+    lease (the partial index `ix_jobs_leased`), not every job ever made. SQLite without statistics
+    (no ANALYZE, as a bot's database has) is the planner most easily led to another index."""
+    async with running_core(sqlite_url, tmp_path, start=False) as (core, _):
+        for k in range(3):
+            await core.service.imagine(users(1)[0], GUILD, f"p{k}", idempotency_key=f"k{k}")
+        looks: list[tuple[str, object]] = []
+
+        def record(conn, cursor, statement, parameters, *args):  # noqa: ANN001 - SQLAlchemy event
+            if statement.lstrip().upper().startswith("SELECT"):
+                looks.append((statement, parameters))
+
+        event.listen(core.db.engine.sync_engine, "before_cursor_execute", record)
+        try:
+            assert await core.service.claims.take_over_expired("me", ["discord"], []) is None
+        finally:
+            event.remove(core.db.engine.sync_engine, "before_cursor_execute", record)
+        [(statement, parameters)] = looks
+        async with core.db.read() as s:
+            conn = await s.connection()
+            plan = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            details = " ".join(str(row[-1]) for row in plan)
+        assert "ix_jobs_leased" in details, details
