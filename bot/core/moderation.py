@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 def normalize(text: str) -> str:
     """Fold case and strip accents (NFKD, drop combining marks), collapse whitespace."""
+    if text.isascii():
+        # The usual prompt: NFKD leaves ASCII as it is and it has no combining marks, and ASCII's
+        # casefold is lower(). This runs per submission inside the batch's transaction.
+        return " ".join(text.lower().split())
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return " ".join(stripped.split())
@@ -44,7 +48,7 @@ class Moderator:
 
     def check(self, prompt: str) -> Rule | None:
         """The first rule the prompt breaks, or None."""
-        if not self.enabled:
+        if not self.enabled or not self.rules:
             return None
         text = normalize(prompt)
         for rule in self.rules:

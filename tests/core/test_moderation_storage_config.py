@@ -1,11 +1,13 @@
 """Moderation rules, content-addressed storage, and the typed config."""
 
 import hashlib
+import string
+import unicodedata
 
 import pytest
 
 from bot.config import load_core_config
-from bot.core.moderation import Moderator
+from bot.core.moderation import Moderator, normalize
 from bot.core.storage import LocalImageStorage
 from bot.settings import ConfigError
 
@@ -20,6 +22,19 @@ def test_moderation_is_case_and_accent_insensitive_on_whole_words():
     assert m.check("a nice cat") is None
     assert m.check("gore").description == "banned term 'gore'"
     assert Moderator(["gore"], enabled=False).check("gore") is None
+
+
+def test_an_ascii_prompt_is_normalized_as_the_unicode_path_would():
+    """`normalize` skips Unicode decomposition for ASCII text (the usual prompt): same result."""
+
+    def unicode_path(text: str) -> str:
+        decomposed = unicodedata.normalize("NFKD", text.casefold())
+        return " ".join("".join(ch for ch in decomposed if not unicodedata.combining(ch)).split())
+
+    texts = [string.printable, "A  Lighthouse\tat DUSK\n--ar 16:9", "", "   ", "ß", "Crème GÔRE"]
+    texts += [string.printable[i:] + string.printable[:i] for i in range(0, 100, 7)]
+    for text in texts:
+        assert normalize(text) == unicode_path(text), text
 
 
 async def test_storage_is_content_addressed_and_idempotent(tmp_path):
