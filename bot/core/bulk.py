@@ -43,6 +43,16 @@ def one_of(
     return column.in_(values)
 
 
+def one_of_param(
+    column: ColumnElement[Any] | QueryableAttribute[Any], name: str, *, postgres: bool
+) -> ColumnElement[bool]:
+    """`one_of` with the values left to execution (`{name: [...]}`), for a statement built once: on
+    PostgreSQL `= ANY(:name)`, on SQLite an expanding `IN`."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(column.expression.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
 def from_rows(statement: InsertT, table: Table, names: Sequence[str], *, postgres: bool) -> InsertT:
     """`insert(table)` (`statement`) of a batch's rows, executed with `rows_param(rows)`. On
     PostgreSQL the rows come from one JSON parameter: `INSERT ... SELECT names FROM

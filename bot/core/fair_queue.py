@@ -22,12 +22,24 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, case, func, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot.core.api import Overloaded
-from bot.core.bulk import one_of
+from bot.core.bulk import one_of, one_of_param
 from bot.core.db import Database
 from bot.core.models import Job
 
@@ -66,6 +78,21 @@ class FairQueue:
     def first(self, platforms: Sequence[str] | None, limit: int) -> Select[int]:
         """The ids of the first `limit` queued jobs due now, in dispatch order (an index range)."""
         return select(Job.id).where(*self._due(platforms)).order_by(Job.fair_round, Job.id).limit(limit)
+
+    def first_due(self) -> Select[int]:
+        """`first` with its values as parameters (`now`, `platforms`, `limit`), for a statement
+        built once: building a statement and its cache key costs more than running it."""
+        now = bindparam("now", type_=Job.__table__.c.not_before.type)
+        return (
+            select(Job.id)
+            .where(
+                Job.state == "queued",
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+                one_of_param(Job.platform, "platforms", postgres=self.db.is_postgres),
+            )
+            .order_by(Job.fair_round, Job.id)
+            .limit(bindparam("limit", type_=Integer))
+        )
 
     async def order(self, s: AsyncSession, platforms: Sequence[str] | None, limit: int) -> list[int]:
         """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
