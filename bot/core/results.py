@@ -17,12 +17,12 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import validate
 from bot.core.api import ImageInfo, NotFound
-from bot.core.bulk import from_rows, one_of, rows_param
+from bot.core.bulk import from_rows, one_of_param, rows_param
 from bot.core.db import Database, retry_unavailable, rows_matched
 from bot.core.group_commit import GroupCommit
 from bot.core.models import ImageRow, Job, User
@@ -105,20 +105,8 @@ class Results:
             by_owner.setdefault(owner, []).append(job_id)
         for owner, job_ids in by_owner.items():  # one owner, in all but odd test set-ups
             result = await s.execute(
-                update(JOBS)
-                .where(
-                    one_of(JOBS.c.id, job_ids, postgres=pg),
-                    JOBS.c.lease_owner == owner,
-                    JOBS.c.state == "running",
-                )
-                .values(
-                    state="succeeded",
-                    finished_at=now,
-                    error=None,
-                    lease_until=self._lease_until(),
-                    delivery_attempts=JOBS.c.delivery_attempts + 1,
-                )
-                .returning(JOBS.c.id, JOBS.c.delivery_attempts)
+                _store_results(pg),
+                {"ids": job_ids, "owner": owner, "now": now, "until": self._lease_until()},
             )
             attempts.update(result.tuples().all())
         rows = [
@@ -183,16 +171,13 @@ class Results:
             groups.setdefault((owner, ok), []).append(job_id)
         for (owner, ok), job_ids in groups.items():
             await s.execute(
-                update(JOBS)
-                # delivered_at may already be set by attach_result_message (the adapter posted
-                # the result); the lease check alone makes this the one holder's update.
-                .where(one_of(JOBS.c.id, job_ids, postgres=self.db.is_postgres), JOBS.c.lease_owner == owner)
-                .values(
-                    delivered_at=func.coalesce(JOBS.c.delivered_at, self.clock()),
-                    delivery_error=None if ok else "delivery callback failed (see log)",
-                    lease_owner=None,
-                    lease_until=None,
-                )
+                _mark_delivered(self.db.is_postgres),
+                {
+                    "ids": job_ids,
+                    "owner": owner,
+                    "now": self.clock(),
+                    "failure": None if ok else "delivery callback failed (see log)",
+                },
             )
 
     # -- the adapters' records -----------------------------------------------------------------
@@ -263,6 +248,54 @@ class Results:
 IMAGE_ROW_COLUMNS = (
     "job_id", "index", "seed", "storage_key", "sha256", "size_bytes", "width", "height", "created_at"
 )  # fmt: skip
+
+
+# The batches' updates are built once, with their values as parameters (`bot.core.bulk.
+# one_of_param`): building a statement and its cache key costs more than the database's work on a
+# small batch.
+
+
+@functools.cache
+def _store_results(postgres: bool) -> Any:
+    """Mark the running jobs `ids` that `owner` holds succeeded and count their first delivery
+    attempt (see `Results.store`)."""
+    return (
+        update(JOBS)
+        .where(
+            one_of_param(JOBS.c.id, "ids", postgres=postgres),
+            JOBS.c.lease_owner == bindparam("owner", type_=JOBS.c.lease_owner.type),
+            JOBS.c.state == "running",
+        )
+        .values(
+            state="succeeded",
+            finished_at=bindparam("now", type_=JOBS.c.finished_at.type),
+            error=None,
+            lease_until=bindparam("until", type_=JOBS.c.lease_until.type),
+            delivery_attempts=JOBS.c.delivery_attempts + 1,
+        )
+        .returning(JOBS.c.id, JOBS.c.delivery_attempts)
+    )
+
+
+@functools.cache
+def _mark_delivered(postgres: bool) -> Any:
+    """The jobs `ids` that `owner` holds are delivered (`failure`: why the callback failed, or None),
+    and released."""
+    return (
+        update(JOBS)
+        # delivered_at may already be set by attach_result_message (the adapter posted the result);
+        # the lease check alone makes this the one holder's update.
+        .where(
+            one_of_param(JOBS.c.id, "ids", postgres=postgres),
+            JOBS.c.lease_owner == bindparam("owner", type_=JOBS.c.lease_owner.type),
+        )
+        .values(
+            delivered_at=func.coalesce(JOBS.c.delivered_at, bindparam("now", type_=JOBS.c.delivered_at.type)),
+            delivery_error=bindparam("failure", type_=JOBS.c.delivery_error.type),
+            lease_owner=None,
+            lease_until=None,
+        )
+    )
 
 
 @functools.cache
