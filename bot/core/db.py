@@ -160,6 +160,53 @@ async def retry_unavailable(op: Callable[[], Awaitable[T]], *, within_s: float, 
         delay = min(delay * 2, 2.0)
 
 
+@asynccontextmanager
+async def _transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in one transaction: committed when the body ends, rolled back when it raises.
+    Ending it (commit or rollback, and the connection's return to the pool) is not cut short by a
+    cancellation: the caller's cancellation comes after it. A return cut short mid-way (a task
+    cancelled at shutdown, or by a timeout, while aiosqlite rolls the pooled connection back)
+    leaves the connection in an unknown state and makes SQLAlchemy's pool log "Exception during
+    reset or similar" at ERROR."""
+    session = maker()
+    try:
+        await session.begin()
+        yield session
+    except BaseException:
+        await _uninterrupted(_end(session, commit=False))
+        raise
+    await _uninterrupted(_end(session, commit=True))
+
+
+async def _end(session: AsyncSession, *, commit: bool) -> None:
+    try:
+        if commit:
+            await session.commit()
+        else:
+            await session.rollback()
+    finally:
+        await session.close()
+
+
+async def _uninterrupted(step: Awaitable[None]) -> None:
+    """Await `step` to its end even when the caller is cancelled meanwhile, then re-raise that
+    cancellation."""
+    task = asyncio.ensure_future(step)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as e:
+            if task.cancelled():
+                raise  # the step itself was cancelled, not (only) its caller
+            cancelled = e  # the caller was: the step goes on, and the cancellation comes after it
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller was cancelled, and hears of that instead
+        raise cancelled
+    task.result()
+
+
 class Database:
     """The engine plus two session factories: `session()` for units of work that write, `read()` for
     read-only ones (on SQLite these do not take the write lock)."""
@@ -195,10 +242,10 @@ class Database:
                 # SQLite has one writer at a time. Queue this process's writers here rather than in
                 # SQLite's busy handler, whose sleeps grow while the lock sits free (throughput fell
                 # tenfold with 200 concurrent submitters). Other processes still meet the busy handler.
-                async with self._sqlite_writer, self._gate, self._write() as s, s.begin():
+                async with self._sqlite_writer, self._gate, _transaction(self._write) as s:
                     yield s
                 return
-            async with self._gate, self._write() as s, s.begin():
+            async with self._gate, _transaction(self._write) as s:
                 yield s
         except _DRIVER_ERRORS as e:
             raise as_database_error(e) from e
@@ -206,7 +253,7 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         try:
-            async with self._gate, self._read() as s, s.begin():
+            async with self._gate, _transaction(self._read) as s:
                 yield s
         except _DRIVER_ERRORS as e:
             raise as_database_error(e) from e
