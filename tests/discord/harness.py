@@ -111,6 +111,10 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            # The order of `python -m bot` (bot.__main__): the dispatcher stops while the adapter
+            # is still open (deliveries in flight finish), then the adapter closes, then the core.
+            await _stop_dispatcher_loop(self.core)
+            await self.core.dispatcher.stop()
             if self._task is not None:
                 if self._task.done() and not self._task.cancelled() and self._task.exception():
                     raise self._task.exception()  # type: ignore[misc]

@@ -169,6 +169,9 @@ async def running_adapter(
             try:
                 yield Running(fake, sender, core, config)
             finally:
+                # The order of `python -m bot`: the dispatcher stops while the adapter is still
+                # open (deliveries in flight finish), then the adapter closes, then the core.
+                await core.dispatcher.stop()
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     async with asyncio.timeout(30):  # a stop that hangs is a bug: fail, don't wait forever
