@@ -734,6 +734,8 @@ class FakeDiscord:
         self.requests.append((request.method, path))
         for held in self._holds:
             if held.matches(request, path):
+                # Read first: Discord has the whole request, and acts on it even if the bot goes away.
+                await request.read()
                 held.arrived.set()
                 while not held.released.is_set():  # polled: the fake's loop answers the rest meanwhile
                     await asyncio.sleep(0.01)

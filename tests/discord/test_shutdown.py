@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bot.__main__ import amain
+from bot.backends.fake import FakeBackend
 from bot.core.db import Database, make_engine
 from bot.core.models import Job
 from tests.discord.fake_discord import FakeDiscord
-from tests.discord.harness import App, app_config
+from tests.discord.harness import App, app_config, result_job, wait_result
 
 ORIGINAL = r"/messages/@original$"
 
@@ -78,3 +79,32 @@ async def test_sigterm_lets_the_result_being_posted_finish_before_the_adapter_cl
     async with App(fake_discord, config):  # the next start: nothing left to deliver
         await asyncio.sleep(0.3)  # room for a second post, which must not come (no timing asserted)
     assert [r for r in fake_discord.requests[posts:] if r[1].endswith("/@original")] == []
+
+
+async def test_a_status_message_cut_off_by_the_stop_is_not_posted_again(fake_discord: FakeDiscord, tmp_path):
+    """A reaction's job shows its status as a channel message. The stop cuts its send after
+    Discord made the message and before the bot kept its id: the next start sends the status again
+    with the same nonce, gets that message back, and turns it into the result (one message)."""
+    alice, carol = fake_discord.user("alice"), fake_discord.user("carol")
+    config = app_config(tmp_path, fake_discord)
+    backend = FakeBackend()
+    async with App(fake_discord, config, backend=backend) as first:
+        rec = await fake_discord.slash("imagine", alice, {"prompt": "a lighthouse"})
+        parent = await wait_result(fake_discord, rec)
+        await result_job(first, parent)
+        backend.hold()  # the variation stays generating: the stop hands it back
+        held = fake_discord.hold_next("POST", r"/channels/\d+/messages$")  # its status message
+        await fake_discord.react(int(parent["id"]), "🔁", carol)
+        await fake_discord.wait_for(held.arrived.is_set, what="the status message's send")
+    held.release()  # Discord makes the message the stopped bot never heard back about
+    [status] = await fake_discord.wait_for(fake_discord.channel_messages, what="the status message")
+    row = await job_row(config, 2)
+    assert row.state == "queued" and "status_message_id" not in (row.delivery or {})
+
+    async with App(fake_discord, config) as second:
+        result = await fake_discord.wait_for(
+            lambda: [m for m in fake_discord.channel_messages() if m["attachments"]], what="the result"
+        )
+        job = await result_job(second, result[0])
+    assert job.kind == "reroll" and job.result_message_id == status["id"]
+    assert [m["id"] for m in fake_discord.channel_messages()] == [status["id"]]  # one message, not two
