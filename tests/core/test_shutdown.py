@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.backends.fake import FakeBackend
 from bot.core.api import Actor
 from bot.core.db import Database, make_engine
 from bot.core.models import Job

@@ -737,8 +737,7 @@ class FakeDiscord:
                 # Read first: Discord has the whole request, and acts on it even if the bot goes away.
                 await request.read()
                 held.arrived.set()
-                while not held.released.is_set():  # polled: the fake's loop answers the rest meanwhile
-                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(held.released.wait)  # the fake's loop answers the rest meanwhile
         for f in self._failures:
             if f["left"] > 0 and f["method"] == request.method and f["re"].search(path):
                 f["left"] -= 1
