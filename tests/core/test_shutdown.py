@@ -8,16 +8,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.core.api import Actor
+from bot.backends.fake import FakeBackend
+from bot.core.api import Actor, JobView, ResultImage
 from bot.core.db import Database, make_engine
 from bot.core.models import Job
-from tests.core.helpers import GUILD, running_core
+from tests.core.helpers import ALICE, BOB, GUILD, RecordingDelivery, running_core
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -122,3 +123,61 @@ async def test_a_clean_stop_under_load_logs_no_error_and_the_next_start_finishes
     assert all(len(d) == 1 for d in delivery.succeeded.values())  # once
     assert set(first_run) | set(delivery.succeeded) == jobs
     assert errors(caplog) == []
+
+
+class GatedDelivery(RecordingDelivery):
+    """Posting a result takes until the test opens the gate (a chat post in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.posting: set[int] = set()
+
+    async def on_succeeded(self, job: JobView, images: Sequence[ResultImage]) -> None:
+        self.posting.add(job.id)
+        self._changed.set()
+        await self.gate.wait()
+        await super().on_succeeded(job, images)
+
+
+async def test_a_stop_hands_generating_jobs_back_at_once_and_lets_a_delivery_in_flight_finish(
+    db_url, tmp_path
+):
+    backend = FakeBackend()
+    async with running_core(db_url, tmp_path, backend=backend, deliver=()) as (core, _):
+        delivery = GatedDelivery()
+        core.service.register_delivery("discord", delivery)
+        posted = await core.service.imagine(ALICE, GUILD, "being posted", idempotency_key="a")
+        await delivery.wait_for(lambda: posted.id in delivery.posting)
+        backend.hold()
+        generating = await core.service.imagine(BOB, GUILD, "being made", idempotency_key="b")
+        await delivery.wait_for(lambda: backend.in_flight == 1)
+        stop = asyncio.create_task(core.dispatcher.stop())
+        # The job being made is cancelled at once; the stop waits for the post in flight.
+        await delivery.wait_for(lambda: backend.calls[-1].outcome == "cancelled")
+        assert not stop.done() and posted.id not in delivery.succeeded
+        delivery.gate.set()
+        await stop
+        async with core.db.read() as s:
+            a, b = await s.get(Job, posted.id), await s.get(Job, generating.id)
+        assert a is not None and b is not None
+        assert (a.state, a.delivery_error, a.delivery_attempts) == ("succeeded", None, 1)
+        assert a.delivered_at is not None and len(delivery.succeeded[posted.id]) == 1
+        assert (b.state, b.lease_owner, b.attempts) == ("queued", None, 0)  # back, attempt not spent
+
+
+async def test_a_delivery_past_the_grace_is_cut_off_and_delivered_once_by_the_next_start(db_url, tmp_path):
+    async with running_core(db_url, tmp_path, deliver=(), bot={"shutdown_grace_s": 0}) as (core, _):
+        delivery = GatedDelivery()  # never opened: a post hanging in a platform outage
+        core.service.register_delivery("discord", delivery)
+        job = await core.service.imagine(ALICE, GUILD, "slow post", idempotency_key="slow")
+        await delivery.wait_for(lambda: job.id in delivery.posting)
+        await core.dispatcher.stop()
+        async with core.db.read() as s:
+            row = await s.get(Job, job.id)
+        assert row is not None
+        assert (row.state, row.delivered_at, row.delivery_error) == ("succeeded", None, None)
+    async with running_core(db_url, tmp_path) as (core, delivery):
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        [(view, _images)] = delivery.succeeded[job.id]
+        assert view.delivery_attempt == 2  # the adapter looks for the cut-off post before posting
