@@ -50,7 +50,14 @@ def app_config(tmp: Path, fake: FakeDiscord, **sections: Mapping[str, Any]) -> d
     """A config mapping for the real core (SQLite and images under `tmp`, the in-process fake backend)
     and the adapter (commands synced to the fake's guild, no progress throttling unless asked)."""
     config: dict[str, Any] = {
-        "bot": {"progress_interval_s": 0.0, "poll_interval_s": 0.05, "retry_backoff_s": 0.0},
+        # A short grace at the stop: tests that simulate a crash or an outage leave a delivery
+        # hanging on purpose.
+        "bot": {
+            "progress_interval_s": 0.0,
+            "poll_interval_s": 0.05,
+            "retry_backoff_s": 0.0,
+            "shutdown_grace_s": 1.0,
+        },
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'imagine.db'}", "auto_migrate": True},
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake"},

@@ -54,7 +54,7 @@ async def test_sigterm_lets_the_result_being_posted_finish_before_the_adapter_cl
 ):
     caplog.set_level(logging.INFO)
     alice = fake_discord.user("alice")
-    config = app_config(tmp_path, fake_discord)
+    config = app_config(tmp_path, fake_discord, bot={"shutdown_grace_s": 5.0})  # the default
     config_file = tmp_path / "config.toml"
     write_toml(config_file, config)
     env = {"DISCORD_TOKEN": fake_discord.token, "IMAGINE_PLAYGROUND_ENABLED": "false"}

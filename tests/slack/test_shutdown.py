@@ -23,7 +23,9 @@ async def test_a_stop_lets_the_result_being_uploaded_finish_before_the_adapter_c
 ):
     fake_slack.hold_uploads()
     async with contextlib.AsyncExitStack() as stack:
-        first = await stack.enter_async_context(running_adapter(fake_slack, tmp_path, http))
+        first = await stack.enter_async_context(
+            running_adapter(fake_slack, tmp_path, http, sections={"bot": {"shutdown_grace_s": 5.0}})
+        )
         await first.sender.slash_command("/imagine", "a last boat")
         await asyncio.wait_for(fake_slack.upload_waiting.wait(), 20)
         stop = asyncio.create_task(stack.aclose())  # the stop comes while the bytes are on their way
