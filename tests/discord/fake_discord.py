@@ -734,8 +734,11 @@ class FakeDiscord:
         self.requests.append((request.method, path))
         for held in self._holds:
             if held.matches(request, path):
-                # Read first: Discord has the whole request, and acts on it even if the bot goes away.
-                await request.read()
+                # A JSON body is read first: Discord has the whole request and acts on it even if the
+                # bot goes away meanwhile. (A multipart one is read by its route: aiohttp's multipart
+                # reader reads the stream, not a body read before.)
+                if not request.content_type.startswith("multipart/"):
+                    await request.read()
                 held.arrived.set()
                 await asyncio.to_thread(held.released.wait)  # the fake's loop answers the rest meanwhile
         for f in self._failures:

@@ -73,8 +73,8 @@ async def test_sigterm_lets_the_result_being_posted_finish_before_the_adapter_cl
     row = await job_row(config, 1)
     assert (row.state, row.delivery_error, row.delivery_attempts) == ("succeeded", None, 1)
     assert row.delivered_at is not None and row.result_message_id == str(rec.original["id"])
-    assert [e for e in rec.edits if e["_files"]] and rec.original["attachments"]
-    assert not logged(caplog, "Session is closed")
+    assert len([e for e in rec.edits if e["_files"]]) == 1 and rec.original["attachments"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a clean stop
     posts = len(fake_discord.requests)
     async with App(fake_discord, config):  # the next start: nothing left to deliver
         await asyncio.sleep(0.3)  # room for a second post, which must not come (no timing asserted)
