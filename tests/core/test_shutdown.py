@@ -181,3 +181,24 @@ async def test_a_delivery_past_the_grace_is_cut_off_and_delivered_once_by_the_ne
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
         [(view, _images)] = delivery.succeeded[job.id]
         assert view.delivery_attempt == 2  # the adapter looks for the cut-off post before posting
+
+
+async def test_a_job_finishing_after_its_adapter_closed_is_left_for_the_next_start(db_url, tmp_path):
+    """The old order of a stop closed the adapters first: a job that finished in between found no
+    delivery registered and was marked delivered with an error, so nobody ever delivered it."""
+    backend = FakeBackend()
+    async with running_core(db_url, tmp_path, backend=backend) as (core, delivery):
+        backend.hold()
+        job = await core.service.imagine(ALICE, GUILD, "outlived its adapter", idempotency_key="late")
+        await delivery.wait_for(lambda: backend.in_flight == 1)
+        core.service.unregister_delivery("discord")  # what an adapter's close does
+        backend.release()
+        await core.service.wait_for_job(job.id, 30)
+        await delivery.wait_for(lambda: job.id not in core.dispatcher._tasks)
+        async with core.db.read() as s:
+            row = await s.get(Job, job.id)
+        assert row is not None
+        assert (row.state, row.delivered_at, row.delivery_error) == ("succeeded", None, None)
+    async with running_core(db_url, tmp_path) as (core, delivery):
+        await delivery.wait_for(lambda: job.id in delivery.succeeded)
+        assert len(delivery.succeeded[job.id]) == 1 and job.id not in delivery.failed
