@@ -94,12 +94,12 @@ class Dispatcher:
         # Jobs whose task only delivers an outcome now: they hold no dispatch slot, so a slow or
         # retried post (a platform outage) never holds back generation.
         self._delivering: set[int] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
         # Jobs whose images are made (or whose failure is decided): storing, recording or delivering
         # the outcome. A stop gives these `[bot] shutdown_grace_s` to finish instead of cancelling them.
         self._finishing: set[int] = set()
         self._stopped = False
-        self._main: asyncio.Task[None] | None = None
-        self._stopping = False
         self._last_positions = 0.0
         # Liveness: this dispatcher's heartbeat, and the takeover of dead ones' claims.
         self.heartbeats = Heartbeats(
