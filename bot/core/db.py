@@ -10,6 +10,7 @@ and the dispatcher claims with `FOR UPDATE SKIP LOCKED`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -188,23 +189,37 @@ async def _end(session: AsyncSession, *, commit: bool) -> None:
         await session.close()
 
 
+# How long a cancelled caller still waits for its transaction's end (a commit or rollback is a
+# round trip or two): long enough for any healthy database, short enough that a stop while the
+# database hangs (asyncpg has no statement timeout here) still ends.
+END_WITHIN_S = 10.0
+
+
 async def _uninterrupted(step: Awaitable[None]) -> None:
-    """Await `step` to its end even when the caller is cancelled meanwhile, then re-raise that
-    cancellation."""
+    """Await `step` to its end even when the caller is cancelled meanwhile (for up to
+    END_WITHIN_S after that), then re-raise that cancellation."""
     task = asyncio.ensure_future(step)
-    cancelled: asyncio.CancelledError | None = None
+    try:
+        await asyncio.shield(task)
+        return
+    except asyncio.CancelledError as e:
+        if task.cancelled():
+            raise  # the step itself was cancelled, not (only) its caller
+        cancelled = e  # the caller was: the step goes on, and the cancellation comes after it
+    deadline = asyncio.get_running_loop().time() + END_WITHIN_S
     while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as e:
-            if task.cancelled():
-                raise  # the step itself was cancelled, not (only) its caller
-            cancelled = e  # the caller was: the step goes on, and the cancellation comes after it
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller was cancelled, and hears of that instead
-        raise cancelled
-    task.result()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            log.warning(
+                "a transaction's end outlasted %.0f s after its caller was cancelled; cut off", END_WITHIN_S
+            )
+            task.cancel()
+            break
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still the same stop
+            await asyncio.wait({task}, timeout=remaining)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: the caller was cancelled, and hears of that instead
+    raise cancelled
 
 
 class Database:

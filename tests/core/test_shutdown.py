@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
@@ -202,3 +203,34 @@ async def test_a_job_finishing_after_its_adapter_closed_is_left_for_the_next_sta
     async with running_core(db_url, tmp_path) as (core, delivery):
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
         assert len(delivery.succeeded[job.id]) == 1 and job.id not in delivery.failed
+
+
+async def test_a_cancelled_caller_waits_for_its_transactions_end_only_so_long(monkeypatch):
+    """The end of a transaction runs on when its caller is cancelled, but a database that never
+    answers (a hung commit) does not hold a stop forever: after END_WITHIN_S the end is cut off
+    and the cancellation reaches the caller."""
+    from bot.core import db as db_module
+
+    monkeypatch.setattr(db_module, "END_WITHIN_S", 0.2)
+    ended, hung = asyncio.Event(), asyncio.Event()
+
+    async def quick_end() -> None:
+        await asyncio.sleep(0.05)
+        ended.set()
+
+    async def hung_end() -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    async def cancelled_while(step: Any) -> None:
+        caller = asyncio.create_task(db_module._uninterrupted(step))
+        await asyncio.sleep(0)
+        caller.cancel()
+        async with asyncio.timeout(10):
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+
+    await cancelled_while(quick_end())
+    assert ended.is_set()  # the end ran to its end despite the cancellation
+    await cancelled_while(hung_end())  # cut off after END_WITHIN_S: the caller hears its cancel
+    assert hung.is_set()
