@@ -3,7 +3,9 @@
 Each adapter package (`bot.discord_adapter`, `bot.slack_adapter`, `bot.playground`) exposes
 `adapter_status(env) -> (on, why)` and `async run(service, config, env, ready)`; this module logs
 which adapters are on or off and why, runs the enabled ones next to the dispatcher, and shuts
-everything down cleanly on SIGINT/SIGTERM (jobs in flight go back to the queue, nothing is lost).
+everything down cleanly on SIGINT/SIGTERM: the dispatcher first (jobs still generating go back to
+the queue, results being delivered get `[bot] shutdown_grace_s`), then the adapters, then the
+backend, storage and database. Nothing is lost; the next start runs or delivers the rest once.
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
                     code = 1
                 else:
                     log.warning("adapter %s stopped", tasks[task])
+            # The dispatcher stops first, while the adapters are still open: it claims nothing more,
+            # hands the jobs still generating back to the queue, and gives results being delivered
+            # `[bot] shutdown_grace_s` to finish. Only then do the adapters close their platforms'
+            # HTTP sessions (closed first, they cut deliveries off mid-post), and build_core's exit
+            # closes the backend, the storage and the database.
+            await core.dispatcher.stop()
             for task in [*tasks, stopper]:
                 task.cancel()
             for task in [*tasks, stopper]:

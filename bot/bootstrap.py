@@ -9,6 +9,10 @@ builds the database engine (refusing to start on a schema that is behind the cod
 (`bot.backends.build_backend`) and the `CoreService`, learns what the backend's model accepts
 (`ModelWatch`: at start-up, then periodically), starts the dispatcher, and on exit stops the
 dispatcher (handing jobs in flight back to the queue), closes the backend and disposes the engine.
+
+A process that runs chat adapters stops the dispatcher itself (`core.dispatcher.stop()`) before it
+closes them, as `python -m bot` does: results being delivered then finish over open adapters
+(`[bot] shutdown_grace_s`); the stop on exit is then a no-op.
 """
 
 from __future__ import annotations

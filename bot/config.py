@@ -62,6 +62,10 @@ class BotConfig:
     max_attempts: int = 3
     retry_backoff_s: float = 5.0
     job_timeout_s: float = 600.0
+    # On a clean stop (SIGTERM), jobs whose outcome is being delivered get this long to finish
+    # before the adapters close (the rest goes to the next start). 5 s: within `docker stop`'s 10 s
+    # with the adapters' own shutdown after it; a chat post takes well under a second.
+    shutdown_grace_s: float = 5.0
     progress_interval_s: float = 2.0
     # At most one live preview (the server's `preview` events) per job this often: each is a status
     # message edit with an image upload, heavier than a progress line. 0 = no previews.
@@ -141,6 +145,7 @@ class BotConfig:
         _check(1 <= self.max_attempts <= 100, "[bot] max_attempts", "must be from 1 to 100")
         _seconds(self.retry_backoff_s, "[bot] retry_backoff_s", lo=0, hi=3600)
         _seconds(self.job_timeout_s, "[bot] job_timeout_s", lo=0, lo_open=True)
+        _seconds(self.shutdown_grace_s, "[bot] shutdown_grace_s", lo=0, hi=600)
         _seconds(self.progress_interval_s, "[bot] progress_interval_s", lo=0, hi=3600)
         _seconds(self.preview_interval_s, "[bot] preview_interval_s", lo=0, hi=3600)
         _check(1 <= self.max_queued_jobs <= 1_000_000, "[bot] max_queued_jobs", "must be from 1 to 1000000")

@@ -10,6 +10,7 @@ and the dispatcher claims with `FOR UPDATE SKIP LOCKED`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -195,6 +196,67 @@ async def retry_unavailable(op: Callable[[], Awaitable[T]], *, within_s: float, 
         delay = min(delay * 2, 2.0)
 
 
+@asynccontextmanager
+async def _transaction(maker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in one transaction: committed when the body ends, rolled back when it raises.
+    Ending it (commit or rollback, and the connection's return to the pool) is not cut short by a
+    cancellation: the caller's cancellation comes after it. A return cut short mid-way (a task
+    cancelled at shutdown, or by a timeout, while aiosqlite rolls the pooled connection back)
+    leaves the connection in an unknown state and makes SQLAlchemy's pool log "Exception during
+    reset or similar" at ERROR."""
+    session = maker()
+    try:
+        await session.begin()
+        yield session
+    except BaseException:
+        await _uninterrupted(_end(session, commit=False))
+        raise
+    await _uninterrupted(_end(session, commit=True))
+
+
+async def _end(session: AsyncSession, *, commit: bool) -> None:
+    try:
+        if commit:
+            await session.commit()
+        else:
+            await session.rollback()
+    finally:
+        await session.close()
+
+
+# How long a cancelled caller still waits for its transaction's end (a commit or rollback is a
+# round trip or two): long enough for any healthy database, short enough that a stop while the
+# database hangs (asyncpg has no statement timeout here) still ends.
+END_WITHIN_S = 10.0
+
+
+async def _uninterrupted(step: Awaitable[None]) -> None:
+    """Await `step` to its end even when the caller is cancelled meanwhile (for up to
+    END_WITHIN_S after that), then re-raise that cancellation."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+        return
+    except asyncio.CancelledError as e:
+        if task.cancelled():
+            raise  # the step itself was cancelled, not (only) its caller
+        cancelled = e  # the caller was: the step goes on, and the cancellation comes after it
+    deadline = asyncio.get_running_loop().time() + END_WITHIN_S
+    while not task.done():
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            log.warning(
+                "a transaction's end outlasted %.0f s after its caller was cancelled; cut off", END_WITHIN_S
+            )
+            task.cancel()
+            break
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still the same stop
+            await asyncio.wait({task}, timeout=remaining)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: the caller was cancelled, and hears of that instead
+    raise cancelled
+
+
 class Database:
     """The engine plus two session factories: `session()` for units of work that write, `read()` for
     read-only ones (on SQLite these do not take the write lock)."""
@@ -230,10 +292,10 @@ class Database:
                 # SQLite has one writer at a time. Queue this process's writers here rather than in
                 # SQLite's busy handler, whose sleeps grow while the lock sits free (throughput fell
                 # tenfold with 200 concurrent submitters). Other processes still meet the busy handler.
-                async with self._sqlite_writer, self._gate, self._write() as s, s.begin():
+                async with self._sqlite_writer, self._gate, _transaction(self._write) as s:
                     yield s
                 return
-            async with self._gate, self._write() as s, s.begin():
+            async with self._gate, _transaction(self._write) as s:
                 yield s
         except _DRIVER_ERRORS as e:
             raise as_database_error(e) from e
@@ -241,7 +303,7 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         try:
-            async with self._gate, self._read() as s, s.begin():
+            async with self._gate, _transaction(self._read) as s:
                 yield s
         except _DRIVER_ERRORS as e:
             raise as_database_error(e) from e

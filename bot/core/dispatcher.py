@@ -98,6 +98,10 @@ class Dispatcher:
         self._previews: dict[str, tuple[object, bool]] = {}  # see _takes_previews
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
+        # Jobs whose images are made (or whose failure is decided): storing, recording or delivering
+        # the outcome. A stop gives these `[bot] shutdown_grace_s` to finish instead of cancelling them.
+        self._finishing: set[int] = set()
+        self._stopped = False
         self._last_positions = 0.0
         # Liveness: this dispatcher's heartbeat, and the takeover of dead ones' claims.
         self.heartbeats = Heartbeats(
@@ -135,39 +139,58 @@ class Dispatcher:
 
     def start(self) -> None:
         if self._main is None:
-            self._stopping = False
+            self._stopping = self._stopped = False
             self._main = asyncio.create_task(self._run(), name=f"dispatcher {self.owner}")
             self._leases = asyncio.create_task(self._keep_leases(), name=f"leases {self.owner}")
 
-    async def stop(self) -> None:
-        """Stop claiming, cancel jobs in flight and hand them back to the queue at once (so another
-        process or the next start picks them up without waiting for the lease to expire)."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming; cancel the jobs still generating; give those whose outcome is being
+        stored, recorded or delivered up to `grace_s` (default `[bot] shutdown_grace_s`) to finish,
+        then cancel them too (the next start delivers what is left, once); hand every job still
+        ours back to the queue at once (so another process or the next start picks it up without
+        waiting for the lease to expire).
+
+        Call it before the chat adapters close (`bot.__main__`): a delivery still running when its
+        adapter closes is cut off and left for the next start. A second call does nothing."""
+        if self._stopped and self._main is None:
+            return
         self._stopping = True  # also ends the loop should a cancellation ever be lost
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._main is not None:
             self._wake.set()
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
             self._main = None
-        if self._leases is not None:
+        tasks = dict(self._tasks)
+        for job_id, task in tasks.items():
+            if job_id not in self._finishing:
+                task.cancel()
+        finishing = [task for job_id, task in tasks.items() if job_id in self._finishing]
+        if finishing:
+            log.info("waiting up to %.0f s for %d job(s) being delivered", grace_s, len(finishing))
+            _, late = await asyncio.wait(finishing, timeout=grace_s)
+            if late:
+                log.warning("%d delivery(ies) cut off by the stop; the next start delivers them", len(late))
+            for task in late:
+                task.cancel()
+        for task in tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._leases is not None:  # renewed until here: a delivery in its grace keeps its job
             self._leases.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._leases
             self._leases = None
         if self._listener is not None:
             await self._listener.close()
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
         try:
             await self.claims.release_all(self.owner)
             await self.heartbeats.forget()
         except Exception:
             log.exception("could not release claims of %s; they expire after the lease", self.owner)
+        self._stopped = True
 
     @property
     def listening(self) -> bool:
@@ -283,6 +306,7 @@ class Dispatcher:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.pop(job_id, None)
+            self._finishing.discard(job_id)
             self._wake.set()
 
         task.add_done_callback(done)
@@ -526,6 +550,7 @@ class Dispatcher:
         await self._recorded(view.id, "requeue", lambda: self.claims.requeue(self.owner, view.id, delay))
 
     async def _succeed(self, view: JobView, images: list[GeneratedImage]) -> None:
+        self._finishing.add(view.id)
         if len(images) != view.params.n:
             log.error("job %s: backend returned %d images for n=%d", view.id, len(images), view.params.n)
             await self._fail(view, "The image server returned an incomplete result; your quota was refunded.")
@@ -557,6 +582,7 @@ class Dispatcher:
         await self._deliver(done, stored, attempt=attempt)
 
     async def _fail(self, view: JobView, message: str) -> None:
+        self._finishing.add(view.id)
         if not await self._recorded(
             view.id, "record the failure", lambda: self.results.fail(self.owner, view.id, message)
         ):
@@ -570,6 +596,7 @@ class Dispatcher:
         """Count the attempt (unless `attempt` was counted with the result), call on_succeeded /
         on_failed, then mark the job delivered (each step only while we still hold the job). The
         job's dispatch slot is free meanwhile."""
+        self._finishing.add(view.id)
         self._delivering.add(view.id)
         self._wake.set()  # a slot is free: claim the next job now
         try:
@@ -580,6 +607,13 @@ class Dispatcher:
     async def _deliver_outcome(
         self, view: JobView, images: list[ResultImage] | None, attempt: int | None
     ) -> None:
+        adapter = self.service.deliveries.get(view.platform)
+        if adapter is None:
+            # No adapter of the platform in this process (it closed, or crashed): no verdict on the
+            # delivery. The job stays undelivered; once our claim is released (a stop) or lapses,
+            # a process with the adapter delivers it.
+            log.info("job %s: no %s adapter here now; left to deliver later", view.id, view.platform)
+            return
         if attempt is None:
             attempt = await self._recorded(
                 view.id,
@@ -592,7 +626,6 @@ class Dispatcher:
         view = dataclasses.replace(view, delivery_attempt=attempt)
         if attempt > 1:
             log.warning("job %s: delivery attempt %d (an earlier one did not finish)", view.id, attempt)
-        adapter = self.service.deliveries.get(view.platform)
         if view.state == "succeeded":
             if images is None:
                 try:

@@ -3,7 +3,8 @@
 An upscale of a large image asks for more pixels than one request may (`[bot] max_side`, the
 inference server's own limit). The image is cut into the fewest overlapping tiles that fit
 (`imageops.tile_boxes`), each tile is one plain image-to-image request with the job's seeds, and the
-results are blended back across the overlaps. Progress counts the steps of all tiles.
+results are blended back across the overlaps. Progress counts the steps of all tiles; a wait for an
+image server (an outage) is reported whichever tile it falls in.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ async def generate(
                 return
             if event.kind == "progress" and event.step is not None:
                 await on_event(dataclasses.replace(event, step=done + event.step, total=total))
-            elif event.kind not in ("progress", "preview") and done == 0:
+            elif event.kind == "waiting":
+                # Any tile may wait out an outage: the user sees each wait, and the dispatcher
+                # stops the job's clock for it (the wait is not the job's run time).
+                await on_event(event)
+            elif event.kind in ("queued", "started") and done == 0:
                 await on_event(event)  # queued/started of the first tile only: the job's own
 
         images = await backend.generate(tile, on_tile_event)

@@ -9,8 +9,10 @@ Everything comes from `job.delivery` (written when the job was submitted), never
 `Interaction` objects, so a job accepted before a restart is delivered by the restarted bot. The
 only in-memory state is a throttle clock (with the latest update parked until the interval is
 over) and, for channel-mode jobs, the id of the status message to edit, which is also kept in the
-job's delivery mapping (`status_message_id`) so that a restarted bot edits the same message. A
-status message the user deleted ends the status updates quietly; the result goes to the channel.
+job's delivery mapping (`status_message_id`) so that a restarted bot edits the same message (the
+status message is sent with a nonce too, so a send cut off by a stop before its id was kept is not
+posted a second time by the next start, within Discord's nonce window). A status message the user
+deleted ends the status updates quietly; the result goes to the channel.
 
 A result survives Discord outages: posting is retried with backoff while Discord answers 5xx or
 cannot be reached, through the interaction while its token lasts and then as a channel message; a
@@ -93,6 +95,13 @@ def result_filename_prefix(job_id: int) -> str:
 def job_nonce(job_id: int) -> str:
     """The nonce of a job's final channel message (Discord allows 25 characters)."""
     return f"imagine-{job_id}"
+
+
+def status_nonce(job_id: int) -> str:
+    """The nonce of a job's channel status message: a send cut off after Discord made the message
+    but before its id was kept (a stop cancels the job mid-send) is answered with that message when
+    the next start sends the status again, instead of leaving it behind as a second one."""
+    return f"status-{job_id}"
 
 
 def _render(pngs: list[bytes], limit: int) -> tuple[bytes, bytes, str]:
@@ -358,7 +367,9 @@ class DiscordDelivery:
                 ):
                     # One status message, edited only into the result: channel messages share
                     # Discord's per-channel limit (5 per 5 s) with every other job's.
-                    sent = await self._send(job, self._channel(job), text, view=kwargs["view"])
+                    sent = await self._send(
+                        job, self._channel(job), text, view=kwargs["view"], nonce=status_nonce(job.id)
+                    )
                     self._status[job.id] = sent.id
                     await self._keep_status(job, sent.id)
                 # An interaction past its token: progress is not worth a channel message; the result is.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import socket
 from collections.abc import AsyncIterator
 
@@ -180,3 +181,32 @@ async def test_an_outage_past_the_horizon_fails_the_job_with_a_refund(db_url, tm
         assert message.startswith("No image server has been reachable for") and "refunded" in message
         assert any(e[0] == "waiting" and e[1] == job.id for e in delivery.events)
         assert (await core.service.quota(ALICE, GUILD)).remaining == 1
+
+
+async def test_every_tile_of_an_upscale_shows_its_wait_for_a_server(db_url, tmp_path):
+    """A tiled upscale is one request per tile: a server restart may fall in any of them, and the
+    user sees each wait (not only one in the first tile), between the tiles' progress."""
+
+    async def restarting(request, body):
+        return error(503, "not_ready", "the model is loading", headers={"Retry-After": "0"})
+
+    fake = FakeInferenceServer()
+    async with serving(fake):
+        backend = InferenceServerBackend(
+            [fake.url], token=TOKEN, max_retries=0, backoff_base_s=0.01, backoff_max_s=0.02
+        )
+        async with running_core(
+            db_url, tmp_path, backend=backend, bot={"progress_interval_s": 0, "max_side": 64}
+        ) as (core, delivery):
+            parent = await core.service.imagine(ALICE, GUILD, "a lighthouse --steps 2", idempotency_key="p")
+            parent = await core.service.wait_for_job(parent.id, 30)
+            assert parent.state == "succeeded"
+            tiles = 4  # a 128x128 upscale in 64x64 tiles
+            fake.script = [restarting, "ok"] * tiles  # each tile's request first meets a restart
+            up = await core.service.upscale(ALICE, GUILD, 0, job_id=parent.id, idempotency_key="u")
+            done = await core.service.wait_for_job(up.id, 60)
+            assert done.state == "succeeded" and done.attempts == 1
+            events = [e[0] for e in delivery.events if e[1] == up.id and e[0] in ("waiting", "progress")]
+            # Step 0 when the job starts, then one wait before each tile's steps.
+            periods = [kind for kind, _ in itertools.groupby(events)]
+            assert periods == ["progress"] + ["waiting", "progress"] * tiles, events

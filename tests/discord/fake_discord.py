@@ -160,6 +160,28 @@ class Interaction:
         return out
 
 
+@dataclass
+class Held:
+    """A request `FakeDiscord.hold_next` keeps unanswered; thread-safe (the fake has its own loop)."""
+
+    method: str
+    path: re.Pattern[str]
+    with_files: bool
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def matches(self, request: web.Request, path: str) -> bool:
+        return (
+            not self.arrived.is_set()
+            and request.method == self.method
+            and self.path.search(path) is not None
+            and (not self.with_files or request.content_type.startswith("multipart/"))
+        )
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class FakeDiscord:
     """The fake platform. `await start()` / `await stop()`; see the module docstring."""
 
@@ -192,6 +214,7 @@ class FakeDiscord:
         self._nonces: dict[str, tuple[int, float]] = {}  # nonce -> (message id, monotonic time)
         self.nonce_hits: list[str] = []  # nonces answered with an existing message
         self._failures: list[dict] = []
+        self._holds: list[Held] = []
         self._sockets: list[web.WebSocketResponse] = []
         self._gateway_seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,6 +296,8 @@ class FakeDiscord:
     async def stop(self) -> None:
         if self._loop is None or self._thread is None:
             return
+        for held in self._holds:
+            held.release()
         self._loop.call_soon_threadsafe(self._loop.stop)
         await asyncio.to_thread(self._thread.join, 10)
 
@@ -307,6 +332,13 @@ class FakeDiscord:
 
     def failures_hit(self) -> int:
         return sum(f["hits"] for f in self._failures)
+
+    def hold_next(self, method: str, path_regex: str, *, with_files: bool = False) -> Held:
+        """The next request matching (one carrying files, when `with_files`) is left unanswered
+        until `release()`: a post in flight for as long as the test needs."""
+        held = Held(method, re.compile(path_regex), with_files)
+        self._holds.append(held)
+        return held
 
     # ---- gateway ----------------------------------------------------------------------------
 
@@ -700,6 +732,15 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["path"]
         self.requests.append((request.method, path))
+        for held in self._holds:
+            if held.matches(request, path):
+                # A JSON body is read first: Discord has the whole request and acts on it even if the
+                # bot goes away meanwhile. (A multipart one is read by its route: aiohttp's multipart
+                # reader reads the stream, not a body read before.)
+                if not request.content_type.startswith("multipart/"):
+                    await request.read()
+                held.arrived.set()
+                await asyncio.to_thread(held.released.wait)  # the fake's loop answers the rest meanwhile
         for f in self._failures:
             if f["left"] > 0 and f["method"] == request.method and f["re"].search(path):
                 f["left"] -= 1

@@ -50,7 +50,14 @@ def app_config(tmp: Path, fake: FakeDiscord, **sections: Mapping[str, Any]) -> d
     """A config mapping for the real core (SQLite and images under `tmp`, the in-process fake backend)
     and the adapter (commands synced to the fake's guild, no progress throttling unless asked)."""
     config: dict[str, Any] = {
-        "bot": {"progress_interval_s": 0.0, "poll_interval_s": 0.05, "retry_backoff_s": 0.0},
+        # A short grace at the stop: tests that simulate a crash or an outage leave a delivery
+        # hanging on purpose.
+        "bot": {
+            "progress_interval_s": 0.0,
+            "poll_interval_s": 0.05,
+            "retry_backoff_s": 0.0,
+            "shutdown_grace_s": 1.0,
+        },
         "database": {"url": f"sqlite+aiosqlite:///{tmp / 'imagine.db'}", "auto_migrate": True},
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake"},
@@ -111,6 +118,10 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            # The order of `python -m bot` (bot.__main__): the dispatcher stops while the adapter
+            # is still open (deliveries in flight finish), then the adapter closes, then the core.
+            await _stop_dispatcher_loop(self.core)
+            await self.core.dispatcher.stop()
             if self._task is not None:
                 if self._task.done() and not self._task.cancelled() and self._task.exception():
                     raise self._task.exception()  # type: ignore[misc]

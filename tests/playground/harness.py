@@ -85,6 +85,7 @@ async def running_playground(
         try:
             yield Running(f"http://{host}:{config['playground']['port']}/", core, config)
         finally:
+            await core.dispatcher.stop()  # first, as `python -m bot` does: see tests/slack/harness.py
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -100,6 +100,10 @@ class FakeSlack:
         # Methods whose calls get no answer until `unstall()` (a bot dying mid-call never sees one).
         self.stalled: set[str] = set()
         self._unstalled = asyncio.Event()
+        # Uploads (the PUT of a file's bytes) that wait, and are then carried out, until `release_uploads()`.
+        self.uploads_held = False
+        self.upload_waiting = asyncio.Event()
+        self._uploads_released = asyncio.Event()
         self._ts = itertools.count(100)
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
@@ -127,6 +131,7 @@ class FakeSlack:
 
     async def __aexit__(self, *exc: object) -> None:
         self.unstall()
+        self.release_uploads()
         if self._socket is not None:
             await self._socket.close()
         if self._runner is not None:
@@ -147,6 +152,15 @@ class FakeSlack:
     def unstall(self) -> None:
         self.stalled.clear()
         self._unstalled.set()
+
+    def hold_uploads(self) -> None:
+        """File uploads wait for `release_uploads()` and are then carried out: a post in flight."""
+        self.uploads_held = True
+        self._uploads_released.clear()
+
+    def release_uploads(self) -> None:
+        self.uploads_held = False
+        self._uploads_released.set()
 
     def rate_limit(self, method: str, times: int = 1, retry_after: int = 0) -> None:
         """The next `times` calls of `method` get HTTP 429 with `Retry-After: retry_after`."""
@@ -257,6 +271,9 @@ class FakeSlack:
         if f is None:
             return web.Response(status=404, text="unknown upload url")
         f.data = await request.read()
+        if self.uploads_held:
+            self.upload_waiting.set()
+            await self._uploads_released.wait()
         await self._notify()
         return web.Response(text=f"OK - {len(f.data)}")
 

@@ -94,7 +94,13 @@ def make_config(
         "storage": {"dir": str(tmp / "images")},
         "backends": {"kind": "fake"},
         # fast polling and no core-side progress throttle: the adapter's own throttle is under test
-        "bot": {"poll_interval_s": 0.1, "progress_interval_s": 0.0, "retry_backoff_s": 0.1},
+        # A short grace at the stop: tests that simulate a crash leave a delivery hanging on purpose.
+        "bot": {
+            "poll_interval_s": 0.1,
+            "progress_interval_s": 0.0,
+            "retry_backoff_s": 0.1,
+            "shutdown_grace_s": 1.0,
+        },
         "slack": {
             "api_base_url": fake.api_url,
             "http_host": "127.0.0.1",
@@ -169,6 +175,9 @@ async def running_adapter(
             try:
                 yield Running(fake, sender, core, config)
             finally:
+                # The order of `python -m bot`: the dispatcher stops while the adapter is still
+                # open (deliveries in flight finish), then the adapter closes, then the core.
+                await core.dispatcher.stop()
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     async with asyncio.timeout(30):  # a stop that hangs is a bug: fail, don't wait forever
