@@ -4,6 +4,7 @@ filtering, several dispatchers sharing one database, and recovery after a crash 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -11,10 +12,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import func, select, update
 
 from bot.backends.fake import FakeBackend
 from bot.core.api import Actor, JobView, Place
+from bot.core.dispatcher import _image_size
 from bot.core.models import ImageRow, Job
 from tests.core.helpers import ALICE, BOB, GUILD, RecordingDelivery, running_core
 
@@ -355,3 +358,18 @@ async def test_a_job_longer_than_the_lease_is_not_taken_over(db_url, tmp_path):
         await asyncio.sleep(2.5)  # longer than a lease: a wrongful takeover would show now
         assert len(b1.calls) + len(b2.calls) == 1
         assert len(d1.succeeded.get(job.id, [])) + len(d2.succeeded.get(job.id, [])) == 1
+
+
+def _encoded(size: tuple[int, int], fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_a_result_s_size_is_read_from_its_header():
+    """A PNG's size comes from its IHDR chunk (no PIL open per result); other formats go through
+    PIL; bytes that are no image give None (the requested size is recorded instead)."""
+    assert _image_size(_encoded((64, 48), "PNG")) == (64, 48)
+    assert _image_size(_encoded((33, 17), "JPEG")) == (33, 17)
+    assert _image_size(b"not an image") is None
+    assert _image_size(_encoded((64, 48), "PNG")[:20]) is None  # cut inside the header
