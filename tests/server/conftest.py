@@ -173,12 +173,16 @@ class DeviceGate:
         self.handle.remove()
 
 
-async def wait_for(predicate: Callable[[], Any], limit_s: float = 10.0) -> None:
-    for _ in range(int(limit_s / 0.02)):
+async def wait_for(predicate: Callable[[], Any], limit_s: float = 60.0) -> None:
+    """Poll `predicate` (sync or async) until it is truthy. The limit only bounds a failing test: a
+    loaded 2-core CI machine running two test workers can be many times slower than a desk."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value
         if value:
             return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not reached within {limit_s} s")
         await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
