@@ -168,7 +168,7 @@ def test_a_full_queue_refuses_at_once(make_engine: Any) -> None:
         gate.set()
 
     engine.submit(request(3), Recorder(at_step=1, action=flood)).future.result(60)
-    assert gate.wait(5)
+    assert gate.wait(60)
     assert "queue is full" in outcome["error"].message
 
 
@@ -337,7 +337,7 @@ def test_decoding_runs_off_the_denoising_thread_and_a_decode_failure_fails_only_
         two.future.result(60)
     fail_next.clear()
     assert len(engine.submit(request(2, seeds=(5, 6))).future.result(60).images) == 2
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while engine.running_samples and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.running_samples == 0
