@@ -64,7 +64,7 @@ class RecordingDelivery:
     def finished(self) -> int:
         return len(self.succeeded) + len(self.failed)
 
-    async def wait_for(self, predicate: Callable[[], bool], within_s: float = 30.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], within_s: float = 60.0) -> None:
         async def loop() -> None:
             while not predicate():
                 self._changed.clear()

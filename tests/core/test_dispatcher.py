@@ -108,7 +108,7 @@ async def test_jobs_queued_just_after_a_position_report_learn_theirs_without_wai
         second = await core.service.imagine(ALICE, GUILD, "p1", idempotency_key="n1")
         third = await core.service.imagine(ALICE, GUILD, "p2", idempotency_key="n2")
         await delivery.wait_for(
-            lambda: {("queued", second.id, 1), ("queued", third.id, 2)} <= set(delivery.events), within_s=20
+            lambda: {("queued", second.id, 1), ("queued", third.id, 2)} <= set(delivery.events), within_s=60
         )
         assert len(backend.calls) == 1  # told while the first job still runs
         backend.release()
@@ -171,6 +171,10 @@ async def test_only_platforms_with_a_delivery_are_claimed(db_url, tmp_path):
 
 async def test_two_dispatchers_share_the_database_each_job_runs_once(db_url, tmp_path):
     b1, b2 = FakeBackend(delay_s=0.01), FakeBackend(delay_s=0.01)
+    # Both backends hold their jobs until each dispatcher runs some: a few jobs each at a time, so
+    # neither can take all 30, whichever of the two this (maybe loaded) machine happens to favour.
+    b1.hold()
+    b2.hold()
     async with (
         running_core(db_url, tmp_path, backend=b1, owner="one") as (core1, d1),
         running_core(db_url, tmp_path, backend=b2, owner="two") as (core2, d2),
@@ -184,6 +188,9 @@ async def test_two_dispatchers_share_the_database_each_job_runs_once(db_url, tmp
                 for i in range(30)
             ]
         )
+        await d1.wait_for(lambda: bool(b1.calls and b2.calls))
+        b1.release()
+        b2.release()
         for job in jobs:
             assert (await core1.service.wait_for_job(job.id, 60)).state == "succeeded"
         await d1.wait_for(lambda: len(d1.succeeded) + len(d2.succeeded) == 30)
@@ -342,20 +349,26 @@ async def test_killed_process_job_finishes_exactly_once_after_restart(db_url, tm
 async def test_a_job_longer_than_the_lease_is_not_taken_over(db_url, tmp_path):
     """The holder renews its lease while the job runs, so a second dispatcher never steals it.
 
-    The job lasts 2.5 leases. The leases are renewed every third of a lease by a task of their own
-    (not behind the dispatcher's other database work); the lease is 2 s rather than 1 s so that a
-    loaded test machine, which can stall this process for most of a second, does not make a
-    legitimate takeover (the holder really went silent for a lease) look like a wrongful one."""
-    lease = {"lease_s": 2.0}
-    b1, b2 = FakeBackend(delay_s=5.0), FakeBackend(delay_s=5.0)
+    The job is held until its first lease has certainly run out (a lease and a second after the
+    job was seen running: later on a slower machine, never sooner). The leases are renewed every
+    third of a lease by a task of their own; the lease is 6 s so that a loaded test machine, which
+    can stall this process for seconds, does not make a legitimate takeover (the holder really
+    went silent for a lease) look like a wrongful one."""
+    lease_s = 6.0
+    b1, b2 = FakeBackend(), FakeBackend()
+    b1.hold()
+    b2.hold()
     async with (
-        running_core(db_url, tmp_path, backend=b1, owner="one", bot=lease) as (core1, d1),
-        running_core(db_url, tmp_path, backend=b2, owner="two", bot=lease) as (core2, d2),
+        running_core(db_url, tmp_path, backend=b1, owner="one", bot={"lease_s": lease_s}) as (core1, d1),
+        running_core(db_url, tmp_path, backend=b2, owner="two", bot={"lease_s": lease_s}) as (core2, d2),
     ):
         job = await core1.service.imagine(ALICE, GUILD, "slow --steps 5", idempotency_key="long")
+        await d1.wait_for(lambda: bool(b1.calls or b2.calls))  # either dispatcher may claim it
+        await asyncio.sleep(lease_s + 1.0)  # past the first lease's end: renewed, or taken over
+        b1.release()
+        b2.release()
         done = await core1.service.wait_for_job(job.id, 60)
         assert done.state == "succeeded" and done.attempts == 1
-        await asyncio.sleep(2.5)  # longer than a lease: a wrongful takeover would show now
         assert len(b1.calls) + len(b2.calls) == 1
         assert len(d1.succeeded.get(job.id, [])) + len(d2.succeeded.get(job.id, [])) == 1
 

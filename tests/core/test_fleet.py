@@ -116,6 +116,20 @@ async def test_a_second_busy_dispatcher_halves_the_share_of_the_servers(db_url, 
                     .values(state="running", lease_owner="bot-2:1:x", lease_until=now + dt.timedelta(hours=1))
                 )
                 s.add(DispatcherHeartbeat(owner="bot-2:1:x", beat_at=now))
+
+            async def beat_as_the_other_process() -> None:
+                # It stays alive for the whole test: one beat would make it dead after 10 s
+                # (MIN_STALE_S), which a loaded machine can reach before the checks below.
+                while True:
+                    await asyncio.sleep(0.5)
+                    async with core.db.session() as s:
+                        await s.execute(
+                            update(DispatcherHeartbeat)
+                            .where(DispatcherHeartbeat.owner == "bot-2:1:x")
+                            .values(beat_at=core.service.clock())
+                        )
+
+            beating = asyncio.create_task(beat_as_the_other_process())
             await delivery.wait_for(lambda: core.dispatcher.concurrency == 3)  # ceil(2 x 3 / 2)
             core.service.register_delivery("discord", delivery)
             for i in range(10):
@@ -130,6 +144,9 @@ async def test_a_second_busy_dispatcher_halves_the_share_of_the_servers(db_url, 
             await delivery.wait_for(lambda: len(arrived) >= 6)
             await asyncio.sleep(0.5)
             assert len(arrived) == 6 and core.dispatcher.concurrency == 6
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
             a.script.clear()
             b.script.clear()
             release.set()

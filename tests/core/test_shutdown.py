@@ -113,7 +113,7 @@ async def test_a_clean_stop_under_load_logs_no_error_and_the_next_start_finishes
             jobs = set((await s.scalars(select(Job.id))).all())
         assert set(submitted) <= jobs and len(jobs) > len(first_run)  # work was left for this start
         await delivery.wait_for(lambda: len(first_run) + len(delivery.succeeded) >= len(jobs))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(60):
             while True:  # each delivery is recorded just after the adapter is called
                 async with core.db.read() as s:
                     undelivered = (await s.scalars(select(Job.id).where(Job.delivered_at.is_(None)))).all()

@@ -704,9 +704,11 @@ class FakeDiscord:
         )
 
     async def wait_for(
-        self, predicate: Callable[[], Any], within: float = 10.0, what: str = "condition"
+        self, predicate: Callable[[], Any], within: float = 60.0, what: str = "condition"
     ) -> Any:
-        """Poll `predicate` until it returns something truthy (the fake's state changes on its thread)."""
+        """Poll `predicate` until it returns something truthy (the fake's state changes on its thread).
+        `within` only bounds a failing test (a loaded 2-core CI machine is many times slower than a
+        desk): a condition met returns at once."""
         deadline = time.monotonic() + within
         while True:
             value = predicate()

@@ -18,7 +18,7 @@ log = logging.getLogger("tests.discord")
 
 @contextlib.asynccontextmanager
 async def running(
-    bot: discord.Client, fake: FakeDiscord, within: float = 15.0
+    bot: discord.Client, fake: FakeDiscord, within: float = 60.0
 ) -> AsyncIterator[discord.Client]:
     """Run `bot.start()` against the fake until the block exits; fail loudly if the bot task dies.
 
@@ -102,7 +102,7 @@ class App:
             run(self.service, self.config, self.env, ready), name="discord-adapter"
         )
         waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({self._task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({self._task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         log.info("app: adapter ready=%s run-ended=%s", waiter in done, self._task in done)
         if self._task in done:
             waiter.cancel()
@@ -113,7 +113,7 @@ class App:
         if waiter not in done:
             waiter.cancel()
             await self.__aexit__(None, None, None)
-            raise AssertionError("the bot did not become ready in 20 s")
+            raise AssertionError("the bot did not become ready in 60 s")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -164,7 +164,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-async def wait_result(fake: FakeDiscord, rec: Any, within: float = 20.0) -> dict:
+async def wait_result(fake: FakeDiscord, rec: Any, within: float = 60.0) -> dict:
     """The interaction's response message once it shows an image (the job's result)."""
     return await fake.wait_for(
         lambda: rec.original if rec.original and rec.original["attachments"] else None,
@@ -173,7 +173,7 @@ async def wait_result(fake: FakeDiscord, rec: Any, within: float = 20.0) -> dict
     )
 
 
-async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 10.0) -> str:
+async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 60.0) -> str:
     """The text of the private (ephemeral) answer to an interaction."""
 
     def find() -> str | None:
@@ -189,7 +189,7 @@ async def wait_ephemeral(fake: FakeDiscord, rec: Any, within: float = 10.0) -> s
     return await fake.wait_for(find, within=within, what=f"an ephemeral answer to /{rec.name}")
 
 
-async def result_job(app: App, message: dict, within: float = 10.0) -> Any:
+async def result_job(app: App, message: dict, within: float = 60.0) -> Any:
     """The job row a result message resolves to (recorded just after the message is posted)."""
     deadline = asyncio.get_running_loop().time() + within
     while True:

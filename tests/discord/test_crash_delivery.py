@@ -55,7 +55,7 @@ async def test_interaction_result_is_found_in_the_original_response(fake_discord
     async with App(fake_discord, config) as first:
         posted = die_after_posting(first)
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a kite", "count": 2})
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
         shown = await wait_result(fake_discord, rec)
     row = await job_row(config, 1)
     assert (row.state, row.delivered_at, row.delivery_attempts) == ("succeeded", None, 1)
@@ -79,7 +79,7 @@ async def test_channel_result_is_found_in_the_history(fake_discord: FakeDiscord,
     async with App(fake_discord, config) as first:
         posted = die_after_posting(first)
         await fake_discord.slash("imagine", bob, {"prompt": "an old clock"}, created_at=time.time() - 870)
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
     [shown] = result_posts(fake_discord)
 
     async with App(fake_discord, config) as second:
@@ -101,7 +101,7 @@ async def test_without_history_access_the_nonce_stops_a_second_post(fake_discord
     async with App(fake_discord, config) as first:
         posted = die_after_posting(first)
         await fake_discord.slash("imagine", bob, {"prompt": "a sealed room"}, created_at=time.time() - 870)
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
     [shown] = result_posts(fake_discord)
 
     fake_discord.fail_next("GET", r"^/channels/\d+/messages$", status=403, code=50001, times=10)
@@ -123,7 +123,7 @@ async def test_reaction_result_is_found_in_its_status_message(fake_discord: Fake
         await result_job(first, parent)
         posted = die_after_posting(first)
         await fake_discord.react(int(parent["id"]), "2️⃣", carol)
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
     [shown] = [m for m in result_posts(fake_discord) if m["id"] != parent["id"]]
 
     async with App(fake_discord, config) as second:

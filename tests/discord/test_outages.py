@@ -72,7 +72,7 @@ async def test_an_outage_past_the_token_ends_in_a_channel_message(fake_discord: 
         rec = await fake_discord.slash("imagine", alice, {"prompt": "a flood"}, created_at=time.time() - 777)
         [message] = await fake_discord.wait_for(
             lambda: [m for m in fake_discord.channel_messages() if m["attachments"]],
-            within=30,
+            within=60,
             what="channel",
         )
         job = await result_job(app, message)

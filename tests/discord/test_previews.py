@@ -23,7 +23,7 @@ async def test_status_edits_carry_the_preview_then_the_result_arrives_once(
                 return shown
             return None
 
-        final = await fake_discord.wait_for(result, within=20, what="the result")
+        final = await fake_discord.wait_for(result, within=60, what="the result")
     previews = [
         e for e in rec.edits if any(a.get("filename") == PREVIEW_FILENAME for a in e.get("attachments", []))
     ]

@@ -31,7 +31,7 @@ async def test_a_burst_of_results_in_one_channel_meets_no_rate_limit(fake_discor
             for i in range(RESULTS)
         ]
         await fake_discord.send_interactions(records)
-        await fake_discord.wait_for(lambda: all(r.texts() for r in records), within=30, what="statuses")
+        await fake_discord.wait_for(lambda: all(r.texts() for r in records), within=60, what="statuses")
         backend.release()
         await fake_discord.wait_for(
             lambda: all(r.original and r.original["attachments"] for r in records), within=60, what="results"

@@ -93,6 +93,12 @@ async def test_reactions_that_must_be_ignored(fake_discord: FakeDiscord, tmp_pat
             lambda: [m for m in fake_discord.channel_messages() if m["attachments"]],
             what="the one real variation",
         )
+        # The refusal of 4️⃣ is waited for, not assumed to be there after a sleep; the sleep is
+        # only room for anything that must not come (a wrong job or refusal would show by then).
+        await fake_discord.wait_for(
+            lambda: [m for m in fake_discord.channel_messages() if "⛔" in m["content"]],
+            what="the refusal of 4️⃣",
+        )
         await asyncio.sleep(0.3)
         alice_jobs = await app.service.history(actor(alice), 10)
         bob_jobs = await app.service.history(actor(bob), 10)

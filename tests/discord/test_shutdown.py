@@ -59,7 +59,7 @@ async def test_sigterm_lets_the_result_being_posted_finish_before_the_adapter_cl
     write_toml(config_file, config)
     env = {"DISCORD_TOKEN": fake_discord.token, "IMAGINE_PLAYGROUND_ENABLED": "false"}
     bot = asyncio.create_task(amain(str(config_file), env))
-    await fake_discord.wait_for(lambda: logged(caplog, "logged in as"), within=30, what="the bot's login")
+    await fake_discord.wait_for(lambda: logged(caplog, "logged in as"), within=60, what="the bot's login")
 
     held = fake_discord.hold_next("PATCH", ORIGINAL, with_files=True)  # the result's upload
     rec = await fake_discord.slash("imagine", alice, {"prompt": "a last light"})

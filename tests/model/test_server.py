@@ -47,7 +47,7 @@ async def test_default_model_serves_txt2img_img2img_and_inpaint():
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         async with aiohttp.ClientSession(headers=AUTH) as session:
-            for _ in range(600):
+            for _ in range(2400):  # at least 120 s: loading a model on a loaded CI machine
                 async with session.get(f"{url}/ready") as resp:
                     if resp.status == 200:
                         break

@@ -155,6 +155,9 @@ async def test_client_that_gives_up_has_its_queued_job_dropped(server: Server) -
             # Another size, so it waits in the queue; the client gives up before the device is free.
             with pytest.raises(openai.APITimeoutError):
                 await client.images.generate(prompt="impatient", size="16x16", timeout=0.5)
+            # The device frees up only once the server has noticed the client leave: otherwise, on
+            # a loaded machine, the queued job could be picked before its cancellation.
+            await wait_for(lambda: metric_value(server, 'inference_errors_total{kind="client_gone"}'))
         finally:
             gate.open()
         await blocker

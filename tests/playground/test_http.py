@@ -272,11 +272,13 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
     async with running_playground(config) as app:
         app.core.backend.hold()
         me = Actor("web", "local")
+        submitted: list[Any] = []  # the Gradio jobs, whose streamed outputs the test watches
 
         def one(prompt: str) -> list[str]:
             c = client(app.url)
             try:
                 job = c.submit(f"/imagine {prompt}", api_name="/imagine")
+                submitted.append(job)
                 job.result(timeout=60)
                 return [field(u, 'class="job-status"') for u in job.outputs()]
             finally:
@@ -294,7 +296,19 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
         await jobs_exist(2)
         third = asyncio.create_task(asyncio.to_thread(one, "three"))
         await jobs_exist(3)
-        await asyncio.sleep(0.5)  # let the positions reach the page before anything moves
+
+        def position_shown() -> bool:
+            return any(
+                isinstance(o, str) and "position 2 in the queue" in o
+                for job in list(submitted)
+                for update in job.outputs()
+                for o in update
+            )
+
+        # The position reaches the page before anything moves (waited for, not slept for).
+        async with asyncio.timeout(60):
+            while not position_shown():  # noqa: ASYNC110 - the client streams on its own threads
+                await asyncio.sleep(0.05)
         app.core.backend.release()
         statuses = await asyncio.gather(first, second, third)
         seen = " ".join(s for job in statuses for s in job)

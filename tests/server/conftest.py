@@ -173,12 +173,37 @@ class DeviceGate:
         self.handle.remove()
 
 
-async def wait_for(predicate: Callable[[], Any], limit_s: float = 10.0) -> None:
-    for _ in range(int(limit_s / 0.02)):
+async def wait_for(predicate: Callable[[], Any], limit_s: float = 60.0) -> None:
+    """Poll `predicate` (sync or async) until it is truthy. The limit only bounds a failing test: a
+    loaded 2-core CI machine running two test workers can be many times slower than a desk."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value
         if value:
             return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not reached within {limit_s} s")
         await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
+
+
+HOLDER = {"prompt": "holder", "seed": 0, "steps": 1}  # a batch of its own (no test batches 1 step)
+
+
+async def generate_together(server: Server, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """POST every txt2img body at once, with the device held by another request (`HOLDER`) until all
+    of them are queued: they meet in the batcher however slowly a loaded machine delivers them, not
+    only if they arrive within `max_wait_ms`. The holder adds one pipeline call and one image of
+    batch size 1 to the metrics."""
+    gate = DeviceGate(server)
+    holder = asyncio.ensure_future(server.generate("txt2img", HOLDER))
+    try:
+        await gate.wait_entered()
+        sent = asyncio.gather(*(server.generate("txt2img", b) for b in bodies))
+        await wait_for(lambda: server.app[keys.ENGINE].queue_depth == len(bodies))
+    finally:
+        gate.open()
+    results = await sent
+    await holder
+    return results

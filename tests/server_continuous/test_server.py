@@ -10,8 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from inference_server import keys
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
-from tests.server.conftest import decode_png, make_config, metric, png_b64, running_server
+from tests.server.conftest import (
+    DeviceGate,
+    decode_png,
+    make_config,
+    metric,
+    png_b64,
+    running_server,
+    wait_for,
+)
 from tests.server_continuous.parity import sample_picture
 
 CONTINUOUS = {"engine": "continuous", "max_batch_size": 4}
@@ -59,7 +68,16 @@ async def test_concurrent_requests_with_different_steps_share_iterations(tiny_mo
             {"prompt": f"shape {i}", "seed": i, "steps": steps, "guidance": g, "scheduler": sched}
             for i, (steps, g, sched) in enumerate(((12, 7.5, "ddim"), (6, 3.0, "euler"), (9, 1.0, "heun")))
         ]
-        results = await asyncio.gather(*(server.generate("txt2img", b) for b in bodies))
+        # The first step's UNet is held until all three are in the engine (waiting or already in
+        # the batch): on a loaded machine they could otherwise arrive one by one, each after the
+        # last had finished, and share nothing.
+        gate = DeviceGate(server)
+        generating = asyncio.gather(*(server.generate("txt2img", b) for b in bodies))
+        await gate.wait_entered()
+        engine = server.app[keys.ENGINE]
+        await wait_for(lambda: engine.load.queued + engine.load.running == 3)
+        gate.open()
+        results = await generating
         values = await server.metrics()
     # The dynamic engine would need three calls (12 + 6 + 17 model evaluations); sharing iterations
     # needs at most as many as the longest request plus the stragglers that arrived late.
@@ -88,19 +106,27 @@ async def test_a_client_that_disconnects_frees_its_slot(tiny_model: Path) -> Non
     async with running_server(
         make_config(tiny_model, batching={"engine": "continuous", "max_batch_size": 1})
     ) as server:
+        # The UNet is held from the long request's first step until the server has seen its client
+        # go: how many steps it runs meanwhile no longer depends on the machine's speed.
+        gate = DeviceGate(server)
         body = {"prompt": "long", "seed": 1, "steps": 150, "stream": True}
         resp = await server.post("txt2img", body)
-        async for line in resp.content:
-            if json.loads(line)["event"] == "progress":
-                break
+        await gate.wait_entered()
         resp.close()  # the client goes away mid-generation
+
+        async def noticed() -> bool:
+            return metric(await server.metrics(), 'inference_errors_total{kind="client_gone"}') == 1
+
+        await wait_for(noticed)
+        gate.open()
         quick = await asyncio.wait_for(
             server.generate("txt2img", {"prompt": "next", "seed": 2, "steps": 2}), 60
         )
         values = await server.metrics()
     assert len(quick["images"]) == 1
-    # Well short of 150: the abandoned request left the batch at the next step.
-    assert metric(values, "inference_pipeline_calls_total") < 100
+    # Not 150: the abandoned request left the batch after the step it was held in; then the next
+    # request's 2.
+    assert metric(values, "inference_pipeline_calls_total") == 1 + 2
 
 
 async def test_a_model_the_engine_cannot_run_falls_back_to_request_level(tmp_path: Path) -> None:
@@ -134,10 +160,11 @@ async def test_client_priority_orders_who_joins_next(tiny_model: Path) -> None:
     async with running_server(
         make_config(tiny_model, batching={"engine": "continuous", "max_batch_size": 1})
     ) as server:
-        resp = await server.post("txt2img", {"prompt": "long", "seed": 1, "steps": 150, "stream": True})
-        async for line in resp.content:
-            if json.loads(line)["event"] == "started":
-                break
+        # The one slot stays busy (its UNet held) until all four wait: were it only a long request,
+        # it could end before they arrive on a loaded machine, and the first sent would go first.
+        gate = DeviceGate(server)
+        resp = await server.post("txt2img", {"prompt": "long", "seed": 1, "steps": 4, "stream": True})
+        await gate.wait_entered()
         order: list[int] = []
 
         async def send(priority: int) -> None:
@@ -149,6 +176,8 @@ async def test_client_priority_orders_who_joins_next(tiny_model: Path) -> None:
         for priority in (7, 3, 5, -2):
             tasks.append(asyncio.create_task(send(priority)))
             await asyncio.sleep(0.02)
+        await wait_for(lambda: server.app[keys.ENGINE].queue_depth == 4)
+        gate.open()
         await resp.read()
         resp.close()
         await asyncio.gather(*tasks)

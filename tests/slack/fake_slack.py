@@ -191,7 +191,7 @@ class FakeSlack:
     def calls_to(self, method: str) -> list[ApiCall]:
         return [c for c in self.calls if c.method == method and c.status == 200]
 
-    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 15.0) -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 60.0) -> Any:
         """Wait until `predicate()` is truthy; re-checked on every request the fake serves and every
         50 ms (for predicates on other state, such as the core's)."""
         loop = asyncio.get_running_loop()

@@ -163,14 +163,14 @@ async def running_adapter(
                 slack_adapter.run(core.service, config, dict(env or ENV), ready, ops=core.ops)
             )
             waiter = asyncio.create_task(ready.wait())
-            done, _ = await asyncio.wait({task, waiter}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 waiter.cancel()
                 task.result()
                 raise AssertionError("slack_adapter.run returned before it was ready")
             if waiter not in done:
                 task.cancel()
-                raise AssertionError("slack adapter not ready after 15 s")
+                raise AssertionError("slack adapter not ready after 60 s")
             sender = SlackSender(http, f"http://127.0.0.1:{port}/slack/events", fake.base_url)
             try:
                 yield Running(fake, sender, core, config)

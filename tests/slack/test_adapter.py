@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -26,14 +28,26 @@ from tests.slack.signed import SIGNING_SECRET
 # A hang shows up as a failure with stacks within two minutes, not at the suite's 300 s limit.
 pytestmark = pytest.mark.timeout(120)
 
-# Slack's protocol deadline is 3 s; the generous margin is for a loaded shared CI machine.
-ACK_DEADLINE_S = 3.0
+
+async def acked_while_held(slack: Running, send: Callable[[], Awaitable[tuple[Any, Any]]]) -> tuple[Any, Any]:
+    """`send()` with the backend held: its 200 comes back while no job can finish, so the ack did not
+    wait for the work (Slack's deadline is 3 s). How long the ack took is not asserted: a loaded CI
+    machine may take any time, and an ack that waited for the job would never come at all."""
+    slack.backend.hold()
+    try:
+        async with asyncio.timeout(60):
+            reply, extra = await send()
+        assert reply.status == 200, reply.body
+        return reply, extra
+    finally:
+        slack.backend.release()
 
 
 async def imagine_and_wait(slack: Running, text: str, count: int = 1, user: str = "UALICE01"):
     """Run /imagine and wait for the `count`-th result message in the channel."""
-    reply, trigger = await slack.sender.slash_command("/imagine", text, user_id=user)
-    assert reply.status == 200, reply.body
+    reply, trigger = await acked_while_held(
+        slack, lambda: slack.sender.slash_command("/imagine", text, user_id=user)
+    )
     await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= count)
     return reply, trigger, result_messages(slack.fake)[count - 1]
 
@@ -74,7 +88,6 @@ async def test_bad_or_stale_signature_gets_401_and_starts_nothing(slack: Running
 
 async def test_imagine_acks_fast_then_uploads_result_with_prompt_seed_and_params(slack: Running):
     reply, trigger, msg = await imagine_and_wait(slack, "a red fox in snow --seed 42 --n 2 --steps 12")
-    assert reply.elapsed_s < ACK_DEADLINE_S
     assert reply.body == ""  # empty ack: nothing is shown until the status message appears
     # auth.test ran once, at start-up: the first request's ack did not wait for it
     assert len(slack.fake.calls_to("auth.test")) == 1
@@ -159,8 +172,7 @@ def mention(text: str, files: list | None = None, user: str = "UALICE01", channe
 async def test_inpaint_mention_with_transparent_png(slack: Running):
     f = slack.fake.host_file("photo.png", transparent_hole_png())
     event = {**mention("inpaint a red knitted hat --seed 7", [f]), "thread_ts": "1699999999.000001"}
-    reply, _ = await slack.sender.event(event)
-    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    await acked_while_held(slack, lambda: slack.sender.event(event))
     await slack.fake.wait_for(lambda: result_messages(slack.fake))
     msg = result_messages(slack.fake)[0]
     assert "inpaint" in msg.text and "a red knitted hat" in msg.text and "seed 7" in msg.text
@@ -213,7 +225,7 @@ async def test_inpaint_shortcut_opens_modal_then_runs(slack: Running):
         "files": [f],
     }
     reply, trigger = await slack.sender.message_shortcut("imagine_inpaint", message)
-    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    assert reply.status == 200
     await fake.wait_for(lambda: fake.views)
     view = fake.views[0]["view"]
     assert fake.views[0]["trigger_id"] == trigger and view["callback_id"] == "imagine_inpaint_modal"
@@ -243,8 +255,7 @@ async def test_inpaint_shortcut_on_message_without_image(slack: Running):
 async def test_reactions_start_a_variation_and_a_reroll(slack: Running):
     _, _, first = await imagine_and_wait(slack, "a lighthouse --seed 100 --n 2")
     parent = await attached_job(slack, first)
-    reply, _ = await slack.sender.event(reaction("two", first))
-    assert reply.status == 200 and reply.elapsed_s < ACK_DEADLINE_S
+    await acked_while_held(slack, lambda: slack.sender.event(reaction("two", first)))
     await slack.fake.wait_for(lambda: len(result_messages(slack.fake)) >= 2)
     variation = await attached_job(slack, result_messages(slack.fake)[1])
     assert (

@@ -38,7 +38,7 @@ def die_in(service: Any, method: str) -> asyncio.Event:
 
 
 async def recorded_result(service: Any, job_id: int) -> Any:
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(60):
         while True:
             job = await service.get_job(job_id)
             if job.result_message_id:
@@ -54,7 +54,7 @@ async def test_shared_result_is_found_through_its_files(
     async with running_adapter(fake_slack, tmp_path, http) as first:
         posted = die_in(first.service, "record_shown")
         await first.sender.slash_command("/imagine", "a paper boat --n 2")
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
     [shown] = result_messages(fake_slack)
 
     async with running_adapter(fake_slack, tmp_path, http) as second:
@@ -75,7 +75,7 @@ async def test_a_result_recorded_as_shown_is_not_posted_again(
     async with running_adapter(fake_slack, tmp_path, http) as first:
         posted = die_in(first.service, "attach_result_message")
         await first.sender.slash_command("/imagine", "a paper crane")
-        await asyncio.wait_for(posted.wait(), 20)
+        await asyncio.wait_for(posted.wait(), 60)
     [shown] = result_messages(fake_slack)
 
     async with running_adapter(fake_slack, tmp_path, http) as second:

@@ -27,7 +27,7 @@ async def test_a_stop_lets_the_result_being_uploaded_finish_before_the_adapter_c
             running_adapter(fake_slack, tmp_path, http, sections={"bot": {"shutdown_grace_s": 5.0}})
         )
         await first.sender.slash_command("/imagine", "a last boat")
-        await asyncio.wait_for(fake_slack.upload_waiting.wait(), 20)
+        await asyncio.wait_for(fake_slack.upload_waiting.wait(), 60)
         stop = asyncio.create_task(stack.aclose())  # the stop comes while the bytes are on their way
         await fake_slack.wait_for(lambda: first.core.dispatcher._stopping)
         fake_slack.release_uploads()
