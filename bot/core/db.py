@@ -22,6 +22,7 @@ from sqlalchemy import CursorResult, Result, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.util import await_only
 
 from bot.core.api import DatabaseError
 
@@ -84,7 +85,7 @@ def make_engine(
             # rather than in the pool.
             max_overflow=pool_size,
         )
-        _install_sqlite_hooks(engine)
+        _install_sqlite_hooks(engine, busy_timeout_s=sqlite_busy_timeout_s)
         return engine
     engine = create_async_engine(
         url,
@@ -149,7 +150,7 @@ def _install_postgres_hooks(engine: AsyncEngine) -> None:
             raise sa_exc.DisconnectionError(f"a new connection failed while set up: {e!r}") from e
 
 
-def _install_sqlite_hooks(engine: AsyncEngine) -> None:
+def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
     # The documented recipe for taking over pysqlite's transaction handling (it otherwise emits
     # BEGIN lazily and DEFERRED), so that we choose IMMEDIATE per transaction.
     @event.listens_for(engine.sync_engine, "connect")
@@ -158,7 +159,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         # WAL: readers never block the writer; NORMAL sync is durable across process crashes
         # (only an OS crash may lose the last commits), which is the failure we design for.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _journal_mode_wal(cursor, within_s=busy_timeout_s)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -167,6 +168,28 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _journal_mode_wal(cursor: Any, *, within_s: float) -> None:
+    """Switch a new SQLite file to WAL (a no-op once it is: the mode is kept in the file).
+
+    The switch upgrades the connection's shared lock to an exclusive one. While another connection
+    holds the write lock of a file still in rollback mode (processes starting together on a fresh
+    file, one of them migrating it), SQLite answers "database is locked" at once instead of
+    waiting in the busy handler, since waiting could deadlock. So it is tried again, for up to the
+    busy timeout, sleeping on the event loop (this runs in SQLAlchemy's greenlet, where
+    `await_only` awaits) rather than blocking it."""
+    deadline = time.monotonic() + within_s
+    delay = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as e:  # the driver's OperationalError, through SQLAlchemy's adapter
+            if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+        await_only(asyncio.sleep(delay))
+        delay = min(delay * 2, 0.25)
 
 
 T = TypeVar("T")

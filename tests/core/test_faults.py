@@ -214,3 +214,27 @@ async def test_a_busy_connection_is_not_pinged_and_a_dead_one_costs_one_unit_of_
         assert pings == []
     finally:
         await db.close()
+
+
+async def test_a_fresh_sqlite_file_locked_by_another_writer_still_switches_to_wal(tmp_path):
+    """Processes starting together on a fresh SQLite file: while one holds the write lock of the
+    file still in rollback mode, another's switch to WAL gets "database is locked" at once (SQLite
+    refuses to wait where waiting could deadlock). The switch is tried again until the lock goes,
+    without blocking the event loop meanwhile."""
+    import sqlite3
+
+    path = tmp_path / "fresh.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (i INTEGER)")
+    other.execute("BEGIN IMMEDIATE")  # the other process's write lock, file in rollback mode
+    other.execute("INSERT INTO t VALUES (1)")
+    engine = make_engine(f"sqlite+aiosqlite:///{path}", sqlite_busy_timeout_s=30)
+    loop_ran = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, lambda: (loop_ran.set(), other.execute("COMMIT")))
+    try:
+        async with asyncio.timeout(20), engine.connect() as conn:
+            mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
+        assert mode == "wal" and loop_ran.is_set()  # the loop ran (and the lock went) meanwhile
+    finally:
+        await engine.dispose()
+        other.close()
