@@ -130,23 +130,25 @@ async def test_a_second_busy_dispatcher_halves_the_share_of_the_servers(db_url, 
                         )
 
             beating = asyncio.create_task(beat_as_the_other_process())
-            await delivery.wait_for(lambda: core.dispatcher.concurrency == 3)  # ceil(2 x 3 / 2)
-            core.service.register_delivery("discord", delivery)
-            for i in range(10):
-                await core.service.imagine(ALICE, GUILD, f"p{i}", idempotency_key=f"k{i}")
-            await delivery.wait_for(lambda: len(arrived) >= 3)
-            await asyncio.sleep(0.5)  # room for a fourth, which must not come (no timing asserted)
-            assert len(arrived) == 3
-            async with core.db.session() as s:  # the other process finished its job: idle now
-                await s.execute(
-                    update(Job).where(Job.id == theirs.id).values(state="succeeded", lease_owner=None)
-                )
-            await delivery.wait_for(lambda: len(arrived) >= 6)
-            await asyncio.sleep(0.5)
-            assert len(arrived) == 6 and core.dispatcher.concurrency == 6
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            try:
+                await delivery.wait_for(lambda: core.dispatcher.concurrency == 3)  # ceil(2 x 3 / 2)
+                core.service.register_delivery("discord", delivery)
+                for i in range(10):
+                    await core.service.imagine(ALICE, GUILD, f"p{i}", idempotency_key=f"k{i}")
+                await delivery.wait_for(lambda: len(arrived) >= 3)
+                await asyncio.sleep(0.5)  # room for a fourth, which must not come (no timing asserted)
+                assert len(arrived) == 3
+                async with core.db.session() as s:  # the other process finished its job: idle now
+                    await s.execute(
+                        update(Job).where(Job.id == theirs.id).values(state="succeeded", lease_owner=None)
+                    )
+                await delivery.wait_for(lambda: len(arrived) >= 6)
+                await asyncio.sleep(0.5)
+                assert len(arrived) == 6 and core.dispatcher.concurrency == 6
+            finally:  # also when an assertion failed: no task left beating into the next test
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
             a.script.clear()
             b.script.clear()
             release.set()
