@@ -12,7 +12,7 @@ from typing import Any
 from bot.backends.fake import FakeBackend
 from bot.bootstrap import Core, build_core
 from bot.core.api import Actor, JobView, Place, ResultImage
-from bot.core.models import utcnow
+from bot.core.models import Job, utcnow
 
 
 def config_for(url: str, tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -107,3 +107,12 @@ ALICE = Actor("discord", "alice", "Alice")
 BOB = Actor("discord", "bob", "Bob")
 ADMIN = Actor("discord", "root", "Root", is_admin=True)
 GUILD = Place("discord", "guild1", "chan1")
+
+
+async def assert_succeeded_undelivered(core: Core, job_id: int) -> None:
+    """The job's images are stored and nobody has delivered it, nor marked it failed to deliver:
+    the next process with its platform's adapter delivers it."""
+    async with core.db.read() as s:
+        row = await s.get(Job, job_id)
+    assert row is not None
+    assert (row.state, row.delivered_at, row.delivery_error) == ("succeeded", None, None)

@@ -19,7 +19,14 @@ from bot.backends.fake import FakeBackend
 from bot.core.api import Actor, JobView, Place
 from bot.core.dispatcher import _image_size
 from bot.core.models import ImageRow, Job
-from tests.core.helpers import ALICE, BOB, GUILD, RecordingDelivery, running_core
+from tests.core.helpers import (
+    ALICE,
+    BOB,
+    GUILD,
+    RecordingDelivery,
+    assert_succeeded_undelivered,
+    running_core,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -273,13 +280,7 @@ async def test_a_delivery_cut_off_by_its_adapter_closing_is_left_for_the_next_st
         job = await core.service.imagine(ALICE, GUILD, "x", idempotency_key="cut")
         await closing.wait_for(lambda: ("cut off", job.id) in closing.events)
         await core.dispatcher.stop()
-        async with core.db.read() as s:
-            row = await s.get(Job, job.id)
-            assert row is not None and (row.state, row.delivered_at, row.delivery_error) == (
-                "succeeded",
-                None,
-                None,
-            )
+        await assert_succeeded_undelivered(core, job.id)
     async with running_core(db_url, tmp_path) as (core, delivery):  # the next start delivers it
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
         await asyncio.sleep(0.3)

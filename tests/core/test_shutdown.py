@@ -19,7 +19,14 @@ from bot.backends.fake import FakeBackend
 from bot.core.api import Actor, JobView, ResultImage
 from bot.core.db import Database, make_engine
 from bot.core.models import Job
-from tests.core.helpers import ALICE, BOB, GUILD, RecordingDelivery, running_core
+from tests.core.helpers import (
+    ALICE,
+    BOB,
+    GUILD,
+    RecordingDelivery,
+    assert_succeeded_undelivered,
+    running_core,
+)
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -174,10 +181,7 @@ async def test_a_delivery_past_the_grace_is_cut_off_and_delivered_once_by_the_ne
         job = await core.service.imagine(ALICE, GUILD, "slow post", idempotency_key="slow")
         await delivery.wait_for(lambda: job.id in delivery.posting)
         await core.dispatcher.stop()
-        async with core.db.read() as s:
-            row = await s.get(Job, job.id)
-        assert row is not None
-        assert (row.state, row.delivered_at, row.delivery_error) == ("succeeded", None, None)
+        await assert_succeeded_undelivered(core, job.id)
     async with running_core(db_url, tmp_path) as (core, delivery):
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
         [(view, _images)] = delivery.succeeded[job.id]
@@ -196,10 +200,7 @@ async def test_a_job_finishing_after_its_adapter_closed_is_left_for_the_next_sta
         backend.release()
         await core.service.wait_for_job(job.id, 30)
         await delivery.wait_for(lambda: job.id not in core.dispatcher._tasks)
-        async with core.db.read() as s:
-            row = await s.get(Job, job.id)
-        assert row is not None
-        assert (row.state, row.delivered_at, row.delivery_error) == ("succeeded", None, None)
+        await assert_succeeded_undelivered(core, job.id)
     async with running_core(db_url, tmp_path) as (core, delivery):
         await delivery.wait_for(lambda: job.id in delivery.succeeded)
         assert len(delivery.succeeded[job.id]) == 1 and job.id not in delivery.failed
