@@ -642,9 +642,10 @@ class Dispatcher:
         else:
             ok = await self._call(view, "on_failed", view, view.error or "The job failed.")
         if not ok and (self._stopping or self.service.deliveries.get(view.platform) is not adapter):
-            # The adapter closed under the call (a shutdown closes the platform's HTTP session
-            # before the dispatcher stops): that is no verdict on the delivery. The job stays
-            # undelivered and is handed back, so the next process delivers it.
+            # The adapter closed under the call (its HTTP session gone), or the call failed while
+            # we are stopping: no verdict on the delivery. The job stays undelivered and is handed
+            # back, so the next process delivers it (a stop closes the adapters only after the
+            # dispatcher, but an adapter can also close or crash on its own).
             log.info(
                 "job %s: its %s adapter closed during delivery; left to deliver later", view.id, view.platform
             )
