@@ -172,6 +172,24 @@ async def stop_workers(procs: list[asyncio.subprocess.Process]) -> float:
     return cpu
 
 
+async def closed_loop_submits(core: Any, submitters: int, per_submitter: int) -> list[list[float]]:
+    """`submitters` closed-loop submitters (one user each) submit `per_submitter` jobs each through
+    `imagine`, each its next when the last returned; every submitter's latencies in seconds, in
+    order."""
+    place = Place("bench", "guild", "channel")
+
+    async def submitter(i: int) -> list[float]:
+        actor = Actor("bench", f"user{i}", f"User {i}")
+        latencies = []
+        for k in range(per_submitter):
+            t0 = time.perf_counter()
+            await core.service.imagine(actor, place, f"a bench prompt {i}-{k}", idempotency_key=f"{i}-{k}")
+            latencies.append(time.perf_counter() - t0)
+        return latencies
+
+    return list(await asyncio.gather(*[submitter(i) for i in range(submitters)]))
+
+
 async def run_one(
     label: str, url: str, workdir: Path, submitters: int, per_submitter: int, concurrency: int, processes: int
 ) -> dict[str, Any]:
@@ -195,16 +213,6 @@ async def run_one(
         ) as core:
             if not processes:
                 core.service.register_delivery("bench", delivery)
-            place = Place("bench", "guild", "channel")
-
-            async def submitter(i: int) -> None:
-                actor = Actor("bench", f"user{i}", f"User {i}")
-                for k in range(per_submitter):
-                    t0 = time.perf_counter()
-                    await core.service.imagine(
-                        actor, place, f"a bench prompt {i}-{k}", idempotency_key=f"{i}-{k}"
-                    )
-                    latencies.append(time.perf_counter() - t0)
 
             async def all_delivered() -> None:
                 if not processes:
@@ -222,7 +230,9 @@ async def run_one(
                     await asyncio.sleep(DONE_POLL_S)
 
             start, cpu_start = time.perf_counter(), time.process_time()
-            await asyncio.gather(*[submitter(i) for i in range(submitters)])
+            latencies = [
+                t for each in await closed_loop_submits(core, submitters, per_submitter) for t in each
+            ]
             submitted = time.perf_counter() - start
             await asyncio.wait_for(all_delivered(), 600)
             elapsed = time.perf_counter() - start

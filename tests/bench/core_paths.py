@@ -32,7 +32,14 @@ from sqlalchemy import event
 
 from bot.bootstrap import build_core
 from bot.core.api import Actor, Place
-from tests.bench.core_bench import CountingDelivery, InstantBackend, bench_config, drop_pg, pg_database
+from tests.bench.core_bench import (
+    CountingDelivery,
+    InstantBackend,
+    bench_config,
+    closed_loop_submits,
+    drop_pg,
+    pg_database,
+)
 from tests.bench.stats import percentile
 
 JOBS_EACH = 5
@@ -45,23 +52,11 @@ async def run(url: str, workdir: Path, submitters: int) -> dict[str, Any]:
     async with build_core(config, {}, backend=backend, start_dispatcher=False) as core:
         place = Place("bench", "guild", "channel")
         await core.service.imagine(Actor("bench", "warm", "W"), place, "warm", idempotency_key="warm")
-        latencies: list[float] = []
-        later: list[float] = []  # each submitter's 2nd job on: the first batch's cold start left out
-
-        async def submitter(i: int) -> None:
-            actor = Actor("bench", f"user{i}", f"User {i}")
-            for k in range(JOBS_EACH):
-                t0 = time.perf_counter()
-                await core.service.imagine(
-                    actor, place, f"a bench prompt {i}-{k}", idempotency_key=f"{i}-{k}"
-                )
-                latencies.append(time.perf_counter() - t0)
-                if k:
-                    later.append(latencies[-1])
-
         cpu = time.process_time()
-        await asyncio.gather(*[submitter(i) for i in range(submitters)])
+        each = await closed_loop_submits(core, submitters, JOBS_EACH)
         submit_cpu = time.process_time() - cpu
+        latencies = [t for mine in each for t in mine]
+        later = [t for mine in each for t in mine[1:]]  # the first batch's cold start left out
 
         commits = [0]
         event.listen(core.db.engine.sync_engine, "commit", lambda _: commits.__setitem__(0, commits[0] + 1))
