@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaConfig
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
-from bot.core.bulk import from_rows, one_of, rows_param
+from bot.core.bulk import execute_rows, from_rows, one_of
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
 
@@ -301,7 +301,7 @@ class QuotaBook:
                 for pk, period in sorted(self._usage_changed)
             ]
             pg = self.quotas.db.is_postgres
-            await s.execute(_upsert_usage(pg), rows_param(rows, postgres=pg))
+            await execute_rows(s, _upsert_usage(pg), rows)
         if self._credits_changed:
             users = cast(Table, User.__table__)
             await s.execute(

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import validate
 from bot.core.api import ImageInfo, NotFound
-from bot.core.bulk import from_rows, one_of_param, rows_param
+from bot.core.bulk import execute_rows, from_rows, one_of_param
 from bot.core.db import Database, retry_unavailable, rows_matched
 from bot.core.group_commit import GroupCommit
 from bot.core.models import ImageRow, Job, User
@@ -126,7 +126,7 @@ class Results:
             for i in images
         ]
         if rows:
-            await s.execute(_insert_images(pg), rows_param(rows, postgres=pg))
+            await execute_rows(s, _insert_images(pg), rows)
         return [(now, attempts[job_id]) if job_id in attempts else None for _, job_id, _ in batch]
 
     async def fail(self, owner: str, job_id: int, message: str) -> bool:

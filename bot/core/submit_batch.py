@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, case, insert, select
+from sqlalchemy import Table, case, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -46,7 +46,7 @@ from bot.core.api import (
     Place,
     PlaceRules,
 )
-from bot.core.bulk import from_rows, one_of, rows_param
+from bot.core.bulk import execute_rows, from_rows, one_of
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
@@ -131,11 +131,12 @@ class SubmitWriter:
             users = await self._lock_users(s, batch)
             keys = {p.key for p in batch}
             pg = self.db.is_postgres
+            # Core rows (the view reads their columns as attributes): no ORM objects to build.
             existing = {
                 job.idempotency_key: job
-                for job in (
-                    await s.execute(select(Job).where(one_of(Job.idempotency_key, keys, postgres=pg)))
-                ).scalars()
+                for job in await s.execute(
+                    select(JOBS).where(one_of(JOBS.c.idempotency_key, keys, postgres=pg))
+                )
             }
             admission = await self.queue.admission(s, {u.id for u in users.values()}, len(batch))
             book = await self.quotas.book(
@@ -193,8 +194,8 @@ class SubmitWriter:
             ids: dict[str, int] = {}
             if rows:
                 # Matched back by key: a multi-row INSERT's RETURNING order is not guaranteed.
-                inserted = await s.execute(self._insert_jobs(tuple(rows[0])), rows_param(rows, postgres=pg))
-                ids = {key: job_id for job_id, key in inserted.tuples()}
+                inserted = await execute_rows(s, self._insert_jobs(tuple(rows[0])), rows)
+                ids = {key: job_id for job_id, key in inserted}
                 await book.write(s)
         owners = {user.id: user for user in users.values()}
         views: list[JobView | BaseException] = []
@@ -211,9 +212,7 @@ class SubmitWriter:
                 views.append(outcome)
         return views
 
-    async def _lock_users(
-        self, s: AsyncSession, batch: Sequence[PendingJob]
-    ) -> dict[tuple[str, str], Row[Any]]:
+    async def _lock_users(self, s: AsyncSession, batch: Sequence[PendingJob]) -> dict[tuple[str, str], Any]:
         """Create the batch's users as needed and lock their rows, in one statement (see `Quotas.
         lock_user`); the display name and admin flag are the last ones the batch sent."""
         latest: dict[tuple[str, str], Actor] = {}
@@ -239,13 +238,14 @@ class SubmitWriter:
             # Sorted: every batch locks users in the same order, so two never deadlock.
             for (platform, user_id), actor in sorted(latest.items())
         ]
-        result = await s.execute(self._upsert_users(), rows_param(rows, postgres=self.db.is_postgres))
-        return {(u.platform, u.platform_user_id): u for u in result.all()}
+        return {
+            (u.platform, u.platform_user_id): u for u in await execute_rows(s, self._upsert_users(), rows)
+        }
 
     @functools.cache  # noqa: B019 - one writer per service, which lives as long as the process
     def _insert_jobs(self, names: tuple[str, ...]) -> Any:
-        """The jobs of a batch from one JSON parameter (`bot.core.bulk`); `names`: the rows' keys
-        (every row has the same: `Submissions.submit` writes every column)."""
+        """The jobs of a batch (`bot.core.bulk`); `names`: the rows' keys (every row has the same:
+        `Submissions.submit` writes every column)."""
         return from_rows(insert(JOBS), JOBS, names, postgres=self.db.is_postgres).returning(
             JOBS.c.id, JOBS.c.idempotency_key
         )
@@ -277,7 +277,7 @@ class SubmitWriter:
         return upsert
 
     @staticmethod
-    def _ask(pending: PendingJob, users: dict[tuple[str, str], Row[Any]]) -> QuotaAsk:
+    def _ask(pending: PendingJob, users: dict[tuple[str, str], Any]) -> QuotaAsk:
         actor = pending.actor
         user = users[(actor.platform, actor.user_id)]
         return QuotaAsk(user.id, actor.platform, actor.user_id, pending.place.guild_id, tuple(actor.role_ids))
