@@ -62,6 +62,7 @@ from bot.core.concurrency import dispatch_concurrency
 from bot.core.db import retry_unavailable
 from bot.core.heartbeats import Heartbeats
 from bot.core.service import CoreService
+from bot.core.submit_activity import STORM, STORM_HOLD_S, SUBMISSIONS_FIRST_S
 from bot.core.wakeup import JobListener
 
 log = logging.getLogger("bot.core.dispatcher")
@@ -121,12 +122,14 @@ class Dispatcher:
         # NEW_POSITION_INTERVAL_S rather than at the next poll (or whenever something else wakes us).
         self._positions_due_at: float | None = None
         self._last_takeover = -float("inf")
+        # Until then another process's storm of submissions goes first (bot.core.submit_activity).
+        self._storm_until = 0.0
         # Set when a database call failed: the next successful tick re-asserts our claims first.
         self._db_trouble = False
         self._leases: asyncio.Task[None] | None = None
         # PostgreSQL: woken by other processes' submissions too (LISTEN/NOTIFY); the poll remains.
         self._listener = (
-            JobListener(service.db.engine.url, self._wake.set)
+            JobListener(service.db.engine.url, self._notified)
             if service.db.is_postgres and service.config.database.notify
             else None
         )
@@ -234,6 +237,10 @@ class Dispatcher:
                     await self._wake.wait()
 
     async def _tick(self) -> None:
+        # Submissions go first (bot.core.submit_activity): a round that would take turns with a
+        # burst of them waits until it pauses, for SUBMISSIONS_FIRST_S at most.
+        defer_until = time.monotonic() + SUBMISSIONS_FIRST_S
+        await self._submissions_first(defer_until)
         platforms = sorted(self.service.deliveries)
         now_mono = time.monotonic()
         if self._db_trouble:
@@ -264,6 +271,7 @@ class Dispatcher:
             log.warning("job %s: taking over from %s (lease expired)", job_id, previous)
             self._spawn(job_id)
         while self._free():
+            await self._submissions_first(defer_until)  # again: the steps above took a while
             want = self._concurrency() - (len(self._tasks) - len(self._delivering))
             claimed = await self.claims.claim_queued(self.owner, platforms, want)
             for job in claimed:
@@ -273,6 +281,7 @@ class Dispatcher:
         # Positions of newly queued jobs go out at once; changes of known ones at most every
         # progress_interval_s (each one is a chat message edit, and the queue moves constantly).
         self._positions_due_at = None
+        await self._submissions_first(defer_until)
         if now_mono - self._last_positions >= self.config.progress_interval_s:
             self._last_positions = self._last_new_positions = now_mono
             await self._report_positions(platforms, only_new=False)
@@ -281,6 +290,22 @@ class Dispatcher:
             await self._report_positions(platforms, only_new=True)
         else:
             self._positions_due_at = self._last_new_positions + NEW_POSITION_INTERVAL_S
+
+    def _notified(self, payload: str) -> None:
+        if payload == STORM:
+            self._storm_until = time.monotonic() + STORM_HOLD_S
+        self._wake.set()
+
+    async def _submissions_first(self, until: float) -> None:
+        """Wait while this process takes submissions, or another one announced a storm of them,
+        until `until` at the latest."""
+        while (now := time.monotonic()) < until:
+            if self.service.activity.busy:
+                await self.service.activity.quiet(until - now)
+            elif self._storm_until > now:
+                await asyncio.sleep(min(self._storm_until, until) - now)
+            else:
+                return
 
     def _free(self) -> bool:
         return len(self._tasks) - len(self._delivering) < self._concurrency()

@@ -42,6 +42,7 @@ from bot.core.api import Overloaded
 from bot.core.bulk import one_of, one_of_param
 from bot.core.db import Database
 from bot.core.models import Job
+from bot.core.submit_activity import STORM
 
 # Queue positions are reported for the first jobs only: past this, "you are far back" is all a
 # user can use, and each report is a database write and a chat message edit.
@@ -98,11 +99,15 @@ class FairQueue:
         """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
         return list((await s.execute(self.first(platforms, limit))).scalars().all())
 
-    async def admission(self, s: AsyncSession, user_pks: Collection[int], wanted: int) -> Admission:
+    async def admission(
+        self, s: AsyncSession, user_pks: Collection[int], wanted: int, *, storm: bool = False
+    ) -> Admission:
         """In a batch of submissions' transaction (its users' locks held): what `Admission.admit`
         needs to refuse a submission when the queue is full or give its job a fair round, read in
         two statements whatever the batch's size. On PostgreSQL the first also notifies the
-        dispatchers, which hear of it when the batch commits (not at all if it rolls back)."""
+        dispatchers, which hear of it when the batch commits (not at all if it rolls back); `storm`:
+        this process is taking a storm of submissions, which they let go first
+        (`bot.core.submit_activity`)."""
         mono = time.monotonic()
         # The estimate only grows between counts (jobs claimed since are still in it): one that
         # says "full" is checked by a count before anyone is refused.
@@ -115,7 +120,7 @@ class FairQueue:
         running = select(func.max(Job.fair_round)).where(Job.state == "running").scalar_subquery()
         columns: list[ColumnElement[Any]] = [head, running]
         if self.notify:
-            columns.append(func.pg_notify(JOBS_CHANNEL, literal("")))
+            columns.append(func.pg_notify(JOBS_CHANNEL, literal(STORM if storm else "")))
         row = (await s.execute(select(*columns))).one()
         own = (
             await s.execute(

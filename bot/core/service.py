@@ -50,6 +50,7 @@ from bot.core.quotas import Quotas
 from bot.core.results import Results
 from bot.core.storage import ImageStorage
 from bot.core.submission import Submissions
+from bot.core.submit_activity import SubmitActivity
 
 log = logging.getLogger("bot.core")
 
@@ -104,6 +105,8 @@ class CoreService:
         self.places = PlaceSettingsPart(
             db, self.audit, bot=config.bot, choices=self.choices, limits=self.limits, clock=clock
         )
+        # Counted while they run: dispatchers let them go first (bot.core.submit_activity).
+        self.activity = SubmitActivity()
         submissions = Submissions(
             db,
             storage,
@@ -118,6 +121,7 @@ class CoreService:
             place_settings=self.places,
             on_queued=self.wake,
             on_changed=self.job_changed,
+            storming=self.activity.storming,
         )
         followups = FollowUps(db, config, submissions, rng=rng, limits=self.limits)
         operations = Operations(storage, config, submissions, followups, rng=rng, limits=self.limits)
@@ -125,16 +129,17 @@ class CoreService:
         queries = Queries(db, storage, self.quotas, self.audit, self.queue, clock=clock)
         admin = Admin(db, self.quotas, self.audit, clock=clock)
 
-        self.imagine = submissions.imagine
-        self.inpaint = submissions.inpaint
-        self.react = followups.react
-        self.reroll = followups.reroll
-        self.variation = followups.variation
-        self.image_to_image = operations.image_to_image
-        self.upscale = operations.upscale
-        self.zoom_out = operations.zoom_out
-        self.pan = operations.pan
-        self.remix = operations.remix
+        counted = self.activity.counted
+        self.imagine = counted(submissions.imagine)
+        self.inpaint = counted(submissions.inpaint)
+        self.react = counted(followups.react)
+        self.reroll = counted(followups.reroll)
+        self.variation = counted(followups.variation)
+        self.image_to_image = counted(operations.image_to_image)
+        self.upscale = counted(operations.upscale)
+        self.zoom_out = counted(operations.zoom_out)
+        self.pan = counted(operations.pan)
+        self.remix = counted(operations.remix)
         self.get_job = queries.get_job
         self.job_views = queries.job_views
         self.job_for_message = queries.job_for_message

@@ -69,6 +69,7 @@ class Submissions:
         place_settings: PlaceSettingsPart,
         on_queued: Callable[[], None],
         on_changed: Callable[[int], None],
+        storming: Callable[[], bool] = lambda: False,
     ):
         self.db = db
         self.storage = storage
@@ -84,7 +85,7 @@ class Submissions:
         self.moderator = Moderator(config.moderation.banned_terms, config.moderation.enabled)
         self.on_queued = on_queued
         self.on_changed = on_changed
-        self.writer = SubmitWriter(db, quotas, queue, place_settings, self.moderator)
+        self.writer = SubmitWriter(db, quotas, queue, place_settings, self.moderator, storming=storming)
         # Concurrent submissions share a transaction (see bot.core.submit_batch).
         self._batches: GroupCommit[PendingJob, JobView] = GroupCommit(
             "submit", self._write_batch, max_batch=MAX_BATCH

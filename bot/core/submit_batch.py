@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
@@ -100,8 +100,11 @@ class SubmitWriter:
         queue: FairQueue,
         place_settings: PlaceSettingsPart,
         moderator: Moderator,
+        *,
+        storming: Callable[[], bool] = lambda: False,
     ):
         self.db = db
+        self.storming = storming
         self.quotas = quotas
         self.queue = queue
         self.place_settings = place_settings
@@ -138,7 +141,9 @@ class SubmitWriter:
                     select(JOBS).where(one_of(JOBS.c.idempotency_key, keys, postgres=pg))
                 )
             }
-            admission = await self.queue.admission(s, {u.id for u in users.values()}, len(batch))
+            admission = await self.queue.admission(
+                s, {u.id for u in users.values()}, len(batch), storm=self.storming()
+            )
             book = await self.quotas.book(
                 s,
                 [self._ask(p, users) for p in batch],

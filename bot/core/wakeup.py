@@ -1,7 +1,8 @@
 """Waking a dispatcher when another process queues a job: PostgreSQL's LISTEN/NOTIFY.
 
-A submission (and a claim handed back to the queue) runs `pg_notify('imagine_jobs', '')` inside
-its transaction, so the notification goes out when it commits and never for one rolled back. Each
+A submission (and a claim handed back to the queue) runs `pg_notify('imagine_jobs', payload)`
+inside its transaction (the payload says whether a storm of submissions is under way,
+`bot.core.submit_activity`), so the notification goes out when it commits and never for one rolled back. Each
 dispatcher holds one asyncpg connection of its own (outside the pool, which it would otherwise
 hold forever) that LISTENs on the channel and sets the dispatcher's wake event. A listener that
 loses its connection reconnects at the dispatcher's next tick; until then the poll
@@ -29,7 +30,7 @@ RECONNECT_S = 5.0
 
 
 class JobListener:
-    def __init__(self, url: URL, on_notify: Callable[[], None]):
+    def __init__(self, url: URL, on_notify: Callable[[str], None]):
         # asyncpg takes a libpq-style URL: the SQLAlchemy driver suffix goes.
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.on_notify = on_notify
@@ -58,12 +59,12 @@ class JobListener:
             return False
         self._conn = conn
         # A notification sent while we were not listening is lost: look at the queue now.
-        self.on_notify()
+        self.on_notify("")
         log.info("listening for new jobs on channel %s", JOBS_CHANNEL)
         return True
 
-    def _notified(self, *_args: Any) -> None:
-        self.on_notify()
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.on_notify(payload)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
