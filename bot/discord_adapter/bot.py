@@ -147,7 +147,7 @@ class ImagineBot(commands.Bot):
     async def show_queued(self, job: JobView) -> None:
         """The first status of a job just submitted: its queue position, at once. The core reports
         later positions, progress and the result through the delivery (which ignores this if the
-        job started meanwhile)."""
+        core's own report or the job's start was shown meanwhile)."""
         if not job.created or job.state != "queued":
             return
         try:
@@ -155,7 +155,7 @@ class ImagineBot(commands.Bot):
         except Exception:  # the status shows without it; the core reports it shortly
             log.warning("job %s: queue position unavailable", job.id, exc_info=True)
             position = None
-        await self.delivery.on_queued(job, position)
+        await self.delivery.show_first_status(job, position)
 
     # -- translation helpers used by the cogs -----------------------------------------------------
 

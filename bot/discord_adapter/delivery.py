@@ -133,6 +133,16 @@ class DiscordDelivery:
     async def on_queued(self, job: JobView, position: int | None) -> None:
         await self._status_update(job, messages.queued(job, position), QUEUED)
 
+    async def show_first_status(self, job: JobView, position: int | None) -> None:
+        """The status shown right after a submission, with the position the adapter read itself;
+        not shown when a status of the job was written or parked already. That one came from the
+        core, whose report is no older than our read (or differs from it only when the queue moved
+        in between, and then the core reports the change next), and our read must not replace it:
+        the core reports a position again only when it changes."""
+        if job.id in self._last_edit or job.id in self._parked:
+            return
+        await self.on_queued(job, position)
+
     async def on_progress(self, job: JobView, step: int, total: int) -> None:
         await self._status_update(job, messages.progress(job, step, total), RUNNING)
 

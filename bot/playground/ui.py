@@ -278,27 +278,60 @@ class PlaygroundUI:
             return texts.error_text(e)
 
     async def follow(self, job: JobView) -> AsyncIterator[JobEvent]:
-        """The job's events until it is done: pushed by the delivery, or read from its row when
-        nothing came for `poll_interval_s` (a missed event, or another process delivering)."""
+        """The job's events until it is done: pushed by the delivery, or asked of the core when
+        nothing came for `poll_interval_s` (a missed event, or another process reporting or
+        delivering).
+
+        The first status is asked of the core once the stream listens: the core reports a queued
+        job's position once and then only when it changes, and its first report can come while the
+        submission is still returning, before there is a stream to hear it."""
         queue = self.delivery.subscribe(job.id)
         try:
             if job.done:
                 yield self._final_from_row(job)
                 return
-            yield JobEvent("queued", job, position=job.position)
+            shown = JobEvent("queued", job, position=await self._position(job))
+            yield shown
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=self.config.poll_interval_s)
                 except TimeoutError:
-                    fresh = await self.service.get_job(job.id)
-                    if not fresh.done:
+                    polled = await self._status_from_core(job, shown)
+                    if polled is None:
                         continue
-                    event = self._final_from_row(fresh)
+                    event = polled
+                shown = event
                 yield event
                 if event.final:
                     return
         finally:
             self.delivery.unsubscribe(job.id, queue)
+
+    async def _position(self, job: JobView) -> int | None:
+        """The job's place in the queue now; None when it is not queued, far back, or unknown (the
+        status then shows without it)."""
+        try:
+            return await self.service.queue_position(job.id)
+        except CoreError as e:
+            log.warning("playground: job %s: queue position unavailable: %s", job.id, e.message)
+            return None
+
+    async def _status_from_core(self, job: JobView, shown: JobEvent) -> JobEvent | None:
+        """What the stream should show now that nothing came for a while, read from the job's row
+        (and its queue position), or None when `shown` is still true. Catches a result, a position
+        or a start that was reported where this stream could not hear it (before it listened, or
+        by another bot process sharing the database)."""
+        fresh = await self.service.get_job(job.id)
+        if fresh.done:
+            return self._final_from_row(fresh)
+        if fresh.state == "queued":
+            position = await self._position(job)
+            if shown.kind == "queued" and not shown.message and shown.position == position:
+                return None
+            return JobEvent("queued", job, position=position)
+        if fresh.state == "running" and shown.kind == "queued" and not shown.message:
+            return JobEvent("progress", job, step=0, total=fresh.params.steps)
+        return None
 
     @staticmethod
     def _final_from_row(job: JobView) -> JobEvent:

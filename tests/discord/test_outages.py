@@ -161,3 +161,57 @@ async def test_the_first_status_shows_the_queue_position(fake_discord: FakeDisco
         await wait_result(fake_discord, rec)
         await asyncio.sleep(0)
     assert "starts next" in first_text, first_text
+
+
+async def test_the_first_status_never_replaces_a_fresher_position(
+    fake_discord: FakeDiscord, tmp_path, monkeypatch
+):
+    """The adapter reads a new job's position for its first status; when the core's own report of
+    a later position is shown before that read gets shown, the older read must not replace it (the
+    core reports a position again only when it changes, so it would stay until the queue moves)."""
+    alice, bob, carol = (fake_discord.user(name) for name in ("alice", "bob", "carol"))
+    backend = FakeBackend()
+    config = app_config(tmp_path, fake_discord, bot={"dispatch_concurrency": 1})
+    async with App(fake_discord, config, backend=backend) as app:
+        backend.hold()
+        await fake_discord.slash("imagine", alice, {"prompt": "first"})
+        await fake_discord.wait_for(lambda: backend.in_flight == 1, what="the first job to start")
+        ahead = await fake_discord.slash("imagine", bob, {"prompt": "second"})
+        await fake_discord.wait_for(lambda: ahead.texts(), what="the second job's status")
+
+        service, delivery = app.service, app.service.deliveries["discord"]  # the core's calls go here
+        bot = getattr(delivery, "inner", delivery).bot
+        reported_next = asyncio.Event()
+        on_queued = delivery.on_queued
+
+        async def on_queued_watched(job, position) -> None:
+            await on_queued(job, position)
+            if job.id == 3 and position == 1:
+                reported_next.set()
+
+        queue_position = service.queue_position
+
+        async def read_then_the_queue_moves(job_id: int):
+            position = await queue_position(job_id)  # 2: behind bob's job
+            await service.cancel(Actor("discord", str(bob.id)), 2)
+            async with asyncio.timeout(30):
+                await reported_next.wait()  # the core showed "starts next"
+            return position
+
+        shown = asyncio.Event()
+        show_queued = bot.show_queued
+
+        async def show_queued_watched(job) -> None:
+            await show_queued(job)
+            shown.set()
+
+        monkeypatch.setattr(delivery, "on_queued", on_queued_watched)
+        monkeypatch.setattr(service, "queue_position", read_then_the_queue_moves)
+        monkeypatch.setattr(bot, "show_queued", show_queued_watched)
+        rec = await fake_discord.slash("imagine", carol, {"prompt": "third"})
+        async with asyncio.timeout(30):
+            await shown.wait()
+        waiting = rec.texts()
+        backend.release()
+        await wait_result(fake_discord, rec)
+    assert "starts next" in waiting[-1], waiting

@@ -7,7 +7,6 @@ this test's event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -306,15 +305,18 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
                 for o in update
             )
 
-        # Let the position reach the page before anything moves (waited for, not slept for). Which
-        # job shows "position 2" and when depends on when the first job was claimed, and a job's
-        # later positions count too: the assertion below reads every update of the jobs' lives, so
-        # past this bound the jobs move on and the assertion decides.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
+        # Nothing moves while the backend is held, and each page asks the core for its job's place
+        # when its stream starts: if job 1 was claimed before job 3's stream started, job 3 is at
+        # position 2 then; if not, job 1 was still queued when job 2's stream started, and job 2
+        # was at position 2. Either stays so until the release. (Before the streams asked, the
+        # core's one report of job 3's place could come before its stream listened: the page then
+        # said "waiting for its turn" for the whole wait, and this wait timed out once.)
+        try:
+            async with asyncio.timeout(60):
                 while not position_shown():  # noqa: ASYNC110 - the client streams on its own threads
                     await asyncio.sleep(0.05)
-        app.core.backend.release()
+        finally:
+            app.core.backend.release()
         statuses = await asyncio.gather(first, second, third)
         seen = " ".join(s for job in statuses for s in job)
         assert "position 2 in the queue" in seen, seen
@@ -359,3 +361,124 @@ async def test_login_form_with_non_ascii_passwords_never_answers_500(tmp_path):
         ]:
             assert await login(username, password) == 400, (username, password)
         assert await login("bob", "Kennwort-äöü-密码") == 200  # still serving
+
+
+async def test_a_position_reported_before_the_page_listens_still_shows(tmp_path, monkeypatch):
+    """The core reports a queued job's position once (again only when it changes). A report that
+    came while the submission was still returning, before the page's stream listened, was lost:
+    the page said "waiting for its turn" for the whole wait. Here the submission returns only once
+    the core has reported the new job's position, so the stream always listens too late."""
+    config = app_config(tmp_path, bot={"dispatch_concurrency": 1}, backends={"kind": "fake"})
+    async with running_playground(config) as app:
+        service, backend = app.service, app.core.backend
+        backend.hold()
+        other = Actor("web", "other")
+        running = await service.imagine(other, Place("web"), "one", idempotency_key="one")
+        async with asyncio.timeout(30):
+            while (await service.get_job(running.id)).state != "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await service.imagine(other, Place("web"), "two", idempotency_key="two")  # position 1
+
+        delivery = service.deliveries["web"]
+        reported: dict[int, asyncio.Event] = {}
+        on_queued = delivery.on_queued
+
+        async def on_queued_recorded(job: Any, position: int) -> None:
+            await on_queued(job, position)
+            reported.setdefault(job.id, asyncio.Event()).set()
+
+        imagine = service.imagine
+
+        async def imagine_then_wait_for_the_report(*args: Any, **kwargs: Any) -> Any:
+            job = await imagine(*args, **kwargs)
+            async with asyncio.timeout(30):
+                await reported.setdefault(job.id, asyncio.Event()).wait()
+            return job
+
+        monkeypatch.setattr(delivery, "on_queued", on_queued_recorded)
+        monkeypatch.setattr(service, "imagine", imagine_then_wait_for_the_report)
+        submitted: list[Any] = []
+
+        def third() -> list[str]:
+            c = client(app.url)
+            try:
+                job = c.submit("/imagine three", api_name="/imagine")
+                submitted.append(job)
+                job.result(timeout=60)
+                return [field(u, 'class="job-status"') for u in job.outputs()]
+            finally:
+                c.close()
+
+        def page_shows_job_3_waiting() -> bool:
+            return any(
+                isinstance(o, str) and 'data-state="queued"' in o and "job #3 queued" in o
+                for job in list(submitted)
+                for update in job.outputs()
+                for o in update
+            )
+
+        streamed = asyncio.create_task(asyncio.to_thread(third))
+        # Nothing moves while the backend is held: the page's first status of job 3 is the one it
+        # shows for as long as job 3 waits behind the two others.
+        try:
+            async with asyncio.timeout(60):
+                while not page_shows_job_3_waiting():  # noqa: ASYNC110 - the client streams on its own threads
+                    await asyncio.sleep(0.05)
+        finally:
+            backend.release()
+        statuses = await streamed
+    waiting = [s for s in statuses if 'data-state="queued"' in s]
+    assert "position 2 in the queue" in waiting[0], statuses
+    assert 'data-state="succeeded"' in statuses[-1]
+
+
+async def test_a_position_change_reported_elsewhere_still_reaches_the_page(tmp_path, monkeypatch):
+    """Positions reported where this page cannot hear them (another bot process sharing the
+    database reports them to its own playground) still show: a stream that hears nothing for
+    `poll_interval_s` asks the core for the job's position."""
+    config = app_config(tmp_path, bot={"dispatch_concurrency": 1}, backends={"kind": "fake"})
+    async with running_playground(config) as app:
+        service, backend = app.service, app.core.backend
+        backend.hold()
+        other = Actor("web", "other")
+        running = await service.imagine(other, Place("web"), "one", idempotency_key="one")
+        async with asyncio.timeout(30):
+            while (await service.get_job(running.id)).state != "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        ahead = await service.imagine(other, Place("web"), "two", idempotency_key="two")
+
+        async def heard_elsewhere(job: Any, position: int) -> None:
+            return None
+
+        monkeypatch.setattr(service.deliveries["web"], "on_queued", heard_elsewhere)
+        submitted: list[Any] = []
+
+        def third() -> list[str]:
+            c = client(app.url)
+            try:
+                job = c.submit("/imagine three", api_name="/imagine")
+                submitted.append(job)
+                job.result(timeout=60)
+                return [field(u, 'class="job-status"') for u in job.outputs()]
+            finally:
+                c.close()
+
+        async def page_shows(text: str) -> None:
+            async with asyncio.timeout(60):
+                while not any(  # noqa: ASYNC110 - the client streams on its own threads
+                    isinstance(o, str) and f"job #3 queued, {text}" in o
+                    for job in list(submitted)
+                    for update in job.outputs()
+                    for o in update
+                ):
+                    await asyncio.sleep(0.05)
+
+        streamed = asyncio.create_task(asyncio.to_thread(third))
+        try:
+            await page_shows("position 2 in the queue")
+            await service.cancel(other, ahead.id)  # job 3 moves up; the core's report goes nowhere
+            await page_shows("starts next")
+        finally:
+            backend.release()
+        statuses = await streamed
+    assert 'data-state="succeeded"' in statuses[-1]

@@ -79,7 +79,7 @@ class Imagine(commands.Cog):
         else:
             job = await self.bot.service.imagine(actor, place, prompt, given, **common)
         # Show the queue position at once; the core reports later positions, progress and the
-        # result through the delivery (which ignores this if the job already started).
+        # result through the delivery (which skips this if their news was shown first).
         log.info(
             "/imagine by %s in guild %s -> job %s (%s, position %s)",
             interaction.user.id,

@@ -54,7 +54,7 @@ class Inpaint(commands.Cog):
             delivery=self.bot.interaction_delivery(interaction),
         )
         # Show the queue position at once; the core reports later positions, progress and the
-        # result through the delivery (which ignores this if the job already started).
+        # result through the delivery (which skips this if their news was shown first).
         log.info(
             "/inpaint by %s in guild %s -> job %s (%s, position %s)",
             interaction.user.id,
