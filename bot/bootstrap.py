@@ -108,8 +108,10 @@ async def build_core(
         if cfg.bot.metrics_port:
             await exits.enter_async_context(_serving_ops(ops, cfg.bot.metrics_host, cfg.bot.metrics_port))
         await model_watch.start()
+        await service.warm_up()  # before the dispatcher: its claims would wait for the write lock
         if start_dispatcher:
             dispatcher.start()
+            await dispatcher.first_round()
         core = Core(cfg, raw, db, storage, own_backend, service, dispatcher, model_watch, ops)
         try:
             yield core

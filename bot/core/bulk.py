@@ -141,9 +141,12 @@ class _SqliteRows:
         self._head, self._tail = sql.split(group)
         self._group = group
         table = statement.table
-        self._processors = [
-            (name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
-        ]
+        self._processors = []
+        for name in names:
+            process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            # A processor that keeps None as None is skipped for None (most of a job's timestamps
+            # are empty); one that does not (JSON's, which writes 'null') always runs.
+            self._processors.append((name, process, process is not None and process(None) is None))
         # Bound values of the statement itself (after the VALUES, as in an ON CONFLICT clause).
         extra = list(compiled.positiontup or ())[len(names) :]
         self._extra = []
@@ -166,8 +169,9 @@ class _SqliteRows:
         values: list[Any] = []
         append = values.append
         for row in rows:
-            for name, process in self._processors:
-                append(row[name] if process is None else process(row[name]))
+            for name, process, keeps_none in self._processors:
+                value = row[name]
+                append(value if process is None or (keeps_none and value is None) else process(value))
         values += self._extra
         sql = self._head + ", ".join([self._group] * len(rows)) + self._tail
         conn = await s.connection()

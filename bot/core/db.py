@@ -84,6 +84,8 @@ def make_engine(
             # SQLite connections are cheap; overflow lets bursts queue in SQLite's busy handler
             # rather than in the pool.
             max_overflow=pool_size,
+            # The connection used last first: its statement cache is warm (see below).
+            pool_use_lifo=True,
         )
         _install_sqlite_hooks(engine, busy_timeout_s=sqlite_busy_timeout_s)
         return engine
@@ -96,6 +98,11 @@ def make_engine(
         # together.
         max_overflow=0,
         pool_timeout=60,
+        # The connection used last first. asyncpg prepares each statement once per connection (a
+        # round trip, and PostgreSQL parses and plans it); first-in-first-out handed every burst's
+        # batches the coldest connection, so the first ten batches after a start or a quiet spell
+        # each prepared every statement again (a burst's first wave took 1.6x the later ones).
+        pool_use_lifo=True,
     )
     _install_idle_ping(engine)
     if parsed.get_backend_name() == "postgresql":

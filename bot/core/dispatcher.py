@@ -98,6 +98,7 @@ class Dispatcher:
         self._delivering: set[int] = set()
         self._previews: dict[str, tuple[object, bool]] = {}  # see _takes_previews
         self._main: asyncio.Task[None] | None = None
+        self._first_round = asyncio.Event()
         self._stopping = False
         # Jobs whose images are made (or whose failure is decided): storing, recording or delivering
         # the outcome. A stop gives these `[bot] shutdown_grace_s` to finish instead of cancelling them.
@@ -208,6 +209,16 @@ class Dispatcher:
     # main loop
     # ------------------------------------------------------------------------------------------
 
+    async def first_round(self, within_s: float = 30.0) -> None:
+        """Wait (at most `within_s`) until the dispatcher's first round has run, successful or not.
+        Its first statements (heartbeat, takeover, claim) compile then: run while the first users
+        submit, they took tens of milliseconds from those users' submissions."""
+        if self._main is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._first_round.wait()
+
     async def _run(self) -> None:
         log.info("dispatcher %s started (concurrency %d)", self.owner, self._concurrency())
         while not self._stopping:
@@ -215,7 +226,10 @@ class Dispatcher:
             try:
                 if self._listener is not None:
                     await self._listener.ensure()
-                await self._tick()
+                try:
+                    await self._tick()
+                finally:
+                    self._first_round.set()
             except asyncio.CancelledError:
                 raise
             except DatabaseError as e:

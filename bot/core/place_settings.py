@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import BotConfig
@@ -242,17 +242,8 @@ class PlaceSettingsPart:
         return ChannelDefaults(model, None, None)
 
     async def _rows(self, s: AsyncSession, platform: str, guild_id: str) -> list[ChannelSettings]:
-        return list(
-            (
-                await s.execute(
-                    select(ChannelSettings)
-                    .where(ChannelSettings.platform == platform, ChannelSettings.guild_id == guild_id)
-                    .execution_options(populate_existing=True)
-                )
-            )
-            .scalars()
-            .all()
-        )
+        params = {"platform": platform, "guild_id": guild_id}
+        return list((await s.execute(_GUILD_ROWS, params)).scalars().all())
 
     async def _row_for_update(
         self, s: AsyncSession, platform: str, guild_id: str, channel_id: str
@@ -350,3 +341,14 @@ def _channel(channel_id: Any) -> str:
 
 
 __all__ = ["PlaceSettingsPart"]
+
+
+# A guild's rows, read by every submission's batch: built once, with its values as parameters
+# (building a statement and its cache key cost more than running it).
+_GUILD_ROWS = (
+    select(ChannelSettings)
+    .where(
+        ChannelSettings.platform == bindparam("platform"), ChannelSettings.guild_id == bindparam("guild_id")
+    )
+    .execution_options(populate_existing=True)
+)

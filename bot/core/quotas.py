@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaConfig
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
-from bot.core.bulk import execute_rows, from_rows, one_of
+from bot.core.bulk import execute_rows, from_rows, one_of_param
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
 
@@ -47,14 +47,19 @@ class Quotas:
         self.db = db
         self.config = config
         self.clock = clock
+        self._last_period: tuple[dt.date, dt.datetime, dt.datetime] | None = None
 
     def period_for(self, now: dt.datetime) -> tuple[dt.date, dt.datetime, dt.datetime]:
         """(period day, period start, reset time) for `now`; the day starts at reset_hour_utc."""
+        last = self._last_period
+        if last is not None and last[1] <= now < last[2]:
+            return last  # every charge of a batch asks, nearly always of the same day
         hour = self.config.reset_hour_utc
         shifted = now.astimezone(dt.UTC) - dt.timedelta(hours=hour)
         day = shifted.date()
         start = dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.UTC)
-        return day, start, start + dt.timedelta(days=1)
+        self._last_period = (day, start, start + dt.timedelta(days=1))
+        return self._last_period
 
     async def lock_user(
         self, s: AsyncSession, platform: str, user_id: str, display_name: str | None = None
@@ -145,30 +150,22 @@ class Quotas:
         statements whatever the batch's size: the limits that concern its users and their usage in
         `periods`. `credits`: each user's bonus credits, read with the user's lock, which the caller
         holds for every user of `asks` (their charges are then exact)."""
-        pg = self.db.is_postgres
-        pks = {a.user_pk for a in asks}
-        platforms = {a.platform for a in asks}
-        users = {a.user_id for a in asks}
-        conds = [(QuotaLimit.scope == "user") & one_of(QuotaLimit.scope_id, users, postgres=pg)]
         guilds = {a.guild_id for a in asks if a.guild_id is not None}
-        if guilds:
-            conds.append((QuotaLimit.scope == "guild") & one_of(QuotaLimit.scope_id, guilds, postgres=pg))
         roles = {role_scope_id(a.guild_id, r) for a in asks if a.guild_id is not None for r in a.role_ids}
-        if roles:
-            conds.append((QuotaLimit.scope == "role") & one_of(QuotaLimit.scope_id, roles, postgres=pg))
         limits = (
             await s.execute(
-                select(
-                    QuotaLimit.platform, QuotaLimit.scope, QuotaLimit.scope_id, QuotaLimit.daily_limit
-                ).where(one_of(QuotaLimit.platform, platforms, postgres=pg), or_(*conds))
+                self._limits_of(bool(guilds), bool(roles)),
+                {
+                    "platforms": list({a.platform for a in asks}),
+                    "users": list({a.user_id for a in asks}),
+                    "guilds": list(guilds),
+                    "roles": list(roles),
+                },
             )
         ).all()
         usage = (
             await s.execute(
-                select(QuotaUsage.user_id, QuotaUsage.period, QuotaUsage.images_used).where(
-                    one_of(QuotaUsage.user_id, pks, postgres=pg),
-                    one_of(QuotaUsage.period, set(periods), postgres=pg),
-                )
+                self._usage_of, {"pks": list({a.user_pk for a in asks}), "periods": list(set(periods))}
             )
         ).all()
         return QuotaBook(
@@ -176,6 +173,30 @@ class Quotas:
             {(platform, scope, scope_id): limit for platform, scope, scope_id, limit in limits},
             {(pk, period): used for pk, period, used in usage},
             dict(credits),
+        )
+
+    # `book`'s statements, built once with their values as parameters: building one and its cache
+    # key cost more than running it.
+    @functools.cache  # noqa: B019 - one Quotas per service, which lives as long as the process
+    def _limits_of(self, guilds: bool, roles: bool) -> Any:
+        pg = self.db.is_postgres
+        limits = cast(Table, QuotaLimit.__table__)
+        conds = [(limits.c.scope == "user") & one_of_param(limits.c.scope_id, "users", postgres=pg)]
+        if guilds:
+            conds.append((limits.c.scope == "guild") & one_of_param(limits.c.scope_id, "guilds", postgres=pg))
+        if roles:
+            conds.append((limits.c.scope == "role") & one_of_param(limits.c.scope_id, "roles", postgres=pg))
+        return select(limits.c.platform, limits.c.scope, limits.c.scope_id, limits.c.daily_limit).where(
+            one_of_param(limits.c.platform, "platforms", postgres=pg), or_(*conds)
+        )
+
+    @functools.cached_property
+    def _usage_of(self) -> Any:
+        pg = self.db.is_postgres
+        usage = cast(Table, QuotaUsage.__table__)
+        return select(usage.c.user_id, usage.c.period, usage.c.images_used).where(
+            one_of_param(usage.c.user_id, "pks", postgres=pg),
+            one_of_param(usage.c.period, "periods", postgres=pg),
         )
 
     async def refund(self, s: AsyncSession, job: Job, user: User) -> None:

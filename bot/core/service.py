@@ -126,6 +126,7 @@ class CoreService:
         followups = FollowUps(db, config, submissions, rng=rng, limits=self.limits)
         operations = Operations(storage, config, submissions, followups, rng=rng, limits=self.limits)
         self._submissions = submissions
+        self.warm_up = submissions.warm_up
         queries = Queries(db, storage, self.quotas, self.audit, self.queue, clock=clock)
         admin = Admin(db, self.quotas, self.audit, clock=clock)
 

@@ -46,7 +46,7 @@ from bot.core.api import (
     Place,
     PlaceRules,
 )
-from bot.core.bulk import execute_rows, from_rows, one_of
+from bot.core.bulk import execute_rows, from_rows, one_of_param
 from bot.core.db import Database
 from bot.core.fair_queue import FairQueue
 from bot.core.models import Job, User
@@ -77,6 +77,12 @@ USER_ROW_COLUMNS = (
     "created_at",
     "updated_at",
 )
+
+
+class _RolledBack(Exception):  # noqa: N818 - not an error: how a dry run leaves its transaction
+    def __init__(self, outcomes: list[JobView | BaseException]):
+        super().__init__("dry run")
+        self.outcomes = outcomes
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,17 @@ class SubmitWriter:
         self.place_settings = place_settings
         self.moderator = moderator
 
-    async def write(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
+    async def write(self, batch: list[PendingJob], *, dry_run: bool = False) -> list[JobView | BaseException]:
         """Each submission's view, or its refusal. A database error fails the batch; a conflict
         (another process inserted one of the keys first) is sorted out one submission at a time,
-        the loser getting `DatabaseError("conflict")` as it would alone."""
+        the loser getting `DatabaseError("conflict")` as it would alone. `dry_run`: every statement
+        runs, and the transaction is rolled back (`Submissions.warm_up`)."""
+        if dry_run:
+            try:
+                await self._write(batch, dry_run=True)
+            except _RolledBack as done:
+                return done.outcomes
+            raise AssertionError("a dry run was committed")  # _write raises _RolledBack
         try:
             return await self._write(batch)
         except DatabaseError as e:
@@ -127,32 +140,31 @@ class SubmitWriter:
                 outcomes.append(e)
         return outcomes
 
-    async def _write(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
+    async def _write(
+        self, batch: list[PendingJob], *, dry_run: bool = False
+    ) -> list[JobView | BaseException]:
         outcomes: list[JobView | BaseException | int] = []  # an int: the index of the batch's row
         rows: list[dict[str, Any]] = []
         async with self.db.session() as s:
             users = await self._lock_users(s, batch)
             keys = {p.key for p in batch}
-            pg = self.db.is_postgres
             # Core rows (the view reads their columns as attributes): no ORM objects to build.
             existing = {
-                job.idempotency_key: job
-                for job in await s.execute(
-                    select(JOBS).where(one_of(JOBS.c.idempotency_key, keys, postgres=pg))
-                )
+                job.idempotency_key: job for job in await s.execute(self._jobs_of_keys, {"keys": list(keys)})
             }
             admission = await self.queue.admission(
                 s, {u.id for u in users.values()}, len(batch), storm=self.storming()
             )
+            asks = [self._ask(p, users) for p in batch]
             book = await self.quotas.book(
                 s,
-                [self._ask(p, users) for p in batch],
+                asks,
                 {u.id: u.bonus_credits for u in users.values()},
                 {self.quotas.period_for(p.now)[0] for p in batch},
             )
             rules: dict[Place, PlaceRules | CoreError] = {}
             new_keys: dict[str, int] = {}  # keys inserted by this batch: the index of their row
-            for pending in batch:
+            for pending, ask in zip(batch, asks, strict=True):
                 user = users[(pending.actor.platform, pending.actor.user_id)]
                 try:
                     job = existing.get(pending.key)
@@ -180,7 +192,7 @@ class SubmitWriter:
                             raise Moderated(rule.description)
                     place_rules = await self._rules(s, pending.place, rules)
                     admission.check_room()
-                    charge = book.charge(self._ask(pending, users), pending.images, pending.now)
+                    charge = book.charge(ask, pending.images, pending.now)
                     row = dict(pending.row)
                     if place_rules.private:
                         row["params"] = {**row["params"], "private": True}
@@ -202,6 +214,8 @@ class SubmitWriter:
                 inserted = await execute_rows(s, self._insert_jobs(tuple(rows[0])), rows)
                 ids = {key: job_id for job_id, key in inserted}
                 await book.write(s)
+            if dry_run:
+                raise _RolledBack([o for o in outcomes if isinstance(o, BaseException)])
         owners = {user.id: user for user in users.values()}
         views: list[JobView | BaseException] = []
         for outcome in outcomes:
@@ -254,6 +268,11 @@ class SubmitWriter:
         return from_rows(insert(JOBS), JOBS, names, postgres=self.db.is_postgres).returning(
             JOBS.c.id, JOBS.c.idempotency_key
         )
+
+    @functools.cached_property
+    def _jobs_of_keys(self) -> Any:
+        """The jobs of `keys`, built once (see `bot.core.bulk.one_of_param`)."""
+        return select(JOBS).where(one_of_param(JOBS.c.idempotency_key, "keys", postgres=self.db.is_postgres))
 
     @functools.cache  # noqa: B019 - as above
     def _upsert_users(self) -> Any:
