@@ -23,10 +23,11 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # The longest a dispatcher round waits for the process's submissions to pause. Long enough for a
 # burst (1000 submissions take ~0.2 s of one core), short against a job's own seconds on a GPU.
@@ -62,11 +63,11 @@ class SubmitActivity:
         """Dispatcher rounds waiting for the submissions to pause."""
         return len(self._waiters)
 
-    def counted(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    def counted(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """`fn` (an entry point that creates a job), counted while it runs."""
 
         @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> T:
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             self._starts.append(time.monotonic())
             self._in_progress += 1
             try:
