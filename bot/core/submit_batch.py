@@ -190,7 +190,12 @@ class SubmitWriter:
                         rule = self.moderator.check(pending.row["prompt"])
                         if rule is not None:
                             raise Moderated(rule.description)
-                    place_rules = await self._rules(s, pending.place, rules)
+                    known = rules.get(pending.place)
+                    if known is None:  # read once per place and batch (a coroutine per row cost more)
+                        known = rules[pending.place] = await self._read_rules(s, pending.place)
+                    if isinstance(known, CoreError):
+                        raise known
+                    place_rules = known
                     admission.check_room()
                     charge = book.charge(ask, pending.images, pending.now)
                     row = dict(pending.row)
@@ -306,17 +311,10 @@ class SubmitWriter:
         user = users[(actor.platform, actor.user_id)]
         return QuotaAsk(user.id, actor.platform, actor.user_id, pending.place.guild_id, tuple(actor.role_ids))
 
-    async def _rules(
-        self, s: AsyncSession, place: Place, known: dict[Place, PlaceRules | CoreError]
-    ) -> PlaceRules:
-        """The place's rules (NotAllowedHere where image commands are not allowed), read once per
-        place and batch."""
-        if place not in known:
-            try:
-                known[place] = await self.place_settings.check(s, place)
-            except CoreError as e:
-                known[place] = e
-        rules = known[place]
-        if isinstance(rules, CoreError):
-            raise rules
-        return rules
+    async def _read_rules(self, s: AsyncSession, place: Place) -> PlaceRules | CoreError:
+        """The place's rules, or the refusal (NotAllowedHere where image commands are not
+        allowed) that every submission of the batch in that place gets."""
+        try:
+            return await self.place_settings.check(s, place)
+        except CoreError as e:
+            return e
