@@ -5,10 +5,10 @@ also the dispatchers' CPU. Here each path runs alone, on SQLite (a file) and Pos
 database on DATABASE_URL_TEST), with the process's CPU time per job:
 
 - submit: closed-loop submitters (one user each, 5 jobs each), no dispatcher, after one warm-up
-  submission; submit p50/p99, the p99 of each submitter's second job on (the first wave is one
-  batch that pays the process's first compile of each statement and, on PostgreSQL, the first
-  prepares on each pooled connection: with 5 jobs each it is a fifth of the submissions and sets
-  the p99), and CPU per submission;
+  submission; submit p50/p99, the p99 of each submitter's second job on (the first wave creates
+  its 200 users and their quota rows, and before the core warmed up at start it also paid the
+  process's first compile of each statement: with 5 jobs each it is a fifth of the submissions
+  and can set the p99), and CPU per submission;
 - dispatch: the jobs those submitters queued, then the dispatcher started (64 slots, the instant
   backend of `core_bench`, in-process) until every job is delivered; jobs/s, CPU and commits per job.
   "CPU ms/job" is the whole process's; "loop CPU ms/job" the event loop's thread alone, the
