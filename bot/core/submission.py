@@ -27,6 +27,7 @@ from bot.core import validate
 from bot.core.api import (
     Actor,
     BadParameters,
+    CoreError,
     DatabaseError,
     JobKind,
     JobView,
@@ -132,10 +133,12 @@ class Submissions:
         actor, place = Actor(WARM_UP, "warm-up", "warm-up"), Place(WARM_UP, "warm-up", "warm-up")
         try:
             parsed = await self._parse_imagine(place, "warm up", None, random.Random(0))
-            pending = self._pending_job(
-                actor, place, "imagine", parsed, "warm-up", None, task="txt2img", strength=None
+            await self.submit(
+                actor, place, "imagine", parsed, "warm-up", None, task="txt2img", strength=None, dry_run=True
             )
-            await self.writer.write([pending], dry_run=True)
+        except CoreError as e:
+            # Refused (a full queue, a rule of the place): its statements ran all the same.
+            log.info("submission warm-up refused (%s); its statements are compiled", type(e).__name__)
         except Exception as e:  # noqa: BLE001 - an optimisation: never a reason not to start
             log.warning(
                 "submission warm-up failed (%s: %s); the first submissions compile instead",
@@ -237,53 +240,13 @@ class Submissions:
         mask_key: str | None = None,
         detail: str | None = None,
         model: str | None = None,
+        dry_run: bool = False,
     ) -> JobView:
         """Queue a job whose parameters are resolved (`actor`, `place` and `delivery` checked).
         `detail` names an operation's variant ("2x", "left", "subtle"); `model` a server model that
-        replaces `parsed.model` (an upscaler: then without the parsed LoRAs, made for another model)."""
-        pending = self._pending_job(
-            actor, place, kind, parsed, idempotency_key, delivery, task=task, strength=strength, parent=parent,
-            parent_image_index=parent_image_index, input_image_key=input_image_key, mask_key=mask_key,
-            detail=detail, model=model,
-        )  # fmt: skip
-        try:
-            view = await self._batches(pending)
-        except DatabaseError as e:
-            if e.kind != "conflict":
-                raise
-            # Lost a race on the idempotency key (another process inserted it first): the whole
-            # transaction, quota charge included, was rolled back; return the winner's job.
-            existing_view = await self.existing(actor, idempotency_key)
-            if existing_view is None:
-                raise
-            return existing_view
-        if view.created:
-            log.info(
-                "job %s queued: %s by %s:%s n=%d %dx%d steps=%d",
-                view.id, kind, actor.platform, actor.user_id, parsed.n, parsed.width, parsed.height,
-                parsed.steps,
-            )  # fmt: skip
-        return view
-
-    def _pending_job(
-        self,
-        actor: Actor,
-        place: Place,
-        kind: JobKind,
-        parsed: ParsedPrompt,
-        idempotency_key: str,
-        delivery: Mapping[str, Any] | None,
-        *,
-        task: Task,
-        strength: float | None,
-        parent: Job | None = None,
-        parent_image_index: int | None = None,
-        input_image_key: str | None = None,
-        mask_key: str | None = None,
-        detail: str | None = None,
-        model: str | None = None,
-    ) -> PendingJob:
-        """The job row of a submission, but for what its batch decides."""
+        replaces `parsed.model` (an upscaler: then without the parsed LoRAs, made for another model).
+        `dry_run`: every step runs, the batch's transaction included, and nothing is kept (its view
+        names a job that does not exist; `warm_up`)."""
         loras = parsed.loras if model is None or model == parsed.model else ()
         model = model if model is not None else parsed.model
         key = f"{actor.platform}:{idempotency_key}"
@@ -334,7 +297,30 @@ class Submissions:
             "finished_at": None,
             "result_message_id": None,
         }
-        return PendingJob(actor, place, key, now, parsed.n, row)
+        pending = PendingJob(actor, place, key, now, parsed.n, row)
+        if dry_run:
+            outcome = (await self.writer.write([pending], dry_run=True))[0]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        try:
+            view = await self._batches(pending)
+        except DatabaseError as e:
+            if e.kind != "conflict":
+                raise
+            # Lost a race on the idempotency key (another process inserted it first): the whole
+            # transaction, quota charge included, was rolled back; return the winner's job.
+            existing_view = await self.existing(actor, idempotency_key)
+            if existing_view is None:
+                raise
+            return existing_view
+        if view.created:
+            log.info(
+                "job %s queued: %s by %s:%s n=%d %dx%d steps=%d",
+                view.id, kind, actor.platform, actor.user_id, parsed.n, parsed.width, parsed.height,
+                parsed.steps,
+            )  # fmt: skip
+        return view
 
     async def _write_batch(self, batch: list[PendingJob]) -> list[JobView | BaseException]:
         outcomes = await self.writer.write(batch)

@@ -119,8 +119,8 @@ class SubmitWriter:
     async def write(self, batch: list[PendingJob], *, dry_run: bool = False) -> list[JobView | BaseException]:
         """Each submission's view, or its refusal. A database error fails the batch; a conflict
         (another process inserted one of the keys first) is sorted out one submission at a time,
-        the loser getting `DatabaseError("conflict")` as it would alone. `dry_run`: every statement
-        runs, and the transaction is rolled back (`Submissions.warm_up`)."""
+        the loser getting `DatabaseError("conflict")` as it would alone. `dry_run`: every step runs,
+        the views included, and the transaction is rolled back (`Submissions.warm_up`)."""
         if dry_run:
             try:
                 await self._write(batch, dry_run=True)
@@ -220,7 +220,17 @@ class SubmitWriter:
                 ids = {key: job_id for job_id, key in inserted}
                 await book.write(s)
             if dry_run:
-                raise _RolledBack([o for o in outcomes if isinstance(o, BaseException)])
+                raise _RolledBack(self._views(outcomes, rows, ids, users))
+        return self._views(outcomes, rows, ids, users)
+
+    @staticmethod
+    def _views(
+        outcomes: list[JobView | BaseException | int],
+        rows: list[dict[str, Any]],
+        ids: dict[str, int],
+        users: dict[tuple[str, str], Any],
+    ) -> list[JobView | BaseException]:
+        """Each submission's view (its row as inserted, `ids` by key) or its refusal."""
         owners = {user.id: user for user in users.values()}
         views: list[JobView | BaseException] = []
         for outcome in outcomes:
