@@ -43,6 +43,19 @@ def chat_files(outputs: tuple[Any, ...]) -> list[str]:
     return [item["image"]["path"] for g in galleries for item in g["value"]]
 
 
+def statuses_of(url: str, command: str, submitted: list[Any]) -> list[str]:
+    """Send `command` to the page's /imagine and follow it to its end: every status panel the page
+    showed. The Gradio job joins `submitted` as soon as it exists, for the caller to watch."""
+    c = client(url)
+    try:
+        job = c.submit(command, api_name="/imagine")
+        submitted.append(job)
+        job.result(timeout=60)
+        return [field(u, 'class="job-status"') for u in job.outputs()]
+    finally:
+        c.close()
+
+
 async def test_the_status_panel_shows_the_live_preview(tmp_path):
     from bot.backends.fake import FakeBackend
 
@@ -274,27 +287,17 @@ async def test_a_waiting_job_shows_its_place_in_the_queue(tmp_path):
         me = Actor("web", "local")
         submitted: list[Any] = []  # the Gradio jobs, whose streamed outputs the test watches
 
-        def one(prompt: str) -> list[str]:
-            c = client(app.url)
-            try:
-                job = c.submit(f"/imagine {prompt}", api_name="/imagine")
-                submitted.append(job)
-                job.result(timeout=60)
-                return [field(u, 'class="job-status"') for u in job.outputs()]
-            finally:
-                c.close()
-
         async def jobs_exist(n: int) -> None:
             async with asyncio.timeout(30):
                 # polling the database: the job rows are what the test waits for
                 while len(await app.service.history(me, limit=5)) < n:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
 
-        first = asyncio.create_task(asyncio.to_thread(one, "one"))
+        first = asyncio.create_task(asyncio.to_thread(statuses_of, app.url, "/imagine one", submitted))
         await jobs_exist(1)
-        second = asyncio.create_task(asyncio.to_thread(one, "two"))
+        second = asyncio.create_task(asyncio.to_thread(statuses_of, app.url, "/imagine two", submitted))
         await jobs_exist(2)
-        third = asyncio.create_task(asyncio.to_thread(one, "three"))
+        third = asyncio.create_task(asyncio.to_thread(statuses_of, app.url, "/imagine three", submitted))
         await jobs_exist(3)
 
         def position_shown() -> bool:
@@ -399,16 +402,6 @@ async def test_a_position_reported_before_the_page_listens_still_shows(tmp_path,
         monkeypatch.setattr(service, "imagine", imagine_then_wait_for_the_report)
         submitted: list[Any] = []
 
-        def third() -> list[str]:
-            c = client(app.url)
-            try:
-                job = c.submit("/imagine three", api_name="/imagine")
-                submitted.append(job)
-                job.result(timeout=60)
-                return [field(u, 'class="job-status"') for u in job.outputs()]
-            finally:
-                c.close()
-
         def page_shows_job_3_waiting() -> bool:
             return any(
                 isinstance(o, str) and 'data-state="queued"' in o and "job #3 queued" in o
@@ -417,7 +410,7 @@ async def test_a_position_reported_before_the_page_listens_still_shows(tmp_path,
                 for o in update
             )
 
-        streamed = asyncio.create_task(asyncio.to_thread(third))
+        streamed = asyncio.create_task(asyncio.to_thread(statuses_of, app.url, "/imagine three", submitted))
         # Nothing moves while the backend is held: the page's first status of job 3 is the one it
         # shows for as long as job 3 waits behind the two others.
         try:
@@ -453,16 +446,6 @@ async def test_a_position_change_reported_elsewhere_still_reaches_the_page(tmp_p
         monkeypatch.setattr(service.deliveries["web"], "on_queued", heard_elsewhere)
         submitted: list[Any] = []
 
-        def third() -> list[str]:
-            c = client(app.url)
-            try:
-                job = c.submit("/imagine three", api_name="/imagine")
-                submitted.append(job)
-                job.result(timeout=60)
-                return [field(u, 'class="job-status"') for u in job.outputs()]
-            finally:
-                c.close()
-
         async def page_shows(text: str) -> None:
             async with asyncio.timeout(60):
                 while not any(  # noqa: ASYNC110 - the client streams on its own threads
@@ -473,7 +456,7 @@ async def test_a_position_change_reported_elsewhere_still_reaches_the_page(tmp_p
                 ):
                     await asyncio.sleep(0.05)
 
-        streamed = asyncio.create_task(asyncio.to_thread(third))
+        streamed = asyncio.create_task(asyncio.to_thread(statuses_of, app.url, "/imagine three", submitted))
         try:
             await page_shows("position 2 in the queue")
             await service.cancel(other, ahead.id)  # job 3 moves up; the core's report goes nowhere
