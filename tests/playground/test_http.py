@@ -43,6 +43,14 @@ def chat_files(outputs: tuple[Any, ...]) -> list[str]:
     return [item["image"]["path"] for g in galleries for item in g["value"]]
 
 
+async def one_running(service: Any, actor: Actor) -> None:
+    """`actor`'s job "one" submitted and running (the held backend keeps it so)."""
+    running = await service.imagine(actor, Place("web"), "one", idempotency_key="one")
+    async with asyncio.timeout(30):
+        while (await service.get_job(running.id)).state != "running":  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
 def statuses_of(url: str, command: str, submitted: list[Any]) -> list[str]:
     """Send `command` to the page's /imagine and follow it to its end: every status panel the page
     showed. The Gradio job joins `submitted` as soon as it exists, for the caller to watch."""
@@ -376,10 +384,7 @@ async def test_a_position_reported_before_the_page_listens_still_shows(tmp_path,
         service, backend = app.service, app.core.backend
         backend.hold()
         other = Actor("web", "other")
-        running = await service.imagine(other, Place("web"), "one", idempotency_key="one")
-        async with asyncio.timeout(30):
-            while (await service.get_job(running.id)).state != "running":  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        await one_running(service, other)
         await service.imagine(other, Place("web"), "two", idempotency_key="two")  # position 1
 
         delivery = service.deliveries["web"]
@@ -434,10 +439,7 @@ async def test_a_position_change_reported_elsewhere_still_reaches_the_page(tmp_p
         service, backend = app.service, app.core.backend
         backend.hold()
         other = Actor("web", "other")
-        running = await service.imagine(other, Place("web"), "one", idempotency_key="one")
-        async with asyncio.timeout(30):
-            while (await service.get_job(running.id)).state != "running":  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        await one_running(service, other)
         ahead = await service.imagine(other, Place("web"), "two", idempotency_key="two")
 
         async def heard_elsewhere(job: Any, position: int) -> None:
