@@ -189,7 +189,8 @@ class JobView:
     """A snapshot of a job row. Immutable; re-read it with `ImageService.get_job` for fresh state.
 
     `created` is False when the call returned an already existing job for the same idempotency key.
-    `position` is the 1-based place in the queue (1 = starts next) when known, else None.
+    `position` is not filled in by the core (None): a view is a snapshot of the row, and the place
+    in the queue moves; adapters ask `ImageService.queue_position` or hear `on_queued`.
     `delivery` is the adapter's own mapping given at submit time (interaction token, channel id...).
     `result_message_id` is the platform message showing the result (see `attach_result_message`).
     """

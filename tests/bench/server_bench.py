@@ -25,7 +25,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import aiohttp
 
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
 from tests.bench.stats import percentile
+from tests.ports import free_port
 
 TOKEN = "bench-token"
 # 64x64 images, VAE 64 -> 16x16 latents (the embedded model's geometry), a tiny UNet: per-call
@@ -170,12 +170,6 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError("the server did not become ready")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -22,12 +22,7 @@ from bot.core.health import ReadinessCheck
 from bot.settings import ConfigError
 from tests.backends.fakes import TOKEN, FakeInferenceServer, start
 from tests.core.helpers import ALICE, GUILD, RecordingDelivery, config_for, running_core
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 class Scrape:

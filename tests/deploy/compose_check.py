@@ -33,13 +33,14 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "imagine-deploytest"
@@ -136,12 +137,6 @@ class Fleet:
             "exec", self.container("postgres"), "psql", "-U", "imagine", "-d", "imagine", "-At", "-F", "\t", "-c", query
         ).stdout  # fmt: skip
         return [line.split("\t") for line in out.splitlines() if line]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_images(skip: bool) -> dict[str, str]:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import openai
 
 from inference_server.testing import TinyPipelineSpec, save_tiny_pipeline
 from tests.bench.stats import percentile, ratio_interval
+from tests.ports import free_port
 
 TOKEN = "bench-token"
 # The embedded model's geometry (64x64 images, 16x16 latents) with a tiny UNet: per-request overhead
@@ -138,12 +138,6 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError("the server did not become ready")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 NATIVE = "native /v1/txt2img, aiohttp"

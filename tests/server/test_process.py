@@ -7,21 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 
+from tests.ports import free_port
 from tests.server.conftest import AUTH, TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _start(config: Path) -> asyncio.subprocess.Process:
@@ -33,7 +27,7 @@ async def _start(config: Path) -> asyncio.subprocess.Process:
 
 
 async def test_sigterm_finishes_the_in_flight_request(tiny_model: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(
         f'[inference_server]\nport = {port}\n[model]\npath = "{tiny_model}"\nwidth = 32\nheight = 32\n'

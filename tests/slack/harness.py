@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 import uuid
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot import slack_adapter
 from bot.bootstrap import build_core
 from bot.config import normalize_database_url
+from tests.ports import free_port
 from tests.slack.fake_slack import BOT_TOKEN, BOT_USER_ID, FakeMessage, FakeSlack
 from tests.slack.signed import SIGNING_SECRET, SlackSender
 
@@ -78,12 +78,6 @@ def reaction(name: str, msg, user: str = "UBOB0001") -> dict:
         "item": {"type": "message", "channel": msg.channel, "ts": msg.ts},
         "event_ts": f"{time.time():.6f}",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_config(

@@ -81,12 +81,11 @@ class Imagine(commands.Cog):
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which skips this if their news was shown first).
         log.info(
-            "/imagine by %s in guild %s -> job %s (%s, position %s)",
+            "/imagine by %s in guild %s -> job %s (%s)",
             interaction.user.id,
             interaction.guild_id,
             job.id,
             "new" if job.created else "existing",
-            job.position,
         )
         await self.bot.show_queued(job)
 

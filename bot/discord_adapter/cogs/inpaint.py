@@ -56,12 +56,11 @@ class Inpaint(commands.Cog):
         # Show the queue position at once; the core reports later positions, progress and the
         # result through the delivery (which skips this if their news was shown first).
         log.info(
-            "/inpaint by %s in guild %s -> job %s (%s, position %s)",
+            "/inpaint by %s in guild %s -> job %s (%s)",
             interaction.user.id,
             interaction.guild_id,
             job.id,
             "new" if job.created else "existing",
-            job.position,
         )
         await self.bot.show_queued(job)
 
