@@ -126,8 +126,8 @@ class FairQueue:
 
     @functools.cached_property
     def _statements(self) -> SimpleNamespace:
-        """`admission`'s statements, built once with their values as parameters: building one and
-        its cache key cost more than running it (a batch's statements took 1.5-3 ms each)."""
+        """`admission`'s statements, built once with their values as parameters, as the claims'
+        are (a statement built per batch is also a cache key computed per batch)."""
         queued = select(JOBS.c.id).where(JOBS.c.state == "queued").limit(bindparam("cap", type_=Integer))
         head = select(func.min(JOBS.c.fair_round)).where(JOBS.c.state == "queued").scalar_subquery()
         running = select(func.max(JOBS.c.fair_round)).where(JOBS.c.state == "running").scalar_subquery()

@@ -343,8 +343,8 @@ def _channel(channel_id: Any) -> str:
 __all__ = ["PlaceSettingsPart"]
 
 
-# A guild's rows, read by every submission's batch: built once, with its values as parameters
-# (building a statement and its cache key cost more than running it).
+# A guild's rows, read by every submission's batch: built once, with its values as parameters (a
+# statement built per read is also a cache key computed per read).
 _GUILD_ROWS = (
     select(ChannelSettings)
     .where(

@@ -175,8 +175,8 @@ class Quotas:
             dict(credits),
         )
 
-    # `book`'s statements, built once with their values as parameters: building one and its cache
-    # key cost more than running it.
+    # `book`'s statements, built once with their values as parameters, as the claims' are (a
+    # statement built per batch is also a cache key computed per batch).
     @functools.cache  # noqa: B019 - one Quotas per service, which lives as long as the process
     def _limits_of(self, guilds: bool, roles: bool) -> Any:
         pg = self.db.is_postgres

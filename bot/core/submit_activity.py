@@ -12,9 +12,9 @@ pauses still lets the dispatcher claim once per that interval, a full round of i
 
 Dispatchers of other processes (PostgreSQL) compete for the machine's cores rather than for one
 event loop. They learn of a storm from the notification that wakes them: a batch of submissions
-committed while its process takes more than `STORM_RATE` submissions a second says so in the
-payload (`STORM`), and a dispatcher that heard one within `STORM_HOLD_S` waits as above. A lone
-submission, or ordinary traffic, wakes them to claim at once as before.
+committed while its process has started more than `STORM_SUBMISSIONS` within `STORM_WINDOW_S`
+says so in the payload (`STORM`), and a dispatcher that heard one within `STORM_HOLD_S` waits as
+above. A lone submission, or ordinary traffic, wakes them to claim at once as before.
 """
 
 from __future__ import annotations
