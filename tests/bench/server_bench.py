@@ -40,6 +40,8 @@ from tests.bench.stats import percentile
 from tests.ports import free_port
 
 TOKEN = "bench-token"
+# Client-side keep-alive, below the server's header_timeout_s (10 s; see measure_all).
+KEEPALIVE_S = 5.0
 # 64x64 images, VAE 64 -> 16x16 latents (the embedded model's geometry), a tiny UNet: per-call
 # overhead dominates, which is the regime where request batching pays on a CPU.
 SPEC = TinyPipelineSpec(sample_size=64, vae_channels=(8, 8, 16), unet_channels=(8, 16))
@@ -205,8 +207,17 @@ def main() -> None:
             async def measure_all() -> None:
                 await wait_ready(url, proc)
                 # One client session (connection pool) per concurrency level, opened and warmed
-                # before any timing, as a long-running bot holds one.
-                sessions = {c: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c)) for c in levels}
+                # before any timing, as a long-running bot holds one. Its idle connections are
+                # dropped after KEEPALIVE_S: the server closes a connection idle for its
+                # header_timeout_s (10 s), and the direct modes block this loop for seconds, so a
+                # level's next round reused connections the server had closed ("Cannot write to
+                # closing transport": `make bench` stopped there).
+                sessions = {
+                    c: aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=c, keepalive_timeout=KEEPALIVE_S)
+                    )
+                    for c in levels
+                }
                 try:
                     for c, session in sessions.items():
                         await load_server(session, url, reqs[: max(c, args.batch)], c, proc.pid)
