@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,31 @@ async def drop_pg(url: str) -> None:
         await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def fresh_pg() -> AsyncIterator[tuple[str | None, str]]:
+    """A fresh PostgreSQL database for the block, dropped after it: (its URL, ""), or (None, why
+    not) when the server is unreachable (the caller reports the reason and skips)."""
+    url, why = await pg_database()
+    try:
+        yield url, why
+    finally:
+        if url is not None:
+            await drop_pg(url)
+
+
+@contextlib.asynccontextmanager
+async def database(db: str, sqlite_file: Path) -> AsyncIterator[str | None]:
+    """The URL of a database for one measurement: "sqlite", a file at `sqlite_file`; "postgres", a
+    fresh database dropped after the block, or None (the reason printed) when unreachable."""
+    if db == "sqlite":
+        yield f"sqlite+aiosqlite:///{sqlite_file}"
+        return
+    async with fresh_pg() as (url, why):
+        if url is None:
+            print(f"PostgreSQL skipped: {why}")
+        yield url
+
+
 def loadavg() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -333,10 +359,9 @@ async def amain(args: argparse.Namespace) -> int:
             if args.db in ("postgres", "both") and not skipped:
                 for processes in args.processes:
                     run += 1
-                    url, skipped = await pg_database()
-                    if url is None:
-                        break
-                    try:
+                    async with fresh_pg() as (url, skipped):
+                        if url is None:
+                            break
                         results.append(
                             await run_one(
                                 "postgres", url, work / f"r{run}", submitters, args.jobs, args.concurrency,
@@ -346,8 +371,6 @@ async def amain(args: argparse.Namespace) -> int:
                         print_row(results[-1])
                         if "postgres" not in solo:
                             solo["postgres"] = await solo_submit_ms(url, work / f"r{run}")
-                    finally:
-                        await drop_pg(url)
     if skipped:
         print(f"core bench: PostgreSQL skipped: {skipped}")
     print(

@@ -37,8 +37,7 @@ from tests.bench.core_bench import (
     InstantBackend,
     bench_config,
     closed_loop_submits,
-    drop_pg,
-    pg_database,
+    database,
 )
 from tests.bench.stats import percentile
 
@@ -86,18 +85,10 @@ async def amain(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="core-paths-") as tmp:
         for n, submitters in enumerate(args.submitters):
             for db in ("sqlite", "postgres"):
-                if db == "sqlite":
-                    url: str | None = f"sqlite+aiosqlite:///{Path(tmp) / f'paths{n}.db'}"
-                else:
-                    url, skipped = await pg_database()
+                async with database(db, Path(tmp) / f"paths{n}.db") as url:
                     if url is None:
-                        print(f"PostgreSQL skipped: {skipped}")
                         continue
-                try:
                     r = await run(url, Path(tmp) / f"{db}{n}", submitters)
-                finally:
-                    if db == "postgres":
-                        await drop_pg(url)
                 print(f"{db:<10}{submitters:>11}{r['submit_p50_ms']:>15.1f}{r['submit_p99_ms']:>15.1f}{r['later_p99_ms']:>13.1f}"
                       f"{r['submit_cpu_ms']:>15.3f}{r['dispatch_jobs_s']:>17.0f}{r['dispatch_cpu_ms']:>12.2f}"
                       f"{r['dispatch_loop_cpu_ms']:>17.2f}{r['commits_per_job']:>13.2f}", flush=True)  # fmt: skip

@@ -26,7 +26,7 @@ from sqlalchemy import event
 from bot.backends.fake import FakeBackend
 from bot.bootstrap import build_core
 from bot.core.api import Actor, Place
-from tests.bench.core_bench import drop_pg, pg_database
+from tests.bench.core_bench import fresh_pg
 from tests.bench.stats import percentile
 
 REPEAT = 7  # median of 7: stable enough to tell constant from linear
@@ -145,14 +145,11 @@ async def amain(args: argparse.Namespace) -> int:
             rows += await profile("sqlite", f"sqlite+aiosqlite:///{work / 'p.db'}", work, args.depths)
         if args.db in ("postgres", "both"):
             for depth in args.depths:  # a fresh database per depth: queues don't add up
-                url, why = await pg_database()
-                if url is None:
-                    print(f"core profile: PostgreSQL skipped: {why}")
-                    break
-                try:
+                async with fresh_pg() as (url, why):
+                    if url is None:
+                        print(f"core profile: PostgreSQL skipped: {why}")
+                        break
                     rows += await profile("postgres", url, work, [depth])
-                finally:
-                    await drop_pg(url)
     print(f"\ncore profile: median of {REPEAT}, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
     print("| db | queued | operation | ms | statements | what |\n|---|---:|---|---:|---:|---|")

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from bot.bootstrap import build_core
 from bot.core.api import Actor, Place
-from tests.bench.core_bench import InstantBackend, bench_config, drop_pg, pg_database
+from tests.bench.core_bench import InstantBackend, bench_config, database
 
 USERS = 200
 
@@ -125,18 +125,10 @@ async def amain(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="submit-phases-") as tmp:
         for db in ("sqlite", "postgres"):
-            if db == "sqlite":
-                url: str | None = f"sqlite+aiosqlite:///{Path(tmp) / 'phases.db'}"
-            else:
-                url, skipped = await pg_database()
+            async with database(db, Path(tmp) / "phases.db") as url:
                 if url is None:
-                    print(f"PostgreSQL skipped: {skipped}")
                     continue
-            try:
                 r = await measure(url, Path(tmp) / db, args.rounds)
-            finally:
-                if db == "postgres":
-                    await drop_pg(url)
             print(f"\n{db}: imagine x{USERS} {r['imagine']:.3f} ms/submission (min {r['imagine_min']:.3f}): "
                   f"the batch {r['batch']:.1f} ms ({r['batch'] / USERS:.3f} ms/submission), the rest "
                   f"{r['prep']:.3f} ms/submission")  # fmt: skip
