@@ -87,9 +87,13 @@ class _JsonArray(TypeDecorator[list[Any]]):
     def __init__(self, element: TypeEngine[Any]):
         super().__init__()
         self.element = element
+        # The element's processor, by dialect name: looked up once, not on every execution.
+        self._processors: dict[str, Any] = {}
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> str:
-        process = self.element.dialect_impl(dialect).bind_processor(dialect)
+        if dialect.name not in self._processors:
+            self._processors[dialect.name] = self.element.dialect_impl(dialect).bind_processor(dialect)
+        process = self._processors[dialect.name]
         items = list(value) if process is None else [process(v) for v in value]
         return json.dumps(items, separators=(",", ":"))
 
