@@ -180,6 +180,8 @@ class ParsedPrompt:
 
 def split_flags(text: str) -> tuple[str, dict[str, str]]:
     """Return the prompt text and the raw flag values (strings). Unknown flags are errors."""
+    if "--" not in text and "\u2014" not in text and "\u2013" not in text:
+        return " ".join(text.split()), {}  # no flag can start here: no regex search
     matches = list(_FLAG_RE.finditer(text))
     prompt = text[: matches[0].start()] if matches else text
     flags: dict[str, str] = {}

@@ -63,25 +63,63 @@ class PlaceSettingsPart:
         self.choices = choices
         self.limits = limits
         self.clock = clock
-        self._reading: dict[tuple[str, str], asyncio.Future[list[ChannelSettings]]] = {}
+        # A guild's rows being read: the read, and the callers waiting for it (`_rules_at`).
+        self._reading: dict[
+            tuple[str, str], tuple[asyncio.Future[None], list[asyncio.Future[list[ChannelSettings]]]]
+        ] = {}
 
     # -- at submit time ----------------------------------------------------------------------------
 
     async def rules(self, place: Place) -> PlaceRules:
         """What applies in `place` (no guild: nothing is set, everything allowed)."""
-        place = validate.place(place)
+        return await self._rules_at(validate.place(place))
+
+    async def _rules_at(self, place: Place) -> PlaceRules:
+        """`rules` of a place already validated."""
         if place.guild_id is None:
             return PlaceRules()
         guild = (place.platform, place.guild_id)
         # Concurrent submissions in one guild share one read (every submission asks): 200 of them
         # at once cost one round trip, not 200. A read that started before a caller arrived
-        # answers it too, as a read finishing just before its call would have.
+        # answers it too, as a read finishing just before its call would have. Each caller waits
+        # on a future of its own, which the read answers (a caller that gives up cancels only its
+        # own wait; `asyncio.shield` per caller cost twice the callbacks).
+        loop = asyncio.get_running_loop()
         reading = self._reading.get(guild)
-        # A read done (its callback may not have run yet) or of another event loop is no read.
-        if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
-            reading = self._reading[guild] = asyncio.ensure_future(self._read_rows(*guild))
-            reading.add_done_callback(lambda _: self._reading.pop(guild, None))
-        return _rules(await asyncio.shield(reading), place.channel_id)
+        # A read of another event loop (a test's, ended) is no read.
+        if reading is None or reading[0].get_loop() is not loop:
+            waiters: list[asyncio.Future[list[ChannelSettings]]] = []
+            reading = self._reading[guild] = (asyncio.ensure_future(self._read_for(guild, waiters)), waiters)
+        waiter: asyncio.Future[list[ChannelSettings]] = loop.create_future()
+        reading[1].append(waiter)
+        return _rules(await waiter, place.channel_id)
+
+    async def _read_for(
+        self, guild: tuple[str, str], waiters: list[asyncio.Future[list[ChannelSettings]]]
+    ) -> None:
+        """Read `guild`'s rows and answer every caller that asked while the read ran."""
+        try:
+            rows = await self._read_rows(*guild)
+        except BaseException as e:  # noqa: BLE001 - handed to the callers, whose error it is
+            error: BaseException | None = e
+        else:
+            error = None
+        finally:
+            # The next caller starts a read of its own: taken off before anyone is answered.
+            reading = self._reading.get(guild)
+            if reading is not None and reading[1] is waiters:
+                del self._reading[guild]
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if isinstance(error, asyncio.CancelledError):
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(rows)
+        if isinstance(error, asyncio.CancelledError):
+            raise error
 
     async def _read_rows(self, platform: str, guild_id: str) -> list[ChannelSettings]:
         async with self.db.read() as s:
@@ -101,8 +139,9 @@ class PlaceSettingsPart:
         self, place: Place, text: str, options: Mapping[str, Any] | None, *, aspect_ratio: bool = True
     ) -> Mapping[str, Any] | None:
         """`options` plus the channel's defaults for what neither `text`'s flags nor `options` give
-        (`aspect_ratio` False where the size follows an image). NotAllowedHere first, if so."""
-        rules = await self.rules(place)
+        (`aspect_ratio` False where the size follows an image). NotAllowedHere first, if so. The
+        caller has validated `place` (`validate.actor_and_place`)."""
+        rules = await self._rules_at(place)
         if not rules.allowed:
             raise NotAllowedHere(rules.allowed_channels)
         d = rules.defaults

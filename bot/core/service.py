@@ -72,7 +72,9 @@ class CoreService:
         self.storage = storage
         self.config = config
         self.clock = clock
-        rng = rng or random.SystemRandom()
+        # Seeds need no secrecy: a generator seeded once from the OS (per process) is enough, and a
+        # SystemRandom reads the OS's random source on every seed.
+        rng = rng or random.Random()
         # What the backend's model accepts, kept current by `bot.core.model_watch.ModelWatch`
         # (None until it reports, or when the backend doesn't): flags and defaults follow it.
         self.model: ModelCapabilities | None = None
@@ -83,6 +85,7 @@ class CoreService:
         self._wakers: list[Callable[[], None]] = []
         self._cancel_listeners: list[Callable[[int], None]] = []
         self._job_events: dict[int, asyncio.Event] = {}
+        self._limits: dict[str | None, tuple[ModelCapabilities | None, Limits]] = {}
 
         self.quotas = Quotas(db, config.quotas, clock)
         self.audit = Audit(db, clock)
@@ -178,7 +181,15 @@ class CoreService:
     def limits(self, model: str | None = None) -> Limits:
         """What a job on `model` (None: the servers' default) may ask for now: that model's
         capabilities within `[bot]`'s settings."""
-        return Limits.of(self.config.bot, self.choices.capabilities(model))
+        capabilities = self.choices.capabilities(model)
+        known = self._limits.get(model)
+        # Asked by every submission; the capabilities change only when the servers' report does
+        # (a new object), so the limits of the same object are the same.
+        if known is None or known[0] is not capabilities:
+            if len(self._limits) > 1000:  # names the servers no longer offer
+                self._limits.clear()
+            known = self._limits[model] = (capabilities, Limits.of(self.config.bot, capabilities))
+        return known[1]
 
     async def set_role_limit(
         self, actor: Actor, place: Place, role_id: str, daily_limit: int | None

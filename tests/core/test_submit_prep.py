@@ -1,0 +1,151 @@
+"""The submission's preparation made cheap without changing what it decides: `validate.ident` and
+`validate.label` answer on their fast paths exactly as their full checks do, `split_flags` without a
+flag marker as with one, and the place rules' shared read answers every caller that asked while it
+ran (one read for a burst), each caller on its own: one that gives up leaves the others waiting,
+and a read that fails fails those callers alone."""
+
+from __future__ import annotations
+
+import asyncio
+import unicodedata
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import event
+
+from bot.core import validate
+from bot.core.api import BadParameters, NotAllowedHere, Place
+from bot.core.params import _FLAG_RE, split_flags
+from tests.core.helpers import ADMIN, running_core
+
+TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.characters(max_codepoint=0x200), max_size=20),
+    st.sampled_from(["123456789012345678", "U0123ABC", "a b", "a\tb", "\x00", "x\ud800", "é", "", "!~"]),
+)
+
+
+def reference_ident(value: str, max_chars: int) -> bool:
+    """`ident`'s rule spelled out: non-empty, at most `max_chars`, no whitespace or control
+    character or lone surrogate."""
+    return (
+        bool(value) and len(value) <= max_chars and validate.first_bad_char(value, allow_space=False) is None
+    )
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(TEXT, st.sampled_from([1, 8, 200]))
+def test_ident_accepts_exactly_what_its_rule_accepts(value: str, max_chars: int) -> None:
+    if reference_ident(value, max_chars):
+        assert validate.ident("user", value, max_chars=max_chars) == value
+    else:
+        with pytest.raises(BadParameters) as e:
+            validate.ident("user", value, max_chars=max_chars)
+        assert e.value.field == "user"
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(TEXT)
+def test_label_drops_control_characters_and_surrogates_and_collapses_spaces(value: str) -> None:
+    kept = "".join(ch for ch in value if unicodedata.category(ch) not in ("Cc", "Cs"))
+    assert validate.label(value, max_chars=12) == " ".join(kept.split())[:12]
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(
+    st.one_of(
+        TEXT, st.lists(st.sampled_from(["a", " ", "--n", "2", "\u2014seed", "\u20133", "-"])).map("".join)
+    )
+)
+def test_split_flags_fast_path_agrees_with_the_flag_search(text: str) -> None:
+    try:
+        prompt, flags = split_flags(text)
+    except BadParameters:
+        assert _FLAG_RE.search(text) is not None  # only a flag can be refused
+        return
+    if _FLAG_RE.search(text) is None:
+        assert (prompt, flags) == (" ".join(text.split()), {})
+
+
+def test_ident_still_takes_numeric_ids_and_refuses_non_text() -> None:
+    assert validate.ident("guild", 123456789012345678) == "123456789012345678"
+    for bad in (None, True, 1.5, b"abc", ""):
+        with pytest.raises(BadParameters):
+            validate.ident("guild", bad)
+
+
+class Reads:
+    """The channel-settings reads a database sees."""
+
+    def __init__(self, engine: Any) -> None:
+        self.count = 0
+        self.engine = engine.sync_engine
+
+    def __enter__(self) -> Reads:
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM channel_settings" in statement:
+            self.count += 1
+
+
+GUILD1 = Place("discord", "guild1", "art")
+
+
+async def test_a_burst_of_rule_asks_shares_one_read_and_a_later_ask_reads_again(db_url, tmp_path):
+    async with running_core(db_url, tmp_path) as (core, _):
+        places = core.service.places
+        await core.service.allow_channels(ADMIN, Place("discord", "guild1", "x"), ["art"])
+        with Reads(core.db.engine) as reads:
+            rules = await asyncio.gather(
+                *[places.rules(Place("discord", "guild1", "art" if i % 2 else "bots")) for i in range(50)]
+            )
+            assert reads.count == 1
+            assert [r.allowed for r in rules] == [i % 2 == 1 for i in range(50)]
+            assert all(r.allowed_channels == ("art",) for r in rules)
+            # A change made after the read is seen by the next ask: it reads again.
+            await core.service.allow_channels(ADMIN, GUILD1, ["art", "bots"])
+            before = reads.count
+            assert (await places.rules(Place("discord", "guild1", "bots"))).allowed
+            assert reads.count == before + 1
+            with pytest.raises(NotAllowedHere):
+                await places.with_defaults(Place("discord", "guild1", "elsewhere"), "a fox", None)
+
+
+async def test_a_caller_that_gives_up_leaves_the_others_their_answer(db_url, tmp_path):
+    async with running_core(db_url, tmp_path) as (core, _):
+        places = core.service.places
+        first = asyncio.ensure_future(places.rules(GUILD1))
+        others = [asyncio.ensure_future(places.rules(GUILD1)) for _ in range(5)]
+        await asyncio.sleep(0)  # all of them waiting on the one read
+        first.cancel()
+        answers = await asyncio.gather(*others)
+        assert all(a.allowed for a in answers)
+        assert first.cancelled()
+        assert places._reading == {}  # nothing left behind for the next caller
+
+
+async def test_a_failed_read_fails_its_callers_and_the_next_ask_reads_again(db_url, tmp_path, monkeypatch):
+    async with running_core(db_url, tmp_path) as (core, _):
+        places = core.service.places
+        real = places._read_rows
+        calls = 0
+
+        async def failing_once(platform: str, guild_id: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("the database went away")
+            return await real(platform, guild_id)
+
+        monkeypatch.setattr(places, "_read_rows", failing_once)
+        outcomes = await asyncio.gather(*[places.rules(GUILD1) for _ in range(3)], return_exceptions=True)
+        assert [type(o) for o in outcomes] == [RuntimeError] * 3
+        assert (await places.rules(GUILD1)).allowed
+        assert calls == 2
