@@ -8,7 +8,7 @@ and its cache of prepared statements (100 per connection) churns; SQLAlchemy als
 those thousands of parameters through its type processing. Here the values travel as one
 parameter instead: an array compared with `= ANY(...)`, and rows as one JSON document expanded
 by `jsonb_populate_recordset`, so the text is the same for 1 row or 500 and the parameters are
-encoded by the json module's C encoder.
+encoded by orjson (`bot.core.fastjson`).
 
 SQLite has no prepare round trip: there `one_of` is the usual `IN` (SQLAlchemy expands it from
 one compiled statement) and rows go as rows. (Rows as JSON through `json_each` and `json_extract`
@@ -19,7 +19,6 @@ measured no cheaper there: SQLite parses each row's JSON once per column.) Rows 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import namedtuple
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar
@@ -40,6 +39,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.types import Text, TypeDecorator, TypeEngine
+
+from bot.core import fastjson
 
 InsertT = TypeVar("InsertT", bound=Insert)  # a dialect's Insert keeps its on_conflict_* methods
 
@@ -95,7 +96,7 @@ class _JsonArray(TypeDecorator[list[Any]]):
             self._processors[dialect.name] = self.element.dialect_impl(dialect).bind_processor(dialect)
         process = self._processors[dialect.name]
         items = list(value) if process is None else [process(v) for v in value]
-        return json.dumps(items, separators=(",", ":"))
+        return fastjson.dumps(items)
 
 
 def from_rows(statement: InsertT, table: Table, names: Sequence[str], *, postgres: bool) -> InsertT:
@@ -199,7 +200,7 @@ def rows_param(rows: Sequence[Mapping[str, Any]], *, postgres: bool) -> Any:
     (datetimes must be timezone-aware, as `UTCDateTime` requires anyway); on SQLite the rows."""
     if not postgres:
         return rows
-    return {ROWS_PARAM: json.dumps(rows, default=_pg_value, separators=(",", ":"))}
+    return {ROWS_PARAM: fastjson.dumps_with(rows, _pg_value)}
 
 
 def _pg_value(value: Any) -> str:

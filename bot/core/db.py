@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util import await_only
 
+from bot.core import fastjson
 from bot.core.api import DatabaseError
 
 log = logging.getLogger("bot.core.db")
@@ -86,6 +87,7 @@ def make_engine(
             max_overflow=pool_size,
             # The connection used last first: its statement cache is warm (see below).
             pool_use_lifo=True,
+            json_serializer=fastjson.dumps,
         )
         _install_sqlite_hooks(engine, busy_timeout_s=sqlite_busy_timeout_s)
         return engine
@@ -103,6 +105,7 @@ def make_engine(
         # batches the coldest connection, so the first ten batches after a start or a quiet spell
         # each prepared every statement again (a burst's first wave took 1.6x the later ones).
         pool_use_lifo=True,
+        json_serializer=fastjson.dumps,
     )
     _install_idle_ping(engine)
     if parsed.get_backend_name() == "postgresql":
