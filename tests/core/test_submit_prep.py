@@ -149,3 +149,36 @@ async def test_a_failed_read_fails_its_callers_and_the_next_ask_reads_again(db_u
         assert [type(o) for o in outcomes] == [RuntimeError] * 3
         assert (await places.rules(GUILD1)).allowed
         assert calls == 2
+
+
+def test_a_view_made_without_the_constructor_is_the_constructors_view() -> None:
+    import dataclasses
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from bot.core.api import JobParams, JobView
+    from bot.core.views import view_of
+
+    job = SimpleNamespace(
+        id=7, kind="imagine", state="queued", platform="discord", guild_id="g", channel_id=None,
+        prompt="a fox", negative_prompt="blur", seed=3, seeds=[3, 4], parent_job_id=None,
+        parent_image_index=None, error=None, created_at=dt.datetime(2026, 12, 3, tzinfo=dt.UTC),
+        started_at=None, finished_at=None, result_message_id="m1", delivery={"token": "t"},
+        attempts=1, model=None, loras=[{"name": "ink", "weight": 0.5}],
+        params={"width": 64, "height": 96, "steps": 4, "guidance": 3, "n": 2, "task": "txt2img",
+                "aspect_ratio": "2:3", "private": True, "model": "old-upscaler"},
+    )  # fmt: skip
+    view = view_of(job, "alice", "Alice", created=False)
+    for made in (view, view.params):
+        names = {f.name for f in dataclasses.fields(made)}
+        assert set(vars(made)) == names  # every field, nothing else
+        rebuilt = type(made)(**{name: getattr(made, name) for name in names})
+        assert rebuilt == made
+    assert hash(view.params) == hash(
+        JobParams(**{f.name: getattr(view.params, f.name) for f in dataclasses.fields(JobParams)})
+    )
+    assert isinstance(view.params, JobParams) and isinstance(view, JobView)
+    assert view.params.model == "old-upscaler" and view.params.loras[0].weight == 0.5 and view.private
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.state = "running"  # type: ignore[misc]
+    assert dataclasses.replace(view, state="running").state == "running"
