@@ -13,9 +13,11 @@ model no longer offered, or no longer allowed, is skipped rather than refusing u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -42,6 +44,10 @@ from bot.core.params import OPTION_ALIASES, Limits, parse_prompt, split_flags
 GUILD = "*"
 # Allowed channels in one list: a long list is a mistake (or a guild that wants no list at all).
 MAX_ALLOWED_CHANNELS = 50
+# How long a guild's rows, once read, answer the next submissions' `rules` (`_rules_at`), and how
+# many guilds' rows are kept so.
+RULES_FRESH_S = 0.1
+MAX_FRESH_GUILDS = 10_000
 
 
 class PlaceSettingsPart:
@@ -67,6 +73,10 @@ class PlaceSettingsPart:
         self._reading: dict[
             tuple[str, str], tuple[asyncio.Future[None], list[asyncio.Future[list[ChannelSettings]]]]
         ] = {}
+        # A guild's rows as last read: when they stop answering (monotonic), the count of changes
+        # made here when the read started, the rows (`_rules_at`).
+        self._fresh: dict[tuple[str, str], tuple[float, int, list[ChannelSettings]]] = {}
+        self._changes = 0  # settings changes committed (or tried) through this part
 
     # -- at submit time ----------------------------------------------------------------------------
 
@@ -84,6 +94,14 @@ class PlaceSettingsPart:
         # answers it too, as a read finishing just before its call would have. Each caller waits
         # on a future of its own, which the read answers (a caller that gives up cancels only its
         # own wait; `asyncio.shield` per caller cost twice the callbacks).
+        # A read that ended less than RULES_FRESH_S ago answers too, unless a change was made
+        # through this part since it started: a burst's next wave of submissions does not wait for
+        # a read of its own (another process's change reaches the defaults within RULES_FRESH_S;
+        # whether the place allows image commands, and private mode, are read again inside the
+        # submit transaction, `check`).
+        fresh = self._fresh.get(guild)
+        if fresh is not None and fresh[1] == self._changes and time.monotonic() < fresh[0]:
+            return _rules(fresh[2], place.channel_id)
         loop = asyncio.get_running_loop()
         reading = self._reading.get(guild)
         # A read of another event loop (a test's, ended) is no read.
@@ -98,12 +116,16 @@ class PlaceSettingsPart:
         self, guild: tuple[str, str], waiters: list[asyncio.Future[list[ChannelSettings]]]
     ) -> None:
         """Read `guild`'s rows and answer every caller that asked while the read ran."""
+        changes = self._changes
         try:
             rows = await self._read_rows(*guild)
         except BaseException as e:  # noqa: BLE001 - handed to the callers, whose error it is
             error: BaseException | None = e
         else:
             error = None
+            if len(self._fresh) > MAX_FRESH_GUILDS:
+                self._fresh.clear()
+            self._fresh[guild] = (time.monotonic() + RULES_FRESH_S, changes, rows)
         finally:
             # The next caller starts a read of its own: taken off before anyone is answered.
             reading = self._reading.get(guild)
@@ -190,7 +212,7 @@ class PlaceSettingsPart:
         wanted = list(dict.fromkeys(validate.ident("channel", c) for c in channel_ids))
         if GUILD in wanted:
             raise BadParameters("channel", f"{GUILD!r} is not a channel.", GUILD)
-        async with self.db.session() as s:
+        async with self._writing() as s:
             rows = {r.channel_id: r for r in await self._rows(s, place.platform, guild_id)}
             for channel_id in wanted:
                 if channel_id not in rows:
@@ -213,7 +235,7 @@ class PlaceSettingsPart:
         if not isinstance(defaults, ChannelDefaults):
             raise TypeError(f"expected ChannelDefaults, got {type(defaults).__name__}")
         defaults = await self._checked(place, defaults)
-        async with self.db.session() as s:
+        async with self._writing() as s:
             row = await self._row_for_update(s, place.platform, guild_id, channel_id)
             row.default_model = defaults.model
             row.default_aspect_ratio = defaults.aspect_ratio
@@ -244,7 +266,7 @@ class PlaceSettingsPart:
         await self.audit.require_admin(actor, "set_private", target)
         if private is not None and not isinstance(private, bool):
             raise BadParameters("private", f"Private mode is on or off, got {private!r}.", private)
-        async with self.db.session() as s:
+        async with self._writing() as s:
             row = await self._row_for_update(s, place.platform, guild_id, scope)
             # The guild-wide setting is on or off; a channel's may also be "as the guild".
             row.private = (private or None) if scope == GUILD else private
@@ -254,6 +276,16 @@ class PlaceSettingsPart:
             return await self._listing(s, place.platform, guild_id)
 
     # -- internals ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that changes settings; after it (committed or not), rows read before it
+        no longer answer `_rules_at`."""
+        try:
+            async with self.db.session() as s:
+                yield s
+        finally:
+            self._changes += 1
 
     async def _checked(self, place: Place, d: ChannelDefaults) -> ChannelDefaults:
         """The defaults, checked the way a prompt's flags are: a model offered and allowed here, an

@@ -2,7 +2,10 @@
 `validate.label` answer on their fast paths exactly as their full checks do, `split_flags` without a
 flag marker as with one, and the place rules' shared read answers every caller that asked while it
 ran (one read for a burst), each caller on its own: one that gives up leaves the others waiting,
-and a read that fails fails those callers alone."""
+and a read that fails fails those callers alone; rows just read answer the next asks for
+RULES_FRESH_S unless a change was made here since the read began, and the submit transaction
+enforces another process's change at once; a job's view made without the dataclasses' __init__
+is the constructor's."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import event
 
 from bot.core import validate
-from bot.core.api import BadParameters, NotAllowedHere, Place
+from bot.core.api import BadParameters, ChannelDefaults, NotAllowedHere, Place
 from bot.core.params import _FLAG_RE, split_flags
 from tests.core.helpers import ADMIN, running_core
 
@@ -182,3 +185,62 @@ def test_a_view_made_without_the_constructor_is_the_constructors_view() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         view.state = "running"  # type: ignore[misc]
     assert dataclasses.replace(view, state="running").state == "running"
+
+
+async def test_rows_just_read_answer_the_next_asks_for_a_moment_and_a_change_here_ends_that(
+    db_url, tmp_path, monkeypatch
+):
+    from bot.core import place_settings
+
+    async with running_core(db_url, tmp_path) as (core, _):
+        places = core.service.places
+        with Reads(core.db.engine) as reads:
+            await places.rules(GUILD1)
+            await places.rules(GUILD1)  # within RULES_FRESH_S of the read: no read of its own
+            assert reads.count == 1
+            await core.service.set_channel_defaults(ADMIN, GUILD1, "art", ChannelDefaults(aspect_ratio="3:2"))
+            assert (await places.rules(GUILD1)).defaults.aspect_ratio == "3:2"  # read again at once
+            before, window = reads.count, place_settings.RULES_FRESH_S
+            await asyncio.sleep(window * 1.5)
+            await places.rules(GUILD1)  # the window has passed: read again
+            assert reads.count == before + 1
+            monkeypatch.setattr(place_settings, "RULES_FRESH_S", 0.0)
+            await asyncio.sleep(window * 1.5)
+            await places.rules(GUILD1)
+            await places.rules(GUILD1)
+            assert reads.count == before + 3  # no window: every ask reads
+
+
+async def test_a_read_that_a_change_overtook_does_not_answer_later_asks(db_url, tmp_path):
+    async with running_core(db_url, tmp_path) as (core, _):
+        places = core.service.places
+        real = places._read_rows
+        release = asyncio.Event()
+
+        async def slow(platform: str, guild_id: str) -> Any:
+            rows = await real(platform, guild_id)  # read before the change below commits
+            await release.wait()
+            return rows
+
+        places._read_rows = slow  # type: ignore[method-assign]
+        old = asyncio.ensure_future(places.rules(GUILD1))
+        await asyncio.sleep(0.05)
+        places._read_rows = real  # type: ignore[method-assign]
+        await core.service.allow_channels(ADMIN, GUILD1, ["bots"])
+        release.set()
+        assert (await old).allowed  # its read began before the change: it answers its own caller
+        assert not (await places.rules(GUILD1)).allowed  # but not the next one
+
+
+async def test_another_process_change_is_enforced_by_the_submit_transaction_at_once(db_url, tmp_path):
+    from tests.core.helpers import ALICE
+
+    async with (
+        running_core(db_url, tmp_path / "a", start=False) as (core_a, _),
+        running_core(db_url, tmp_path / "b", start=False) as (core_b, _),
+    ):
+        art = Place("discord", "guild1", "art")
+        await core_a.service.imagine(ALICE, art, "a fox", idempotency_key="k1")  # rows read, fresh
+        await core_b.service.allow_channels(ADMIN, art, ["bots"])
+        with pytest.raises(NotAllowedHere):  # core_a's rows are stale; its transaction is not
+            await core_a.service.imagine(ALICE, art, "a fox", idempotency_key="k2")
