@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import sqlite3
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection, AsyncAdapt_dbapi_cursor
@@ -97,6 +97,15 @@ def _executemany_on_thread(conn: sqlite3.Connection, operation: str, seq_of_para
         cursor.close()
 
 
+def _on_thread(
+    fn: Any, adapt: OneHopConnection, sent: int, conn: sqlite3.Connection, operation: str, parameters: Any
+) -> _Outcome:
+    try:
+        return fn(conn, operation, parameters)  # type: ignore[no-any-return]
+    finally:
+        adapt._statements_done = sent
+
+
 class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     """A client-side cursor that keeps no sqlite3 cursor: each execute is one function on
     aiosqlite's thread, and the results are kept here."""
@@ -137,10 +146,17 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     def _run(self, fn: Any, operation: Any, parameters: Any) -> None:
         # No `_execute_mutex` as the stock cursor takes: it kept its execute and fetchall together,
         # and here they are one function, which aiosqlite's thread runs whole.
+        adapt = cast(OneHopConnection, self._adapt_connection)
         try:
             # `_conn` (ValueError "no active connection" once closed) and `_execute` (ValueError
             # "Connection closed") fail as the stock adapter's calls do, and are translated alike.
-            outcome = await_(self._connection._execute(fn, self._connection._conn, operation, parameters))
+            conn = self._connection._conn
+            adapt._statements_sent += 1
+            outcome = await_(
+                self._connection._execute(
+                    _on_thread, fn, adapt, adapt._statements_sent, conn, operation, parameters
+                )
+            )
         except Exception as error:
             self._adapt_connection._handle_exception(error)
         self._description, rows, self._rowcount, self._lastrowid = outcome
@@ -168,15 +184,27 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+    # The statements sent to aiosqlite's thread (written by the event loop's thread only) and the
+    # last one that ended there (written by aiosqlite's thread only).
+    __slots__ = ("_statements_sent", "_statements_done")
     _cursor_cls = OneHopCursor
+
+    def __init__(self, dbapi: Any, connection: Any):
+        super().__init__(dbapi, connection)
+        self._statements_sent = 0
+        self._statements_done = 0
 
     def _idle(self) -> bool:
         """No transaction open: sqlite3's commit and rollback would do nothing (they check the
         same flag, `sqlite3_get_autocommit`), so they need no hop. Read from the event loop's
-        thread: nothing of this connection's is running on aiosqlite's thread meanwhile (each call
-        has come back before SQLAlchemy makes the next), and sqlite3 does not tie `in_transaction`
-        to its thread."""
+        thread, which sqlite3 allows for `in_transaction`, and only while none of this
+        connection's statements is still running or waiting on aiosqlite's thread: one whose
+        caller was cancelled (a BEGIN IMMEDIATE in SQLite's busy handler) may yet open a
+        transaction, and only a rollback queued behind it ends that. (SQLAlchemy closes a
+        connection whose statement was cancelled, a close queued behind it as well; this keeps
+        any other path as safe as the stock adapter's.)"""
+        if self._statements_done != self._statements_sent:
+            return False
         conn = self._connection._connection
         if conn is None:
             return False  # closed: the stock path (which skips it as well)

@@ -6,6 +6,7 @@ through (the stock adapter's cursor, execute, fetchall and close, and commit and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,40 @@ async def test_sessions_begin_immediate_commit_and_roll_back(engine: AsyncEngine
     async with db.read() as s:
         names = (await s.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
     assert names == ["kept", "kept too"]
+
+
+async def test_a_cancelled_begin_leaves_no_transaction_behind(tmp_path: Path) -> None:
+    """A BEGIN IMMEDIATE waiting in SQLite's busy handler when its caller is cancelled still runs
+    on aiosqlite's thread: what ends it (SQLAlchemy closes the connection; a rollback would do)
+    must come after it, and no pooled connection may keep the write lock."""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}", pool_size=1, sqlite_busy_timeout_s=5)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(SCHEMA)
+    db = Database(engine)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with db.session() as s:
+                await s.execute(text("INSERT INTO t (name) VALUES ('cancelled')"))
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.3)  # waiting in the busy handler
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        other.execute("COMMIT")  # the BEGIN IMMEDIATE on aiosqlite's thread goes through now
+        await asyncio.sleep(0.3)
+
+        async with db.session() as s:
+            await s.execute(text("INSERT INTO t (name) VALUES ('after')"))
+        other.execute("BEGIN IMMEDIATE")  # no pooled connection holds the write lock
+        other.execute("ROLLBACK")
+        assert [r[0] for r in other.execute("SELECT name FROM t")] == ["after"]
+    finally:
+        other.close()
+        await engine.dispose()
