@@ -7,6 +7,9 @@ through (the stock adapter's cursor, execute, fetchall and close, and commit and
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import bot.core
 from bot.core import db as db_module
 from bot.core import sqlite_driver
 from bot.core.api import DatabaseError
@@ -224,3 +228,20 @@ async def test_a_cancelled_begin_leaves_no_transaction_behind(tmp_path: Path) ->
     finally:
         other.close()
         await engine.dispose()
+
+
+async def test_without_the_private_attributes_the_stock_adapter_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(aiosqlite.Connection, "_execute")
+    monkeypatch.delitem(sys.modules, "bot.core.sqlite_driver")
+    monkeypatch.delattr(bot.core, "sqlite_driver")  # as before its first import
+    monkeypatch.setattr(db_module, "_stock_sqlite_warned", False)
+    with pytest.raises(ImportError, match="lacks _execute"):
+        importlib.import_module("bot.core.sqlite_driver")
+    monkeypatch.delitem(sys.modules, "bot.core.sqlite_driver", raising=False)
+    with caplog.at_level(logging.WARNING, logger="bot.core.db"):
+        engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'stock.db'}")
+    assert not isinstance(engine.dialect.dbapi, sqlite_driver.OneHopDBAPI)
+    assert "stock aiosqlite adapter" in caplog.text and "lacks _execute" in caplog.text
+    await engine.dispose()
