@@ -81,6 +81,7 @@ def make_engine(
             url,
             echo=echo,
             connect_args={"timeout": sqlite_busy_timeout_s},
+            **_sqlite_module(parsed.get_driver_name()),
             pool_size=pool_size,
             # SQLite connections are cheap; overflow lets bursts queue in SQLite's busy handler
             # rather than in the pool.
@@ -111,6 +112,29 @@ def make_engine(
     if parsed.get_backend_name() == "postgresql":
         _install_postgres_hooks(engine)
     return engine
+
+
+_stock_sqlite_warned = False
+
+
+def _sqlite_module(driver: str) -> dict[str, Any]:
+    """`module=`: SQLAlchemy's aiosqlite DBAPI adapter with one hop to aiosqlite's thread per
+    statement (`bot.core.sqlite_driver`), for sqlite+aiosqlite only. Passed as the engine's DBAPI
+    module (a documented `create_engine` argument) rather than as a dialect of our own: the dialect
+    stays SQLAlchemy's (its name, statement cache, pool choice, `is_disconnect`), URLs are
+    unchanged, and nothing is registered process-wide. Where the installed aiosqlite or SQLAlchemy
+    lacks the private attributes it uses, the stock adapter, with a warning."""
+    global _stock_sqlite_warned
+    if driver != "aiosqlite":
+        return {}
+    try:
+        from bot.core import sqlite_driver
+    except ImportError as e:
+        if not _stock_sqlite_warned:
+            _stock_sqlite_warned = True
+            log.warning("SQLite: SQLAlchemy's stock aiosqlite adapter (four hops per statement): %s", e)
+        return {}
+    return {"module": sqlite_driver.dbapi()}
 
 
 def _install_idle_ping(engine: AsyncEngine) -> None:
