@@ -1,18 +1,24 @@
 """Submissions written together: one transaction for every submission waiting (group commit).
 
 `Submissions.submit` resolves a job's parameters, then hands it here (`bot.core.group_commit`); the
-batch's transaction runs a constant number of statements whatever its size:
+batch's transaction runs a constant number of statements whatever its size (five in the usual
+case):
 
 1. one upsert of the batch's users, which locks their rows (PostgreSQL: `INSERT ... ON CONFLICT DO
    UPDATE`, in a fixed order so that two batches never wait for each other in a cycle; SQLite: the
    transaction is `BEGIN IMMEDIATE`, the database's one write lock) and returns their bans and
    credits;
-2. one read of the idempotency keys already used;
-3. the queue's admission (the fair round being served and each user's last round) and, on
-   PostgreSQL, the NOTIFY that wakes the dispatchers at commit;
-4. the quota limits and usage of the batch's users (`Quotas.book`);
-5. the place rules of each distinct place (usually one);
-6. one multi-row INSERT of the jobs, one upsert of the quota usage (and an update of the credits
+2. one read of everything else the checks need, whose parts are independent of one another
+   (`bot.core.tagged_reads`: a `UNION ALL` of tagged rows): the idempotency keys already used, the
+   queue's admission (`FairQueue.admission_read`: the fair round being served, each user's last
+   round and, on PostgreSQL, the NOTIFY that wakes the dispatchers at commit) and the quota limits
+   and usage of the batch's users (`Quotas.book_read`). Each statement costs the event loop
+   SQLAlchemy's and the driver's work and on PostgreSQL a round trip, whatever it reads, while
+   every submitter of the batch waits: these were five statements. Now and then the queue is
+   counted before it (`FairQueue.count_if_due`), and when a key was used already (a retry, rare)
+   its job's full row is read after it, for the view;
+3. the place rules of each distinct place (usually one);
+4. one multi-row INSERT of the jobs, one upsert of the quota usage (and an update of the credits
    spent, when some were).
 
 Between the reads and the writes every submission is decided in Python, in arrival order, with the
@@ -160,12 +166,11 @@ class SubmitWriter:
             quota_parts, quota_params = self.quotas.book_read(
                 asks, {self.quotas.period_for(p.now)[0] for p in batch}
             )
-            read = TaggedRows(
-                await s.execute(
-                    self._merged_read(queue_parts, quota_parts),
-                    {"keys": list({p.key for p in batch}), **queue_params, **quota_params},
-                )
+            result = await s.execute(
+                self._merged_read(queue_parts, quota_parts),
+                {"keys": list({p.key for p in batch}), **queue_params, **quota_params},
             )
+            read = TaggedRows(result.all())  # all at once: iterating a result fetches row by row
             admission = self.queue.admission_of(read)
             book = self.quotas.book_of(read, {u.id: u.bonus_credits for u in users.values()})
             existing: dict[str, Any] = {}

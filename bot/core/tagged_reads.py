@@ -66,7 +66,9 @@ def merged(*owners: Sequence[Select[Any]]) -> CompoundSelect:
 
 
 class TaggedRows:
-    """A merged read's rows, by tag (the rows of a tag no part returned: none)."""
+    """A merged read's rows, by tag (the rows of a tag no part returned: none). `rows`: its
+    result's `.all()` (iterating a result fetches one row at a time, 2-3x the loop's time for a
+    batch's few hundred rows)."""
 
     def __init__(self, rows: Iterable[Any]):
         self._rows: dict[str, list[Any]] = collections.defaultdict(list)
