@@ -21,7 +21,6 @@ import datetime as dt
 import functools
 import time
 from collections.abc import Callable, Collection, Sequence
-from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -30,6 +29,7 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    Text,
     bindparam,
     case,
     func,
@@ -42,11 +42,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from bot.core import tagged_reads
 from bot.core.api import Overloaded
 from bot.core.bulk import one_of_param
 from bot.core.db import Database
 from bot.core.models import Job
 from bot.core.submit_activity import STORM
+from bot.core.tagged_reads import TaggedRows
 
 # Queue positions are reported for the first jobs only: past this, "you are far back" is all a
 # user can use, and each report is a database write and a chat message edit.
@@ -54,6 +56,9 @@ MAX_REPORTED_POSITION = 50
 # The PostgreSQL channel a submission notifies and dispatchers LISTEN on (bot.core.wakeup).
 JOBS_CHANNEL = "imagine_jobs"
 JOBS = cast(Table, Job.__table__)
+# The tags of the admission's rows in a batch's merged read (`FairQueue.admission_read`).
+ROUNDS = "rounds"
+OWN_ROUNDS = "own_rounds"
 
 
 class FairQueue:
@@ -104,46 +109,64 @@ class FairQueue:
         """Ids of the queued jobs due now, in dispatch order, at most `limit`."""
         return list((await s.execute(self.first(platforms, limit))).scalars().all())
 
-    async def admission(
-        self, s: AsyncSession, user_pks: Collection[int], wanted: int, *, storm: bool = False
-    ) -> Admission:
-        """In a batch of submissions' transaction (its users' locks held): what `Admission.admit`
-        needs to refuse a submission when the queue is full or give its job a fair round, read in
-        two statements whatever the batch's size. On PostgreSQL the first also notifies the
-        dispatchers, which hear of it when the batch commits (not at all if it rolls back); `storm`:
-        this process is taking a storm of submissions, which they let go first
-        (`bot.core.submit_activity`)."""
+    async def count_if_due(self, s: AsyncSession, wanted: int) -> None:
+        """In a batch of submissions' transaction, before `admission_of`: count the queue (capped at
+        the limit) when the last count is `depth_check_s` old, or when the estimate would refuse
+        one of the `wanted` submissions. The estimate only grows between counts (jobs claimed since
+        are still in it): one that says "full" is checked by a count before anyone is refused."""
         mono = time.monotonic()
-        # The estimate only grows between counts (jobs claimed since are still in it): one that
-        # says "full" is checked by a count before anyone is refused.
         if self._depth + wanted > self.max_queued or mono - self._counted_at >= self.depth_check_s:
             # Set first: batches meanwhile use the last count instead of counting too.
             self._counted_at = mono
-            self._depth = (await s.execute(self._statements.count, {"cap": self.max_queued})).scalar_one()
-        row = (await s.execute(self._statements.rounds, {"payload": STORM if storm else ""})).one()
-        own = await s.execute(self._statements.own_rounds, {"users": list(user_pks)})
-        return Admission(self, max(row[0] or 0, row[1] or 0), dict(own.tuples().all()))
+            self._depth = (await s.execute(self._count, {"cap": self.max_queued})).scalar_one()
+
+    def admission_read(
+        self, user_pks: Collection[int], *, storm: bool = False
+    ) -> tuple[Sequence[Any], dict[str, Any]]:
+        """The admission's part of a batch's merged read (`bot.core.tagged_reads`; the batch's
+        users' locks held): its tagged selects, built once, and their parameters. `admission_of`
+        makes the `Admission` of its rows. On PostgreSQL the read also notifies the dispatchers,
+        which hear of it when the batch commits (not at all if it rolls back); `storm`: this
+        process is taking a storm of submissions, which they let go first
+        (`bot.core.submit_activity`)."""
+        params: dict[str, Any] = {"queue_users": list(user_pks)}
+        if self.notify:
+            params["queue_payload"] = STORM if storm else ""
+        return self._admission_parts, params
+
+    def admission_of(self, rows: TaggedRows) -> Admission:
+        """The `Admission` of `admission_read`'s rows: the round being served (the lowest queued
+        round, or the highest running one) and each user's last active round."""
+        [rounds] = rows[ROUNDS]  # one row: two aggregates with no FROM
+        serving = max(rounds.i0 or 0, rounds.i1 or 0)
+        return Admission(self, serving, {row.i0: row.i1 for row in rows[OWN_ROUNDS]})
 
     @functools.cached_property
-    def _statements(self) -> SimpleNamespace:
-        """`admission`'s statements, built once with their values as parameters, as the claims'
-        are (a statement built per batch is also a cache key computed per batch)."""
+    def _count(self) -> Any:
+        """The queue counted up to the limit (`cap`), built once as the claims' statements are (a
+        statement built per batch is also a cache key computed per batch)."""
         queued = select(JOBS.c.id).where(JOBS.c.state == "queued").limit(bindparam("cap", type_=Integer))
+        return select(func.count()).select_from(queued.subquery())
+
+    @functools.cached_property
+    def _admission_parts(self) -> tuple[Select[Any], ...]:
+        """`admission_read`'s selects, built once. ROUNDS is one row whatever the queue (two
+        aggregates with no FROM), so its `pg_notify` runs exactly once per read: the notification
+        goes in that row, not in a part of as many rows as the batch has users. (`pg_notify`
+        returns void, cast to text for the UNION's text column: the empty string.)"""
         head = select(func.min(JOBS.c.fair_round)).where(JOBS.c.state == "queued").scalar_subquery()
         running = select(func.max(JOBS.c.fair_round)).where(JOBS.c.state == "running").scalar_subquery()
-        columns: list[ColumnElement[Any]] = [head, running]
-        if self.notify:
-            columns.append(func.pg_notify(JOBS_CHANNEL, bindparam("payload", type_=String)))
-        return SimpleNamespace(
-            count=select(func.count()).select_from(queued.subquery()),
-            rounds=select(*columns),
-            own_rounds=select(JOBS.c.user_id, func.max(JOBS.c.fair_round))
+        notify = [func.pg_notify(JOBS_CHANNEL, bindparam("queue_payload", type_=String)).cast(Text)]
+        rounds = tagged_reads.part(ROUNDS, ints=[head, running], texts=notify if self.notify else [])
+        own = (
+            tagged_reads.part(OWN_ROUNDS, ints=[JOBS.c.user_id, func.max(JOBS.c.fair_round)])
             .where(
-                one_of_param(JOBS.c.user_id, "users", postgres=self.db.is_postgres),
+                one_of_param(JOBS.c.user_id, "queue_users", postgres=self.db.is_postgres),
                 JOBS.c.state.in_(("queued", "running")),
             )
-            .group_by(JOBS.c.user_id),
+            .group_by(JOBS.c.user_id)
         )
+        return rounds, own
 
     def front(self) -> ColumnElement[int]:
         """The round of a job handed back to the queue (a retry, a released claim): the round being
@@ -225,7 +248,7 @@ class FairQueue:
 
 
 class Admission:
-    """A batch's admissions (`FairQueue.admission`), decided in Python in the batch's order."""
+    """A batch's admissions (`FairQueue.admission_of`), decided in Python in the batch's order."""
 
     def __init__(self, queue: FairQueue, serving: int, own: dict[int, int]):
         self.queue = queue

@@ -21,10 +21,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaConfig
+from bot.core import tagged_reads
 from bot.core.api import LimitSource, QuotaExceeded, QuotaView
 from bot.core.bulk import execute_rows, from_rows, one_of_param
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
+from bot.core.tagged_reads import TaggedRows
+
+# The tags of the quota book's rows in a batch's merged read (`Quotas.book_read`).
+LIMITS = "limits"
+USAGE = "usage"
 
 
 def role_scope_id(guild_id: str, role_id: str) -> str:
@@ -139,65 +145,63 @@ class Quotas:
             )
         ).scalar_one_or_none()
 
-    async def book(
-        self,
-        s: AsyncSession,
-        asks: Sequence[QuotaAsk],
-        credits: Mapping[int, int],
-        periods: Iterable[dt.date],
-    ) -> QuotaBook:
-        """The quota state of a batch of submissions (`bot.core.submit_batch`), read in two
-        statements whatever the batch's size: the limits that concern its users and their usage in
-        `periods`. `credits`: each user's bonus credits, read with the user's lock, which the caller
-        holds for every user of `asks` (their charges are then exact)."""
+    def book_read(
+        self, asks: Sequence[QuotaAsk], periods: Iterable[dt.date]
+    ) -> tuple[Sequence[Any], dict[str, Any]]:
+        """The quota book's part of a batch's merged read (`bot.core.tagged_reads`;
+        `bot.core.submit_batch`): its tagged selects, built once, and their parameters: the limits
+        that concern the batch's users and their usage in `periods`. `book_of` makes the
+        `QuotaBook` of its rows."""
         guilds = {a.guild_id for a in asks if a.guild_id is not None}
         roles = {role_scope_id(a.guild_id, r) for a in asks if a.guild_id is not None for r in a.role_ids}
-        limits = (
-            await s.execute(
-                self._limits_of(bool(guilds), bool(roles)),
-                {
-                    "platforms": list({a.platform for a in asks}),
-                    "users": list({a.user_id for a in asks}),
-                    "guilds": list(guilds),
-                    "roles": list(roles),
-                },
-            )
-        ).all()
-        usage = (
-            await s.execute(
-                self._usage_of, {"pks": list({a.user_pk for a in asks}), "periods": list(set(periods))}
-            )
-        ).all()
+        params = {
+            "quota_platforms": list({a.platform for a in asks}),
+            "quota_user_ids": list({a.user_id for a in asks}),
+            "quota_guilds": list(guilds),
+            "quota_roles": list(roles),
+            "quota_pks": list({a.user_pk for a in asks}),
+            "quota_periods": list(set(periods)),
+        }
+        return self._book_parts(bool(guilds), bool(roles)), params
+
+    def book_of(self, rows: TaggedRows, credits: Mapping[int, int]) -> QuotaBook:
+        """The `QuotaBook` of `book_read`'s rows. `credits`: each user's bonus credits, read with
+        the user's lock, which the caller holds for every user of the read (their charges are then
+        exact)."""
         return QuotaBook(
             self,
-            {(platform, scope, scope_id): limit for platform, scope, scope_id, limit in limits},
-            {(pk, period): used for pk, period, used in usage},
+            {(row.t0, row.t1, row.t2): row.i0 for row in rows[LIMITS]},
+            {(row.i0, row.day): row.i1 for row in rows[USAGE]},
             dict(credits),
         )
 
-    # `book`'s statements, built once with their values as parameters, as the claims' are (a
-    # statement built per batch is also a cache key computed per batch).
+    # `book_read`'s selects, built once with their values as parameters, as the claims' are (a
+    # statement built per batch is also a cache key computed per batch); one per combination of
+    # guild and role limits to look for (a batch from DMs has neither).
     @functools.cache  # noqa: B019 - one Quotas per service, which lives as long as the process
-    def _limits_of(self, guilds: bool, roles: bool) -> Any:
+    def _book_parts(self, guilds: bool, roles: bool) -> tuple[Any, ...]:
         pg = self.db.is_postgres
         limits = cast(Table, QuotaLimit.__table__)
-        conds = [(limits.c.scope == "user") & one_of_param(limits.c.scope_id, "users", postgres=pg)]
+        conds = [(limits.c.scope == "user") & one_of_param(limits.c.scope_id, "quota_user_ids", postgres=pg)]
         if guilds:
-            conds.append((limits.c.scope == "guild") & one_of_param(limits.c.scope_id, "guilds", postgres=pg))
+            conds.append(
+                (limits.c.scope == "guild") & one_of_param(limits.c.scope_id, "quota_guilds", postgres=pg)
+            )
         if roles:
-            conds.append((limits.c.scope == "role") & one_of_param(limits.c.scope_id, "roles", postgres=pg))
-        return select(limits.c.platform, limits.c.scope, limits.c.scope_id, limits.c.daily_limit).where(
-            one_of_param(limits.c.platform, "platforms", postgres=pg), or_(*conds)
-        )
-
-    @functools.cached_property
-    def _usage_of(self) -> Any:
-        pg = self.db.is_postgres
+            conds.append(
+                (limits.c.scope == "role") & one_of_param(limits.c.scope_id, "quota_roles", postgres=pg)
+            )
+        limit_rows = tagged_reads.part(
+            LIMITS, ints=[limits.c.daily_limit], texts=[limits.c.platform, limits.c.scope, limits.c.scope_id]
+        ).where(one_of_param(limits.c.platform, "quota_platforms", postgres=pg), or_(*conds))
         usage = cast(Table, QuotaUsage.__table__)
-        return select(usage.c.user_id, usage.c.period, usage.c.images_used).where(
-            one_of_param(usage.c.user_id, "pks", postgres=pg),
-            one_of_param(usage.c.period, "periods", postgres=pg),
+        usage_rows = tagged_reads.part(
+            USAGE, ints=[usage.c.user_id, usage.c.images_used], day=usage.c.period
+        ).where(
+            one_of_param(usage.c.user_id, "quota_pks", postgres=pg),
+            one_of_param(usage.c.period, "quota_periods", postgres=pg),
         )
+        return limit_rows, usage_rows
 
     async def refund(self, s: AsyncSession, job: Job, user: User) -> None:
         """Give back what the job was charged (caller holds the user lock). Once per job; the daily
@@ -265,7 +269,7 @@ class QuotaAsk:
 
 
 class QuotaBook:
-    """A batch's quotas (`Quotas.book`): charged in Python in the batch's order, each submission
+    """A batch's quotas (`Quotas.book_of`): charged in Python in the batch's order, each submission
     exactly as if it were alone after the ones before it, then written in two statements
     (`write`)."""
 

@@ -1,18 +1,24 @@
 """Submissions written together: one transaction for every submission waiting (group commit).
 
 `Submissions.submit` resolves a job's parameters, then hands it here (`bot.core.group_commit`); the
-batch's transaction runs a constant number of statements whatever its size:
+batch's transaction runs a constant number of statements whatever its size (five in the usual
+case):
 
 1. one upsert of the batch's users, which locks their rows (PostgreSQL: `INSERT ... ON CONFLICT DO
    UPDATE`, in a fixed order so that two batches never wait for each other in a cycle; SQLite: the
    transaction is `BEGIN IMMEDIATE`, the database's one write lock) and returns their bans and
    credits;
-2. one read of the idempotency keys already used;
-3. the queue's admission (the fair round being served and each user's last round) and, on
-   PostgreSQL, the NOTIFY that wakes the dispatchers at commit;
-4. the quota limits and usage of the batch's users (`Quotas.book`);
-5. the place rules of each distinct place (usually one);
-6. one multi-row INSERT of the jobs, one upsert of the quota usage (and an update of the credits
+2. one read of everything else the checks need, whose parts are independent of one another
+   (`bot.core.tagged_reads`: a `UNION ALL` of tagged rows): the idempotency keys already used, the
+   queue's admission (`FairQueue.admission_read`: the fair round being served, each user's last
+   round and, on PostgreSQL, the NOTIFY that wakes the dispatchers at commit) and the quota limits
+   and usage of the batch's users (`Quotas.book_read`). Each statement costs the event loop
+   SQLAlchemy's and the driver's work and on PostgreSQL a round trip, whatever it reads, while
+   every submitter of the batch waits: these were five statements. Now and then the queue is
+   counted before it (`FairQueue.count_if_due`), and when a key was used already (a retry, rare)
+   its job's full row is read after it, for the view;
+3. the place rules of each distinct place (usually one);
+4. one multi-row INSERT of the jobs, one upsert of the quota usage (and an update of the credits
    spent, when some were).
 
 Between the reads and the writes every submission is decided in Python, in arrival order, with the
@@ -35,6 +41,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.core import tagged_reads
 from bot.core.api import (
     Actor,
     BadParameters,
@@ -53,6 +60,7 @@ from bot.core.models import Job, User
 from bot.core.moderation import Moderator
 from bot.core.place_settings import PlaceSettingsPart
 from bot.core.quotas import QuotaAsk, Quotas
+from bot.core.tagged_reads import TaggedRows
 from bot.core.views import image_infos, view_of
 
 KEY_USED_BY_OTHER = "This request id was already used by someone else."
@@ -61,6 +69,8 @@ NEW_PROMPT_KINDS = ("imagine", "inpaint", "remix")
 # A batch's size bounds one transaction's statements (a 500-row INSERT is ~15k parameters, within
 # SQLite's limit) and how long the first submission of a batch waits for the last.
 MAX_BATCH = 500
+# The tag of the keys already used in a batch's merged read (`SubmitWriter._merged_read`).
+USED_KEYS = "used_keys"
 
 # Core tables, not ORM classes: a batch writes plain rows (no identity map, no unit of work).
 JOBS = cast(Table, Job.__table__)
@@ -147,21 +157,30 @@ class SubmitWriter:
         rows: list[dict[str, Any]] = []
         async with self.db.session() as s:
             users = await self._lock_users(s, batch)
-            keys = {p.key for p in batch}
-            # Core rows (the view reads their columns as attributes): no ORM objects to build.
-            existing = {
-                job.idempotency_key: job for job in await s.execute(self._jobs_of_keys, {"keys": list(keys)})
-            }
-            admission = await self.queue.admission(
-                s, {u.id for u in users.values()}, len(batch), storm=self.storming()
-            )
             asks = [self._ask(p, users) for p in batch]
-            book = await self.quotas.book(
-                s,
-                asks,
-                {u.id: u.bonus_credits for u in users.values()},
-                {self.quotas.period_for(p.now)[0] for p in batch},
+            user_pks = {u.id for u in users.values()}
+            await self.queue.count_if_due(s, len(batch))
+            # The keys used, the admission and the quota book: independent reads, one statement
+            # (see `bot.core.tagged_reads`), each part turned back into its owner's object.
+            queue_parts, queue_params = self.queue.admission_read(user_pks, storm=self.storming())
+            quota_parts, quota_params = self.quotas.book_read(
+                asks, {self.quotas.period_for(p.now)[0] for p in batch}
             )
+            result = await s.execute(
+                self._merged_read(queue_parts, quota_parts),
+                {"keys": list({p.key for p in batch}), **queue_params, **quota_params},
+            )
+            read = TaggedRows(result.all())  # all at once: iterating a result fetches row by row
+            admission = self.queue.admission_of(read)
+            book = self.quotas.book_of(read, {u.id: u.bonus_credits for u in users.values()})
+            existing: dict[str, Any] = {}
+            if read[USED_KEYS]:
+                # A retried event or a key someone else used (rare): their jobs' full rows, for
+                # the view a retry returns. Core rows: the view reads their columns as attributes.
+                found = [row.t0 for row in read[USED_KEYS]]
+                existing = {
+                    job.idempotency_key: job for job in await s.execute(self._jobs_of_keys, {"keys": found})
+                }
             rules: dict[Place, PlaceRules | CoreError] = {}
             new_keys: dict[str, int] = {}  # keys inserted by this batch: the index of their row
             for pending, ask in zip(batch, asks, strict=True):
@@ -283,6 +302,15 @@ class SubmitWriter:
         return from_rows(insert(JOBS), JOBS, names, postgres=self.db.is_postgres).returning(
             JOBS.c.id, JOBS.c.idempotency_key
         )
+
+    @functools.cache  # noqa: B019 - as above
+    def _merged_read(self, queue_parts: Sequence[Any], quota_parts: Sequence[Any]) -> Any:
+        """The batch's reads after its users' upsert as one statement (`bot.core.tagged_reads`):
+        the keys already used (the job's id and its key: the full rows only when some are), the admission's (`FairQueue.admission_read`) and the quota book's
+        (`Quotas.book_read`). Built once per combination of the parts, which are built once."""
+        keys = tagged_reads.part(USED_KEYS, ints=[JOBS.c.id], texts=[JOBS.c.idempotency_key])
+        keys = keys.where(one_of_param(JOBS.c.idempotency_key, "keys", postgres=self.db.is_postgres))
+        return tagged_reads.merged([keys], queue_parts, quota_parts)
 
     @functools.cached_property
     def _jobs_of_keys(self) -> Any:

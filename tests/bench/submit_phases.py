@@ -6,7 +6,8 @@ event loop thread's CPU time (`time.thread_time`, which the other threads' work 
 
 - imagine: 200 concurrent `imagine` calls, everything included, per submission;
 - batch: the submit writer's transaction for those 200 (`SubmitWriter.write`: all 200 join one
-  batch), in all and per submission, and each of its statements' share of it (the last round's);
+  batch), in all and per submission, its statements' time and count (medians over the rounds), and
+  each statement's share (the last round's);
 - before and around the batch: the rest, per submission (validation, the channel's defaults, the
   flags, the model choice, the group commit, the coroutines).
 
@@ -38,12 +39,25 @@ USERS = 200
 
 
 class StatementClock:
-    """The event loop's CPU time around each statement, by the statement's first words."""
+    """The event loop's CPU time around each statement and the number of statements; `times()`: by
+    the statement's first words, which are taken afterwards (`str(statement)` compiles it again,
+    which its own execution does not: taken inside, it counted in the batch's time)."""
 
     def __init__(self) -> None:
-        self.times: collections.Counter[str] = collections.Counter()
+        self._seconds: dict[int, list[Any]] = {}  # by the statement's id: [statement, seconds]
+        self.count = 0
         self._execute = AsyncSession.execute
         self._driver = AsyncConnection.exec_driver_sql
+
+    def times(self) -> collections.Counter[str]:
+        times: collections.Counter[str] = collections.Counter()
+        for statement, seconds in self._seconds.values():
+            times[" ".join(str(statement).split())[:60]] += seconds
+        return times
+
+    def _add(self, statement: Any, seconds: float) -> None:
+        self._seconds.setdefault(id(statement), [statement, 0.0])[1] += seconds
+        self.count += 1
 
     def __enter__(self) -> StatementClock:
         clock, execute, driver = self, self._execute, self._driver
@@ -53,14 +67,14 @@ class StatementClock:
             try:
                 return await execute(session, statement, *args, **kwargs)
             finally:
-                clock.times[" ".join(str(statement).split())[:60]] += time.thread_time() - started
+                clock._add(statement, time.thread_time() - started)
 
         async def timed_driver(conn: AsyncConnection, sql: str, *args: Any, **kwargs: Any) -> Any:
             started = time.thread_time()
             try:
                 return await driver(conn, sql, *args, **kwargs)
             finally:
-                clock.times[" ".join(sql.split())[:60]] += time.thread_time() - started
+                clock._add(sql, time.thread_time() - started)
 
         AsyncSession.execute = timed_execute  # type: ignore[method-assign]
         AsyncConnection.exec_driver_sql = timed_driver  # type: ignore[method-assign]
@@ -84,6 +98,8 @@ async def measure(url: str, workdir: Path, rounds: int) -> dict[str, Any]:
         imagines: list[float] = []
         sizes: list[int] = []
         statements: collections.Counter[str] = collections.Counter()
+        statement_ms: list[float] = []  # each batch's statements, in all
+        counts: list[int] = []  # each batch's number of statements
 
         async def timed_write(batch: list[Any], **kwargs: Any) -> Any:
             nonlocal statements
@@ -94,7 +110,9 @@ async def measure(url: str, workdir: Path, rounds: int) -> dict[str, Any]:
                 finally:
                     batches.append((time.thread_time() - started) * 1000)
                     sizes.append(len(batch))
-                    statements = clock.times
+                    statements = clock.times()
+                    statement_ms.append(sum(statements.values()) * 1000)
+                    counts.append(clock.count)
 
         writer.write = timed_write  # type: ignore[method-assign]
         for r in range(rounds):
@@ -116,6 +134,8 @@ async def measure(url: str, workdir: Path, rounds: int) -> dict[str, Any]:
         "imagine": statistics.median(imagines[kept]),
         "imagine_min": min(imagines[kept]),
         "statements": statements,
+        "statement_ms": statistics.median(statement_ms[kept]),
+        "statement_count": statistics.median(counts[kept]),
     }
 
 
@@ -133,7 +153,8 @@ async def amain(args: argparse.Namespace) -> int:
                   f"the batch {r['batch']:.1f} ms ({r['batch'] / USERS:.3f} ms/submission), the rest "
                   f"{r['prep']:.3f} ms/submission")  # fmt: skip
             total = sum(r["statements"].values())
-            print(f"  the last batch's statements: {total * 1000:.1f} ms of the loop's time")
+            print(f"  the batch's statements: {r['statement_count']:g}, {r['statement_ms']:.1f} ms of the loop's "
+                  f"time; the last batch's ({total * 1000:.1f} ms), each:")  # fmt: skip
             for text, seconds in r["statements"].most_common():
                 print(f"  {seconds * 1000:7.2f} ms  {text}")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
