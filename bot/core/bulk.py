@@ -7,7 +7,7 @@ prepare (a round trip, and the server parses and plans a statement of thousands 
 and its cache of prepared statements (100 per connection) churns; SQLAlchemy also runs each of
 those thousands of parameters through its type processing. Here the values travel as one
 parameter instead: an array compared with `= ANY(...)`, and rows as one JSON document expanded
-by `jsonb_populate_recordset`, so the text is the same for 1 row or 500 and the parameters are
+by `json_populate_recordset`, so the text is the same for 1 row or 500 and the parameters are
 encoded by orjson (`bot.core.fastjson`).
 
 SQLite has no prepare round trip: there `one_of` is the usual `IN` (SQLAlchemy expands it from
@@ -35,7 +35,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSON
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.types import Text, TypeDecorator, TypeEngine
@@ -102,12 +102,18 @@ class _JsonArray(TypeDecorator[list[Any]]):
 def from_rows(statement: InsertT, table: Table, names: Sequence[str], *, postgres: bool) -> InsertT:
     """`insert(table)` (`statement`) of a batch's rows, executed with `rows_param(rows)`. On
     PostgreSQL the rows come from one JSON parameter: `INSERT ... SELECT names FROM
-    jsonb_populate_recordset(NULL::table, :rows)`, typed by the table's own row type (columns left
-    out get their defaults). On SQLite the statement is left as it is, executed with the rows."""
+    json_populate_recordset(NULL::table, :rows)`, typed by the table's own row type (a column a
+    row leaves out is NULL, as the base record's; `rows_param` leaves out the None values). On
+    SQLite the statement is left as it is, executed with the rows.
+
+    `json`, not `jsonb`: the server reads the document once, and `jsonb`'s conversion of the
+    whole document first (its binary form, keys sorted) made a 200-job INSERT take 8.7-12.7 ms
+    against 5.4-8.3 (4.7 with the None values left out), measured on the development machine
+    with the statement prepared as asyncpg prepares it."""
     if not postgres:
         return statement
-    records = func.jsonb_populate_recordset(
-        literal_column(f"NULL::{table.name}"), cast(bindparam(ROWS_PARAM, type_=Text), JSONB)
+    records = func.json_populate_recordset(
+        literal_column(f"NULL::{table.name}"), cast(bindparam(ROWS_PARAM, type_=Text), JSON)
     ).table_valued(*names)
     return statement.from_select(names, select(*[records.c[name] for name in names]))
 
@@ -200,7 +206,12 @@ def rows_param(rows: Sequence[Mapping[str, Any]], *, postgres: bool) -> Any:
     (datetimes must be timezone-aware, as `UTCDateTime` requires anyway); on SQLite the rows."""
     if not postgres:
         return rows
-    return {ROWS_PARAM: fastjson.dumps_with(rows, _pg_value)}
+    # None is what a key left out gives (`from_rows`): a job's dozen empty columns are not sent.
+    return {
+        ROWS_PARAM: fastjson.dumps_with(
+            [{k: v for k, v in row.items() if v is not None} for row in rows], _pg_value
+        )
+    }
 
 
 def _pg_value(value: Any) -> str:
