@@ -109,7 +109,7 @@ def test_statement_text_does_not_depend_on_the_batch_size():
     names = ("idempotency_key", "user_id")
     statement = from_rows(insert(JOBS), JOBS, names, postgres=True)
     text = str(statement.compile(dialect=postgresql.asyncpg.dialect()))
-    assert "jsonb_populate_recordset" in text
+    assert "json_populate_recordset" in text
     assert rows_param([{"a": NOW}], postgres=True) == {"rows": '[{"a":"2026-12-02T14:30:01.250000+00:00"}]'}
 
 
