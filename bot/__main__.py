@@ -62,7 +62,7 @@ def adapter_plan(env: Mapping[str, str]) -> list[tuple[str, Adapter, bool, str]]
 
 
 async def amain(config_file: str, env: Mapping[str, str]) -> int:
-    from bot.bootstrap import build_core
+    from bot.bootstrap import build_core, settle_heap
     from bot.migrate import SchemaOutOfDate
     from bot.settings import ConfigError, read_toml
 
@@ -90,6 +90,7 @@ async def amain(config_file: str, env: Mapping[str, str]) -> int:
             loop.add_signal_handler(sig, stop.set)
     try:
         async with build_core(raw, env) as core:
+            settle_heap()
             # Any: the adapters' tasks and the stopper below are awaited together.
             tasks: dict[asyncio.Task[Any], str] = {
                 asyncio.create_task(

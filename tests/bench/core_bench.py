@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot.backends.base import EventCallback, GeneratedImage, GenerationParams
 from bot.backends.fake import FakeBackend
-from bot.bootstrap import build_core
+from bot.bootstrap import build_core, settle_heap
 from bot.config import normalize_database_url
 from bot.core.api import Actor, Place
 from bot.core.db import make_engine
@@ -127,6 +128,7 @@ async def worker(url: str, workdir: Path, concurrency: int) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     config = bench_config(url, workdir, 1, 1, concurrency)
     async with build_core(config, {}, backend=InstantBackend(progress_events=False)) as core:
+        settle_heap()  # as `python -m bot` does
         core.service.register_delivery("bench", CountingDelivery(sys.maxsize))
         print("ready", flush=True)
         cpu = time.process_time()
@@ -212,6 +214,7 @@ async def run_one(
         async with build_core(
             config, {}, backend=InstantBackend(progress_events=False), start_dispatcher=not processes
         ) as core:
+            settle_heap()  # as `python -m bot` does (the runs before left garbage to collect too)
             if not processes:
                 core.service.register_delivery("bench", delivery)
 
@@ -246,6 +249,7 @@ async def run_one(
                     await s.execute(select(func.count()).select_from(Job).where(Job.attempts != 1))
                 ).scalar_one()
     finally:
+        gc.unfreeze()  # this run's core is garbage now: collectable again
         cpu += await stop_workers(procs)
     return {
         "db": label,

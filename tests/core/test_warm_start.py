@@ -54,3 +54,24 @@ async def test_the_core_is_handed_over_after_the_dispatchers_first_round(db_url,
         async with core.db.read() as s:
             owners = (await s.execute(select(DispatcherHeartbeat.owner))).scalars().all()
         assert owners == [core.dispatcher.owner]
+
+
+def test_settle_heap_collects_start_up_garbage_then_freezes_the_rest() -> None:
+    import gc
+    import weakref
+
+    from bot.bootstrap import settle_heap
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.me = garbage  # type: ignore[attr-defined] # a cycle: only the collector frees it
+    dead = weakref.ref(garbage)
+    del garbage
+    try:
+        settle_heap()
+        assert dead() is None  # collected before the freeze, not frozen with the rest
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process builds many cores: keep them collectable

@@ -140,6 +140,7 @@ def test_make_run_generates_an_image_and_stops_cleanly_on_ctrl_c(tmp_path, tiny_
     assert "adapter discord_adapter: off: DISCORD_TOKEN not set" in out
     assert "adapter playground: on" in out
     assert "INFERENCE_API_TOKEN from data/.inference_token (new)" in out
+    assert "start-up heap frozen" in out  # bot.bootstrap.settle_heap, once the core is built
     # Every process's lines are labelled, and each stopped on its own after SIGTERM (no SIGKILL).
     labels = {m.group(1) for line in launcher.lines if (m := LABELLED.match(line))}
     assert {"launcher", "system", "server", "bot"} <= labels, labels
