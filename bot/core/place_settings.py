@@ -71,11 +71,11 @@ class PlaceSettingsPart:
         self.clock = clock
         # A guild's rows being read: the read, and the callers waiting for it (`_rules_at`).
         self._reading: dict[
-            tuple[str, str], tuple[asyncio.Future[None], list[asyncio.Future[list[ChannelSettings]]]]
+            tuple[str, str], tuple[asyncio.Future[None], list[asyncio.Future[_GuildRows]]]
         ] = {}
         # A guild's rows as last read: when they stop answering (monotonic), the count of changes
         # made here when the read started, the rows (`_rules_at`).
-        self._fresh: dict[tuple[str, str], tuple[float, int, list[ChannelSettings]]] = {}
+        self._fresh: dict[tuple[str, str], tuple[float, int, _GuildRows]] = {}
         self._changes = 0  # settings changes committed (or tried) through this part
 
     # -- at submit time ----------------------------------------------------------------------------
@@ -101,24 +101,22 @@ class PlaceSettingsPart:
         # submit transaction, `check`).
         fresh = self._fresh.get(guild)
         if fresh is not None and fresh[1] == self._changes and time.monotonic() < fresh[0]:
-            return _rules(fresh[2], place.channel_id)
+            return fresh[2].rules(place.channel_id)
         loop = asyncio.get_running_loop()
         reading = self._reading.get(guild)
         # A read of another event loop (a test's, ended) is no read.
         if reading is None or reading[0].get_loop() is not loop:
-            waiters: list[asyncio.Future[list[ChannelSettings]]] = []
+            waiters: list[asyncio.Future[_GuildRows]] = []
             reading = self._reading[guild] = (asyncio.ensure_future(self._read_for(guild, waiters)), waiters)
-        waiter: asyncio.Future[list[ChannelSettings]] = loop.create_future()
+        waiter: asyncio.Future[_GuildRows] = loop.create_future()
         reading[1].append(waiter)
-        return _rules(await waiter, place.channel_id)
+        return (await waiter).rules(place.channel_id)
 
-    async def _read_for(
-        self, guild: tuple[str, str], waiters: list[asyncio.Future[list[ChannelSettings]]]
-    ) -> None:
+    async def _read_for(self, guild: tuple[str, str], waiters: list[asyncio.Future[_GuildRows]]) -> None:
         """Read `guild`'s rows and answer every caller that asked while the read ran."""
         changes = self._changes
         try:
-            rows = await self._read_rows(*guild)
+            rows = _GuildRows(await self._read_rows(*guild))
         except BaseException as e:  # noqa: BLE001 - handed to the callers, whose error it is
             error: BaseException | None = e
         else:
@@ -375,6 +373,25 @@ class PlaceSettingsPart:
             defaults={r.channel_id: _defaults_of(r) for r in channels if not _defaults_of(r).empty},
             role_limits={scope_id[len(prefix) :]: limit for scope_id, limit in sorted(limits)},
         )
+
+
+class _GuildRows:
+    """A guild's rows as one read found them, and the rules of each channel asked about, made once
+    per read (the submissions of a burst in one channel share one `PlaceRules`; it is frozen)."""
+
+    __slots__ = ("_by_channel", "rows")
+
+    def __init__(self, rows: list[ChannelSettings]):
+        self.rows = rows
+        self._by_channel: dict[str | None, PlaceRules] = {}
+
+    def rules(self, channel_id: str | None) -> PlaceRules:
+        known = self._by_channel.get(channel_id)
+        if known is None:
+            if len(self._by_channel) > MAX_FRESH_GUILDS:  # channel ids are the callers' to choose
+                self._by_channel.clear()
+            known = self._by_channel[channel_id] = _rules(self.rows, channel_id)
+        return known
 
 
 def _rules(rows: Sequence[ChannelSettings], channel_id: str | None) -> PlaceRules:

@@ -196,9 +196,11 @@ async def test_rows_just_read_answer_the_next_asks_for_a_moment_and_a_change_her
     async with running_core(db_url, tmp_path) as (core, _):
         places = core.service.places
         with Reads(core.db.engine) as reads:
-            await places.rules(GUILD1)
-            await places.rules(GUILD1)  # within RULES_FRESH_S of the read: no read of its own
+            first = await places.rules(GUILD1)
+            again = await places.rules(GUILD1)  # within RULES_FRESH_S of the read: no read of its own
             assert reads.count == 1
+            assert again is first  # made once per read and channel (frozen, so shared)
+            assert (await places.rules(Place("discord", "guild1", "bots"))) is not first
             await core.service.set_channel_defaults(ADMIN, GUILD1, "art", ChannelDefaults(aspect_ratio="3:2"))
             assert (await places.rules(GUILD1)).defaults.aspect_ratio == "3:2"  # read again at once
             before, window = reads.count, place_settings.RULES_FRESH_S
