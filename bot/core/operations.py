@@ -79,8 +79,9 @@ class Operations:
         )
         limits, chosen = await self.submissions.choose(place, text, options)
         limits.require_task("img2img", "image-to-image")
-        parsed = parse_prompt(text, options, bot, limits=limits, rng=self.rng, allow_strength=True)
-        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
+        parsed = parse_prompt(
+            text, options, bot, limits=limits, rng=self.rng, allow_strength=True, chosen=chosen
+        )
         _no_aspect(parsed, "when you start from an image")
         start = await asyncio.to_thread(
             prepare_start_image, image, max_bytes=bot.max_upload_bytes, limits=limits
@@ -209,8 +210,9 @@ class Operations:
         # The remix's text carries the parent's --model and --lora (`remix_text`): kept unless edited.
         limits, chosen = await self.submissions.choose(place, text, None)
         limits.require_task("img2img", "remix (image-to-image)")
-        parsed = parse_prompt(text, None, bot, limits=limits, rng=self.rng, allow_strength=True)
-        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
+        parsed = parse_prompt(
+            text, None, bot, limits=limits, rng=self.rng, allow_strength=True, chosen=chosen
+        )
         _no_aspect(parsed, "in a remix")
         start = await self._start(actor, place, job_id, message_id, idempotency_key, delivery, index)
         if isinstance(start, JobView):

@@ -346,10 +346,12 @@ def parse_prompt(
     rng: random.Random | None = None,
     require_prompt: bool = True,
     allow_strength: bool = False,
+    chosen: ModelRequest | None = None,
 ) -> ParsedPrompt:
     """Parse `text` (prompt + flags) and `options` into resolved parameters: within `limits` (the
     model's, see `Limits.of`; `[bot]`'s alone when None), with its defaults. `--strength` is
-    refused unless `allow_strength` (the job starts from an image)."""
+    refused unless `allow_strength` (the job starts from an image). `chosen`: the model and LoRAs
+    `bot.core.model_choice` resolved, kept in the result (None: the server's default)."""
     limits = limits or Limits.of(config, None)
     text = "" if text is None else text
     if not isinstance(text, str):
@@ -443,7 +445,22 @@ def parse_prompt(
                 "--strength must be above 0 (0 would return the image unchanged).",
                 raw["strength"],
             )
-    return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect, strength)
+    if chosen is None:
+        return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect, strength)
+    return ParsedPrompt(
+        prompt,
+        negative,
+        seed,
+        steps,
+        n,
+        guidance,
+        width,
+        height,
+        aspect,
+        strength,
+        chosen.model,
+        chosen.loras,
+    )
 
 
 def new_seed(n: int, rng: random.Random | None = None) -> int:

@@ -121,8 +121,7 @@ class Submissions:
         options = await self.place_settings.with_defaults(place, text, options)  # the channel's
         limits, chosen = await self.choose(place, text, options)
         limits.require_task("txt2img", "text-to-image")
-        parsed = parse_prompt(text, options, self.config.bot, limits=limits, rng=rng)
-        return dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
+        return parse_prompt(text, options, self.config.bot, limits=limits, rng=rng, chosen=chosen)
 
     async def warm_up(self) -> None:
         """Run an /imagine through every step of a submission once, the batch's transaction
@@ -167,8 +166,9 @@ class Submissions:
         options = await self.place_settings.with_defaults(place, prompt_text, options, aspect_ratio=False)
         limits, chosen = await self.choose(place, prompt_text, options)
         limits.require_task("inpaint", "inpainting")
-        parsed = parse_prompt(prompt_text, options, self.config.bot, limits=limits, rng=self.rng)
-        parsed = dataclasses.replace(parsed, model=chosen.model, loras=chosen.loras)
+        parsed = parse_prompt(
+            prompt_text, options, self.config.bot, limits=limits, rng=self.rng, chosen=chosen
+        )
         if parsed.aspect_ratio is not None:
             raise BadParameters(
                 "ar", "--ar does not apply to inpainting: the size follows the image.", parsed.aspect_ratio
