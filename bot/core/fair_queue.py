@@ -48,7 +48,7 @@ from bot.core.bulk import one_of_param
 from bot.core.db import Database
 from bot.core.models import Job
 from bot.core.submit_activity import STORM
-from bot.core.tagged_reads import TaggedRows
+from bot.core.tagged_reads import I0, I1, TaggedRows
 
 # Queue positions are reported for the first jobs only: past this, "you are far back" is all a
 # user can use, and each report is a database write and a chat message edit.
@@ -138,8 +138,8 @@ class FairQueue:
         """The `Admission` of `admission_read`'s rows: the round being served (the lowest queued
         round, or the highest running one) and each user's last active round."""
         [rounds] = rows[ROUNDS]  # one row: two aggregates with no FROM
-        serving = max(rounds.i0 or 0, rounds.i1 or 0)
-        return Admission(self, serving, {row.i0: row.i1 for row in rows[OWN_ROUNDS]})
+        serving = max(rounds[I0] or 0, rounds[I1] or 0)
+        return Admission(self, serving, {row[I0]: row[I1] for row in rows[OWN_ROUNDS]})
 
     @functools.cached_property
     def _count(self) -> Any:

@@ -26,7 +26,7 @@ from bot.core.api import LimitSource, QuotaExceeded, QuotaView
 from bot.core.bulk import execute_rows, from_rows, one_of_param
 from bot.core.db import Database
 from bot.core.models import Job, QuotaLimit, QuotaUsage, User
-from bot.core.tagged_reads import TaggedRows
+from bot.core.tagged_reads import DAY, I0, I1, T0, T1, T2, TaggedRows
 
 # The tags of the quota book's rows in a batch's merged read (`Quotas.book_read`).
 LIMITS = "limits"
@@ -170,8 +170,8 @@ class Quotas:
         exact)."""
         return QuotaBook(
             self,
-            {(row.t0, row.t1, row.t2): row.i0 for row in rows[LIMITS]},
-            {(row.i0, row.day): row.i1 for row in rows[USAGE]},
+            {(row[T0], row[T1], row[T2]): row[I0] for row in rows[LIMITS]},
+            {(row[I0], row[DAY]): row[I1] for row in rows[USAGE]},
             dict(credits),
         )
 

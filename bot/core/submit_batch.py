@@ -60,7 +60,7 @@ from bot.core.models import Job, User
 from bot.core.moderation import Moderator
 from bot.core.place_settings import PlaceSettingsPart
 from bot.core.quotas import QuotaAsk, Quotas
-from bot.core.tagged_reads import TaggedRows
+from bot.core.tagged_reads import T0, TaggedRows
 from bot.core.views import image_infos, view_of
 
 KEY_USED_BY_OTHER = "This request id was already used by someone else."
@@ -177,7 +177,7 @@ class SubmitWriter:
             if read[USED_KEYS]:
                 # A retried event or a key someone else used (rare): their jobs' full rows, for
                 # the view a retry returns. Core rows: the view reads their columns as attributes.
-                found = [row.t0 for row in read[USED_KEYS]]
+                found = [row[T0] for row in read[USED_KEYS]]
                 existing = {
                     job.idempotency_key: job for job in await s.execute(self._jobs_of_keys, {"keys": found})
                 }

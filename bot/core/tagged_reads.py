@@ -27,6 +27,10 @@ from sqlalchemy.sql.visitors import iterate
 
 INTS = 3  # integer columns i0..i2 (ids, rounds, counts)
 TEXTS = 3  # text columns t0..t2 (keys, platforms, scopes)
+# The columns' positions in a row: owners read rows by position (`row[I0]`), which costs a tenth of
+# a Row's attribute lookup by name (0.05 against 0.5 microseconds; a batch of 200 users reads
+# about 1400 values).
+TAG, I0, I1, I2, T0, T1, T2, DAY = range(2 + INTS + TEXTS)
 
 
 def part(
@@ -73,7 +77,7 @@ class TaggedRows:
     def __init__(self, rows: Iterable[Any]):
         self._rows: dict[str, list[Any]] = collections.defaultdict(list)
         for row in rows:
-            self._rows[row.tag].append(row)
+            self._rows[row[TAG]].append(row)
 
     def __getitem__(self, tag: str) -> list[Any]:
         return self._rows.get(tag, [])
