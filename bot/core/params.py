@@ -445,21 +445,9 @@ def parse_prompt(
                 "--strength must be above 0 (0 would return the image unchanged).",
                 raw["strength"],
             )
-    if chosen is None:
-        return ParsedPrompt(prompt, negative, seed, steps, n, guidance, width, height, aspect, strength)
+    model, loras = (chosen.model, chosen.loras) if chosen is not None else (None, ())
     return ParsedPrompt(
-        prompt,
-        negative,
-        seed,
-        steps,
-        n,
-        guidance,
-        width,
-        height,
-        aspect,
-        strength,
-        chosen.model,
-        chosen.loras,
+        prompt, negative, seed, steps, n, guidance, width, height, aspect, strength, model, loras
     )
 
 

@@ -44,10 +44,12 @@ from bot.core.params import OPTION_ALIASES, Limits, parse_prompt, split_flags
 GUILD = "*"
 # Allowed channels in one list: a long list is a mistake (or a guild that wants no list at all).
 MAX_ALLOWED_CHANNELS = 50
-# How long a guild's rows, once read, answer the next submissions' `rules` (`_rules_at`), and how
-# many guilds' rows are kept so.
+# How long a guild's rows, once read, answer the next submissions' `rules` (`_rules_at`), how many
+# guilds' rows are kept so, and how many channels' rules one read keeps (channel ids are the
+# callers' to choose).
 RULES_FRESH_S = 0.1
 MAX_FRESH_GUILDS = 10_000
+MAX_CHANNEL_RULES = 10_000
 
 
 class PlaceSettingsPart:
@@ -388,7 +390,7 @@ class _GuildRows:
     def rules(self, channel_id: str | None) -> PlaceRules:
         known = self._by_channel.get(channel_id)
         if known is None:
-            if len(self._by_channel) > MAX_FRESH_GUILDS:  # channel ids are the callers' to choose
+            if len(self._by_channel) > MAX_CHANNEL_RULES:
                 self._by_channel.clear()
             known = self._by_channel[channel_id] = _rules(self.rows, channel_id)
         return known
